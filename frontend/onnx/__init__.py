@@ -1,0 +1,5 @@
+"""ONNX → Kiln IR. `from_onnx(path_or_model)`; converters live in `converters/`, one module per op family."""
+
+from .importer import from_onnx, load_onnx, supported_op_types
+
+__all__ = ["from_onnx", "load_onnx", "supported_op_types"]

@@ -1,0 +1,1 @@
+"""Tuning records that ship with Kiln, as JSON lines under tuning_logs/<target>/."""
