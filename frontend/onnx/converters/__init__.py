@@ -1,3 +1,3 @@
 """Importing this package registers every ONNX converter, one module per op family."""
 
-from . import elementwise  # noqa: F401
+from . import elementwise, nn, reduce, tensor  # noqa: F401
