@@ -52,7 +52,7 @@ def structural_equal(a: Expr, b: Expr) -> bool:
     stack = [(a, b)]
     while stack:
         x, y = stack.pop()
-        if (id(x), id(y)) in done or x is y:
+        if (id(x), id(y)) in done or (x is y and not isinstance(x, (Var, Function))):
             continue
         done.add((id(x), id(y)))
         if type(x) is not type(y):
@@ -64,7 +64,10 @@ def structural_equal(a: Expr, b: Expr) -> bool:
         if isinstance(x, Function):
             if len(x.params) != len(y.params) or x.attrs != y.attrs:
                 return False
-            stack.extend(zip(x.params, y.params))
+            for p, q in zip(x.params, y.params):  # bind params first, so the body's vars meet a mapping
+                if p.type != q.type or var_map.setdefault(id(p), id(q)) != id(q) \
+                        or back.setdefault(id(q), id(p)) != id(p):
+                    return False
             stack.append((x.body, y.body))
             continue
         if isinstance(x, Call):
