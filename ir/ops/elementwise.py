@@ -88,6 +88,21 @@ UNARY = [
     Unary("sqrt", np.sqrt),
     Unary("sigmoid", lambda x: 1 / (1 + np.exp(-x)), flops_per_element=4),
     Unary("tanh", np.tanh, flops_per_element=4),
+    Unary("erf", lambda x: _erf(x), flops_per_element=8),
+    Unary("sin", np.sin), Unary("cos", np.cos), Unary("tan", np.tan),
+    Unary("asin", np.arcsin), Unary("acos", np.arccos), Unary("atan", np.arctan),
+    Unary("sinh", np.sinh), Unary("cosh", np.cosh),
+    Unary("asinh", np.arcsinh), Unary("acosh", np.arccosh), Unary("atanh", np.arctanh),
+    Unary("floor", np.floor), Unary("ceil", np.ceil),
+    Unary("round", np.round),  # half to even, as ONNX asks
+    Unary("sign", np.sign, "number"),
+    Unary("reciprocal", np.reciprocal),
+    Unary("softplus", lambda x: np.logaddexp(0, x), flops_per_element=4),
+    Unary("softsign", lambda x: x / (1 + np.abs(x)), flops_per_element=3),
+    Unary("nn.mish", lambda x: x * np.tanh(np.logaddexp(0, x)), flops_per_element=8),
+    Unary("nn.hard_swish", lambda x: x * np.clip(x / 6 + 0.5, 0, 1), flops_per_element=4),
+    Unary("logical_not", np.logical_not, "bool"),
+    Unary("bitwise_not", np.invert, "int"),
 ]
 
 BINARY = [
@@ -101,7 +116,34 @@ BINARY = [
     Binary("equal", np.equal, "any", returns_bool=True),
     Binary("less", np.less, returns_bool=True),
     Binary("greater", np.greater, returns_bool=True),
+    Binary("less_equal", np.less_equal, returns_bool=True),
+    Binary("greater_equal", np.greater_equal, returns_bool=True),
+    Binary("logical_and", np.logical_and, "bool"),
+    Binary("logical_or", np.logical_or, "bool"),
+    Binary("logical_xor", np.logical_xor, "bool"),
+    Binary("bitwise_and", np.bitwise_and, "int"),
+    Binary("bitwise_or", np.bitwise_or, "int"),
+    Binary("bitwise_xor", np.bitwise_xor, "int"),
+    Binary("left_shift", np.left_shift, "int"),
+    Binary("right_shift", np.right_shift, "int"),
+    Binary("floor_mod", lambda a, b: _checked_mod(a, b, np.mod)),  # sign of the divisor (Python's %)
+    Binary("trunc_mod", lambda a, b: _checked_mod(a, b, np.fmod)),  # sign of the dividend (C's fmod)
+    Binary("nn.prelu", lambda x, s: np.where(x < 0, x * s, x), "float"),
 ]
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    """Elementwise erf in float64 without SciPy: math.erf is exact to double precision."""
+    import math
+
+    return np.vectorize(math.erf, otypes=[np.float64])(x.astype(np.float64)) if x.size else x.astype(np.float64)
+
+
+def _checked_mod(a: np.ndarray, b: np.ndarray, fn) -> np.ndarray:
+    if a.dtype.kind in "iu" and np.any(b == 0):
+        raise ZeroDivisionError("integer modulo by zero")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return fn(a, b)
 
 
 def _int_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -119,6 +161,114 @@ for _row in BINARY:
     OPS[_row.name] = _register_binary(_row)
 
 # Handles for code that refers to these ops.
-RELU, NEGATIVE, ABS, EXP, LOG, SQRT, SIGMOID, TANH = (OPS[r.name] for r in UNARY[:8])
-ADD, SUBTRACT, MULTIPLY, DIVIDE, MAXIMUM, MINIMUM, POWER = (OPS[r.name] for r in BINARY[:7])
-EQUAL, LESS, GREATER = (OPS[r.name] for r in BINARY[7:10])
+RELU, NEGATIVE, ABS, EXP, LOG, SQRT = (OPS[n] for n in ("nn.relu", "negative", "abs", "exp", "log", "sqrt"))
+SIGMOID, TANH, ERF, HARD_SWISH = (OPS[n] for n in ("sigmoid", "tanh", "erf", "nn.hard_swish"))
+ADD, SUBTRACT, MULTIPLY, DIVIDE = (OPS[n] for n in ("add", "subtract", "multiply", "divide"))
+MAXIMUM, MINIMUM, POWER, PRELU = (OPS[n] for n in ("maximum", "minimum", "power", "nn.prelu"))
+EQUAL, LESS, GREATER = (OPS[n] for n in ("equal", "less", "greater"))
+
+
+# --- ops with attributes -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ClipAttrs:
+    min: float | int | None = None
+    max: float | int | None = None
+
+
+def _same_type(name: str, accepts: Accepts):
+    def rule(x: TensorType, attrs) -> TensorType:
+        _check_dtype(name, x, accepts)
+        return x
+    return rule
+
+
+def _clip(x: np.ndarray, a: ClipAttrs) -> np.ndarray:
+    lo = a.min if a.min is not None else None
+    hi = a.max if a.max is not None else None
+    if lo is None and hi is None:
+        return x.copy()
+    return np.clip(x, lo, hi).astype(x.dtype)
+
+
+CLIP = register_op(OpDef("clip", ClipAttrs, _same_type("clip", "number"), _clip, OpPattern.ELEMWISE,
+                         flops=lambda x, a: _size(x) * 2))
+
+
+@dataclass(frozen=True)
+class AlphaBetaAttrs:
+    """Scalar parameters of activation functions; each op documents which it reads."""
+
+    alpha: float = 0.0
+    beta: float = 0.0
+    gamma: float = 0.0
+
+
+def _activation(name: str, fn, flops: int = 2) -> OpDef:
+    def reference(x: np.ndarray, a: AlphaBetaAttrs) -> np.ndarray:
+        return np.asarray(fn(x, a)).astype(x.dtype)
+    return register_op(OpDef(name, AlphaBetaAttrs, _same_type(name, "float"), reference, OpPattern.ELEMWISE,
+                             flops=lambda x, a: _size(x) * flops))
+
+
+LEAKY_RELU = _activation("nn.leaky_relu", lambda x, a: np.where(x < 0, a.alpha * x, x))  # alpha
+ELU = _activation("nn.elu", lambda x, a: np.where(x < 0, a.alpha * (np.exp(x) - 1), x), 4)  # alpha
+SELU = _activation("nn.selu", lambda x, a: a.gamma * np.where(x <= 0, a.alpha * (np.exp(x) - 1), x), 4)
+CELU = _activation("nn.celu", lambda x, a: np.maximum(0, x) + np.minimum(0, a.alpha * (np.exp(x / a.alpha) - 1)), 4)
+HARD_SIGMOID = _activation("nn.hard_sigmoid", lambda x, a: np.clip(a.alpha * x + a.beta, 0, 1), 3)
+THRESHOLDED_RELU = _activation("nn.thresholded_relu", lambda x, a: np.where(x > a.alpha, x, 0))
+SHRINK = _activation("nn.shrink", lambda x, a: np.where(x < -a.alpha, x + a.beta,
+                                                        np.where(x > a.alpha, x - a.beta, 0)), 3)  # lambd, bias
+GELU = _activation("nn.gelu", lambda x, a: 0.5 * x * (1 + _erf(x / np.sqrt(2))), 8)
+GELU_TANH = _activation("nn.gelu_tanh", lambda x, a: 0.5 * x * (
+    1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3))), 10)
+
+
+@dataclass(frozen=True)
+class CastAttrs:
+    dtype: str = "float32"
+
+
+def _cast_type(x: TensorType, a: CastAttrs) -> TensorType:
+    return TensorType(x.shape, a.dtype)
+
+
+def _cast(x: np.ndarray, a: CastAttrs) -> np.ndarray:
+    if a.dtype == "bool":
+        return x.astype(bool)
+    if is_int(a.dtype) and is_float(x.dtype.name):
+        with np.errstate(invalid="ignore"):
+            return np.trunc(x).astype(a.dtype)
+    return x.astype(a.dtype)
+
+
+CAST = register_op(OpDef("cast", CastAttrs, _cast_type, _cast, OpPattern.ELEMWISE, flops=lambda x, a: 0))
+
+
+def _where_type(c: TensorType, x: TensorType, y: TensorType, attrs) -> TensorType:
+    if c.dtype != "bool":
+        raise TypeCheckError(f"where: condition must be bool, got {c}")
+    if x.dtype != y.dtype:
+        raise TypeCheckError(f"where: branches differ in dtype ({x} vs {y})")
+    return TensorType(broadcast_shapes(c.shape, x.shape, y.shape, what="where"), x.dtype)
+
+
+WHERE = register_op(OpDef("where", type_rule=_where_type, reference=lambda c, x, y, a: np.where(c, x, y),
+                          pattern=OpPattern.BROADCAST, flops=lambda c, x, y, a: 0))
+
+
+def _isinf_type(x: TensorType, a) -> TensorType:
+    _check_dtype("isinf", x, "float")
+    return TensorType(x.shape, "bool")
+
+
+@dataclass(frozen=True)
+class IsInfAttrs:
+    detect_positive: bool = True
+    detect_negative: bool = True
+
+
+ISINF = register_op(OpDef("isinf", IsInfAttrs, _isinf_type, lambda x, a: np.isinf(x) & (
+    (x > 0) & a.detect_positive | (x < 0) & a.detect_negative), OpPattern.ELEMWISE))
+ISNAN = register_op(OpDef("isnan", type_rule=_isinf_type, reference=lambda x, a: np.isnan(x),
+                          pattern=OpPattern.ELEMWISE))

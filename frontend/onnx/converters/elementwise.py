@@ -2,23 +2,175 @@
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
+
+from kiln.ir import Constant
 from kiln.ir.ops import elementwise as ew
+from kiln.ir.types import is_float
 
 from ..registry import Node, converter
 
-_UNARY = {"Relu": ew.RELU, "Neg": ew.NEGATIVE, "Abs": ew.ABS, "Exp": ew.EXP, "Log": ew.LOG, "Sqrt": ew.SQRT,
-          "Sigmoid": ew.SIGMOID, "Tanh": ew.TANH}
-_BINARY = {"Add": ew.ADD, "Sub": ew.SUBTRACT, "Mul": ew.MULTIPLY, "Div": ew.DIVIDE, "Pow": ew.POWER,
-           "Equal": ew.EQUAL, "Less": ew.LESS, "Greater": ew.GREATER}
+_UNARY = {
+    "Relu": "nn.relu", "Neg": "negative", "Abs": "abs", "Exp": "exp", "Log": "log", "Sqrt": "sqrt",
+    "Sigmoid": "sigmoid", "Tanh": "tanh", "Erf": "erf", "Sin": "sin", "Cos": "cos", "Tan": "tan",
+    "Asin": "asin", "Acos": "acos", "Atan": "atan", "Sinh": "sinh", "Cosh": "cosh", "Asinh": "asinh",
+    "Acosh": "acosh", "Atanh": "atanh", "Floor": "floor", "Ceil": "ceil", "Round": "round", "Sign": "sign",
+    "Reciprocal": "reciprocal", "Softplus": "softplus", "Softsign": "softsign", "Mish": "nn.mish",
+    "HardSwish": "nn.hard_swish", "Not": "logical_not", "BitwiseNot": "bitwise_not",
+}
+_BINARY = {
+    "Add": "add", "Sub": "subtract", "Mul": "multiply", "Div": "divide", "Equal": "equal", "Less": "less",
+    "Greater": "greater", "LessOrEqual": "less_equal", "GreaterOrEqual": "greater_equal", "And": "logical_and",
+    "Or": "logical_or", "Xor": "logical_xor", "BitwiseAnd": "bitwise_and", "BitwiseOr": "bitwise_or",
+    "BitwiseXor": "bitwise_xor",
+}
 
 
 @converter(*_UNARY)
 def convert_unary(node: Node):
-    return node.make(_UNARY[node.op_type], node.input(0))
+    return node.make(ew.OPS[_UNARY[node.op_type]], node.input(0))
 
 
 @converter(*_BINARY)
 def convert_binary(node: Node):
-    if node.opset < 7 and node.has_attr("broadcast"):
+    if node.opset < 7 and node.attr_int("broadcast", 0):
         raise node.unsupported("legacy broadcast attribute (opset < 7)")
-    return node.make(_BINARY[node.op_type], node.input(0), node.input(1))
+    return node.make(ew.OPS[_BINARY[node.op_type]], node.input(0), node.input(1))
+
+
+@converter("Pow")
+def convert_pow(node: Node):
+    x, y = node.input(0), node.input(1)
+    if y.ttype.dtype != x.ttype.dtype:  # ONNX lets the exponent's type differ; the result has the base's
+        y = node.make(ew.CAST, y, dtype=x.ttype.dtype)
+    return node.make(ew.POWER, x, y)
+
+
+@converter("Mod")
+def convert_mod(node: Node):
+    fmod = node.attr_int("fmod", 0)
+    x, y = node.input(0), node.input(1)
+    if not fmod and is_float(x.ttype.dtype):
+        raise node.invalid("Mod of floats needs fmod=1")
+    return node.make(ew.OPS["trunc_mod" if fmod else "floor_mod"], x, y)
+
+
+@converter("BitShift")
+def convert_bitshift(node: Node):
+    direction = node.attr_string("direction")
+    if direction not in ("LEFT", "RIGHT"):
+        raise node.invalid(f"direction must be LEFT or RIGHT, got {direction!r}")
+    return node.make(ew.OPS["left_shift" if direction == "LEFT" else "right_shift"], node.input(0), node.input(1))
+
+
+@converter("PRelu")
+def convert_prelu(node: Node):
+    return node.make(ew.PRELU, node.input(0), node.input(1))
+
+
+@converter("Sum", "Mean", "Max", "Min")
+def convert_variadic(node: Node):
+    op = {"Sum": ew.ADD, "Mean": ew.ADD, "Max": ew.MAXIMUM, "Min": ew.MINIMUM}[node.op_type]
+    args = [x for x in node.inputs if x is not None]
+    if not args:
+        raise node.invalid("needs at least one input")
+    out = args[0]
+    for x in args[1:]:
+        out = node.make(op, out, x)
+    if node.op_type == "Mean":
+        out = node.make(ew.DIVIDE, out, Constant(np.array(len(args), dtype=out.ttype.dtype)))
+    return out
+
+
+@converter("Clip")
+def convert_clip(node: Node):
+    x = node.input(0)
+    if node.opset < 11:
+        lo, hi = node.attr_float("min", None), node.attr_float("max", None)
+    else:
+        lo_v, hi_v = node.constant(1, "min", required=False), node.constant(2, "max", required=False)
+        lo = None if lo_v is None else lo_v.item()
+        hi = None if hi_v is None else hi_v.item()
+    return node.make(ew.CLIP, x, min=lo, max=hi)
+
+
+_SELU_ALPHA, _SELU_GAMMA = 1.67326319217681884765625, 1.05070102214813232421875
+
+
+@converter("LeakyRelu", "Elu", "Selu", "Celu", "HardSigmoid", "ThresholdedRelu", "Shrink")
+def convert_activation(node: Node):
+    t, x = node.op_type, node.input(0)
+    if t == "LeakyRelu":
+        return node.make(ew.LEAKY_RELU, x, alpha=node.attr_float("alpha", 0.01))
+    if t == "Elu":
+        return node.make(ew.ELU, x, alpha=node.attr_float("alpha", 1.0))
+    if t == "Selu":
+        return node.make(ew.SELU, x, alpha=node.attr_float("alpha", _SELU_ALPHA),
+                         gamma=node.attr_float("gamma", _SELU_GAMMA))
+    if t == "Celu":
+        return node.make(ew.CELU, x, alpha=node.attr_float("alpha", 1.0))
+    if t == "HardSigmoid":
+        return node.make(ew.HARD_SIGMOID, x, alpha=node.attr_float("alpha", 0.2), beta=node.attr_float("beta", 0.5))
+    if t == "ThresholdedRelu":
+        return node.make(ew.THRESHOLDED_RELU, x, alpha=node.attr_float("alpha", 1.0))
+    return node.make(ew.SHRINK, x, alpha=node.attr_float("lambd", 0.5), beta=node.attr_float("bias", 0.0))
+
+
+@converter("Gelu")
+def convert_gelu(node: Node):
+    approx = node.attr_string("approximate", "none")
+    if approx not in ("none", "tanh"):
+        raise node.invalid(f"approximate must be 'none' or 'tanh', got {approx!r}")
+    return node.make(ew.GELU if approx == "none" else ew.GELU_TANH, node.input(0))
+
+
+@converter("Where")
+def convert_where(node: Node):
+    return node.make(ew.WHERE, node.input(0), node.input(1), node.input(2))
+
+
+@converter("IsNaN")
+def convert_isnan(node: Node):
+    return node.make(ew.ISNAN, node.input(0))
+
+
+@converter("IsInf")
+def convert_isinf(node: Node):
+    return node.make(ew.ISINF, node.input(0), detect_positive=bool(node.attr_int("detect_positive", 1)),
+                     detect_negative=bool(node.attr_int("detect_negative", 1)))
+
+
+def onnx_dtype(node: Node, code: int) -> str:
+    """An ONNX TensorProto dtype code as a Kiln dtype name, or an UnsupportedError naming the node."""
+    from kiln.errors import KilnError
+    from kiln.ir.types import normalize_dtype
+
+    try:
+        return normalize_dtype(onnx.helper.tensor_dtype_to_np_dtype(code))
+    except (KeyError, TypeError, ValueError, KilnError):
+        name = onnx.TensorProto.DataType.Name(code) if code in onnx.TensorProto.DataType.values() else code
+        raise node.unsupported(f"dtype {name}") from None
+
+
+@converter("Cast")
+def convert_cast(node: Node):
+    to = onnx_dtype(node, node.attr_int("to"))
+    if to == "string" or node.input(0).ttype.dtype == "string":
+        raise node.unsupported("casts to or from strings")
+    if node.input(0).ttype.dtype == to:
+        return node.input(0)
+    return node.make(ew.CAST, node.input(0), dtype=to)
+
+
+@converter("CastLike")
+def convert_castlike(node: Node):
+    to = node.input(1).ttype.dtype
+    if to == "string" or node.input(0).ttype.dtype == "string":
+        raise node.unsupported("casts to or from strings")
+    return node.input(0) if node.input(0).ttype.dtype == to else node.make(ew.CAST, node.input(0), dtype=to)
+
+
+@converter("Identity")
+def convert_identity(node: Node):
+    return node.input(0)
