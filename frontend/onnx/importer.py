@@ -109,7 +109,7 @@ class _Importer:
         newest = onnx.defs.onnx_opset_version()
         v = self.opsets.get(DEFAULT_DOMAIN)
         if v is None:
-            raise ModelError("the model imports no default-domain opset")
+            return  # e.g. ai.onnx.ml or training-only models: the op scan reports what is unsupported
         if v > newest:
             raise UnsupportedError(f"the model uses opset {v}, newer than the installed onnx knows ({newest})")
         if v < 7:

@@ -1,1 +1,160 @@
-"""(being written)"""
+"""Convolutions: nn.conv1d/2d/3d and nn.conv{1,2,3}d_transpose, grouped and dilated, in NC[D]HW layout.
+
+`padding` lists the begin pads of every spatial axis, then the end pads (ONNX's order). The references are
+im2col + matmul (NumPy's BLAS), fast enough to interpret VGG-19 in a test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from kiln.errors import TypeCheckError
+
+from ..op import OpDef, OpPattern, register_op
+from ..types import TensorType, is_float
+
+
+@dataclass(frozen=True)
+class ConvAttrs:
+    strides: tuple[int, ...]
+    padding: tuple[int, ...]  # begins then ends
+    dilation: tuple[int, ...]
+    groups: int = 1
+    out_dtype: str | None = None  # int8 convs accumulate into "int32"
+
+
+def _spatial(t: TensorType, nd: int, what: str) -> tuple[int, ...]:
+    if t.ndim != nd + 2:
+        raise TypeCheckError(f"{what}: expected a rank-{nd + 2} tensor, got {t}")
+    if not all(isinstance(d, int) for d in t.shape[2:]):
+        raise TypeCheckError(f"{what}: spatial dims of {t} must be static")
+    return t.shape[2:]  # type: ignore[return-value]
+
+
+def _check_attrs(a: ConvAttrs, nd: int, op: str) -> None:
+    if len(a.strides) != nd or len(a.dilation) != nd or len(a.padding) != 2 * nd:
+        raise TypeCheckError(f"{op}: strides/dilation need {nd} values and padding {2 * nd}, got {a}")
+    if min(a.strides + a.dilation, default=1) < 1 or a.groups < 1 or min(a.padding, default=0) < 0:
+        raise TypeCheckError(f"{op}: strides, dilation and groups must be ≥ 1 and pads ≥ 0, got {a}")
+
+
+def conv_output_size(size: int, k: int, stride: int, pad_total: int, dilation: int) -> int:
+    return (size + pad_total - ((k - 1) * dilation + 1)) // stride + 1
+
+
+def _conv_type(nd: int, op: str):
+    def rule(x: TensorType, w: TensorType, a: ConvAttrs) -> TensorType:
+        _check_attrs(a, nd, op)
+        sp = _spatial(x, nd, op)
+        ks = _spatial(w, nd, op + " weight")
+        c, o = x.shape[1], w.shape[0]
+        if isinstance(c, int) and c != w.shape[1] * a.groups:
+            raise TypeCheckError(f"{op}: input has {c} channels but weight {w} with groups={a.groups} "
+                                 f"expects {w.shape[1] * a.groups}")
+        if o % a.groups:
+            raise TypeCheckError(f"{op}: {o} output channels do not divide into {a.groups} groups")
+        if x.dtype != w.dtype:
+            raise TypeCheckError(f"{op}: input {x} and weight {w} differ in dtype")
+        out = tuple(conv_output_size(sp[i], ks[i], a.strides[i], a.padding[i] + a.padding[i + nd], a.dilation[i])
+                    for i in range(nd))
+        if min(out) < 1:
+            raise TypeCheckError(f"{op}: kernel {list(ks)} larger than padded input {x}")
+        return TensorType((x.shape[0], o) + out, a.out_dtype or x.dtype)
+    return rule
+
+
+def conv_reference(x: np.ndarray, w: np.ndarray, a: ConvAttrs) -> np.ndarray:
+    nd = x.ndim - 2
+    acc = a.out_dtype or (x.dtype.name if is_float(x.dtype.name) else "int64")
+    x, w = x.astype(acc, copy=False), w.astype(acc, copy=False)
+    xp = np.pad(x, [(0, 0), (0, 0)] + [(a.padding[i], a.padding[i + nd]) for i in range(nd)])
+    n, c = x.shape[:2]
+    o, ks, g = w.shape[0], w.shape[2:], a.groups
+    extent = tuple((k - 1) * d + 1 for k, d in zip(ks, a.dilation))
+    win = sliding_window_view(xp, extent, axis=tuple(range(2, 2 + nd)))
+    win = win[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in a.strides)
+              + tuple(slice(None, None, d) for d in a.dilation)]
+    out_sp = win.shape[2:2 + nd]
+    cg, og = c // g, o // g
+    win = win.reshape((n, g, cg) + out_sp + ks)
+    perm = (0, 1) + tuple(range(3, 3 + nd)) + (2,) + tuple(range(3 + nd, 3 + 2 * nd))
+    cols = win.transpose(perm).reshape(n, g, int(np.prod(out_sp)), cg * int(np.prod(ks)))
+    wm = w.reshape(g, og, -1).transpose(0, 2, 1)
+    out = np.matmul(cols, wm)  # n, g, positions, og
+    return np.ascontiguousarray(out.transpose(0, 1, 3, 2).reshape((n, o) + out_sp)).astype(
+        a.out_dtype or x.dtype)
+
+
+def _conv_flops(x: TensorType, w: TensorType, a: ConvAttrs) -> int:
+    nd = len(a.strides)
+    out = _conv_type(nd, "conv")(x, w, a)
+    if not out.is_static:
+        return 0
+    return 2 * out.size * int(np.prod(w.shape[1:]))
+
+
+CONV1D, CONV2D, CONV3D = (register_op(OpDef(
+    f"nn.conv{nd}d", ConvAttrs, _conv_type(nd, f"nn.conv{nd}d"), conv_reference, OpPattern.OUT_ELEMWISE_FUSABLE,
+    flops=_conv_flops)) for nd in (1, 2, 3))
+CONV_BY_RANK = {1: CONV1D, 2: CONV2D, 3: CONV3D}
+
+
+# --- transposed convolution ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ConvTransposeAttrs:
+    strides: tuple[int, ...]
+    padding: tuple[int, ...]  # begins then ends, cropped from the full output
+    dilation: tuple[int, ...]
+    output_padding: tuple[int, ...]
+    groups: int = 1
+
+
+def _conv_t_type(nd: int, op: str):
+    def rule(x: TensorType, w: TensorType, a: ConvTransposeAttrs) -> TensorType:
+        sp, ks = _spatial(x, nd, op), _spatial(w, nd, op + " weight")
+        if isinstance(x.shape[1], int) and x.shape[1] != w.shape[0]:
+            raise TypeCheckError(f"{op}: input has {x.shape[1]} channels, weight {w} expects {w.shape[0]}")
+        if w.shape[0] % a.groups:
+            raise TypeCheckError(f"{op}: {w.shape[0]} channels do not divide into {a.groups} groups")
+        out = tuple(a.strides[i] * (sp[i] - 1) + a.output_padding[i] + (ks[i] - 1) * a.dilation[i] + 1
+                    - a.padding[i] - a.padding[i + nd] for i in range(nd))
+        if min(out) < 1:
+            raise TypeCheckError(f"{op}: pads {list(a.padding)} leave no output")
+        return TensorType((x.shape[0], w.shape[1] * a.groups) + out, x.dtype)
+    return rule
+
+
+def conv_transpose_reference(x: np.ndarray, w: np.ndarray, a: ConvTransposeAttrs) -> np.ndarray:
+    nd = x.ndim - 2
+    n, c = x.shape[:2]
+    g, og, ks = a.groups, w.shape[1], w.shape[2:]
+    cg = c // g
+    full = tuple(a.strides[i] * (x.shape[2 + i] - 1) + (ks[i] - 1) * a.dilation[i] + 1 + a.output_padding[i]
+                 for i in range(nd))
+    out = np.zeros((n, g * og) + full, dtype=x.dtype)
+    for kk in np.ndindex(*ks):
+        region = tuple(slice(kk[i] * a.dilation[i], kk[i] * a.dilation[i] + (x.shape[2 + i] - 1) * a.strides[i] + 1,
+                             a.strides[i]) for i in range(nd))
+        for gi in range(g):
+            xg = x[:, gi * cg:(gi + 1) * cg]
+            wg = w[gi * cg:(gi + 1) * cg, :, *kk]  # cg, og
+            out[(slice(None), slice(gi * og, (gi + 1) * og)) + region] += np.einsum(
+                "nc...,co->no...", xg, wg).astype(x.dtype)
+    crop = tuple(slice(a.padding[i], full[i] - a.padding[i + nd]) for i in range(nd))
+    return np.ascontiguousarray(out[(slice(None), slice(None)) + crop])
+
+
+def _conv_t_flops(x: TensorType, w: TensorType, a: ConvTransposeAttrs) -> int:
+    if not x.is_static:
+        return 0
+    return 2 * x.size * int(np.prod(w.shape[1:]))
+
+
+CONV1D_TRANSPOSE, CONV2D_TRANSPOSE, CONV3D_TRANSPOSE = (register_op(OpDef(
+    f"nn.conv{nd}d_transpose", ConvTransposeAttrs, _conv_t_type(nd, f"nn.conv{nd}d_transpose"),
+    conv_transpose_reference, OpPattern.OUT_ELEMWISE_FUSABLE, flops=_conv_t_flops)) for nd in (1, 2, 3))
+CONV_TRANSPOSE_BY_RANK = {1: CONV1D_TRANSPOSE, 2: CONV2D_TRANSPOSE, 3: CONV3D_TRANSPOSE}

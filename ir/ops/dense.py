@@ -1,1 +1,94 @@
-"""(being written)"""
+"""nn.dense (y = x @ w.T, the core of Gemm and of MatMul by a constant matrix), nn.matmul (NumPy matmul with
+broadcast batch dims) and einsum. Bias and activations fuse in after them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kiln.errors import TypeCheckError
+
+from ..op import OpDef, OpPattern, register_op
+from ..types import TensorType, broadcast_shapes, is_float
+
+
+@dataclass(frozen=True)
+class DenseAttrs:
+    out_dtype: str | None = None  # None means "same as x"; int8 inputs ask for "int32"
+
+
+def _acc(x_dtype, a) -> str:
+    return a.out_dtype or x_dtype
+
+
+def dense_type(x: TensorType, w: TensorType, a: DenseAttrs) -> TensorType:
+    if w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[1]:
+        raise TypeCheckError(f"nn.dense: x is {x} but w is {w}; w must be [units, {x.shape[-1] if x.ndim else '?'}]")
+    if x.dtype != w.dtype:
+        raise TypeCheckError(f"nn.dense: x {x} and w {w} differ in dtype")
+    return TensorType(x.shape[:-1] + (w.shape[0],), _acc(x.dtype, a))
+
+
+def dense_reference(x: np.ndarray, w: np.ndarray, a: DenseAttrs) -> np.ndarray:
+    acc = _acc(x.dtype.name, a)  # widen before multiplying, as the kernel does
+    return np.matmul(x.astype(acc), w.astype(acc).T)
+
+
+def _dense_flops(x: TensorType, w: TensorType, a: DenseAttrs) -> int:
+    return 2 * dense_type(x, w, a).size * w.shape[1] if x.is_static else 0
+
+
+DENSE = register_op(OpDef("nn.dense", DenseAttrs, dense_type, dense_reference, OpPattern.OUT_ELEMWISE_FUSABLE,
+                          flops=_dense_flops))
+
+
+def matmul_type(a: TensorType, b: TensorType, at: DenseAttrs) -> TensorType:
+    if a.ndim == 0 or b.ndim == 0:
+        raise TypeCheckError(f"nn.matmul: operands must have rank ≥ 1, got {a} and {b}")
+    if a.dtype != b.dtype:
+        raise TypeCheckError(f"nn.matmul: {a} and {b} differ in dtype")
+    ka = a.shape[-1]
+    kb = b.shape[0] if b.ndim == 1 else b.shape[-2]
+    if isinstance(ka, int) and isinstance(kb, int) and ka != kb:
+        raise TypeCheckError(f"nn.matmul: inner dims differ ({a} @ {b})")
+    batch = broadcast_shapes(a.shape[:-2], b.shape[:-2], what="nn.matmul batch dims")
+    rows = a.shape[-2:-1] if a.ndim >= 2 else ()
+    cols = b.shape[-1:] if b.ndim >= 2 else ()
+    return TensorType(batch + rows + cols, _acc(a.dtype, at))
+
+
+def matmul_reference(a: np.ndarray, b: np.ndarray, at: DenseAttrs) -> np.ndarray:
+    acc = _acc(a.dtype.name, at)
+    return np.asarray(np.matmul(a.astype(acc), b.astype(acc)))
+
+
+def _matmul_flops(a: TensorType, b: TensorType, at: DenseAttrs) -> int:
+    out = matmul_type(a, b, at)
+    return 2 * out.size * a.shape[-1] if out.is_static and isinstance(a.shape[-1], int) else 0
+
+
+MATMUL = register_op(OpDef("nn.matmul", DenseAttrs, matmul_type, matmul_reference,
+                           OpPattern.OUT_ELEMWISE_FUSABLE, flops=_matmul_flops))
+
+
+@dataclass(frozen=True)
+class EinsumAttrs:
+    equation: str
+
+
+def _einsum_type(xs: list[TensorType], a: EinsumAttrs) -> TensorType:
+    if any(not x.is_static for x in xs):
+        raise TypeCheckError("einsum needs static shapes")
+    try:
+        out = np.einsum(a.equation, *[np.zeros(x.shape, "float32") for x in xs])
+    except ValueError as err:
+        raise TypeCheckError(f"einsum '{a.equation}' does not fit {[str(x) for x in xs]}: {err}") from None
+    if any(x.dtype != xs[0].dtype for x in xs) or not is_float(xs[0].dtype) and xs[0].dtype[0] != "i":
+        raise TypeCheckError(f"einsum: operands {[str(x) for x in xs]} must share a numeric dtype")
+    return TensorType(np.shape(out), xs[0].dtype)
+
+
+EINSUM = register_op(OpDef("einsum", EinsumAttrs, _einsum_type,
+                           lambda xs, a: np.asarray(np.einsum(a.equation, *xs)).astype(xs[0].dtype),
+                           OpPattern.OPAQUE, variadic=True))

@@ -1,1 +1,158 @@
-"""(being written)"""
+"""Normalizations: batch norm (inference form; a pass folds it into the conv before it), instance, layer and
+group norm, LRN and mean-variance normalization. Statistics are computed in float64 in the references."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kiln.errors import TypeCheckError
+
+from ..op import OpDef, OpPattern, register_op
+from ..types import TensorType, is_float
+
+
+@dataclass(frozen=True)
+class EpsAttrs:
+    epsilon: float = 1e-5
+
+
+def _per_channel(op: str, x: TensorType, *params: TensorType) -> None:
+    if not is_float(x.dtype) or x.ndim < 2:
+        raise TypeCheckError(f"{op}: expected a float tensor with a channel axis, got {x}")
+    for p in params:
+        if p.shape != (x.shape[1],):
+            raise TypeCheckError(f"{op}: per-channel parameter {p} does not match {x.shape[1]} channels of {x}")
+
+
+def _bn_type(x, scale, bias, mean, var, a: EpsAttrs) -> TensorType:
+    _per_channel("nn.batch_norm", x, scale, bias, mean, var)
+    return x
+
+
+def _channel(v: np.ndarray, ndim: int) -> np.ndarray:
+    return v.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+def _bn(x, scale, bias, mean, var, a: EpsAttrs) -> np.ndarray:
+    s = scale.astype(np.float64) / np.sqrt(var.astype(np.float64) + a.epsilon)
+    y = (x - _channel(mean, x.ndim)) * _channel(s, x.ndim) + _channel(bias, x.ndim)
+    return y.astype(x.dtype)
+
+
+BATCH_NORM = register_op(OpDef("nn.batch_norm", EpsAttrs, _bn_type, _bn, OpPattern.BROADCAST,
+                               flops=lambda x, *rest: 2 * x.size if x.is_static else 0))
+
+
+def _in_type(x, scale, bias, a: EpsAttrs) -> TensorType:
+    _per_channel("nn.instance_norm", x, scale, bias)
+    return x
+
+
+def _instance_norm(x, scale, bias, a: EpsAttrs) -> np.ndarray:
+    axes = tuple(range(2, x.ndim))
+    xd = x.astype(np.float64)
+    y = (xd - xd.mean(axis=axes, keepdims=True)) / np.sqrt(xd.var(axis=axes, keepdims=True) + a.epsilon)
+    return (y * _channel(scale, x.ndim) + _channel(bias, x.ndim)).astype(x.dtype)
+
+
+INSTANCE_NORM = register_op(OpDef("nn.instance_norm", EpsAttrs, _in_type, _instance_norm, OpPattern.OPAQUE,
+                                  flops=lambda x, s, b, a: 6 * x.size if x.is_static else 0))
+
+
+@dataclass(frozen=True)
+class LayerNormAttrs:
+    axis: int = -1  # normalize over axes [axis, ndim), non-negative after import
+    epsilon: float = 1e-5
+
+
+def _ln_type(x: TensorType, scale: TensorType, bias: TensorType, a: LayerNormAttrs) -> TensorType:
+    if not 0 <= a.axis < x.ndim:
+        raise TypeCheckError(f"nn.layer_norm: axis {a.axis} out of range for {x}")
+    from ..types import broadcast_shapes
+
+    norm_shape = x.shape[a.axis:]
+    for p in (scale, bias):
+        if broadcast_shapes(norm_shape, p.shape, what="nn.layer_norm") != tuple(norm_shape):
+            raise TypeCheckError(f"nn.layer_norm: parameter {p} does not broadcast to {list(norm_shape)}")
+    return x
+
+
+def _layer_norm(x, scale, bias, a: LayerNormAttrs) -> np.ndarray:
+    axes = tuple(range(a.axis, x.ndim))
+    xd = x.astype(np.float64)
+    y = (xd - xd.mean(axis=axes, keepdims=True)) / np.sqrt(xd.var(axis=axes, keepdims=True) + a.epsilon)
+    return (y * scale + bias).astype(x.dtype)
+
+
+LAYER_NORM = register_op(OpDef("nn.layer_norm", LayerNormAttrs, _ln_type, _layer_norm, OpPattern.OPAQUE,
+                               flops=lambda x, s, b, a: 8 * x.size if x.is_static else 0))
+
+
+@dataclass(frozen=True)
+class GroupNormAttrs:
+    num_groups: int
+    epsilon: float = 1e-5
+
+
+def _gn_type(x: TensorType, scale: TensorType, bias: TensorType, a: GroupNormAttrs) -> TensorType:
+    _per_channel("nn.group_norm", x, scale, bias)
+    if x.shape[1] % a.num_groups:
+        raise TypeCheckError(f"nn.group_norm: {x.shape[1]} channels do not divide into {a.num_groups} groups")
+    return x
+
+
+def _group_norm(x, scale, bias, a: GroupNormAttrs) -> np.ndarray:
+    n, c = x.shape[:2]
+    xg = x.astype(np.float64).reshape(n, a.num_groups, -1)
+    y = (xg - xg.mean(axis=2, keepdims=True)) / np.sqrt(xg.var(axis=2, keepdims=True) + a.epsilon)
+    y = y.reshape(x.shape)
+    return (y * _channel(scale, x.ndim) + _channel(bias, x.ndim)).astype(x.dtype)
+
+
+GROUP_NORM = register_op(OpDef("nn.group_norm", GroupNormAttrs, _gn_type, _group_norm, OpPattern.OPAQUE,
+                               flops=lambda x, s, b, a: 8 * x.size if x.is_static else 0))
+
+
+@dataclass(frozen=True)
+class LRNAttrs:
+    size: int
+    alpha: float = 1e-4
+    beta: float = 0.75
+    bias: float = 1.0
+
+
+def _lrn(x: np.ndarray, a: LRNAttrs) -> np.ndarray:
+    sq = x.astype(np.float64) ** 2
+    c = x.shape[1]
+    lo, hi = (a.size - 1) // 2, a.size - 1 - (a.size - 1) // 2  # floor before, ceil after (ONNX)
+    padded = np.pad(sq, [(0, 0), (lo, hi)] + [(0, 0)] * (x.ndim - 2))
+    csum = np.cumsum(np.concatenate([np.zeros_like(padded[:, :1]), padded], axis=1), axis=1)
+    window = csum[:, a.size:a.size + c] - csum[:, :c]
+    return (x / (a.bias + a.alpha / a.size * window) ** a.beta).astype(x.dtype)
+
+
+def _lrn_type(x: TensorType, a: LRNAttrs) -> TensorType:
+    _per_channel("nn.lrn", x)
+    return x
+
+
+LRN = register_op(OpDef("nn.lrn", LRNAttrs, _lrn_type, _lrn, OpPattern.OPAQUE,
+                        flops=lambda x, a: x.size * (a.size + 4) if x.is_static else 0))
+
+
+@dataclass(frozen=True)
+class MVNAttrs:
+    axes: tuple[int, ...] = (0, 2, 3)
+
+
+def _mvn(x: np.ndarray, a: MVNAttrs) -> np.ndarray:
+    xd = x.astype(np.float64)
+    mean = xd.mean(axis=a.axes, keepdims=True)
+    std = np.sqrt(((xd - mean) ** 2).mean(axis=a.axes, keepdims=True))
+    return ((xd - mean) / (std + 1e-9)).astype(x.dtype)
+
+
+MEAN_VARIANCE_NORM = register_op(OpDef("nn.mean_variance_norm", MVNAttrs, lambda x, a: x, _mvn, OpPattern.OPAQUE,
+                                       flops=lambda x, a: 6 * x.size if x.is_static else 0))

@@ -1,1 +1,57 @@
-"""(being written)"""
+"""softmax, log_softmax and hardmax along one axis (ONNX ≥ 13 semantics; the frontend reshapes older models'
+"coerce to 2-D" form into this)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kiln.errors import TypeCheckError
+
+from ..op import OpDef, OpPattern, register_op
+from ..types import TensorType, is_float
+
+
+@dataclass(frozen=True)
+class SoftmaxAttrs:
+    axis: int = -1  # non-negative after import
+
+
+def _type(op: str):
+    def rule(x: TensorType, a: SoftmaxAttrs) -> TensorType:
+        if not is_float(x.dtype):
+            raise TypeCheckError(f"{op} takes float tensors, got {x}")
+        if not 0 <= a.axis < x.ndim:
+            raise TypeCheckError(f"{op}: axis {a.axis} out of range for {x}")
+        return x
+    return rule
+
+
+def _softmax(x: np.ndarray, a: SoftmaxAttrs) -> np.ndarray:
+    e = np.exp(x - x.max(axis=a.axis, keepdims=True))
+    return (e / e.sum(axis=a.axis, keepdims=True)).astype(x.dtype)
+
+
+def _log_softmax(x: np.ndarray, a: SoftmaxAttrs) -> np.ndarray:
+    s = x - x.max(axis=a.axis, keepdims=True)
+    return (s - np.log(np.exp(s).sum(axis=a.axis, keepdims=True))).astype(x.dtype)
+
+
+def _hardmax(x: np.ndarray, a: SoftmaxAttrs) -> np.ndarray:
+    idx = np.expand_dims(np.argmax(x, axis=a.axis), a.axis)
+    out = np.zeros_like(x)
+    np.put_along_axis(out, idx, 1, axis=a.axis)
+    return out
+
+
+def _flops(x: TensorType, a: SoftmaxAttrs) -> int:
+    return 5 * x.size if x.is_static else 0
+
+
+SOFTMAX = register_op(OpDef("nn.softmax", SoftmaxAttrs, _type("nn.softmax"), _softmax, OpPattern.OPAQUE,
+                            flops=_flops))
+LOG_SOFTMAX = register_op(OpDef("nn.log_softmax", SoftmaxAttrs, _type("nn.log_softmax"), _log_softmax,
+                                OpPattern.OPAQUE, flops=_flops))
+HARDMAX = register_op(OpDef("nn.hardmax", SoftmaxAttrs, _type("nn.hardmax"), _hardmax, OpPattern.OPAQUE,
+                            flops=_flops))

@@ -1,1 +1,508 @@
-"""(being written)"""
+"""Tensor-manipulation ops: reshape, transpose, concat/split, slicing, gathers and scatters, padding, tiling.
+
+Every attribute is static (shapes, axes, pads already resolved by the frontend), so each type rule computes an
+exact output shape and codegen sees fixed index arithmetic. Axes in attrs are non-negative.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kiln.errors import TypeCheckError
+
+from ..op import OpDef, OpPattern, register_op
+from ..types import TensorType, TupleType, is_int
+
+
+def _static(t: TensorType, op: str) -> tuple[int, ...]:
+    if not t.is_static:
+        raise TypeCheckError(f"{op} needs static shapes, got {t}; bind symbolic dims with --input-shape")
+    return t.shape  # type: ignore[return-value]
+
+
+def _axis(axis: int, ndim: int, op: str) -> int:
+    if not -ndim <= axis < max(ndim, 1):
+        raise TypeCheckError(f"{op}: axis {axis} out of range for rank {ndim}")
+    return axis % max(ndim, 1)
+
+
+# --- reshape -------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ReshapeAttrs:
+    newshape: tuple[int, ...]
+
+
+def _reshape_type(x: TensorType, a: ReshapeAttrs) -> TensorType:
+    if any(d < 0 for d in a.newshape):
+        raise TypeCheckError(f"reshape: target {list(a.newshape)} must be fully resolved")
+    if x.is_static and x.size != int(np.prod(a.newshape, dtype=np.int64)):
+        raise TypeCheckError(f"reshape: cannot reshape {x} ({x.size} elements) to {list(a.newshape)}")
+    return TensorType(a.newshape, x.dtype)
+
+
+RESHAPE = register_op(OpDef("reshape", ReshapeAttrs, _reshape_type, lambda x, a: x.reshape(a.newshape),
+                            OpPattern.INJECTIVE, flops=lambda x, a: 0))
+
+
+def resolve_reshape(shape: tuple[int, ...], target: tuple[int, ...], allowzero: bool = False) -> tuple[int, ...]:
+    """ONNX Reshape's target semantics: 0 copies the input dim (unless allowzero), -1 is inferred."""
+    out = [shape[i] if d == 0 and not allowzero and i < len(shape) else d for i, d in enumerate(target)]
+    if out.count(-1) > 1:
+        raise TypeCheckError(f"reshape target {list(target)} has more than one -1")
+    if -1 in out:
+        known = int(np.prod([d for d in out if d != -1], dtype=np.int64))
+        total = int(np.prod(shape, dtype=np.int64))
+        if known == 0 or total % known:
+            raise TypeCheckError(f"reshape: cannot infer -1 in {list(target)} for shape {list(shape)}")
+        out[out.index(-1)] = total // known
+    return tuple(out)
+
+
+# --- transpose -----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TransposeAttrs:
+    axes: tuple[int, ...]
+
+
+def _transpose_type(x: TensorType, a: TransposeAttrs) -> TensorType:
+    if sorted(a.axes) != list(range(x.ndim)):
+        raise TypeCheckError(f"transpose: perm {list(a.axes)} is not a permutation of {x.ndim} axes")
+    return TensorType(tuple(x.shape[i] for i in a.axes), x.dtype)
+
+
+TRANSPOSE = register_op(OpDef("transpose", TransposeAttrs, _transpose_type,
+                              lambda x, a: np.ascontiguousarray(np.transpose(x, a.axes)), OpPattern.INJECTIVE,
+                              flops=lambda x, a: 0))
+
+
+# --- concatenate / split -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AxisAttrs:
+    axis: int = 0
+
+
+def _concat_type(xs: list[TensorType], a: AxisAttrs) -> TensorType:
+    if not xs:
+        raise TypeCheckError("concatenate of nothing")
+    first = xs[0]
+    for x in xs[1:]:
+        if x.ndim != first.ndim or x.dtype != first.dtype:
+            raise TypeCheckError(f"concatenate: {x} does not match {first}")
+        for i, (p, q) in enumerate(zip(x.shape, first.shape)):
+            if i != a.axis and p != q:
+                raise TypeCheckError(f"concatenate on axis {a.axis}: {x} and {first} differ on axis {i}")
+    dims = [x.shape[a.axis] for x in xs]
+    total = sum(dims) if all(isinstance(d, int) for d in dims) else "+".join(map(str, dims))
+    return TensorType(first.shape[: a.axis] + (total,) + first.shape[a.axis + 1:], first.dtype)
+
+
+CONCATENATE = register_op(OpDef("concatenate", AxisAttrs, _concat_type,
+                                lambda xs, a: np.concatenate(xs, axis=a.axis), OpPattern.INJECTIVE,
+                                flops=lambda xs, a: 0, variadic=True))
+
+
+@dataclass(frozen=True)
+class SplitAttrs:
+    axis: int
+    sizes: tuple[int, ...]
+
+
+def _split_type(x: TensorType, a: SplitAttrs) -> TupleType:
+    if x.shape[a.axis] != sum(a.sizes):
+        raise TypeCheckError(f"split: sizes {list(a.sizes)} do not add up to axis {a.axis} of {x}")
+    return TupleType(tuple(TensorType(x.shape[: a.axis] + (s,) + x.shape[a.axis + 1:], x.dtype) for s in a.sizes))
+
+
+def _split(x: np.ndarray, a: SplitAttrs):
+    return tuple(np.split(x, np.cumsum(a.sizes)[:-1], axis=a.axis))
+
+
+SPLIT = register_op(OpDef("split", SplitAttrs, _split_type, _split, OpPattern.INJECTIVE, flops=lambda x, a: 0))
+
+
+# --- strided slice -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SliceAttrs:
+    """Per axis of the input, a Python slice already clamped: start, stop (None = to the end), step."""
+
+    begin: tuple[int, ...]
+    end: tuple[int | None, ...]
+    strides: tuple[int, ...]
+
+
+def _slices(a: SliceAttrs) -> tuple[slice, ...]:
+    return tuple(slice(b, e, s) for b, e, s in zip(a.begin, a.end, a.strides))
+
+
+def _slice_type(x: TensorType, a: SliceAttrs) -> TensorType:
+    shape = _static(x, "strided_slice")
+    if not len(a.begin) == len(a.end) == len(a.strides) == x.ndim:
+        raise TypeCheckError(f"strided_slice: needs one begin/end/stride per axis of {x}")
+    if any(s == 0 for s in a.strides):
+        raise TypeCheckError("strided_slice: a step of 0")
+    dims = tuple(len(range(*sl.indices(n))) for sl, n in zip(_slices(a), shape))
+    return TensorType(dims, x.dtype)
+
+
+STRIDED_SLICE = register_op(OpDef("strided_slice", SliceAttrs, _slice_type,
+                                  lambda x, a: np.ascontiguousarray(x[_slices(a)]), OpPattern.INJECTIVE,
+                                  flops=lambda x, a: 0))
+
+
+# --- gathers and scatters ------------------------------------------------------------------------------------
+
+def _check_indices(i: TensorType, op: str) -> None:
+    if not is_int(i.dtype):
+        raise TypeCheckError(f"{op}: indices must be integers, got {i}")
+
+
+def _take_type(x: TensorType, i: TensorType, a: AxisAttrs) -> TensorType:
+    _check_indices(i, "take")
+    axis = _axis(a.axis, x.ndim, "take")
+    return TensorType(x.shape[:axis] + i.shape + x.shape[axis + 1:], x.dtype)
+
+
+def _bounded(i: np.ndarray, n: int, op: str) -> np.ndarray:
+    if i.size and (i.min() < -n or i.max() >= n):
+        raise IndexError(f"{op}: index out of range [-{n}, {n})")
+    return np.where(i < 0, i + n, i)
+
+
+def _take(x: np.ndarray, i: np.ndarray, a: AxisAttrs) -> np.ndarray:
+    return np.take(x, _bounded(i, x.shape[a.axis], "take"), axis=a.axis)
+
+
+TAKE = register_op(OpDef("take", AxisAttrs, _take_type, _take, OpPattern.INJECTIVE, flops=lambda x, i, a: 0))
+
+
+def _gather_elements_type(x: TensorType, i: TensorType, a: AxisAttrs) -> TensorType:
+    _check_indices(i, "gather_elements")
+    if i.ndim != x.ndim:
+        raise TypeCheckError(f"gather_elements: indices {i} and data {x} differ in rank")
+    return TensorType(i.shape, x.dtype)
+
+
+GATHER_ELEMENTS = register_op(OpDef(
+    "gather_elements", AxisAttrs, _gather_elements_type,
+    lambda x, i, a: np.take_along_axis(x, _bounded(i, x.shape[a.axis], "gather_elements"), axis=a.axis),
+    OpPattern.INJECTIVE, flops=lambda x, i, a: 0))
+
+
+@dataclass(frozen=True)
+class GatherNDAttrs:
+    batch_dims: int = 0
+
+
+def _gather_nd_type(x: TensorType, i: TensorType, a: GatherNDAttrs) -> TensorType:
+    _check_indices(i, "gather_nd")
+    k = i.shape[-1]
+    if not isinstance(k, int) or a.batch_dims + k > x.ndim:
+        raise TypeCheckError(f"gather_nd: last indices dim {k} too large for {x}")
+    return TensorType(i.shape[:-1] + x.shape[a.batch_dims + k:], x.dtype)
+
+
+def _gather_nd(x: np.ndarray, i: np.ndarray, a: GatherNDAttrs) -> np.ndarray:
+    b = a.batch_dims
+    batch = x.shape[:b]
+    nb = int(np.prod(batch, dtype=np.int64))
+    xs = x.reshape((nb,) + x.shape[b:])
+    idx = i.reshape((nb,) + i.shape[b:])
+    k = i.shape[-1]
+    outs = []
+    for n in range(nb):
+        flat = idx[n].reshape(-1, k)
+        flat = np.where(flat < 0, flat + np.array(xs.shape[1:1 + k]), flat)
+        outs.append(np.stack([xs[n][tuple(row)] for row in flat]) if len(flat) else
+                    np.zeros((0,) + xs.shape[1 + k:], x.dtype))
+    out = np.stack(outs)
+    return out.reshape(i.shape[:-1] + x.shape[b + k:])
+
+
+GATHER_ND = register_op(OpDef("gather_nd", GatherNDAttrs, _gather_nd_type, _gather_nd, OpPattern.INJECTIVE,
+                              flops=lambda x, i, a: 0))
+
+
+@dataclass(frozen=True)
+class ScatterAttrs:
+    axis: int = 0
+    reduction: str = "none"  # none, add, mul, max, min
+
+
+_REDUCERS = {"add": np.add, "mul": np.multiply, "max": np.maximum, "min": np.minimum}
+
+
+def _scatter_elements_type(x: TensorType, i: TensorType, u: TensorType, a: ScatterAttrs) -> TensorType:
+    _check_indices(i, "scatter_elements")
+    if i.shape != u.shape or u.dtype != x.dtype:
+        raise TypeCheckError(f"scatter_elements: indices {i} and updates {u} must match, updates as {x}")
+    return x
+
+
+def _scatter_elements(x: np.ndarray, i: np.ndarray, u: np.ndarray, a: ScatterAttrs) -> np.ndarray:
+    out = x.copy()
+    i = _bounded(i, x.shape[a.axis], "scatter_elements")
+    for pos in np.ndindex(*i.shape):
+        target = list(pos)
+        target[a.axis] = i[pos]
+        t = tuple(target)
+        out[t] = u[pos] if a.reduction == "none" else _REDUCERS[a.reduction](out[t], u[pos])
+    return out
+
+
+SCATTER_ELEMENTS = register_op(OpDef("scatter_elements", ScatterAttrs, _scatter_elements_type,
+                                     _scatter_elements, OpPattern.OPAQUE, flops=lambda x, i, u, a: 0))
+
+
+def _scatter_nd_type(x: TensorType, i: TensorType, u: TensorType, a: ScatterAttrs) -> TensorType:
+    _check_indices(i, "scatter_nd")
+    if u.dtype != x.dtype:
+        raise TypeCheckError(f"scatter_nd: updates {u} must have the data's dtype ({x})")
+    return x
+
+
+def _scatter_nd(x: np.ndarray, i: np.ndarray, u: np.ndarray, a: ScatterAttrs) -> np.ndarray:
+    out = x.copy()
+    k = i.shape[-1]
+    flat_i = i.reshape(-1, k)
+    flat_u = u.reshape((-1,) + x.shape[k:])
+    for idx, upd in zip(flat_i, flat_u):
+        t = tuple(idx)
+        out[t] = upd if a.reduction == "none" else _REDUCERS[a.reduction](out[t], upd)
+    return out
+
+
+SCATTER_ND = register_op(OpDef("scatter_nd", ScatterAttrs, _scatter_nd_type, _scatter_nd, OpPattern.OPAQUE,
+                               flops=lambda x, i, u, a: 0))
+
+
+# --- broadcast, tile, pad ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ShapeAttrs:
+    shape: tuple[int, ...]
+
+
+def _broadcast_to_type(x: TensorType, a: ShapeAttrs) -> TensorType:
+    from ..types import broadcast_shapes
+
+    return TensorType(broadcast_shapes(x.shape, a.shape, what="broadcast_to"), x.dtype)
+
+
+BROADCAST_TO = register_op(OpDef(
+    "broadcast_to", ShapeAttrs, _broadcast_to_type,
+    lambda x, a: np.ascontiguousarray(np.broadcast_to(x, np.broadcast_shapes(x.shape, a.shape))),
+    OpPattern.BROADCAST, flops=lambda x, a: 0))
+
+
+@dataclass(frozen=True)
+class TileAttrs:
+    reps: tuple[int, ...]
+
+
+def _tile_type(x: TensorType, a: TileAttrs) -> TensorType:
+    shape = _static(x, "tile")
+    if len(a.reps) != x.ndim or any(r < 0 for r in a.reps):
+        raise TypeCheckError(f"tile: repeats {list(a.reps)} do not fit {x}")
+    return TensorType(tuple(d * r for d, r in zip(shape, a.reps)), x.dtype)
+
+
+TILE = register_op(OpDef("tile", TileAttrs, _tile_type, lambda x, a: np.tile(x, a.reps), OpPattern.INJECTIVE,
+                         flops=lambda x, a: 0))
+
+
+@dataclass(frozen=True)
+class PadAttrs:
+    pads: tuple[tuple[int, int], ...]  # (before, after) per axis; negative crops
+    mode: str = "constant"  # constant, reflect, edge, wrap
+    value: float | int = 0
+
+
+def _pad_type(x: TensorType, a: PadAttrs) -> TensorType:
+    shape = _static(x, "pad")
+    if len(a.pads) != x.ndim:
+        raise TypeCheckError(f"pad: {len(a.pads)} pad pairs for {x}")
+    if a.mode not in ("constant", "reflect", "edge", "wrap"):
+        raise TypeCheckError(f"pad: unknown mode {a.mode!r}")
+    dims = tuple(d + b + e for d, (b, e) in zip(shape, a.pads))
+    if any(d < 0 for d in dims):
+        raise TypeCheckError(f"pad: pads {list(a.pads)} crop {x} below zero")
+    return TensorType(dims, x.dtype)
+
+
+def _pad(x: np.ndarray, a: PadAttrs) -> np.ndarray:
+    grow = [(max(b, 0), max(e, 0)) for b, e in a.pads]
+    if a.mode == "constant":
+        out = np.pad(x, grow, mode="constant", constant_values=np.array(a.value).astype(x.dtype))
+    else:
+        out = np.pad(x, grow, mode={"reflect": "reflect", "edge": "edge", "wrap": "wrap"}[a.mode])
+    crop = tuple(slice(-min(b, 0), out.shape[i] + min(e, 0)) for i, (b, e) in enumerate(a.pads))
+    return np.ascontiguousarray(out[crop])
+
+
+PAD = register_op(OpDef("pad", PadAttrs, _pad_type, _pad, OpPattern.INJECTIVE, flops=lambda x, a: 0))
+
+
+# --- depth/space ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BlockAttrs:
+    block_size: int
+    mode: str = "DCR"  # DCR or CRD (depth_to_space only)
+
+
+def _d2s_type(x: TensorType, a: BlockAttrs) -> TensorType:
+    n, c, h, w = _static(x, "depth_to_space") if x.ndim == 4 else (None,) * 4
+    if x.ndim != 4 or c % (a.block_size ** 2):
+        raise TypeCheckError(f"depth_to_space: needs NCHW with C divisible by {a.block_size ** 2}, got {x}")
+    b = a.block_size
+    return TensorType((n, c // (b * b), h * b, w * b), x.dtype)
+
+
+def _d2s(x: np.ndarray, a: BlockAttrs) -> np.ndarray:
+    n, c, h, w = x.shape
+    b = a.block_size
+    if a.mode == "DCR":
+        y = x.reshape(n, b, b, c // (b * b), h, w).transpose(0, 3, 4, 1, 5, 2)
+    else:
+        y = x.reshape(n, c // (b * b), b, b, h, w).transpose(0, 1, 4, 2, 5, 3)
+    return np.ascontiguousarray(y.reshape(n, c // (b * b), h * b, w * b))
+
+
+DEPTH_TO_SPACE = register_op(OpDef("nn.depth_to_space", BlockAttrs, _d2s_type, _d2s, OpPattern.INJECTIVE,
+                                   flops=lambda x, a: 0))
+
+
+def _s2d_type(x: TensorType, a: BlockAttrs) -> TensorType:
+    if x.ndim != 4:
+        raise TypeCheckError(f"space_to_depth: needs NCHW, got {x}")
+    n, c, h, w = _static(x, "space_to_depth")
+    b = a.block_size
+    if h % b or w % b:
+        raise TypeCheckError(f"space_to_depth: H and W of {x} must divide by {b}")
+    return TensorType((n, c * b * b, h // b, w // b), x.dtype)
+
+
+def _s2d(x: np.ndarray, a: BlockAttrs) -> np.ndarray:
+    n, c, h, w = x.shape
+    b = a.block_size
+    perm = (0, 3, 5, 1, 2, 4) if a.mode == "DCR" else (0, 1, 3, 5, 2, 4)
+    y = x.reshape(n, c, h // b, b, w // b, b).transpose(perm)
+    return np.ascontiguousarray(y.reshape(n, c * b * b, h // b, w // b))
+
+
+SPACE_TO_DEPTH = register_op(OpDef("nn.space_to_depth", BlockAttrs, _s2d_type, _s2d, OpPattern.INJECTIVE,
+                                   flops=lambda x, a: 0))
+
+
+# --- scans, one-hot, triangles, top-k ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CumsumAttrs:
+    axis: int
+    exclusive: bool = False
+    reverse: bool = False
+
+
+def _cumsum(x: np.ndarray, a: CumsumAttrs) -> np.ndarray:
+    y = np.flip(x, a.axis) if a.reverse else x
+    out = np.cumsum(y, axis=a.axis, dtype=x.dtype)
+    if a.exclusive:
+        out = out - y
+    return np.ascontiguousarray(np.flip(out, a.axis) if a.reverse else out)
+
+
+CUMSUM = register_op(OpDef("cumsum", CumsumAttrs, lambda x, a: x, _cumsum, OpPattern.OPAQUE,
+                           flops=lambda x, a: x.size if x.is_static else 0))
+
+
+@dataclass(frozen=True)
+class OneHotAttrs:
+    depth: int
+    axis: int = -1
+
+
+def _one_hot_type(i: TensorType, values: TensorType, a: OneHotAttrs) -> TensorType:
+    _check_indices(i, "one_hot") if i.dtype not in ("float32", "float64") else None
+    axis = a.axis if a.axis >= 0 else i.ndim + 1 + a.axis
+    return TensorType(i.shape[:axis] + (a.depth,) + i.shape[axis:], values.dtype)
+
+
+def _one_hot(i: np.ndarray, values: np.ndarray, a: OneHotAttrs) -> np.ndarray:
+    idx = i.astype(np.int64)
+    idx = np.where(idx < 0, idx + a.depth, idx)
+    axis = a.axis if a.axis >= 0 else i.ndim + 1 + a.axis
+    hot = np.expand_dims(idx, axis) == np.arange(a.depth).reshape([-1 if d == axis else 1
+                                                                     for d in range(i.ndim + 1)])
+    return np.where(hot, values[1], values[0]).astype(values.dtype)
+
+
+ONE_HOT = register_op(OpDef("one_hot", OneHotAttrs, _one_hot_type, _one_hot, OpPattern.INJECTIVE,
+                            flops=lambda i, v, a: 0))
+
+
+@dataclass(frozen=True)
+class TriluAttrs:
+    upper: bool = True
+    k: int = 0
+
+
+TRILU = register_op(OpDef("trilu", TriluAttrs, lambda x, a: x,
+                          lambda x, a: np.triu(x, a.k) if a.upper else np.tril(x, a.k), OpPattern.INJECTIVE,
+                          flops=lambda x, a: 0))
+
+
+@dataclass(frozen=True)
+class TopKAttrs:
+    k: int
+    axis: int = -1
+    largest: bool = True
+    sorted: bool = True
+
+
+def _topk_type(x: TensorType, a: TopKAttrs) -> TupleType:
+    axis = _axis(a.axis, x.ndim, "topk")
+    if isinstance(x.shape[axis], int) and a.k > x.shape[axis]:
+        raise TypeCheckError(f"topk: k={a.k} exceeds axis {axis} of {x}")
+    shape = x.shape[:axis] + (a.k,) + x.shape[axis + 1:]
+    return TupleType((TensorType(shape, x.dtype), TensorType(shape, "int64")))
+
+
+def _topk(x: np.ndarray, a: TopKAttrs):
+    axis = a.axis % x.ndim
+    # A stable sort on a descending key keeps the lower index first among equal values, as ONNX asks;
+    # ~x reverses integer order without the overflow of -x.
+    key = (-x if x.dtype.kind == "f" else ~x) if a.largest else x
+    order = np.argsort(key, axis=axis, kind="stable")
+    idx = np.take(order, np.arange(a.k), axis=axis)
+    return np.take_along_axis(x, idx, axis=axis), idx.astype(np.int64)
+
+
+TOPK = register_op(OpDef("topk", TopKAttrs, _topk_type, _topk, OpPattern.OPAQUE, flops=lambda x, a: 0,
+                         num_outputs=2))
+
+
+@dataclass(frozen=True)
+class ReverseSequenceAttrs:
+    batch_axis: int = 1
+    time_axis: int = 0
+
+
+def _reverse_sequence(x: np.ndarray, lens: np.ndarray, a: ReverseSequenceAttrs) -> np.ndarray:
+    out = x.copy()
+    for b, n in enumerate(lens):
+        src = [slice(None)] * x.ndim
+        src[a.batch_axis], src[a.time_axis] = b, slice(0, int(n))
+        dst = list(src)
+        dst[a.time_axis] = slice(int(n) - 1, None, -1) if n > 0 else slice(0, 0)
+        out[tuple(src)] = x[tuple(dst)]
+    return out
+
+
+REVERSE_SEQUENCE = register_op(OpDef("reverse_sequence", ReverseSequenceAttrs, lambda x, lens, a: x,
+                                     _reverse_sequence, OpPattern.INJECTIVE, flops=lambda x, lens, a: 0))

@@ -7,7 +7,6 @@ import onnx
 
 from kiln.ir import Constant
 from kiln.ir.ops import elementwise as ew
-from kiln.ir.types import is_float
 
 from ..registry import Node, converter
 
@@ -51,8 +50,6 @@ def convert_pow(node: Node):
 def convert_mod(node: Node):
     fmod = node.attr_int("fmod", 0)
     x, y = node.input(0), node.input(1)
-    if not fmod and is_float(x.ttype.dtype):
-        raise node.invalid("Mod of floats needs fmod=1")
     return node.make(ew.OPS["trunc_mod" if fmod else "floor_mod"], x, y)
 
 
