@@ -1,0 +1,69 @@
+"""The CLI as a user runs it: a subprocess, stdout for results, stderr and exit 1 for user errors."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from kiln.model_builders import GraphBuilder
+
+
+def kiln(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kiln.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def _one_conv(path):
+    g = GraphBuilder("one_conv")
+    w = g.const(np.ones((8, 3, 3, 3), np.float32), "w")
+    y = g.op("Conv", ["x", w], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    model = g.model([helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 16, 16])],
+                    [(y, onnx.TensorProto.FLOAT, [1, 8, 16, 16])])
+    onnx.save(model, path)
+
+
+def test_inspect_json_counts_params_and_macs(tmp_path):
+    _one_conv(tmp_path / "m.onnx")
+    r = kiln("inspect", str(tmp_path / "m.onnx"), "--json")
+    assert r.returncode == 0, r.stderr
+    totals = json.loads(r.stdout)["totals"]
+    assert totals["params"] == 8 * 3 * 3 * 3
+    assert totals["macs"] == 8 * 16 * 16 * 3 * 3 * 3  # out channels × out pixels × (in channels × kernel)
+    assert totals["activation_bytes"] == 8 * 16 * 16 * 4
+
+
+def test_inspect_of_resnet50_matches_published_size():
+    r = kiln("inspect", "zoo:resnet50", "--json")
+    totals = json.loads(r.stdout)["totals"]
+    assert abs(totals["params"] - 25.56e6) / 25.56e6 < 0.01  # ResNet-50 v1: 25.6 M parameters
+    assert abs(totals["macs"] - 4.1e9) / 4.1e9 < 0.03  # and about 4.1 G multiply-adds
+
+
+def test_inspect_table_and_input_shape(tmp_path):
+    _one_conv(tmp_path / "m.onnx")
+    r = kiln("inspect", str(tmp_path / "m.onnx"), "--input-shape", "x=1,3,16,16")
+    assert r.returncode == 0 and "nn.conv2d" in r.stdout
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path):
+    (tmp_path / "bad.onnx").write_bytes(b"\x08\x07garbage")
+    r = kiln("inspect", str(tmp_path / "bad.onnx"))
+    assert r.returncode == 1
+    assert "ModelError" in r.stderr and "Traceback" not in r.stderr
+    r = kiln("inspect", str(tmp_path / "missing.onnx"))
+    assert r.returncode == 1 and "does not exist" in r.stderr
+
+
+def test_bad_input_shape_flag_names_the_input(tmp_path):
+    _one_conv(tmp_path / "m.onnx")
+    r = kiln("inspect", str(tmp_path / "m.onnx"), "--input-shape", "nope=1,2")
+    assert r.returncode == 1 and "nope" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_conformance_for_one_op():
+    r = kiln("conformance", "--op", "Relu", "--json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)["summary"]
+    assert s["cases"] >= 1 and s["fail"] == 0
