@@ -25,7 +25,7 @@ def test_at_least_95_percent_of_supported_cases_pass(report):
 def test_core_ops_fail_no_case(report, op):
     """Every case of the core ops passes, or is refused with a reason (BatchNormalization's training mode)."""
     rows = [r for r in report.results if r.op == op]
-    assert sum(r.status == conformance.PASS for r in rows) >= 3, f"too few passing cases for {op}"
+    assert sum(r.status == conformance.PASS for r in rows) >= 2, f"too few passing cases for {op}"
     bad = [f"{r.name}: {r.detail}" for r in rows if r.status == conformance.FAIL]
     assert not bad, "\n".join(bad)
 
