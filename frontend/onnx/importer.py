@@ -40,6 +40,8 @@ def load_onnx(model: str | os.PathLike | bytes | onnx.ModelProto) -> onnx.ModelP
         if not path.is_file():
             raise ModelError(f"model file {str(path)!r} does not exist")
         return onnx.load(str(path), load_external_data=True)
+    except onnx.checker.ValidationError as err:  # external data missing or outside the model's folder
+        raise ModelError(f"external data of {model} cannot be read: {str(err).splitlines()[0]}") from None
     except (DecodeError, RuntimeError, ValueError) as err:
         raise ModelError(f"cannot parse {model if not isinstance(model, bytes) else 'the model bytes'} as "
                          f"ONNX: {err or type(err).__name__} (truncated or not an ONNX file?)") from None
