@@ -146,6 +146,8 @@ def _clamp_slice(start: int, end: int, step: int, n: int) -> tuple[int, int | No
         return min(max(start, 0), n), min(max(end, 0), n)
     start = min(max(start, -1), n - 1)
     end = min(max(end, -1), n - 1)
+    if start < 0:  # nothing left to take; Python would read -1 as the last element
+        return 0, 0
     return start, (None if end < 0 else end)
 
 
