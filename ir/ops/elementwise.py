@@ -272,3 +272,49 @@ ISINF = register_op(OpDef("isinf", IsInfAttrs, _isinf_type, lambda x, a: np.isin
     (x > 0) & a.detect_positive | (x < 0) & a.detect_negative), OpPattern.ELEMWISE))
 ISNAN = register_op(OpDef("isnan", type_rule=_isinf_type, reference=lambda x, a: np.isnan(x),
                           pattern=OpPattern.ELEMWISE))
+
+
+SWISH = _activation("nn.swish", lambda x, a: x / (1 + np.exp(-a.alpha * x)), 5)  # alpha
+
+
+@dataclass(frozen=True)
+class QuantAttrs:
+    """Per-tensor or per-axis affine quantization: q = saturate(round(x / scale) + zero_point)."""
+
+    axis: int = 1
+    out_dtype: str = "uint8"
+
+
+def _q_param(p: np.ndarray, x: np.ndarray, axis: int) -> np.ndarray:
+    if p.ndim == 0 or p.size == 1:
+        return p.reshape(())
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    return p.reshape(shape)
+
+
+def _quantize_type(x: TensorType, scale: TensorType, zero: TensorType, a: QuantAttrs) -> TensorType:
+    if a.out_dtype not in ("int8", "uint8", "int16", "uint16", "int32"):
+        raise TypeCheckError(f"quantize: output dtype {a.out_dtype} not supported")
+    return TensorType(x.shape, a.out_dtype)
+
+
+def _quantize(x, scale, zero, a: QuantAttrs) -> np.ndarray:
+    info = np.iinfo(a.out_dtype)
+    q = np.rint(x.astype(np.float64) / _q_param(scale, x, a.axis)) + _q_param(zero, x, a.axis)
+    return np.clip(q, info.min, info.max).astype(a.out_dtype)
+
+
+def _dequantize_type(x: TensorType, scale: TensorType, zero: TensorType, a: QuantAttrs) -> TensorType:
+    return TensorType(x.shape, scale.dtype)
+
+
+def _dequantize(x, scale, zero, a: QuantAttrs) -> np.ndarray:
+    d = (x.astype(np.float64) - _q_param(zero, x, a.axis)) * _q_param(scale, x, a.axis)
+    return d.astype(scale.dtype)
+
+
+QUANTIZE = register_op(OpDef("qnn.quantize", QuantAttrs, _quantize_type, _quantize, OpPattern.ELEMWISE,
+                             flops=lambda x, s, z, a: 3 * _size(x)))
+DEQUANTIZE = register_op(OpDef("qnn.dequantize", QuantAttrs, _dequantize_type, _dequantize, OpPattern.ELEMWISE,
+                               flops=lambda x, s, z, a: 2 * _size(x)))

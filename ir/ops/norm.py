@@ -156,3 +156,40 @@ def _mvn(x: np.ndarray, a: MVNAttrs) -> np.ndarray:
 
 MEAN_VARIANCE_NORM = register_op(OpDef("nn.mean_variance_norm", MVNAttrs, lambda x, a: x, _mvn, OpPattern.OPAQUE,
                                        flops=lambda x, a: 6 * x.size if x.is_static else 0))
+
+
+def _rms_norm(x, scale, a: LayerNormAttrs) -> np.ndarray:
+    axes = tuple(range(a.axis, x.ndim))
+    xd = x.astype(np.float64)
+    return (xd / np.sqrt((xd * xd).mean(axis=axes, keepdims=True) + a.epsilon) * scale).astype(x.dtype)
+
+
+def _rms_type(x: TensorType, scale: TensorType, a: LayerNormAttrs) -> TensorType:
+    return _ln_type(x, scale, scale, a)
+
+
+RMS_NORM = register_op(OpDef("nn.rms_norm", LayerNormAttrs, _rms_type, _rms_norm, OpPattern.OPAQUE,
+                             flops=lambda x, s, a: 5 * x.size if x.is_static else 0))
+
+
+@dataclass(frozen=True)
+class LpNormAttrs:
+    axis: int
+    p: int = 2
+
+
+def _lp_normalize(x: np.ndarray, a: LpNormAttrs) -> np.ndarray:
+    xd = x.astype(np.float64)
+    norm = np.abs(xd).sum(axis=a.axis, keepdims=True) if a.p == 1 else np.sqrt((xd * xd).sum(axis=a.axis, keepdims=True))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(norm == 0, 0, xd / norm).astype(x.dtype)
+
+
+def _lp_type(x: TensorType, a: LpNormAttrs) -> TensorType:
+    if a.p not in (1, 2) or not 0 <= a.axis < x.ndim:
+        raise TypeCheckError(f"nn.lp_normalize: p must be 1 or 2 and axis in range, got {a} for {x}")
+    return x
+
+
+LP_NORMALIZE = register_op(OpDef("nn.lp_normalize", LpNormAttrs, _lp_type, _lp_normalize, OpPattern.OPAQUE,
+                                 flops=lambda x, a: 3 * x.size if x.is_static else 0))

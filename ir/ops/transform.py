@@ -421,6 +421,20 @@ CUMSUM = register_op(OpDef("cumsum", CumsumAttrs, lambda x, a: x, _cumsum, OpPat
                            flops=lambda x, a: x.size if x.is_static else 0))
 
 
+def _cumprod(x: np.ndarray, a: CumsumAttrs) -> np.ndarray:
+    y = np.flip(x, a.axis) if a.reverse else x
+    if a.exclusive:  # shift by one along the axis, starting from the identity 1
+        pad = [(0, 0)] * x.ndim
+        pad[a.axis] = (1, 0)
+        y = np.take(np.pad(y, pad, constant_values=1), np.arange(x.shape[a.axis]), axis=a.axis)
+    out = np.cumprod(y, axis=a.axis, dtype=x.dtype)
+    return np.ascontiguousarray(np.flip(out, a.axis) if a.reverse else out)
+
+
+CUMPROD = register_op(OpDef("cumprod", CumsumAttrs, lambda x, a: x, _cumprod, OpPattern.OPAQUE,
+                            flops=lambda x, a: x.size if x.is_static else 0))
+
+
 @dataclass(frozen=True)
 class OneHotAttrs:
     depth: int

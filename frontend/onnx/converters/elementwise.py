@@ -171,3 +171,41 @@ def convert_castlike(node: Node):
 @converter("Identity")
 def convert_identity(node: Node):
     return node.input(0)
+
+
+@converter("Swish")
+def convert_swish(node: Node):
+    return node.make(ew.SWISH, node.input(0), alpha=node.attr_float("alpha", 1.0))
+
+
+def _quant_axis(node: Node, x, scale) -> int:
+    axis = node.attr_int("axis", 1)
+    if node.attr_int("block_size", 0):
+        raise node.unsupported("blocked quantization (block_size)")
+    return axis % x.ttype.ndim if x.ttype.ndim else 0
+
+
+@converter("QuantizeLinear")
+def convert_quantize(node: Node):
+    x, scale = node.input(0), node.input(1)
+    zero = node.input(2, required=False)
+    if zero is not None:
+        out = zero.ttype.dtype
+    else:
+        code = node.attr_int("output_dtype", 0)
+        out = onnx_dtype(node, code) if code else "uint8"
+        zero = Constant(np.zeros((), out))
+    if out not in ("int8", "uint8", "int16", "uint16", "int32"):
+        raise node.unsupported(f"quantizing to {out}")
+    return node.make(ew.QUANTIZE, x, scale, zero, axis=_quant_axis(node, x, scale), out_dtype=out)
+
+
+@converter("DequantizeLinear")
+def convert_dequantize(node: Node):
+    x, scale = node.input(0), node.input(1)
+    if x.ttype.dtype not in ("int8", "uint8", "int16", "uint16", "int32"):
+        raise node.unsupported(f"dequantizing {x.ttype.dtype}")
+    zero = node.input(2, required=False)
+    if zero is None:
+        zero = Constant(np.zeros((), x.ttype.dtype))
+    return node.make(ew.DEQUANTIZE, x, scale, zero, axis=_quant_axis(node, x, scale))

@@ -254,3 +254,19 @@ def convert_dropout(node: Node):
     if len(node.proto.output) > 1 and node.proto.output[1]:
         outs.append(Constant(np.ones(_static_shape(node, x), dtype=bool)))
     return outs
+
+
+@converter("RMSNormalization")
+def convert_rms_norm(node: Node):
+    x = node.input(0)
+    axis = _norm_axes(node, [node.attr_int("axis", -1)], x.ttype.ndim)[0]
+    return node.make(nm.RMS_NORM, x, node.input(1), axis=axis, epsilon=node.attr_float("epsilon", 1e-5))
+
+
+@converter("LpNormalization")
+def convert_lp_normalization(node: Node):
+    x = node.input(0)
+    p = node.attr_int("p", 2)
+    if p not in (1, 2):
+        raise node.invalid(f"p must be 1 or 2, got {p}")
+    return node.make(nm.LP_NORMALIZE, x, axis=_norm_axes(node, [node.attr_int("axis", -1)], x.ttype.ndim)[0], p=p)

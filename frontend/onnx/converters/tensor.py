@@ -6,10 +6,13 @@ exporters emit folds away entirely at import.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from kiln.errors import TypeCheckError
 from kiln.ir import Constant, Expr, TupleGetItem
+from kiln.ir.ops import image
 from kiln.ir.ops import transform as tf
 
 from ..registry import Node, converter
@@ -356,3 +359,65 @@ def convert_topk(node: Node):
 def convert_reverse_sequence(node: Node):
     return node.make(tf.REVERSE_SEQUENCE, node.input(0), node.input(1), batch_axis=node.attr_int("batch_axis", 1),
                      time_axis=node.attr_int("time_axis", 0))
+
+
+@converter("Resize", "Upsample")
+def convert_resize(node: Node):
+    x = node.input(0)
+    shape = _static_shape(node, x)
+    ndim = len(shape)
+    if node.op_type == "Upsample" or node.opset < 11:
+        # Upsample and Resize-10: scales only, asymmetric coordinates, nearest rounds down
+        scales = node.attr_floats("scales") if node.op_type == "Upsample" and node.opset < 9 else tuple(
+            float(s) for s in node.constant(1, "scales"))
+        mode = node.attr_string("mode", "nearest")
+        mode = "linear" if mode in ("linear", "bilinear") else mode
+        size = tuple(image.output_size(n, s) for n, s in zip(shape, scales))
+        return node.make(image.RESIZE, x, size=size, scales=tuple(scales), mode=mode, coordinate_mode="asymmetric",
+                         nearest_mode="floor")
+    if node.attr_int("antialias", 0):
+        raise node.unsupported("antialias=1")
+    axes = node.attr_ints("axes", None)
+    axes = list(range(ndim)) if axes is None else list(_norm_axes(node, axes, ndim))
+    roi_v = node.constant(1, "roi", required=False)
+    scales_v = node.constant(2, "scales", required=False)
+    sizes_v = node.constant(3, "sizes", required=False)
+    scales, size = [1.0] * ndim, list(shape)
+    if sizes_v is not None and sizes_v.size:
+        sizes = [int(s) for s in sizes_v]
+        policy = node.attr_string("keep_aspect_ratio_policy", "stretch")
+        ratios = [sizes[k] / shape[a] for k, a in enumerate(axes)]
+        if policy in ("not_larger", "not_smaller"):
+            r = min(ratios) if policy == "not_larger" else max(ratios)
+            ratios = [r] * len(axes)
+            sizes = [int(math.floor(r * shape[a] + 0.5)) for a in axes]
+        for k, a in enumerate(axes):
+            size[a], scales[a] = sizes[k], ratios[k]
+    elif scales_v is not None and scales_v.size:
+        for k, a in enumerate(axes):
+            scales[a] = float(scales_v[k])
+            size[a] = image.output_size(shape[a], scales[a])
+    else:
+        raise node.invalid("needs scales or sizes")
+    roi: tuple[float, ...] = ()
+    coordinate_mode = node.attr_string("coordinate_transformation_mode", "half_pixel")
+    if coordinate_mode == "tf_crop_and_resize":
+        starts, ends = [0.0] * ndim, [1.0] * ndim
+        if roi_v is not None and roi_v.size:
+            for k, a in enumerate(axes):
+                starts[a], ends[a] = float(roi_v[k]), float(roi_v[k + len(axes)])
+        roi = tuple(starts + ends)
+    return node.make(image.RESIZE, x, size=tuple(size), scales=tuple(scales), mode=node.attr_string("mode", "nearest"),
+                     coordinate_mode=coordinate_mode,
+                     nearest_mode=node.attr_string("nearest_mode", "round_prefer_floor"),
+                     cubic_coeff_a=node.attr_float("cubic_coeff_a", -0.75),
+                     exclude_outside=bool(node.attr_int("exclude_outside", 0)),
+                     extrapolation_value=node.attr_float("extrapolation_value", 0.0), roi=roi)
+
+
+@converter("CumProd")
+def convert_cumprod(node: Node):
+    x = node.input(0)
+    axis = _norm_axes(node, [int(node.constant(1, "axis").item())], x.ttype.ndim)[0]
+    return node.make(tf.CUMPROD, x, axis=axis, exclusive=bool(node.attr_int("exclusive", 0)),
+                     reverse=bool(node.attr_int("reverse", 0)))
