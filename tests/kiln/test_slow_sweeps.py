@@ -1,0 +1,37 @@
+"""Longer runs, kept out of the default suite: `python -m pytest -m slow`."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kiln import conformance
+
+from ..onnx_check import check_node
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_committed_conformance_table_is_current():
+    """docs/conformance.md must be what the code produces now (regenerate with `kiln conformance --write`)."""
+    text = conformance.to_markdown(conformance.run())
+    assert (ROOT / "docs" / "conformance.md").read_text() == text
+
+
+@pytest.mark.slow
+@settings(max_examples=400, deadline=None)
+@given(groups=st.sampled_from([1, 2, 4]), cpg=st.integers(1, 4), opg=st.integers(1, 4), h=st.integers(1, 20),
+       w=st.integers(1, 20), kh=st.integers(1, 5), kw=st.integers(1, 5), sh=st.integers(1, 4), sw=st.integers(1, 4),
+       dh=st.integers(1, 3), dw=st.integers(1, 3), pads=st.lists(st.integers(0, 3), min_size=4, max_size=4),
+       seed=st.integers(0, 10_000))
+def test_conv2d_long_sweep(groups, cpg, opg, h, w, kh, kw, sh, sw, dh, dw, pads, seed):
+    if h + pads[0] + pads[2] < (kh - 1) * dh + 1 or w + pads[1] + pads[3] < (kw - 1) * dw + 1:
+        return
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((1, groups * cpg, h, w)).astype(np.float32)
+    wt = rng.standard_normal((groups * opg, cpg, kh, kw)).astype(np.float32)
+    check_node("Conv", {"x": x}, {"w": wt}, group=groups, strides=[sh, sw], dilations=[dh, dw], pads=pads,
+               rtol=1e-4, atol=1e-4)
