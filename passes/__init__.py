@@ -1,1 +1,13 @@
+"""Graph passes, each a pure function IRModule → IRModule, and the pipelines that order them."""
 
+from .eliminate_common_subexpr import eliminate_common_subexpr
+from .fold_batch_norm import fold_batch_norm
+from .fold_constants import fold_constants
+from .fuse_ops import fuse_ops, fused_groups, fusion_summary, group_ops
+from .pipeline import LEVELS, O0, O1, O2, O3, optimize, run
+from .plan_memory import MemoryPlan, plan_memory
+from .simplify_inference import simplify_inference
+
+__all__ = ["eliminate_common_subexpr", "fold_batch_norm", "fold_constants", "fuse_ops", "fused_groups",
+           "fusion_summary", "group_ops", "LEVELS", "O0", "O1", "O2", "O3", "optimize", "run", "MemoryPlan",
+           "plan_memory", "simplify_inference"]

@@ -1,0 +1,49 @@
+"""The pass order of each opt level, top to bottom. A change of order is a design decision: say why."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from kiln.ir import IRModule, print_ir, verify_module
+
+from .eliminate_common_subexpr import eliminate_common_subexpr
+from .fold_batch_norm import fold_batch_norm
+from .fold_constants import fold_constants
+from .fuse_ops import fuse_ops
+from .plan_memory import plan_memory
+from .simplify_inference import simplify_inference
+
+Pass = Callable[[IRModule], IRModule]
+
+O0: list[Pass] = [fuse_ops, plan_memory]  # what codegen needs; the fuser still groups, as codegen takes groups
+O1: list[Pass] = [simplify_inference, fold_constants, fold_batch_norm, fold_constants, fuse_ops, plan_memory]
+O2: list[Pass] = [
+    simplify_inference,
+    fold_constants,
+    fold_batch_norm,  # scales conv weights: leaves constant arithmetic behind
+    fold_constants,  # ... which folds here, once, at compile time
+    eliminate_common_subexpr,
+    simplify_inference,  # CSE can expose reshape-of-reshape chains
+    fuse_ops,
+    plan_memory,
+]
+O3: list[Pass] = O2
+LEVELS = {0: O0, 1: O1, 2: O2, 3: O3}
+
+
+def run(mod: IRModule, passes: list[Pass], *, verify: bool = True, dump_dir: Path | None = None) -> IRModule:
+    if dump_dir is not None:
+        dump_dir.mkdir(parents=True, exist_ok=True)
+        (dump_dir / "00_input.kir").write_text(print_ir(mod))
+    for i, p in enumerate(passes, start=1):
+        mod = p(mod)
+        if verify:
+            verify_module(mod, after=p.__name__)  # the error names the pass that broke the IR
+        if dump_dir is not None:
+            (dump_dir / f"{i:02d}_{p.__name__}.kir").write_text(print_ir(mod))
+    return mod
+
+
+def optimize(mod: IRModule, opt_level: int = 2, **kwargs) -> IRModule:
+    return run(mod, LEVELS[opt_level], **kwargs)

@@ -1,0 +1,109 @@
+"""Static memory planning over the fused main: every intermediate tensor gets a storage block, and blocks are
+reused once the tensors in them are dead. After this pass `mod.attrs["memory_plan"]` holds the plan.
+
+Liveness follows the call order of main. Assignment is greedy best fit: a new tensor takes the smallest free
+block that holds it, or grows the largest free one, or opens a new block. Inputs, constants and the model's
+outputs are not planned (the caller owns them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kiln.ir import Call, Expr, IRModule, TensorType, Tuple, TupleGetItem, TupleType
+from kiln.ir.visitor import children, post_order
+
+ALIGN = 64  # bytes; vectorized kernels assume 64-byte aligned buffers
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    block_bytes: tuple[int, ...]  # size of each storage block
+    assignment: tuple[tuple[int, int], ...] = field(default=())  # (tensor index, block) in call order
+    naive_bytes: int = 0  # one buffer per intermediate tensor
+
+    @property
+    def planned_bytes(self) -> int:
+        return sum(self.block_bytes)
+
+    @property
+    def ratio(self) -> float:
+        return self.planned_bytes / self.naive_bytes if self.naive_bytes else 1.0
+
+
+def _tensors(e: Expr) -> list[TensorType]:
+    """The tensors a call produces: one, or one per tuple field."""
+    ty = e.type
+    if isinstance(ty, TupleType):
+        return [t for t in ty.fields if isinstance(t, TensorType)]
+    return [ty] if isinstance(ty, TensorType) else []
+
+
+def plan_memory(mod: IRModule) -> IRModule:
+    body = mod.main.body
+    order = [e for e in post_order(body) if isinstance(e, Call)]
+    position = {id(e): i for i, e in enumerate(order)}
+    outputs = {id(body)} | ({id(f) for f in body.fields} if isinstance(body, Tuple) else set())
+
+    def producer(e: Expr) -> Expr:
+        while isinstance(e, TupleGetItem):  # an item lives in its tuple's storage
+            e = e.tuple_value
+        return e
+
+    last_use = {id(e): i for i, e in enumerate(order)}
+    for e in post_order(body):
+        users = [e] if isinstance(e, Call) else []
+        for c in children(e):
+            p = producer(c)
+            if id(p) in position:
+                at = position[id(e)] if id(e) in position else len(order)
+                last_use[id(p)] = max(last_use.get(id(p), 0), at)
+        del users
+    for o in outputs:
+        if id(producer_of := producer(_lookup(body, o))) in position:
+            last_use[id(producer_of)] = len(order)
+
+    free: list[tuple[int, int]] = []  # (size, block)
+    blocks: list[int] = []
+    assignment: list[tuple[int, int]] = []
+    expiring: dict[int, list[int]] = {}
+    naive = 0
+    index = 0
+    for i, e in enumerate(order):
+        for block in expiring.pop(i, []):
+            free.append((blocks[block], block))
+        if id(e) in outputs:
+            continue
+        for t in _tensors(e):
+            if not t.is_static:
+                raise ValueError(f"cannot plan memory for {t}: bind symbolic dims first")
+            need = _aligned(t.nbytes)
+            naive += need
+            fits = sorted((s, b) for s, b in free if s >= need)
+            if fits:
+                chosen = fits[0]
+                free.remove(chosen)
+                block = chosen[1]
+            elif free:
+                chosen = max(free)
+                free.remove(chosen)
+                block = chosen[1]
+                blocks[block] = need
+            else:
+                block = len(blocks)
+                blocks.append(need)
+            assignment.append((index, block))
+            index += 1
+            expiring.setdefault(last_use[id(e)] + 1, []).append(block)
+    plan = MemoryPlan(tuple(blocks), tuple(assignment), naive)
+    return mod.with_attrs(memory_plan=plan)
+
+
+def _lookup(body: Expr, key: int) -> Expr:
+    if id(body) == key:
+        return body
+    return next(f for f in body.fields if id(f) == key)

@@ -1,0 +1,36 @@
+"""Remove what does nothing at inference time and collapse chains the frontend leaves: reshape of reshape,
+transposes that cancel, reshapes and transposes to the same shape, items of literal tuples. (Dropout and
+Identity never reach the IR: the frontend drops them.)"""
+
+from __future__ import annotations
+
+from kiln.ir import Call, Expr, IRModule, Tuple, TupleGetItem
+from kiln.ir.ops.transform import RESHAPE, TRANSPOSE
+from kiln.ir.visitor import rewrite_function
+
+
+def _simplify(e: Expr) -> Expr | None:
+    if isinstance(e, TupleGetItem) and isinstance(e.tuple_value, Tuple):
+        return e.tuple_value.fields[e.index]
+    if not isinstance(e, Call):
+        return None
+    x = e.args[0] if e.args else None
+    if e.op is RESHAPE:
+        if x.type == e.type:
+            return x
+        if isinstance(x, Call) and x.op is RESHAPE:
+            return Call(RESHAPE, (x.args[0],), e.attrs, e.span)
+    if e.op is TRANSPOSE:
+        if e.attrs.axes == tuple(range(len(e.attrs.axes))):
+            return x
+        if isinstance(x, Call) and x.op is TRANSPOSE:
+            combined = tuple(x.attrs.axes[i] for i in e.attrs.axes)
+            if combined == tuple(range(len(combined))):
+                return x.args[0]
+            return Call(TRANSPOSE, (x.args[0],), TRANSPOSE.make_attrs(axes=combined), e.span)
+    return None
+
+
+def simplify_inference(mod: IRModule) -> IRModule:
+    main = rewrite_function(mod.main, _simplify)
+    return mod if main is mod.main else mod.with_main(main)

@@ -1,0 +1,150 @@
+"""Each pass on hand-built graphs and real models: the interpreter's answer never changes, inputs are never
+mutated, and each pass leaves the invariant its docstring promises."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kiln import zoo
+from kiln.frontend import from_onnx
+from kiln.ir import Call, Function, IRModule, call, const, print_ir, run_module, var
+from kiln.ir.ops import elementwise as ew
+from kiln.ir.ops.norm import BATCH_NORM
+from kiln.ir.ops.transform import RESHAPE, TRANSPOSE
+from kiln.ir.visitor import calls
+from kiln.passes import (
+    O2, eliminate_common_subexpr, fold_batch_norm, fold_constants, fuse_ops, group_ops, plan_memory, run,
+    simplify_inference,
+)
+
+from ..tolerances import assert_close
+from .graphs import resnet_basic_block
+
+
+def outputs(mod, seed=0):
+    rng = np.random.default_rng(seed)
+    feeds = {p.name: rng.standard_normal(p.ttype.shape).astype(p.ttype.dtype) for p in mod.main.params}
+    return run_module(mod, **feeds)
+
+
+@pytest.mark.parametrize("p", O2, ids=lambda p: p.__name__)
+def test_every_pass_keeps_the_answer_and_the_input(p):
+    mod = resnet_basic_block()
+    before = print_ir(mod)
+    after = p(mod)
+    assert print_ir(mod) == before  # the module given is untouched
+    for a, b in zip(outputs(mod), outputs(after)):
+        assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_residual_block_fuses_into_two_kernels():
+    mod = run(resnet_basic_block(), [fold_batch_norm, fold_constants, fuse_ops])
+    assert group_ops(mod) == [["nn.conv2d", "add", "nn.relu"], ["nn.conv2d", "add", "add", "nn.relu"]]
+
+
+def test_fold_batch_norm_leaves_none():
+    mod = fold_constants(fold_batch_norm(resnet_basic_block()))
+    assert not [c for c in calls(mod.main.body) if c.op is BATCH_NORM]
+
+
+def test_lone_batch_norm_becomes_scale_and_shift():
+    x = var("x", "f32[2, 3, 4, 4]")
+    r = np.random.default_rng(1)
+    bn = call(BATCH_NORM, x, *[const((r.random(3) + 0.5).astype(np.float32)) for _ in range(4)], epsilon=1e-3)
+    mod = IRModule({"main": Function((x,), bn)})
+    after = fold_batch_norm(mod)
+    assert [c.op_name for c in calls(after.main.body)] == ["multiply", "add"]
+    assert_close(outputs(after)[0], outputs(mod)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_fold_constants_evaluates_constant_subgraphs():
+    x = var("x", "f32[3]")
+    c = call(ew.MULTIPLY, const(np.ones(3, np.float32)), const(np.full(3, 2.0, np.float32)))
+    after = fold_constants(IRModule({"main": Function((x,), call(ew.ADD, x, c))}))
+    assert [e.op_name for e in calls(after.main.body)] == ["add"]
+    assert_close(outputs(after)[0], outputs(IRModule({"main": Function((x,), call(ew.ADD, x, c))}))[0])
+
+
+def test_cse_merges_identical_calls():
+    x = var("x", "f32[4]")
+    a, b = call(ew.EXP, x), call(ew.EXP, x)
+    mod = IRModule({"main": Function((x,), call(ew.ADD, a, b))})
+    after = eliminate_common_subexpr(mod)
+    add = after.main.body
+    assert add.args[0] is add.args[1]
+    assert len([c for c in calls(after.main.body)]) == 2
+
+
+def test_simplify_collapses_reshapes_and_cancels_transposes():
+    x = var("x", "f32[2, 3, 4]")
+    r = call(RESHAPE, call(RESHAPE, x, newshape=(6, 4)), newshape=(24,))
+    t = call(TRANSPOSE, call(TRANSPOSE, x, axes=(1, 2, 0)), axes=(2, 0, 1))
+    after = simplify_inference(IRModule({"main": Function((x,), call(ew.ADD, call(RESHAPE, t, newshape=(24,)), r))}))
+    ops = [c.op_name for c in calls(after.main.body)]
+    assert "transpose" not in ops and ops.count("reshape") == 2
+    reshapes = [c for c in calls(after.main.body) if c.op is RESHAPE]
+    assert all(c.args[0] is x for c in reshapes)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["relu", "exp", "add", "mul", "reshape", "sum"]), st.integers(0, 5)),
+                min_size=1, max_size=12), st.integers(0, 10_000))
+def test_random_graphs_keep_their_answer_through_o2(steps, seed):
+    """Random DAGs of elementwise, injective and reduction ops: fusion and planning change nothing."""
+    from kiln.ir.ops.reduce import SUM
+
+    x = var("x", "f32[4, 6]")
+    values = [x]
+    for op, pick in steps:
+        a = values[pick % len(values)]
+        b = values[(pick * 7 + 3) % len(values)]
+        if op == "relu":
+            values.append(call(ew.RELU, a))
+        elif op == "exp":
+            values.append(call(ew.TANH, a))
+        elif op == "add":
+            values.append(call(ew.ADD, a, b))
+        elif op == "mul":
+            values.append(call(ew.MULTIPLY, a, const(np.float32(0.5))))
+        elif op == "reshape":
+            values.append(call(RESHAPE, call(RESHAPE, a, newshape=(24,)), newshape=(4, 6)))
+        else:
+            values.append(call(ew.ADD, a, call(SUM, a, axes=(1,), keepdims=True)))
+    mod = IRModule({"main": Function((x,), values[-1])})
+    after = run(mod, O2)
+    feeds = np.random.default_rng(seed).standard_normal((4, 6)).astype(np.float32)
+    assert_close(run_module(after, feeds)[0], run_module(mod, feeds)[0], rtol=1e-4, atol=1e-5)
+    for f in (e.op for e in calls(after.main.body) if isinstance(e.op, Function)):
+        assert f.attr("primitive") is True
+
+
+def test_memory_plan_reuses_blocks():
+    mod = run(resnet_basic_block(), O2)
+    plan = mod.attrs["memory_plan"]
+    # two kernels: the first's output is the only intermediate, the second's is the model's output
+    assert len(plan.assignment) == 1 and plan.planned_bytes == 8 * 6 * 6 * 4 == plan.naive_bytes
+
+
+def test_resnet50_fusion_and_memory_plan():
+    mod = run(from_onnx(zoo.zoo_model("resnet50")), O2)
+    groups = group_ops(mod)
+    assert groups.count(["nn.conv2d", "add", "nn.relu"]) == 33
+    assert groups.count(["nn.conv2d", "add", "add", "nn.relu"]) == 16
+    assert len(groups) == 58
+    plan = mod.attrs["memory_plan"]
+    assert plan.planned_bytes <= 0.35 * plan.naive_bytes, f"{plan.planned_bytes} of {plan.naive_bytes}"
+
+
+def test_dump_dir_writes_ir_after_every_pass(tmp_path):
+    run(resnet_basic_block(), O2, dump_dir=tmp_path)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names[0] == "00_input.kir" and names[-1].endswith("plan_memory.kir") and len(names) == len(O2) + 1
+    assert "primitive" in (tmp_path / names[-1]).read_text()
+
+
+def test_plan_memory_is_deterministic_and_covers_every_intermediate():
+    mod = fuse_ops(resnet_basic_block())
+    a, b = plan_memory(mod).attrs["memory_plan"], plan_memory(mod).attrs["memory_plan"]
+    assert a == b
+    assert isinstance(mod.main.body, Call)
