@@ -92,6 +92,24 @@ def register_op(op: OpDef) -> OpDef:
     return op
 
 
+def define_compute(op: OpDef):
+    """Attach the TE compute of an op, written in the op's own file right below its registration:
+
+        @define_compute(CONV2D)
+        def conv2d_compute(x, w, attrs): ...
+
+    TVM is imported inside computes only, so the IR and frontend load without the compiler.
+    """
+
+    def attach(fn):
+        if op.compute is not None:
+            raise ValueError(f"{op.name} has two computes")
+        object.__setattr__(op, "compute", fn)
+        return fn
+
+    return attach
+
+
 def get_op(name: str) -> OpDef:
     try:
         return _REGISTRY[name]

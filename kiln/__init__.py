@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "compile": ("kiln.driver", "compile"),
+    "Model": ("kiln.runtime", "Model"),
     "load": ("kiln.runtime", "load"),
     "Options": ("kiln.config", "Options"),
     "from_onnx": ("kiln.frontend", "from_onnx"),

@@ -13,7 +13,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from kiln.errors import TypeCheckError
 
-from ..op import OpDef, OpPattern, register_op
+from ..op import OpDef, OpPattern, define_compute, register_op
 from ..types import TensorType, is_float
 
 
@@ -158,3 +158,13 @@ CONV1D_TRANSPOSE, CONV2D_TRANSPOSE, CONV3D_TRANSPOSE = (register_op(OpDef(
     f"nn.conv{nd}d_transpose", ConvTransposeAttrs, _conv_t_type(nd, f"nn.conv{nd}d_transpose"),
     conv_transpose_reference, OpPattern.OUT_ELEMWISE_FUSABLE, flops=_conv_t_flops)) for nd in (1, 2, 3))
 CONV_TRANSPOSE_BY_RANK = {1: CONV1D_TRANSPOSE, 2: CONV2D_TRANSPOSE, 3: CONV3D_TRANSPOSE}
+
+
+@define_compute(CONV2D)
+def conv2d_compute(x, w, a: ConvAttrs):
+    from tvm import topi
+
+    pad = (a.padding[0], a.padding[1], a.padding[2], a.padding[3])
+    if a.groups == 1:
+        return topi.nn.conv2d_nchw(x, w, a.strides, pad, a.dilation, out_dtype=a.out_dtype or x.dtype)
+    return topi.nn.group_conv2d_nchw(x, w, a.strides, pad, a.dilation, a.groups, out_dtype=a.out_dtype or x.dtype)

@@ -9,7 +9,7 @@ import numpy as np
 
 from kiln.errors import TypeCheckError
 
-from ..op import OpDef, OpPattern, register_op
+from ..op import OpDef, OpPattern, define_compute, register_op
 from ..types import TensorType, broadcast_shapes, is_float
 
 
@@ -92,3 +92,41 @@ def _einsum_type(xs: list[TensorType], a: EinsumAttrs) -> TensorType:
 EINSUM = register_op(OpDef("einsum", EinsumAttrs, _einsum_type,
                            lambda xs, a: np.asarray(np.einsum(a.equation, *xs)).astype(xs[0].dtype),
                            OpPattern.OPAQUE, variadic=True))
+
+
+@define_compute(DENSE)
+def dense_compute(x, w, a: DenseAttrs):
+    from tvm import te
+
+    acc = a.out_dtype or x.dtype
+    k = te.reduce_axis((0, x.shape[-1]), name="k")
+    return te.compute(tuple(x.shape[:-1]) + (w.shape[0],),
+                      lambda *i: te.sum(x[(*i[:-1], k)].astype(acc) * w[i[-1], k].astype(acc), axis=k), name="dense")
+
+
+@define_compute(MATMUL)
+def matmul_compute(a, b, at: DenseAttrs):
+    from tvm import te
+
+    acc = at.out_dtype or a.dtype
+    a2 = a if len(a.shape) >= 2 else None
+    if a2 is None or len(b.shape) < 2:
+        raise NotImplementedError("nn.matmul with a 1-D operand has no compute yet")
+    batch = [max(int(p), int(q)) for p, q in _aligned_batch(a.shape[:-2], b.shape[:-2])]
+    k = te.reduce_axis((0, a.shape[-1]), name="k")
+
+    def index(t, bi):
+        dims = t.shape[:-2]
+        off = len(batch) - len(dims)
+        return [0 if int(d) == 1 else bi[off + j] for j, d in enumerate(dims)]
+
+    return te.compute(tuple(batch) + (a.shape[-2], b.shape[-1]), lambda *i: te.sum(
+        a[(*index(a, i[:-2]), i[-2], k)].astype(acc) * b[(*index(b, i[:-2]), k, i[-1])].astype(acc), axis=k),
+        name="matmul")
+
+
+def _aligned_batch(p, q):
+    n = max(len(p), len(q))
+    p = [1] * (n - len(p)) + list(p)
+    q = [1] * (n - len(q)) + list(q)
+    return list(zip(p, q))

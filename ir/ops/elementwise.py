@@ -13,7 +13,7 @@ import numpy as np
 
 from kiln.errors import TypeCheckError
 
-from ..op import OpDef, OpPattern, register_op
+from ..op import OpDef, OpPattern, define_compute, register_op
 from ..types import TensorType, broadcast_shapes, is_float, is_int
 
 Accepts = str  # "float", "number" (float or int), "int", "bool", "any"
@@ -318,3 +318,118 @@ QUANTIZE = register_op(OpDef("qnn.quantize", QuantAttrs, _quantize_type, _quanti
                              flops=lambda x, s, z, a: 3 * _size(x)))
 DEQUANTIZE = register_op(OpDef("qnn.dequantize", QuantAttrs, _dequantize_type, _dequantize, OpPattern.ELEMWISE,
                                flops=lambda x, s, z, a: 2 * _size(x)))
+
+
+# --- TE computes (codegen) -------------------------------------------------------------------------------------
+
+def _te_unary() -> dict[str, object]:
+    from tvm import te, tirx as tir
+
+    def sigmoid(x):
+        return 1 / (1 + te.exp(-x))
+
+    def softplus(x):
+        return te.log(1 + te.exp(x))
+
+    return {
+        "nn.relu": lambda x: te.max(x, tir.const(0, x.dtype)),
+        "negative": lambda x: -x,
+        "abs": te.abs, "exp": te.exp, "log": te.log, "sqrt": te.sqrt, "sigmoid": sigmoid, "tanh": te.tanh,
+        "erf": te.erf, "sin": te.sin, "cos": te.cos, "tan": te.tan, "asin": te.asin, "acos": te.acos,
+        "atan": te.atan, "sinh": te.sinh, "cosh": te.cosh, "asinh": te.asinh, "acosh": te.acosh,
+        "atanh": te.atanh, "floor": te.floor, "ceil": te.ceil, "round": tir.nearbyint,
+        "sign": lambda x: tir.Select(x > 0, tir.const(1, x.dtype), tir.Select(x < 0, tir.const(-1, x.dtype),
+                                                                                tir.const(0, x.dtype))),
+        "reciprocal": lambda x: tir.const(1, x.dtype) / x,
+        "softplus": softplus,
+        "softsign": lambda x: x / (1 + te.abs(x)),
+        "nn.mish": lambda x: x * te.tanh(softplus(x)),
+        "nn.hard_swish": lambda x: x * te.min(te.max(x / 6 + 0.5, tir.const(0, x.dtype)), tir.const(1, x.dtype)),
+        "logical_not": lambda x: tir.Not(x),
+        "bitwise_not": lambda x: ~x,
+    }
+
+
+def _te_binary() -> dict[str, object]:
+    from tvm import tirx as tir, topi
+
+    def divide(a, b):
+        return topi.divide(a, b) if a.dtype.startswith("float") else topi.div(a, b)  # div truncates
+
+    return {
+        "add": topi.add, "subtract": topi.subtract, "multiply": topi.multiply, "divide": divide,
+        "maximum": topi.maximum, "minimum": topi.minimum, "power": topi.power, "equal": topi.equal,
+        "less": topi.less, "greater": topi.greater, "less_equal": topi.less_equal,
+        "greater_equal": topi.greater_equal, "logical_and": topi.logical_and, "logical_or": topi.logical_or,
+        "logical_xor": topi.logical_xor, "bitwise_and": topi.bitwise_and, "bitwise_or": topi.bitwise_or,
+        "bitwise_xor": topi.bitwise_xor, "left_shift": topi.left_shift, "right_shift": topi.right_shift,
+        "floor_mod": topi.floor_mod, "trunc_mod": topi.mod,  # topi.mod truncates
+        "nn.prelu": lambda x, s: topi.where(topi.less(x, tir.const(0, x.dtype)), topi.multiply(x, s), x),
+    }
+
+
+def _unary_compute(name: str):
+    def compute(x, attrs):
+        from tvm import te
+
+        fn = _te_unary()[name]
+        return te.compute(x.shape, lambda *i: fn(x[i]), name=name.replace(".", "_"))
+    return compute
+
+
+def _binary_compute(name: str):
+    def compute(a, b, attrs):
+        return _te_binary()[name](a, b)
+    return compute
+
+
+for _row in UNARY:
+    define_compute(OPS[_row.name])(_unary_compute(_row.name))
+for _row in BINARY:
+    define_compute(OPS[_row.name])(_binary_compute(_row.name))
+
+
+@define_compute(CLIP)
+def clip_compute(x, a: ClipAttrs):
+    from tvm import te, tirx as tir
+
+    def f(*i):
+        v = x[i]
+        if a.min is not None:
+            v = te.max(v, tir.const(a.min, x.dtype))
+        if a.max is not None:
+            v = te.min(v, tir.const(a.max, x.dtype))
+        return v
+    return te.compute(x.shape, f, name="clip")
+
+
+def _activation_compute(op: OpDef, fn):
+    def compute(x, a: AlphaBetaAttrs):
+        from tvm import te, tirx as tir
+
+        c = lambda v: tir.const(v, x.dtype)  # noqa: E731
+        return te.compute(x.shape, lambda *i: fn(x[i], a, c, te, tir), name=op.name.replace(".", "_"))
+    define_compute(op)(compute)
+
+
+_activation_compute(LEAKY_RELU, lambda v, a, c, te, tir: tir.Select(v < c(0), v * c(a.alpha), v))
+_activation_compute(ELU, lambda v, a, c, te, tir: tir.Select(v < c(0), c(a.alpha) * (te.exp(v) - c(1)), v))
+_activation_compute(HARD_SIGMOID, lambda v, a, c, te, tir: te.min(te.max(c(a.alpha) * v + c(a.beta), c(0)), c(1)))
+_activation_compute(GELU, lambda v, a, c, te, tir: c(0.5) * v * (c(1) + te.erf(v * c(0.7071067811865476))))
+_activation_compute(GELU_TANH, lambda v, a, c, te, tir: c(0.5) * v * (c(1) + te.tanh(
+    c(0.7978845608028654) * (v + c(0.044715) * v * v * v))))
+_activation_compute(SWISH, lambda v, a, c, te, tir: v / (c(1) + te.exp(-c(a.alpha) * v)))
+
+
+@define_compute(CAST)
+def cast_compute(x, a: CastAttrs):
+    from tvm import te
+
+    return te.compute(x.shape, lambda *i: x[i].astype(a.dtype), name="cast")
+
+
+@define_compute(WHERE)
+def where_compute(c, x, y, attrs):
+    from tvm import topi
+
+    return topi.where(c, x, y)

@@ -9,7 +9,7 @@ import numpy as np
 
 from kiln.errors import TypeCheckError
 
-from ..op import OpDef, OpPattern, register_op
+from ..op import OpDef, OpPattern, define_compute, register_op
 from ..types import TensorType, is_float
 
 
@@ -193,3 +193,28 @@ def _lp_type(x: TensorType, a: LpNormAttrs) -> TensorType:
 
 LP_NORMALIZE = register_op(OpDef("nn.lp_normalize", LpNormAttrs, _lp_type, _lp_normalize, OpPattern.OPAQUE,
                                  flops=lambda x, a: 3 * x.size if x.is_static else 0))
+
+
+@define_compute(LAYER_NORM)
+def layer_norm_compute(x, scale, bias, a: LayerNormAttrs):
+    from tvm import topi
+
+    axes = list(range(a.axis, len(x.shape)))
+    if len(scale.shape) != len(axes):
+        raise NotImplementedError("nn.layer_norm compute needs scale over exactly the normalized axes")
+    return topi.nn.layer_norm(x, scale, bias, axes, a.epsilon)
+
+
+@define_compute(LRN)
+def lrn_compute(x, a: LRNAttrs):
+    from tvm import topi
+
+    return topi.nn.lrn(x, a.size, 1, a.alpha, a.beta, a.bias)
+
+
+@define_compute(BATCH_NORM)
+def batch_norm_compute(x, scale, bias, mean, var, a: EpsAttrs):
+    from tvm import te
+
+    return te.compute(x.shape, lambda n, c, *r: (x(n, c, *r) - mean[c]) * scale[c] / te.sqrt(
+        var[c] + a.epsilon) + bias[c], name="batch_norm")

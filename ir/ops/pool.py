@@ -14,7 +14,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from kiln.errors import TypeCheckError
 
-from ..op import OpDef, OpPattern, register_op
+from ..op import OpDef, OpPattern, define_compute, register_op
 from ..types import TensorType
 
 
@@ -156,3 +156,56 @@ GLOBAL_LP_POOL = register_op(OpDef(
     "nn.global_lp_pool", GlobalPoolAttrs, _global_type,
     _global(lambda x, ax, a: (np.abs(x.astype(np.float64)) ** a.p).sum(axis=ax, keepdims=True) ** (1 / a.p)),
     OpPattern.OUT_ELEMWISE_FUSABLE, flops=_global_flops))
+
+
+def _pool_compute(kind: str):
+    def compute(x, a: PoolAttrs):
+        from tvm import te, tirx as tir
+
+        nd = len(a.kernel)
+        out = _out_shape(TensorType(tuple(int(d) for d in x.shape), str(x.dtype)), a, kind)
+        axes = [te.reduce_axis((0, k), name=f"r{i}") for i, k in enumerate(a.kernel)]
+
+        def coords(i):
+            return [i[2 + d] * a.strides[d] + axes[d] * a.dilation[d] - a.padding[d] for d in range(nd)]
+
+        def inside(c):
+            return tir.all(*[tir.all(c[d] >= 0, c[d] < x.shape[2 + d]) for d in range(nd)])
+
+        shape = tuple(x.shape[:2]) + out
+        if kind == "max":
+            low = tir.min_value(x.dtype)
+            return te.compute(shape, lambda *i: te.max(tir.if_then_else(
+                inside(coords(i)), x(i[0], i[1], *coords(i)), low), axis=axes), name="max_pool")
+        total = te.compute(shape, lambda *i: te.sum(tir.if_then_else(
+            inside(coords(i)), x(i[0], i[1], *coords(i)), tir.const(0, x.dtype)), axis=axes), name="pool_sum")
+
+        def count(i):
+            n = tir.const(1, "int32")
+            for d in range(nd):
+                start = i[2 + d] * a.strides[d] - a.padding[d]
+                lo = start if a.count_include_pad else te.max(start, 0)
+                bound = x.shape[2 + d] + a.padding[d + nd] if a.count_include_pad else x.shape[2 + d]
+                hi = te.min(start + (a.kernel[d] - 1) * a.dilation[d] + 1, bound)
+                n = n * ((hi - lo + a.dilation[d] - 1) // a.dilation[d])
+            return n
+
+        return te.compute(shape, lambda *i: total(*i) / count(i).astype(x.dtype), name="avg_pool")
+    return compute
+
+
+define_compute(MAX_POOL)(_pool_compute("max"))
+define_compute(AVG_POOL)(_pool_compute("avg"))
+
+
+@define_compute(GLOBAL_AVG_POOL)
+def global_avg_pool_compute(x, a: GlobalPoolAttrs):
+    from tvm import te
+
+    axes = [te.reduce_axis((0, d), name=f"r{i}") for i, d in enumerate(x.shape[2:])]
+    n = 1
+    for d in x.shape[2:]:
+        n *= int(d)
+    total = te.compute(tuple(x.shape[:2]) + (1,) * len(axes),
+                       lambda b, c, *_: te.sum(x[(b, c, *axes)], axis=axes), name="global_sum")
+    return te.compute(total.shape, lambda *i: total(*i) / float(n), name="global_avg_pool")

@@ -12,7 +12,7 @@ import numpy as np
 
 from kiln.errors import TypeCheckError
 
-from ..op import OpDef, OpPattern, register_op
+from ..op import OpDef, OpPattern, define_compute, register_op
 from ..types import TensorType, is_float
 
 
@@ -118,3 +118,21 @@ ARGMAX = register_op(OpDef("argmax", ArgReduceAttrs, _arg_type, _arg(np.argmax),
                            flops=lambda x, a: x.size if x.is_static else 0))
 ARGMIN = register_op(OpDef("argmin", ArgReduceAttrs, _arg_type, _arg(np.argmin), OpPattern.COMM_REDUCE,
                            flops=lambda x, a: x.size if x.is_static else 0))
+
+
+def _reduce_compute(kind: str):
+    def compute(x, a: ReduceAttrs):
+        from tvm import topi
+
+        axes = list(range(len(x.shape))) if a.axes is None else list(a.axes)
+        if kind == "mean":
+            n = 1
+            for ax in axes:
+                n *= int(x.shape[ax])
+            return topi.divide(topi.sum(x, axes, a.keepdims), float(n))
+        return {"sum": topi.sum, "max": topi.max, "min": topi.min, "prod": topi.prod}[kind](x, axes, a.keepdims)
+    return compute
+
+
+for _kind in ("sum", "mean", "max", "min", "prod"):
+    define_compute(REDUCE_OPS[_kind])(_reduce_compute(_kind))

@@ -9,7 +9,7 @@ import numpy as np
 
 from kiln.errors import TypeCheckError
 
-from ..op import OpDef, OpPattern, register_op
+from ..op import OpDef, OpPattern, define_compute, register_op
 from ..types import TensorType, is_float
 
 
@@ -55,3 +55,17 @@ LOG_SOFTMAX = register_op(OpDef("nn.log_softmax", SoftmaxAttrs, _type("nn.log_so
                                 OpPattern.OPAQUE, flops=_flops))
 HARDMAX = register_op(OpDef("nn.hardmax", SoftmaxAttrs, _type("nn.hardmax"), _hardmax, OpPattern.OPAQUE,
                             flops=_flops))
+
+
+@define_compute(SOFTMAX)
+def softmax_compute(x, a: SoftmaxAttrs):
+    from tvm import topi
+
+    return topi.nn.softmax(x, a.axis)
+
+
+@define_compute(LOG_SOFTMAX)
+def log_softmax_compute(x, a: SoftmaxAttrs):
+    from tvm import topi
+
+    return topi.nn.log_softmax(x, a.axis)

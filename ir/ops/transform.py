@@ -12,7 +12,7 @@ import numpy as np
 
 from kiln.errors import TypeCheckError
 
-from ..op import OpDef, OpPattern, register_op
+from ..op import OpDef, OpPattern, define_compute, register_op
 from ..types import TensorType, TupleType, is_int
 
 
@@ -520,3 +520,68 @@ def _reverse_sequence(x: np.ndarray, lens: np.ndarray, a: ReverseSequenceAttrs) 
 
 REVERSE_SEQUENCE = register_op(OpDef("reverse_sequence", ReverseSequenceAttrs, lambda x, lens, a: x,
                                      _reverse_sequence, OpPattern.INJECTIVE, flops=lambda x, lens, a: 0))
+
+
+# --- TE computes (codegen) -------------------------------------------------------------------------------------
+
+@define_compute(RESHAPE)
+def reshape_compute(x, a: ReshapeAttrs):
+    from tvm import topi
+
+    return topi.reshape(x, a.newshape)
+
+
+@define_compute(TRANSPOSE)
+def transpose_compute(x, a: TransposeAttrs):
+    from tvm import topi
+
+    return topi.transpose(x, a.axes)
+
+
+@define_compute(CONCATENATE)
+def concatenate_compute(xs, a: AxisAttrs):
+    from tvm import topi
+
+    return topi.concatenate(list(xs), a.axis)
+
+
+@define_compute(STRIDED_SLICE)
+def strided_slice_compute(x, a: SliceAttrs):
+    from tvm import te
+
+    shape = [int(d) for d in x.shape]
+    starts = [sl.indices(n)[0] for sl, n in zip(_slices(a), shape)]
+    out = [len(range(*sl.indices(n))) for sl, n in zip(_slices(a), shape)]
+    return te.compute(out, lambda *i: x(*[s + j * st for s, j, st in zip(starts, i, a.strides)]),
+                      name="strided_slice")
+
+
+@define_compute(TAKE)
+def take_compute(x, i, a: AxisAttrs):
+    from tvm import te, tirx as tir
+
+    n = x.shape[a.axis]
+    k = len(i.shape)
+
+    def f(*idx):
+        j = i(*idx[a.axis:a.axis + k]).astype("int64")
+        j = tir.Select(j < 0, j + n, j)
+        return x(*idx[:a.axis], j, *idx[a.axis + k:])
+
+    return te.compute(tuple(x.shape[:a.axis]) + tuple(i.shape) + tuple(x.shape[a.axis + 1:]), f, name="take")
+
+
+@define_compute(BROADCAST_TO)
+def broadcast_to_compute(x, a: ShapeAttrs):
+    from tvm import topi
+
+    return topi.broadcast_to(x, np.broadcast_shapes(tuple(int(d) for d in x.shape), a.shape))
+
+
+@define_compute(PAD)
+def pad_compute(x, a: PadAttrs):
+    from tvm import topi
+
+    if a.mode != "constant" or any(b < 0 or e < 0 for b, e in a.pads):
+        raise NotImplementedError(f"pad mode {a.mode} with these pads has no compute yet")
+    return topi.nn.pad(x, [b for b, _ in a.pads], [e for _, e in a.pads], a.value)

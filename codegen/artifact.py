@@ -1,0 +1,53 @@
+"""Write the artifact: the compiled kernels plus the metadata and weights blobs, linked into one .so.
+
+The blobs are embedded with `.incbin` in a few lines of C compiled into an addon object; each is exported as a
+TVM-FFI function returning bytes (see runtime/artifact.py for the format). Writing goes to a temporary file
+that replaces the target only when complete, so a failed build never leaves half an artifact behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+from kiln.errors import CodegenError
+from kiln.runtime.artifact import META_SYMBOL, WEIGHTS_SYMBOL
+
+_BLOBS_C = r'''
+#include <tvm/ffi/c_api.h>
+#define BLOB(name, file) \
+  __asm__(".section .rodata\n.balign 64\n" #name "_s:\n.incbin \"" file "\"\n" #name "_e:\n.previous"); \
+  extern const char name##_s[], name##_e[]; \
+  int __tvm_ffi_##name(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* ret) { \
+    TVMFFIByteArray b = {name##_s, (size_t)(name##_e - name##_s)}; return TVMFFIBytesFromByteArray(&b, ret); }
+BLOB(%(meta)s, "%(meta_file)s")
+BLOB(%(weights)s, "%(weights_file)s")
+'''
+
+
+def write_artifact(path: Path, executable, meta: dict, weights: bytes, cc: str = "gcc", fcompile=None) -> Path:
+    import tvm_ffi
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="kiln-artifact-") as tmp:
+        t = Path(tmp)
+        (t / "meta.json").write_text(json.dumps(meta))
+        (t / "weights.bin").write_bytes(weights)
+        (t / "blobs.c").write_text(_BLOBS_C % {"meta": META_SYMBOL, "weights": WEIGHTS_SYMBOL,
+                                               "meta_file": t / "meta.json", "weights_file": t / "weights.bin"})
+        try:
+            subprocess.run([cc, "-c", "-fPIC", "-O2", "-I", tvm_ffi.libinfo.find_include_path(), str(t / "blobs.c"),
+                            "-o", str(t / "blobs.o")], check=True, capture_output=True, text=True)
+        except FileNotFoundError:
+            raise CodegenError(f"C compiler {cc!r} not found; it links the artifact") from None
+        except subprocess.CalledProcessError as err:
+            raise CodegenError(f"compiling the artifact's metadata object failed: {err.stderr.strip()[:500]}") from None
+        partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        kwargs = {"fcompile": fcompile} if fcompile is not None else {}
+        executable.export_library(str(partial), addons=[str(t / "blobs.o")], **kwargs)
+        os.replace(partial, path)
+    return path

@@ -1,0 +1,108 @@
+"""Fused module → kernels → artifact: lower every group, compile them in one `tvm.compile`, and lay out the
+values (inputs, outputs, storage blocks from the memory plan, constants in the weights blob) that the
+runtime binds to kernel arguments."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kiln.errors import CodegenError
+from kiln.ir import Call, Constant, Function, IRModule, TensorType, Tuple, Var
+from kiln.ir.visitor import post_order
+from kiln.runtime.artifact import ALIGN, FORMAT
+
+from .lower import LoweredGroup, lower_group
+
+
+@dataclass
+class BuildResult:
+    executable: object
+    meta: dict
+    weights: bytes
+    groups: list[LoweredGroup] = field(default_factory=list)
+    lower_s: float = 0.0
+    compile_s: float = 0.0
+
+
+def _spec(name: str, ty) -> dict:
+    if not isinstance(ty, TensorType) or not ty.is_static:
+        raise CodegenError(f"'{name}' has type {ty}; compiled models need static tensor shapes (--input-shape)")
+    return {"name": name, "shape": [int(d) for d in ty.shape], "dtype": ty.dtype}
+
+
+def build(mod: IRModule, target, on_progress: Callable[[int, int], None] | None = None) -> BuildResult:
+    import tvm
+
+    plan = mod.attrs.get("memory_plan")
+    if plan is None:
+        raise CodegenError("the module has no memory plan; run the pass pipeline first")
+    main = mod.main
+    body = main.body
+    out_exprs = list(body.fields) if isinstance(body, Tuple) else [body]
+    values: list[dict] = []
+    index_of: dict[int, int] = {}
+    weights = bytearray()
+
+    def add(expr, v: dict) -> int:
+        index_of[id(expr)] = len(values)
+        values.append(v)
+        return len(values) - 1
+
+    for k, p in enumerate(main.params):
+        add(p, {"kind": "input", "index": k, **_spec(p.name, p.type)})
+    for k, (name, e) in enumerate(zip(mod.output_names, out_exprs)):
+        if not isinstance(e, Call) or not isinstance(e.op, Function) or id(e) in index_of:
+            raise CodegenError(f"output '{name}' is not computed by a kernel of its own (an input, a constant or "
+                               f"a repeated output); not supported yet")
+        add(e, {"kind": "output", "index": k, **_spec(name, e.type)})
+
+    calls = [e for e in post_order(body) if isinstance(e, Call)]
+    planned = iter(plan.assignment)
+    steps, funcs, lowered = [], {}, []
+    start = time.perf_counter()
+    for i, c in enumerate(calls):
+        if not isinstance(c.op, Function):
+            raise CodegenError(f"{c.op_name} outside a fused group; run fuse_ops first")
+        if id(c) not in index_of:
+            _, block = next(planned)
+            add(c, {"kind": "block", "block": block, **_spec(f"t{i}", c.type)})
+        args = []
+        for a in c.args:
+            if id(a) not in index_of:
+                if isinstance(a, Constant):
+                    pad = (-len(weights)) % ALIGN
+                    weights.extend(b"\0" * pad)
+                    add(a, {"kind": "const", "offset": len(weights), **_spec(a.name or f"c{len(values)}", a.type)})
+                    weights.extend(np.ascontiguousarray(a.value).tobytes())
+                elif isinstance(a, Var):
+                    raise CodegenError(f"free variable %{a.name}")
+                else:
+                    raise CodegenError(f"kernel input {type(a).__name__} is not supported yet")
+            args.append(index_of[id(a)])
+        symbol = f"kiln_k{i}"
+        group = lower_group(c.op, symbol, target)
+        lowered.append(group)
+        funcs[symbol] = group.prim_func
+        steps.append({"kernel": symbol, "args": [*args, index_of[id(c)]], "ops": group.ops, "name": c.span or symbol,
+                      "schedule": group.schedule})
+        if on_progress:
+            on_progress(i + 1, len(calls) + 1)
+    lower_s = time.perf_counter() - start
+    start = time.perf_counter()
+    try:
+        executable = tvm.compile(tvm.IRModule(funcs), target=target)
+    except Exception as err:  # TVM's own errors: surface them as a user-facing build failure
+        raise CodegenError(f"tvm.compile failed for target {target.kind.name}: {str(err).splitlines()[0]}") from err
+    compile_s = time.perf_counter() - start
+    if on_progress:
+        on_progress(len(calls) + 1, len(calls) + 1)
+    meta = {"magic": "kiln", "format": FORMAT, "inputs": [v for v in values if v["kind"] == "input"],
+            "outputs": [v for v in values if v["kind"] == "output"], "blocks": [int(b) for b in plan.block_bytes],
+            "values": values, "steps": steps, "weights_nbytes": len(weights)}
+    for key in ("inputs", "outputs"):
+        meta[key] = [{"name": v["name"], "shape": v["shape"], "dtype": v["dtype"]} for v in meta[key]]
+    return BuildResult(executable, meta, bytes(weights), lowered, lower_s, compile_s)

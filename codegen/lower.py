@@ -1,0 +1,77 @@
+"""A fused group (a primitive Function) → one TensorIR PrimFunc: TE placeholders for its params, each op's TE
+compute in order, `te.create_prim_func`, then the group's schedule. TVM errors become CodegenErrors that name
+the group, its ops and the target."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kiln.errors import CodegenError
+from kiln.ir import Call, Constant, Function, TensorType, Tuple, TupleGetItem, Var
+from kiln.ir.op import OpDef
+from kiln.ir.visitor import post_order
+
+
+@dataclass
+class LoweredGroup:
+    symbol: str
+    ops: list[str]
+    prim_func: object  # tvm.tirx.PrimFunc, scheduled
+    schedule: str  # which schedule was applied, for --explain and profiles
+
+
+def group_ops(fn: Function) -> list[str]:
+    return [e.op.name for e in post_order(fn.body) if isinstance(e, Call) and isinstance(e.op, OpDef)]
+
+
+def to_te(fn: Function):
+    """(placeholders, output tensor) of a primitive function."""
+    from tvm import te, tirx as tir
+
+    env: dict[int, object] = {}
+    placeholders = []
+    for i, p in enumerate(fn.params):
+        if not isinstance(p.type, TensorType):
+            raise CodegenError(f"group parameter %{p.name} is {p.type}; kernels take tensors")
+        t = te.placeholder(tuple(int(d) for d in p.type.shape), p.type.dtype, name=f"p{i}")
+        env[id(p)] = t
+        placeholders.append(t)
+    for e in post_order(fn.body):
+        if id(e) in env:
+            continue
+        if isinstance(e, Constant):
+            if e.value.ndim != 0:
+                raise CodegenError("a non-scalar constant inside a group; fusion passes weights as params")
+            env[id(e)] = _scalar_tensor(e, te, tir)
+        elif isinstance(e, Call):
+            op = e.op
+            if not isinstance(op, OpDef) or op.compute is None:
+                raise CodegenError(f"{e.op_name} has no compute yet (node '{e.span}')")
+            args = [env[id(a)] for a in e.args]
+            env[id(e)] = op.compute(args, e.attrs) if op.variadic else op.compute(*args, e.attrs)
+        elif isinstance(e, (Tuple, TupleGetItem, Var)):
+            raise CodegenError(f"{type(e).__name__} inside a fused group is not supported yet")
+    return placeholders, env[id(fn.body)]
+
+
+def _scalar_tensor(c: Constant, te, tir):
+    value = c.value.item()
+    return te.compute((), lambda: tir.const(value, c.type.dtype), name="scalar")
+
+
+def lower_group(fn: Function, symbol: str, target) -> LoweredGroup:
+    from tvm import te
+
+    from kiln.schedules.default import schedule_group
+
+    ops = group_ops(fn)
+    try:
+        placeholders, out = to_te(fn)
+        prim = te.create_prim_func([*placeholders, out]).with_attr("global_symbol", symbol)
+        scheduled, how = schedule_group(prim, target)
+    except CodegenError:
+        raise
+    except Exception as err:  # TVM raises its own error types; name the group for the user
+        raise CodegenError(f"group {symbol} ({' + '.join(ops)}) on {target.kind.name}: "
+                           f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+    return LoweredGroup(symbol, ops, scheduled, how)

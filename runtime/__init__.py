@@ -1,0 +1,5 @@
+"""Loading and running compiled artifacts. Imports neither the compiler nor anything of Kiln's but errors."""
+
+from .model import Model, load
+
+__all__ = ["Model", "load"]

@@ -1,0 +1,171 @@
+"""A loaded artifact: `kiln.load(path)` → Model. Inputs are checked against the metadata before any kernel
+runs; all memory (storage blocks, weights, input staging, outputs) is allocated once at load, so a run
+allocates only the copies of the outputs it returns.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from kiln.errors import ArtifactError, InputError
+
+from .artifact import ALIGN, META_SYMBOL, WEIGHTS_SYMBOL, check_elf, validate_metadata
+from .cpu import host_arch, missing_features
+
+_RUNTIME_LOADED = False
+
+
+def _load_tvm_runtime() -> None:
+    """libtvm_runtime provides the thread pool parallel kernels need; load it without importing the compiler."""
+    global _RUNTIME_LOADED
+    if _RUNTIME_LOADED:
+        return
+    spec = importlib.util.find_spec("tvm")
+    if spec is None or spec.origin is None:
+        raise ArtifactError("TVM's runtime library is not installed (pip install apache-tvm)")
+    lib = os.path.join(os.path.dirname(spec.origin), "lib", "libtvm_runtime.so")
+    ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+    _RUNTIME_LOADED = True
+
+
+def aligned_empty(shape: Sequence[int], dtype: str) -> np.ndarray:
+    dt = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    raw = np.empty(n + ALIGN, dtype=np.uint8)
+    start = (-raw.ctypes.data) % ALIGN
+    return raw[start:start + n].view(dt).reshape(shape)
+
+
+class TensorInfo:
+    def __init__(self, d: dict):
+        self.name: str = d["name"]
+        self.shape: tuple[int, ...] = tuple(d["shape"])
+        self.dtype: str = d["dtype"]
+
+    def __repr__(self) -> str:
+        return f"{self.name}: {self.dtype}{list(self.shape)}"
+
+
+class Model:
+    """A compiled model. `model.run(x)` or `model(x)`; inputs positionally or by name; returns a list."""
+
+    def __init__(self, path: str | os.PathLike, num_threads: int | None = None):
+        self.path = Path(path).resolve()
+        if not self.path.is_file():
+            raise ArtifactError(f"artifact {str(path)!r} does not exist")
+        arch = check_elf(self.path)
+        if arch != host_arch():
+            raise ArtifactError(f"{path} was built for {arch}; this machine is {host_arch()}")
+        if num_threads is not None:
+            os.environ["TVM_NUM_THREADS"] = str(num_threads)  # read by TVM's pool when it starts
+        _load_tvm_runtime()
+        import tvm_ffi
+
+        try:
+            self._lib = tvm_ffi.load_module(str(self.path))
+            meta_fn = self._lib[META_SYMBOL]
+        except Exception as err:  # a library that loads but is not ours, or does not load at all
+            raise ArtifactError(f"{path} is not a loadable Kiln artifact: {str(err).splitlines()[0]}") from None
+        try:
+            meta = json.loads(bytes(meta_fn()))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ArtifactError(f"{path}: metadata is corrupted ({err})") from None
+        validate_metadata(meta, self.path)
+        lacking = missing_features(meta.get("cpu_features", []))
+        if lacking:
+            raise ArtifactError(f"{path} was compiled for {meta.get('cpu', '?')} and uses CPU features this "
+                                f"machine lacks: {', '.join(lacking)}; recompile with --target native")
+        self.meta = meta
+        self.inputs = [TensorInfo(d) for d in meta["inputs"]]
+        self.outputs = [TensorInfo(d) for d in meta["outputs"]]
+        self._setup(tvm_ffi)
+
+    def _setup(self, tvm_ffi) -> None:
+        meta = self.meta
+        weights = bytes(self._lib[WEIGHTS_SYMBOL]()) if meta.get("weights_nbytes") else b""
+        if len(weights) != meta.get("weights_nbytes", 0):
+            raise ArtifactError(f"{self.path}: weights blob is {len(weights)} bytes, metadata says "
+                                f"{meta.get('weights_nbytes')}")
+        arena = aligned_empty((len(weights),), "uint8")
+        arena[:] = np.frombuffer(weights, np.uint8)
+        blocks = [aligned_empty((n,), "uint8") for n in meta["blocks"]]
+        self._inputs = [aligned_empty(t.shape, t.dtype) for t in self.inputs]
+        self._outputs = [aligned_empty(t.shape, t.dtype) for t in self.outputs]
+        arrays: list[np.ndarray] = []
+        for v in meta["values"]:
+            shape, dtype = tuple(v["shape"]), np.dtype(v["dtype"])
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            kind = v["kind"]
+            if kind == "input":
+                arrays.append(self._inputs[v["index"]])
+            elif kind == "output":
+                arrays.append(self._outputs[v["index"]])
+            elif kind == "const":
+                arrays.append(arena[v["offset"]:v["offset"] + nbytes].view(dtype).reshape(shape))
+            elif kind == "block":
+                arrays.append(blocks[v["block"]][:nbytes].view(dtype).reshape(shape))
+            else:
+                raise ArtifactError(f"{self.path}: unknown value kind {kind!r}")
+        self._keepalive = (arena, blocks, arrays)
+        tensors = [tvm_ffi.from_dlpack(a) for a in arrays]
+        self._steps = []
+        for step in meta["steps"]:
+            try:
+                fn = self._lib[step["kernel"]]
+            except Exception:
+                raise ArtifactError(f"{self.path}: kernel {step['kernel']} is missing") from None
+            self._steps.append((fn, [tensors[i] for i in step["args"]]))
+
+    def _check(self, args: tuple, named: dict) -> list[np.ndarray]:
+        names = [t.name for t in self.inputs]
+        if len(args) > len(names):
+            raise InputError(f"model takes {len(names)} inputs {names}, got {len(args)} positional")
+        given = dict(zip(names, args))
+        for k, v in named.items():
+            if k in given:
+                raise InputError(f"input '{k}' given twice, positionally and by name")
+            given[k] = v
+        missing = [n for n in names if n not in given]
+        extra = [n for n in given if n not in names]
+        if missing or extra:
+            raise InputError(f"inputs {sorted(given)} do not match the model's {names}"
+                             + (f"; missing {missing}" if missing else "") + (f"; unexpected {extra}" if extra else ""))
+        out = []
+        for t in self.inputs:
+            v = np.asarray(given[t.name])
+            if v.dtype.name != t.dtype:
+                raise InputError(f"input '{t.name}' expects {t.dtype}{list(t.shape)}, got {v.dtype.name}; "
+                                 f"pass x.astype(np.{t.dtype})")
+            if tuple(v.shape) != t.shape:
+                raise InputError(f"input '{t.name}' expects {t.dtype}{list(t.shape)}, got shape {list(v.shape)}")
+            out.append(v)
+        return out
+
+    def run(self, *args: np.ndarray, **named: np.ndarray) -> list[np.ndarray]:
+        """Run the model; returns fresh arrays (later runs never change what an earlier run returned)."""
+        for staging, v in zip(self._inputs, self._check(args, named)):
+            np.copyto(staging, v)
+        for fn, fargs in self._steps:
+            fn(*fargs)
+        return [o.copy() for o in self._outputs]
+
+    __call__ = run
+
+    def __repr__(self) -> str:
+        return f"Model({self.path.name}: {self.inputs} -> {self.outputs}, {len(self._steps)} kernels)"
+
+
+def load(path: str | os.PathLike, num_threads: int | None = None) -> Model:
+    """Load a compiled artifact.
+
+    >>> import kiln  # doctest: +SKIP
+    >>> m = kiln.load("model.so"); y = m.run(x)  # doctest: +SKIP
+    """
+    return Model(path, num_threads)

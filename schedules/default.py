@@ -1,0 +1,111 @@
+"""The default schedule for any fused group on CPU, before templates and tuning (a later issue) take over.
+
+Every block but the output and the reductions is inlined; the output's outer loops are fused and run in
+parallel, its innermost loop vectorized; a reduction (the conv, dense or pool anchor) is computed per parallel
+iteration of the output, with its reduction loops outside its vectorized innermost spatial loop. A step that
+TVM rejects for a group is skipped, so the group still builds, only slower; the returned text says which
+steps applied.
+"""
+
+from __future__ import annotations
+
+VERSION = 1
+PARALLEL_MIN_ITERATIONS = 64  # enough outer iterations to keep every core of a small CPU busy
+
+
+def _n_reduction_axes(sch, block) -> int:
+    return sum(1 for iv in sch.get(block).iter_vars if int(iv.iter_type) == 2)  # 2: CommReduce
+
+
+def schedule_group(prim, target):
+    from tvm import s_tir
+
+    from .target_info import vector_lanes
+
+    sch = s_tir.Schedule(prim)
+    steps: list[str] = []
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    if not blocks:
+        return sch.mod["main"], "empty"
+    out = blocks[-1]
+    reductions = [b for b in blocks[:-1] if _n_reduction_axes(sch, b)]
+    for b in blocks[:-1]:
+        if b not in reductions:
+            _try(lambda b=b: sch.compute_inline(b))
+    lanes = vector_lanes(target, 32)
+    if _n_reduction_axes(sch, out):
+        _schedule_reduction(sch, out, lanes, steps, parallel=True)
+        return sch.mod["main"], "+".join(steps) or "naive"
+    loops = sch.get_loops(out)
+    if not loops:
+        return sch.mod["main"], "scalar"
+    par = _parallel_outer(sch, loops, steps)
+    _vectorize(sch, sch.get_loops(out)[-1], lanes, steps)
+    if reductions and par is not None:
+        anchor = reductions[-1]
+        if _try(lambda: sch.compute_at(anchor, par)):
+            steps.append("anchor_at_parallel")
+            _schedule_reduction(sch, anchor, lanes, steps, parallel=False)
+    for b in reductions[:-1]:
+        _schedule_reduction(sch, b, lanes, steps, parallel=True)
+    return sch.mod["main"], "+".join(steps) or "naive"
+
+
+def _try(step) -> bool:
+    try:
+        step()
+        return True
+    except Exception:  # noqa: BLE001  (TVM's ScheduleError and friends: the step does not apply here)
+        return False
+
+
+def _parallel_outer(sch, loops, steps):
+    """Fuse outer loops until there is enough work to share; run that loop in parallel."""
+    extents = [int(sch.get(loop).extent) for loop in loops]
+    if len(loops) == 1:
+        if extents[0] < 2 * PARALLEL_MIN_ITERATIONS:
+            return None
+        outer, _ = sch.split(loops[0], factors=[None, PARALLEL_MIN_ITERATIONS])
+        sch.parallel(outer)
+        steps.append("parallel")
+        return outer
+    k, work = 1, extents[0]
+    while k < len(loops) - 1 and work < PARALLEL_MIN_ITERATIONS:
+        work *= extents[k]
+        k += 1
+    fused = sch.fuse(*loops[:k]) if k > 1 else loops[0]
+    sch.parallel(fused)
+    steps.append("parallel")
+    return fused
+
+
+def _vectorize(sch, loop, lanes, steps) -> None:
+    extent = int(sch.get(loop).extent)
+    if extent < 2:
+        return
+    if extent > lanes:
+        _, loop = sch.split(loop, factors=[None, lanes])
+    if _try(lambda: sch.vectorize(loop)):
+        steps.append("vectorize")
+
+
+def _schedule_reduction(sch, block, lanes, steps, parallel: bool) -> None:
+    """Reduction loops moved outside the innermost spatial loop, which is split to the vector width."""
+    n_red = _n_reduction_axes(sch, block)
+    loops = sch.get_loops(block)
+    spatial, reduce = loops[:-n_red], loops[-n_red:]
+    if not spatial:
+        return
+    if parallel and len(spatial) > 1:
+        _parallel_outer(sch, spatial[:-1], steps)
+    inner = spatial[-1]
+    extent = int(sch.get(inner).extent)
+    if extent < 2:
+        return
+    io, ii = sch.split(inner, factors=[None, min(lanes, extent)])
+    if not _try(lambda: sch.reorder(io, *reduce, ii)):
+        return
+    init = sch.decompose_reduction(block, reduce[0])
+    if _try(lambda: sch.vectorize(ii)):
+        steps.append("reduction_vectorized")
+    _try(lambda: sch.vectorize(sch.get_loops(init)[-1]))
