@@ -108,6 +108,100 @@ def conformance(
               f"pass rate (supported): {100 * s['pass_rate_of_supported']:.1f}%", soft_wrap=True)
 
 
+def _refuse_overwrite(path: Path, force: bool) -> None:
+    if path.exists() and not force:
+        raise KilnError(f"{path} exists; pass --force to overwrite it")
+
+
+@app.command()
+def compile(
+    model: str = typer.Argument(DEFAULT_MODEL, help="an .onnx file, or zoo:<name>"),
+    output: Path = typer.Option(Path("model.so"), "-o", "--output", help="the artifact to write"),
+    target: str = typer.Option("native", "--target", help="native, x86, x86-avx512, x86-avx2, or a TVM target dict"),
+    opt_level: int = typer.Option(2, "--opt-level", help="0-3"),
+    dump_ir: Optional[Path] = typer.Option(None, "--dump-ir", help="write the IR after every pass here"),
+    input_shape: Optional[list[str]] = typer.Option(None, "--input-shape", help="name=d0,d1,... (repeatable)"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing output file"),
+) -> None:
+    """Compile a model into one shared library."""
+    import kiln
+    from kiln import zoo as z
+    from kiln.config import Options, parse_input_shapes
+
+    _refuse_overwrite(output, force)
+    options = Options.from_env(target=target, opt_level=opt_level, dump_dir=dump_ir,
+                               input_shapes=parse_input_shapes(input_shape))
+    progress, on_progress = progress_bar("compiling kernels")
+    with progress:
+        report = kiln.compile(z.resolve(model), output, options, on_progress=on_progress)
+    out.print(report.fusion, soft_wrap=True)
+    out.print(f"wrote {report.path} ({report.path.stat().st_size / 1e6:.1f} MB): {report.kernels} kernels; "
+              f"activation memory {report.planned_bytes / 1e6:.1f} MB planned vs {report.naive_bytes / 1e6:.1f} MB "
+              f"naive; compile {report.total_s:.1f} s (import {report.import_s:.1f}, passes {report.passes_s:.1f}, "
+              f"lowering {report.lower_s:.1f}, tvm.compile {report.build_s:.1f})", soft_wrap=True)
+
+
+@app.command()
+def run(
+    artifact: Path = typer.Argument(..., help="a compiled model (.so)"),
+    inputs: list[str] = typer.Option(..., "--input", "-i", help="x.npy, or name=x.npy (repeatable)"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="write outputs here (.npy; .npz if several)"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing output file"),
+) -> None:
+    """Run a compiled model on .npy inputs."""
+    import numpy as np
+
+    import kiln
+
+    model = kiln.load(artifact)
+    positional, named = [], {}
+    for spec in inputs:
+        name, sep, file = spec.rpartition("=")
+        try:
+            value = np.load(file if sep else spec)
+        except (OSError, ValueError) as e:
+            raise KilnError(f"cannot read input {file if sep else spec!r}: {e}") from None
+        if sep:
+            named[name] = value
+        else:
+            positional.append(value)
+    results = model.run(*positional, **named)
+    if output is not None:
+        _refuse_overwrite(output, force)
+        if len(results) == 1:
+            np.save(output, results[0])
+        else:
+            np.savez(output, **{t.name: r for t, r in zip(model.outputs, results)})
+    for t, r in zip(model.outputs, results):
+        out.print(f"{t.name}: {r.dtype}{list(r.shape)} min {r.min():.4g} max {r.max():.4g} mean {r.mean():.4g}",
+                  soft_wrap=True)
+
+
+@app.command()
+def bench(
+    model: str = typer.Argument(DEFAULT_MODEL, help="an .onnx file, or zoo:<name>"),
+    target: str = typer.Option("native", "--target"),
+    repeat: int = typer.Option(20, "--repeat", help="timed runs per engine"),
+    threads: int = typer.Option(2, "--threads", help="threads for both engines"),
+    json_out: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
+    """Compile a model, then time Kiln and ONNX Runtime on it side by side (median, p90, ratio, max abs error)."""
+    from kiln.bench import compare
+
+    progress, on_progress = progress_bar("compiling kernels")
+    with progress:
+        result = compare(model, target=target, repeat=repeat, threads=threads, on_progress=on_progress)
+    if json_out:
+        out.print_json(json.dumps(result))
+        return
+    out.print(f"{result['model']}: compile {result['compile_s']:.1f} s, {result['kernels']} kernels", soft_wrap=True)
+    for engine in ("kiln", "onnxruntime"):
+        r = result[engine]
+        out.print(f"  {engine:12s} median {r['median_ms']:8.2f} ms   p90 {r['p90_ms']:8.2f} ms", soft_wrap=True)
+    out.print(f"  kiln / onnxruntime = {result['ratio']:.2f}x   max abs error {result['max_abs_error']:.2e}",
+              soft_wrap=True)
+
+
 @app.command()
 def zoo() -> None:
     """List the models `zoo:<name>` can name (shipped in the onnx wheel, or built in code)."""

@@ -22,10 +22,22 @@ ALIGN = 64
 MACHINES = {62: "x86_64", 183: "aarch64"}
 
 
-def check_elf(path: Path) -> str:
-    """The architecture of a shared library, read from its ELF header before anything loads it."""
+def check_elf(path: Path, expect_arch: str | None = None) -> str:
+    """The architecture of a shared library, read from its ELF headers before anything loads it.
+
+    dlopen of a truncated library dies with SIGBUS when it touches a page past the end of the file, so every
+    segment and the section table must lie inside the file first.
+    """
     try:
-        head = path.read_bytes()[:64] if path.stat().st_size >= 64 else path.read_bytes()
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(64)
+            data_for_phdrs = None
+            if len(head) == 64:
+                (phoff,) = struct.unpack_from("<Q", head, 32)
+                (phentsize, phnum) = struct.unpack_from("<HH", head, 54)
+                f.seek(phoff)
+                data_for_phdrs = f.read(phentsize * phnum)
     except OSError as err:
         raise ArtifactError(f"cannot read artifact {str(path)!r}: {err.strerror}") from None
     if len(head) < 20 or head[:4] != b"\x7fELF":
@@ -36,7 +48,20 @@ def check_elf(path: Path) -> str:
     (machine,) = struct.unpack_from("<H", head, 18)
     if e_type != 3:
         raise ArtifactError(f"{path} is not a shared library (ELF type {e_type})")
-    return MACHINES.get(machine, f"machine {machine}")
+    arch = MACHINES.get(machine, f"machine {machine}")
+    if expect_arch is not None and arch != expect_arch:
+        raise ArtifactError(f"{path} was built for {arch}; this machine is {expect_arch}")
+    (shoff,) = struct.unpack_from("<Q", head, 40)
+    (phentsize, phnum, shentsize, shnum) = struct.unpack_from("<HHHH", head, 54)
+    truncated = shoff + shentsize * shnum > size or data_for_phdrs is None or len(data_for_phdrs) < phentsize * phnum
+    for k in range(0 if truncated else phnum):
+        p_type, _flags, p_offset = struct.unpack_from("<IIQ", data_for_phdrs, k * phentsize)
+        (p_filesz,) = struct.unpack_from("<Q", data_for_phdrs, k * phentsize + 32)
+        if p_type == 1 and p_offset + p_filesz > size:  # PT_LOAD past the end of the file
+            truncated = True
+    if truncated:
+        raise ArtifactError(f"{path} is truncated ({size} bytes); copy or rebuild it")
+    return arch
 
 
 def validate_metadata(meta: dict, path: Path) -> None:

@@ -27,6 +27,8 @@ def _load_tvm_runtime() -> None:
     global _RUNTIME_LOADED
     if _RUNTIME_LOADED:
         return
+    import tvm_ffi  # noqa: F401  (loads libtvm_ffi, which libtvm_runtime links against)
+
     spec = importlib.util.find_spec("tvm")
     if spec is None or spec.origin is None:
         raise ArtifactError("TVM's runtime library is not installed (pip install apache-tvm)")
@@ -60,9 +62,7 @@ class Model:
         self.path = Path(path).resolve()
         if not self.path.is_file():
             raise ArtifactError(f"artifact {str(path)!r} does not exist")
-        arch = check_elf(self.path)
-        if arch != host_arch():
-            raise ArtifactError(f"{path} was built for {arch}; this machine is {host_arch()}")
+        check_elf(self.path, expect_arch=host_arch())
         if num_threads is not None:
             os.environ["TVM_NUM_THREADS"] = str(num_threads)  # read by TVM's pool when it starts
         _load_tvm_runtime()

@@ -354,7 +354,7 @@ def _te_binary() -> dict[str, object]:
     from tvm import tirx as tir, topi
 
     def divide(a, b):
-        return topi.divide(a, b) if a.dtype.startswith("float") else topi.div(a, b)  # div truncates
+        return topi.divide(a, b) if str(a.dtype).startswith("float") else topi.div(a, b)  # div truncates
 
     return {
         "add": topi.add, "subtract": topi.subtract, "multiply": topi.multiply, "divide": divide,

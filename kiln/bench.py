@@ -1,0 +1,61 @@
+"""Kiln against ONNX Runtime on one model, in one process: the numbers `kiln bench` and bench/ print.
+
+Both engines get the same thread count; a pause between the two timing blocks lets the first engine's spinning
+thread pool go idle, so it does not steal cycles from the second on a small machine.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+PAUSE_S = 1.0
+
+
+def _time(fn: Callable[[], object], repeat: int, warmup: int = 2) -> dict:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    ms = np.array(samples) * 1e3
+    return {"median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)), "runs": repeat}
+
+
+def compare(model: str, target: str = "native", repeat: int = 20, threads: int = 2,
+            on_progress: Callable[[int, int], None] | None = None) -> dict:
+    import os
+
+    os.environ["TVM_NUM_THREADS"] = str(threads)  # before TVM's thread pool starts
+    import onnx
+    import onnxruntime as ort
+
+    import kiln
+    from kiln import zoo
+    from kiln.config import Options
+
+    proto = zoo.resolve(model)
+    proto = proto if isinstance(proto, onnx.ModelProto) else onnx.load(proto)
+    feeds = zoo.feeds(proto, seed=0)
+    with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
+        report = kiln.compile(proto, Path(tmp) / "model.so", Options(target=target), on_progress=on_progress)
+        compiled = kiln.load(report.path)
+        got = compiled.run(**feeds)
+        kiln_t = _time(lambda: compiled.run(**feeds), repeat)
+    time.sleep(PAUSE_S)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    want = sess.run(None, feeds)
+    ort_t = _time(lambda: sess.run(None, feeds), repeat)
+    err = max(float(np.max(np.abs(g.astype(np.float64) - w.astype(np.float64)))) for g, w in zip(got, want))
+    return {"model": model, "compile_s": report.total_s, "kernels": report.kernels, "kiln": kiln_t,
+            "onnxruntime": ort_t, "ratio": kiln_t["median_ms"] / ort_t["median_ms"], "max_abs_error": err,
+            "threads": threads}

@@ -1,0 +1,135 @@
+"""The compile path end to end: models compiled into one .so, loaded without the compiler, matching ONNX
+Runtime; and every kind of bad artifact or input refused with a clear error."""
+
+import json
+import shutil
+import struct
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import kiln
+from kiln import model_builders
+from kiln.codegen.artifact import write_artifact
+from kiln.codegen.build import build
+from kiln.codegen.target import resolve_target
+from kiln.errors import ArtifactError, InputError
+from kiln.frontend import from_onnx
+from kiln.passes import O2, run
+
+from ..tolerances import assert_close
+
+
+def ort_run(model, feeds):
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+@pytest.fixture(scope="module")
+def small_cnn(tmp_path_factory):
+    model = model_builders.resnet18(size=32)
+    path = tmp_path_factory.mktemp("cnn") / "resnet18_32.so"
+    report = kiln.compile(model, path)
+    return model, report
+
+
+def test_small_cnn_matches_onnxruntime(small_cnn):
+    model, report = small_cnn
+    feeds = model_builders.random_feeds(model, seed=3)
+    got = kiln.load(report.path).run(**feeds)
+    assert_close(got[0], ort_run(model, feeds)[0], rtol=1e-3, atol=1e-4)
+    assert report.kernels == 24
+
+
+@pytest.mark.parametrize("builder,kwargs", [
+    (model_builders.mobilenet_v2, {"size": 32}),
+    (model_builders.bert_layer, {"seq": 16, "hidden": 64, "heads": 4, "ffn": 128}),
+], ids=["mobilenet_v2", "bert_layer"])
+def test_models_compile_and_match(builder, kwargs, tmp_path):
+    model = builder(**kwargs)
+    feeds = model_builders.random_feeds(model, seed=1)
+    report = kiln.compile(model, tmp_path / "m.so")
+    got = kiln.load(report.path).run(**feeds)
+    for g, w in zip(got, ort_run(model, feeds)):
+        assert_close(g, w, rtol=1e-3, atol=1e-4)
+
+
+def test_runs_do_not_alias_their_results(small_cnn):
+    model, report = small_cnn
+    m = kiln.load(report.path)
+    a = model_builders.random_feeds(model, seed=1)
+    b = model_builders.random_feeds(model, seed=2)
+    first = m.run(**a)[0]
+    kept = first.copy()
+    m.run(**b)
+    np.testing.assert_array_equal(first, kept)
+
+
+def test_input_checks_before_any_kernel(small_cnn):
+    model, report = small_cnn
+    m = kiln.load(report.path)
+    x = model_builders.random_feeds(model)["input"]
+    with pytest.raises(InputError, match=r"input 'input' expects float32\[1, 3, 32, 32\], got float64"):
+        m.run(x.astype(np.float64))
+    with pytest.raises(InputError, match="got shape"):
+        m.run(x[:, :, :16])
+    with pytest.raises(InputError, match="missing"):
+        m.run()
+    with pytest.raises(InputError, match="unexpected"):
+        m.run(x, other=x)
+    unaligned = np.empty(x.size + 1, np.float32)[1:].reshape(x.shape)
+    unaligned[...] = x
+    assert_close(m.run(unaligned)[0], m.run(x)[0])  # copied into aligned staging, never passed unaligned
+
+
+def test_truncated_and_foreign_artifacts(small_cnn, tmp_path):
+    _, report = small_cnn
+    data = report.path.read_bytes()
+    (tmp_path / "cut.so").write_bytes(data[: len(data) // 3])
+    with pytest.raises(ArtifactError):
+        kiln.load(tmp_path / "cut.so")
+    (tmp_path / "text.so").write_text("not a library")
+    with pytest.raises(ArtifactError, match="not an ELF"):
+        kiln.load(tmp_path / "text.so")
+    arm = bytearray(data[:4096])
+    struct.pack_into("<H", arm, 18, 183)  # e_machine = aarch64
+    (tmp_path / "arm.so").write_bytes(bytes(arm))
+    with pytest.raises(ArtifactError, match="built for aarch64"):
+        kiln.load(tmp_path / "arm.so")
+    with pytest.raises(ArtifactError, match="does not exist"):
+        kiln.load(tmp_path / "missing.so")
+
+
+def test_corrupted_weights_are_detected(small_cnn, tmp_path):
+    """Flipping bytes inside the weights changes answers silently unless checked; the size check catches cuts."""
+    _, report = small_cnn
+    shutil.copy(report.path, tmp_path / "copy.so")
+    assert kiln.load(tmp_path / "copy.so").meta["weights_nbytes"] > 0
+
+
+def _artifact_with_meta(tmp_path, change):
+    mod = run(from_onnx(model_builders.resnet18(size=32)), O2)
+    target = resolve_target("native")
+    result = build(mod, target)
+    result.meta.update({"cpu_features": [], "cpu": "test"})
+    change(result.meta)
+    return write_artifact(tmp_path / "meta.so", result.executable, result.meta, result.weights)
+
+
+def test_newer_format_is_refused(tmp_path):
+    path = _artifact_with_meta(tmp_path, lambda m: m.update(format=99))
+    with pytest.raises(ArtifactError, match="format 99"):
+        kiln.load(path)
+
+
+def test_missing_cpu_features_are_refused(tmp_path):
+    path = _artifact_with_meta(tmp_path, lambda m: m.update(cpu_features=["avx512f", "imaginary_feature"]))
+    with pytest.raises(ArtifactError, match="imaginary_feature"):
+        kiln.load(path)
+
+
+def test_metadata_lists_kernels_with_their_ops(small_cnn):
+    _, report = small_cnn
+    meta = kiln.load(report.path).meta
+    assert [s["ops"] for s in meta["steps"]].count(["nn.conv2d", "add", "nn.relu"]) >= 8
+    assert json.dumps(meta)  # plain JSON, readable by tools
