@@ -54,6 +54,16 @@ def to_te(fn: Function):
     return placeholders, env[id(fn.body)]
 
 
+def _anchor(fn: Function):
+    """(op name, attrs) of the group's conv or dense: what its schedule is built around."""
+    from kiln.ir.op import OpPattern
+
+    for e in post_order(fn.body):
+        if isinstance(e, Call) and isinstance(e.op, OpDef) and e.op.pattern == OpPattern.OUT_ELEMWISE_FUSABLE:
+            return e.op.name, e.attrs
+    return None
+
+
 def _scalar_tensor(c: Constant, te, tir):
     value = c.value.item()
     return te.compute((), lambda: tir.const(value, c.type.dtype), name="scalar")
@@ -68,7 +78,7 @@ def lower_group(fn: Function, symbol: str, target) -> LoweredGroup:
     try:
         placeholders, out = to_te(fn)
         prim = te.create_prim_func([*placeholders, out]).with_attr("global_symbol", symbol)
-        scheduled, how = schedule_group(prim, target)
+        scheduled, how = schedule_group(prim, target, _anchor(fn))
     except CodegenError:
         raise
     except Exception as err:  # TVM raises its own error types; name the group for the user

@@ -17,7 +17,8 @@ def _n_reduction_axes(sch, block) -> int:
     return sum(1 for iv in sch.get(block).iter_vars if int(iv.iter_type) == 2)  # 2: CommReduce
 
 
-def schedule_group(prim, target):
+def schedule_group(prim, target, anchor=None):
+    """Schedule one fused group; `anchor` is (op name, attrs) of its conv/dense, if it has one."""
     from tvm import s_tir
 
     from .target_info import vector_lanes
@@ -27,6 +28,10 @@ def schedule_group(prim, target):
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     if not blocks:
         return sch.mod["main"], "empty"
+    if anchor is not None and anchor[0] == "nn.conv2d" and anchor[1].groups == 1:
+        direct = _try_conv2d_direct(prim, target, anchor[1])
+        if direct is not None:
+            return direct
     out = blocks[-1]
     reductions = [b for b in blocks[:-1] if _n_reduction_axes(sch, b)]
     for b in blocks[:-1]:
@@ -109,3 +114,36 @@ def _schedule_reduction(sch, block, lanes, steps, parallel: bool) -> None:
     if _try(lambda: sch.vectorize(ii)):
         steps.append("reduction_vectorized")
     _try(lambda: sch.vectorize(sch.get_loops(init)[-1]))
+
+
+def _try_conv2d_direct(prim, target, attrs):
+    """The x86 direct-conv template on a fresh schedule; None when it does not apply to this group."""
+    from tvm import s_tir
+
+    from .target_info import vector_lanes
+    from .x86 import conv2d_direct
+
+    sch = s_tir.Schedule(prim)
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    names = [sch.get(b).name_hint for b in blocks]
+    if "conv2d_nchw" not in names or _n_reduction_axes(sch, blocks[-1]) or len(sch.get_loops(blocks[-1])) != 4:
+        return None
+    try:
+        conv = sch.get_sblock("conv2d_nchw")
+        for b, name in zip(blocks[:-1], names[:-1]):
+            if name == "pad_temp":
+                if not any(attrs.padding):
+                    sch.compute_inline(b)
+                else:  # materialized once, so the inner loop loads without bounds checks
+                    loops = sch.get_loops(b)
+                    sch.parallel(sch.fuse(*loops[:2]))
+                    sch.vectorize(loops[-1])
+            elif name != "conv2d_nchw":
+                sch.compute_inline(b)
+        out = sch.get_child_blocks(sch.get_sblock("root"))[-1]
+        shape = [int(sch.get(loop).extent) for loop in sch.get_loops(out)]
+        cfg = conv2d_direct.default(shape[1], shape[3], vector_lanes(target, 32))
+        steps = conv2d_direct.schedule(sch, conv, out, cfg)
+    except Exception:  # noqa: BLE001  (the template does not fit this group: fall back to the generic path)
+        return None
+    return sch.mod["main"], "+".join(steps)
