@@ -56,6 +56,10 @@ def compare(model: str, target: str = "native", repeat: int = 20, threads: int =
     want = sess.run(None, feeds)
     ort_t = _time(lambda: sess.run(None, feeds), repeat)
     err = max(float(np.max(np.abs(g.astype(np.float64) - w.astype(np.float64)))) for g, w in zip(got, want))
-    return {"model": model, "compile_s": report.total_s, "kernels": report.kernels, "kiln": kiln_t,
+    match = all(np.allclose(g, w, rtol=1e-3, atol=1e-4) for g, w in zip(got, want))
+    return {"model": model, "match": match, "compile_s": report.total_s, "kernels": report.kernels, "kiln": kiln_t,
             "onnxruntime": ort_t, "ratio": kiln_t["median_ms"] / ort_t["median_ms"], "max_abs_error": err,
             "threads": threads}
+
+
+compare_with_outputs = compare

@@ -28,7 +28,7 @@ def schedule_group(prim, target, anchor=None):
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     if not blocks:
         return sch.mod["main"], "empty"
-    if anchor is not None and anchor[0] == "nn.conv2d" and anchor[1].groups == 1:
+    if anchor is not None and anchor[0] == "nn.conv2d":
         direct = _try_conv2d_direct(prim, target, anchor[1])
         if direct is not None:
             return direct
@@ -126,10 +126,11 @@ def _try_conv2d_direct(prim, target, attrs):
     sch = s_tir.Schedule(prim)
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     names = [sch.get(b).name_hint for b in blocks]
-    if "conv2d_nchw" not in names or _n_reduction_axes(sch, blocks[-1]) or len(sch.get_loops(blocks[-1])) != 4:
+    conv_name = "conv2d_nchw" if attrs.groups == 1 else "group_conv2d_nchw"
+    if conv_name not in names or _n_reduction_axes(sch, blocks[-1]) or len(sch.get_loops(blocks[-1])) != 4:
         return None
     try:
-        conv = sch.get_sblock("conv2d_nchw")
+        conv = sch.get_sblock(conv_name)
         for b, name in zip(blocks[:-1], names[:-1]):
             if name == "pad_temp":
                 if not any(attrs.padding):
@@ -138,7 +139,7 @@ def _try_conv2d_direct(prim, target, attrs):
                     loops = sch.get_loops(b)
                     sch.parallel(sch.fuse(*loops[:2]))
                     sch.vectorize(loops[-1])
-            elif name != "conv2d_nchw":
+            elif name != conv_name:
                 sch.compute_inline(b)
         out = sch.get_child_blocks(sch.get_sblock("root"))[-1]
         shape = [int(sch.get(loop).extent) for loop in sch.get_loops(out)]
