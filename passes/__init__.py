@@ -3,11 +3,12 @@
 from .eliminate_common_subexpr import eliminate_common_subexpr
 from .fold_batch_norm import fold_batch_norm
 from .fold_constants import fold_constants
+from .pack_dense_weights import pack_dense_weights
 from .fuse_ops import fuse_ops, fused_groups, fusion_summary, group_ops
 from .pipeline import LEVELS, O0, O1, O2, O3, optimize, run
 from .plan_memory import MemoryPlan, plan_memory
 from .simplify_inference import simplify_inference
 
-__all__ = ["eliminate_common_subexpr", "fold_batch_norm", "fold_constants", "fuse_ops", "fused_groups",
+__all__ = ["eliminate_common_subexpr", "fold_batch_norm", "fold_constants", "pack_dense_weights", "fuse_ops", "fused_groups",
            "fusion_summary", "group_ops", "LEVELS", "O0", "O1", "O2", "O3", "optimize", "run", "MemoryPlan",
            "plan_memory", "simplify_inference"]

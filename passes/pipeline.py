@@ -11,13 +11,15 @@ from .eliminate_common_subexpr import eliminate_common_subexpr
 from .fold_batch_norm import fold_batch_norm
 from .fold_constants import fold_constants
 from .fuse_ops import fuse_ops
+from .pack_dense_weights import pack_dense_weights
 from .plan_memory import plan_memory
 from .simplify_inference import simplify_inference
 
 Pass = Callable[[IRModule], IRModule]
 
 O0: list[Pass] = [fuse_ops, plan_memory]  # what codegen needs; the fuser still groups, as codegen takes groups
-O1: list[Pass] = [simplify_inference, fold_constants, fold_batch_norm, fold_constants, fuse_ops, plan_memory]
+O1: list[Pass] = [simplify_inference, fold_constants, fold_batch_norm, fold_constants, pack_dense_weights, fuse_ops,
+                  plan_memory]
 O2: list[Pass] = [
     simplify_inference,
     fold_constants,
@@ -25,6 +27,7 @@ O2: list[Pass] = [
     fold_constants,  # ... which folds here, once, at compile time
     eliminate_common_subexpr,
     simplify_inference,  # CSE can expose reshape-of-reshape chains
+    pack_dense_weights,  # a layout change of constants only: done once, here, at compile time
     fuse_ops,
     plan_memory,
 ]

@@ -32,6 +32,10 @@ def schedule_group(prim, target, anchor=None):
         direct = _try_conv2d_direct(prim, target, anchor[1])
         if direct is not None:
             return direct
+    if anchor is not None and anchor[0] == "nn.dense_packed":
+        packed = _try_dense_packed(prim, anchor[1])
+        if packed is not None:
+            return packed
     out = blocks[-1]
     reductions = [b for b in blocks[:-1] if _n_reduction_axes(sch, b)]
     for b in blocks[:-1]:
@@ -146,5 +150,30 @@ def _try_conv2d_direct(prim, target, attrs):
         cfg = conv2d_direct.default(shape[1], shape[3], vector_lanes(target, 32))
         steps = conv2d_direct.schedule(sch, conv, out, cfg)
     except Exception:  # noqa: BLE001  (the template does not fit this group: fall back to the generic path)
+        return None
+    return sch.mod["main"], "+".join(steps)
+
+
+def _try_dense_packed(prim, attrs):
+    from tvm import s_tir
+
+    from .x86 import dense_packed
+
+    sch = s_tir.Schedule(prim)
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    names = [sch.get(b).name_hint for b in blocks]
+    if "dense_packed" not in names or _n_reduction_axes(sch, blocks[-1]):
+        return None
+    try:
+        dense = sch.get_sblock("dense_packed")
+        for b, name in zip(blocks[:-1], names[:-1]):
+            if name != "dense_packed":
+                sch.compute_inline(b)
+        out = sch.get_child_blocks(sch.get_sblock("root"))[-1]
+        extents = [int(sch.get(loop).extent) for loop in sch.get_loops(out)]
+        if len(extents) < 2:
+            return None
+        steps = dense_packed.schedule(sch, dense, out, attrs.block, dense_packed.default(extents[-2]))
+    except Exception:  # noqa: BLE001  (the template does not fit: fall back to the generic path)
         return None
     return sch.mod["main"], "+".join(steps)

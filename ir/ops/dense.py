@@ -130,3 +130,48 @@ def _aligned_batch(p, q):
     p = [1] * (n - len(p)) + list(p)
     q = [1] * (n - len(q)) + list(q)
     return list(zip(p, q))
+
+
+# --- dense with pre-packed weights ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PackedDenseAttrs:
+    """w is packed as [units / block, k, block]: `block` consecutive output units sit side by side, so a kernel
+    loads them as one vector while it walks k."""
+
+    block: int
+    out_dtype: str | None = None
+
+
+def dense_packed_type(x: TensorType, wp: TensorType, a: PackedDenseAttrs) -> TensorType:
+    if wp.ndim != 3 or wp.shape[2] != a.block or x.shape[-1] != wp.shape[1]:
+        raise TypeCheckError(f"nn.dense_packed: x is {x}, packed w is {wp}; expected [units/{a.block}, "
+                             f"{x.shape[-1]}, {a.block}]")
+    return TensorType(x.shape[:-1] + (wp.shape[0] * a.block,), a.out_dtype or x.dtype)
+
+
+def pack_dense_weight(w: np.ndarray, block: int) -> np.ndarray:
+    n, k = w.shape
+    return np.ascontiguousarray(w.reshape(n // block, block, k).transpose(0, 2, 1))
+
+
+def dense_packed_reference(x: np.ndarray, wp: np.ndarray, a: PackedDenseAttrs) -> np.ndarray:
+    w = wp.transpose(0, 2, 1).reshape(-1, wp.shape[1])
+    return dense_reference(x, w, DenseAttrs(a.out_dtype))
+
+
+DENSE_PACKED = register_op(OpDef(
+    "nn.dense_packed", PackedDenseAttrs, dense_packed_type, dense_packed_reference, OpPattern.OUT_ELEMWISE_FUSABLE,
+    flops=lambda x, wp, a: 2 * dense_packed_type(x, wp, a).size * wp.shape[1] if x.is_static else 0))
+
+
+@define_compute(DENSE_PACKED)
+def dense_packed_compute(x, wp, a: PackedDenseAttrs):
+    from tvm import te
+
+    acc = a.out_dtype or x.dtype
+    k = te.reduce_axis((0, x.shape[-1]), name="k")
+    n = wp.shape[0] * a.block
+    return te.compute(tuple(x.shape[:-1]) + (n,), lambda *i: te.sum(
+        x[(*i[:-1], k)].astype(acc) * wp[i[-1] // a.block, k, i[-1] % a.block].astype(acc), axis=k),
+        name="dense_packed")

@@ -148,3 +148,15 @@ def test_plan_memory_is_deterministic_and_covers_every_intermediate():
     a, b = plan_memory(mod).attrs["memory_plan"], plan_memory(mod).attrs["memory_plan"]
     assert a == b
     assert isinstance(mod.main.body, Call)
+
+
+def test_pack_dense_weights_keeps_the_answer():
+    from kiln.ir.ops.dense import DENSE, DENSE_PACKED
+    from kiln.passes import pack_dense_weights
+
+    x = var("x", "f32[3, 20]")
+    w = const(np.random.default_rng(0).standard_normal((48, 20)).astype(np.float32))
+    mod = IRModule({"main": Function((x,), call(DENSE, x, w))})
+    after = pack_dense_weights(mod)
+    assert after.main.body.op is DENSE_PACKED and after.main.body.args[1].type.shape == (3, 20, 16)
+    assert_close(outputs(after)[0], outputs(mod)[0], rtol=1e-5, atol=1e-5)
