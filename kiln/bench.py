@@ -34,7 +34,13 @@ def compare(model: str, target: str = "native", repeat: int = 20, threads: int =
 
     os.environ["TVM_NUM_THREADS"] = str(threads)  # before TVM's thread pool starts
     import onnx
-    import onnxruntime as ort
+
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        from kiln.errors import KilnError
+
+        raise KilnError("kiln bench compares against ONNX Runtime: pip install 'kiln[bench]'") from None
 
     import kiln
     from kiln import zoo
