@@ -5,6 +5,7 @@ runtime binds to kernel arguments."""
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -32,6 +33,13 @@ def _spec(name: str, ty) -> dict:
     if not isinstance(ty, TensorType) or not ty.is_static:
         raise CodegenError(f"'{name}' has type {ty}; compiled models need static tensor shapes (--input-shape)")
     return {"name": name, "shape": [int(d) for d in ty.shape], "dtype": ty.dtype}
+
+
+def _group_flops(fn: Function) -> int:
+    from kiln.ir.op import OpDef
+
+    return sum(e.op.count_flops([a.type for a in e.args], e.attrs) for e in post_order(fn.body)
+               if isinstance(e, Call) and isinstance(e.op, OpDef))
 
 
 def build(mod: IRModule, target, on_progress: Callable[[int, int], None] | None = None) -> BuildResult:
@@ -88,7 +96,7 @@ def build(mod: IRModule, target, on_progress: Callable[[int, int], None] | None 
         lowered.append(group)
         funcs[symbol] = group.prim_func
         steps.append({"kernel": symbol, "args": [*args, index_of[id(c)]], "ops": group.ops, "name": c.span or symbol,
-                      "schedule": group.schedule})
+                      "schedule": group.schedule, "flops": _group_flops(c.op)})
         if on_progress:
             on_progress(i + 1, len(calls) + 1)
     lower_s = time.perf_counter() - start
@@ -102,7 +110,8 @@ def build(mod: IRModule, target, on_progress: Callable[[int, int], None] | None 
         on_progress(len(calls) + 1, len(calls) + 1)
     meta = {"magic": "kiln", "format": FORMAT, "inputs": [v for v in values if v["kind"] == "input"],
             "outputs": [v for v in values if v["kind"] == "output"], "blocks": [int(b) for b in plan.block_bytes],
-            "values": values, "steps": steps, "weights_nbytes": len(weights)}
+            "values": values, "steps": steps, "weights_nbytes": len(weights),
+            "weights_crc32": zlib.crc32(bytes(weights))}
     for key in ("inputs", "outputs"):
         meta[key] = [{"name": v["name"], "shape": v["shape"], "dtype": v["dtype"]} for v in meta[key]]
     return BuildResult(executable, meta, bytes(weights), lowered, lower_s, compile_s)

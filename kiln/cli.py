@@ -203,6 +203,40 @@ def bench(
 
 
 @app.command()
+def profile(
+    artifact: Path = typer.Argument(..., help="a compiled model (.so)"),
+    repeat: int = typer.Option(20, "--repeat"),
+    trace: Optional[Path] = typer.Option(None, "--trace", help="write a Chrome trace (chrome://tracing) here"),
+    json_out: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
+    """Time every fused kernel of a compiled model: ops inside, time, share of the total, GFLOPS."""
+    import kiln
+
+    result = kiln.load(artifact).profile(repeat)
+    if trace is not None:
+        events, ts = [], 0.0
+        for k in result["kernels"]:
+            events.append({"name": k["name"], "cat": "+".join(k["ops"]), "ph": "X", "ts": ts, "dur": k["ms"] * 1e3,
+                           "pid": 0, "tid": 0, "args": {"gflops": round(k["gflops"], 2), "kernel": k["kernel"]}})
+            ts += k["ms"] * 1e3
+        trace.write_text(json.dumps({"traceEvents": events}))
+    if json_out:
+        out.print_json(json.dumps(result))
+        return
+    table = Table(title=f"{artifact} (median of {repeat})")
+    for col in ("kernel", "layer", "ops", "ms", "share", "GFLOPS"):
+        table.add_column(col, justify="right" if col in ("ms", "share", "GFLOPS") else "left")
+    total = result["kernels_ms"] or 1.0
+    for k in sorted(result["kernels"], key=lambda k: -k["ms"]):
+        table.add_row(k["kernel"], k["name"], "+".join(k["ops"]), f"{k['ms']:.3f}", f"{100 * k['ms'] / total:.1f}%",
+                      f"{k['gflops']:.1f}")
+    out.print(table)
+    overhead = result["run_ms"] - result["kernels_ms"]
+    out.print(f"run {result['run_ms']:.3f} ms; kernels {result['kernels_ms']:.3f} ms; executor overhead "
+              f"{overhead:.3f} ms ({100 * overhead / result['run_ms']:.1f}%)", soft_wrap=True)
+
+
+@app.command()
 def zoo() -> None:
     """List the models `zoo:<name>` can name (shipped in the onnx wheel, or built in code)."""
     from kiln import zoo as z

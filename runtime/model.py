@@ -9,6 +9,7 @@ import ctypes
 import importlib.util
 import json
 import os
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -93,6 +94,8 @@ class Model:
         if len(weights) != meta.get("weights_nbytes", 0):
             raise ArtifactError(f"{self.path}: weights blob is {len(weights)} bytes, metadata says "
                                 f"{meta.get('weights_nbytes')}")
+        if "weights_crc32" in meta and zlib.crc32(weights) != meta["weights_crc32"]:
+            raise ArtifactError(f"{self.path}: weights are corrupted (checksum mismatch); rebuild the artifact")
         arena = aligned_empty((len(weights),), "uint8")
         arena[:] = np.frombuffer(weights, np.uint8)
         blocks = [aligned_empty((n,), "uint8") for n in meta["blocks"]]
@@ -157,6 +160,32 @@ class Model:
         return [o.copy() for o in self._outputs]
 
     __call__ = run
+
+    def profile(self, repeat: int = 20) -> dict:
+        """Per-kernel median times (each kernel called `repeat` times on the current buffers) and the whole
+        run's median, so `run_ms - sum(kernel_ms)` is the executor's own overhead."""
+        import time
+
+        kernels = []
+        for (fn, fargs), step in zip(self._steps, self.meta["steps"]):
+            fn(*fargs)
+            samples = []
+            for _ in range(repeat):
+                start = time.perf_counter()
+                fn(*fargs)
+                samples.append(time.perf_counter() - start)
+            ms = float(np.median(samples)) * 1e3
+            kernels.append({"kernel": step["kernel"], "name": step.get("name", ""), "ops": step.get("ops", []),
+                            "ms": ms, "gflops": step.get("flops", 0) / (ms * 1e6) if ms > 0 else 0.0,
+                            "schedule": step.get("schedule", "")})
+        feeds = [np.zeros(t.shape, t.dtype) for t in self.inputs]
+        runs = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            self.run(*feeds)
+            runs.append(time.perf_counter() - start)
+        run_ms = float(np.median(runs)) * 1e3
+        return {"run_ms": run_ms, "kernels_ms": sum(k["ms"] for k in kernels), "kernels": kernels}
 
     def __repr__(self) -> str:
         return f"Model({self.path.name}: {self.inputs} -> {self.outputs}, {len(self._steps)} kernels)"

@@ -131,7 +131,7 @@ def _try_conv2d_direct(prim, target, attrs):
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     names = [sch.get(b).name_hint for b in blocks]
     conv_name = "conv2d_nchw" if attrs.groups == 1 else "group_conv2d_nchw"
-    if conv_name not in names or _n_reduction_axes(sch, blocks[-1]) or len(sch.get_loops(blocks[-1])) != 4:
+    if conv_name not in names or len(sch.get_loops(blocks[-1])) != 4 + _n_reduction_axes(sch, blocks[-1]):
         return None
     try:
         conv = sch.get_sblock(conv_name)
@@ -162,7 +162,7 @@ def _try_dense_packed(prim, attrs):
     sch = s_tir.Schedule(prim)
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     names = [sch.get(b).name_hint for b in blocks]
-    if "dense_packed" not in names or _n_reduction_axes(sch, blocks[-1]):
+    if "dense_packed" not in names:
         return None
     try:
         dense = sch.get_sblock("dense_packed")
@@ -170,7 +170,8 @@ def _try_dense_packed(prim, attrs):
             if name != "dense_packed":
                 sch.compute_inline(b)
         out = sch.get_child_blocks(sch.get_sblock("root"))[-1]
-        extents = [int(sch.get(loop).extent) for loop in sch.get_loops(out)]
+        loops = sch.get_loops(out)
+        extents = [int(sch.get(loop).extent) for loop in loops[:len(loops) - _n_reduction_axes(sch, out)]]
         if len(extents) < 2:
             return None
         steps = dense_packed.schedule(sch, dense, out, attrs.block, dense_packed.default(extents[-2]))

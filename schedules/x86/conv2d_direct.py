@@ -32,7 +32,10 @@ def schedule(sch, conv_block, out_block, cfg: Config) -> list[str]:
     steps = []
     # accumulate into a tile-sized local buffer (registers, once unrolled) instead of the full output
     copy = sch.cache_write(conv_block, 0, "local")
-    sch.compute_inline(copy)
+    if sch.get(out_block).same_as(sch.get(conv_block)):
+        out_block = copy  # no epilogue: the copy out of the accumulators is the output stage
+    else:
+        sch.compute_inline(copy)
     n, oc, oh, ow = sch.get_loops(out_block)[:4]
     oco, oci = sch.split(oc, factors=[None, cfg.tile_oc])
     owo, owi = sch.split(ow, factors=[None, cfg.tile_ow])
