@@ -77,16 +77,21 @@ def conformance(
     json_out: bool = typer.Option(False, "--json", help="machine-readable output"),
     write: Optional[Path] = typer.Option(None, "--write", help="write the markdown table here"),
     show_failures: bool = typer.Option(False, "--failures", help="list every failing case"),
+    compiled: bool = typer.Option(False, "--compiled", help="compile each case to an artifact and run that"),
 ) -> None:
     """Run ONNX's node test cases through Kiln: pass / fail / unsupported per op, and a summary."""
     from kiln import conformance as conf
+    from kiln.onnx_backend import compiled as compiled_executor
+    from kiln.onnx_backend import interpret
 
     progress, on_progress = progress_bar("conformance")
     with progress:
-        report = conf.run(set(op) if op else None, on_progress=on_progress)
+        report = conf.run(set(op) if op else None, executor=compiled_executor if compiled else interpret,
+                          on_progress=on_progress)
     if write:
         write.parent.mkdir(parents=True, exist_ok=True)
-        write.write_text(conf.to_markdown(report))
+        title = "ONNX node-test conformance (compiled artifacts)" if compiled else None
+        write.write_text(conf.to_markdown(report, title) if title else conf.to_markdown(report))
     if json_out:
         out.print_json(json.dumps({"summary": report.summary(),
                                    "ops": {k: dict(v) for k, v in sorted(report.by_op().items())},

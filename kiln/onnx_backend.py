@@ -28,6 +28,25 @@ def interpret(mod: IRModule) -> Runner:
     return lambda **feeds: run_module(mod, **feeds)
 
 
+def compiled(mod: IRModule) -> Runner:
+    """Compile the module into an artifact in a temporary folder, load it, and run that."""
+    import tempfile
+    from pathlib import Path
+
+    from kiln.codegen.artifact import write_artifact
+    from kiln.codegen.build import build
+    from kiln.codegen.target import resolve_target
+    from kiln.passes import O2, run
+    from kiln.runtime import load
+
+    target = resolve_target("native")
+    result = build(run(mod, O2), target)
+    result.meta.update({"cpu_features": [], "cpu": "native"})
+    with tempfile.TemporaryDirectory(prefix="kiln-conformance-") as tmp:
+        model = load(write_artifact(Path(tmp) / "case.so", result.executable, result.meta, result.weights))
+    return lambda **feeds: model.run(**feeds)
+
+
 def as_array(value: Any) -> np.ndarray:
     return numpy_helper.to_array(value) if isinstance(value, onnx.TensorProto) else np.asarray(value)
 
