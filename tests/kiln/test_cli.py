@@ -67,3 +67,36 @@ def test_conformance_for_one_op():
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)["summary"]
     assert s["cases"] >= 1 and s["fail"] == 0
+
+
+def test_compile_run_profile(tmp_path):
+    from kiln.frontend import from_onnx
+    from kiln.ir import run_module
+
+    _one_conv(tmp_path / "m.onnx")
+    so = tmp_path / "m.so"
+    r = kiln("compile", str(tmp_path / "m.onnx"), "-o", str(so))
+    assert r.returncode == 0, r.stderr
+    assert "1 kernels" in r.stdout or "1 kernel" in r.stdout
+    again = kiln("compile", str(tmp_path / "m.onnx"), "-o", str(so))
+    assert again.returncode == 1 and "--force" in again.stderr  # never overwrite without asking
+    x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    r = kiln("run", str(so), "--input", str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy"))
+    assert r.returncode == 0, r.stderr
+    want = run_module(from_onnx(str(tmp_path / "m.onnx")), x)[0]
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), want, rtol=1e-4, atol=1e-5)
+    r = kiln("profile", str(so), "--json", "--repeat", "3", "--trace", str(tmp_path / "trace.json"))
+    assert r.returncode == 0, r.stderr
+    prof = json.loads(r.stdout)
+    assert [k["ops"] for k in prof["kernels"]] == [["nn.conv2d"]]
+    assert json.loads((tmp_path / "trace.json").read_text())["traceEvents"][0]["ph"] == "X"
+
+
+def test_run_rejects_wrong_input_with_one_line(tmp_path):
+    _one_conv(tmp_path / "m.onnx")
+    so = tmp_path / "m.so"
+    assert kiln("compile", str(tmp_path / "m.onnx"), "-o", str(so)).returncode == 0
+    np.save(tmp_path / "bad.npy", np.zeros((1, 3, 8, 8), np.float32))
+    r = kiln("run", str(so), "--input", str(tmp_path / "bad.npy"))
+    assert r.returncode == 1 and "InputError" in r.stderr and "Traceback" not in r.stderr
