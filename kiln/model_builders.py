@@ -94,19 +94,26 @@ def _image_input(batch: int, size: int) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, size, size])
 
 
-def mobilenet_v2(batch: int = 1, size: int = 224, seed: int = 0) -> onnx.ModelProto:
-    g = GraphBuilder("mobilenet_v2", seed)
-    x = g.conv_bn("input", 3, 32, 3, 2, act="relu6")
-    cin = 32
-    for t, c, n, s in [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
-                       (6, 160, 3, 2), (6, 320, 1, 1)]:
+def _inverted_residuals(g: GraphBuilder, x: str, cin: int, stages) -> tuple[str, int]:
+    """MobileNetV2-style stages: 1x1 expand, kxk depthwise, 1x1 project, a residual where shapes allow; ReLU6.
+    Each stage is (expand ratio, channels, repeats, stride of the first, kernel)."""
+    for t, c, n, s, k in stages:
         for i in range(n):
             stride, hidden = (s if i == 0 else 1), cin * t
             y = g.conv_bn(x, cin, hidden, 1, act="relu6") if t != 1 else x
-            y = g.conv_bn(y, hidden, hidden, 3, stride, groups=hidden, act="relu6")
+            y = g.conv_bn(y, hidden, hidden, k, stride, groups=hidden, act="relu6")
             y = g.conv_bn(y, hidden, c, 1, act=None)
             x = g.op("Add", [x, y]) if stride == 1 and cin == c else y
             cin = c
+    return x, cin
+
+
+def mobilenet_v2(batch: int = 1, size: int = 224, seed: int = 0) -> onnx.ModelProto:
+    g = GraphBuilder("mobilenet_v2", seed)
+    x = g.conv_bn("input", 3, 32, 3, 2, act="relu6")
+    # expand ratio, channels, repeats, stride, kernel
+    x, cin = _inverted_residuals(g, x, 32, [(1, 16, 1, 1, 3), (6, 24, 2, 2, 3), (6, 32, 3, 2, 3), (6, 64, 4, 2, 3),
+                                            (6, 96, 3, 1, 3), (6, 160, 3, 2, 3), (6, 320, 1, 1, 3)])
     x = g.conv_bn(x, cin, 1280, 1, act="relu6")
     return g.model([_image_input(batch, size)], [(g.classifier(x, 1280), TensorProto.FLOAT, [batch, 1000])])
 
@@ -157,17 +164,9 @@ def mobilenet_v3_large(batch: int = 1, size: int = 224, seed: int = 0) -> onnx.M
 def efficientnet_lite0(batch: int = 1, size: int = 224, seed: int = 0) -> onnx.ModelProto:
     g = GraphBuilder("efficientnet_lite0", seed)
     x = g.conv_bn("input", 3, 32, 3, 2, act="relu6")
-    cin = 32
-    # expand ratio, channels, repeats, stride, kernel (EfficientNet-B0 without squeeze-excite, ReLU6: "lite")
-    for t, c, n, s, k in [(1, 16, 1, 1, 3), (6, 24, 2, 2, 3), (6, 40, 2, 2, 5), (6, 80, 3, 2, 3),
-                          (6, 112, 3, 1, 5), (6, 192, 4, 2, 5), (6, 320, 1, 1, 3)]:
-        for i in range(n):
-            stride, hidden = (s if i == 0 else 1), cin * t
-            y = g.conv_bn(x, cin, hidden, 1, act="relu6") if t != 1 else x
-            y = g.conv_bn(y, hidden, hidden, k, stride, groups=hidden, act="relu6")
-            y = g.conv_bn(y, hidden, c, 1, act=None)
-            x = g.op("Add", [x, y]) if stride == 1 and cin == c else y
-            cin = c
+    # EfficientNet-B0's stages without squeeze-excite and with ReLU6: the "lite" variant
+    x, cin = _inverted_residuals(g, x, 32, [(1, 16, 1, 1, 3), (6, 24, 2, 2, 3), (6, 40, 2, 2, 5), (6, 80, 3, 2, 3),
+                                            (6, 112, 3, 1, 5), (6, 192, 4, 2, 5), (6, 320, 1, 1, 3)])
     x = g.conv_bn(x, cin, 1280, 1, act="relu6")
     return g.model([_image_input(batch, size)], [(g.classifier(x, 1280), TensorProto.FLOAT, [batch, 1000])])
 
