@@ -16,6 +16,8 @@ from pathlib import Path
 from kiln.errors import CodegenError
 from kiln.runtime.artifact import META_SYMBOL, WEIGHTS_SYMBOL
 
+from .entry import ENTRY_SYMBOL, entry_source
+
 _BLOBS_C = r'''
 #include <tvm/ffi/c_api.h>
 #define BLOB(name, file) \
@@ -32,6 +34,7 @@ def write_artifact(path: Path, executable, meta: dict, weights: bytes, cc: str =
     import tvm_ffi
 
     path = Path(path)
+    meta = {**meta, "entry": ENTRY_SYMBOL}
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="kiln-artifact-") as tmp:
         t = Path(tmp)
@@ -39,15 +42,18 @@ def write_artifact(path: Path, executable, meta: dict, weights: bytes, cc: str =
         (t / "weights.bin").write_bytes(weights)
         (t / "blobs.c").write_text(_BLOBS_C % {"meta": META_SYMBOL, "weights": WEIGHTS_SYMBOL,
                                                "meta_file": t / "meta.json", "weights_file": t / "weights.bin"})
+        (t / "entry.c").write_text(entry_source(meta["steps"], len(meta["values"])))
         try:
-            subprocess.run([cc, "-c", "-fPIC", "-O2", "-I", tvm_ffi.libinfo.find_include_path(), str(t / "blobs.c"),
-                            "-o", str(t / "blobs.o")], check=True, capture_output=True, text=True)
+            for name in ("blobs", "entry"):
+                subprocess.run([cc, "-c", "-fPIC", "-O2", "-I", tvm_ffi.libinfo.find_include_path(),
+                                str(t / f"{name}.c"), "-o", str(t / f"{name}.o")], check=True, capture_output=True,
+                               text=True)
         except FileNotFoundError:
             raise CodegenError(f"C compiler {cc!r} not found; it links the artifact") from None
         except subprocess.CalledProcessError as err:
             raise CodegenError(f"compiling the artifact's metadata object failed: {err.stderr.strip()[:500]}") from None
         partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
         kwargs = {"fcompile": fcompile} if fcompile is not None else {}
-        executable.export_library(str(partial), addons=[str(t / "blobs.o")], **kwargs)
+        executable.export_library(str(partial), addons=[str(t / "blobs.o"), str(t / "entry.o")], **kwargs)
         os.replace(partial, path)
     return path

@@ -231,7 +231,7 @@ def profile(
     table = Table(title=f"{artifact} (median of {repeat})")
     for col in ("kernel", "layer", "ops", "ms", "share", "GFLOPS"):
         table.add_column(col, justify="right" if col in ("ms", "share", "GFLOPS") else "left")
-    total = result["kernels_ms"] or 1.0
+    total = result["sum_of_isolated_kernels_ms"] or 1.0
     for k in sorted(result["kernels"], key=lambda k: -k["ms"]):
         table.add_row(k["kernel"], k["name"], "+".join(k["ops"]), f"{k['ms']:.3f}", f"{100 * k['ms'] / total:.1f}%",
                       f"{k['gflops']:.1f}")
