@@ -214,7 +214,7 @@ class Model:
         # entry, or the loop over kernels); their difference is what the executor adds (checks, copies, calls).
         run_ms = median_ms(lambda: self.run(*feeds))
         if self._entry is not None:
-            kernels_only = median_ms(lambda: self._entry(*self._values))
+            kernels_only = median_ms(lambda: self._entry(self._table_tensor))
         else:
             kernels_only = median_ms(lambda: [fn(*fargs) for fn, fargs in self._steps])
         return {"run_ms": run_ms, "kernels_ms": kernels_only, "kernels": kernels,
