@@ -1,6 +1,7 @@
 """Graph passes, each a pure function IRModule → IRModule, and the pipelines that order them."""
 
 from .eliminate_common_subexpr import eliminate_common_subexpr
+from .eliminate_dead_code import eliminate_dead_code
 from .fold_batch_norm import fold_batch_norm
 from .fold_constants import fold_constants
 from .pack_dense_weights import pack_dense_weights
@@ -9,6 +10,6 @@ from .pipeline import LEVELS, O0, O1, O2, O3, optimize, run
 from .plan_memory import MemoryPlan, plan_memory
 from .simplify_inference import simplify_inference
 
-__all__ = ["eliminate_common_subexpr", "fold_batch_norm", "fold_constants", "pack_dense_weights", "fuse_ops", "fused_groups",
+__all__ = ["eliminate_common_subexpr", "eliminate_dead_code", "fold_batch_norm", "fold_constants", "pack_dense_weights", "fuse_ops", "fused_groups",
            "fusion_summary", "group_ops", "LEVELS", "O0", "O1", "O2", "O3", "optimize", "run", "MemoryPlan",
            "plan_memory", "simplify_inference"]

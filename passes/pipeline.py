@@ -8,6 +8,7 @@ from pathlib import Path
 from kiln.ir import IRModule, print_ir, verify_module
 
 from .eliminate_common_subexpr import eliminate_common_subexpr
+from .eliminate_dead_code import eliminate_dead_code
 from .fold_batch_norm import fold_batch_norm
 from .fold_constants import fold_constants
 from .fuse_ops import fuse_ops
@@ -26,6 +27,7 @@ O2: list[Pass] = [
     fold_batch_norm,  # scales conv weights: leaves constant arithmetic behind
     fold_constants,  # ... which folds here, once, at compile time
     eliminate_common_subexpr,
+    eliminate_dead_code,
     simplify_inference,  # CSE can expose reshape-of-reshape chains
     pack_dense_weights,  # a layout change of constants only: done once, here, at compile time
     fuse_ops,

@@ -64,10 +64,11 @@ class Model:
         if not self.path.is_file():
             raise ArtifactError(f"artifact {str(path)!r} does not exist")
         check_elf(self.path, expect_arch=host_arch())
-        if num_threads is not None:
-            os.environ["TVM_NUM_THREADS"] = str(num_threads)  # read by TVM's pool when it starts
         _load_tvm_runtime()
         import tvm_ffi
+
+        if num_threads is not None:
+            set_num_threads(num_threads)
 
         try:
             self._lib = tvm_ffi.load_module(str(self.path))
@@ -222,6 +223,16 @@ class Model:
 
     def __repr__(self) -> str:
         return f"Model({self.path.name}: {self.inputs} -> {self.outputs}, {len(self._steps)} kernels)"
+
+
+def set_num_threads(n: int) -> None:
+    """Resize TVM's worker pool (process-wide: every loaded model shares it)."""
+    if n < 1:
+        raise InputError(f"num_threads must be ≥ 1, got {n}")
+    _load_tvm_runtime()
+    import tvm_ffi
+
+    tvm_ffi.get_global_func("runtime.config_threadpool")(1, int(n))  # 1: no core pinning
 
 
 _DLTENSOR = np.dtype([("data", "u8"), ("device_type", "i4"), ("device_id", "i4"), ("ndim", "i4"),

@@ -133,3 +133,13 @@ def test_metadata_lists_kernels_with_their_ops(small_cnn):
     meta = kiln.load(report.path).meta
     assert [s["ops"] for s in meta["steps"]].count(["nn.conv2d", "add", "nn.relu"]) >= 8
     assert json.dumps(meta)  # plain JSON, readable by tools
+
+
+def test_thread_count_is_configurable(small_cnn):
+    model, report = small_cnn
+    feeds = model_builders.random_feeds(model, seed=4)
+    one = kiln.load(report.path, num_threads=1).run(**feeds)[0]
+    two = kiln.load(report.path, num_threads=2).run(**feeds)[0]
+    assert_close(one, two, rtol=1e-5, atol=1e-6)
+    with pytest.raises(InputError, match="num_threads"):
+        kiln.load(report.path, num_threads=0)

@@ -160,3 +160,17 @@ def test_pack_dense_weights_keeps_the_answer():
     after = pack_dense_weights(mod)
     assert after.main.body.op is DENSE_PACKED and after.main.body.args[1].type.shape == (3, 20, 16)
     assert_close(outputs(after)[0], outputs(mod)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_dead_code_elimination_drops_literal_tuple_items_and_uncalled_functions():
+    from kiln.ir import Tuple, TupleGetItem
+    from kiln.passes import eliminate_dead_code
+
+    x = var("x", "f32[4]")
+    a, b = call(ew.EXP, x), call(ew.RELU, x)
+    unused = Function((x,), call(ew.TANH, x))
+    mod = IRModule({"main": Function((x,), TupleGetItem(Tuple((a, b)), 1)), "helper": unused})
+    after = eliminate_dead_code(mod)
+    assert list(after.functions) == ["main"]
+    assert after.main.body is b
+    assert [c.op_name for c in calls(after.main.body)] == ["nn.relu"]
