@@ -15,7 +15,6 @@ import time
 import traceback
 from pathlib import Path
 
-import numpy as np
 
 MODELS = ["bvlc_alexnet", "densenet121", "inception_v1", "inception_v2", "resnet50", "shufflenet", "squeezenet",
           "vgg19", "zfnet512", "mobilenet_v2", "resnet18", "bert_layer"]

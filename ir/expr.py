@@ -7,7 +7,6 @@ are by identity (a DAG shares nodes); `ir.structural` compares graphs by structu
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,8 +16,6 @@ from kiln.errors import KilnError, TypeCheckError
 
 from .op import OpDef
 from .types import TensorType, TupleType, Type, tensor_type_of
-
-_ids = itertools.count()
 
 
 class Expr:

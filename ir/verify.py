@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kiln.errors import KilnError
 
-from .expr import Call, Constant, Expr, Function, Var
+from .expr import Call, Function, Var
 from .module import IRModule
 from .op import OpDef
 from .visitor import post_order
@@ -40,6 +40,3 @@ def verify_module(mod: IRModule, after: str | None = None) -> None:
     for name, fn in mod.functions.items():
         verify_function(fn, f"{where}@{name}: ")
 
-
-def is_constant(e: Expr) -> bool:
-    return isinstance(e, Constant)

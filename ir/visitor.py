@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from .expr import Call, Constant, Expr, Function, Tuple, TupleGetItem, Var
+from .expr import Call, Expr, Function, Tuple, TupleGetItem, Var
 from .module import IRModule
 
 
@@ -97,6 +97,3 @@ def count_nodes(root: Expr) -> dict[str, int]:
         counts[key] = counts.get(key, 0) + 1
     return counts
 
-
-__all__ = ["children", "post_order", "calls", "free_vars", "rewrite", "rewrite_calls", "rewrite_function",
-           "with_children", "count_nodes", "Constant"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from kiln.errors import KilnError
 
@@ -107,6 +107,3 @@ def _random(rng: np.random.Generator, shape: tuple[int, ...], op: str, index: in
         return (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
     return (0.1 * rng.standard_normal(shape)).astype(np.float32)
 
-
-def make_value_info(name: str, shape: list[int]) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape)

@@ -16,7 +16,7 @@ import onnx
 from onnx import numpy_helper
 
 from kiln.errors import ModelError, NeedsConstantError, UnsupportedError
-from kiln.ir import Call, Constant, Expr, OpDef, TensorType, Var
+from kiln.ir import Call, Constant, Expr, OpDef, TensorType
 from kiln.ir.interpreter import evaluate_expr
 from kiln.ir.visitor import free_vars
 
@@ -156,6 +156,3 @@ def fold(c: Call) -> Expr:
     value = evaluate_expr(c)
     return Constant(np.asarray(value), name=None)
 
-
-def as_var_or_const(x: Expr) -> bool:
-    return isinstance(x, (Var, Constant))

@@ -141,7 +141,7 @@ def conv_transpose_reference(x: np.ndarray, w: np.ndarray, a: ConvTransposeAttrs
                              a.strides[i]) for i in range(nd))
         for gi in range(g):
             xg = x[:, gi * cg:(gi + 1) * cg]
-            wg = w[gi * cg:(gi + 1) * cg, :, *kk]  # cg, og
+            wg = w[(slice(gi * cg, (gi + 1) * cg), slice(None), *kk)]  # cg, og
             out[(slice(None), slice(gi * og, (gi + 1) * og)) + region] += np.einsum(
                 "nc...,co->no...", xg, wg).astype(x.dtype)
     crop = tuple(slice(a.padding[i], full[i] - a.padding[i + nd]) for i in range(nd))
