@@ -42,7 +42,7 @@ def zoo_model(name: str, random_weights: bool = True, seed: int = 0) -> onnx.Mod
     if name not in WHEEL_MODELS:
         raise KilnError(f"no zoo model {name!r}; known: {', '.join(names())}")
     model = onnx.load(str(wheel_model_path(name)))
-    return randomize_weights(model, seed) if random_weights else model
+    return calibrate_logits(randomize_weights(model, seed), seed) if random_weights else model
 
 
 def feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
@@ -95,6 +95,35 @@ def randomize_weights(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
     del out.graph.input[:]
     out.graph.input.extend(inputs)
     return out
+
+
+LOGIT_STD = 3.0  # spread of the final layer's outputs: a softmax over them is neither flat nor one-hot
+
+
+def calibrate_logits(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
+    """Rescale the Gemm that feeds the final Softmax so its outputs have a standard deviation of LOGIT_STD.
+
+    Random weights without real batch-norm statistics let residual networks grow their activations by orders
+    of magnitude; a saturated softmax is then one-hot and hides any numeric difference in comparisons.
+    """
+    from kiln.frontend import from_onnx
+    from kiln.ir import Function, IRModule, run_module
+
+    nodes = {o: n for n in model.graph.node for o in n.output}
+    last = nodes.get(model.graph.output[0].name)
+    gemm = nodes.get(last.input[0]) if last is not None and last.op_type == "Softmax" else None
+    if gemm is None or gemm.op_type != "Gemm":
+        return model
+    mod = from_onnx(model)
+    softmax = mod.main.body
+    logits = run_module(IRModule({"main": Function(mod.main.params, softmax.args[0])}), **feeds(model, seed))[0]
+    scale = LOGIT_STD / max(float(logits.std()), 1e-12)
+    inits = {t.name: t for t in model.graph.initializer}
+    for name in gemm.input[1:3]:
+        if name in inits:
+            value = numpy_helper.to_array(inits[name]) * np.float32(scale)
+            inits[name].CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
+    return model
 
 
 def _random(rng: np.random.Generator, shape: tuple[int, ...], op: str, index: int) -> np.ndarray:
