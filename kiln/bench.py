@@ -13,18 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
+from kiln.runtime.timing import time_ms
+
 PAUSE_S = 1.0
 
 
 def _time(fn: Callable[[], object], repeat: int, warmup: int = 2) -> dict:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    ms = np.array(samples) * 1e3
+    ms = time_ms(fn, repeat, warmup)
     return {"median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)), "runs": repeat}
 
 

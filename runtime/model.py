@@ -19,6 +19,7 @@ from kiln.errors import ArtifactError, InputError
 
 from .artifact import ALIGN, META_SYMBOL, WEIGHTS_SYMBOL, check_elf, validate_metadata
 from .cpu import host_arch, missing_features
+from .timing import time_ms
 
 _RUNTIME_LOADED = False
 
@@ -186,30 +187,16 @@ class Model:
     def profile(self, repeat: int = 20) -> dict:
         """Per-kernel median times (each kernel called `repeat` times on the current buffers) and the whole
         run's median, so `run_ms - sum(kernel_ms)` is the executor's own overhead."""
-        import time
-
         kernels = []
         for (fn, fargs), step in zip(self._steps, self.meta["steps"]):
-            fn(*fargs)
-            samples = []
-            for _ in range(repeat):
-                start = time.perf_counter()
-                fn(*fargs)
-                samples.append(time.perf_counter() - start)
-            ms = float(np.median(samples)) * 1e3
+            ms = float(np.median(time_ms(lambda: fn(*fargs), repeat)))
             kernels.append({"kernel": step["kernel"], "name": step.get("name", ""), "ops": step.get("ops", []),
                             "ms": ms, "gflops": step.get("flops", 0) / (ms * 1e6) if ms > 0 else 0.0,
                             "schedule": step.get("schedule", "")})
         feeds = [np.zeros(t.shape, t.dtype) for t in self.inputs]
 
         def median_ms(fn) -> float:
-            fn()
-            samples = []
-            for _ in range(repeat):
-                start = time.perf_counter()
-                fn()
-                samples.append(time.perf_counter() - start)
-            return float(np.median(samples)) * 1e3
+            return float(np.median(time_ms(fn, repeat)))
 
         # Interleaved, so both medians see the same machine: the whole run, and the kernels alone (the native
         # entry, or the loop over kernels); their difference is what the executor adds (checks, copies, calls).
