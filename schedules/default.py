@@ -68,8 +68,9 @@ def _try(step) -> bool:
         return False
 
 
-def _parallel_outer(sch, loops, steps):
-    """Fuse outer loops until there is enough work to share; run that loop in parallel."""
+def _parallel_outer(sch, loops, steps, keep_inner: bool = True):
+    """Fuse outer loops until there is enough work to share; run that loop in parallel. `keep_inner` leaves
+    the innermost loop out of the fusion, for vectorizing."""
     extents = [int(sch.get(loop).extent) for loop in loops]
     if len(loops) == 1:
         if extents[0] < 2 * PARALLEL_MIN_ITERATIONS:
@@ -79,7 +80,7 @@ def _parallel_outer(sch, loops, steps):
         steps.append("parallel")
         return outer
     k, work = 1, extents[0]
-    while k < len(loops) - 1 and work < PARALLEL_MIN_ITERATIONS:
+    while k < len(loops) - (1 if keep_inner else 0) and work < PARALLEL_MIN_ITERATIONS:
         work *= extents[k]
         k += 1
     fused = sch.fuse(*loops[:k]) if k > 1 else loops[0]
@@ -103,10 +104,12 @@ def _schedule_reduction(sch, block, lanes, steps, parallel: bool) -> None:
     n_red = _n_reduction_axes(sch, block)
     loops = sch.get_loops(block)
     spatial, reduce = loops[:-n_red], loops[-n_red:]
+    if not parallel:
+        spatial = spatial[1:]  # the first is the consumer's parallel loop this block was computed at
     if not spatial:
         return
     if parallel and len(spatial) > 1:
-        _parallel_outer(sch, spatial[:-1], steps)
+        _parallel_outer(sch, spatial[:-1], steps, keep_inner=False)
     inner = spatial[-1]
     extent = int(sch.get(inner).extent)
     if extent < 2:
