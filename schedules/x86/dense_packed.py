@@ -29,8 +29,9 @@ def schedule(sch, dense_block, out_block, block: int, cfg: Config) -> list[str]:
     mo, mi = sch.split(m, factors=[None, cfg.tile_m])
     no, ni = sch.split(n, factors=[None, block])
     sch.reorder(*batch, mo, no, mi, ni)
-    sch.parallel(sch.fuse(*batch, mo, no))
-    sch.compute_at(dense_block, no)
+    tile = sch.fuse(*batch, mo, no)
+    sch.parallel(tile)
+    sch.compute_at(dense_block, tile)
     d_loops = sch.get_loops(dense_block)
     inner = d_loops[1:]  # after the fused parallel loop: [mi], ni, k (unit loops dropped)
     reduce = inner[-1]
