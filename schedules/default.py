@@ -9,6 +9,10 @@ steps applied.
 
 from __future__ import annotations
 
+import logging
+
+log = logging.getLogger(__name__)
+
 VERSION = 1
 PARALLEL_MIN_ITERATIONS = 64  # enough outer iterations to keep every core of a small CPU busy
 
@@ -152,7 +156,8 @@ def _try_conv2d_direct(prim, target, attrs):
         shape = [int(sch.get(loop).extent) for loop in sch.get_loops(out)]
         cfg = conv2d_direct.default(shape[1], shape[3], vector_lanes(target, 32))
         steps = conv2d_direct.schedule(sch, conv, out, cfg)
-    except Exception:  # noqa: BLE001  (the template does not fit this group: fall back to the generic path)
+    except Exception as err:  # noqa: BLE001  (the template does not fit this group: fall back, and say so)
+        log.info("conv2d_direct does not apply (%s); generic schedule used", str(err).splitlines()[0][:200])
         return None
     return sch.mod["main"], "+".join(steps)
 
@@ -178,6 +183,7 @@ def _try_dense_packed(prim, attrs):
         if len(extents) < 2:
             return None
         steps = dense_packed.schedule(sch, dense, out, attrs.block, dense_packed.default(extents[-2]))
-    except Exception:  # noqa: BLE001  (the template does not fit: fall back to the generic path)
+    except Exception as err:  # noqa: BLE001  (the template does not fit: fall back, and say so)
+        log.info("dense_packed does not apply (%s); generic schedule used", str(err).splitlines()[0][:200])
         return None
     return sch.mod["main"], "+".join(steps)
