@@ -37,12 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--write", type=Path, default=None)
     args = ap.parse_args(argv)
-    from kiln.bench import compare_with_outputs
+    from kiln.bench import compare
 
     rows = []
     for name in args.only or MODELS:
         try:
-            r = compare_with_outputs(f"zoo:{name}", repeat=args.repeat, threads=args.threads)
+            r = compare(f"zoo:{name}", repeat=args.repeat, threads=args.threads)
             rows.append(r)
             print(f"{name:14s} compile {r['compile_s']:5.1f} s  kiln {r['kiln']['median_ms']:8.2f} ms  "
                   f"ort {r['onnxruntime']['median_ms']:8.2f} ms  ratio {r['ratio']:5.2f}x  "

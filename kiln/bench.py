@@ -62,5 +62,3 @@ def compare(model: str, target: str = "native", repeat: int = 20, threads: int =
             "onnxruntime": ort_t, "ratio": kiln_t["median_ms"] / ort_t["median_ms"], "max_abs_error": err,
             "threads": threads}
 
-
-compare_with_outputs = compare

@@ -56,16 +56,12 @@ def plan_memory(mod: IRModule) -> IRModule:
 
     last_use = {id(e): i for i, e in enumerate(order)}
     for e in post_order(body):
-        users = [e] if isinstance(e, Call) else []
+        # a tuple or tuple item is no kernel: its readers count from the end of main, conservatively
+        at = position.get(id(e), len(order))
         for c in children(e):
             p = producer(c)
             if id(p) in position:
-                at = position[id(e)] if id(e) in position else len(order)
-                last_use[id(p)] = max(last_use.get(id(p), 0), at)
-        del users
-    for o in outputs:
-        if id(producer_of := producer(_lookup(body, o))) in position:
-            last_use[id(producer_of)] = len(order)
+                last_use[id(p)] = max(last_use[id(p)], at)
 
     free: list[tuple[int, int]] = []  # (size, block)
     blocks: list[int] = []
@@ -102,8 +98,3 @@ def plan_memory(mod: IRModule) -> IRModule:
     plan = MemoryPlan(tuple(blocks), tuple(assignment), naive)
     return mod.with_attrs(memory_plan=plan)
 
-
-def _lookup(body: Expr, key: int) -> Expr:
-    if id(body) == key:
-        return body
-    return next(f for f in body.fields if id(f) == key)
