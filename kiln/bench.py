@@ -46,7 +46,7 @@ def compare(model: str, target: str = "native", repeat: int = 20, threads: int =
     feeds = zoo.feeds(proto, seed=0)
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
         report = kiln.compile(proto, Path(tmp) / "model.so", Options(target=target), on_progress=on_progress)
-        compiled = kiln.load(report.path)
+        compiled = kiln.load(report.path, num_threads=threads)
         got = compiled.run(**feeds)
         kiln_t = _time(lambda: compiled.run(**feeds), repeat)
     time.sleep(PAUSE_S)
