@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import json
+import logging
 import os
 import zlib
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from .artifact import ALIGN, META_SYMBOL, WEIGHTS_SYMBOL, check_elf, validate_me
 from .cpu import host_arch, missing_features
 from .timing import time_ms
 
+log = logging.getLogger(__name__)
 _RUNTIME_LOADED = False
 
 
@@ -35,8 +37,19 @@ def _load_tvm_runtime() -> None:
     if spec is None or spec.origin is None:
         raise ArtifactError("TVM's runtime library is not installed (pip install apache-tvm)")
     lib = os.path.join(os.path.dirname(spec.origin), "lib", "libtvm_runtime.so")
+    # TVM sizes its worker pool once, from TVM_NUM_THREADS, when the first parallel kernel runs, and defaults to
+    # half the logical CPUs (one thread on a 2-core machine); `runtime.config_threadpool` can only shrink it
+    # later. Default to every core this process may use, as ONNX Runtime does.
+    os.environ.setdefault("TVM_NUM_THREADS", str(usable_cpus()))
     ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
     _RUNTIME_LOADED = True
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def aligned_empty(shape: Sequence[int], dtype: str) -> np.ndarray:
@@ -219,6 +232,10 @@ def set_num_threads(n: int) -> None:
     _load_tvm_runtime()
     import tvm_ffi
 
+    pool = int(os.environ.get("TVM_NUM_THREADS") or usable_cpus())
+    if n > pool:
+        log.warning("num_threads=%d but TVM's pool holds %d threads (TVM_NUM_THREADS); using %d", n, pool, pool)
+        n = pool
     tvm_ffi.get_global_func("runtime.config_threadpool")(1, int(n))  # 1: no core pinning
 
 

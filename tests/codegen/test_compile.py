@@ -157,3 +157,18 @@ def test_templates_apply_instead_of_silently_falling_back(small_cnn, tmp_path):
     steps = kiln.load(kiln.compile(bert, tmp_path / "bert.so").path).meta["steps"]
     denses = [s for s in steps if s["ops"][0] == "nn.dense_packed"]
     assert denses and all(s["schedule"].startswith("dense_packed(") for s in denses), [s["schedule"] for s in denses]
+
+
+def test_default_pool_uses_every_usable_core(small_cnn):
+    """TVM's own default is half the logical CPUs (one thread on a 2-core machine); Kiln uses them all."""
+    import os
+    import subprocess
+    import sys
+
+    _, report = small_cnn
+    code = ("import numpy as np, kiln, tvm_ffi\n"
+            f"m = kiln.load({str(report.path)!r}); m.run(np.zeros(m.inputs[0].shape, 'float32'))\n"
+            "print(tvm_ffi.get_global_func('runtime.NumThreads')())")
+    env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
+    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert int(got.stdout.split()[-1]) == len(os.sched_getaffinity(0))
