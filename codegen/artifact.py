@@ -2,7 +2,9 @@
 
 The blobs are embedded with `.incbin` in a few lines of C compiled into an addon object; each is exported as a
 TVM-FFI function returning bytes (see runtime/artifact.py for the format). Writing goes to a temporary file
-that replaces the target only when complete, so a failed build never leaves half an artifact behind.
+that replaces the target only when complete, so a failed build never leaves half an artifact behind. The blob
+labels are hidden, so they are addressed PC-relative: through the GOT, aarch64's assembler folds local labels into
+section-relative entries that lose the offset, and every blob would start at .rodata with length 0.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ _BLOBS_C = r'''
 #include <tvm/ffi/c_api.h>
 #define BLOB(name, file) \
   __asm__(".section .rodata\n.balign 64\n" #name "_s:\n.incbin \"" file "\"\n" #name "_e:\n.previous"); \
-  extern const char name##_s[], name##_e[]; \
+  __attribute__((visibility("hidden"))) extern const char name##_s[], name##_e[]; \
   int __tvm_ffi_##name(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* ret) { \
     TVMFFIByteArray b = {name##_s, (size_t)(name##_e - name##_s)}; return TVMFFIBytesFromByteArray(&b, ret); }
 BLOB(%(meta)s, "%(meta_file)s")

@@ -4,8 +4,10 @@ target dict as JSON. An unknown CPU name is an error here, not LLVM's silent fal
 from __future__ import annotations
 
 import json
+import platform
+import shutil
 
-from kiln.errors import KilnError
+from kiln.errors import CodegenError, KilnError
 from kiln.schedules.target_info import vector_lanes  # noqa: F401  (re-exported)
 
 PRESETS = {
@@ -66,3 +68,35 @@ def required_cpu_features(target) -> list[str]:
         except (ValueError, RuntimeError):
             pass
     return out
+
+
+# The cross compiler for a target triple's architecture, when it is not this machine's (Debian's names).
+CROSS_COMPILERS = {"aarch64": "aarch64-linux-gnu-gcc"}
+
+
+def target_arch(target) -> str:
+    """The CPU architecture the target's code runs on: `x86_64`, `aarch64`, ..."""
+    from tvm.target import codegen
+
+    host = target.host if target.kind.name != "llvm" and target.host is not None else target
+    triple = str(host.attrs.get("mtriple", "") or codegen.llvm_get_system_triple())
+    return triple.split("-", 1)[0]
+
+
+def toolchain(target) -> tuple[str, object | None]:
+    """(C compiler, export_library fcompile) that link an artifact for the target: this machine's gcc, or a
+    cross gcc when the target is another architecture. A missing cross compiler is a clear error here."""
+    from tvm.support import cc
+
+    arch = target_arch(target)
+    machine = {"AMD64": "x86_64", "arm64": "aarch64"}.get(platform.machine(), platform.machine())
+    if arch == machine:
+        return "gcc", None
+    gcc = CROSS_COMPILERS.get(arch)
+    if gcc is None:
+        raise CodegenError(f"cannot link an artifact for {arch} on this {machine} machine: no cross compiler "
+                           f"is known for it (known: {', '.join(CROSS_COMPILERS)})")
+    if shutil.which(gcc) is None:
+        raise CodegenError(f"target {arch} needs the cross compiler {gcc}, which is not on PATH; install it "
+                           f"(Debian/Ubuntu: apt-get install gcc-{arch}-linux-gnu)")
+    return gcc, cc.cross_compiler(gcc)

@@ -14,7 +14,7 @@ import onnx
 import kiln
 from kiln.codegen.artifact import write_artifact
 from kiln.codegen.build import build
-from kiln.codegen.target import required_cpu_features, resolve_target
+from kiln.codegen.target import required_cpu_features, resolve_target, toolchain
 from kiln.config import Options
 from kiln.frontend import from_onnx
 from kiln.passes import LEVELS, fusion_summary, run
@@ -48,11 +48,12 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
     mod = run(mod, LEVELS[options.opt_level], verify=options.verify, dump_dir=options.dump_dir)
     t2 = time.perf_counter()
     target = resolve_target(options.target)
+    cc, fcompile = toolchain(target)  # a cross gcc for another architecture (aarch64); checked before building
     result = build(mod, target, on_progress)
     result.meta.update({"kiln": kiln.__version__, "target": json.loads(str(target)),
                         "cpu": str(target.attrs.get("mcpu", "generic")),
                         "cpu_features": required_cpu_features(target), "model": str(mod.attrs.get("name", "model"))})
-    path = write_artifact(Path(output), result.executable, result.meta, result.weights)
+    path = write_artifact(Path(output), result.executable, result.meta, result.weights, cc=cc, fcompile=fcompile)
     t3 = time.perf_counter()
     plan = mod.attrs["memory_plan"]
     return CompileReport(path, len(result.groups), fusion_summary(mod), plan.planned_bytes, plan.naive_bytes,

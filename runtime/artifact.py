@@ -50,7 +50,9 @@ def check_elf(path: Path, expect_arch: str | None = None) -> str:
         raise ArtifactError(f"{path} is not a shared library (ELF type {e_type})")
     arch = MACHINES.get(machine, f"machine {machine}")
     if expect_arch is not None and arch != expect_arch:
-        raise ArtifactError(f"{path} was built for {arch}; this machine is {expect_arch}")
+        how = " or under qemu-user: `kiln run --qemu` (kiln.runtime.qemu)" if arch == "aarch64" else ""
+        raise ArtifactError(f"{path} was built for {arch}; this machine is {expect_arch}: run it on an {arch} "
+                            f"machine{how}")
     (shoff,) = struct.unpack_from("<Q", head, 40)
     (phentsize, phnum, shentsize, shnum) = struct.unpack_from("<HHHH", head, 54)
     truncated = shoff + shentsize * shnum > size or data_for_phdrs is None or len(data_for_phdrs) < phentsize * phnum

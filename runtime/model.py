@@ -152,29 +152,7 @@ class Model:
             self._steps.append((fn, [tensors[i] for i in step["args"]]))
 
     def _check(self, args: tuple, named: dict) -> list[np.ndarray]:
-        names = [t.name for t in self.inputs]
-        if len(args) > len(names):
-            raise InputError(f"model takes {len(names)} inputs {names}, got {len(args)} positional")
-        given = dict(zip(names, args))
-        for k, v in named.items():
-            if k in given:
-                raise InputError(f"input '{k}' given twice, positionally and by name")
-            given[k] = v
-        missing = [n for n in names if n not in given]
-        extra = [n for n in given if n not in names]
-        if missing or extra:
-            raise InputError(f"inputs {sorted(given)} do not match the model's {names}"
-                             + (f"; missing {missing}" if missing else "") + (f"; unexpected {extra}" if extra else ""))
-        out = []
-        for t in self.inputs:
-            v = np.asarray(given[t.name])
-            if v.dtype.name != t.dtype:
-                raise InputError(f"input '{t.name}' expects {t.dtype}{list(t.shape)}, got {v.dtype.name}; "
-                                 f"pass x.astype(np.{t.dtype})")
-            if tuple(v.shape) != t.shape:
-                raise InputError(f"input '{t.name}' expects {t.dtype}{list(t.shape)}, got shape {list(v.shape)}")
-            out.append(v)
-        return out
+        return check_inputs(self.inputs, args, named)
 
     def run(self, *args: np.ndarray, **named: np.ndarray) -> list[np.ndarray]:
         """Run the model; returns fresh arrays (later runs never change what an earlier run returned)."""
@@ -223,6 +201,33 @@ class Model:
 
     def __repr__(self) -> str:
         return f"Model({self.path.name}: {self.inputs} -> {self.outputs}, {len(self._steps)} kernels)"
+
+
+def check_inputs(inputs: list[TensorInfo], args: tuple, named: dict) -> list[np.ndarray]:
+    """The inputs in the model's order, each checked against its name, dtype and shape."""
+    names = [t.name for t in inputs]
+    if len(args) > len(names):
+        raise InputError(f"model takes {len(names)} inputs {names}, got {len(args)} positional")
+    given = dict(zip(names, args))
+    for k, v in named.items():
+        if k in given:
+            raise InputError(f"input '{k}' given twice, positionally and by name")
+        given[k] = v
+    missing = [n for n in names if n not in given]
+    extra = [n for n in given if n not in names]
+    if missing or extra:
+        raise InputError(f"inputs {sorted(given)} do not match the model's {names}"
+                         + (f"; missing {missing}" if missing else "") + (f"; unexpected {extra}" if extra else ""))
+    out = []
+    for t in inputs:
+        v = np.asarray(given[t.name])
+        if v.dtype.name != t.dtype:
+            raise InputError(f"input '{t.name}' expects {t.dtype}{list(t.shape)}, got {v.dtype.name}; "
+                             f"pass x.astype(np.{t.dtype})")
+        if tuple(v.shape) != t.shape:
+            raise InputError(f"input '{t.name}' expects {t.dtype}{list(t.shape)}, got shape {list(v.shape)}")
+        out.append(v)
+    return out
 
 
 def set_num_threads(n: int) -> None:
