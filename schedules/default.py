@@ -23,6 +23,10 @@ def _n_reduction_axes(sch, block) -> int:
 
 def schedule_group(prim, target, anchor=None):
     """Schedule one fused group; `anchor` is (op name, attrs) of its conv/dense, if it has one."""
+    if target.kind.name == "cuda":
+        from .cuda import schedule_group as cuda_schedule
+
+        return cuda_schedule(prim, target, anchor)
     from tvm import s_tir
 
     from .target_info import vector_lanes
