@@ -43,8 +43,9 @@ def bind_spread(sch, loops, threads: int):
 def cooperative_fetch(sch, block, at_loop, threads: int, vector: int = 1) -> None:
     """Compute a shared-memory copy `block` under `at_loop`, its elements spread over the block's threads."""
     sch.compute_at(block, at_loop)
-    n_outer = len(sch.get_loops(at_loop)) + 1  # loops down to and including at_loop
-    inner = sch.get_loops(block)[n_outer:]
+    loops = sch.get_loops(block)
+    at = sch.get(at_loop)
+    inner = loops[next(i for i, loop in enumerate(loops) if sch.get(loop).same_as(at)) + 1:]
     fused = sch.fuse(*inner) if len(inner) > 1 else inner[0]
     if vector > 1 and extent(sch, fused) % (threads * vector) == 0:
         _, tx, vec = sch.split(fused, factors=[None, threads, vector])
