@@ -99,4 +99,5 @@ def toolchain(target) -> tuple[str, object | None]:
     if shutil.which(gcc) is None:
         raise CodegenError(f"target {arch} needs the cross compiler {gcc}, which is not on PATH; install it "
                            f"(Debian/Ubuntu: apt-get install gcc-{arch}-linux-gnu)")
-    return gcc, cc.cross_compiler(gcc)
+    # Kernels call libm (erff for GELU); link it as NEEDED. The options precede the objects, so not --as-needed.
+    return gcc, cc.cross_compiler(gcc, options=["-Wl,--no-as-needed", "-lm"])
