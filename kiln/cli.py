@@ -253,6 +253,55 @@ def zoo() -> None:
         out.print(f"zoo:{name}")
 
 
+# --- serving (issue 6): `kiln serve` and `kiln repo add` ------------------------------------------------------
+repo_app = typer.Typer(no_args_is_help=True, help="Build model repositories for `kiln serve`.")
+app.add_typer(repo_app, name="repo")
+
+
+@app.command()
+def serve(
+    repository: Path = typer.Argument(..., help="REPO/<model>/<version>/model_b<N>.so (see `kiln repo add`)"),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    poll_s: float = typer.Option(2.0, "--poll-s", help="watch the repository every N seconds (0: never)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="TVM worker threads per model version"),
+    max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="larger request bodies answer 413"),
+    log_level: str = typer.Option("info", "--log-level"),
+) -> None:
+    """Serve a model repository over the KServe v2 HTTP API, with dynamic batching and /metrics."""
+    from kiln.serve import logs
+    from kiln.serve.app import serve as run_server
+
+    logs.configure(log_level)
+    run_server(repository, host=host, port=port, poll_s=poll_s, num_threads=threads,
+               max_body_bytes=int(max_body_mb * (1 << 20)))
+
+
+@repo_app.command("add")
+def repo_add(
+    model: str = typer.Argument(..., help="an .onnx file (batch dim symbolic), or zoo:<name>"),
+    repository: Path = typer.Argument(..., help="the repository folder (created if missing)"),
+    name: str = typer.Option(..., "--name", help="the model's name in the repository"),
+    version: Optional[int] = typer.Option(None, "--version", help="default: the highest existing + 1"),
+    max_batch: int = typer.Option(8, "--max-batch", help="largest batch bucket"),
+    bucket: Optional[list[int]] = typer.Option(None, "--bucket", help="batch sizes to compile (repeatable); "
+                                               "default: powers of two up to --max-batch"),
+    target: str = typer.Option("native", "--target"),
+    opt_level: int = typer.Option(2, "--opt-level"),
+) -> None:
+    """Compile a model into a new repository version: one artifact per batch bucket, plus config.json."""
+    from kiln import zoo as z
+    from kiln.config import Options
+    from kiln.repo_builder import add_version
+
+    progress, on_progress = progress_bar("compiling buckets")
+    with progress:
+        added = add_version(z.resolve(model), repository, name, version=version, max_batch=max_batch,
+                            buckets=bucket, options=Options.from_env(target=target, opt_level=opt_level),
+                            on_progress=on_progress)
+    out.print(f"wrote {added.path}: buckets {list(added.buckets)}; compile {added.compile_s:.1f} s", soft_wrap=True)
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

@@ -14,6 +14,7 @@ ALLOWED = {  # folder: kiln subpackages (or modules) it may import, besides kiln
     "codegen": {"ir", "schedules", "runtime.artifact"},
     "autotune": {"ir", "schedules", "codegen"},
     "runtime": set(),
+    "serve": {"runtime"},
 }
 COMPILER_ONLY = ("tvm.te", "tvm.topi", "tvm.s_tir", "tvm.relax", "onnx")
 

@@ -1,0 +1,1 @@
+"""The inference service: a versioned model repository, dynamic batching, the KServe v2 HTTP API."""
