@@ -14,6 +14,7 @@ import onnx
 import kiln
 from kiln.codegen.artifact import write_artifact
 from kiln.codegen.build import build
+from kiln.codegen.cuda import is_cuda, write_ptx
 from kiln.codegen.target import required_cpu_features, resolve_target, toolchain
 from kiln.config import Options
 from kiln.frontend import from_onnx
@@ -53,6 +54,8 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
     result.meta.update({"kiln": kiln.__version__, "target": json.loads(str(target)),
                         "cpu": str(target.attrs.get("mcpu", "generic")),
                         "cpu_features": required_cpu_features(target), "model": str(mod.attrs.get("name", "model"))})
+    if is_cuda(target):  # kernels compiled to PTX by nvcc now, so a bad kernel fails here; written beside
+        write_ptx(Path(output), result.executable, target)
     path = write_artifact(Path(output), result.executable, result.meta, result.weights, cc=cc, fcompile=fcompile)
     t3 = time.perf_counter()
     plan = mod.attrs["memory_plan"]

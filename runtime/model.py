@@ -88,6 +88,10 @@ class Model:
             self._lib = tvm_ffi.load_module(str(self.path))
             meta_fn = self._lib[META_SYMBOL]
         except Exception as err:  # a library that loads but is not ours, or does not load at all
+            if "load_from_bytes.cuda" in str(err):  # TVM's CUDA runtime registers this loader
+                raise ArtifactError(f"{path} was built for CUDA; no CUDA driver on this machine (TVM's CUDA runtime "
+                                    f"is not available), and kiln.load runs CPU artifacts only; its kernels are "
+                                    f"in {self.path.with_suffix('.ptx').name} beside it") from None
             raise ArtifactError(f"{path} is not a loadable Kiln artifact: {str(err).splitlines()[0]}") from None
         try:
             meta = json.loads(bytes(meta_fn()))
