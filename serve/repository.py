@@ -319,8 +319,8 @@ class ModelRepository:
                                       f"versions {sorted(entry.serving)}")
                 raise LoadFailed(f"model '{entry.name}' has no loadable version: {what}")
             self._swap(entry, new, cfg)
-            if errors and force:
-                log.warning("some versions failed to load", extra={"model": entry.name, "error": "; ".join(errors)})
+            if errors and force:  # a load request hears about every version that failed, though others serve
+                raise LoadFailed(f"model '{entry.name}': {'; '.join(errors)}; still serving versions {sorted(new)}")
             return sorted(new)
 
     def _load_version(self, entry: ServedModel, v: int, path: Path, cfg: ModelConfig) -> LoadedVersion | str:
