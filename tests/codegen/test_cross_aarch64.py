@@ -155,3 +155,19 @@ def test_built_models_under_qemu_match_onnxruntime(builder, kwargs, tmp_path):
     got = QemuModel(path).run(**feeds)
     for g, w in zip(got, ort_run(model, feeds)):
         assert_close(g, w, rtol=1e-3, atol=1e-4, what=builder.__name__)
+
+
+@pytest.mark.slow
+@needs_cross_gcc
+@needs_qemu
+@pytest.mark.parametrize("name", ["zoo:mobilenet_v2", "zoo:bert_layer", "zoo:resnet50"])
+def test_full_size_models_under_qemu_match_onnxruntime(name, tmp_path):
+    """Full-size models (ResNet-50 runs about 40 s under qemu, single-threaded)."""
+    from kiln.zoo import zoo_model
+
+    model = zoo_model(name.removeprefix("zoo:"))
+    feeds = model_builders.random_feeds(model, seed=0)
+    path = kiln.compile(model, tmp_path / "m_a64.so", Options(target="aarch64")).path
+    got = QemuModel(path).run(**feeds)
+    for g, w in zip(got, ort_run(model, feeds)):
+        assert_close(g, w, rtol=1e-3, atol=1e-4, what=name)
