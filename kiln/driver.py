@@ -19,6 +19,7 @@ from kiln.codegen.target import required_cpu_features, resolve_target, toolchain
 from kiln.config import Options
 from kiln.frontend import from_onnx
 from kiln.passes import LEVELS, fusion_summary, run
+from kiln.schedules.target_info import vector_lanes
 
 
 @dataclass
@@ -46,9 +47,11 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
     t0 = time.perf_counter()
     mod = from_onnx(model, input_shapes=options.input_shapes)
     t1 = time.perf_counter()
+    target = resolve_target(options.target)
+    # target facts the passes need travel as module attrs, so passes stay functions of the IR alone
+    mod = mod.with_attrs(layout_block=vector_lanes(target, 32) if target.kind.name == "llvm" else 0)
     mod = run(mod, LEVELS[options.opt_level], verify=options.verify, dump_dir=options.dump_dir)
     t2 = time.perf_counter()
-    target = resolve_target(options.target)
     cc, fcompile = toolchain(target)  # a cross gcc for another architecture (aarch64); checked before building
     result = build(mod, target, on_progress)
     result.meta.update({"kiln": kiln.__version__, "target": json.loads(str(target)),

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from kiln.ir import IRModule, print_ir, verify_module
 
+from .alter_layout import alter_layout
 from .eliminate_common_subexpr import eliminate_common_subexpr
 from .eliminate_dead_code import eliminate_dead_code
 from .fold_batch_norm import fold_batch_norm
@@ -30,7 +31,8 @@ O2: list[Pass] = [
     eliminate_dead_code,
     simplify_inference,  # CSE can expose reshape-of-reshape chains
     pack_dense_weights,  # a layout change of constants only: done once, here, at compile time
-    fuse_ops,
+    alter_layout,  # after folding, so conv weights are constants it can repack; before fusion, which groups
+    fuse_ops,      # the blocked convs with their (blocked) epilogues
     plan_memory,
 ]
 O3: list[Pass] = O2

@@ -40,6 +40,10 @@ def schedule_group(prim, target, anchor=None):
         direct = _try_conv2d_direct(prim, target, anchor[1])
         if direct is not None:
             return direct
+    if anchor is not None and anchor[0] == "nn.conv2d_nchwc":
+        blocked = _try_conv2d_nchwc(prim, target, anchor[1])
+        if blocked is not None:
+            return blocked
     if anchor is not None and anchor[0] == "nn.dense_packed":
         packed = _try_dense_packed(prim, anchor[1])
         if packed is not None:
@@ -162,6 +166,42 @@ def _try_conv2d_direct(prim, target, attrs):
         steps = conv2d_direct.schedule(sch, conv, out, cfg)
     except Exception as err:  # noqa: BLE001  (the template does not fit this group: fall back, and say so)
         log.info("conv2d_direct does not apply (%s); generic schedule used", str(err).splitlines()[0][:200])
+        return None
+    return sch.mod["main"], "+".join(steps)
+
+
+def _prepare(sch, anchor_name: str, pad_names=("pad",)):
+    """Inline every block but the anchor; materialize padding once (parallel, vectorized) so the anchor's inner
+    loop loads without bounds checks. Returns the anchor and the group's output block."""
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    names = [sch.get(b).name_hint for b in blocks]
+    if anchor_name not in names:
+        raise LookupError(f"no {anchor_name} block")
+    for b, name in zip(blocks[:-1], names[:-1]):
+        if name in pad_names:
+            loops = sch.get_loops(b)
+            sch.parallel(sch.fuse(*loops[:3]))
+            sch.vectorize(loops[-1])
+        elif name != anchor_name:
+            sch.compute_inline(b)
+    return sch.get_sblock(anchor_name), sch.get_child_blocks(sch.get_sblock("root"))[-1]
+
+
+def _try_conv2d_nchwc(prim, target, attrs):
+    from tvm import s_tir
+
+    from .target_info import vector_lanes
+    from .x86 import conv2d_nchwc
+
+    sch = s_tir.Schedule(prim)
+    depthwise = attrs.conv.groups != 1
+    try:
+        conv, out = _prepare(sch, "depthwise_nchwc" if depthwise else "conv2d_nchwc")
+        shape = [int(sch.get(loop).extent) for loop in sch.get_loops(out)]
+        cfg = conv2d_nchwc.default(shape[3], shape[1], vector_lanes(target, 32), depthwise)
+        steps = conv2d_nchwc.schedule(sch, conv, out, cfg)
+    except Exception as err:  # noqa: BLE001  (the template does not fit this group: fall back, and say so)
+        log.info("conv2d_nchwc does not apply (%s); generic schedule used", str(err).splitlines()[0][:200])
         return None
     return sch.mod["main"], "+".join(steps)
 

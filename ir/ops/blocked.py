@@ -1,0 +1,264 @@
+"""Blocked channel layouts (NCHW[b]c): the layout_transform op and the NCHWc forms of conv2d and pooling.
+
+In NCHW[b]c a 4-D activation [N, C, H, W] is stored as [N, C/b, H, W, b]: b consecutive channels sit next to
+each other, so a kernel loads b output channels as one SIMD vector and broadcasts one input value across them.
+`passes/alter_layout` rewrites conv chains into these ops; their references unblock, run the NCHW reference and
+block again, so they are checked against the same NumPy code as the ops they replace.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kiln.errors import TypeCheckError
+
+from ..op import OpDef, OpPattern, define_compute, register_op
+from ..types import TensorType
+from .conv import ConvAttrs, conv_output_size, conv_reference
+from .pool import AVG_POOL, GLOBAL_AVG_POOL, MAX_POOL, GlobalPoolAttrs, PoolAttrs
+
+
+def layout_name(block: int) -> str:
+    return f"NCHW{block}c" if block else "NCHW"
+
+
+def block_array(x: np.ndarray, b: int) -> np.ndarray:
+    """[N, C, H, W] → [N, C/b, H, W, b]."""
+    n, c, h, w = x.shape
+    return np.ascontiguousarray(x.reshape(n, c // b, b, h, w).transpose(0, 1, 3, 4, 2))
+
+
+def unblock_array(x: np.ndarray) -> np.ndarray:
+    n, cb, h, w, b = x.shape
+    return np.ascontiguousarray(x.transpose(0, 1, 4, 2, 3).reshape(n, cb * b, h, w))
+
+
+def pack_conv_weight(w: np.ndarray, out_block: int) -> np.ndarray:
+    """OIHW → [O/ob, I, H, W, ob]: the ob output channels of one step are one contiguous vector."""
+    o, i, kh, kw = w.shape
+    return np.ascontiguousarray(w.reshape(o // out_block, out_block, i, kh, kw).transpose(0, 2, 3, 4, 1))
+
+
+def unpack_conv_weight(w: np.ndarray) -> np.ndarray:
+    ob_n, i, kh, kw, ob = w.shape
+    return np.ascontiguousarray(w.transpose(0, 4, 1, 2, 3).reshape(ob_n * ob, i, kh, kw))
+
+
+# --- layout_transform ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LayoutTransformAttrs:
+    src_block: int  # 0: plain NCHW
+    dst_block: int
+
+
+def _channels(x: TensorType, block: int, op: str) -> int:
+    want = 5 if block else 4
+    if x.ndim != want or (block and x.shape[4] != block):
+        raise TypeCheckError(f"{op}: expected a {layout_name(block)} tensor, got {x}")
+    return x.shape[1] * block if block else x.shape[1]
+
+
+def _layout_transform_type(x: TensorType, a: LayoutTransformAttrs) -> TensorType:
+    c = _channels(x, a.src_block, "layout_transform")
+    n, h, w = x.shape[0], x.shape[2], x.shape[3]
+    if not a.dst_block:
+        return TensorType((n, c, h, w), x.dtype)
+    if c % a.dst_block:
+        raise TypeCheckError(f"layout_transform: {c} channels do not split into blocks of {a.dst_block}")
+    return TensorType((n, c // a.dst_block, h, w, a.dst_block), x.dtype)
+
+
+def _layout_transform_reference(x: np.ndarray, a: LayoutTransformAttrs) -> np.ndarray:
+    plain = unblock_array(x) if a.src_block else x
+    return block_array(plain, a.dst_block) if a.dst_block else np.ascontiguousarray(plain)
+
+
+LAYOUT_TRANSFORM = register_op(OpDef("layout_transform", LayoutTransformAttrs, _layout_transform_type,
+                                     _layout_transform_reference, OpPattern.INJECTIVE))
+
+
+@define_compute(LAYOUT_TRANSFORM)
+def _layout_transform_compute(x, a: LayoutTransformAttrs):
+    from tvm import te
+
+    out = _layout_transform_type(TensorType(tuple(int(d) for d in x.shape), str(x.dtype)), a)
+    sb, db = a.src_block, a.dst_block
+
+    def read(n, c, h, w):
+        return x[n, c // sb, h, w, c % sb] if sb else x[n, c, h, w]
+
+    if db:
+        return te.compute(out.shape, lambda n, cb, h, w, ci: read(n, cb * db + ci, h, w), name="layout_transform")
+    return te.compute(out.shape, lambda n, c, h, w: read(n, c, h, w), name="layout_transform")
+
+
+# --- conv2d in NCHWc ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ConvNCHWcAttrs:
+    """ConvAttrs of the NCHW conv it replaces, plus the output block. groups is 1, or the channel count
+    (depthwise, where the input block must equal the output block)."""
+
+    conv: ConvAttrs
+    out_block: int
+
+
+def _conv_nchwc_type(x: TensorType, w: TensorType, a: ConvNCHWcAttrs) -> TensorType:
+    op = "nn.conv2d_nchwc"
+    if x.ndim != 5 or w.ndim != 5 or w.shape[4] != a.out_block:
+        raise TypeCheckError(f"{op}: expected NCHW[b]c data and [O/{a.out_block}, I, KH, KW, {a.out_block}] "
+                             f"weights, got {x} and {w}")
+    c = x.shape[1] * x.shape[4]
+    g = a.conv.groups
+    if g != 1 and (g != c or w.shape[1] != 1 or x.shape[4] != a.out_block):
+        raise TypeCheckError(f"{op}: only groups=1 or depthwise (groups = channels, equal blocks); got {a} on {x}")
+    if g == 1 and w.shape[1] != c:
+        raise TypeCheckError(f"{op}: data has {c} channels, weight {w} expects {w.shape[1]}")
+    oh = conv_output_size(x.shape[2], w.shape[2], a.conv.strides[0], a.conv.padding[0] + a.conv.padding[2],
+                          a.conv.dilation[0])
+    ow = conv_output_size(x.shape[3], w.shape[3], a.conv.strides[1], a.conv.padding[1] + a.conv.padding[3],
+                          a.conv.dilation[1])
+    if min(oh, ow) < 1:
+        raise TypeCheckError(f"{op}: kernel larger than padded input {x}")
+    return TensorType((x.shape[0], w.shape[0], oh, ow, a.out_block), a.conv.out_dtype or x.dtype)
+
+
+def _conv_nchwc_reference(x: np.ndarray, w: np.ndarray, a: ConvNCHWcAttrs) -> np.ndarray:
+    return block_array(conv_reference(unblock_array(x), unpack_conv_weight(w), a.conv), a.out_block)
+
+
+def _conv_nchwc_flops(x: TensorType, w: TensorType, a: ConvNCHWcAttrs) -> int:
+    out = _conv_nchwc_type(x, w, a)
+    return 2 * out.size * int(np.prod(w.shape[1:4]))
+
+
+CONV2D_NCHWC = register_op(OpDef("nn.conv2d_nchwc", ConvNCHWcAttrs, _conv_nchwc_type, _conv_nchwc_reference,
+                                 OpPattern.OUT_ELEMWISE_FUSABLE, flops=_conv_nchwc_flops))
+
+
+def pad_nchwc(x, pads: tuple[int, int, int, int], value=0.0, name: str = "pad"):
+    """Zero-pad H and W of a 5-D tensor; a separate stage, so a schedule can materialize it once."""
+    from tvm import te, tirx as tir
+
+    t, left, b, r = pads
+    if not any(pads):
+        return x
+    n, cb, h, w, ci = (int(d) for d in x.shape)
+
+    def at(i0, i1, i2, i3, i4):
+        inside = tir.all(i2 >= t, i2 < h + t, i3 >= left, i3 < w + left)
+        return tir.if_then_else(inside, x[i0, i1, i2 - t, i3 - left, i4], tir.const(value, x.dtype))
+
+    return te.compute((n, cb, h + t + b, w + left + r, ci), at, name=name)
+
+
+@define_compute(CONV2D_NCHWC)
+def _conv_nchwc_compute(x, w, a: ConvNCHWcAttrs):
+    from tvm import te
+
+    c = a.conv
+    acc = c.out_dtype or str(x.dtype)
+    out = _conv_nchwc_type(TensorType(tuple(int(d) for d in x.shape), str(x.dtype)),
+                           TensorType(tuple(int(d) for d in w.shape), str(w.dtype)), a)
+    xp = pad_nchwc(x, (c.padding[0], c.padding[1], c.padding[2], c.padding[3]))
+    (sh, sw), (dh, dw) = c.strides, c.dilation
+    ry, rx = te.reduce_axis((0, int(w.shape[2])), name="ry"), te.reduce_axis((0, int(w.shape[3])), name="rx")
+    if c.groups == 1:
+        ib = int(x.shape[4])
+        rco, rci = te.reduce_axis((0, int(x.shape[1])), name="rco"), te.reduce_axis((0, ib), name="rci")
+        return te.compute(out.shape, lambda n, oc, oh, ow, ob: te.sum(
+            xp[n, rco, oh * sh + ry * dh, ow * sw + rx * dw, rci].astype(acc)
+            * w[oc, rco * ib + rci, ry, rx, ob].astype(acc), axis=[rco, ry, rx, rci]), name="conv2d_nchwc")
+    return te.compute(out.shape, lambda n, cb, oh, ow, cc: te.sum(
+        xp[n, cb, oh * sh + ry * dh, ow * sw + rx * dw, cc].astype(acc) * w[cb, 0, ry, rx, cc].astype(acc),
+        axis=[ry, rx]), name="depthwise_nchwc")
+
+
+# --- pooling in NCHWc ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PoolNCHWcAttrs:
+    kind: str  # "max" | "avg"
+    pool: PoolAttrs
+
+
+_POOL_OPS = {"max": MAX_POOL, "avg": AVG_POOL}
+
+
+def _pool_nchwc_type(x: TensorType, a: PoolNCHWcAttrs) -> TensorType:
+    if x.ndim != 5 or len(a.pool.kernel) != 2:
+        raise TypeCheckError(f"nn.pool2d_nchwc: expected a 2-D pool of an NCHW[b]c tensor, got {x}")
+    plain = _POOL_OPS[a.kind].infer_type([TensorType(x.shape[:4], x.dtype)], a.pool)
+    return TensorType(plain.shape + (x.shape[4],), x.dtype)
+
+
+def _pool_nchwc_reference(x: np.ndarray, a: PoolNCHWcAttrs) -> np.ndarray:
+    return block_array(_POOL_OPS[a.kind].evaluate([unblock_array(x)], a.pool), x.shape[4])
+
+
+POOL2D_NCHWC = register_op(OpDef("nn.pool2d_nchwc", PoolNCHWcAttrs, _pool_nchwc_type, _pool_nchwc_reference,
+                                 OpPattern.OUT_ELEMWISE_FUSABLE))
+
+
+@define_compute(POOL2D_NCHWC)
+def _pool_nchwc_compute(x, a: PoolNCHWcAttrs):
+    from tvm import te
+
+    p = a.pool
+    out = _pool_nchwc_type(TensorType(tuple(int(d) for d in x.shape), str(x.dtype)), a)
+    h, w = int(x.shape[2]), int(x.shape[3])
+    (sh, sw), (dh, dw) = p.strides, p.dilation
+    # the ceil-mode tail may reach past the end pads: pad far enough for every window
+    need_h = (out.shape[2] - 1) * sh + (p.kernel[0] - 1) * dh + 1
+    need_w = (out.shape[3] - 1) * sw + (p.kernel[1] - 1) * dw + 1
+    pads = (p.padding[0], p.padding[1], max(need_h - h - p.padding[0], 0), max(need_w - w - p.padding[1], 0))
+    ry, rx = te.reduce_axis((0, p.kernel[0]), name="ry"), te.reduce_axis((0, p.kernel[1]), name="rx")
+    if a.kind == "max":
+        xp = pad_nchwc(x, pads, value=float("-inf"))
+        return te.compute(out.shape, lambda n, cb, oh, ow, cc: te.max(
+            xp[n, cb, oh * sh + ry * dh, ow * sw + rx * dw, cc], axis=[ry, rx]), name="max_pool_nchwc")
+    xp = pad_nchwc(x, pads)
+    total = te.compute(out.shape, lambda n, cb, oh, ow, cc: te.sum(
+        xp[n, cb, oh * sh + ry * dh, ow * sw + rx * dw, cc], axis=[ry, rx]), name="pool_sum_nchwc")
+
+    def count(o, k, s, d, pad_begin, size, pad_end):
+        start = o * s - pad_begin
+        lo = start if p.count_include_pad else te.max(start, 0)
+        bound = size + pad_end if p.count_include_pad else size
+        hi = te.min(start + (k - 1) * d + 1, bound)
+        return (hi - lo + d - 1) // d
+
+    def avg(n, cb, oh, ow, cc):
+        cnt = (count(oh, p.kernel[0], sh, dh, p.padding[0], h, p.padding[2])
+               * count(ow, p.kernel[1], sw, dw, p.padding[1], w, p.padding[3]))
+        return total[n, cb, oh, ow, cc] / cnt.astype(x.dtype)
+
+    return te.compute(out.shape, avg, name="avg_pool_nchwc")
+
+
+def _global_avg_nchwc_type(x: TensorType, a: GlobalPoolAttrs) -> TensorType:
+    if x.ndim != 5:
+        raise TypeCheckError(f"nn.global_avg_pool_nchwc: expected an NCHW[b]c tensor, got {x}")
+    return TensorType((x.shape[0], x.shape[1], 1, 1, x.shape[4]), x.dtype)
+
+
+def _global_avg_nchwc_reference(x: np.ndarray, a: GlobalPoolAttrs) -> np.ndarray:
+    return block_array(GLOBAL_AVG_POOL.evaluate([unblock_array(x)], a), x.shape[4])
+
+
+GLOBAL_AVG_POOL_NCHWC = register_op(OpDef("nn.global_avg_pool_nchwc", GlobalPoolAttrs, _global_avg_nchwc_type,
+                                          _global_avg_nchwc_reference, OpPattern.OUT_ELEMWISE_FUSABLE))
+
+
+@define_compute(GLOBAL_AVG_POOL_NCHWC)
+def _global_avg_nchwc_compute(x, a: GlobalPoolAttrs):
+    from tvm import te
+
+    n, cb, h, w, b = (int(d) for d in x.shape)
+    ry, rx = te.reduce_axis((0, h), name="ry"), te.reduce_axis((0, w), name="rx")
+    total = te.compute((n, cb, 1, 1, b), lambda i, c, _y, _x, cc: te.sum(x[i, c, ry, rx, cc], axis=[ry, rx]),
+                       name="global_sum_nchwc")
+    return te.compute(total.shape, lambda *i: total(*i) / float(h * w), name="global_avg_pool_nchwc")

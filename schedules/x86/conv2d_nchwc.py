@@ -1,0 +1,73 @@
+"""Direct conv2d on NCHW[b]c for x86 (and any LLVM CPU), with the group's epilogue fused per tile.
+
+A tile of `tile_oc` output-channel blocks × `tile_ow` output columns stays in vector registers: each step of
+the reduction (input channel, kernel row, kernel column) broadcasts `tile_ow` input values and loads `tile_oc`
+weight vectors of b output channels, then does `tile_oc × tile_ow` fused multiply-adds. Rows × channel
+blocks run in parallel. Depthwise convs use the same tiling with the reduction over the window only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class Config:
+    tile_ow: int  # output columns per register tile
+    tile_oc: int = 1  # output-channel blocks per register tile
+    unroll_kw: bool = False  # unroll the kernel-column loop too
+
+
+def divisors(n: int, upto: int) -> list[int]:
+    return [d for d in range(1, min(n, upto) + 1) if n % d == 0]
+
+
+def registers(lanes: int) -> int:
+    """Accumulators that fit beside the broadcast input and the weight vectors: 32 vector registers on
+    AVX-512 (and NEON), 16 on AVX2."""
+    return 24 if lanes >= 16 else 12 if lanes == 8 else 24
+
+
+def space(out_w: int, oc_blocks: int, depthwise: bool = False) -> dict[str, list]:
+    """The knob space the tuner searches; the default lies in it."""
+    partial = {t for t in (4, 8, 12, 16) if t < out_w}  # tails are guarded: any width can take them
+    return {"tile_ow": sorted(set(divisors(out_w, 32)) | partial), "tile_oc": [1] if depthwise else divisors(oc_blocks, 4),
+            "unroll_kw": [False, True]}
+
+
+def default(out_w: int, oc_blocks: int, lanes: int, depthwise: bool = False) -> Config:
+    regs = registers(lanes)
+    tile_ow = max(divisors(out_w, regs))
+    if tile_ow < 4 and out_w > 4:  # a prime width: a partial tile beats one column at a time
+        tile_ow = max(t for t in (4, 8, 12, 16) if t <= regs and t < out_w)
+    tile_oc = 1 if depthwise else max(d for d in divisors(oc_blocks, 4) if d * tile_ow <= regs or d == 1)
+    return Config(tile_ow=tile_ow, tile_oc=tile_oc)
+
+
+def schedule(sch, conv_block, out_block, cfg: Config) -> list[str]:
+    """`conv_block` is (n, oc, oh, ow, ob | reduction...); `out_block` the group's output, same 5-D shape.
+
+    The conv's own loops are tiled (all of them exist here, unit ones included) and the epilogue is computed
+    per tile after them, so the tile's accumulators are a small local buffer that LLVM keeps in registers."""
+    if sch.get(out_block).same_as(sch.get(conv_block)):
+        out_block = sch.cache_write(conv_block, 0, "global")  # no epilogue: the copy out is the output stage
+    sch.set_scope(conv_block, 0, "local")
+    n_red = sum(1 for iv in sch.get(conv_block).iter_vars if int(iv.iter_type) == 2)
+    n, oc, oh, ow, ob, *reduce = sch.get_loops(conv_block)
+    assert len(reduce) == n_red
+    oco, oci = sch.split(oc, factors=[None, cfg.tile_oc])
+    owo, owi = sch.split(ow, factors=[None, cfg.tile_ow])
+    sch.reorder(n, oco, oh, owo, *reduce, oci, owi, ob)
+    sch.parallel(sch.fuse(n, oco, oh))
+    sch.unroll(oci)
+    sch.unroll(owi)
+    sch.vectorize(ob)
+    if cfg.unroll_kw:
+        sch.unroll(reduce[-2] if len(reduce) == 4 else reduce[-1])  # rx: (rco, ry, rx, rci) or (ry, rx)
+    sch.reverse_compute_at(out_block, owo)
+    init = sch.decompose_reduction(conv_block, reduce[0])
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(out_block)[-1])
+    return [f"nchwc(ow={cfg.tile_ow},oc={cfg.tile_oc}{',kw' if cfg.unroll_kw else ''})"]

@@ -1,0 +1,99 @@
+"""alter_layout: conv chains move to NCHW[b]c with few transforms, and the graph still computes the same thing."""
+
+import numpy as np
+import pytest
+
+from kiln import zoo
+from kiln.frontend import from_onnx
+from kiln.ir import Call, Function, IRModule, call, const, var
+from kiln.ir.interpreter import run_module
+from kiln.ir.ops.blocked import CONV2D_NCHWC, LAYOUT_TRANSFORM, POOL2D_NCHWC
+from kiln.ir.ops.conv import CONV2D
+from kiln.ir.ops.elementwise import ADD, CLIP, RELU
+from kiln.ir.ops.pool import GLOBAL_AVG_POOL, MAX_POOL
+from kiln.ir.ops.transform import CONCATENATE
+from kiln.ir.visitor import post_order
+from kiln.passes import O2, run
+from kiln.passes.alter_layout import alter_layout, count_layout_transforms
+
+from ..tolerances import assert_close
+from .graphs import bias, conv, resnet_basic_block
+
+RNG = np.random.default_rng(0)
+
+
+def ops_of(mod):
+    return [e.op for e in post_order(mod.main.body) if isinstance(e, Call)]
+
+
+def same_results(before: IRModule, after: IRModule, seed: int = 0):
+    feeds = {p.name: np.random.default_rng(seed).standard_normal(p.ttype.shape).astype(np.float32)
+             for p in before.main.params}
+    for g, w in zip(run_module(after, **feeds), run_module(before, **feeds)):
+        assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_basic_block_goes_blocked_with_two_transforms():
+    before = run(resnet_basic_block(channels=16, size=6), [p for p in O2[:-2] if p is not alter_layout])
+    after = alter_layout(before)
+    ops = ops_of(after)
+    assert ops.count(CONV2D_NCHWC) == 2 and CONV2D not in ops
+    assert count_layout_transforms(after) == 2  # in at the input, out at the output; the residual add stays blocked
+    same_results(before, after)
+
+
+def test_block_follows_the_target_and_falls_back_to_smaller_blocks():
+    x = var("x", "f32[1, 24, 5, 7]")
+    mod = IRModule({"main": Function((x,), call(RELU, bias(conv(x, 24, 24), 24)))})
+    for lanes, want in ((16, 8), (8, 8), (4, 4)):
+        after = alter_layout(mod.with_attrs(layout_block=lanes))
+        convs = [e for e in post_order(after.main.body) if isinstance(e, Call) and e.op is CONV2D_NCHWC]
+        assert convs[0].attrs.out_block == want
+        same_results(mod, after)
+    plain = mod.with_attrs(layout_block=0)
+    assert alter_layout(plain) is plain
+
+
+def test_adjacent_transforms_cancel_and_nchw_ops_get_one_transform():
+    x = var("x", "f32[1, 16, 8, 8]")
+    a = call(RELU, conv(x, 16, 16, seed=1))
+    pooled = call(MAX_POOL, a, kernel=(2, 2), strides=(2, 2), padding=(0, 0, 0, 0), dilation=(1, 1))
+    b = conv(pooled, 16, 32, seed=2)
+    gap = call(GLOBAL_AVG_POOL, b)
+    mod = IRModule({"main": Function((x,), gap)})
+    after = alter_layout(mod)
+    assert count_layout_transforms(after) == 2
+    assert POOL2D_NCHWC in ops_of(after)
+    same_results(mod, after)
+
+
+def test_grouped_conv_and_odd_channels_stay_nchw():
+    x = var("x", "f32[1, 12, 6, 6]")
+    w = const(RNG.standard_normal((12, 4, 3, 3)).astype(np.float32))
+    grouped = call(CONV2D, x, w, strides=(1, 1), padding=(1, 1, 1, 1), dilation=(1, 1), groups=3)
+    odd = conv(grouped, 12, 6)  # 6 output channels: no block of 4 or more divides them
+    mod = IRModule({"main": Function((x,), odd)})
+    after = alter_layout(mod)
+    assert after is mod
+
+
+def test_depthwise_concat_and_clip_stay_blocked():
+    x = var("x", "f32[1, 16, 7, 7]")
+    a = conv(x, 16, 16, k=1, seed=1)
+    dw = call(CONV2D, a, const(RNG.standard_normal((16, 1, 3, 3)).astype(np.float32)), strides=(2, 2),
+              padding=(1, 1, 1, 1), dilation=(1, 1), groups=16)
+    c = call(CLIP, dw, min=0.0, max=6.0)
+    cat = call(CONCATENATE, c, call(RELU, c), axis=1)
+    out = conv(cat, 32, 16, seed=3)
+    mod = IRModule({"main": Function((x,), call(ADD, out, const(np.float32(0.5))))})
+    after = alter_layout(mod)
+    assert count_layout_transforms(after) == 2
+    assert [op for op in ops_of(after) if op is CONV2D_NCHWC].__len__() == 3
+    same_results(mod, after)
+
+
+@pytest.mark.parametrize("name,most", [("resnet50", 2), ("mobilenet_v2", 2), ("squeezenet", 2)])
+def test_zoo_models_keep_few_transforms(name, most):
+    mod = run(from_onnx(zoo.zoo_model(name)), O2[:-2])  # up to fusion
+    assert count_layout_transforms(mod) <= most
+    assert LAYOUT_TRANSFORM in ops_of(mod)

@@ -1,0 +1,86 @@
+"""The NCHWc direct-conv template against the NumPy reference, over a sweep of shapes and at random configs
+from its knob space (the default config alone proves little)."""
+
+import random
+
+import numpy as np
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from kiln.ir.ops.blocked import CONV2D_NCHWC, ConvNCHWcAttrs, block_array, pack_conv_weight
+from kiln.ir.ops.conv import ConvAttrs, conv_output_size, conv_reference
+from kiln.schedules.default import _prepare
+from kiln.schedules.x86 import conv2d_nchwc
+
+from ..tolerances import assert_close
+
+
+def run_template(x, w, attrs: ConvAttrs, ib: int, ob: int, cfg, epilogue: bool):
+    import tvm
+    from tvm import s_tir, te
+
+    xb, wb = block_array(x, ib), pack_conv_weight(w, ob)
+    a = ConvNCHWcAttrs(attrs, ob)
+    X, W = te.placeholder(xb.shape, name="x"), te.placeholder(wb.shape, name="w")
+    out = CONV2D_NCHWC.compute(X, W, a)
+    if epilogue:  # bias + relu, as a fused group has them
+        conv = out
+        out = te.compute(conv.shape, lambda *i: te.max(conv(*i) + 0.5, 0.0), name="relu")
+    sch = s_tir.Schedule(te.create_prim_func([X, W, out]))
+    conv_block, out_block = _prepare(sch, "depthwise_nchwc" if attrs.groups > 1 else "conv2d_nchwc")
+    conv2d_nchwc.schedule(sch, conv_block, out_block, cfg)
+    f = tvm.compile(sch.mod, target=tvm.target.Target({"kind": "llvm"}))
+    y = np.zeros([int(d) for d in out.shape], "float32")
+    f(xb, wb, y)
+    want = block_array(conv_reference(x, w, attrs), ob)
+    return y, np.maximum(want + 0.5, 0.0) if epilogue else want
+
+
+@settings(max_examples=25, deadline=None)
+@given(c=st.sampled_from([3, 4, 8, 16]), ocb=st.integers(1, 3), ob=st.sampled_from([4, 8, 16]),
+       h=st.integers(1, 12), w=st.integers(1, 13), k=st.sampled_from([1, 3, 5]), stride=st.integers(1, 2),
+       pad=st.integers(0, 2), dilation=st.integers(1, 2), seed=st.integers(0, 10**6), epilogue=st.booleans())
+@example(c=16, ocb=2, ob=16, h=7, w=7, k=3, stride=1, pad=1, dilation=1, seed=0, epilogue=True)
+@example(c=3, ocb=1, ob=8, h=11, w=11, k=5, stride=2, pad=2, dilation=1, seed=1, epilogue=False)  # odd sizes
+def test_direct_nchwc_matches_reference(c, ocb, ob, h, w, k, stride, pad, dilation, seed, epilogue):
+    ext = (k - 1) * dilation + 1
+    if h + 2 * pad < ext or w + 2 * pad < ext:
+        return
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((1, c, h, w)).astype(np.float32)
+    wt = rng.standard_normal((ocb * ob, c, k, k)).astype(np.float32)
+    attrs = ConvAttrs((stride, stride), (pad,) * 4, (dilation, dilation))
+    ow = conv_output_size(w, k, stride, 2 * pad, dilation)
+    space = conv2d_nchwc.space(ow, ocb)
+    r = random.Random(seed)
+    cfg = conv2d_nchwc.Config(**{name: r.choice(values) for name, values in space.items()})
+    ib = c if c < 4 else min(c, ob)
+    got, want = run_template(x, wt, attrs, ib, ob, cfg, epilogue)
+    assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=15, deadline=None)
+@given(cb=st.integers(1, 3), b=st.sampled_from([4, 8, 16]), h=st.integers(2, 15), w=st.integers(2, 15),
+       stride=st.integers(1, 2), k=st.sampled_from([3, 5]), seed=st.integers(0, 10**6))
+@example(cb=2, b=16, h=14, w=14, stride=2, k=3, seed=0)
+def test_depthwise_nchwc_matches_reference(cb, b, h, w, stride, k, seed):
+    rng = np.random.default_rng(seed)
+    c = cb * b
+    x = rng.standard_normal((1, c, h, w)).astype(np.float32)
+    wt = rng.standard_normal((c, 1, k, k)).astype(np.float32)
+    attrs = ConvAttrs((stride, stride), (k // 2,) * 4, (1, 1), groups=c)
+    ow = conv_output_size(w, k, stride, 2 * (k // 2), 1)
+    space = conv2d_nchwc.space(ow, cb, depthwise=True)
+    r = random.Random(seed)
+    cfg = conv2d_nchwc.Config(**{name: r.choice(values) for name, values in space.items()})
+    got, want = run_template(x, wt, attrs, b, b, cfg, epilogue=True)
+    assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("ow,ocb,lanes", [(56, 4, 16), (7, 32, 16), (13, 8, 8), (29, 2, 16), (1, 128, 16)])
+def test_default_config_lies_in_the_space_and_fits_registers(ow, ocb, lanes):
+    cfg = conv2d_nchwc.default(ow, ocb, lanes)
+    space = conv2d_nchwc.space(ow, ocb)
+    assert cfg.tile_oc in space["tile_oc"] and cfg.tile_ow in space["tile_ow"]
+    assert cfg.tile_ow * cfg.tile_oc <= conv2d_nchwc.registers(lanes)
