@@ -20,6 +20,7 @@ import numpy as np
 from kiln.errors import ArtifactError
 
 from .artifact import check_elf, validate_metadata
+from .cpu import host_arch
 from .model import _DLPACK_CODES, TensorInfo, check_inputs
 
 HARNESS_SOURCE = Path(__file__).with_name("qemu_harness.c")
@@ -64,6 +65,9 @@ class QemuModel:
         if not self.path.is_file():
             raise ArtifactError(f"artifact {str(path)!r} does not exist")
         self.arch = check_elf(self.path)
+        if self.arch == host_arch():
+            raise ArtifactError(f"{path} is built for {self.arch}, this machine's own architecture: run it without "
+                                f"qemu (kiln.load, or `kiln run` without --qemu)")
         lacking = missing_tools(self.arch)
         if lacking:
             emu = EMULATORS.get(self.arch)

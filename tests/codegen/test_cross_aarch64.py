@@ -132,6 +132,16 @@ def test_cli_run_qemu(artifacts, tmp_path):
     assert_close(np.load(tmp_path / "y.npy"), ort_run(model, feeds)[0], rtol=1e-3, atol=1e-4)
 
 
+def test_qemu_refuses_host_and_truncated_artifacts(artifacts, tmp_path):
+    host = kiln.compile(conv_relu_pool(), tmp_path / "host.so").path
+    with pytest.raises(ArtifactError, match="this machine's own architecture: run it without qemu"):
+        QemuModel(host)
+    cut = tmp_path / "cut_a64.so"
+    cut.write_bytes(artifacts["small_cnn"][1].read_bytes()[:4096])
+    with pytest.raises(ArtifactError, match="truncated"):
+        QemuModel(cut)
+
+
 def test_missing_cross_compiler_is_a_clear_error(tmp_path, monkeypatch):
     from kiln.codegen import target
 
