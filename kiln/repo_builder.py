@@ -82,6 +82,7 @@ def add_version(model: str | os.PathLike | onnx.ModelProto, repo: str | os.PathL
     sizes = tuple(sorted(set(buckets))) if buckets else default_buckets(max_batch)
     if sizes[0] < 1 or sizes[-1] > max_batch:
         raise KilnError(f"buckets {list(sizes)} must lie in 1..{max_batch} (--max-batch)")
+    shapes = {b: _batched_shapes(model, b) for b in sizes}  # every bucket's error before any compile
     model_dir = Path(repo) / name
     model_dir.mkdir(parents=True, exist_ok=True)
     version = next_version(model_dir) if version is None else version
@@ -98,7 +99,7 @@ def add_version(model: str | os.PathLike | onnx.ModelProto, repo: str | os.PathL
     try:
         for i, b in enumerate(sizes):
             report = compile_model(model, building / f"model_b{b}.so",
-                                   options.with_(input_shapes=_batched_shapes(model, b)))
+                                   options.with_(input_shapes=shapes[b]))
             total_s += report.total_s
             if on_progress:
                 on_progress(i + 1, len(sizes))
