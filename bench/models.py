@@ -9,7 +9,6 @@ match (rtol 1e-3, atol 1e-4). Ratios are only comparable within one run: the CPU
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 import traceback
@@ -20,16 +19,6 @@ MODELS = ["bvlc_alexnet", "densenet121", "inception_v1", "inception_v2", "resnet
           "vgg19", "zfnet512", "mobilenet_v2", "resnet18", "bert_layer"]
 
 
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=20)
@@ -37,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--write", type=Path, default=None)
     args = ap.parse_args(argv)
-    from kiln.bench import compare
+    from kiln.bench import compare, cpu_name
 
     rows = []
     for name in args.only or MODELS:

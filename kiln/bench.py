@@ -6,6 +6,7 @@ thread pool go idle, so it does not steal cycles from the second on a small mach
 
 from __future__ import annotations
 
+import platform
 import tempfile
 import time
 from collections.abc import Callable
@@ -62,3 +63,12 @@ def compare(model: str, target: str = "native", repeat: int = 20, threads: int =
             "onnxruntime": ort_t, "ratio": kiln_t["median_ms"] / ort_t["median_ms"], "max_abs_error": err,
             "threads": threads}
 
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"

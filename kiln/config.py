@@ -24,6 +24,7 @@ class Options:
     tuning_logs: tuple[Path, ...] = ()  # extra tuning-record files or folders
     input_shapes: Mapping[str, tuple[int | str, ...]] = field(default_factory=dict)
     num_threads: int | None = None
+    measure: bool = False  # time each conv's candidate algorithms instead of trusting the cost model
 
     def __post_init__(self) -> None:
         if not 0 <= self.opt_level <= 3:

@@ -6,7 +6,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
@@ -18,7 +18,12 @@ from kiln.codegen.cuda import is_cuda, write_ptx
 from kiln.codegen.target import required_cpu_features, resolve_target, toolchain
 from kiln.config import Options
 from kiln.frontend import from_onnx
-from kiln.passes import LEVELS, fusion_summary, run
+from kiln.autotune.measure import measure_candidates
+from kiln.ir import Call, IRModule
+from kiln.ir.ops.conv import CONV2D
+from kiln.ir.visitor import post_order
+from kiln.passes import LEVELS, alter_layout, count_layout_transforms, fusion_summary, run
+from kiln.schedules.choose import Choice, ConvWorkload, choose
 from kiln.schedules.target_info import vector_lanes
 
 
@@ -34,6 +39,9 @@ class CompileReport:
     lower_s: float
     build_s: float
     total_s: float
+    conv_choices: list = field(default_factory=list)  # (span, schedules.choose.Choice) per conv
+    layout_transforms: int = 0
+    schedules: list = field(default_factory=list)  # the schedule each kernel got
 
 
 def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLike, options: Options | None = None,
@@ -50,7 +58,12 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
     target = resolve_target(options.target)
     # target facts the passes need travel as module attrs, so passes stay functions of the IR alone
     mod = mod.with_attrs(layout_block=vector_lanes(target, 32) if target.kind.name == "llvm" else 0)
-    mod = run(mod, LEVELS[options.opt_level], verify=options.verify, dump_dir=options.dump_dir)
+    passes = LEVELS[options.opt_level]
+    split = passes.index(alter_layout) if alter_layout in passes else len(passes)
+    mod = run(mod, passes[:split], verify=options.verify, dump_dir=options.dump_dir)
+    choices = choose_conv_algorithms(mod, target, options.measure) if split < len(passes) else []
+    mod = mod.with_attrs(conv_algorithms={span: c.algorithm for span, c in choices})
+    mod = run(mod, passes[split:], verify=options.verify, dump_dir=options.dump_dir, first=split + 1)
     t2 = time.perf_counter()
     cc, fcompile = toolchain(target)  # a cross gcc for another architecture (aarch64); checked before building
     result = build(mod, target, on_progress)
@@ -63,4 +76,29 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
     t3 = time.perf_counter()
     plan = mod.attrs["memory_plan"]
     return CompileReport(path, len(result.groups), fusion_summary(mod), plan.planned_bytes, plan.naive_bytes,
-                         t1 - t0, t2 - t1, result.lower_s, result.compile_s, t3 - t0)
+                         t1 - t0, t2 - t1, result.lower_s, result.compile_s, t3 - t0, choices,
+                         count_layout_transforms(mod), [s["schedule"] for s in result.meta["steps"]])
+
+
+def choose_conv_algorithms(mod: IRModule, target, measure: bool = False) -> list[tuple[str, Choice]]:
+    """(span, choice) for every 2-D conv of `mod`, in graph order: the cost model's pick, or with `measure` the
+    fastest candidate timed here (once per distinct shape)."""
+    if target.kind.name != "llvm":
+        return []
+    lanes = vector_lanes(target, 32)
+    cores = len(os.sched_getaffinity(0))
+    timed: dict[ConvWorkload, dict[str, float]] = {}
+    out = []
+    for e in post_order(mod.main.body):
+        if not (isinstance(e, Call) and e.op is CONV2D and e.span and e.args[0].ttype.is_static):
+            continue
+        x, w, a = e.args[0].ttype.shape, e.args[1].ttype.shape, e.attrs
+        wl = ConvWorkload(x[0], x[1], x[2], x[3], w[0], w[2], w[3], tuple(a.strides), tuple(a.padding),
+                          tuple(a.dilation), a.groups)
+        choice = choose(wl, lanes, cores)
+        if measure and len(choice.estimates_ms) > 1:
+            if wl not in timed:
+                timed[wl] = measure_candidates(wl, list(choice.estimates_ms), target, lanes)
+            choice = Choice(wl, min(timed[wl], key=timed[wl].get), choice.estimates_ms, timed[wl])
+        out.append((e.span, choice))
+    return out

@@ -9,7 +9,9 @@ of a value that was just transformed out of it is dropped, so adjacent transform
 
 The block size comes from `mod.attrs["layout_block"]` (the target's fp32 SIMD lanes, set by the driver;
 16 if absent); a conv whose output channels it does not divide tries half, then a quarter (not below 4).
-`mod.attrs["conv_algorithms"]` may map a conv's span to "nchw" to keep it out (the cost model's choice).
+`mod.attrs["conv_algorithms"]` maps a conv's span to the algorithm chosen for it (schedules/choose.py, by the
+driver): "direct" (the default), "im2col", "winograd2"/"winograd4" (F(2x2)/F(4x4, 3x3), its weights transformed
+here, at compile time) or "nchw" (stays out of the blocked layout).
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-
 from kiln.ir import Call, Constant, Expr, Function, IRModule, TensorType, Var
 from kiln.ir.op import OpDef, OpPattern
 from kiln.ir.ops.blocked import (
@@ -33,6 +34,9 @@ from kiln.ir.ops.blocked import (
 from kiln.ir.ops.conv import CONV2D
 from kiln.ir.ops.pool import AVG_POOL, GLOBAL_AVG_POOL, MAX_POOL
 from kiln.ir.ops.transform import CONCATENATE
+from kiln.ir.ops.winograd import CONV2D_WINOGRAD, WinogradAttrs
+from kiln.ir.ops.winograd import supports as winograd_supports
+from kiln.ir.ops.winograd import transform_weight as winograd_weight
 from kiln.ir.visitor import children, post_order, with_children
 
 DEFAULT_BLOCK = 16
@@ -46,7 +50,14 @@ def block_for(channels: int, block: int) -> int | None:
 
 
 def count_layout_transforms(mod: IRModule) -> int:
-    return sum(1 for e in post_order(mod.main.body) if isinstance(e, Call) and e.op is LAYOUT_TRANSFORM)
+    """layout_transform calls in main, fused groups included."""
+    n = 0
+    for e in post_order(mod.main.body):
+        if isinstance(e, Call) and e.op is LAYOUT_TRANSFORM:
+            n += 1
+        elif isinstance(e, Call) and isinstance(e.op, Function):
+            n += sum(1 for i in post_order(e.op.body) if isinstance(i, Call) and i.op is LAYOUT_TRANSFORM)
+    return n
 
 
 class _Rewriter:
@@ -120,8 +131,14 @@ class _Rewriter:
             ib = self.blocked[id(x)][1] if id(x) in self.blocked else (block_for(c, self.block) or c)
         if ob is None:
             return None
-        packed = Constant(pack_conv_weight(w.value, ob), name=w.name)
-        return Call(CONV2D_NCHWC, (self.as_blocked(x, ib), packed), ConvNCHWcAttrs(a, ob), call.span), ob
+        algo = self.algorithms.get(call.span, "direct")
+        if algo in ("winograd2", "winograd4") and winograd_supports(x.ttype.shape, w.ttype.shape, a):
+            m = 2 if algo == "winograd2" else 4
+            u = Constant(winograd_weight(w.value, m, ob), name=w.name)
+            return Call(CONV2D_WINOGRAD, (self.as_blocked(x, ib), u), WinogradAttrs(a, m, ob), call.span), ob
+        packed = Constant(pack_conv_weight(w.value, 1 if depthwise else ib, ob), name=w.name)
+        attrs = ConvNCHWcAttrs(a, ob, "im2col" if algo == "im2col" and not depthwise else "direct")
+        return Call(CONV2D_NCHWC, (self.as_blocked(x, ib), packed), attrs, call.span), ob
 
     def elementwise(self, call: Call) -> tuple[Expr, int] | None:
         blocked = [a for a in call.args if id(a) in self.blocked]

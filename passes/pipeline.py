@@ -39,11 +39,15 @@ O3: list[Pass] = O2
 LEVELS = {0: O0, 1: O1, 2: O2, 3: O3}
 
 
-def run(mod: IRModule, passes: list[Pass], *, verify: bool = True, dump_dir: Path | None = None) -> IRModule:
+def run(mod: IRModule, passes: list[Pass], *, verify: bool = True, dump_dir: Path | None = None,
+        first: int = 1) -> IRModule:
+    """Run `passes` in order. `first` numbers the dumps of a pipeline run in two parts (the driver stops before
+    alter_layout to choose conv algorithms)."""
     if dump_dir is not None:
         dump_dir.mkdir(parents=True, exist_ok=True)
-        (dump_dir / "00_input.kir").write_text(print_ir(mod))
-    for i, p in enumerate(passes, start=1):
+        if first == 1:
+            (dump_dir / "00_input.kir").write_text(print_ir(mod))
+    for i, p in enumerate(passes, start=first):
         mod = p(mod)
         if verify:
             verify_module(mod, after=p.__name__)  # the error names the pass that broke the IR

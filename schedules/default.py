@@ -44,6 +44,10 @@ def schedule_group(prim, target, anchor=None):
         blocked = _try_conv2d_nchwc(prim, target, anchor[1])
         if blocked is not None:
             return blocked
+    if anchor is not None and anchor[0] == "nn.conv2d_winograd_nchwc":
+        wino = _try_winograd(prim, target, anchor[1])
+        if wino is not None:
+            return wino
     if anchor is not None and anchor[0] == "nn.dense_packed":
         packed = _try_dense_packed(prim, anchor[1])
         if packed is not None:
@@ -196,12 +200,32 @@ def _try_conv2d_nchwc(prim, target, attrs):
     sch = s_tir.Schedule(prim)
     depthwise = attrs.conv.groups != 1
     try:
-        conv, out = _prepare(sch, "depthwise_nchwc" if depthwise else "conv2d_nchwc")
+        im2col = getattr(attrs, "algorithm", "direct") == "im2col"
+        conv, out = _prepare(sch, "depthwise_nchwc" if depthwise else "conv2d_nchwc",
+                             pad_names=("im2col",) if im2col else ("pad",))
         shape = [int(sch.get(loop).extent) for loop in sch.get_loops(out)]
         cfg = conv2d_nchwc.default(shape[3], shape[1], vector_lanes(target, 32), depthwise)
         steps = conv2d_nchwc.schedule(sch, conv, out, cfg)
+        if im2col:
+            steps = ["im2col+" + steps[0]]
     except Exception as err:  # noqa: BLE001  (the template does not fit this group: fall back, and say so)
         log.info("conv2d_nchwc does not apply (%s); generic schedule used", str(err).splitlines()[0][:200])
+        return None
+    return sch.mod["main"], "+".join(steps)
+
+
+def _try_winograd(prim, target, attrs):
+    from tvm import s_tir
+
+    from .target_info import vector_lanes
+    from .x86 import winograd
+
+    sch = s_tir.Schedule(prim)
+    try:
+        tiles = int(sch.get(sch.get_loops(sch.get_sblock("wino_M"))[2]).extent)
+        steps = winograd.schedule(sch, winograd.default(tiles, vector_lanes(target, 32), attrs.tile))
+    except Exception as err:  # noqa: BLE001  (the template does not fit this group: fall back, and say so)
+        log.info("winograd does not apply (%s); generic schedule used", str(err).splitlines()[0][:200])
         return None
     return sch.mod["main"], "+".join(steps)
 

@@ -35,15 +35,18 @@ def unblock_array(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 1, 4, 2, 3).reshape(n, cb * b, h, w))
 
 
-def pack_conv_weight(w: np.ndarray, out_block: int) -> np.ndarray:
-    """OIHW → [O/ob, I, H, W, ob]: the ob output channels of one step are one contiguous vector."""
+def pack_conv_weight(w: np.ndarray, in_block: int, out_block: int) -> np.ndarray:
+    """OIHW → [O/ob, I/ib, H, W, ib, ob] (TVM's OIHW[ib]i[ob]o): the ob output channels of one step are one
+    vector, and the reduction (input block, kernel row, column, channel in block) walks the weights in memory
+    order, so a cold read streams instead of jumping."""
     o, i, kh, kw = w.shape
-    return np.ascontiguousarray(w.reshape(o // out_block, out_block, i, kh, kw).transpose(0, 2, 3, 4, 1))
+    return np.ascontiguousarray(w.reshape(o // out_block, out_block, i // in_block, in_block, kh, kw)
+                                .transpose(0, 2, 4, 5, 3, 1))
 
 
 def unpack_conv_weight(w: np.ndarray) -> np.ndarray:
-    ob_n, i, kh, kw, ob = w.shape
-    return np.ascontiguousarray(w.transpose(0, 4, 1, 2, 3).reshape(ob_n * ob, i, kh, kw))
+    ob_n, ib_n, kh, kw, ib, ob = w.shape
+    return np.ascontiguousarray(w.transpose(0, 5, 1, 4, 2, 3).reshape(ob_n * ob, ib_n * ib, kh, kw))
 
 
 # --- layout_transform ---------------------------------------------------------------------------------------
@@ -104,19 +107,21 @@ class ConvNCHWcAttrs:
 
     conv: ConvAttrs
     out_block: int
+    algorithm: str = "direct"  # or "im2col": gather every window into a matrix first, then a plain GEMM
 
 
 def _conv_nchwc_type(x: TensorType, w: TensorType, a: ConvNCHWcAttrs) -> TensorType:
     op = "nn.conv2d_nchwc"
-    if x.ndim != 5 or w.ndim != 5 or w.shape[4] != a.out_block:
-        raise TypeCheckError(f"{op}: expected NCHW[b]c data and [O/{a.out_block}, I, KH, KW, {a.out_block}] "
+    if x.ndim != 5 or w.ndim != 6 or w.shape[5] != a.out_block:
+        raise TypeCheckError(f"{op}: expected NCHW[b]c data and [O/{a.out_block}, I/ib, KH, KW, ib, {a.out_block}] "
                              f"weights, got {x} and {w}")
     c = x.shape[1] * x.shape[4]
     g = a.conv.groups
-    if g != 1 and (g != c or w.shape[1] != 1 or x.shape[4] != a.out_block):
+    if g != 1 and (g != c or w.shape[1] * w.shape[4] != 1 or x.shape[4] != a.out_block):
         raise TypeCheckError(f"{op}: only groups=1 or depthwise (groups = channels, equal blocks); got {a} on {x}")
-    if g == 1 and w.shape[1] != c:
-        raise TypeCheckError(f"{op}: data has {c} channels, weight {w} expects {w.shape[1]}")
+    if g == 1 and (w.shape[1] != x.shape[1] or w.shape[4] != x.shape[4]):
+        raise TypeCheckError(f"{op}: data {x} has {c} channels in blocks of {x.shape[4]}; weight {w} expects "
+                             f"{w.shape[1] * w.shape[4]} in blocks of {w.shape[4]}")
     oh = conv_output_size(x.shape[2], w.shape[2], a.conv.strides[0], a.conv.padding[0] + a.conv.padding[2],
                           a.conv.dilation[0])
     ow = conv_output_size(x.shape[3], w.shape[3], a.conv.strides[1], a.conv.padding[1] + a.conv.padding[3],
@@ -132,7 +137,7 @@ def _conv_nchwc_reference(x: np.ndarray, w: np.ndarray, a: ConvNCHWcAttrs) -> np
 
 def _conv_nchwc_flops(x: TensorType, w: TensorType, a: ConvNCHWcAttrs) -> int:
     out = _conv_nchwc_type(x, w, a)
-    return 2 * out.size * int(np.prod(w.shape[1:4]))
+    return 2 * out.size * int(np.prod(w.shape[1:5]))
 
 
 CONV2D_NCHWC = register_op(OpDef("nn.conv2d_nchwc", ConvNCHWcAttrs, _conv_nchwc_type, _conv_nchwc_reference,
@@ -141,7 +146,8 @@ CONV2D_NCHWC = register_op(OpDef("nn.conv2d_nchwc", ConvNCHWcAttrs, _conv_nchwc_
 
 def pad_nchwc(x, pads: tuple[int, int, int, int], value=0.0, name: str = "pad"):
     """Zero-pad H and W of a 5-D tensor; a separate stage, so a schedule can materialize it once."""
-    from tvm import te, tirx as tir
+    from tvm import te
+    from tvm import tirx as tir
 
     t, left, b, r = pads
     if not any(pads):
@@ -166,14 +172,23 @@ def _conv_nchwc_compute(x, w, a: ConvNCHWcAttrs):
     xp = pad_nchwc(x, (c.padding[0], c.padding[1], c.padding[2], c.padding[3]))
     (sh, sw), (dh, dw) = c.strides, c.dilation
     ry, rx = te.reduce_axis((0, int(w.shape[2])), name="ry"), te.reduce_axis((0, int(w.shape[3])), name="rx")
+    if c.groups == 1 and a.algorithm == "im2col":
+        ib, cb, kh, kw = int(x.shape[4]), int(x.shape[1]), int(w.shape[2]), int(w.shape[3])
+        cols = te.compute((out.shape[0], out.shape[2], out.shape[3], cb, kh, kw, ib),
+                          lambda n, oh, ow, c_, ky, kx, ci: xp[n, c_, oh * sh + ky * dh, ow * sw + kx * dw, ci],
+                          name="im2col")
+        rco, rci = te.reduce_axis((0, cb), name="rco"), te.reduce_axis((0, ib), name="rci")
+        return te.compute(out.shape, lambda n, oc, oh, ow, ob: te.sum(
+            cols[n, oh, ow, rco, ry, rx, rci].astype(acc) * w[oc, rco, ry, rx, rci, ob].astype(acc),
+            axis=[rco, ry, rx, rci]), name="conv2d_nchwc")
     if c.groups == 1:
         ib = int(x.shape[4])
         rco, rci = te.reduce_axis((0, int(x.shape[1])), name="rco"), te.reduce_axis((0, ib), name="rci")
         return te.compute(out.shape, lambda n, oc, oh, ow, ob: te.sum(
             xp[n, rco, oh * sh + ry * dh, ow * sw + rx * dw, rci].astype(acc)
-            * w[oc, rco * ib + rci, ry, rx, ob].astype(acc), axis=[rco, ry, rx, rci]), name="conv2d_nchwc")
+            * w[oc, rco, ry, rx, rci, ob].astype(acc), axis=[rco, ry, rx, rci]), name="conv2d_nchwc")
     return te.compute(out.shape, lambda n, cb, oh, ow, cc: te.sum(
-        xp[n, cb, oh * sh + ry * dh, ow * sw + rx * dw, cc].astype(acc) * w[cb, 0, ry, rx, cc].astype(acc),
+        xp[n, cb, oh * sh + ry * dh, ow * sw + rx * dw, cc].astype(acc) * w[cb, 0, ry, rx, 0, cc].astype(acc),
         axis=[ry, rx]), name="depthwise_nchwc")
 
 

@@ -150,8 +150,8 @@ def test_templates_apply_instead_of_silently_falling_back(small_cnn, tmp_path):
     _, report = small_cnn
     meta = kiln.load(report.path).meta
     steps = meta["steps"]
-    convs = [s for s in steps if s["ops"][0] in ("nn.conv2d", "nn.conv2d_nchwc")]
-    assert convs and all(s["schedule"].startswith(("direct(", "nchwc(")) for s in convs), [s["schedule"] for s in convs]
+    convs = [s for s in steps if s["ops"][0] in ("nn.conv2d", "nn.conv2d_nchwc", "nn.conv2d_winograd_nchwc")]
+    assert convs and all(s["schedule"].startswith(("direct(", "nchwc(", "im2col+nchwc(", "winograd(")) for s in convs), [s["schedule"] for s in convs]
     bert = model_builders.bert_layer(seq=16, hidden=64, heads=4, ffn=128)
     steps = kiln.load(kiln.compile(bert, tmp_path / "bert.so").path).meta["steps"]
     denses = [s for s in steps if s["ops"][0] == "nn.dense_packed"]

@@ -2,8 +2,6 @@
 
 import numpy as np
 import pytest
-
-from kiln import zoo
 from kiln.frontend import from_onnx
 from kiln.ir import Call, Function, IRModule, call, const, var
 from kiln.ir.interpreter import run_module
@@ -15,6 +13,8 @@ from kiln.ir.ops.transform import CONCATENATE
 from kiln.ir.visitor import post_order
 from kiln.passes import O2, run
 from kiln.passes.alter_layout import alter_layout, count_layout_transforms
+
+from kiln import zoo
 
 from ..tolerances import assert_close
 from .graphs import bias, conv, resnet_basic_block

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-
 from kiln.ir.ops.blocked import CONV2D_NCHWC, ConvNCHWcAttrs, block_array, pack_conv_weight
 from kiln.ir.ops.conv import ConvAttrs, conv_output_size, conv_reference
 from kiln.schedules.default import _prepare
@@ -20,7 +19,7 @@ def run_template(x, w, attrs: ConvAttrs, ib: int, ob: int, cfg, epilogue: bool):
     import tvm
     from tvm import s_tir, te
 
-    xb, wb = block_array(x, ib), pack_conv_weight(w, ob)
+    xb, wb = block_array(x, ib), pack_conv_weight(w, 1 if attrs.groups > 1 else ib, ob)
     a = ConvNCHWcAttrs(attrs, ob)
     X, W = te.placeholder(xb.shape, name="x"), te.placeholder(wb.shape, name="w")
     out = CONV2D_NCHWC.compute(X, W, a)
