@@ -1,8 +1,8 @@
-"""Per-layer benchmark: every distinct conv shape of ResNet-50, each algorithm Kiln has for it, against ONNX
+"""Per-layer benchmark: every distinct conv shape of ResNet-50 (or --model), each algorithm Kiln has for it, against ONNX
 Runtime running a model of that single Conv (+ bias + Relu, as fused in the network), and the machine's sgemm
 peak (NumPy's BLAS, 2048^3), all measured in one run.
 
-    python bench/conv_layers.py [--threads 2] [--only 3x3] [--cold] [--write docs/conv_layers.md]
+    python bench/conv_layers.py [--model resnet50] [--threads 2] [--only 3x3] [--cold] [--write docs/conv_layers.md]
 
 GFLOPS count the direct conv's multiply-adds as two flops for every algorithm, so a Winograd kernel can exceed
 the machine's peak. `--cold` flushes the caches before every Kiln call (as a model run sees its weights); ONNX
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 
-def resnet50_convs():
+def model_convs(name: str = "resnet50"):
     from kiln import zoo
     from kiln.frontend import from_onnx
     from kiln.ir import Call
@@ -30,7 +30,7 @@ def resnet50_convs():
     from kiln.schedules.choose import ConvWorkload
 
     passes = O2[:O2.index(alter_layout)]
-    mod = run(from_onnx(zoo.zoo_model("resnet50")), passes)
+    mod = run(from_onnx(zoo.zoo_model(name)), passes)
     seen: dict[ConvWorkload, int] = {}
     for e in post_order(mod.main.body):
         if isinstance(e, Call) and e.op is CONV2D:
@@ -88,6 +88,7 @@ def _timed(fn) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet50", help="a zoo model name (kiln zoo lists them)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default=None, help="only kernels of this size, e.g. 3x3")
     ap.add_argument("--cold", action="store_true", help="flush caches before every Kiln call")
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     print(f"# {cpu_name()}, {args.threads} threads; sgemm peak (NumPy BLAS) {peak:.0f} GFLOPS; values in GFLOPS"
           f"{' (Kiln cold)' if args.cold else ''}", flush=True)
-    for wl, count in resnet50_convs().items():
+    for wl, count in model_convs(args.model).items():
         if args.only and f"{wl.kh}x{wl.kw}" != args.only:
             continue
         gflop = wl.flops / 1e9
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print("  ".join(row), flush=True)
     if args.write:
-        lines = [f"Per-layer conv benchmark: {cpu_name()}, {args.threads} threads; sgemm peak {peak:.0f} GFLOPS "
+        lines = [f"Per-layer conv benchmark of {args.model}: {cpu_name()}, {args.threads} threads; sgemm peak {peak:.0f} GFLOPS "
                  f"(NumPy BLAS, 2048³). GFLOPS of each Kiln algorithm{' (caches flushed before each call)' if args.cold else ''}"
                  ", of ONNX Runtime on a single Conv+Relu model of the same shape; best/ORT is time (lower is better).",
                  "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

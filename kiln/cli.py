@@ -16,7 +16,7 @@ from rich.table import Table
 from kiln.errors import KilnError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Kiln: ONNX models in, fast shared libraries out.")
-out = Console()
+out = Console() if sys.stdout.isatty() else Console(width=160)  # piped tables stay one line a row
 err = Console(stderr=True)
 
 DEFAULT_MODEL = "zoo:resnet50"
@@ -128,6 +128,9 @@ def compile(
     dump_ir: Optional[Path] = typer.Option(None, "--dump-ir", help="write the IR after every pass here"),
     input_shape: Optional[list[str]] = typer.Option(None, "--input-shape", help="name=d0,d1,... (repeatable)"),
     force: bool = typer.Option(False, "--force", help="overwrite an existing output file"),
+    explain: bool = typer.Option(False, "--explain", help="print each conv's algorithm choice and its estimates"),
+    measure: bool = typer.Option(False, "--measure", help="time each conv's candidate algorithms here and keep "
+                                 "the fastest, instead of trusting the cost model"),
 ) -> None:
     """Compile a model into one shared library."""
     import kiln
@@ -136,7 +139,7 @@ def compile(
 
     _refuse_overwrite(output, force)
     options = Options.from_env(target=target, opt_level=opt_level, dump_dir=dump_ir,
-                               input_shapes=parse_input_shapes(input_shape))
+                               input_shapes=parse_input_shapes(input_shape), measure=measure)
     progress, on_progress = progress_bar("compiling kernels")
     with progress:
         report = kiln.compile(z.resolve(model), output, options, on_progress=on_progress)
@@ -145,6 +148,32 @@ def compile(
               f"activation memory {report.planned_bytes / 1e6:.1f} MB planned vs {report.naive_bytes / 1e6:.1f} MB "
               f"naive; compile {report.total_s:.1f} s (import {report.import_s:.1f}, passes {report.passes_s:.1f}, "
               f"lowering {report.lower_s:.1f}, tvm.compile {report.build_s:.1f})", soft_wrap=True)
+    if explain or measure:
+        out.print(explain_table(report))
+
+
+def explain_table(report) -> Table:
+    """One row per conv: its shape, each candidate's estimated (and, with --measure, measured) time, the pick."""
+    algos = ["direct", "im2col", "winograd2", "winograd4", "nchw"]
+    used = [a for a in algos if any(a in c.estimates_ms for _, c in report.conv_choices)]
+    table = Table(title=f"conv algorithms ({len(report.conv_choices)} convs; {report.layout_transforms} layout "
+                        f"transforms); estimated ms [measured ms]")
+    for col in ("layer", "shape", *used, "chosen", "by"):
+        table.add_column(col, justify="right" if col in used else "left")
+    for span, c in report.conv_choices:
+        wl = c.workload
+        cells = []
+        for a in used:
+            if a not in c.estimates_ms:
+                cells.append("")
+                continue
+            cell = f"{c.estimates_ms[a]:.3f}"
+            if a in c.measured_ms:
+                cell += f" [{c.measured_ms[a]:.3f}]"
+            cells.append(f"[bold]{cell}[/bold]" if a == c.algorithm else cell)
+        shape = f"{wl.c}x{wl.h}x{wl.w}→{wl.oc} {wl.kh}x{wl.kw}/{wl.strides[0]}" + (f" g{wl.groups}" if wl.groups > 1 else "")
+        table.add_row(span, shape, *cells, c.algorithm, "measured" if c.measured_ms else "model")
+    return table
 
 
 @app.command()

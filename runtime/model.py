@@ -41,6 +41,10 @@ def _load_tvm_runtime() -> None:
     # half the logical CPUs (one thread on a 2-core machine); `runtime.config_threadpool` can only shrink it
     # later. Default to every core this process may use, as ONNX Runtime does.
     os.environ.setdefault("TVM_NUM_THREADS", str(usable_cpus()))
+    if int(os.environ["TVM_NUM_THREADS"]) > 1:
+        # every core runs a pool worker and the caller only waits, instead of the caller doing worker 0's share:
+        # MobileNetV2 3.71 -> 3.50 ms on 2 cores (ResNet-50 unchanged), alternating runs
+        os.environ.setdefault("TVM_EXCLUDE_WORKER0", "0")
     ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
     _RUNTIME_LOADED = True
 

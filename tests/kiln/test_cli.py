@@ -77,7 +77,7 @@ def test_compile_run_profile(tmp_path):
     so = tmp_path / "m.so"
     r = kiln("compile", str(tmp_path / "m.onnx"), "-o", str(so))
     assert r.returncode == 0, r.stderr
-    assert "1 kernels" in r.stdout or "1 kernel" in r.stdout
+    assert "3 kernels" in r.stdout  # into NCHW8c, the blocked conv, back to NCHW
     again = kiln("compile", str(tmp_path / "m.onnx"), "-o", str(so))
     assert again.returncode == 1 and "--force" in again.stderr  # never overwrite without asking
     x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
@@ -89,7 +89,7 @@ def test_compile_run_profile(tmp_path):
     r = kiln("profile", str(so), "--json", "--repeat", "3", "--trace", str(tmp_path / "trace.json"))
     assert r.returncode == 0, r.stderr
     prof = json.loads(r.stdout)
-    assert [k["ops"] for k in prof["kernels"]] == [["nn.conv2d"]]
+    assert [k["ops"] for k in prof["kernels"]] == [["layout_transform"], ["nn.conv2d_nchwc"], ["layout_transform"]]
     assert json.loads((tmp_path / "trace.json").read_text())["traceEvents"][0]["ph"] == "X"
 
 
@@ -100,3 +100,20 @@ def test_run_rejects_wrong_input_with_one_line(tmp_path):
     np.save(tmp_path / "bad.npy", np.zeros((1, 3, 8, 8), np.float32))
     r = kiln("run", str(so), "--input", str(tmp_path / "bad.npy"))
     assert r.returncode == 1 and "InputError" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_compile_explain_and_measure_report_each_conv(tmp_path):
+    g = GraphBuilder("two_convs")
+    w1 = g.const(np.random.default_rng(0).standard_normal((16, 16, 3, 3)).astype(np.float32), "w1")
+    w2 = g.const(np.random.default_rng(1).standard_normal((16, 16, 1, 1)).astype(np.float32), "w2")
+    y = g.op("Conv", ["x", w1], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    z = g.op("Conv", [y, w2], kernel_shape=[1, 1])
+    model = g.model([helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 16, 20, 20])],
+                    [(z, onnx.TensorProto.FLOAT, [1, 16, 20, 20])])
+    onnx.save(model, tmp_path / "m.onnx")
+    r = kiln("compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "m.so"), "--explain")
+    assert r.returncode == 0, r.stderr
+    assert "2 convs" in r.stdout and "winograd4" in r.stdout and "model" in r.stdout
+    r = kiln("compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "m2.so"), "--measure")
+    assert r.returncode == 0, r.stderr
+    assert "measured" in r.stdout and "[" in r.stdout  # measured times are shown next to the estimates

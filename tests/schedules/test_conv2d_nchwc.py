@@ -15,23 +15,25 @@ from kiln.schedules.x86 import conv2d_nchwc
 from ..tolerances import assert_close
 
 
-def run_template(x, w, attrs: ConvAttrs, ib: int, ob: int, cfg, epilogue: bool):
+def run_template(x, w, attrs: ConvAttrs, ib: int, ob: int, cfg, epilogue: bool, algorithm: str = "direct"):
     import tvm
     from tvm import s_tir, te
 
     xb, wb = block_array(x, ib), pack_conv_weight(w, 1 if attrs.groups > 1 else ib, ob)
-    a = ConvNCHWcAttrs(attrs, ob)
+    a = ConvNCHWcAttrs(attrs, ob, algorithm)
     X, W = te.placeholder(xb.shape, name="x"), te.placeholder(wb.shape, name="w")
     out = CONV2D_NCHWC.compute(X, W, a)
     if epilogue:  # bias + relu, as a fused group has them
         conv = out
         out = te.compute(conv.shape, lambda *i: te.max(conv(*i) + 0.5, 0.0), name="relu")
     sch = s_tir.Schedule(te.create_prim_func([X, W, out]))
-    conv_block, out_block = _prepare(sch, "depthwise_nchwc" if attrs.groups > 1 else "conv2d_nchwc")
+    pads = ("im2col",) if algorithm == "im2col" else () if attrs.groups > 1 else ("pad",)
+    conv_block, out_block = _prepare(sch, "depthwise_nchwc" if attrs.groups > 1 else "conv2d_nchwc", pads)
     conv2d_nchwc.schedule(sch, conv_block, out_block, cfg)
     f = tvm.compile(sch.mod, target=tvm.target.Target({"kind": "llvm"}))
-    y = np.zeros([int(d) for d in out.shape], "float32")
-    f(xb, wb, y)
+    y = tvm.runtime.empty([int(d) for d in out.shape], "float32")  # TVM's buffers: 64-byte aligned, as kernels need
+    f(tvm.runtime.tensor(xb), tvm.runtime.tensor(wb), y)
+    y = y.numpy()
     want = block_array(conv_reference(x, w, attrs), ob)
     return y, np.maximum(want + 0.5, 0.0) if epilogue else want
 
@@ -83,3 +85,17 @@ def test_default_config_lies_in_the_space_and_fits_registers(ow, ocb, lanes):
     space = conv2d_nchwc.space(ow, ocb)
     assert cfg.tile_oc in space["tile_oc"] and cfg.tile_ow in space["tile_ow"]
     assert cfg.tile_ow * cfg.tile_oc <= conv2d_nchwc.registers(lanes)
+
+
+@settings(max_examples=12, deadline=None)
+@given(c=st.sampled_from([3, 8, 16]), ocb=st.integers(1, 2), h=st.integers(3, 12), w=st.integers(3, 12),
+       k=st.sampled_from([1, 3]), stride=st.integers(1, 2), pad=st.integers(0, 1), seed=st.integers(0, 10**6))
+def test_im2col_nchwc_matches_reference(c, ocb, h, w, k, stride, pad, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((1, c, h, w)).astype(np.float32)
+    wt = rng.standard_normal((ocb * 8, c, k, k)).astype(np.float32)
+    attrs = ConvAttrs((stride, stride), (pad,) * 4, (1, 1))
+    ow = conv_output_size(w, k, stride, 2 * pad, 1)
+    cfg = conv2d_nchwc.default(ow, ocb, 16, block=8)
+    got, want = run_template(x, wt, attrs, c if c < 8 else 8, 8, cfg, epilogue=True, algorithm="im2col")
+    assert_close(got, want, rtol=1e-4, atol=1e-4)

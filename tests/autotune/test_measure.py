@@ -1,0 +1,25 @@
+"""Local measurement of conv algorithms: each candidate builds through the model's own path and times > 0."""
+
+from kiln.autotune.measure import conv_module, measure_candidates, time_conv
+from kiln.codegen.target import resolve_target
+from kiln.ir import Call, Function
+from kiln.ir.visitor import post_order
+from kiln.schedules.choose import ConvWorkload, candidates
+
+
+def test_every_candidate_builds_with_its_template_and_times():
+    wl = ConvWorkload(1, 16, 10, 10, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1))
+    target = resolve_target("native")
+    prefixes = {"direct": "nchwc(", "im2col": "im2col+", "winograd2": "winograd(m=2", "winograd4": "winograd(m=4"}
+    for algo in candidates(wl):
+        ms, schedule = time_conv(wl, algo, target, 16, min_ms=5)
+        assert ms > 0 and schedule.startswith(prefixes[algo]), (algo, schedule)
+    timed = measure_candidates(wl, ["direct", "winograd2"], target, 16)
+    assert set(timed) == {"direct", "winograd2"} and min(timed.values()) > 0
+
+
+def test_conv_module_holds_one_conv_group_between_layout_transforms():
+    wl = ConvWorkload(1, 8, 6, 6, 16, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1))
+    mod = conv_module(wl, "direct", 8)
+    groups = [e for e in post_order(mod.main.body) if isinstance(e, Call) and isinstance(e.op, Function)]
+    assert len(groups) == 3

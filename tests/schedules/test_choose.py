@@ -1,0 +1,40 @@
+"""The conv algorithm choice: which candidates each shape has, and that the cost model ranks them the way they
+measure on this kind of machine (the measured rankings are in docs/conv_layers.md)."""
+
+import pytest
+
+from kiln.schedules.choose import ConvWorkload, candidates, choose, estimate_ms
+
+
+def wl(c, h, oc, k=3, s=1, groups=1):
+    return ConvWorkload(1, c, h, h, oc, k, k, (s, s), (k // 2,) * 4, (1, 1), groups)
+
+
+def test_candidates_follow_the_shape():
+    assert candidates(wl(64, 56, 64)) == ["direct", "im2col", "winograd2", "winograd4"]
+    assert candidates(wl(64, 56, 64, s=2)) == ["direct", "im2col"]
+    assert candidates(wl(64, 56, 64, k=1)) == ["direct", "im2col"]
+    assert candidates(wl(32, 56, 32, groups=32)) == ["direct"]  # depthwise
+    assert candidates(wl(32, 56, 32, groups=4)) == ["nchw"]  # grouped: stays NCHW
+
+
+@pytest.mark.parametrize("c,h,want", [(64, 56, "winograd4"), (128, 28, "winograd4"), (256, 14, "winograd2")])
+def test_winograd_wins_where_arithmetic_dominates(c, h, want):
+    assert choose(wl(c, h, c)).algorithm == want
+
+
+def test_direct_wins_for_1x1_strided_and_the_7x7_stem():
+    assert choose(wl(256, 14, 1024, k=1)).algorithm == "direct"
+    assert choose(wl(128, 56, 128, s=2)).algorithm == "direct"
+    assert choose(ConvWorkload(1, 3, 224, 224, 64, 7, 7, (2, 2), (3, 3, 3, 3), (1, 1))).algorithm == "direct"
+
+
+def test_cold_weights_make_winograd_lose_on_small_maps_with_many_channels():
+    """At 7x7 the transformed weights (1.8x or 4x the direct ones) cost more to stream than the multiplies saved."""
+    est = choose(wl(512, 7, 512)).estimates_ms
+    assert est["direct"] < est["winograd4"]
+
+
+def test_estimates_scale_with_work():
+    assert estimate_ms(wl(64, 56, 128), "direct") > estimate_ms(wl(64, 56, 64), "direct")
+    assert estimate_ms(wl(64, 28, 64), "winograd4") < estimate_ms(wl(64, 56, 64), "winograd4")
