@@ -15,6 +15,7 @@ from kiln.errors import TypeCheckError
 
 from ..op import OpDef, OpPattern, define_compute, register_op
 from ..types import TensorType, broadcast_shapes, is_float, is_int
+from . import float_math
 
 Accepts = str  # "float", "number" (float or int), "int", "bool", "any"
 
@@ -335,7 +336,7 @@ def _te_unary() -> dict[str, object]:
         "nn.relu": lambda x: te.max(x, tir.const(0, x.dtype)),
         "negative": lambda x: -x,
         "abs": te.abs, "exp": te.exp, "log": te.log, "sqrt": te.sqrt, "sigmoid": sigmoid, "tanh": te.tanh,
-        "erf": te.erf, "sin": te.sin, "cos": te.cos, "tan": te.tan, "asin": te.asin, "acos": te.acos,
+        "erf": float_math.erf, "sin": te.sin, "cos": te.cos, "tan": te.tan, "asin": te.asin, "acos": te.acos,
         "atan": te.atan, "sinh": te.sinh, "cosh": te.cosh, "asinh": te.asinh, "acosh": te.acosh,
         "atanh": te.atanh, "floor": te.floor, "ceil": te.ceil, "round": tir.nearbyint,
         "sign": lambda x: tir.Select(x > 0, tir.const(1, x.dtype), tir.Select(x < 0, tir.const(-1, x.dtype),
@@ -415,7 +416,7 @@ def _activation_compute(op: OpDef, fn):
 _activation_compute(LEAKY_RELU, lambda v, a, c, te, tir: tir.Select(v < c(0), v * c(a.alpha), v))
 _activation_compute(ELU, lambda v, a, c, te, tir: tir.Select(v < c(0), c(a.alpha) * (te.exp(v) - c(1)), v))
 _activation_compute(HARD_SIGMOID, lambda v, a, c, te, tir: te.min(te.max(c(a.alpha) * v + c(a.beta), c(0)), c(1)))
-_activation_compute(GELU, lambda v, a, c, te, tir: c(0.5) * v * (c(1) + te.erf(v * c(0.7071067811865476))))
+_activation_compute(GELU, lambda v, a, c, te, tir: c(0.5) * v * (c(1) + float_math.erf(v * c(0.7071067811865476))))
 _activation_compute(GELU_TANH, lambda v, a, c, te, tir: c(0.5) * v * (c(1) + te.tanh(
     c(0.7978845608028654) * (v + c(0.044715) * v * v * v))))
 _activation_compute(SWISH, lambda v, a, c, te, tir: v / (c(1) + te.exp(-c(a.alpha) * v)))
