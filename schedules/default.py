@@ -53,6 +53,14 @@ def schedule_group(prim, target, anchor=None):
         packed = _try_dense_packed(prim, anchor[1])
         if packed is not None:
             return packed
+    if anchor is not None and anchor[0] == "nn.matmul":
+        batched = _try_batch_matmul(prim, target)
+        if batched is not None:
+            return batched
+    if anchor is None:  # softmax and layer norm are reductions, no anchor: found by their stages' names
+        rowwise = _try_rowwise(prim, target)
+        if rowwise is not None:
+            return rowwise
     out = blocks[-1]
     reductions = [b for b in blocks[:-1] if _n_reduction_axes(sch, b)]
     for b in blocks[:-1]:
@@ -258,5 +266,58 @@ def _try_dense_packed(prim, attrs):
         steps = dense_packed.schedule(sch, dense, out, attrs.block, cfg)
     except Exception as err:  # noqa: BLE001  (the template does not fit: fall back, and say so)
         log.info("dense_packed does not apply (%s); generic schedule used", str(err).splitlines()[0][:200])
+        return None
+    return sch.mod["main"], "+".join(steps)
+
+
+def _try_batch_matmul(prim, target):
+    from tvm import s_tir
+
+    from .target_info import vector_lanes
+    from .x86 import batch_matmul
+
+    sch = s_tir.Schedule(prim)
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    names = [sch.get(b).name_hint for b in blocks]
+    if "matmul" not in names:
+        return None
+    try:
+        matmul = sch.get_sblock("matmul")
+        if _n_reduction_axes(sch, matmul) != 1:
+            return None
+        for b, name in zip(blocks[:-1], names[:-1]):
+            if name != "matmul":
+                sch.compute_inline(b)
+        out = sch.get_child_blocks(sch.get_sblock("root"))[-1]
+        *batch, m, n = [int(sch.get(loop).extent) for loop in sch.get_loops(out)]
+        k = int(sch.get(sch.get_loops(matmul)[-1]).extent)
+        cfg = batch_matmul.default(m, n, k, vector_lanes(target, 32), batches=math.prod(batch))
+        steps = batch_matmul.schedule(sch, matmul, out, cfg)
+    except Exception as err:  # noqa: BLE001  (the template does not fit: fall back, and say so)
+        log.info("batch_matmul does not apply (%s); generic schedule used", str(err).splitlines()[0][:200])
+        return None
+    return sch.mod["main"], "+".join(steps)
+
+
+def _try_rowwise(prim, target):
+    """The softmax or layer-norm template, when the group holds its stages (a last-axis softmax, a layer norm
+    over one last axis)."""
+    from tvm import s_tir
+
+    from .target_info import vector_lanes
+    from .x86 import layer_norm, softmax
+
+    sch = s_tir.Schedule(prim)
+    names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
+    template = softmax if set(softmax.STAGES) <= names else layer_norm if set(layer_norm.STAGES) <= names else None
+    if template is None:
+        return None
+    try:
+        out = sch.get_sblock(template.STAGES[-1])
+        n = int(sch.get(sch.get_loops(out)[-1]).extent)
+        steps = template.schedule(sch, template.default(n, vector_lanes(target, 32)))
+    except Exception as err:  # noqa: BLE001  (the template does not fit: fall back, and say so)
+        log.info("%s does not apply (%s); generic schedule used", template.__name__.rsplit(".", 1)[-1],
+                 str(err).splitlines()[0][:200])
         return None
     return sch.mod["main"], "+".join(steps)

@@ -197,12 +197,31 @@ LP_NORMALIZE = register_op(OpDef("nn.lp_normalize", LpNormAttrs, _lp_type, _lp_n
 
 @define_compute(LAYER_NORM)
 def layer_norm_compute(x, scale, bias, a: LayerNormAttrs):
-    from tvm import topi
+    """Two passes over each row, as TOPI's layer_norm, with stage names `schedules/x86/layer_norm.py` finds:
+    the row sum, the sum of squared deviations from the mean, then the normalized, scaled output."""
+    from tvm import te
 
-    axes = list(range(a.axis, len(x.shape)))
-    if len(scale.shape) != len(axes):
+    nd = len(x.shape)
+    if len(scale.shape) != nd - a.axis or len(bias.shape) != nd - a.axis:
         raise NotImplementedError("nn.layer_norm compute needs scale over exactly the normalized axes")
-    return topi.nn.layer_norm(x, scale, bias, axes, a.epsilon)
+    rows, normed = tuple(x.shape[:a.axis]), tuple(x.shape[a.axis:])
+    count = 1
+    for d in normed:
+        count *= int(d)
+
+    def row_sum(f, name):
+        ks = [te.reduce_axis((0, d), name=f"k{j}") for j, d in enumerate(normed)]
+        return te.compute(rows, lambda *i: te.sum(f((*i, *ks)), axis=ks), name=name)
+
+    total = row_sum(lambda i: x[i], "layer_norm_sum")
+    inv_n = 1.0 / count
+
+    def deviation(i):
+        return x[i] - total[i[:a.axis]] * inv_n
+
+    squares = row_sum(lambda i: deviation(i) * deviation(i), "layer_norm_var_sum")
+    return te.compute(x.shape, lambda *i: deviation(i) * te.rsqrt(squares[i[:a.axis]] * inv_n + a.epsilon)
+                      * scale[i[a.axis:]] + bias[i[a.axis:]], name="layer_norm")
 
 
 @define_compute(LRN)

@@ -11,6 +11,7 @@ from kiln.errors import TypeCheckError
 
 from ..op import OpDef, OpPattern, define_compute, register_op
 from ..types import TensorType, is_float
+from . import float_math
 
 
 @dataclass(frozen=True)
@@ -59,9 +60,19 @@ HARDMAX = register_op(OpDef("nn.hardmax", SoftmaxAttrs, _type("nn.hardmax"), _ha
 
 @define_compute(SOFTMAX)
 def softmax_compute(x, a: SoftmaxAttrs):
-    from tvm import topi
+    """Along the last axis, four stages that `schedules/x86/softmax.py` finds by name: the row max, exp(x - max)
+    computed once (vectorizable, see float_math), its row sum, the quotient. Other axes: TOPI's softmax."""
+    from tvm import te, topi
 
-    return topi.nn.softmax(x, a.axis)
+    if a.axis != len(x.shape) - 1:
+        return topi.nn.softmax(x, a.axis)
+    rows, n = tuple(x.shape[:-1]), x.shape[-1]
+    k = te.reduce_axis((0, n), name="k")
+    top = te.compute(rows, lambda *i: te.max(x[(*i, k)], axis=k), name="softmax_max")
+    e = te.compute(x.shape, lambda *i: float_math.exp(x[i] - top[i[:-1]]), name="softmax_exp")
+    k = te.reduce_axis((0, n), name="k")
+    total = te.compute(rows, lambda *i: te.sum(e[(*i, k)], axis=k), name="softmax_sum")
+    return te.compute(x.shape, lambda *i: e[i] / total[i[:-1]], name="softmax_norm")
 
 
 @define_compute(LOG_SOFTMAX)

@@ -32,11 +32,11 @@ def space(rows: int, n_blocks: int, k: int) -> dict[str, list]:
             "n_outer": [True, False]}
 
 
-def default(rows: int, n_blocks: int, k: int = 1, registers: int = ACCUMULATORS) -> Config:
+def default(rows: int, n_blocks: int, k: int = 1, registers: int = ACCUMULATORS, min_tiles: int = 8) -> Config:
     """The largest tile that fits the accumulator registers, shaped near 8 rows × 3 vectors (measured best on
-    AVX-512: 3 weight vectors stream from L2 per k step, 8 broadcasts come from L1), with at least 8 tiles to
-    share between cores when the output has that many."""
-    enough = min(8, rows * n_blocks)
+    AVX-512: 3 weight vectors stream from L2 per k step, 8 broadcasts come from L1), with at least `min_tiles`
+    tiles to share between cores when the output has that many."""
+    enough = min(min_tiles, rows * n_blocks)
 
     def score(c: Config):
         return (c.tile_m * c.tile_n, -abs(c.tile_m / c.tile_n - 8 / 3))
@@ -48,40 +48,52 @@ def default(rows: int, n_blocks: int, k: int = 1, registers: int = ACCUMULATORS)
 
 
 def schedule(sch, dense_block, out_block, block: int, cfg: Config) -> list[str]:
-    """`dense_block` is (batch..., m, n | k) over packed weights; `out_block` the group's output, same shape."""
-    copy = sch.cache_write(dense_block, 0, "local")
-    if sch.get(out_block).same_as(sch.get(dense_block)):
-        out_block = copy  # no epilogue: the copy out of the accumulators is the output stage
-    else:
-        sch.compute_inline(copy)
+    """`dense_block` is (batch..., m, n | k) over packed weights; `out_block` the group's output, same shape.
+    The batch dims are more rows here: the weights are shared by all of them."""
+    out_block = accumulate_locally(sch, dense_block, out_block)
     *batch, m, n = sch.get_loops(out_block)
     rows = sch.fuse(*batch, m) if batch else m
-    n_rows, n_units = int(sch.get(rows).extent), int(sch.get(n).extent)
-    if n_rows % cfg.tile_m or n_units % (cfg.tile_n * block) or cfg.unroll_k < 1:
-        raise InvalidConfig(f"dense_packed: {cfg} does not tile {n_rows} rows × {n_units} units in blocks of {block}")
-    mo, mi = sch.split(rows, factors=[None, cfg.tile_m])
-    no, nt, nb = sch.split(n, factors=[None, cfg.tile_n, block])
-    sch.reorder(*((no, mo) if cfg.n_outer else (mo, no)), mi, nt, nb)
-    tile = sch.fuse(*((no, mo) if cfg.n_outer else (mo, no)))
-    sch.parallel(tile)
-    sch.compute_at(dense_block, tile)
-    # the dense block's loops under the tile: its batch loops (unit extent), mi, the unit loop and k
-    *spatial, k = sch.get_loops(dense_block)[1:]
-    units = spatial[-1]
-    rows_in = spatial[-2]
-    k_extent = int(sch.get(k).extent)
-    if k_extent % cfg.unroll_k:
-        raise InvalidConfig(f"dense_packed: unroll_k={cfg.unroll_k} does not divide k={k_extent}")
-    ko, ki = sch.split(k, factors=[None, cfg.unroll_k])
-    ut, ub = sch.split(units, factors=[cfg.tile_n, block])
-    sch.reorder(ko, ki, rows_in, ut, ub)
-    if cfg.unroll_k > 1:
-        sch.unroll(ki)
-    sch.unroll(rows_in)
-    sch.unroll(ut)
-    sch.vectorize(ub)
-    init = sch.decompose_reduction(dense_block, ko)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.vectorize(sch.get_loops(out_block)[-1])
+    tile_registers(sch, dense_block, out_block, [], rows, n, block, cfg)
     order = ",n_outer" if cfg.n_outer else ""
     return [f"dense_packed(m={cfg.tile_m},n={cfg.tile_n},k={cfg.unroll_k}{order},block={block})"]
+
+
+def accumulate_locally(sch, block, out_block):
+    """Accumulate in a local buffer (registers, once unrolled); returns the output stage."""
+    copy = sch.cache_write(block, 0, "local")
+    if sch.get(out_block).same_as(sch.get(block)):
+        return copy  # no epilogue: the copy out of the accumulators is the output stage
+    sch.compute_inline(copy)
+    return out_block
+
+
+def tile_registers(sch, block, out_block, outer: list, rows, n, width: int, cfg: Config) -> None:
+    """The register tiling shared with batch_matmul: `outer` loops (kept outermost), then tiles of tile_m
+    `rows` × tile_n vectors of `width` along `n`, all in one parallel loop; `block` (a reduction over its last
+    loop) is computed per tile and the output stage, whose loops these are, after it."""
+    n_rows, n_units = int(sch.get(rows).extent), int(sch.get(n).extent)
+    if n_rows % cfg.tile_m or n_units % (cfg.tile_n * width) or cfg.unroll_k < 1:
+        raise InvalidConfig(f"{cfg} does not tile {n_rows} rows × {n_units} columns in vectors of {width}")
+    mo, mi = sch.split(rows, factors=[None, cfg.tile_m])
+    no, nt, nb = sch.split(n, factors=[None, cfg.tile_n, width])
+    tiles = (no, mo) if cfg.n_outer else (mo, no)
+    sch.reorder(*outer, *tiles, mi, nt, nb)
+    tile = sch.fuse(*outer, *tiles)
+    sch.parallel(tile)
+    sch.compute_at(block, tile)
+    # the block's loops under the tile: unit loops of outer dims, its rows, its columns, then k
+    *spatial, k = sch.get_loops(block)[1:]
+    k_extent = int(sch.get(k).extent)
+    if k_extent % cfg.unroll_k:
+        raise InvalidConfig(f"unroll_k={cfg.unroll_k} does not divide k={k_extent}")
+    ko, ki = sch.split(k, factors=[None, cfg.unroll_k])
+    ut, ub = sch.split(spatial[-1], factors=[cfg.tile_n, width])
+    sch.reorder(ko, ki, spatial[-2], ut, ub)
+    if cfg.unroll_k > 1:
+        sch.unroll(ki)
+    sch.unroll(spatial[-2])
+    sch.unroll(ut)
+    sch.vectorize(ub)
+    init = sch.decompose_reduction(block, ko)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(out_block)[-1])

@@ -1,0 +1,51 @@
+"""Row-wise passes shared by the softmax and layer-norm templates: a group's output rows run in parallel and
+every stage of a row is computed inside that loop; a reduction along the row keeps `lanes` partial results in
+one vector (rfactor), combined by a short scalar step at the end."""
+
+from __future__ import annotations
+
+from kiln.errors import InvalidConfig
+
+
+def row_lanes(n: int, upto: int) -> list[int]:
+    """Vector widths that divide a row of n: the row passes have no tails."""
+    return [d for d in range(1, min(n, upto) + 1) if n % d == 0]
+
+
+def split_reduction(sch, block, lanes: int):
+    """rfactor the block's single reduction loop into `lanes` partial results; returns the partial block."""
+    *_, k = sch.get_loops(block)
+    n = int(sch.get(k).extent)
+    if n % lanes:
+        raise InvalidConfig(f"{lanes} lanes do not divide a row of {n}")
+    _, ki = sch.split(k, factors=[None, lanes])
+    return sch.rfactor(ki, 0)
+
+
+def vectorize_partials(sch, partial, lanes: int) -> None:
+    """The partial block under the row loop: reduce along the row, `lanes` at a time, into one vector."""
+    lane, ko = sch.get_loops(partial)[-2:]
+    sch.reorder(ko, lane)
+    if lanes > 1:
+        sch.vectorize(lane)
+    init = sch.decompose_reduction(partial, ko)
+    if lanes > 1:
+        sch.vectorize(sch.get_loops(init)[-1])
+
+
+def vectorize_row(sch, block, lanes: int) -> None:
+    """An elementwise stage under the row loop: its row loop split to `lanes` and vectorized."""
+    *_, j = sch.get_loops(block)
+    if lanes > 1:
+        _, ji = sch.split(j, factors=[None, lanes])
+        sch.vectorize(ji)
+
+
+def parallel_rows(sch, out_block, n_row_dims: int):
+    """Fuse the output's leading `n_row_dims` loops into one parallel loop over rows; returns it."""
+    loops = sch.get_loops(out_block)
+    if n_row_dims < 1 or len(loops) != n_row_dims + 1:
+        raise InvalidConfig(f"expected {max(n_row_dims, 1)} row loops and one along the row, got {len(loops)}")
+    rows = sch.fuse(*loops[:n_row_dims]) if n_row_dims > 1 else loops[0]
+    sch.parallel(rows)
+    return rows
