@@ -50,50 +50,41 @@ def default(rows: int, n_blocks: int, k: int = 1, registers: int = ACCUMULATORS,
 def schedule(sch, dense_block, out_block, block: int, cfg: Config) -> list[str]:
     """`dense_block` is (batch..., m, n | k) over packed weights; `out_block` the group's output, same shape.
     The batch dims are more rows here: the weights are shared by all of them."""
-    out_block = accumulate_locally(sch, dense_block, out_block)
-    *batch, m, n = sch.get_loops(out_block)
-    rows = sch.fuse(*batch, m) if batch else m
-    tile_registers(sch, dense_block, out_block, [], rows, n, block, cfg)
+    tile_registers(sch, dense_block, out_block, block, cfg, batch_outer=False)
     order = ",n_outer" if cfg.n_outer else ""
     return [f"dense_packed(m={cfg.tile_m},n={cfg.tile_n},k={cfg.unroll_k}{order},block={block})"]
 
 
-def accumulate_locally(sch, block, out_block):
-    """Accumulate in a local buffer (registers, once unrolled); returns the output stage."""
+def tile_registers(sch, block, out_block, width: int, cfg: Config, batch_outer: bool) -> None:
+    """The register tiling shared with batch_matmul. `block` is (batch..., m, n | k): tiles of tile_m rows ×
+    tile_n vectors of `width` columns accumulate in a local buffer (registers, once unrolled), in one parallel
+    loop over batches (outermost with `batch_outer`, else fused into the rows) and tiles; the output stage
+    (the copy out, or the group's epilogue reading the accumulators) runs per tile after the reduction."""
     copy = sch.cache_write(block, 0, "local")
     if sch.get(out_block).same_as(sch.get(block)):
-        return copy  # no epilogue: the copy out of the accumulators is the output stage
-    sch.compute_inline(copy)
-    return out_block
-
-
-def tile_registers(sch, block, out_block, outer: list, rows, n, width: int, cfg: Config) -> None:
-    """The register tiling shared with batch_matmul: `outer` loops (kept outermost), then tiles of tile_m
-    `rows` × tile_n vectors of `width` along `n`, all in one parallel loop; `block` (a reduction over its last
-    loop) is computed per tile and the output stage, whose loops these are, after it."""
-    n_rows, n_units = int(sch.get(rows).extent), int(sch.get(n).extent)
-    if n_rows % cfg.tile_m or n_units % (cfg.tile_n * width) or cfg.unroll_k < 1:
-        raise InvalidConfig(f"{cfg} does not tile {n_rows} rows × {n_units} columns in vectors of {width}")
+        out_block = copy  # no epilogue: the copy out of the accumulators is the output stage
+    else:
+        sch.compute_inline(copy)
+    *batch, m, n, k = sch.get_loops(block)
+    n_units, k_extent = int(sch.get(n).extent), int(sch.get(k).extent)
+    outer, rows = (batch, m) if batch_outer or not batch else ([], sch.fuse(*batch, m))
+    n_rows = int(sch.get(rows).extent)
+    if n_rows % cfg.tile_m or n_units % (cfg.tile_n * width) or k_extent % cfg.unroll_k:
+        raise InvalidConfig(f"{cfg} does not tile {n_rows} rows × {n_units} columns (vectors of {width}) "
+                            f"× k={k_extent}")
     mo, mi = sch.split(rows, factors=[None, cfg.tile_m])
     no, nt, nb = sch.split(n, factors=[None, cfg.tile_n, width])
+    ko, ki = sch.split(k, factors=[None, cfg.unroll_k])
     tiles = (no, mo) if cfg.n_outer else (mo, no)
-    sch.reorder(*outer, *tiles, mi, nt, nb)
+    sch.reorder(*outer, *tiles, ko, ki, mi, nt, nb)
     tile = sch.fuse(*outer, *tiles)
     sch.parallel(tile)
-    sch.compute_at(block, tile)
-    # the block's loops under the tile: unit loops of outer dims, its rows, its columns, then k
-    *spatial, k = sch.get_loops(block)[1:]
-    k_extent = int(sch.get(k).extent)
-    if k_extent % cfg.unroll_k:
-        raise InvalidConfig(f"unroll_k={cfg.unroll_k} does not divide k={k_extent}")
-    ko, ki = sch.split(k, factors=[None, cfg.unroll_k])
-    ut, ub = sch.split(spatial[-1], factors=[cfg.tile_n, width])
-    sch.reorder(ko, ki, spatial[-2], ut, ub)
-    if cfg.unroll_k > 1:
-        sch.unroll(ki)
-    sch.unroll(spatial[-2])
-    sch.unroll(ut)
-    sch.vectorize(ub)
+    for loop in (ki, mi, nt):
+        sch.unroll(loop)
+    sch.vectorize(nb)
+    sch.reverse_compute_at(out_block, tile)
     init = sch.decompose_reduction(block, ko)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.vectorize(sch.get_loops(out_block)[-1])
+    for b in (init, out_block):
+        last = sch.get_loops(b)[-1]
+        if not sch.get(last).same_as(sch.get(tile)):  # compute_at leaves out unit loops
+            sch.vectorize(last)

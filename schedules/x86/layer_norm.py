@@ -41,7 +41,8 @@ def schedule(sch, cfg: Config) -> list[str]:
     rows = row_passes.parallel_rows(sch, out, len(sch.get_loops(out)) - 1)
     row_passes.vectorize_row(sch, out, cfg.lanes)
     for b in (squares, squares_part, total, total_part):
-        sch.compute_at(b, rows)
-    row_passes.vectorize_partials(sch, total_part, cfg.lanes)
-    row_passes.vectorize_partials(sch, squares_part, cfg.lanes)
+        if b is not None:
+            sch.compute_at(b, rows)
+    row_passes.vectorize_partials(sch, total_part)
+    row_passes.vectorize_partials(sch, squares_part)
     return [f"layer_norm(lanes={cfg.lanes})"]

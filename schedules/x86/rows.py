@@ -13,23 +13,30 @@ def row_lanes(n: int, upto: int) -> list[int]:
 
 
 def split_reduction(sch, block, lanes: int):
-    """rfactor the block's single reduction loop into `lanes` partial results; returns the partial block."""
+    """rfactor the block's single reduction loop into `lanes` partial results; returns the partial block, or
+    None for one lane (a scalar reduction)."""
+    if sum(1 for iv in sch.get(block).iter_vars if int(iv.iter_type) == 2) != 1:  # 2: CommReduce
+        raise InvalidConfig(f"{sch.get(block).name_hint} reduces over more than one axis")
     *_, k = sch.get_loops(block)
     n = int(sch.get(k).extent)
     if n % lanes:
         raise InvalidConfig(f"{lanes} lanes do not divide a row of {n}")
+    if lanes == 1:
+        return None
     _, ki = sch.split(k, factors=[None, lanes])
     return sch.rfactor(ki, 0)
 
 
-def vectorize_partials(sch, partial, lanes: int) -> None:
+def vectorize_partials(sch, partial) -> None:
     """The partial block under the row loop: reduce along the row, `lanes` at a time, into one vector."""
-    lane, ko = sch.get_loops(partial)[-2:]
-    sch.reorder(ko, lane)
-    if lanes > 1:
-        sch.vectorize(lane)
-    init = sch.decompose_reduction(partial, ko)
-    if lanes > 1:
+    if partial is None:
+        return
+    under = sch.get_loops(partial)[1:]  # below the row loop: the lane loop, then k / lanes (left out if 1)
+    lane = under[0]
+    sch.vectorize(lane)
+    if len(under) == 2:
+        sch.reorder(under[1], lane)
+        init = sch.decompose_reduction(partial, under[1])
         sch.vectorize(sch.get_loops(init)[-1])
 
 

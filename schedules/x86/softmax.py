@@ -35,10 +35,11 @@ def schedule(sch, cfg: Config) -> list[str]:
     row_passes.vectorize_row(sch, out, cfg.lanes)
     if not cfg.store_exp:
         sch.compute_inline(exp)
-    for b in (total, total_part, *((exp,) if cfg.store_exp else ()), top, top_part):
-        sch.compute_at(b, rows)
-    row_passes.vectorize_partials(sch, top_part, cfg.lanes)
-    row_passes.vectorize_partials(sch, total_part, cfg.lanes)
+    for b in (total, total_part, exp if cfg.store_exp else None, top, top_part):
+        if b is not None:
+            sch.compute_at(b, rows)
+    row_passes.vectorize_partials(sch, top_part)
+    row_passes.vectorize_partials(sch, total_part)
     if cfg.store_exp:
         sch.set_scope(exp, 0, "local")
         row_passes.vectorize_row(sch, exp, cfg.lanes)
