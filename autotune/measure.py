@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-
 from kiln.codegen.lower import lower_group
 from kiln.ir import Call, Function, IRModule, call, const, var
 from kiln.ir.ops.conv import CONV2D
@@ -24,25 +23,34 @@ def conv_module(wl: ConvWorkload, algorithm: str, layout_block: int, seed: int =
     rng = np.random.default_rng(seed)
     x = var("x", f"f32[{wl.n}, {wl.c}, {wl.h}, {wl.w}]")
     w = const((rng.standard_normal((wl.oc, wl.c // wl.groups, wl.kh, wl.kw)) * 0.1).astype(np.float32))
-    y = Call(CONV2D, (x, w), CONV2D.make_attrs(strides=wl.strides, padding=wl.padding, dilation=wl.dilation,
-                                                  groups=wl.groups), span="conv")
+    y = Call(
+        CONV2D,
+        (x, w),
+        CONV2D.make_attrs(strides=wl.strides, padding=wl.padding, dilation=wl.dilation, groups=wl.groups),
+        span="conv",
+    )
     y = call(RELU, call(ADD, y, const(rng.standard_normal((wl.oc, 1, 1)).astype(np.float32))))
-    mod = IRModule({"main": Function((x,), y)}, attrs={"layout_block": layout_block,
-                                                        "conv_algorithms": {"conv": algorithm}})
+    mod = IRModule(
+        {"main": Function((x,), y)},
+        attrs={"layout_block": layout_block, "conv_algorithms": {"conv": algorithm}},
+    )
     return fuse_ops(alter_layout(mod))
 
 
 def conv_group(mod: IRModule) -> Call:
     """The fused group holding the conv (the others are layout transforms)."""
     groups = [e for e in post_order(mod.main.body) if isinstance(e, Call) and isinstance(e.op, Function)]
-    return max(groups, key=lambda g: sum(1 for e in post_order(g.op.body) if isinstance(e, Call)
-                                         and "conv" in e.op_name))
+    return max(
+        groups,
+        key=lambda g: sum(1 for e in post_order(g.op.body) if isinstance(e, Call) and "conv" in e.op_name),
+    )
 
 
-def time_conv(wl: ConvWorkload, algorithm: str, target, layout_block: int, min_ms: float = 60.0,
-              cold: bool = False) -> tuple[float, str]:
-    """Median milliseconds of the conv's kernel alone, and the schedule it got; `cold` flushes the caches before
-    each call, as a model run sees them."""
+def time_conv(
+    wl: ConvWorkload, algorithm: str, target, layout_block: int, min_ms: float = 60.0, cold: bool = False
+) -> tuple[float, str]:
+    """Median milliseconds of the conv's kernel alone, and the schedule it got; `cold` flushes the caches
+    before each call, as a model run sees them."""
     # TVM sizes its pool at the first parallel kernel, to half the CPUs unless told; time with all of them, as
     # the runtime runs models (runtime/model.py)
     os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
@@ -53,7 +61,9 @@ def time_conv(wl: ConvWorkload, algorithm: str, target, layout_block: int, min_m
     lib = tvm.compile(tvm.IRModule({"conv": lowered.prim_func}), target=target)
     dev = tvm.cpu()
     rng = np.random.default_rng(1)
-    args = [tvm.runtime.tensor(rng.standard_normal(a.ttype.shape).astype(a.ttype.dtype), dev) for a in group.args]
+    args = [
+        tvm.runtime.tensor(rng.standard_normal(a.ttype.shape).astype(a.ttype.dtype), dev) for a in group.args
+    ]
     args.append(tvm.runtime.empty(group.ttype.shape, group.ttype.dtype, dev))
     if cold:  # in a model, each conv's weights arrive cold: evict them before every timed call
         timer = lib.jit().time_evaluator("conv", dev, number=1, repeat=15, cache_flush_bytes=COLD_FLUSH_BYTES)
@@ -62,5 +72,7 @@ def time_conv(wl: ConvWorkload, algorithm: str, target, layout_block: int, min_m
     return float(np.median(timer(*args).results)) * 1e3, lowered.schedule
 
 
-def measure_candidates(wl: ConvWorkload, algorithms: list[str], target, layout_block: int) -> dict[str, float]:
+def measure_candidates(
+    wl: ConvWorkload, algorithms: list[str], target, layout_block: int
+) -> dict[str, float]:
     return {a: time_conv(wl, a, target, layout_block, cold=True)[0] for a in algorithms}

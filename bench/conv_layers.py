@@ -1,8 +1,10 @@
-"""Per-layer benchmark: every distinct conv shape of ResNet-50 (or --model), each algorithm Kiln has for it, against ONNX
+"""Per-layer benchmark: every distinct conv shape of ResNet-50 (or --model), each algorithm Kiln has for it,
+against ONNX
 Runtime running a model of that single Conv (+ bias + Relu, as fused in the network), and the machine's sgemm
 peak (NumPy's BLAS, 2048^3), all measured in one run.
 
-    python bench/conv_layers.py [--model resnet50] [--threads 2] [--only 3x3] [--cold] [--write docs/conv_layers.md]
+    python bench/conv_layers.py [--model resnet50] [--threads 2] [--only 3x3] [--cold]
+                                [--write docs/conv_layers.md]
 
 GFLOPS count the direct conv's multiply-adds as two flops for every algorithm, so a Winograd kernel can exceed
 the machine's peak. `--cold` flushes the caches before every Kiln call (as a model run sees its weights); ONNX
@@ -21,7 +23,6 @@ import numpy as np
 
 
 def model_convs(name: str = "resnet50"):
-    from kiln import zoo
     from kiln.frontend import from_onnx
     from kiln.ir import Call
     from kiln.ir.ops.conv import CONV2D
@@ -29,14 +30,27 @@ def model_convs(name: str = "resnet50"):
     from kiln.passes import O2, alter_layout, run
     from kiln.schedules.choose import ConvWorkload
 
-    passes = O2[:O2.index(alter_layout)]
+    from kiln import zoo
+
+    passes = O2[: O2.index(alter_layout)]
     mod = run(from_onnx(zoo.zoo_model(name)), passes)
     seen: dict[ConvWorkload, int] = {}
     for e in post_order(mod.main.body):
         if isinstance(e, Call) and e.op is CONV2D:
             x, w, a = e.args[0].ttype.shape, e.args[1].ttype.shape, e.attrs
-            wl = ConvWorkload(x[0], x[1], x[2], x[3], w[0], w[2], w[3], tuple(a.strides), tuple(a.padding),
-                              tuple(a.dilation), a.groups)
+            wl = ConvWorkload(
+                x[0],
+                x[1],
+                x[2],
+                x[3],
+                w[0],
+                w[2],
+                w[3],
+                tuple(a.strides),
+                tuple(a.padding),
+                tuple(a.dilation),
+                a.groups,
+            )
             seen[wl] = seen.get(wl, 0) + 1
     return seen
 
@@ -50,18 +64,32 @@ def ort_conv_ms(wl, threads: int, repeat: int = 30) -> float:
     w = (rng.standard_normal((wl.oc, wl.c // wl.groups, wl.kh, wl.kw)) * 0.1).astype(np.float32)
     b = rng.standard_normal(wl.oc).astype(np.float32)
     p = wl.padding
-    conv = helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=[wl.kh, wl.kw], strides=list(wl.strides),
-                            pads=[p[0], p[1], p[2], p[3]], dilations=list(wl.dilation), group=wl.groups)
+    conv = helper.make_node(
+        "Conv",
+        ["x", "w", "b"],
+        ["y"],
+        kernel_shape=[wl.kh, wl.kw],
+        strides=list(wl.strides),
+        pads=[p[0], p[1], p[2], p[3]],
+        dilations=list(wl.dilation),
+        group=wl.groups,
+    )
     relu = helper.make_node("Relu", ["y"], ["z"])
-    graph = helper.make_graph([conv, relu], "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
-                                                                                 [wl.n, wl.c, wl.h, wl.w])],
-                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    graph = helper.make_graph(
+        [conv, relu],
+        "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [wl.n, wl.c, wl.h, wl.w])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    sess = ort.InferenceSession(onnx._serialize(model) if hasattr(onnx, "_serialize") else model.SerializeToString(),
-                                so, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(
+        onnx._serialize(model) if hasattr(onnx, "_serialize") else model.SerializeToString(),
+        so,
+        providers=["CPUExecutionProvider"],
+    )
     x = rng.standard_normal((wl.n, wl.c, wl.h, wl.w)).astype(np.float32)
     for _ in range(5):
         sess.run(None, {"x": x})
@@ -98,10 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["OPENBLAS_NUM_THREADS"] = str(args.threads)
 
     from kiln.autotune.measure import time_conv
-    from kiln.bench import cpu_name
     from kiln.codegen.target import resolve_target
     from kiln.schedules.choose import candidates, choose
     from kiln.schedules.target_info import vector_lanes
+
+    from kiln.bench import cpu_name
 
     target = resolve_target("native")
     lanes = vector_lanes(target, 32)
@@ -109,27 +138,44 @@ def main(argv: list[str] | None = None) -> int:
     algos = ["direct", "im2col", "winograd2", "winograd4"]
     header = ["layer", "count", "GFLOP", *algos, "ORT", "best/ORT", "model picks"]
     rows = []
-    print(f"# {cpu_name()}, {args.threads} threads; sgemm peak (NumPy BLAS) {peak:.0f} GFLOPS; values in GFLOPS"
-          f"{' (Kiln cold)' if args.cold else ''}", flush=True)
+    print(
+        f"# {cpu_name()}, {args.threads} threads; sgemm peak (NumPy BLAS) {peak:.0f} GFLOPS; values in GFLOPS"
+        f"{' (Kiln cold)' if args.cold else ''}",
+        flush=True,
+    )
     for wl, count in model_convs(args.model).items():
         if args.only and f"{wl.kh}x{wl.kw}" != args.only:
             continue
         gflop = wl.flops / 1e9
-        kiln_ms = {a: time_conv(wl, a, target, lanes, cold=args.cold)[0] for a in candidates(wl) if a in algos}
+        kiln_ms = {
+            a: time_conv(wl, a, target, lanes, cold=args.cold)[0] for a in candidates(wl) if a in algos
+        }
         time.sleep(0.5)  # let TVM's spinning workers go idle before ONNX Runtime's pool starts
         ort_ms = ort_conv_ms(wl, args.threads)
         time.sleep(0.5)
         best = min(kiln_ms.values())
-        row = [f"{wl.c}x{wl.h}x{wl.w} → {wl.oc}, {wl.kh}x{wl.kw}/{wl.strides[0]}", str(count), f"{gflop:.3f}",
-               *[f"{gflop / (kiln_ms[a] / 1e3):.0f}" if a in kiln_ms else "" for a in algos],
-               f"{gflop / (ort_ms / 1e3):.0f}", f"{best / ort_ms:.2f}", choose(wl, lanes).algorithm]
+        row = [
+            f"{wl.c}x{wl.h}x{wl.w} → {wl.oc}, {wl.kh}x{wl.kw}/{wl.strides[0]}",
+            str(count),
+            f"{gflop:.3f}",
+            *[f"{gflop / (kiln_ms[a] / 1e3):.0f}" if a in kiln_ms else "" for a in algos],
+            f"{gflop / (ort_ms / 1e3):.0f}",
+            f"{best / ort_ms:.2f}",
+            choose(wl, lanes).algorithm,
+        ]
         rows.append(row)
         print("  ".join(row), flush=True)
     if args.write:
-        lines = [f"Per-layer conv benchmark of {args.model}: {cpu_name()}, {args.threads} threads; sgemm peak {peak:.0f} GFLOPS "
-                 f"(NumPy BLAS, 2048³). GFLOPS of each Kiln algorithm{' (caches flushed before each call)' if args.cold else ''}"
-                 ", of ONNX Runtime on a single Conv+Relu model of the same shape; best/ORT is time (lower is better).",
-                 "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines = [
+            f"Per-layer conv benchmark of {args.model}: {cpu_name()}, {args.threads} threads; "
+            f"sgemm peak {peak:.0f} GFLOPS "
+            f"(NumPy BLAS, 2048³). GFLOPS of each Kiln algorithm"
+            f"{' (caches flushed before each call)' if args.cold else ''}, of ONNX Runtime on a single "
+            "Conv+Relu model of the same shape; best/ORT is time (lower is better).",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+        ]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
         args.write.write_text("\n".join(lines) + "\n")
     return 0

@@ -10,7 +10,7 @@ of a value that was just transformed out of it is dropped, so adjacent transform
 The block size comes from `mod.attrs["layout_block"]` (the target's fp32 SIMD lanes, set by the driver;
 16 if absent); a conv whose output channels it does not divide tries half, then a quarter (not below 4).
 `mod.attrs["conv_algorithms"]` maps a conv's span to the algorithm chosen for it (schedules/choose.py, by the
-driver): "direct" (the default), "im2col", "winograd2"/"winograd4" (F(2x2)/F(4x4, 3x3), its weights transformed
+driver): "direct" (the default), "im2col", "winograd2"/"winograd4" (F(2x2)/F(4x4, 3x3), weights transformed
 here, at compile time) or "nchw" (stays out of the blocked layout).
 """
 
@@ -100,15 +100,20 @@ class _Rewriter:
             return None
         if op in (MAX_POOL, AVG_POOL) and len(call.attrs.kernel) == 2:
             e, b = self.blocked[id(args[0])]
-            return Call(POOL2D_NCHWC, (e,), PoolNCHWcAttrs("max" if op is MAX_POOL else "avg", call.attrs),
-                        call.span), b
+            return Call(
+                POOL2D_NCHWC, (e,), PoolNCHWcAttrs("max" if op is MAX_POOL else "avg", call.attrs), call.span
+            ), b
         if op is GLOBAL_AVG_POOL and call.ttype.ndim == 4:
             e, b = self.blocked[id(args[0])]
             return Call(GLOBAL_AVG_POOL_NCHWC, (e,), call.attrs, call.span), b
         if op is CONCATENATE and call.attrs.axis in (1, -3) and all(id(a) in self.blocked for a in args):
             b = self.blocked[id(args[0])][1]
-            return Call(CONCATENATE, tuple(self.as_blocked(a, b) for a in args),
-                        dataclasses.replace(call.attrs, axis=1), call.span), b
+            return Call(
+                CONCATENATE,
+                tuple(self.as_blocked(a, b) for a in args),
+                dataclasses.replace(call.attrs, axis=1),
+                call.span,
+            ), b
         if op.pattern in (OpPattern.ELEMWISE, OpPattern.BROADCAST) and not hasattr(call.attrs, "axis"):
             return self.elementwise(call)
         return None
@@ -116,8 +121,12 @@ class _Rewriter:
     def conv(self, call: Call) -> tuple[Expr, int] | None:
         x, w = call.args
         a = call.attrs
-        if (not isinstance(w, Constant) or x.ttype.ndim != 4 or not x.ttype.is_static
-                or self.algorithms.get(call.span) == "nchw"):
+        if (
+            not isinstance(w, Constant)
+            or x.ttype.ndim != 4
+            or not x.ttype.is_static
+            or self.algorithms.get(call.span) == "nchw"
+        ):
             return None
         c, oc = x.ttype.shape[1], w.ttype.shape[0]
         depthwise = a.groups != 1
@@ -166,20 +175,27 @@ class _Rewriter:
 def _transform(e: Expr, src: int, dst: int) -> Expr:
     if src == dst:
         return e
-    if isinstance(e, Call) and e.op is LAYOUT_TRANSFORM and e.attrs.dst_block == src and e.attrs.src_block == dst:
+    if (
+        isinstance(e, Call)
+        and e.op is LAYOUT_TRANSFORM
+        and e.attrs.dst_block == src
+        and e.attrs.src_block == dst
+    ):
         return e.args[0]  # a transform straight back: cancel the pair
     return Call(LAYOUT_TRANSFORM, (e,), LayoutTransformAttrs(src, dst))
 
 
 def _pack_channel_constant(c: Constant, channels: int, b: int) -> Constant | None:
-    """A constant broadcast against NCHW as a scalar or per channel, rewritten to broadcast against NCHW[b]c."""
+    """A constant broadcast against NCHW as a scalar or per channel, rewritten to broadcast against NCHWc."""
     v = c.value
     if v.size == 1:
         return Constant(v.reshape(()), name=c.name) if v.ndim > 4 else c
     shape = v.shape[-3:] if v.ndim >= 3 and all(d == 1 for d in v.shape[:-3]) else None
     if shape is None or shape != (channels, 1, 1):
         return None
-    return Constant(np.ascontiguousarray(v.reshape(channels // b, b, 1, 1).transpose(0, 2, 3, 1)), name=c.name)
+    return Constant(
+        np.ascontiguousarray(v.reshape(channels // b, b, 1, 1).transpose(0, 2, 3, 1)), name=c.name
+    )
 
 
 def alter_layout(mod: IRModule) -> IRModule:

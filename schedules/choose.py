@@ -39,11 +39,15 @@ class ConvWorkload:
 
     @property
     def out_h(self) -> int:
-        return (self.h + self.padding[0] + self.padding[2] - (self.kh - 1) * self.dilation[0] - 1) // self.strides[0] + 1
+        return (
+            self.h + self.padding[0] + self.padding[2] - (self.kh - 1) * self.dilation[0] - 1
+        ) // self.strides[0] + 1
 
     @property
     def out_w(self) -> int:
-        return (self.w + self.padding[1] + self.padding[3] - (self.kw - 1) * self.dilation[1] - 1) // self.strides[1] + 1
+        return (
+            self.w + self.padding[1] + self.padding[3] - (self.kw - 1) * self.dilation[1] - 1
+        ) // self.strides[1] + 1
 
     @property
     def flops(self) -> int:
@@ -52,8 +56,10 @@ class ConvWorkload:
     @property
     def key(self) -> str:
         s, p, d = self.strides, self.padding, self.dilation
-        return (f"conv2d n{self.n} c{self.c} {self.h}x{self.w} oc{self.oc} k{self.kh}x{self.kw} s{s[0]}x{s[1]} "
-                f"p{p[0]}{p[1]}{p[2]}{p[3]} d{d[0]}x{d[1]} g{self.groups}")
+        return (
+            f"conv2d n{self.n} c{self.c} {self.h}x{self.w} oc{self.oc} k{self.kh}x{self.kw} s{s[0]}x{s[1]} "
+            f"p{p[0]}{p[1]}{p[2]}{p[3]} d{d[0]}x{d[1]} g{self.groups}"
+        )
 
     @property
     def depthwise(self) -> bool:
@@ -101,8 +107,9 @@ def estimate_ms(wl: ConvWorkload, algo: str, lanes: int = 16, cores: int = 2) ->
         transforms = 4.0 * alpha * alpha * alpha * tiles * (wl.c + wl.oc)  # two separable passes each side
         v, mm = 4 * alpha * alpha * tiles * wl.c, 4 * alpha * alpha * tiles * wl.oc
         u = weights * alpha * alpha / 9  # the transformed weights: 1.8x (m=2) or 4x (m=4) the direct ones
-        return (_ms(gemm, 0.75, u + _spill(v) + _spill(mm), lanes, cores)
-                + _ms(transforms, 0.3, 0, lanes, cores))
+        return _ms(gemm, 0.75, u + _spill(v) + _spill(mm), lanes, cores) + _ms(
+            transforms, 0.3, 0, lanes, cores
+        )
     if algo == NCHW:
         return _ms(wl.flops, 0.3, weights, lanes, cores)
     raise ValueError(f"unknown conv algorithm {algo!r}")

@@ -13,8 +13,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_every_package_folder_is_installed():
     tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     listed = set(tool["packages"])
-    folders = {"kiln." + name if name != "kiln" else name: path for name, path in tool["package-dir"].items()
-               for name in [name.removeprefix("kiln.")]}
+    folders = {
+        "kiln." + name if name != "kiln" else name: path
+        for name, path in tool["package-dir"].items()
+        for name in [name.removeprefix("kiln.")]
+    }
     missing = []
     for pkg, folder in folders.items():
         for init in (ROOT / folder).rglob("__init__.py"):

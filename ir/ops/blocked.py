@@ -2,7 +2,7 @@
 
 In NCHW[b]c a 4-D activation [N, C, H, W] is stored as [N, C/b, H, W, b]: b consecutive channels sit next to
 each other, so a kernel loads b output channels as one SIMD vector and broadcasts one input value across them.
-`passes/alter_layout` rewrites conv chains into these ops; their references unblock, run the NCHW reference and
+`passes/alter_layout` rewrites conv chains into these ops; their references unblock, run the NCHW reference,
 block again, so they are checked against the same NumPy code as the ops they replace.
 """
 
@@ -40,8 +40,9 @@ def pack_conv_weight(w: np.ndarray, in_block: int, out_block: int) -> np.ndarray
     vector, and the reduction (input block, kernel row, column, channel in block) walks the weights in memory
     order, so a cold read streams instead of jumping."""
     o, i, kh, kw = w.shape
-    return np.ascontiguousarray(w.reshape(o // out_block, out_block, i // in_block, in_block, kh, kw)
-                                .transpose(0, 2, 4, 5, 3, 1))
+    return np.ascontiguousarray(
+        w.reshape(o // out_block, out_block, i // in_block, in_block, kh, kw).transpose(0, 2, 4, 5, 3, 1)
+    )
 
 
 def unpack_conv_weight(w: np.ndarray) -> np.ndarray:
@@ -50,6 +51,7 @@ def unpack_conv_weight(w: np.ndarray) -> np.ndarray:
 
 
 # --- layout_transform ---------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class LayoutTransformAttrs:
@@ -79,8 +81,15 @@ def _layout_transform_reference(x: np.ndarray, a: LayoutTransformAttrs) -> np.nd
     return block_array(plain, a.dst_block) if a.dst_block else np.ascontiguousarray(plain)
 
 
-LAYOUT_TRANSFORM = register_op(OpDef("layout_transform", LayoutTransformAttrs, _layout_transform_type,
-                                     _layout_transform_reference, OpPattern.INJECTIVE))
+LAYOUT_TRANSFORM = register_op(
+    OpDef(
+        "layout_transform",
+        LayoutTransformAttrs,
+        _layout_transform_type,
+        _layout_transform_reference,
+        OpPattern.INJECTIVE,
+    )
+)
 
 
 @define_compute(LAYOUT_TRANSFORM)
@@ -94,11 +103,14 @@ def _layout_transform_compute(x, a: LayoutTransformAttrs):
         return x[n, c // sb, h, w, c % sb] if sb else x[n, c, h, w]
 
     if db:
-        return te.compute(out.shape, lambda n, cb, h, w, ci: read(n, cb * db + ci, h, w), name="layout_transform")
+        return te.compute(
+            out.shape, lambda n, cb, h, w, ci: read(n, cb * db + ci, h, w), name="layout_transform"
+        )
     return te.compute(out.shape, lambda n, c, h, w: read(n, c, h, w), name="layout_transform")
 
 
 # --- conv2d in NCHWc ----------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ConvNCHWcAttrs:
@@ -113,19 +125,27 @@ class ConvNCHWcAttrs:
 def _conv_nchwc_type(x: TensorType, w: TensorType, a: ConvNCHWcAttrs) -> TensorType:
     op = "nn.conv2d_nchwc"
     if x.ndim != 5 or w.ndim != 6 or w.shape[5] != a.out_block:
-        raise TypeCheckError(f"{op}: expected NCHW[b]c data and [O/{a.out_block}, I/ib, KH, KW, ib, {a.out_block}] "
-                             f"weights, got {x} and {w}")
+        raise TypeCheckError(
+            f"{op}: expected NCHW[b]c data and [O/{a.out_block}, I/ib, KH, KW, ib, {a.out_block}] "
+            f"weights, got {x} and {w}"
+        )
     c = x.shape[1] * x.shape[4]
     g = a.conv.groups
     if g != 1 and (g != c or w.shape[1] * w.shape[4] != 1 or x.shape[4] != a.out_block):
-        raise TypeCheckError(f"{op}: only groups=1 or depthwise (groups = channels, equal blocks); got {a} on {x}")
+        raise TypeCheckError(
+            f"{op}: only groups=1 or depthwise (groups = channels, equal blocks); got {a} on {x}"
+        )
     if g == 1 and (w.shape[1] != x.shape[1] or w.shape[4] != x.shape[4]):
-        raise TypeCheckError(f"{op}: data {x} has {c} channels in blocks of {x.shape[4]}; weight {w} expects "
-                             f"{w.shape[1] * w.shape[4]} in blocks of {w.shape[4]}")
-    oh = conv_output_size(x.shape[2], w.shape[2], a.conv.strides[0], a.conv.padding[0] + a.conv.padding[2],
-                          a.conv.dilation[0])
-    ow = conv_output_size(x.shape[3], w.shape[3], a.conv.strides[1], a.conv.padding[1] + a.conv.padding[3],
-                          a.conv.dilation[1])
+        raise TypeCheckError(
+            f"{op}: data {x} has {c} channels in blocks of {x.shape[4]}; weight {w} expects "
+            f"{w.shape[1] * w.shape[4]} in blocks of {w.shape[4]}"
+        )
+    oh = conv_output_size(
+        x.shape[2], w.shape[2], a.conv.strides[0], a.conv.padding[0] + a.conv.padding[2], a.conv.dilation[0]
+    )
+    ow = conv_output_size(
+        x.shape[3], w.shape[3], a.conv.strides[1], a.conv.padding[1] + a.conv.padding[3], a.conv.dilation[1]
+    )
     if min(oh, ow) < 1:
         raise TypeCheckError(f"{op}: kernel larger than padded input {x}")
     return TensorType((x.shape[0], w.shape[0], oh, ow, a.out_block), a.conv.out_dtype or x.dtype)
@@ -140,8 +160,16 @@ def _conv_nchwc_flops(x: TensorType, w: TensorType, a: ConvNCHWcAttrs) -> int:
     return 2 * out.size * int(np.prod(w.shape[1:5]))
 
 
-CONV2D_NCHWC = register_op(OpDef("nn.conv2d_nchwc", ConvNCHWcAttrs, _conv_nchwc_type, _conv_nchwc_reference,
-                                 OpPattern.OUT_ELEMWISE_FUSABLE, flops=_conv_nchwc_flops))
+CONV2D_NCHWC = register_op(
+    OpDef(
+        "nn.conv2d_nchwc",
+        ConvNCHWcAttrs,
+        _conv_nchwc_type,
+        _conv_nchwc_reference,
+        OpPattern.OUT_ELEMWISE_FUSABLE,
+        flops=_conv_nchwc_flops,
+    )
+)
 
 
 def pad_nchwc(x, pads: tuple[int, int, int, int], value=0.0, name: str = "pad"):
@@ -167,32 +195,55 @@ def _conv_nchwc_compute(x, w, a: ConvNCHWcAttrs):
 
     c = a.conv
     acc = c.out_dtype or str(x.dtype)
-    out = _conv_nchwc_type(TensorType(tuple(int(d) for d in x.shape), str(x.dtype)),
-                           TensorType(tuple(int(d) for d in w.shape), str(w.dtype)), a)
+    out = _conv_nchwc_type(
+        TensorType(tuple(int(d) for d in x.shape), str(x.dtype)),
+        TensorType(tuple(int(d) for d in w.shape), str(w.dtype)),
+        a,
+    )
     xp = pad_nchwc(x, (c.padding[0], c.padding[1], c.padding[2], c.padding[3]))
     (sh, sw), (dh, dw) = c.strides, c.dilation
     ry, rx = te.reduce_axis((0, int(w.shape[2])), name="ry"), te.reduce_axis((0, int(w.shape[3])), name="rx")
     if c.groups == 1 and a.algorithm == "im2col":
         ib, cb, kh, kw = int(x.shape[4]), int(x.shape[1]), int(w.shape[2]), int(w.shape[3])
-        cols = te.compute((out.shape[0], out.shape[2], out.shape[3], cb, kh, kw, ib),
-                          lambda n, oh, ow, c_, ky, kx, ci: xp[n, c_, oh * sh + ky * dh, ow * sw + kx * dw, ci],
-                          name="im2col")
+        cols = te.compute(
+            (out.shape[0], out.shape[2], out.shape[3], cb, kh, kw, ib),
+            lambda n, oh, ow, c_, ky, kx, ci: xp[n, c_, oh * sh + ky * dh, ow * sw + kx * dw, ci],
+            name="im2col",
+        )
         rco, rci = te.reduce_axis((0, cb), name="rco"), te.reduce_axis((0, ib), name="rci")
-        return te.compute(out.shape, lambda n, oc, oh, ow, ob: te.sum(
-            cols[n, oh, ow, rco, ry, rx, rci].astype(acc) * w[oc, rco, ry, rx, rci, ob].astype(acc),
-            axis=[rco, ry, rx, rci]), name="conv2d_nchwc")
+        return te.compute(
+            out.shape,
+            lambda n, oc, oh, ow, ob: te.sum(
+                cols[n, oh, ow, rco, ry, rx, rci].astype(acc) * w[oc, rco, ry, rx, rci, ob].astype(acc),
+                axis=[rco, ry, rx, rci],
+            ),
+            name="conv2d_nchwc",
+        )
     if c.groups == 1:
         ib = int(x.shape[4])
         rco, rci = te.reduce_axis((0, int(x.shape[1])), name="rco"), te.reduce_axis((0, ib), name="rci")
-        return te.compute(out.shape, lambda n, oc, oh, ow, ob: te.sum(
-            xp[n, rco, oh * sh + ry * dh, ow * sw + rx * dw, rci].astype(acc)
-            * w[oc, rco, ry, rx, rci, ob].astype(acc), axis=[rco, ry, rx, rci]), name="conv2d_nchwc")
-    return te.compute(out.shape, lambda n, cb, oh, ow, cc: te.sum(
-        xp[n, cb, oh * sh + ry * dh, ow * sw + rx * dw, cc].astype(acc) * w[cb, 0, ry, rx, 0, cc].astype(acc),
-        axis=[ry, rx]), name="depthwise_nchwc")
+        return te.compute(
+            out.shape,
+            lambda n, oc, oh, ow, ob: te.sum(
+                xp[n, rco, oh * sh + ry * dh, ow * sw + rx * dw, rci].astype(acc)
+                * w[oc, rco, ry, rx, rci, ob].astype(acc),
+                axis=[rco, ry, rx, rci],
+            ),
+            name="conv2d_nchwc",
+        )
+    return te.compute(
+        out.shape,
+        lambda n, cb, oh, ow, cc: te.sum(
+            xp[n, cb, oh * sh + ry * dh, ow * sw + rx * dw, cc].astype(acc)
+            * w[cb, 0, ry, rx, 0, cc].astype(acc),
+            axis=[ry, rx],
+        ),
+        name="depthwise_nchwc",
+    )
 
 
 # --- pooling in NCHWc ---------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class PoolNCHWcAttrs:
@@ -214,8 +265,15 @@ def _pool_nchwc_reference(x: np.ndarray, a: PoolNCHWcAttrs) -> np.ndarray:
     return block_array(_POOL_OPS[a.kind].evaluate([unblock_array(x)], a.pool), x.shape[4])
 
 
-POOL2D_NCHWC = register_op(OpDef("nn.pool2d_nchwc", PoolNCHWcAttrs, _pool_nchwc_type, _pool_nchwc_reference,
-                                 OpPattern.OUT_ELEMWISE_FUSABLE))
+POOL2D_NCHWC = register_op(
+    OpDef(
+        "nn.pool2d_nchwc",
+        PoolNCHWcAttrs,
+        _pool_nchwc_type,
+        _pool_nchwc_reference,
+        OpPattern.OUT_ELEMWISE_FUSABLE,
+    )
+)
 
 
 @define_compute(POOL2D_NCHWC)
@@ -233,11 +291,19 @@ def _pool_nchwc_compute(x, a: PoolNCHWcAttrs):
     ry, rx = te.reduce_axis((0, p.kernel[0]), name="ry"), te.reduce_axis((0, p.kernel[1]), name="rx")
     if a.kind == "max":
         xp = pad_nchwc(x, pads, value=float("-inf"))
-        return te.compute(out.shape, lambda n, cb, oh, ow, cc: te.max(
-            xp[n, cb, oh * sh + ry * dh, ow * sw + rx * dw, cc], axis=[ry, rx]), name="max_pool_nchwc")
+        return te.compute(
+            out.shape,
+            lambda n, cb, oh, ow, cc: te.max(
+                xp[n, cb, oh * sh + ry * dh, ow * sw + rx * dw, cc], axis=[ry, rx]
+            ),
+            name="max_pool_nchwc",
+        )
     xp = pad_nchwc(x, pads)
-    total = te.compute(out.shape, lambda n, cb, oh, ow, cc: te.sum(
-        xp[n, cb, oh * sh + ry * dh, ow * sw + rx * dw, cc], axis=[ry, rx]), name="pool_sum_nchwc")
+    total = te.compute(
+        out.shape,
+        lambda n, cb, oh, ow, cc: te.sum(xp[n, cb, oh * sh + ry * dh, ow * sw + rx * dw, cc], axis=[ry, rx]),
+        name="pool_sum_nchwc",
+    )
 
     def count(o, k, s, d, pad_begin, size, pad_end):
         start = o * s - pad_begin
@@ -247,8 +313,9 @@ def _pool_nchwc_compute(x, a: PoolNCHWcAttrs):
         return (hi - lo + d - 1) // d
 
     def avg(n, cb, oh, ow, cc):
-        cnt = (count(oh, p.kernel[0], sh, dh, p.padding[0], h, p.padding[2])
-               * count(ow, p.kernel[1], sw, dw, p.padding[1], w, p.padding[3]))
+        cnt = count(oh, p.kernel[0], sh, dh, p.padding[0], h, p.padding[2]) * count(
+            ow, p.kernel[1], sw, dw, p.padding[1], w, p.padding[3]
+        )
         return total[n, cb, oh, ow, cc] / cnt.astype(x.dtype)
 
     return te.compute(out.shape, avg, name="avg_pool_nchwc")
@@ -264,8 +331,15 @@ def _global_avg_nchwc_reference(x: np.ndarray, a: GlobalPoolAttrs) -> np.ndarray
     return block_array(GLOBAL_AVG_POOL.evaluate([unblock_array(x)], a), x.shape[4])
 
 
-GLOBAL_AVG_POOL_NCHWC = register_op(OpDef("nn.global_avg_pool_nchwc", GlobalPoolAttrs, _global_avg_nchwc_type,
-                                          _global_avg_nchwc_reference, OpPattern.OUT_ELEMWISE_FUSABLE))
+GLOBAL_AVG_POOL_NCHWC = register_op(
+    OpDef(
+        "nn.global_avg_pool_nchwc",
+        GlobalPoolAttrs,
+        _global_avg_nchwc_type,
+        _global_avg_nchwc_reference,
+        OpPattern.OUT_ELEMWISE_FUSABLE,
+    )
+)
 
 
 @define_compute(GLOBAL_AVG_POOL_NCHWC)
@@ -274,6 +348,9 @@ def _global_avg_nchwc_compute(x, a: GlobalPoolAttrs):
 
     n, cb, h, w, b = (int(d) for d in x.shape)
     ry, rx = te.reduce_axis((0, h), name="ry"), te.reduce_axis((0, w), name="rx")
-    total = te.compute((n, cb, 1, 1, b), lambda i, c, _y, _x, cc: te.sum(x[i, c, ry, rx, cc], axis=[ry, rx]),
-                       name="global_sum_nchwc")
+    total = te.compute(
+        (n, cb, 1, 1, b),
+        lambda i, c, _y, _x, cc: te.sum(x[i, c, ry, rx, cc], axis=[ry, rx]),
+        name="global_sum_nchwc",
+    )
     return te.compute(total.shape, lambda *i: total(*i) / float(h * w), name="global_avg_pool_nchwc")

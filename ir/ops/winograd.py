@@ -28,14 +28,30 @@ from .blocked import block_array, pad_nchwc, unblock_array
 from .conv import ConvAttrs, conv_reference
 
 _MATRICES = {  # tile m: (B^T, G, A^T)
-    2: ([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
+    2: (
+        [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
         [[1, 0, 0], [F(1, 2), F(1, 2), F(1, 2)], [F(1, 2), F(-1, 2), F(1, 2)], [0, 0, 1]],
-        [[1, 1, 1, 0], [0, 1, -1, -1]]),
-    4: ([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0], [0, -2, -1, 2, 1, 0],
-         [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]],
-        [[F(1, 4), 0, 0], [F(-1, 6), F(-1, 6), F(-1, 6)], [F(-1, 6), F(1, 6), F(-1, 6)],
-         [F(1, 24), F(1, 12), F(1, 6)], [F(1, 24), F(-1, 12), F(1, 6)], [0, 0, 1]],
-        [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]),
+        [[1, 1, 1, 0], [0, 1, -1, -1]],
+    ),
+    4: (
+        [
+            [4, 0, -5, 0, 1, 0],
+            [0, -4, -4, 1, 1, 0],
+            [0, 4, -4, -1, 1, 0],
+            [0, -2, -1, 2, 1, 0],
+            [0, 2, -1, -2, 1, 0],
+            [0, 4, 0, -5, 0, 1],
+        ],
+        [
+            [F(1, 4), 0, 0],
+            [F(-1, 6), F(-1, 6), F(-1, 6)],
+            [F(-1, 6), F(1, 6), F(-1, 6)],
+            [F(1, 24), F(1, 12), F(1, 6)],
+            [F(1, 24), F(-1, 12), F(1, 6)],
+            [0, 0, 1],
+        ],
+        [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
+    ),
 }
 
 
@@ -53,8 +69,14 @@ class WinogradAttrs:
 
 
 def supports(x_shape: tuple, w_shape: tuple, a: ConvAttrs) -> bool:
-    return (len(w_shape) == 4 and w_shape[2:] == (3, 3) and a.strides == (1, 1) and a.dilation == (1, 1)
-            and a.groups == 1 and a.out_dtype in (None, "float32"))
+    return (
+        len(w_shape) == 4
+        and w_shape[2:] == (3, 3)
+        and a.strides == (1, 1)
+        and a.dilation == (1, 1)
+        and a.groups == 1
+        and a.out_dtype in (None, "float32")
+    )
 
 
 def transform_weight(w: np.ndarray, m: int, out_block: int) -> np.ndarray:
@@ -81,10 +103,14 @@ def _type(x: TensorType, u: TensorType, a: WinogradAttrs) -> TensorType:
     if a.tile not in _MATRICES:
         raise TypeCheckError(f"{op}: tile must be 2 or 4, got {a.tile}")
     if x.ndim != 5 or u.ndim != 5 or u.shape[:2] != (alpha, alpha) or u.shape[4] != a.out_block:
-        raise TypeCheckError(f"{op}: expected NCHW[b]c data and [{alpha}, {alpha}, O/{a.out_block}, I, "
-                             f"{a.out_block}] weights, got {x} and {u}")
+        raise TypeCheckError(
+            f"{op}: expected NCHW[b]c data and [{alpha}, {alpha}, O/{a.out_block}, I, "
+            f"{a.out_block}] weights, got {x} and {u}"
+        )
     if x.shape[1] * x.shape[4] != u.shape[3]:
-        raise TypeCheckError(f"{op}: data has {x.shape[1] * x.shape[4]} channels, weights expect {u.shape[3]}")
+        raise TypeCheckError(
+            f"{op}: data has {x.shape[1] * x.shape[4]} channels, weights expect {u.shape[3]}"
+        )
     c = a.conv
     if c.strides != (1, 1) or c.dilation != (1, 1) or c.groups != 1:
         raise TypeCheckError(f"{op}: only stride-1, undilated, ungrouped convs, got {c}")
@@ -96,7 +122,9 @@ def _type(x: TensorType, u: TensorType, a: WinogradAttrs) -> TensorType:
 
 def _reference(x: np.ndarray, u: np.ndarray, a: WinogradAttrs) -> np.ndarray:
     w = recover_weight(u, a.tile)
-    return block_array(conv_reference(unblock_array(x).astype(np.float64), w, a.conv), a.out_block).astype(x.dtype)
+    return block_array(conv_reference(unblock_array(x).astype(np.float64), w, a.conv), a.out_block).astype(
+        x.dtype
+    )
 
 
 def _flops(x: TensorType, u: TensorType, a: WinogradAttrs) -> int:
@@ -105,8 +133,16 @@ def _flops(x: TensorType, u: TensorType, a: WinogradAttrs) -> int:
     return 2 * out.size * u.shape[3] * 9
 
 
-CONV2D_WINOGRAD = register_op(OpDef("nn.conv2d_winograd_nchwc", WinogradAttrs, _type, _reference,
-                                    OpPattern.OUT_ELEMWISE_FUSABLE, flops=_flops))
+CONV2D_WINOGRAD = register_op(
+    OpDef(
+        "nn.conv2d_winograd_nchwc",
+        WinogradAttrs,
+        _type,
+        _reference,
+        OpPattern.OUT_ELEMWISE_FUSABLE,
+        flops=_flops,
+    )
+)
 
 
 @define_compute(CONV2D_WINOGRAD)
@@ -116,8 +152,11 @@ def _compute(x, u, a: WinogradAttrs):
 
     m, alpha = a.tile, a.tile + 2
     n, cb, h, w, ib = (int(d) for d in x.shape)
-    out = _type(TensorType((n, cb, h, w, ib), str(x.dtype)), TensorType(tuple(int(d) for d in u.shape),
-                                                                        str(u.dtype)), a)
+    out = _type(
+        TensorType((n, cb, h, w, ib), str(x.dtype)),
+        TensorType(tuple(int(d) for d in u.shape), str(u.dtype)),
+        a,
+    )
     _, kb, oh, ow, ob = out.shape
     nh, nw = -(-oh // m), -(-ow // m)
     pt, pl, pb, pr = a.conv.padding
@@ -133,20 +172,41 @@ def _compute(x, u, a: WinogradAttrs):
 
     r1 = te.reduce_axis((0, alpha), name="r1")
     # input transform, one axis at a time: rows (B^T d), then columns (. B)
-    t1 = te.compute((tiles, cb, alpha, alpha, ib), lambda p, c, e1, a2, ci: te.sum(
-        B[r1, e1] * xp[tile_origin(p)[0], c, tile_origin(p)[1] + r1, tile_origin(p)[2] + a2, ci], axis=r1),
-        name="wino_in_rows")
+    t1 = te.compute(
+        (tiles, cb, alpha, alpha, ib),
+        lambda p, c, e1, a2, ci: te.sum(
+            B[r1, e1] * xp[tile_origin(p)[0], c, tile_origin(p)[1] + r1, tile_origin(p)[2] + a2, ci], axis=r1
+        ),
+        name="wino_in_rows",
+    )
     r2 = te.reduce_axis((0, alpha), name="r2")
-    v = te.compute((alpha, alpha, tiles, cb, ib), lambda e1, e2, p, c, ci: te.sum(
-        t1[p, c, e1, r2, ci] * B[r2, e2], axis=r2), name="wino_V")
+    v = te.compute(
+        (alpha, alpha, tiles, cb, ib),
+        lambda e1, e2, p, c, ci: te.sum(t1[p, c, e1, r2, ci] * B[r2, e2], axis=r2),
+        name="wino_V",
+    )
     rco, rci = te.reduce_axis((0, cb), name="rco"), te.reduce_axis((0, ib), name="rci")
-    mm = te.compute((alpha, alpha, tiles, kb, ob), lambda e1, e2, p, k, ko: te.sum(
-        v[e1, e2, p, rco, rci] * u[e1, e2, k, rco * ib + rci, ko], axis=[rco, rci]), name="wino_M")
+    mm = te.compute(
+        (alpha, alpha, tiles, kb, ob),
+        lambda e1, e2, p, k, ko: te.sum(
+            v[e1, e2, p, rco, rci] * u[e1, e2, k, rco * ib + rci, ko], axis=[rco, rci]
+        ),
+        name="wino_M",
+    )
     r3 = te.reduce_axis((0, alpha), name="r3")
-    t2 = te.compute((tiles, kb, m, alpha, ob), lambda p, k, vh, e2, ko: te.sum(
-        A[r3, vh] * mm[r3, e2, p, k, ko], axis=r3), name="wino_out_rows")
+    t2 = te.compute(
+        (tiles, kb, m, alpha, ob),
+        lambda p, k, vh, e2, ko: te.sum(A[r3, vh] * mm[r3, e2, p, k, ko], axis=r3),
+        name="wino_out_rows",
+    )
     r4 = te.reduce_axis((0, alpha), name="r4")
-    inv = te.compute((tiles, kb, m, m, ob), lambda p, k, vh, vw, ko: te.sum(
-        t2[p, k, vh, r4, ko] * A[r4, vw], axis=r4), name="wino_Y")
-    return te.compute(out.shape, lambda i, k, y, xx, ko: inv[(i * nh + y // m) * nw + xx // m, k, y % m, xx % m, ko],
-                      name="conv2d_winograd")
+    inv = te.compute(
+        (tiles, kb, m, m, ob),
+        lambda p, k, vh, vw, ko: te.sum(t2[p, k, vh, r4, ko] * A[r4, vw], axis=r4),
+        name="wino_Y",
+    )
+    return te.compute(
+        out.shape,
+        lambda i, k, y, xx, ko: inv[(i * nh + y // m) * nw + xx // m, k, y % m, xx % m, ko],
+        name="conv2d_winograd",
+    )

@@ -33,13 +33,18 @@ def registers(lanes: int) -> int:
 def space(out_w: int, oc_blocks: int, depthwise: bool = False) -> dict[str, list]:
     """The knob space the tuner searches; the default lies in it."""
     partial = {t for t in (4, 8, 12, 16) if t < out_w}  # tails are guarded: any width can take them
-    return {"tile_ow": sorted(set(divisors(out_w, 32)) | partial), "tile_oc": [1] if depthwise else divisors(oc_blocks, 4),
-            "unroll_kw": [False, True]}
+    return {
+        "tile_ow": sorted(set(divisors(out_w, 32)) | partial),
+        "tile_oc": [1] if depthwise else divisors(oc_blocks, 4),
+        "unroll_kw": [False, True],
+    }
 
 
-def default(out_w: int, oc_blocks: int, lanes: int, depthwise: bool = False, block: int | None = None) -> Config:
+def default(
+    out_w: int, oc_blocks: int, lanes: int, depthwise: bool = False, block: int | None = None
+) -> Config:
     """The largest register tile that fits. A block narrower than the vector registers (8 channels on AVX-512)
-    fills half of each FMA: there, three channel blocks per tile pay off more than a wider row (measured 20%)."""
+    fills half of each FMA: there three channel blocks per tile beat a wider row (20% measured)."""
     regs = registers(lanes)
     if block is not None and block < lanes and not depthwise:
         for toc in (3, 2):

@@ -10,7 +10,12 @@ from kiln.schedules.choose import ConvWorkload, candidates
 def test_every_candidate_builds_with_its_template_and_times():
     wl = ConvWorkload(1, 16, 10, 10, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1))
     target = resolve_target("native")
-    prefixes = {"direct": "nchwc(", "im2col": "im2col+", "winograd2": "winograd(m=2", "winograd4": "winograd(m=4"}
+    prefixes = {
+        "direct": "nchwc(",
+        "im2col": "im2col+",
+        "winograd2": "winograd(m=2",
+        "winograd4": "winograd(m=4",
+    }
     for algo in candidates(wl):
         ms, schedule = time_conv(wl, algo, target, 16, min_ms=5)
         assert ms > 0 and schedule.startswith(prefixes[algo]), (algo, schedule)

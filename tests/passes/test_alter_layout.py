@@ -1,4 +1,4 @@
-"""alter_layout: conv chains move to NCHW[b]c with few transforms, and the graph still computes the same thing."""
+"""alter_layout: conv chains move to NCHW[b]c with few transforms; the graph still computes the same thing."""
 
 import numpy as np
 import pytest
@@ -27,8 +27,10 @@ def ops_of(mod):
 
 
 def same_results(before: IRModule, after: IRModule, seed: int = 0):
-    feeds = {p.name: np.random.default_rng(seed).standard_normal(p.ttype.shape).astype(np.float32)
-             for p in before.main.params}
+    feeds = {
+        p.name: np.random.default_rng(seed).standard_normal(p.ttype.shape).astype(np.float32)
+        for p in before.main.params
+    }
     for g, w in zip(run_module(after, **feeds), run_module(before, **feeds)):
         assert_close(g, w, rtol=1e-4, atol=1e-4)
 
@@ -38,7 +40,9 @@ def test_basic_block_goes_blocked_with_two_transforms():
     after = alter_layout(before)
     ops = ops_of(after)
     assert ops.count(CONV2D_NCHWC) == 2 and CONV2D not in ops
-    assert count_layout_transforms(after) == 2  # in at the input, out at the output; the residual add stays blocked
+    assert (
+        count_layout_transforms(after) == 2
+    )  # in at the input, out at the output; the residual add stays blocked
     same_results(before, after)
 
 
@@ -80,8 +84,15 @@ def test_grouped_conv_and_odd_channels_stay_nchw():
 def test_depthwise_concat_and_clip_stay_blocked():
     x = var("x", "f32[1, 16, 7, 7]")
     a = conv(x, 16, 16, k=1, seed=1)
-    dw = call(CONV2D, a, const(RNG.standard_normal((16, 1, 3, 3)).astype(np.float32)), strides=(2, 2),
-              padding=(1, 1, 1, 1), dilation=(1, 1), groups=16)
+    dw = call(
+        CONV2D,
+        a,
+        const(RNG.standard_normal((16, 1, 3, 3)).astype(np.float32)),
+        strides=(2, 2),
+        padding=(1, 1, 1, 1),
+        dilation=(1, 1),
+        groups=16,
+    )
     c = call(CLIP, dw, min=0.0, max=6.0)
     cat = call(CONCATENATE, c, call(RELU, c), axis=1)
     out = conv(cat, 32, 16, seed=3)

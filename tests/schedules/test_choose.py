@@ -2,7 +2,6 @@
 measure on this kind of machine (the measured rankings are in docs/conv_layers.md)."""
 
 import pytest
-
 from kiln.schedules.choose import ConvWorkload, candidates, choose, estimate_ms
 
 
@@ -30,7 +29,7 @@ def test_direct_wins_for_1x1_strided_and_the_7x7_stem():
 
 
 def test_cold_weights_make_winograd_lose_on_small_maps_with_many_channels():
-    """At 7x7 the transformed weights (1.8x or 4x the direct ones) cost more to stream than the multiplies saved."""
+    """At 7x7 the transformed weights (1.8x or 4x the direct ones) cost more to stream than the saved work."""
     est = choose(wl(512, 7, 512)).estimates_ms
     assert est["direct"] < est["winograd4"]
 

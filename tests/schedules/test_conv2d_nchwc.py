@@ -31,7 +31,9 @@ def run_template(x, w, attrs: ConvAttrs, ib: int, ob: int, cfg, epilogue: bool, 
     conv_block, out_block = _prepare(sch, "depthwise_nchwc" if attrs.groups > 1 else "conv2d_nchwc", pads)
     conv2d_nchwc.schedule(sch, conv_block, out_block, cfg)
     f = tvm.compile(sch.mod, target=tvm.target.Target({"kind": "llvm"}))
-    y = tvm.runtime.empty([int(d) for d in out.shape], "float32")  # TVM's buffers: 64-byte aligned, as kernels need
+    y = tvm.runtime.empty(
+        [int(d) for d in out.shape], "float32"
+    )  # TVM's buffers: 64-byte aligned, as kernels need
     f(tvm.runtime.tensor(xb), tvm.runtime.tensor(wb), y)
     y = y.numpy()
     want = block_array(conv_reference(x, w, attrs), ob)
@@ -39,9 +41,19 @@ def run_template(x, w, attrs: ConvAttrs, ib: int, ob: int, cfg, epilogue: bool, 
 
 
 @settings(max_examples=25, deadline=None)
-@given(c=st.sampled_from([3, 4, 8, 16]), ocb=st.integers(1, 3), ob=st.sampled_from([4, 8, 16]),
-       h=st.integers(1, 12), w=st.integers(1, 13), k=st.sampled_from([1, 3, 5]), stride=st.integers(1, 2),
-       pad=st.integers(0, 2), dilation=st.integers(1, 2), seed=st.integers(0, 10**6), epilogue=st.booleans())
+@given(
+    c=st.sampled_from([3, 4, 8, 16]),
+    ocb=st.integers(1, 3),
+    ob=st.sampled_from([4, 8, 16]),
+    h=st.integers(1, 12),
+    w=st.integers(1, 13),
+    k=st.sampled_from([1, 3, 5]),
+    stride=st.integers(1, 2),
+    pad=st.integers(0, 2),
+    dilation=st.integers(1, 2),
+    seed=st.integers(0, 10**6),
+    epilogue=st.booleans(),
+)
 @example(c=16, ocb=2, ob=16, h=7, w=7, k=3, stride=1, pad=1, dilation=1, seed=0, epilogue=True)
 @example(c=3, ocb=1, ob=8, h=11, w=11, k=5, stride=2, pad=2, dilation=1, seed=1, epilogue=False)  # odd sizes
 def test_direct_nchwc_matches_reference(c, ocb, ob, h, w, k, stride, pad, dilation, seed, epilogue):
@@ -62,8 +74,15 @@ def test_direct_nchwc_matches_reference(c, ocb, ob, h, w, k, stride, pad, dilati
 
 
 @settings(max_examples=15, deadline=None)
-@given(cb=st.integers(1, 3), b=st.sampled_from([4, 8, 16]), h=st.integers(2, 15), w=st.integers(2, 15),
-       stride=st.integers(1, 2), k=st.sampled_from([3, 5]), seed=st.integers(0, 10**6))
+@given(
+    cb=st.integers(1, 3),
+    b=st.sampled_from([4, 8, 16]),
+    h=st.integers(2, 15),
+    w=st.integers(2, 15),
+    stride=st.integers(1, 2),
+    k=st.sampled_from([3, 5]),
+    seed=st.integers(0, 10**6),
+)
 @example(cb=2, b=16, h=14, w=14, stride=2, k=3, seed=0)
 def test_depthwise_nchwc_matches_reference(cb, b, h, w, stride, k, seed):
     rng = np.random.default_rng(seed)
@@ -88,8 +107,16 @@ def test_default_config_lies_in_the_space_and_fits_registers(ow, ocb, lanes):
 
 
 @settings(max_examples=12, deadline=None)
-@given(c=st.sampled_from([3, 8, 16]), ocb=st.integers(1, 2), h=st.integers(3, 12), w=st.integers(3, 12),
-       k=st.sampled_from([1, 3]), stride=st.integers(1, 2), pad=st.integers(0, 1), seed=st.integers(0, 10**6))
+@given(
+    c=st.sampled_from([3, 8, 16]),
+    ocb=st.integers(1, 2),
+    h=st.integers(3, 12),
+    w=st.integers(3, 12),
+    k=st.sampled_from([1, 3]),
+    stride=st.integers(1, 2),
+    pad=st.integers(0, 1),
+    seed=st.integers(0, 10**6),
+)
 def test_im2col_nchwc_matches_reference(c, ocb, h, w, k, stride, pad, seed):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((1, c, h, w)).astype(np.float32)

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-
 from kiln.ir.ops.blocked import block_array
 from kiln.ir.ops.conv import ConvAttrs, conv_reference
 from kiln.ir.ops.winograd import CONV2D_WINOGRAD, WinogradAttrs, matrices, recover_weight, transform_weight
@@ -55,9 +54,17 @@ def run_winograd(x, w, pad, m, ib, ob, cfg, epilogue=True):
 
 
 @settings(max_examples=20, deadline=None)
-@given(m=st.sampled_from([2, 4]), cb=st.integers(1, 2), ocb=st.integers(1, 2), b=st.sampled_from([4, 8, 16]),
-       h=st.integers(1, 13), w=st.integers(1, 13), pad=st.sampled_from([(1, 1, 1, 1), (0, 0, 0, 0), (2, 1, 0, 2)]),
-       seed=st.integers(0, 10**6), epilogue=st.booleans())
+@given(
+    m=st.sampled_from([2, 4]),
+    cb=st.integers(1, 2),
+    ocb=st.integers(1, 2),
+    b=st.sampled_from([4, 8, 16]),
+    h=st.integers(1, 13),
+    w=st.integers(1, 13),
+    pad=st.sampled_from([(1, 1, 1, 1), (0, 0, 0, 0), (2, 1, 0, 2)]),
+    seed=st.integers(0, 10**6),
+    epilogue=st.booleans(),
+)
 @example(m=4, cb=2, ocb=2, b=16, h=14, w=14, pad=(1, 1, 1, 1), seed=0, epilogue=True)
 @example(m=2, cb=1, ocb=1, b=8, h=7, w=7, pad=(1, 1, 1, 1), seed=1, epilogue=False)  # partial last tiles
 def test_winograd_template_matches_reference(m, cb, ocb, b, h, w, pad, seed, epilogue):
