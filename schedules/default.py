@@ -261,8 +261,9 @@ def _try_dense_packed(prim, attrs):
         extents = [int(sch.get(loop).extent) for loop in loops[:len(loops) - _n_reduction_axes(sch, out)]]
         if len(extents) < 2:
             return None
-        rows, k = math.prod(extents[:-1]), int(sch.get(sch.get_loops(dense)[-1]).extent)
-        cfg = dense_packed.default(rows, extents[-1] // attrs.block, k)
+        k = int(sch.get(sch.get_loops(dense)[-1]).extent)
+        batches = math.prod(extents[:-2])
+        cfg = dense_packed.default(extents[-2], extents[-1] // attrs.block, k, min_tiles=-(-8 // batches))
         steps = dense_packed.schedule(sch, dense, out, attrs.block, cfg)
     except Exception as err:  # noqa: BLE001  (the template does not fit: fall back, and say so)
         log.info("dense_packed does not apply (%s); generic schedule used", str(err).splitlines()[0][:200])

@@ -49,6 +49,6 @@ def default(m: int, n: int, k: int, lanes: int = 16, batches: int = 1) -> Config
 
 def schedule(sch, matmul_block, out_block, cfg: Config) -> list[str]:
     """`matmul_block` is (batch..., m, n | k); `out_block` the group's output, same shape."""
-    dense_packed.tile_registers(sch, matmul_block, out_block, cfg.lanes, cfg.tiling(), batch_outer=True)
+    dense_packed.tile_registers(sch, matmul_block, out_block, cfg.lanes, cfg.tiling())
     order = ",n_outer" if cfg.n_outer else ""
     return [f"batch_matmul(m={cfg.tile_m},n={cfg.tile_n}x{cfg.lanes},k={cfg.unroll_k}{order})"]

@@ -26,8 +26,8 @@ def divisors(n: int, upto: int) -> list[int]:
 
 
 def space(rows: int, n_blocks: int, k: int) -> dict[str, list]:
-    """The knob space the tuner searches; `rows` counts every output row (batch dims included). The default
-    lies in it."""
+    """The knob space the tuner searches; `rows` is the output's second-to-last dim (tiles stay within
+    one index of the dims before it). The default lies in it."""
     return {"tile_m": divisors(rows, 16), "tile_n": divisors(n_blocks, 6), "unroll_k": divisors(k, 4),
             "n_outer": [True, False]}
 
@@ -48,18 +48,18 @@ def default(rows: int, n_blocks: int, k: int = 1, registers: int = ACCUMULATORS,
 
 
 def schedule(sch, dense_block, out_block, block: int, cfg: Config) -> list[str]:
-    """`dense_block` is (batch..., m, n | k) over packed weights; `out_block` the group's output, same shape.
-    The batch dims are more rows here: the weights are shared by all of them."""
-    tile_registers(sch, dense_block, out_block, block, cfg, batch_outer=False)
+    """`dense_block` is (batch..., m, n | k) over packed weights; `out_block` the group's output, same shape."""
+    tile_registers(sch, dense_block, out_block, block, cfg)
     order = ",n_outer" if cfg.n_outer else ""
     return [f"dense_packed(m={cfg.tile_m},n={cfg.tile_n},k={cfg.unroll_k}{order},block={block})"]
 
 
-def tile_registers(sch, block, out_block, width: int, cfg: Config, batch_outer: bool) -> None:
+def tile_registers(sch, block, out_block, width: int, cfg: Config) -> None:
     """The register tiling shared with batch_matmul. `block` is (batch..., m, n | k): tiles of tile_m rows ×
     tile_n vectors of `width` columns accumulate in a local buffer (registers, once unrolled), in one parallel
-    loop over batches (outermost with `batch_outer`, else fused into the rows) and tiles; the output stage
-    (the copy out, or the group's epilogue reading the accumulators) runs per tile after the reduction."""
+    loop over batches and tiles; the output stage (the copy out, or the group's epilogue reading the
+    accumulators) runs per tile after the reduction. A tile never spans two batches: the output stage's
+    region per tile must be exact, or tiles would race on rows they share."""
     copy = sch.cache_write(block, 0, "local")
     if sch.get(out_block).same_as(sch.get(block)):
         out_block = copy  # no epilogue: the copy out of the accumulators is the output stage
@@ -67,17 +67,16 @@ def tile_registers(sch, block, out_block, width: int, cfg: Config, batch_outer: 
         sch.compute_inline(copy)
     *batch, m, n, k = sch.get_loops(block)
     n_units, k_extent = int(sch.get(n).extent), int(sch.get(k).extent)
-    outer, rows = (batch, m) if batch_outer or not batch else ([], sch.fuse(*batch, m))
-    n_rows = int(sch.get(rows).extent)
+    n_rows = int(sch.get(m).extent)
     if n_rows % cfg.tile_m or n_units % (cfg.tile_n * width) or k_extent % cfg.unroll_k:
         raise InvalidConfig(f"{cfg} does not tile {n_rows} rows × {n_units} columns (vectors of {width}) "
                             f"× k={k_extent}")
-    mo, mi = sch.split(rows, factors=[None, cfg.tile_m])
+    mo, mi = sch.split(m, factors=[None, cfg.tile_m])
     no, nt, nb = sch.split(n, factors=[None, cfg.tile_n, width])
     ko, ki = sch.split(k, factors=[None, cfg.unroll_k])
     tiles = (no, mo) if cfg.n_outer else (mo, no)
-    sch.reorder(*outer, *tiles, ko, ki, mi, nt, nb)
-    tile = sch.fuse(*outer, *tiles)
+    sch.reorder(*batch, *tiles, ko, ki, mi, nt, nb)
+    tile = sch.fuse(*batch, *tiles)
     sch.parallel(tile)
     for loop in (ki, mi, nt):
         sch.unroll(loop)

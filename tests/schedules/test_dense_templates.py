@@ -62,6 +62,7 @@ def dense_want(x, w, bias, epilogue: str):
 @example(rows=(1, 1), n_blocks=1, block=4, k=1, epilogue="none", seed=0)  # smaller than one vector
 @example(rows=(1, 7), n_blocks=3, block=16, k=257, epilogue="gelu", seed=1)  # primes: nothing divides
 @example(rows=(2, 24), n_blocks=6, block=16, k=48, epilogue="bias", seed=2)  # the default's 8x3 tiles
+@example(rows=(2, 17), n_blocks=1, block=4, k=1, epilogue="none", seed=0)  # tiles never span two batches
 def test_dense_packed_matches_reference(rows, n_blocks, block, k, epilogue, seed):
     from tvm import s_tir, te
 
@@ -71,7 +72,7 @@ def test_dense_packed_matches_reference(rows, n_blocks, block, k, epilogue, seed
     bias = rng.standard_normal(n_blocks * block).astype(np.float32)
     wp = pack_dense_weight(w, block)
     params, out = dense_group(x.shape, wp.shape, block, epilogue)
-    cfg = dense_packed.Config(**sample(dense_packed.space(rows[0] * rows[1], n_blocks, k), seed))
+    cfg = dense_packed.Config(**sample(dense_packed.space(rows[1], n_blocks, k), seed))
     sch = s_tir.Schedule(te.create_prim_func([*params, out]))
     dense = sch.get_sblock("dense_packed")
     for b in sch.get_child_blocks(sch.get_sblock("root"))[:-1]:
