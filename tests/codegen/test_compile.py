@@ -44,7 +44,8 @@ def test_small_cnn_matches_onnxruntime(small_cnn):
 @pytest.mark.parametrize("builder,kwargs", [
     (model_builders.mobilenet_v2, {"size": 32}),
     (model_builders.bert_layer, {"seq": 16, "hidden": 64, "heads": 4, "ffn": 128}),
-], ids=["mobilenet_v2", "bert_layer"])
+    (model_builders.bert_layer, {"seq": 13, "hidden": 48, "heads": 3, "ffn": 80}),  # primes, partial tiles
+], ids=["mobilenet_v2", "bert_layer", "bert_layer_odd"])
 def test_models_compile_and_match(builder, kwargs, tmp_path):
     model = builder(**kwargs)
     feeds = model_builders.random_feeds(model, seed=1)
@@ -152,10 +153,15 @@ def test_templates_apply_instead_of_silently_falling_back(small_cnn, tmp_path):
     steps = meta["steps"]
     convs = [s for s in steps if s["ops"][0] in ("nn.conv2d", "nn.conv2d_nchwc", "nn.conv2d_winograd_nchwc")]
     assert convs and all(s["schedule"].startswith(("direct(", "nchwc(", "im2col+nchwc(", "winograd(")) for s in convs), [s["schedule"] for s in convs]
+
+
+def test_transformer_templates_apply(tmp_path):
     bert = model_builders.bert_layer(seq=16, hidden=64, heads=4, ffn=128)
     steps = kiln.load(kiln.compile(bert, tmp_path / "bert.so").path).meta["steps"]
-    denses = [s for s in steps if s["ops"][0] == "nn.dense_packed"]
-    assert denses and all(s["schedule"].startswith("dense_packed(") for s in denses), [s["schedule"] for s in denses]
+    for op, template in [("nn.dense_packed", "dense_packed("), ("nn.matmul", "batch_matmul("),
+                         ("nn.softmax", "softmax("), ("nn.layer_norm", "layer_norm(")]:
+        kernels = [s["schedule"] for s in steps if s["ops"][0] == op]
+        assert kernels and all(k.startswith(template) for k in kernels), (op, kernels)
 
 
 def test_default_pool_uses_every_usable_core(small_cnn):
