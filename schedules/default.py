@@ -9,6 +9,7 @@ steps applied.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -184,8 +185,8 @@ def _try_conv2d_direct(prim, target, attrs):
 
 
 def _prepare(sch, anchor_name: str, pad_names=("pad",)):
-    """Inline every block but the anchor; materialize padding once (parallel, vectorized) so the anchor's inner
-    loop loads without bounds checks. Returns the anchor and the group's output block."""
+    """Inline every block but the anchor; materialize padding once (parallel, vectorized) so the anchor's
+    inner loop loads without bounds checks. Returns the anchor and the group's output block."""
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     names = [sch.get(b).name_hint for b in blocks]
     if anchor_name not in names:
@@ -198,6 +199,13 @@ def _prepare(sch, anchor_name: str, pad_names=("pad",)):
         elif name != anchor_name:
             sch.compute_inline(b)
     return sch.get_sblock(anchor_name), sch.get_child_blocks(sch.get_sblock("root"))[-1]
+
+
+def _nbytes(buffer) -> int:
+    n = 1
+    for d in buffer.shape:
+        n *= int(d)
+    return n * 4
 
 
 def _try_conv2d_nchwc(prim, target, attrs):
@@ -216,6 +224,9 @@ def _try_conv2d_nchwc(prim, target, attrs):
         conv, out = _prepare(sch, "depthwise_nchwc" if depthwise else "conv2d_nchwc", pad_names=pad_names)
         shape = [int(sch.get(loop).extent) for loop in sch.get_loops(out)]
         cfg = conv2d_nchwc.default(shape[3], shape[1], vector_lanes(target, 32), depthwise, block=shape[4])
+        sizes = {len(r.source.shape): _nbytes(r.source) for r in sch.get(conv).reads}
+        cfg = dataclasses.replace(cfg, rows_outer=conv2d_nchwc.rows_outer(weight_bytes=sizes.get(6, 0),
+                                                                           input_bytes=sizes.get(5, 0)))
         steps = conv2d_nchwc.schedule(sch, conv, out, cfg)
         if im2col:
             steps = ["im2col+" + steps[0]]
