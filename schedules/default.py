@@ -46,6 +46,10 @@ def schedule_group(prim, target, anchor=None):
         blocked = _try_conv2d_nchwc(prim, target, anchor[1])
         if blocked is not None:
             return blocked
+    if anchor is not None and anchor[0] in ("nn.pool2d_nchwc", "nn.global_avg_pool_nchwc"):
+        pooled = _try_pool_nchwc(prim, anchor[1])
+        if pooled is not None:
+            return pooled
     if anchor is not None and anchor[0] == "nn.conv2d_winograd_nchwc":
         wino = _try_winograd(prim, target, anchor[1])
         if wino is not None:
@@ -232,6 +236,26 @@ def _try_conv2d_nchwc(prim, target, attrs):
             steps = ["im2col+" + steps[0]]
     except Exception as err:  # noqa: BLE001  (the template does not fit this group: fall back, and say so)
         log.info("conv2d_nchwc does not apply (%s); generic schedule used", str(err).splitlines()[0][:200])
+        return None
+    return sch.mod["main"], "+".join(steps)
+
+
+def _try_pool_nchwc(prim, attrs):
+    from tvm import s_tir
+
+    from .x86 import pool_nchwc
+
+    sch = s_tir.Schedule(prim)
+    try:
+        anchor = next(b for b in sch.get_child_blocks(sch.get_sblock("root"))
+                      if sch.get(b).name_hint in pool_nchwc.ANCHORS)
+        loops = [int(sch.get(loop).extent) for loop in sch.get_loops(anchor)]
+        window = 1
+        for extent in loops[5:]:
+            window *= extent
+        steps = pool_nchwc.schedule(sch, pool_nchwc.default(loops[3], window))
+    except Exception as err:  # noqa: BLE001  (the template does not fit this group: fall back, and say so)
+        log.info("pool_nchwc does not apply (%s); generic schedule used", str(err).splitlines()[0][:200])
         return None
     return sch.mod["main"], "+".join(steps)
 

@@ -17,7 +17,7 @@ from kiln.errors import TypeCheckError
 from ..op import OpDef, OpPattern, define_compute, register_op
 from ..types import TensorType
 from .conv import ConvAttrs, conv_output_size, conv_reference
-from .pool import AVG_POOL, GLOBAL_AVG_POOL, MAX_POOL, GlobalPoolAttrs, PoolAttrs
+from .pool import AVG_POOL, GLOBAL_AVG_POOL, MAX_POOL, GlobalPoolAttrs, PoolAttrs, window_count
 
 
 def layout_name(block: int) -> str:
@@ -306,11 +306,8 @@ def _pool_nchwc_compute(x, a: PoolNCHWcAttrs):
     )
 
     def count(o, k, s, d, pad_begin, size, pad_end):
-        start = o * s - pad_begin
-        lo = start if p.count_include_pad else te.max(start, 0)
-        bound = size + pad_end if p.count_include_pad else size
-        hi = te.min(start + (k - 1) * d + 1, bound)
-        return (hi - lo + d - 1) // d
+        return window_count(o * s - pad_begin, k, d, -pad_begin if p.count_include_pad else 0,
+                            size + pad_end if p.count_include_pad else size)
 
     def avg(n, cb, oh, ow, cc):
         cnt = count(oh, p.kernel[0], sh, dh, p.padding[0], h, p.padding[2]) * count(

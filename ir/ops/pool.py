@@ -158,6 +158,16 @@ GLOBAL_LP_POOL = register_op(OpDef(
     OpPattern.OUT_ELEMWISE_FUSABLE, flops=_global_flops))
 
 
+def window_count(start, k: int, d: int, lo, hi):
+    """How many of the window's taps start, start + d, ..., start + (k-1) d fall in [lo, hi): with dilation the
+    first tap inside need not be `lo` itself."""
+    from tvm import te, tirx as tir
+
+    first = te.max(tir.floordiv(lo - start + d - 1, d), 0)  # ceil((lo - start) / d)
+    last = te.min(tir.floordiv(hi - 1 - start, d), k - 1)
+    return te.max(last - first + 1, 1)
+
+
 def _pool_compute(kind: str):
     def compute(x, a: PoolAttrs):
         from tvm import te, tirx as tir
@@ -184,10 +194,9 @@ def _pool_compute(kind: str):
             n = tir.const(1, "int32")
             for d in range(nd):
                 start = i[2 + d] * a.strides[d] - a.padding[d]
-                lo = start if a.count_include_pad else te.max(start, 0)
-                bound = x.shape[2 + d] + a.padding[d + nd] if a.count_include_pad else x.shape[2 + d]
-                hi = te.min(start + (a.kernel[d] - 1) * a.dilation[d] + 1, bound)
-                n = n * ((hi - lo + a.dilation[d] - 1) // a.dilation[d])
+                lo = -a.padding[d] if a.count_include_pad else 0
+                hi = x.shape[2 + d] + (a.padding[d + nd] if a.count_include_pad else 0)
+                n = n * window_count(start, a.kernel[d], a.dilation[d], lo, hi)
             return n
 
         return te.compute(shape, lambda *i: total(*i) / count(i).astype(x.dtype), name="avg_pool")
