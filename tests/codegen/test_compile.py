@@ -177,3 +177,16 @@ def test_default_pool_uses_every_usable_core(small_cnn):
     env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
     got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert int(got.stdout.split()[-1]) == len(os.sched_getaffinity(0))
+
+
+def test_avx2_target_blocks_by_8_and_matches(tmp_path):
+    """x86-avx2 (256-bit vectors) lays convs out in NCHW8c and still computes the same numbers."""
+    model = model_builders.mobilenet_v2(size=32)
+    feeds = model_builders.random_feeds(model, seed=2)
+    report = kiln.compile(model, tmp_path / "avx2.so", kiln.Options(target="x86-avx2"))
+    m = kiln.load(report.path)
+    blocks = {v["shape"][4] for v in m.meta["values"] if len(v["shape"]) == 5}
+    assert blocks == {3, 8}  # the 3-channel input as one block of 3, the rest NCHW8c
+    assert "avx512f" not in m.meta["cpu_features"]
+    for g, w in zip(m.run(**feeds), ort_run(model, feeds)):
+        assert_close(g, w, rtol=1e-3, atol=1e-4)
