@@ -55,7 +55,7 @@ def schedule_group(prim, target, anchor=None):
         if wino is not None:
             return wino
     if anchor is not None and anchor[0] == "nn.dense_packed":
-        packed = _try_dense_packed(prim, anchor[1])
+        packed = _try_dense_packed(prim, target, anchor[1])
         if packed is not None:
             return packed
     if anchor is not None and anchor[0] == "nn.matmul":
@@ -276,9 +276,10 @@ def _try_winograd(prim, target, attrs):
     return sch.mod["main"], "+".join(steps)
 
 
-def _try_dense_packed(prim, attrs):
+def _try_dense_packed(prim, target, attrs):
     from tvm import s_tir
 
+    from .target_info import vector_lanes
     from .x86 import dense_packed
 
     sch = s_tir.Schedule(prim)
@@ -298,7 +299,8 @@ def _try_dense_packed(prim, attrs):
             return None
         k = int(sch.get(sch.get_loops(dense)[-1]).extent)
         batches = math.prod(extents[:-2])
-        cfg = dense_packed.default(extents[-2], extents[-1] // attrs.block, k, min_tiles=-(-8 // batches))
+        cfg = dense_packed.default(extents[-2], extents[-1] // attrs.block, k, lanes=vector_lanes(target, 32),
+                                   block=attrs.block, min_tiles=-(-8 // batches))
         steps = dense_packed.schedule(sch, dense, out, attrs.block, cfg)
     except Exception as err:  # noqa: BLE001  (the template does not fit: fall back, and say so)
         log.info("dense_packed does not apply (%s); generic schedule used", str(err).splitlines()[0][:200])

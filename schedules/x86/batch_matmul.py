@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from . import dense_packed
 
 VERSION = 1
-ACCUMULATORS = dense_packed.ACCUMULATORS
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,7 @@ def space(m: int, n: int, k: int, lanes: int = 16) -> dict[str, list]:
 def default(m: int, n: int, k: int, lanes: int = 16, batches: int = 1) -> Config:
     """dense_packed's tile for one batch's m × n; batches are parallel work too."""
     width = lanes_for(n, lanes)
-    t = dense_packed.default(m, n // width, k, min_tiles=-(-8 // batches))
+    t = dense_packed.default(m, n // width, k, lanes=lanes, block=width, min_tiles=-(-8 // batches))
     return Config(width, t.tile_m, t.tile_n, t.unroll_k)
 
 

@@ -113,17 +113,19 @@ def test_batch_matmul_matches_reference(batch, m, n, k, broadcast_a, epilogue, s
     assert_close(got, want.astype(np.float32), rtol=1e-4, atol=1e-4, what=f"seed {seed}, {cfg}")
 
 
+@pytest.mark.parametrize("lanes", [16, 8, 4])  # AVX-512, AVX2, NEON
 @pytest.mark.parametrize("rows,n_blocks,k", [(128, 48, 768), (128, 192, 3072), (1, 63, 100), (7, 5, 13),
                                              (1, 1, 1), (384, 4, 64)])
-def test_dense_default_lies_in_the_space_and_fits_registers(rows, n_blocks, k):
-    cfg = dense_packed.default(rows, n_blocks, k)
+def test_dense_default_lies_in_the_space_and_fits_registers(rows, n_blocks, k, lanes):
+    cfg = dense_packed.default(rows, n_blocks, k, lanes=lanes, block=16)
     space = dense_packed.space(rows, n_blocks, k)
     assert all(getattr(cfg, name) in values for name, values in space.items()), cfg
-    assert cfg.tile_m * cfg.tile_n <= dense_packed.ACCUMULATORS
+    assert cfg.tile_m * cfg.tile_n * (16 // lanes) <= dense_packed.accumulators(lanes)
 
 
 def test_bert_shapes_get_the_wide_tiles():
     assert dense_packed.default(128, 48, 768) == dense_packed.Config(tile_m=8, tile_n=3, unroll_k=4)
+    assert dense_packed.default(128, 48, 768, lanes=8) == dense_packed.Config(tile_m=4, tile_n=1, unroll_k=4)
     cfg = batch_matmul.default(128, 64, 128, lanes=16, batches=12)
     assert cfg.lanes == 16 and cfg.tile_m * cfg.tile_n >= 12
 
