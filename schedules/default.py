@@ -212,16 +212,28 @@ def _nbytes(buffer) -> int:
     return n * 4
 
 
-def _try_conv2d_nchwc(prim, target, attrs):
+def _attempt(template: str, prim, apply):
+    """Run `apply(sch) -> steps` on a fresh schedule of `prim`; None (and a log line naming the template) when
+    it does not fit the group, so the caller falls back to the generic schedule."""
     from tvm import s_tir
 
+    sch = s_tir.Schedule(prim)
+    try:
+        steps = apply(sch)
+    except Exception as err:  # noqa: BLE001  (TVM's ScheduleError and friends: the template does not fit)
+        log.info("%s does not apply (%s); generic schedule used", template, str(err).splitlines()[0][:200])
+        return None
+    return sch.mod["main"], "+".join(steps)
+
+
+def _try_conv2d_nchwc(prim, target, attrs):
     from .target_info import vector_lanes
     from .x86 import conv2d_nchwc
 
-    sch = s_tir.Schedule(prim)
     depthwise = attrs.conv.groups != 1
-    try:
-        im2col = getattr(attrs, "algorithm", "direct") == "im2col"
+    im2col = attrs.algorithm == "im2col"
+
+    def apply(sch):
         # padding is materialized once for a conv (each input value feeds many output channels) but read in
         # place, bounds-checked, by a depthwise conv: copying would double its memory traffic (2-3x slower)
         pad_names = ("im2col",) if im2col else () if depthwise else ("pad",)
@@ -232,48 +244,35 @@ def _try_conv2d_nchwc(prim, target, attrs):
         cfg = dataclasses.replace(cfg, rows_outer=conv2d_nchwc.rows_outer(weight_bytes=sizes.get(6, 0),
                                                                            input_bytes=sizes.get(5, 0)))
         steps = conv2d_nchwc.schedule(sch, conv, out, cfg)
-        if im2col:
-            steps = ["im2col+" + steps[0]]
-    except Exception as err:  # noqa: BLE001  (the template does not fit this group: fall back, and say so)
-        log.info("conv2d_nchwc does not apply (%s); generic schedule used", str(err).splitlines()[0][:200])
-        return None
-    return sch.mod["main"], "+".join(steps)
+        return ["im2col+" + steps[0]] if im2col else steps
+
+    return _attempt("conv2d_nchwc", prim, apply)
 
 
 def _try_pool_nchwc(prim, attrs):
-    from tvm import s_tir
-
     from .x86 import pool_nchwc
 
-    sch = s_tir.Schedule(prim)
-    try:
+    def apply(sch):
         anchor = next(b for b in sch.get_child_blocks(sch.get_sblock("root"))
                       if sch.get(b).name_hint in pool_nchwc.ANCHORS)
         loops = [int(sch.get(loop).extent) for loop in sch.get_loops(anchor)]
         window = 1
         for extent in loops[5:]:
             window *= extent
-        steps = pool_nchwc.schedule(sch, pool_nchwc.default(loops[3], window))
-    except Exception as err:  # noqa: BLE001  (the template does not fit this group: fall back, and say so)
-        log.info("pool_nchwc does not apply (%s); generic schedule used", str(err).splitlines()[0][:200])
-        return None
-    return sch.mod["main"], "+".join(steps)
+        return pool_nchwc.schedule(sch, pool_nchwc.default(loops[3], window))
+
+    return _attempt("pool_nchwc", prim, apply)
 
 
 def _try_winograd(prim, target, attrs):
-    from tvm import s_tir
-
     from .target_info import vector_lanes
     from .x86 import winograd
 
-    sch = s_tir.Schedule(prim)
-    try:
+    def apply(sch):
         tiles = int(sch.get(sch.get_loops(sch.get_sblock("wino_M"))[2]).extent)
-        steps = winograd.schedule(sch, winograd.default(tiles, vector_lanes(target, 32), attrs.tile))
-    except Exception as err:  # noqa: BLE001  (the template does not fit this group: fall back, and say so)
-        log.info("winograd does not apply (%s); generic schedule used", str(err).splitlines()[0][:200])
-        return None
-    return sch.mod["main"], "+".join(steps)
+        return winograd.schedule(sch, winograd.default(tiles, vector_lanes(target, 32), attrs.tile))
+
+    return _attempt("winograd", prim, apply)
 
 
 def _try_dense_packed(prim, target, attrs):
