@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def markdown(rows: list[dict], args) -> str:
+    from kiln.bench import cpu_name
+
     lines = [
         "# Benchmarks: Kiln against ONNX Runtime",
         "",
