@@ -148,6 +148,12 @@ def compile(
               f"activation memory {report.planned_bytes / 1e6:.1f} MB planned vs {report.naive_bytes / 1e6:.1f} MB "
               f"naive; compile {report.total_s:.1f} s (import {report.import_s:.1f}, passes {report.passes_s:.1f}, "
               f"lowering {report.lower_s:.1f}, tvm.compile {report.build_s:.1f})", soft_wrap=True)
+    if report.conv_choices:
+        picks: dict[str, int] = {}
+        for _, c in report.conv_choices:
+            picks[c.algorithm] = picks.get(c.algorithm, 0) + 1
+        out.print(f"convs: {', '.join(f'{n} {a}' for a, n in sorted(picks.items()))}; "
+                  f"{report.layout_transforms} layout transforms (--explain for each conv's choice)", soft_wrap=True)
     if explain or measure:
         out.print(explain_table(report))
 

@@ -114,6 +114,7 @@ def test_compile_explain_and_measure_report_each_conv(tmp_path):
     r = kiln("compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "m.so"), "--explain")
     assert r.returncode == 0, r.stderr
     assert "2 convs" in r.stdout and "winograd4" in r.stdout and "model" in r.stdout
+    assert "2 layout transforms" in r.stdout  # in the summary line too, not only with --explain
     r = kiln("compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "m2.so"), "--measure")
     assert r.returncode == 0, r.stderr
     assert "measured" in r.stdout and "[" in r.stdout  # measured times are shown next to the estimates
