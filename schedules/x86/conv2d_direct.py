@@ -22,6 +22,12 @@ def largest_divisor(n: int, upto: int) -> int:
     return max(d for d in range(1, min(n, upto) + 1) if n % d == 0)
 
 
+def space(out_channels: int, out_width: int, lanes: int) -> dict[str, list]:
+    """The knob space the tuner searches; the default lies in it."""
+    return {"tile_oc": [d for d in range(1, min(out_channels, 16) + 1) if out_channels % d == 0],
+            "tile_ow": [d for d in range(1, min(out_width, 2 * lanes) + 1) if out_width % d == 0]}
+
+
 def default(out_channels: int, out_width: int, lanes: int) -> Config:
     # ≤ 8 accumulator vectors: leaves registers for the input vector and broadcast weights
     return Config(tile_oc=largest_divisor(out_channels, 8), tile_ow=largest_divisor(out_width, lanes))

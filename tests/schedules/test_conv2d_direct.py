@@ -34,3 +34,11 @@ def test_grouped_direct_conv_matches_reference(groups, cpg, opg, h, w, k, s, pad
     f(tvm.runtime.tensor(x), tvm.runtime.tensor(wt), y)
     assert_close(y.numpy(), conv_reference(x, wt, attrs), rtol=1e-4, atol=1e-4)
     assert how  # the schedule that applied is named (direct(...) or the generic fallback's steps)
+
+
+def test_default_lies_in_the_space():
+    from kiln.schedules.x86 import conv2d_direct
+
+    for oc, ow, lanes in [(24, 56, 16), (7, 13, 8), (512, 7, 16)]:
+        cfg, space = conv2d_direct.default(oc, ow, lanes), conv2d_direct.space(oc, ow, lanes)
+        assert cfg.tile_oc in space["tile_oc"] and cfg.tile_ow in space["tile_ow"]
