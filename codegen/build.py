@@ -30,7 +30,10 @@ class BuildResult:
 
 
 def _spec(name: str, ty) -> dict:
-    if not isinstance(ty, TensorType) or not ty.is_static:
+    if not isinstance(ty, TensorType):
+        raise CodegenError(f"'{name}' has type {ty}; a kernel computes one tensor, and this group returns "
+                           f"several (not supported yet)")
+    if not ty.is_static:
         raise CodegenError(f"'{name}' has type {ty}; compiled models need static tensor shapes (--input-shape)")
     return {"name": name, "shape": [int(d) for d in ty.shape], "dtype": ty.dtype}
 

@@ -151,15 +151,17 @@ class _Rewriter:
 
     def elementwise(self, call: Call) -> tuple[Expr, int] | None:
         blocked = [a for a in call.args if id(a) in self.blocked]
-        b = self.blocked[id(blocked[0])][1]
-        plain_shape = blocked[0].ttype.shape
-        if call.ttype.shape != plain_shape:
+        full = [a for a in blocked if a.ttype.shape == call.ttype.shape]
+        if not full:
             return None  # the op broadcasts the blocked value itself
+        b = self.blocked[id(full[0])][1]
+        plain_shape = call.ttype.shape
         channels = plain_shape[1]
         new = []
         for a in call.args:
             if id(a) in self.blocked:
-                if a.ttype.shape != plain_shape:
+                # same shape, or per (batch, channel) as a squeeze-excitation scale is: [N, C, 1, 1]
+                if a.ttype.shape != plain_shape and not _per_channel(a.ttype.shape, plain_shape):
                     return None
                 new.append(self.as_blocked(a, b))
             elif isinstance(a, Constant):
@@ -170,6 +172,10 @@ class _Rewriter:
             else:
                 return None
         return Call(call.op, tuple(new), call.attrs, call.span), b
+
+
+def _per_channel(shape: tuple, full: tuple) -> bool:
+    return len(shape) == 4 and shape[1] == full[1] and shape[0] in (1, full[0]) and shape[2:] == (1, 1)
 
 
 def _transform(e: Expr, src: int, dst: int) -> Expr:

@@ -113,9 +113,12 @@ class SplitAttrs:
 
 
 def _split_type(x: TensorType, a: SplitAttrs) -> TupleType:
-    if x.shape[a.axis] != sum(a.sizes):
+    if not -x.ndim <= a.axis < x.ndim:
+        raise TypeCheckError(f"split: axis {a.axis} out of range for {x}")
+    axis = a.axis % x.ndim
+    if x.shape[axis] != sum(a.sizes):
         raise TypeCheckError(f"split: sizes {list(a.sizes)} do not add up to axis {a.axis} of {x}")
-    return TupleType(tuple(TensorType(x.shape[: a.axis] + (s,) + x.shape[a.axis + 1:], x.dtype) for s in a.sizes))
+    return TupleType(tuple(TensorType(x.shape[:axis] + (s,) + x.shape[axis + 1:], x.dtype) for s in a.sizes))
 
 
 def _split(x: np.ndarray, a: SplitAttrs):

@@ -45,7 +45,8 @@ def test_small_cnn_matches_onnxruntime(small_cnn):
     (model_builders.mobilenet_v2, {"size": 32}),
     (model_builders.bert_layer, {"seq": 16, "hidden": 64, "heads": 4, "ffn": 128}),
     (model_builders.bert_layer, {"seq": 13, "hidden": 48, "heads": 3, "ffn": 80}),  # primes, partial tiles
-], ids=["mobilenet_v2", "bert_layer", "bert_layer_odd"])
+    (model_builders.gpt2_block, {"seq": 16, "hidden": 64}),  # its QKV Split becomes three slices
+], ids=["mobilenet_v2", "bert_layer", "bert_layer_odd", "gpt2_block"])
 def test_models_compile_and_match(builder, kwargs, tmp_path):
     model = builder(**kwargs)
     feeds = model_builders.random_feeds(model, seed=1)

@@ -108,3 +108,17 @@ def test_zoo_models_keep_few_transforms(name, most):
     mod = run(from_onnx(zoo.zoo_model(name)), O2[:-2])  # up to fusion
     assert count_layout_transforms(mod) <= most
     assert LAYOUT_TRANSFORM in ops_of(mod)
+
+
+def test_squeeze_excitation_scale_stays_blocked():
+    """x * sigmoid(conv(global_pool(x))): a per-(batch, channel) [N, C, 1, 1] operand broadcasts in NCHWc."""
+    from kiln.ir.ops.elementwise import MULTIPLY, OPS
+
+    x = var("x", "f32[2, 16, 6, 6]")
+    a = call(RELU, conv(x, 16, 16, seed=1))
+    se = call(OPS["sigmoid"], conv(call(GLOBAL_AVG_POOL, a), 16, 16, k=1, seed=2))
+    out = conv(call(MULTIPLY, a, se), 16, 16, seed=3)
+    mod = IRModule({"main": Function((x,), out)})
+    after = alter_layout(mod)
+    assert count_layout_transforms(after) == 2
+    same_results(mod, after)

@@ -175,3 +175,19 @@ def test_dead_code_elimination_drops_literal_tuple_items_and_uncalled_functions(
     assert list(after.functions) == ["main"]
     assert after.main.body is b
     assert [c.op_name for c in calls(after.main.body)] == ["nn.relu"]
+
+
+def test_split_items_become_slices_of_the_input():
+    from kiln.ir import TupleGetItem
+    from kiln.ir.ops.transform import SPLIT, STRIDED_SLICE
+
+    x = var("x", "f32[2, 9]")
+    parts = call(SPLIT, x, axis=-1, sizes=(2, 3, 4))
+    out = call(ew.ADD, TupleGetItem(parts, 2), const(np.ones(4, np.float32)))
+    before = IRModule({"main": Function((x,), out)})
+    after = simplify_inference(before)
+    sliced = list(calls(after.main.body))
+    assert [e.op for e in sliced] == [STRIDED_SLICE, ew.ADD]
+    assert sliced[0].attrs.begin == (0, 5) and sliced[0].attrs.end == (None, 9)
+    v = np.arange(18, dtype=np.float32).reshape(2, 9)
+    np.testing.assert_array_equal(run_module(after, x=v)[0], run_module(before, x=v)[0])
