@@ -223,6 +223,8 @@ def _attempt(template: str, prim, apply):
     except Exception as err:  # noqa: BLE001  (TVM's ScheduleError and friends: the template does not fit)
         log.info("%s does not apply (%s); generic schedule used", template, str(err).splitlines()[0][:200])
         return None
+    if steps is None:  # not this template's kind of group: nothing to say
+        return None
     return sch.mod["main"], "+".join(steps)
 
 
@@ -276,17 +278,14 @@ def _try_winograd(prim, target, attrs):
 
 
 def _try_dense_packed(prim, target, attrs):
-    from tvm import s_tir
-
     from .target_info import vector_lanes
     from .x86 import dense_packed
 
-    sch = s_tir.Schedule(prim)
-    blocks = sch.get_child_blocks(sch.get_sblock("root"))
-    names = [sch.get(b).name_hint for b in blocks]
-    if "dense_packed" not in names:
-        return None
-    try:
+    def apply(sch):
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+        names = [sch.get(b).name_hint for b in blocks]
+        if "dense_packed" not in names:
+            return None
         dense = sch.get_sblock("dense_packed")
         for b, name in zip(blocks[:-1], names[:-1]):
             if name != "dense_packed":
@@ -300,25 +299,20 @@ def _try_dense_packed(prim, target, attrs):
         batches = math.prod(extents[:-2])
         cfg = dense_packed.default(extents[-2], extents[-1] // attrs.block, k, lanes=vector_lanes(target, 32),
                                    block=attrs.block, min_tiles=-(-8 // batches))
-        steps = dense_packed.schedule(sch, dense, out, attrs.block, cfg)
-    except Exception as err:  # noqa: BLE001  (the template does not fit: fall back, and say so)
-        log.info("dense_packed does not apply (%s); generic schedule used", str(err).splitlines()[0][:200])
-        return None
-    return sch.mod["main"], "+".join(steps)
+        return dense_packed.schedule(sch, dense, out, attrs.block, cfg)
+
+    return _attempt("dense_packed", prim, apply)
 
 
 def _try_batch_matmul(prim, target):
-    from tvm import s_tir
-
     from .target_info import vector_lanes
     from .x86 import batch_matmul
 
-    sch = s_tir.Schedule(prim)
-    blocks = sch.get_child_blocks(sch.get_sblock("root"))
-    names = [sch.get(b).name_hint for b in blocks]
-    if "matmul" not in names:
-        return None
-    try:
+    def apply(sch):
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+        names = [sch.get(b).name_hint for b in blocks]
+        if "matmul" not in names:
+            return None
         matmul = sch.get_sblock("matmul")
         if _n_reduction_axes(sch, matmul) != 1:
             return None
@@ -329,32 +323,25 @@ def _try_batch_matmul(prim, target):
         *batch, m, n = [int(sch.get(loop).extent) for loop in sch.get_loops(out)]
         k = int(sch.get(sch.get_loops(matmul)[-1]).extent)
         cfg = batch_matmul.default(m, n, k, vector_lanes(target, 32), batches=math.prod(batch))
-        steps = batch_matmul.schedule(sch, matmul, out, cfg)
-    except Exception as err:  # noqa: BLE001  (the template does not fit: fall back, and say so)
-        log.info("batch_matmul does not apply (%s); generic schedule used", str(err).splitlines()[0][:200])
-        return None
-    return sch.mod["main"], "+".join(steps)
+        return batch_matmul.schedule(sch, matmul, out, cfg)
+
+    return _attempt("batch_matmul", prim, apply)
 
 
 def _try_rowwise(prim, target):
     """The softmax or layer-norm template, when the group holds its stages (a last-axis softmax, a layer norm
     over one last axis)."""
-    from tvm import s_tir
-
     from .target_info import vector_lanes
     from .x86 import layer_norm, softmax
 
-    sch = s_tir.Schedule(prim)
-    names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
-    template = softmax if set(softmax.STAGES) <= names else layer_norm if set(layer_norm.STAGES) <= names else None
-    if template is None:
-        return None
-    try:
+    def apply(sch):
+        names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
+        template = (softmax if set(softmax.STAGES) <= names
+                    else layer_norm if set(layer_norm.STAGES) <= names else None)
+        if template is None:
+            return None
         out = sch.get_sblock(template.STAGES[-1])
         n = int(sch.get(sch.get_loops(out)[-1]).extent)
-        steps = template.schedule(sch, template.default(n, vector_lanes(target, 32)))
-    except Exception as err:  # noqa: BLE001  (the template does not fit: fall back, and say so)
-        log.info("%s does not apply (%s); generic schedule used", template.__name__.rsplit(".", 1)[-1],
-                 str(err).splitlines()[0][:200])
-        return None
-    return sch.mod["main"], "+".join(steps)
+        return template.schedule(sch, template.default(n, vector_lanes(target, 32)))
+
+    return _attempt("softmax/layer_norm", prim, apply)
