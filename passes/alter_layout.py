@@ -8,7 +8,10 @@ reaches an op that needs NCHW (or the function's output), once per value; a tran
 of a value that was just transformed out of it is dropped, so adjacent transforms cancel.
 
 The block size comes from `mod.attrs["layout_block"]` (the target's fp32 SIMD lanes, set by the driver;
-16 if absent); a conv whose output channels it does not divide tries half, then a quarter (not below 4).
+16 if absent). A conv whose output channels it does not divide gets zero channels up to a whole block when
+that adds at most 1/8 more work (1000 → 1008), else a block of half, then a quarter (not below 4). Padding
+channels are zeros that only finite-preserving elementwise ops, pooling and convs (with zero weights for them)
+may touch; concatenation and the way back to NCHW drop them.
 `mod.attrs["conv_algorithms"]` maps a conv's span to the algorithm chosen for it (schedules/choose.py, by the
 driver): "direct" (the default), "im2col", "winograd2"/"winograd4" (F(2x2)/F(4x4, 3x3), weights transformed
 here, at compile time) or "nchw" (stays out of the blocked layout).
@@ -40,6 +43,13 @@ from kiln.ir.ops.winograd import transform_weight as winograd_weight
 from kiln.ir.visitor import children, post_order, with_children
 
 DEFAULT_BLOCK = 16
+# elementwise ops that map finite inputs to finite outputs: the only ones allowed on zero-padded channels (a
+# padding lane that became inf or NaN would poison the next conv through its zero weights: 0 * inf = NaN)
+FINITE_OPS = frozenset({
+    "add", "subtract", "multiply", "maximum", "minimum", "nn.relu", "clip", "sigmoid", "tanh",
+    "nn.hard_swish",
+    "nn.hard_sigmoid", "nn.leaky_relu", "negative", "abs",
+})
 
 
 def block_for(channels: int, block: int) -> int | None:
@@ -65,28 +75,45 @@ class _Rewriter:
         self.block, self.algorithms = block, algorithms
         self.plain: dict[int, Expr] = {}  # node id -> its value in NCHW (or original layout)
         self.blocked: dict[int, tuple[Expr, int]] = {}  # node id -> (its value in NCHW[b]c, b)
+        self.logical: dict[int, int] = {}  # node id -> real channel count, when its blocked value is padded
+        self.pending_logical = 0
 
     # --- moving values between layouts ---
 
     def as_plain(self, node: Expr) -> Expr:
         if id(node) not in self.plain:
             e, b = self.blocked[id(node)]
-            self.plain[id(node)] = _transform(e, b, 0)
+            self.plain[id(node)] = _transform(e, b, 0, self.logical.get(id(node), 0))
         return self.plain[id(node)]
 
     def as_blocked(self, node: Expr, b: int) -> Expr:
         if id(node) in self.blocked:
             e, have = self.blocked[id(node)]
-            return e if have == b else _transform(e, have, b)
+            if have == b:
+                return e
+            if id(node) not in self.logical:
+                return _transform(e, have, b)
         return _transform(self.as_plain(node), 0, b)
+
+    def padded(self, *nodes: Expr) -> bool:
+        return any(id(n) in self.logical for n in nodes)
+
+    def keep_padding(self, new: tuple[Expr, int], like: Expr) -> tuple[Expr, int]:
+        """`new` holds `like`'s zero-padded channels too: remember its real channel count."""
+        if id(like) in self.logical:
+            self.pending_logical = self.logical[id(like)]
+        return new
 
     # --- the walk ---
 
     def visit(self, node: Expr) -> None:
         if isinstance(node, Call) and isinstance(node.op, OpDef):
+            self.pending_logical = 0
             new = self.try_blocked(node)
             if new is not None:
                 self.blocked[id(node)] = new
+                if self.pending_logical:
+                    self.logical[id(node)] = self.pending_logical
                 return
         kids = children(node)
         self.plain[id(node)] = with_children(node, tuple(self.as_plain(c) for c in kids)) if kids else node
@@ -98,15 +125,20 @@ class _Rewriter:
         args = call.args
         if not any(id(a) in self.blocked for a in args):
             return None
-        if op in (MAX_POOL, AVG_POOL) and len(call.attrs.kernel) == 2:
+        if op in (MAX_POOL, AVG_POOL) and len(call.attrs.kernel) == 2 and id(args[0]) in self.blocked:
             e, b = self.blocked[id(args[0])]
-            return Call(
-                POOL2D_NCHWC, (e,), PoolNCHWcAttrs("max" if op is MAX_POOL else "avg", call.attrs), call.span
-            ), b
-        if op is GLOBAL_AVG_POOL and call.ttype.ndim == 4:
+            kind = "max" if op is MAX_POOL else "avg"
+            pooled = Call(POOL2D_NCHWC, (e,), PoolNCHWcAttrs(kind, call.attrs), call.span)
+            return self.keep_padding((pooled, b), args[0])
+        if op is GLOBAL_AVG_POOL and call.ttype.ndim == 4 and id(args[0]) in self.blocked:
             e, b = self.blocked[id(args[0])]
-            return Call(GLOBAL_AVG_POOL_NCHWC, (e,), call.attrs, call.span), b
-        if op is CONCATENATE and call.attrs.axis in (1, -3) and all(id(a) in self.blocked for a in args):
+            return self.keep_padding((Call(GLOBAL_AVG_POOL_NCHWC, (e,), call.attrs, call.span), b), args[0])
+        if (
+            op is CONCATENATE
+            and call.attrs.axis in (1, -3)
+            and all(id(a) in self.blocked for a in args)
+            and not self.padded(*args)  # padding channels would land between the inputs' channels
+        ):
             b = self.blocked[id(args[0])][1]
             return Call(
                 CONCATENATE,
@@ -132,22 +164,43 @@ class _Rewriter:
         depthwise = a.groups != 1
         if depthwise and not (a.groups == c == oc and w.ttype.shape[1] == 1):
             return None  # grouped, not depthwise: stays NCHW
+        if id(x) in self.blocked:
+            xe, ib = self.blocked[id(x)]
+            c_in = xe.ttype.shape[1] * ib  # the input's channels as stored, zero-padded ones included
+        else:
+            xe, ib = None, block_for(c, self.block) or c
+            c_in = c
         if depthwise:
-            ob = self.blocked[id(x)][1] if id(x) in self.blocked else block_for(c, self.block)
-            ib = ob
+            ob, oc_out = ib, c_in
+            if ob < 4:
+                return None
         else:
             ob = block_for(oc, self.block)
-            ib = self.blocked[id(x)][1] if id(x) in self.blocked else (block_for(c, self.block) or c)
-        if ob is None:
-            return None
+            if (ob is None or ob < self.block) and _pads_cheaply(oc, self.block):
+                ob = self.block  # a few zero channels cost less than vectors of half the width
+            if ob is None:
+                return None
+            oc_out = -(-oc // ob) * ob
+        weights = w.value
+        if (oc_out, c_in) != (oc, c) and not depthwise:
+            weights = np.zeros((oc_out, c_in) + w.value.shape[2:], w.value.dtype)
+            weights[:oc, :c] = w.value
+        elif oc_out != oc:
+            weights = np.zeros((oc_out,) + w.value.shape[1:], w.value.dtype)
+            weights[:oc] = w.value
+        if oc_out != oc:
+            self.pending_logical = oc
+        if depthwise:
+            a = dataclasses.replace(a, groups=oc_out)
+        x_blocked = xe if xe is not None else self.as_blocked(x, ib)
         algo = self.algorithms.get(call.span, "direct")
         if algo in ("winograd2", "winograd4") and winograd_supports(x.ttype.shape, w.ttype.shape, a):
             m = 2 if algo == "winograd2" else 4
-            u = Constant(winograd_weight(w.value, m, ob), name=w.name)
-            return Call(CONV2D_WINOGRAD, (self.as_blocked(x, ib), u), WinogradAttrs(a, m, ob), call.span), ob
-        packed = Constant(pack_conv_weight(w.value, 1 if depthwise else ib, ob), name=w.name)
+            u = Constant(winograd_weight(weights, m, ob), name=w.name)
+            return Call(CONV2D_WINOGRAD, (x_blocked, u), WinogradAttrs(a, m, ob), call.span), ob
+        packed = Constant(pack_conv_weight(weights, 1 if depthwise else ib, ob), name=w.name)
         attrs = ConvNCHWcAttrs(a, ob, "im2col" if algo == "im2col" and not depthwise else "direct")
-        return Call(CONV2D_NCHWC, (self.as_blocked(x, ib), packed), attrs, call.span), ob
+        return Call(CONV2D_NCHWC, (x_blocked, packed), attrs, call.span), ob
 
     def elementwise(self, call: Call) -> tuple[Expr, int] | None:
         blocked = [a for a in call.args if id(a) in self.blocked]
@@ -158,6 +211,10 @@ class _Rewriter:
         plain_shape = call.ttype.shape
         channels = plain_shape[1]
         new = []
+        padded = {self.logical.get(id(a), 0) for a in blocked}
+        if padded != {0} and (len(padded) > 1 or call.op.name not in FINITE_OPS):
+            return None  # padding lanes hold zeros; only ops that keep them finite may run on them
+        stored = self.blocked[id(full[0])][0].ttype.shape[1] * b
         for a in call.args:
             if id(a) in self.blocked:
                 # same shape, or per (batch, channel) as a squeeze-excitation scale is: [N, C, 1, 1]
@@ -165,43 +222,48 @@ class _Rewriter:
                     return None
                 new.append(self.as_blocked(a, b))
             elif isinstance(a, Constant):
-                packed = _pack_channel_constant(a, channels, b)
+                packed = _pack_channel_constant(a, channels, b, stored)
                 if packed is None:
                     return None
                 new.append(packed)
             else:
                 return None
-        return Call(call.op, tuple(new), call.attrs, call.span), b
+        return self.keep_padding((Call(call.op, tuple(new), call.attrs, call.span), b), full[0])
 
 
 def _per_channel(shape: tuple, full: tuple) -> bool:
     return len(shape) == 4 and shape[1] == full[1] and shape[0] in (1, full[0]) and shape[2:] == (1, 1)
 
 
-def _transform(e: Expr, src: int, dst: int) -> Expr:
+def _transform(e: Expr, src: int, dst: int, channels: int = 0) -> Expr:
     if src == dst:
         return e
-    if (
-        isinstance(e, Call)
-        and e.op is LAYOUT_TRANSFORM
-        and e.attrs.dst_block == src
-        and e.attrs.src_block == dst
-    ):
+    back = (isinstance(e, Call) and e.op is LAYOUT_TRANSFORM
+            and (e.attrs.dst_block, e.attrs.src_block) == (src, dst))
+    if back and not e.attrs.channels and not channels:
         return e.args[0]  # a transform straight back: cancel the pair
-    return Call(LAYOUT_TRANSFORM, (e,), LayoutTransformAttrs(src, dst))
+    return Call(LAYOUT_TRANSFORM, (e,), LayoutTransformAttrs(src, dst, channels))
 
 
-def _pack_channel_constant(c: Constant, channels: int, b: int) -> Constant | None:
-    """A constant broadcast against NCHW as a scalar or per channel, rewritten to broadcast against NCHWc."""
+def _pads_cheaply(channels: int, block: int) -> bool:
+    """Zero-pad the output channels to a whole block when that adds at most 1/8 more work (1000 → 1008)."""
+    extra = -channels % block
+    return 0 < extra and 8 * extra <= channels
+
+
+def _pack_channel_constant(c: Constant, channels: int, b: int, stored: int | None = None) -> Constant | None:
+    """A constant broadcast against NCHW as a scalar or per channel, rewritten to broadcast against NCHWc
+    (zero-padded to `stored` channels when the blocked value is padded)."""
     v = c.value
     if v.size == 1:
         return Constant(v.reshape(()), name=c.name) if v.ndim > 4 else c
     shape = v.shape[-3:] if v.ndim >= 3 and all(d == 1 for d in v.shape[:-3]) else None
     if shape is None or shape != (channels, 1, 1):
         return None
-    return Constant(
-        np.ascontiguousarray(v.reshape(channels // b, b, 1, 1).transpose(0, 2, 3, 1)), name=c.name
-    )
+    stored = stored or channels
+    flat = np.zeros(stored, v.dtype)
+    flat[:channels] = v.reshape(channels)
+    return Constant(np.ascontiguousarray(flat.reshape(stored // b, 1, 1, b)), name=c.name)
 
 
 def alter_layout(mod: IRModule) -> IRModule:

@@ -57,6 +57,7 @@ def unpack_conv_weight(w: np.ndarray) -> np.ndarray:
 class LayoutTransformAttrs:
     src_block: int  # 0: plain NCHW
     dst_block: int
+    channels: int = 0  # blocked → NCHW only: keep the first `channels` (drop zero-padded ones); 0 keeps all
 
 
 def _channels(x: TensorType, block: int, op: str) -> int:
@@ -69,6 +70,10 @@ def _channels(x: TensorType, block: int, op: str) -> int:
 def _layout_transform_type(x: TensorType, a: LayoutTransformAttrs) -> TensorType:
     c = _channels(x, a.src_block, "layout_transform")
     n, h, w = x.shape[0], x.shape[2], x.shape[3]
+    if a.channels:
+        if a.dst_block or not a.src_block or not 0 < a.channels <= c:
+            raise TypeCheckError(f"layout_transform: channels={a.channels} crops only blocked → NCHW, of {x}")
+        c = a.channels
     if not a.dst_block:
         return TensorType((n, c, h, w), x.dtype)
     if c % a.dst_block:
@@ -78,6 +83,8 @@ def _layout_transform_type(x: TensorType, a: LayoutTransformAttrs) -> TensorType
 
 def _layout_transform_reference(x: np.ndarray, a: LayoutTransformAttrs) -> np.ndarray:
     plain = unblock_array(x) if a.src_block else x
+    if a.channels:
+        plain = plain[:, : a.channels]
     return block_array(plain, a.dst_block) if a.dst_block else np.ascontiguousarray(plain)
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 from kiln.frontend import from_onnx
-from kiln.ir import Call, Function, IRModule, call, const, var
+from kiln.ir import Call, Function, IRModule, Tuple, call, const, var
 from kiln.ir.interpreter import run_module
 from kiln.ir.ops.blocked import CONV2D_NCHWC, LAYOUT_TRANSFORM, POOL2D_NCHWC
 from kiln.ir.ops.conv import CONV2D
@@ -121,4 +121,24 @@ def test_squeeze_excitation_scale_stays_blocked():
     mod = IRModule({"main": Function((x,), out)})
     after = alter_layout(mod)
     assert count_layout_transforms(after) == 2
+    same_results(mod, after)
+
+
+def test_channels_pad_to_a_whole_block_and_are_cropped_on_the_way_out():
+    """120 channels become 128 (8 zero channels: cheaper than 8-wide vectors); the padding never shows: the
+    next conv gets zero weights for it, an op that could turn zeros into inf/NaN (divide) sees NCHW, and the
+    model's output is cropped back to 120."""
+    from kiln.ir.ops.elementwise import DIVIDE
+
+    x = var("x", "f32[1, 16, 5, 5]")
+    a = call(RELU, bias(conv(x, 16, 120, seed=1), 120, seed=2))
+    b = conv(call(MAX_POOL, a, kernel=(2, 2), strides=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1)), 120, 16, seed=3)
+    c = call(DIVIDE, a, const(np.full((120, 1, 1), 2.0, np.float32)))
+    mod = IRModule({"main": Function((x,), Tuple((b, c)))})
+    after = alter_layout(mod)
+    convs = [e for e in post_order(after.main.body) if isinstance(e, Call) and e.op is CONV2D_NCHWC]
+    assert convs[0].ttype.shape == (1, 8, 5, 5, 16) and convs[1].args[1].ttype.shape[1:2] == (8,)
+    crops = [e for e in post_order(after.main.body) if isinstance(e, Call) and e.op is LAYOUT_TRANSFORM
+             and e.attrs.channels]
+    assert crops and crops[0].ttype.shape == (1, 120, 5, 5)
     same_results(mod, after)
