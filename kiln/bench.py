@@ -1,7 +1,9 @@
 """Kiln against ONNX Runtime on one model, in one process: the numbers `kiln bench` and bench/ print.
 
-Both engines get the same thread count; a pause between the two timing blocks lets the first engine's spinning
-thread pool go idle, so it does not steal cycles from the second on a small machine.
+Both engines get the same thread count. They are timed in alternating blocks (Kiln, ONNX Runtime, Kiln, ...), so
+a slow stretch of the machine hits both; a pause between blocks lets one engine's spinning thread pool go idle,
+so it does not steal cycles from the other on a small machine. The ratio is of the medians over all blocks; the
+per-round ratios give its spread.
 """
 
 from __future__ import annotations
@@ -16,12 +18,12 @@ import numpy as np
 
 from kiln.runtime.timing import time_ms
 
-PAUSE_S = 1.0
+PAUSE_S = 0.5
+ROUNDS = 5
 
 
-def _time(fn: Callable[[], object], repeat: int, warmup: int = 2) -> dict:
-    ms = time_ms(fn, repeat, warmup)
-    return {"median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)), "runs": repeat}
+def _summary(ms: list[float]) -> dict:
+    return {"median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)), "runs": len(ms)}
 
 
 def compare(model: str, target: str = "native", repeat: int = 20, threads: int = 2,
@@ -45,22 +47,33 @@ def compare(model: str, target: str = "native", repeat: int = 20, threads: int =
     proto = zoo.resolve(model)
     proto = proto if isinstance(proto, onnx.ModelProto) else onnx.load(proto)
     feeds = zoo.feeds(proto, seed=0)
-    with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
-        report = kiln.compile(proto, Path(tmp) / "model.so", Options(target=target), on_progress=on_progress)
-        compiled = kiln.load(report.path, num_threads=threads)
-        got = compiled.run(**feeds)
-        kiln_t = _time(lambda: compiled.run(**feeds), repeat)
-    time.sleep(PAUSE_S)
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
     want = sess.run(None, feeds)
-    ort_t = _time(lambda: sess.run(None, feeds), repeat)
+    with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
+        report = kiln.compile(proto, Path(tmp) / "model.so", Options(target=target), on_progress=on_progress)
+        compiled = kiln.load(report.path, num_threads=threads)
+        got = compiled.run(**feeds)
+        per_block = max(3, -(-repeat // ROUNDS))
+        kiln_ms: list[float] = []
+        ort_ms: list[float] = []
+        rounds = []
+        for _ in range(ROUNDS):
+            time.sleep(PAUSE_S)
+            k = time_ms(lambda: compiled.run(**feeds), per_block, 2)
+            time.sleep(PAUSE_S)
+            o = time_ms(lambda: sess.run(None, feeds), per_block, 2)
+            kiln_ms += list(k)
+            ort_ms += list(o)
+            rounds.append(float(np.median(k) / np.median(o)))
+    kiln_t, ort_t = _summary(kiln_ms), _summary(ort_ms)
     err = max(float(np.max(np.abs(g.astype(np.float64) - w.astype(np.float64)))) for g, w in zip(got, want))
     match = all(np.allclose(g, w, rtol=1e-3, atol=1e-4) for g, w in zip(got, want))
     return {"model": model, "match": match, "compile_s": report.total_s, "kernels": report.kernels, "kiln": kiln_t,
             "onnxruntime": ort_t, "ratio": kiln_t["median_ms"] / ort_t["median_ms"], "max_abs_error": err,
+            "ratio_range": [min(rounds), max(rounds)],
             "threads": threads}
 
 

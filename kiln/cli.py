@@ -241,8 +241,9 @@ def bench(
     for engine in ("kiln", "onnxruntime"):
         r = result[engine]
         out.print(f"  {engine:12s} median {r['median_ms']:8.2f} ms   p90 {r['p90_ms']:8.2f} ms", soft_wrap=True)
-    out.print(f"  kiln / onnxruntime = {result['ratio']:.2f}x   max abs error {result['max_abs_error']:.2e}",
-              soft_wrap=True)
+    lo, hi = result["ratio_range"]
+    out.print(f"  kiln / onnxruntime = {result['ratio']:.2f}x (rounds {lo:.2f}-{hi:.2f})   "
+              f"max abs error {result['max_abs_error']:.2e}", soft_wrap=True)
 
 
 @app.command()
