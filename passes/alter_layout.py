@@ -192,12 +192,18 @@ class _Rewriter:
             self.pending_logical = oc
         if depthwise:
             a = dataclasses.replace(a, groups=oc_out)
-        x_blocked = xe if xe is not None else self.as_blocked(x, ib)
+        if xe is not None:
+            x_blocked = xe
+        elif block_for(c, self.block) is None and not depthwise:
+            x_blocked = self.as_plain(x)  # too few channels to block (an image): the conv reads NCHW itself
+        else:
+            x_blocked = self.as_blocked(x, ib)
         algo = self.algorithms.get(call.span, "direct")
         if algo in ("winograd2", "winograd4") and winograd_supports(x.ttype.shape, w.ttype.shape, a):
             m = 2 if algo == "winograd2" else 4
             u = Constant(winograd_weight(weights, m, ob), name=w.name)
-            return Call(CONV2D_WINOGRAD, (x_blocked, u), WinogradAttrs(a, m, ob), call.span), ob
+            x5 = x_blocked if x_blocked.ttype.ndim == 5 else self.as_blocked(x, ib)
+            return Call(CONV2D_WINOGRAD, (x5, u), WinogradAttrs(a, m, ob), call.span), ob
         packed = Constant(pack_conv_weight(weights, 1 if depthwise else ib, ob), name=w.name)
         attrs = ConvNCHWcAttrs(a, ob, "im2col" if algo == "im2col" and not depthwise else "direct")
         return Call(CONV2D_NCHWC, (x_blocked, packed), attrs, call.span), ob

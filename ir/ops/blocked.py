@@ -129,8 +129,15 @@ class ConvNCHWcAttrs:
     algorithm: str = "direct"  # or "im2col": gather every window into a matrix first, then a plain GEMM
 
 
+def _as_one_block(x: TensorType) -> TensorType:
+    """Plain NCHW data is one block of all its channels: a first conv with 3 input channels reads the model's
+    input directly, with no layout_transform kernel before it."""
+    return TensorType((x.shape[0], 1, x.shape[2], x.shape[3], x.shape[1]), x.dtype) if x.ndim == 4 else x
+
+
 def _conv_nchwc_type(x: TensorType, w: TensorType, a: ConvNCHWcAttrs) -> TensorType:
     op = "nn.conv2d_nchwc"
+    x = _as_one_block(x)
     if x.ndim != 5 or w.ndim != 6 or w.shape[5] != a.out_block:
         raise TypeCheckError(
             f"{op}: expected NCHW[b]c data and [O/{a.out_block}, I/ib, KH, KW, ib, {a.out_block}] "
@@ -159,7 +166,8 @@ def _conv_nchwc_type(x: TensorType, w: TensorType, a: ConvNCHWcAttrs) -> TensorT
 
 
 def _conv_nchwc_reference(x: np.ndarray, w: np.ndarray, a: ConvNCHWcAttrs) -> np.ndarray:
-    return block_array(conv_reference(unblock_array(x), unpack_conv_weight(w), a.conv), a.out_block)
+    plain = x if x.ndim == 4 else unblock_array(x)
+    return block_array(conv_reference(plain, unpack_conv_weight(w), a.conv), a.out_block)
 
 
 def _conv_nchwc_flops(x: TensorType, w: TensorType, a: ConvNCHWcAttrs) -> int:
@@ -207,6 +215,10 @@ def _conv_nchwc_compute(x, w, a: ConvNCHWcAttrs):
         TensorType(tuple(int(d) for d in w.shape), str(w.dtype)),
         a,
     )
+    if len(x.shape) == 4:  # plain NCHW: read as one block (inlined into the padding or the conv)
+        plain = x
+        n_, c_, h_, w_ = (int(d) for d in x.shape)
+        x = te.compute((n_, 1, h_, w_, c_), lambda n, _, h, ww, ci: plain[n, ci, h, ww], name="nchw_as_block")
     xp = pad_nchwc(x, (c.padding[0], c.padding[1], c.padding[2], c.padding[3]))
     (sh, sw), (dh, dw) = c.strides, c.dilation
     ry, rx = te.reduce_axis((0, int(w.shape[2])), name="ry"), te.reduce_axis((0, int(w.shape[3])), name="rx")

@@ -132,7 +132,8 @@ def test_channels_pad_to_a_whole_block_and_are_cropped_on_the_way_out():
 
     x = var("x", "f32[1, 16, 5, 5]")
     a = call(RELU, bias(conv(x, 16, 120, seed=1), 120, seed=2))
-    b = conv(call(MAX_POOL, a, kernel=(2, 2), strides=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1)), 120, 16, seed=3)
+    pooled = call(MAX_POOL, a, kernel=(2, 2), strides=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1))
+    b = conv(pooled, 120, 16, seed=3)
     c = call(DIVIDE, a, const(np.full((120, 1, 1), 2.0, np.float32)))
     mod = IRModule({"main": Function((x,), Tuple((b, c)))})
     after = alter_layout(mod)
@@ -141,4 +142,15 @@ def test_channels_pad_to_a_whole_block_and_are_cropped_on_the_way_out():
     crops = [e for e in post_order(after.main.body) if isinstance(e, Call) and e.op is LAYOUT_TRANSFORM
              and e.attrs.channels]
     assert crops and crops[0].ttype.shape == (1, 120, 5, 5)
+    same_results(mod, after)
+
+
+def test_an_image_input_is_read_as_nchw_by_the_first_conv():
+    x = var("x", "f32[1, 3, 9, 9]")
+    y = conv(call(RELU, conv(x, 3, 16, seed=1)), 16, 16, seed=2)
+    mod = IRModule({"main": Function((x,), y)})
+    after = alter_layout(mod)
+    first = next(e for e in post_order(after.main.body) if isinstance(e, Call) and e.op is CONV2D_NCHWC)
+    assert first.args[0] is after.main.params[0]  # no layout_transform kernel before it
+    assert count_layout_transforms(after) == 1
     same_results(mod, after)

@@ -131,8 +131,9 @@ def test_resnet50_fusion_and_memory_plan():
     groups = group_ops(mod)
     assert groups.count(["nn.conv2d_nchwc", "add", "nn.relu"]) == 33
     assert groups.count(["nn.conv2d_nchwc", "add", "add", "nn.relu"]) == 16
-    assert sum(g.count("layout_transform") for g in groups) == 2  # in at the input, out after the global pool
-    assert len(groups) == 59
+    # one, after the global pool: the first conv reads the 3-channel NCHW input as one block
+    assert sum(g.count("layout_transform") for g in groups) == 1
+    assert len(groups) == 58
     plan = mod.attrs["memory_plan"]
     assert plan.planned_bytes <= 0.35 * plan.naive_bytes, f"{plan.planned_bytes} of {plan.naive_bytes}"
 

@@ -73,7 +73,10 @@ def test_layer_norm_matches_reference(rows, n, offset, seed):
     cfg = layer_norm.Config(**{name: r.choice(values) for name, values in layer_norm.space(n).items()})
     layer_norm.schedule(sch, cfg)
     got = run(sch, [x, gamma, beta], x.shape)
-    assert_close(got, LAYER_NORM.reference(x, gamma, beta, attrs), rtol=1e-4, atol=1e-4, what=f"seed {seed}, {cfg}")
+    # a mean of 100 leaves fp32 about 1e-5 * 100 of absolute precision in x - mean: 1e-3 after normalizing
+    tol = 1e-4 if offset == 0 else 1e-3
+    want = LAYER_NORM.reference(x, gamma, beta, attrs)
+    assert_close(got, want, rtol=tol, atol=tol, what=f"seed {seed}, {cfg}")
 
 
 @pytest.mark.parametrize("n", [1, 7, 64, 128, 768, 1000])
