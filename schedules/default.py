@@ -38,34 +38,11 @@ def schedule_group(prim, target, anchor=None):
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     if not blocks:
         return sch.mod["main"], "empty"
-    if anchor is not None and anchor[0] == "nn.conv2d":
-        direct = _try_conv2d_direct(prim, target, anchor[1])
-        if direct is not None:
-            return direct
-    if anchor is not None and anchor[0] == "nn.conv2d_nchwc":
-        blocked = _try_conv2d_nchwc(prim, target, anchor[1])
-        if blocked is not None:
-            return blocked
-    if anchor is not None and anchor[0] in ("nn.pool2d_nchwc", "nn.global_avg_pool_nchwc"):
-        pooled = _try_pool_nchwc(prim, anchor[1])
-        if pooled is not None:
-            return pooled
-    if anchor is not None and anchor[0] == "nn.conv2d_winograd_nchwc":
-        wino = _try_winograd(prim, target, anchor[1])
-        if wino is not None:
-            return wino
-    if anchor is not None and anchor[0] == "nn.dense_packed":
-        packed = _try_dense_packed(prim, target, anchor[1])
-        if packed is not None:
-            return packed
-    if anchor is not None and anchor[0] == "nn.matmul":
-        batched = _try_batch_matmul(prim, target)
-        if batched is not None:
-            return batched
-    if anchor is None:  # softmax and layer norm are reductions, no anchor: found by their stages' names
-        rowwise = _try_rowwise(prim, target)
-        if rowwise is not None:
-            return rowwise
+    template = TEMPLATES.get(anchor[0] if anchor is not None else None)
+    if template is not None:
+        scheduled = template(prim, target, anchor[1] if anchor is not None else None)
+        if scheduled is not None:
+            return scheduled
     out = blocks[-1]
     reductions = [b for b in blocks[:-1] if _n_reduction_axes(sch, b)]
     for b in blocks[:-1]:
@@ -251,7 +228,7 @@ def _try_conv2d_nchwc(prim, target, attrs):
     return _attempt("conv2d_nchwc", prim, apply)
 
 
-def _try_pool_nchwc(prim, attrs):
+def _try_pool_nchwc(prim, target, attrs):
     from .x86 import pool_nchwc
 
     def apply(sch):
@@ -304,7 +281,7 @@ def _try_dense_packed(prim, target, attrs):
     return _attempt("dense_packed", prim, apply)
 
 
-def _try_batch_matmul(prim, target):
+def _try_batch_matmul(prim, target, attrs):
     from .target_info import vector_lanes
     from .x86 import batch_matmul
 
@@ -328,7 +305,7 @@ def _try_batch_matmul(prim, target):
     return _attempt("batch_matmul", prim, apply)
 
 
-def _try_rowwise(prim, target):
+def _try_rowwise(prim, target, attrs=None):
     """The softmax or layer-norm template, when the group holds its stages (a last-axis softmax, a layer norm
     over one last axis)."""
     from .target_info import vector_lanes
@@ -345,3 +322,17 @@ def _try_rowwise(prim, target):
         return template.schedule(sch, template.default(n, vector_lanes(target, 32)))
 
     return _attempt("softmax/layer_norm", prim, apply)
+
+
+# the template each group's anchor op (its conv, dense, pool; None for anchorless reductions such as softmax and
+# layer norm) is scheduled with; a template that does not fit returns None and the generic schedule runs
+TEMPLATES = {
+    "nn.conv2d": _try_conv2d_direct,
+    "nn.conv2d_nchwc": _try_conv2d_nchwc,
+    "nn.conv2d_winograd_nchwc": _try_winograd,
+    "nn.pool2d_nchwc": _try_pool_nchwc,
+    "nn.global_avg_pool_nchwc": _try_pool_nchwc,
+    "nn.dense_packed": _try_dense_packed,
+    "nn.matmul": _try_batch_matmul,
+    None: _try_rowwise,
+}

@@ -10,11 +10,10 @@ the weights are laid out) into shared memory, then every thread accumulates from
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import product
 
 from kiln.errors import InvalidConfig
 
-from .threads import MAX_THREADS, auto_unroll, cooperative_fetch, divisors, largest_divisor
+from .threads import MAX_THREADS, auto_unroll, buildable_configs, cooperative_fetch, divisors, largest_divisor
 
 VERSION = 1
 SHARED_BYTES = 48 * 1024
@@ -72,14 +71,8 @@ def check(wl: Workload, cfg: Config) -> None:
 
 
 def configs(wl: Workload):
-    sp = space(wl)
-    for values in product(*sp.values()):
-        cfg = Config(**dict(zip(sp, values)))
-        try:
-            check(wl, cfg)
-        except InvalidConfig:
-            continue
-        yield cfg
+    """Every buildable config, in knob order (for a tuner's enumeration and the tests' samples)."""
+    return buildable_configs(space(wl), Config, check, wl)
 
 
 def default(wl: Workload) -> Config:

@@ -60,3 +60,19 @@ def auto_unroll(sch, loop, max_step: int) -> None:
     if max_step > 0:
         sch.annotate(loop, "pragma_auto_unroll_max_step", max_step)
         sch.annotate(loop, "pragma_unroll_explicit", 1)
+
+
+def buildable_configs(space: dict, make, check, wl):
+    """Every config of the knob space `check` accepts for `wl`, in knob order (a tuner's enumeration, the
+    tests' samples)."""
+    from itertools import product
+
+    from kiln.errors import InvalidConfig
+
+    for values in product(*space.values()):
+        cfg = make(**dict(zip(space, values)))
+        try:
+            check(wl, cfg)
+        except InvalidConfig:
+            continue
+        yield cfg
