@@ -182,6 +182,10 @@ def _prepare(sch, anchor_name: str, pad_names=("pad",)):
     return sch.get_sblock(anchor_name), sch.get_child_blocks(sch.get_sblock("root"))[-1]
 
 
+def _has_block(sch, name: str) -> bool:
+    return any(sch.get(b).name_hint == name for b in sch.get_child_blocks(sch.get_sblock("root")))
+
+
 def _nbytes(buffer) -> int:
     n = 1
     for d in buffer.shape:
@@ -259,15 +263,9 @@ def _try_dense_packed(prim, target, attrs):
     from .x86 import dense_packed
 
     def apply(sch):
-        blocks = sch.get_child_blocks(sch.get_sblock("root"))
-        names = [sch.get(b).name_hint for b in blocks]
-        if "dense_packed" not in names:
+        if not _has_block(sch, "dense_packed"):
             return None
-        dense = sch.get_sblock("dense_packed")
-        for b, name in zip(blocks[:-1], names[:-1]):
-            if name != "dense_packed":
-                sch.compute_inline(b)
-        out = sch.get_child_blocks(sch.get_sblock("root"))[-1]
+        dense, out = _prepare(sch, "dense_packed", pad_names=())
         loops = sch.get_loops(out)
         extents = [int(sch.get(loop).extent) for loop in loops[:len(loops) - _n_reduction_axes(sch, out)]]
         if len(extents) < 2:
@@ -286,17 +284,9 @@ def _try_batch_matmul(prim, target, attrs):
     from .x86 import batch_matmul
 
     def apply(sch):
-        blocks = sch.get_child_blocks(sch.get_sblock("root"))
-        names = [sch.get(b).name_hint for b in blocks]
-        if "matmul" not in names:
+        if not _has_block(sch, "matmul") or _n_reduction_axes(sch, sch.get_sblock("matmul")) != 1:
             return None
-        matmul = sch.get_sblock("matmul")
-        if _n_reduction_axes(sch, matmul) != 1:
-            return None
-        for b, name in zip(blocks[:-1], names[:-1]):
-            if name != "matmul":
-                sch.compute_inline(b)
-        out = sch.get_child_blocks(sch.get_sblock("root"))[-1]
+        matmul, out = _prepare(sch, "matmul", pad_names=())
         *batch, m, n = [int(sch.get(loop).extent) for loop in sch.get_loops(out)]
         k = int(sch.get(sch.get_loops(matmul)[-1]).extent)
         cfg = batch_matmul.default(m, n, k, vector_lanes(target, 32), batches=math.prod(batch))

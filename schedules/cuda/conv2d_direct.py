@@ -12,7 +12,15 @@ from dataclasses import dataclass, replace
 
 from kiln.errors import InvalidConfig
 
-from .threads import MAX_THREADS, auto_unroll, buildable_configs, cooperative_fetch, divisors, largest_divisor
+from .threads import (
+    MAX_THREADS,
+    auto_unroll,
+    buildable_configs,
+    check_tiles,
+    cooperative_fetch,
+    divisors,
+    largest_divisor,
+)
 
 VERSION = 1
 SHARED_BYTES = 48 * 1024  # static shared memory per block on every CUDA GPU
@@ -69,10 +77,7 @@ def shared_bytes(wl: Workload, cfg: Config) -> int:
 
 
 def check(wl: Workload, cfg: Config) -> None:
-    for name, extent in (("tile_oc", wl.oc), ("tile_oh", wl.oh), ("tile_ow", wl.ow)):
-        t, i = getattr(cfg, name)
-        if t < 1 or i < 1 or extent % (t * i):
-            raise InvalidConfig(f"conv2d_direct.cuda: {name}={t}x{i} does not divide {extent}")
+    check_tiles("conv2d_direct.cuda", cfg, {"tile_oc": wl.oc, "tile_oh": wl.oh, "tile_ow": wl.ow})
     if wl.ic % cfg.tile_ic:
         raise InvalidConfig(f"conv2d_direct.cuda: tile_ic={cfg.tile_ic} does not divide {wl.ic} input channels")
     if cfg.threads > MAX_THREADS:

@@ -13,7 +13,15 @@ from dataclasses import dataclass
 
 from kiln.errors import InvalidConfig
 
-from .threads import MAX_THREADS, auto_unroll, buildable_configs, cooperative_fetch, divisors, largest_divisor
+from .threads import (
+    MAX_THREADS,
+    auto_unroll,
+    buildable_configs,
+    check_tiles,
+    cooperative_fetch,
+    divisors,
+    largest_divisor,
+)
 
 VERSION = 1
 SHARED_BYTES = 48 * 1024
@@ -56,10 +64,7 @@ def shared_bytes(wl: Workload, cfg: Config) -> int:
 
 
 def check(wl: Workload, cfg: Config) -> None:
-    for name, extent in (("tile_m", wl.m), ("tile_n", wl.n)):
-        t, i = getattr(cfg, name)
-        if t < 1 or i < 1 or extent % (t * i):
-            raise InvalidConfig(f"dense_tiled.cuda: {name}={t}x{i} does not divide {extent}")
+    check_tiles("dense_tiled.cuda", cfg, {"tile_m": wl.m, "tile_n": wl.n})
     if wl.k % cfg.tile_k:
         raise InvalidConfig(f"dense_tiled.cuda: tile_k={cfg.tile_k} does not divide k={wl.k}")
     if cfg.threads > MAX_THREADS:

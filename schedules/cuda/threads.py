@@ -76,3 +76,13 @@ def buildable_configs(space: dict, make, check, wl):
         except InvalidConfig:
             continue
         yield cfg
+
+
+def check_tiles(template: str, cfg, extents: dict[str, int]) -> None:
+    """Each (threads, per-thread) tile pair of `cfg` must divide its loop's extent."""
+    from kiln.errors import InvalidConfig
+
+    for name, extent in extents.items():
+        t, i = getattr(cfg, name)
+        if t < 1 or i < 1 or extent % (t * i):
+            raise InvalidConfig(f"{template}: {name}={t}x{i} does not divide {extent}")
