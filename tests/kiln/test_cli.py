@@ -90,6 +90,9 @@ def test_compile_run_profile(tmp_path):
     assert r.returncode == 0, r.stderr
     prof = json.loads(r.stdout)
     assert [k["ops"] for k in prof["kernels"]] == [["nn.conv2d_nchwc"], ["layout_transform"]]
+    # the entry stamps the clock between kernels: each kernel's time inside a run, bounded by the whole run
+    seq = [k["in_sequence_ms"] for k in prof["kernels"]]
+    assert all(t > 0 for t in seq) and sum(seq) <= prof["kernels_ms"] * 1.5
     assert json.loads((tmp_path / "trace.json").read_text())["traceEvents"][0]["ph"] == "X"
 
 
