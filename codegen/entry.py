@@ -55,8 +55,8 @@ def entry_source(steps: list[dict], n_values: int) -> str:
         "  int64_t* stamps = 0;",
         "  if (n == 2) {",
         "    DLTensor* st = as_tensor(&args[1]);",
-        f"    if (!st || st->ndim != 1 || st->shape[0] != {len(steps) + 1} || st->dtype.code != kDLInt "
-        "|| st->dtype.bits != 64)",
+        f"    if (!st || st->ndim != 1 || st->shape[0] != {len(steps) + 1} || st->dtype.code != kDLInt"
+        + " || st->dtype.bits != 64)",
         f'      return fail("kiln_run: stamps must be an int64 tensor of {len(steps) + 1} (steps + 1)");',
         "    stamps = (int64_t*)((char*)st->data + st->byte_offset);",
         "  }",
