@@ -10,6 +10,8 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
+import tempfile
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +26,21 @@ from .timing import time_ms
 
 log = logging.getLogger(__name__)
 _RUNTIME_LOADED = False
+_LOADED: dict[Path, tuple[int, int, int]] = {}  # path → (inode, mtime, size) of the file first loaded from it
+
+
+def _open_library(tvm_ffi, path: Path):
+    """Load the shared library at `path`. glibc's dlopen returns the library already loaded under the same
+    name, even after the file was replaced (a recompile with --force): a process would keep running the old
+    kernels against the new metadata. A replaced file is therefore loaded from a private copy."""
+    st = path.stat()
+    ident = (st.st_ino, st.st_mtime_ns, st.st_size)
+    if _LOADED.setdefault(path, ident) == ident:
+        return tvm_ffi.load_module(str(path))
+    with tempfile.TemporaryDirectory(prefix="kiln-load-") as tmp:
+        copy = Path(tmp) / f"{path.stem}-{st.st_ino}-{st.st_mtime_ns}{path.suffix}"
+        shutil.copyfile(path, copy)
+        return tvm_ffi.load_module(str(copy))  # mapped now: the copy may go
 
 
 def _load_tvm_runtime() -> None:
@@ -89,7 +106,7 @@ class Model:
             set_num_threads(num_threads)
 
         try:
-            self._lib = tvm_ffi.load_module(str(self.path))
+            self._lib = _open_library(tvm_ffi, self.path)
             meta_fn = self._lib[META_SYMBOL]
         except Exception as err:  # a library that loads but is not ours, or does not load at all
             if "load_from_bytes.cuda" in str(err):  # TVM's CUDA runtime registers this loader

@@ -191,3 +191,19 @@ def test_avx2_target_blocks_by_8_and_matches(tmp_path):
     assert "avx512f" not in m.meta["cpu_features"]
     for g, w in zip(m.run(**feeds), ort_run(model, feeds)):
         assert_close(g, w, rtol=1e-3, atol=1e-4)
+
+
+def test_reloading_a_recompiled_artifact_runs_the_new_kernels(tmp_path):
+    """glibc's dlopen hands back the library already loaded under a path even when the file was replaced; the
+    second load must still run the second model (here its output shape differs too)."""
+    path = tmp_path / "m.so"
+    first = model_builders.mobilenet_v2(size=32)
+    second = model_builders.resnet18(size=32)
+    kiln.compile(first, path)
+    feeds = model_builders.random_feeds(first, seed=0)
+    a = kiln.load(path)
+    want_a = a.run(**feeds)[0]
+    kiln.compile(second, path)
+    b = kiln.load(path)
+    assert_close(b.run(**feeds)[0], ort_run(second, feeds)[0], rtol=1e-3, atol=1e-4)
+    assert_close(a.run(**feeds)[0], want_a, rtol=0, atol=0)  # the first model, still loaded, is unchanged
