@@ -55,13 +55,13 @@ def to_te(fn: Function):
 
 
 def _anchor(fn: Function):
-    """(op name, attrs) of the group's conv or dense: what its schedule is built around."""
+    """(op name, attrs) of the group's conv or dense: what its schedule is built around. A group may hold two
+    (a depthwise conv fused into the 1x1 conv after it); the last, the one producing the output, anchors."""
     from kiln.ir.op import OpPattern
 
-    for e in post_order(fn.body):
-        if isinstance(e, Call) and isinstance(e.op, OpDef) and e.op.pattern == OpPattern.OUT_ELEMWISE_FUSABLE:
-            return e.op.name, e.attrs
-    return None
+    anchors = [(e.op.name, e.attrs) for e in post_order(fn.body)
+               if isinstance(e, Call) and isinstance(e.op, OpDef) and e.op.pattern == OpPattern.OUT_ELEMWISE_FUSABLE]
+    return anchors[-1] if anchors else None
 
 
 def _scalar_tensor(c: Constant, te, tir):

@@ -25,6 +25,7 @@ class Options:
     input_shapes: Mapping[str, tuple[int | str, ...]] = field(default_factory=dict)
     num_threads: int | None = None
     measure: bool = False  # time each conv's candidate algorithms instead of trusting the cost model
+    fuse_depthwise: bool = True  # CPU: a depthwise conv joins the 1x1 conv after it in one kernel
 
     def __post_init__(self) -> None:
         if not 0 <= self.opt_level <= 3:

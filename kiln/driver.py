@@ -57,7 +57,8 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
     t1 = time.perf_counter()
     target = resolve_target(options.target)
     # target facts the passes need travel as module attrs, so passes stay functions of the IR alone
-    mod = mod.with_attrs(layout_block=vector_lanes(target, 32) if target.kind.name == "llvm" else 0)
+    cpu = target.kind.name == "llvm"
+    mod = mod.with_attrs(layout_block=vector_lanes(target, 32) if cpu else 0, fuse_depthwise=cpu and options.fuse_depthwise)
     passes = LEVELS[options.opt_level]
     split = passes.index(alter_layout) if alter_layout in passes else len(passes)
     mod = run(mod, passes[:split], verify=options.verify, dump_dir=options.dump_dir)

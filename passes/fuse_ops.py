@@ -209,12 +209,59 @@ def _group_name(exprs: list[Expr]) -> str:
     return "fused_" + "_".join(ops[:6]) + ("_etc" if len(ops) > 6 else "")
 
 
+MIN_FUSED_ROWS = 14  # the fused kernel splits output rows across cores: fewer rows balance badly
+
+
+def _is_depthwise(e: Expr) -> bool:
+    return isinstance(e, Call) and e.op.name == "nn.conv2d_nchwc" and e.attrs.conv.groups != 1
+
+
+def _is_pointwise(e: Expr) -> bool:
+    """A plain 1x1 conv over NCHW[b]c: each output row needs exactly one input row, so a producer's rows can
+    be computed just before they are used, with no halo."""
+    if not (isinstance(e, Call) and e.op.name == "nn.conv2d_nchwc" and e.attrs.algorithm == "direct"):
+        return False
+    c, w = e.attrs.conv, e.args[1].type
+    return (c.groups == 1 and tuple(w.shape[2:4]) == (1, 1) and tuple(c.strides) == (1, 1)
+            and not any(c.padding) and e.args[0].type.ndim == 5 and e.type.shape[2] >= MIN_FUSED_ROWS)
+
+
+def _fuse_depthwise_into_pointwise(graph: list[_Node], roots: list[_Group]) -> list[_Group]:
+    """Merge a depthwise conv's group (the conv, its bias and activation) into the 1x1 conv that alone reads
+    it, the inverted-residual pattern of MobileNets: the fused kernel computes the depthwise rows one output
+    row at a time into a buffer that stays in L1, so the expanded tensor between the two is never written to
+    memory and read back."""
+    members: dict[int, list[_Node]] = {}
+    for node, root in zip(graph, roots):
+        members.setdefault(id(root), []).append(node)
+    merged: set[int] = set()
+    for node, root in zip(graph, roots):
+        group = members[id(root)]
+        out = group[-1]
+        if node is not out or len(out.outputs) != 1 or out.extern or id(root) in merged:
+            continue
+        if sum(1 for n in group if _is_depthwise(n.expr)) != 1 or not all(
+                n.pattern <= OpPattern.BROADCAST or _is_depthwise(n.expr) for n in group):
+            continue
+        consumer = out.outputs[0][0]
+        sink = roots[consumer.index].root()
+        if not _is_pointwise(consumer.expr) or consumer.expr.args[0] is not out.expr or id(sink) in merged:
+            continue
+        if any(_is_depthwise(n.expr) for n in members[id(sink)]):
+            continue
+        _Fuser.merge(root, sink)
+        merged.update({id(root), id(sink)})
+    return [g.root() for g in roots]
+
+
 def fuse_ops(mod: IRModule) -> IRModule:
     fn = mod.main
     graph = _build_graph(fn.body)
     if not graph:
         return mod
     roots = _Fuser(graph).run(_post_dominators(graph))
+    if mod.attrs.get("fuse_depthwise"):
+        roots = _fuse_depthwise_into_pointwise(graph, roots)
     members: dict[int, list[_Node]] = {}
     for node, root in zip(graph, roots):
         members.setdefault(id(root), []).append(node)

@@ -215,6 +215,9 @@ def _try_conv2d_nchwc(prim, target, attrs):
 
     depthwise = attrs.conv.groups != 1
     im2col = attrs.algorithm == "im2col"
+    fused = _try_depthwise_pointwise(prim, target) if not depthwise and not im2col else None
+    if fused is not None:
+        return fused
 
     def apply(sch):
         # padding is materialized once for a conv (each input value feeds many output channels) but read in
@@ -230,6 +233,35 @@ def _try_conv2d_nchwc(prim, target, attrs):
         return ["im2col+" + steps[0]] if im2col else steps
 
     return _attempt("conv2d_nchwc", prim, apply)
+
+
+def _try_depthwise_pointwise(prim, target):
+    """The fused depthwise + 1x1 template, for a group holding both (passes/fuse_ops.py makes them); None
+    for any other conv group."""
+    from tvm import s_tir
+
+    from .target_info import vector_lanes
+    from .x86 import depthwise_pointwise
+
+    sch = s_tir.Schedule(prim)
+    names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    if "depthwise_nchwc" not in names:
+        return None
+
+    def apply(sch):
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+        i_dw, i_conv = names.index("depthwise_nchwc"), names.index("conv2d_nchwc")
+        between = blocks[i_dw + 1:i_conv]
+        for b in [*blocks[:i_dw], *between[:-1], *blocks[i_conv + 1:-1]]:
+            sch.compute_inline(b)  # padding read in place (bounds-checked); epilogues into their consumers
+        dw, conv = blocks[i_dw], blocks[i_conv]
+        row = between[-1] if between else dw
+        out = sch.get_child_blocks(sch.get_sblock("root"))[-1]
+        shape = [int(sch.get(loop).extent) for loop in sch.get_loops(out)]
+        cfg = depthwise_pointwise.default(shape[3], shape[1], vector_lanes(target, 32), block=shape[4])
+        return depthwise_pointwise.schedule(sch, dw, row, conv, out, cfg)
+
+    return _attempt("depthwise_pointwise", prim, apply)
 
 
 def _try_pool_nchwc(prim, target, attrs):
