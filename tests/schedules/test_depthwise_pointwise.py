@@ -49,8 +49,8 @@ def test_depthwise_joins_the_1x1_conv_after_it():
 
 @pytest.mark.parametrize("case", ["few_rows", "two_readers", "strided_1x1"])
 def test_depthwise_stays_alone(case):
-    if case == "few_rows":  # 7 output rows split badly over cores: MobileNetV2's last stage stays unfused
-        model = block(32, 24, 7, 7)
+    if case == "few_rows":  # 5 output rows split badly over cores
+        model = block(32, 24, 5, 5)
     elif case == "two_readers":  # the depthwise output is also a model output
         model = block(32, 24, 16, 16)
         dw_out = model.graph.node[-3].output[0]  # the depthwise block's activation
@@ -67,7 +67,7 @@ def test_depthwise_stays_alone(case):
 @given(
     c=st.sampled_from([8, 16, 24, 48]),
     co=st.sampled_from([8, 16, 40]),
-    h=st.integers(14, 31),
+    h=st.integers(7, 31),
     w=st.integers(5, 31),
     k=st.sampled_from([3, 5]),
     stride=st.integers(1, 2),
@@ -82,7 +82,7 @@ def test_depthwise_stays_alone(case):
 def test_fused_kernel_matches_reference(tmp_path_factory, c, co, h, w, k, stride, act, residual, expand, target,
                                         seed):
     oh = (h + 2 * (k // 2) - k) // stride + 1
-    if oh < 14:
+    if oh < 7:
         return  # not fused (see test_depthwise_stays_alone)
     model = block(c, co, h, w, k, stride, act, residual=residual and stride == 1 and c == co, expand=expand,
                   seed=seed)
