@@ -145,6 +145,37 @@ def test_dump_dir_writes_ir_after_every_pass(tmp_path):
     assert "primitive" in (tmp_path / names[-1]).read_text()
 
 
+def _residual_blocks(n: int, layout_block: int = 0) -> IRModule:
+    """`n` residual blocks in a row: each block's output is a planned tensor the next one adds back."""
+    from .graphs import batch_norm, conv
+
+    x = var("x", "f32[1, 8, 6, 6]")
+    y = x
+    for seed in range(1, 4 * n, 4):
+        z = call(ew.RELU, batch_norm(conv(y, 8, 8, seed=seed), 8, seed=seed + 1))
+        z = batch_norm(conv(z, 8, 8, seed=seed + 2), 8, seed=seed + 3)
+        y = call(ew.RELU, call(ew.ADD, z, y))
+    return IRModule({"main": Function((x,), y)}).with_attrs(layout_block=layout_block)
+
+
+def test_residual_output_overwrites_its_dying_input():
+    from kiln.passes.fuse_ops import fused_groups
+    from kiln.passes.plan_memory import inplace_params
+
+    mod = run(_residual_blocks(3), O2)
+    groups = fused_groups(mod)
+    # conv + bias + residual add + relu: the residual param (read once, at the output's index) may be overwritten;
+    # the conv's data input may not (its 3x3 window reads neighbours the output would already have overwritten)
+    second = groups[1]
+    safe = inplace_params(second)
+    assert len(safe) == 1 and second.params[next(iter(safe))].type == second.body.type
+    assert not inplace_params(groups[0])
+    # kernels 0-4 are planned (kernel 5 writes the model's output); kernel 3 adds back kernel 1's output, which
+    # dies there: it writes over it, so two blocks do (three without). The model's input is never overwritten.
+    blocks = [b for _, b in mod.attrs["memory_plan"].assignment]
+    assert len(blocks) == 5 and blocks[3] == blocks[1] and len(set(blocks)) == 2
+
+
 def test_plan_memory_is_deterministic_and_covers_every_intermediate():
     mod = fuse_ops(resnet_basic_block())
     a, b = plan_memory(mod).attrs["memory_plan"], plan_memory(mod).attrs["memory_plan"]
