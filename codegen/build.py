@@ -73,14 +73,17 @@ def build(mod: IRModule, target, on_progress: Callable[[int, int], None] | None 
 
     calls = [e for e in post_order(body) if isinstance(e, Call)]
     planned = iter(plan.assignment)
+    views = set(plan.views)
     steps, funcs, lowered = [], {}, []
     start = time.perf_counter()
     for i, c in enumerate(calls):
         if not isinstance(c.op, Function):
             raise CodegenError(f"{c.op_name} outside a fused group; run fuse_ops first")
         if id(c) not in index_of:
-            _, block = next(planned)
-            add(c, {"kind": "block", "block": block, **_spec(f"t{i}", c.type)})
+            _, block, offset = next(planned)
+            add(c, {"kind": "block", "block": block, "offset": offset, **_spec(f"t{i}", c.type)})
+        if i in views:  # a concat its inputs already wrote in place: no kernel
+            continue
         args = []
         for a in c.args:
             if id(a) not in index_of:

@@ -76,7 +76,10 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
     path = write_artifact(Path(output), result.executable, result.meta, result.weights, cc=cc, fcompile=fcompile)
     t3 = time.perf_counter()
     plan = mod.attrs["memory_plan"]
-    return CompileReport(path, len(result.groups), fusion_summary(mod), plan.planned_bytes, plan.naive_bytes,
+    fusion = fusion_summary(mod)
+    if plan.views:
+        fusion += f"\n  ({len(plan.views)} concatenate written in place by their inputs: no kernel)"
+    return CompileReport(path, len(result.groups), fusion, plan.planned_bytes, plan.naive_bytes,
                          t1 - t0, t2 - t1, result.lower_s, result.compile_s, t3 - t0, choices,
                          count_layout_transforms(mod), [s["schedule"] for s in result.meta["steps"]])
 

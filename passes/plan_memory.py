@@ -10,6 +10,11 @@ output's own index, on the way out (the residual of a conv + add + relu): each t
 before it writes the same places. Besides the memory, this saves the write-allocate misses of a buffer last
 touched long ago, with its lines already in the core's cache instead (ONNX Runtime sums into the residual the
 same way).
+
+A channel concat of batch 1 costs no kernel: the tensors it joins are each a contiguous stretch of its output
+(NCHW or NCHW[b]c alike), so each producer writes its output at its offset in the concat's block and the
+concat is planned as a view (`MemoryPlan.views`). Its block lives from the first producer to the concat's
+last reader.
 """
 
 from __future__ import annotations
@@ -30,8 +35,10 @@ def _aligned(n: int) -> int:
 @dataclass(frozen=True)
 class MemoryPlan:
     block_bytes: tuple[int, ...]  # size of each storage block
-    assignment: tuple[tuple[int, int], ...] = field(default=())  # (tensor index, block) in call order
+    # (tensor index, block, byte offset in the block), in call order
+    assignment: tuple[tuple[int, int, int], ...] = field(default=())
     naive_bytes: int = 0  # one buffer per intermediate tensor
+    views: tuple[int, ...] = ()  # calls (positions in call order) computed by no kernel: their inputs wrote them
 
     @property
     def planned_bytes(self) -> int:
@@ -104,10 +111,42 @@ def plan_memory(mod: IRModule) -> IRModule:
     naive = 0
     index = 0
     block_of: dict[int, int] = {}  # a single-tensor call → its block
+    part_of = _concat_parts(order, outputs)  # a concat's input → (the concat, byte offset in it)
+    concat_block: dict[int, int] = {}
+    views: list[int] = []
+
+    def allocate(need: int) -> int:
+        fits = sorted((s, b) for s, b in free if s >= need)
+        if fits:
+            free.remove(fits[0])
+            return fits[0][1]
+        if free:
+            chosen = max(free)
+            free.remove(chosen)
+            blocks[chosen[1]] = need
+            return chosen[1]
+        blocks.append(need)
+        return len(blocks) - 1
+
     for i, e in enumerate(order):
         for block in expiring.pop(i, []):
             free.append((blocks[block], block))
         if id(e) in outputs:
+            continue
+        if id(e) in concat_block:  # a view: its inputs are already in place
+            naive += _aligned(e.type.nbytes)
+            assignment.append((index, concat_block[id(e)], 0))
+            index += 1
+            views.append(i)
+            continue
+        if id(e) in part_of:
+            concat, offset = part_of[id(e)]
+            if id(concat) not in concat_block:
+                concat_block[id(concat)] = allocate(_aligned(concat.type.nbytes))
+                expiring.setdefault(last_use[id(concat)] + 1, []).append(concat_block[id(concat)])
+            naive += _aligned(e.type.nbytes)
+            assignment.append((index, concat_block[id(concat)], offset))
+            index += 1
             continue
         over = _overwritable(e, i, last_use, block_of) if isinstance(e.op, Function) else None
         for t in _tensors(e):
@@ -115,29 +154,54 @@ def plan_memory(mod: IRModule) -> IRModule:
                 raise ValueError(f"cannot plan memory for {t}: bind symbolic dims first")
             need = _aligned(t.nbytes)
             naive += need
-            fits = sorted((s, b) for s, b in free if s >= need)
             if over is not None and blocks[over] >= need:
                 block = over
                 expiring[i + 1].remove(over)  # the input's block lives on as this output's
-            elif fits:
-                chosen = fits[0]
-                free.remove(chosen)
-                block = chosen[1]
-            elif free:
-                chosen = max(free)
-                free.remove(chosen)
-                block = chosen[1]
-                blocks[block] = need
             else:
-                block = len(blocks)
-                blocks.append(need)
-            assignment.append((index, block))
+                block = allocate(need)
+            assignment.append((index, block, 0))
             index += 1
             expiring.setdefault(last_use[id(e)] + 1, []).append(block)
             if not isinstance(e.type, TupleType):
                 block_of[id(e)] = block
-    plan = MemoryPlan(tuple(blocks), tuple(assignment), naive)
+    plan = MemoryPlan(tuple(blocks), tuple(assignment), naive, tuple(views))
     return mod.with_attrs(memory_plan=plan)
+
+
+def _concat_parts(order: list[Call], outputs: set[int]) -> dict[int, tuple[Call, int]]:
+    """Inputs of the concats that can be views: a group that is one concatenate of its params in order, along
+    an axis with only unit dims before it (so each input is one contiguous stretch of the output), not a model
+    output, joining distinct kernel outputs that nothing else reads, each at a 64-byte aligned offset."""
+    readers: dict[int, int] = {}
+    for e in order:
+        for a in e.args:
+            readers[id(a)] = readers.get(id(a), 0) + 1
+    parts: dict[int, tuple[Call, int]] = {}
+    for e in order:
+        fn = e.op
+        if id(e) in outputs or not isinstance(fn, Function) or not isinstance(fn.body, Call):
+            continue
+        body = fn.body
+        if body.op_name != "concatenate" or list(body.args) != list(fn.params) or not isinstance(e.type, TensorType):
+            continue
+        axis = body.attrs.axis % len(e.type.shape)
+        if any(d != 1 for d in e.type.shape[:axis]):
+            continue
+        args = list(e.args)
+        if len({id(a) for a in args}) != len(args) or any(
+                not isinstance(a, Call) or not isinstance(a.op, Function) or id(a) in outputs or id(a) in parts
+                or readers.get(id(a)) != 1 or not isinstance(a.type, TensorType)
+                or (isinstance(a.op.body, Call) and a.op.body.op_name == "concatenate") for a in args):
+            continue
+        offsets, at = [], 0
+        for a in args:
+            offsets.append(at)
+            at += a.type.nbytes
+        if any(o % ALIGN for o in offsets):
+            continue
+        for a, o in zip(args, offsets):
+            parts[id(a)] = (e, o)
+    return parts
 
 
 

@@ -152,8 +152,9 @@ class Model:
                 arrays.append(self._outputs[v["index"]])
             elif kind == "const":
                 arrays.append(arena[v["offset"]:v["offset"] + nbytes].view(dtype).reshape(shape))
-            elif kind == "block":
-                arrays.append(blocks[v["block"]][:nbytes].view(dtype).reshape(shape))
+            elif kind == "block":  # at an offset when it is one part of a concat planned as a view
+                at = v.get("offset", 0)
+                arrays.append(blocks[v["block"]][at:at + nbytes].view(dtype).reshape(shape))
             else:
                 raise ArtifactError(f"{self.path}: unknown value kind {kind!r}")
         self._keepalive = (arena, blocks, arrays)

@@ -128,8 +128,9 @@ class QemuModel:
                 raise ArtifactError(f"{self.path}: unknown value kind {v['kind']!r}")
             letter, field = kinds[v["kind"]]
             dtype = np.dtype(v["dtype"])
+            tail = [v.get("offset", 0)] if letter == "b" else []
             lines.append(" ".join(map(str, [letter, v[field], _DLPACK_CODES[dtype.kind], dtype.itemsize * 8,
-                                             len(v["shape"]), *v["shape"]])))
+                                             len(v["shape"]), *v["shape"], *tail])))
         return "\n".join(lines) + "\n"
 
     def run(self, *args: np.ndarray, **named: np.ndarray) -> list[np.ndarray]:

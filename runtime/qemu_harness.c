@@ -163,6 +163,7 @@ static int cmd_meta(const char* lib_path, const char* out) {
 //   outputs N NBYTES...
 //   values N
 //   KIND ARG CODE BITS NDIM DIMS...       KIND: i (ARG input index), o (output), c (weights offset), b (block)
+//                                         a b line ends with the value's byte offset in its block
 static int cmd_run(const char* lib_path, const char* entry, const char* plan_path, const char* dir) {
   FILE* plan = fopen(plan_path, "r");
   if (!plan) return die("cannot open plan", plan_path);
@@ -221,7 +222,12 @@ static int cmd_run(const char* lib_path, const char* entry, const char* plan_pat
       case 'i': data = inputs[arg]; break;
       case 'o': data = outputs[arg]; break;
       case 'c': data = weights + arg; break;
-      case 'b': data = blocks[arg]; break;
+      case 'b': {
+        unsigned long long offset;
+        if (fscanf(plan, "%llu", &offset) != 1) return die("bad block offset", NULL);
+        data = blocks[arg] + offset;
+        break;
+      }
       default: return die("unknown value kind in plan", NULL);
     }
     table[i] = (DLTensor){data, {kDLCPU, 0}, ndim, {(uint8_t)code, (uint8_t)bits, 1}, shape, NULL, 0};

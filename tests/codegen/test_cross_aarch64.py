@@ -54,7 +54,14 @@ def conv_relu_pool() -> onnx.ModelProto:
                    [(y, TensorProto.FLOAT, [1, 20, 5, 5])])
 
 
-MODELS = {"small_cnn": small_cnn, "conv_relu_pool": conv_relu_pool}
+def fire_modules() -> onnx.ModelProto:
+    """SqueezeNet's fire modules: the concats are views, so the harness must place values at block offsets."""
+    from .test_compile import fire_modules as build
+
+    return build()
+
+
+MODELS = {"small_cnn": small_cnn, "conv_relu_pool": conv_relu_pool, "fire_modules": fire_modules}
 
 
 def ort_run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:

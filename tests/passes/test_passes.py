@@ -172,7 +172,7 @@ def test_residual_output_overwrites_its_dying_input():
     assert not inplace_params(groups[0])
     # kernels 0-4 are planned (kernel 5 writes the model's output); kernel 3 adds back kernel 1's output, which
     # dies there: it writes over it, so two blocks do (three without). The model's input is never overwritten.
-    blocks = [b for _, b in mod.attrs["memory_plan"].assignment]
+    blocks = [b for _, b, _ in mod.attrs["memory_plan"].assignment]
     assert len(blocks) == 5 and blocks[3] == blocks[1] and len(set(blocks)) == 2
 
 
@@ -223,3 +223,28 @@ def test_split_items_become_slices_of_the_input():
     assert sliced[0].attrs.begin == (0, 5) and sliced[0].attrs.end == (None, 9)
     v = np.arange(18, dtype=np.float32).reshape(2, 9)
     np.testing.assert_array_equal(run_module(after, x=v)[0], run_module(before, x=v)[0])
+
+
+def _concat_graph(extra_reader: bool) -> IRModule:
+    from kiln.ir.ops.transform import CONCATENATE
+
+    from .graphs import conv
+
+    x = var("x", "f32[1, 8, 6, 6]")
+    a, b = call(ew.RELU, conv(x, 8, 8, seed=1)), call(ew.RELU, conv(x, 8, 8, seed=2))
+    y = call(ew.RELU, conv(call(CONCATENATE, a, b, axis=1), 16, 8, seed=3))
+    if extra_reader:  # `a` is read by the concat and by this add: it cannot live inside the concat's block
+        y = call(ew.ADD, y, a)
+    return IRModule({"main": Function((x,), y)}).with_attrs(layout_block=0)
+
+
+@pytest.mark.parametrize("extra_reader", [False, True])
+def test_concat_is_a_view_when_its_inputs_have_no_other_reader(extra_reader):
+    mod = run(_concat_graph(extra_reader), O2)
+    plan = mod.attrs["memory_plan"]
+    if extra_reader:
+        assert plan.views == () and all(off == 0 for _, _, off in plan.assignment)
+    else:
+        assert len(plan.views) == 1
+        (_, ba, oa), (_, bb, ob), (_, bc, oc) = plan.assignment[:3]  # conv a, conv b, the concat
+        assert ba == bb == bc and (oa, ob, oc) == (0, 8 * 6 * 6 * 4, 0)
