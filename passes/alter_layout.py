@@ -1,9 +1,9 @@
 """Alter op layout: run conv chains in the blocked NCHW[b]c layout, with conv weights packed at compile time.
 
-A conv2d (groups 1, or depthwise) whose output channels split into blocks becomes nn.conv2d_nchwc; the values
-between convs stay blocked as long as their consumers are layout-agnostic: elementwise ops (a per-channel
-constant operand is repacked at compile time), residual adds of two blocked values, max/avg pooling, global
-average pooling, and channel concatenation. A layout_transform back to NCHW is inserted only where a value
+A conv2d (groups 1, depthwise, or groups of whole blocks) whose output channels split into blocks becomes
+nn.conv2d_nchwc; the values between convs stay blocked as long as their consumers are layout-agnostic:
+elementwise ops (a per-channel constant operand is repacked at compile time), residual adds of two blocked
+values, max/avg pooling, global average pooling, and channel concatenation. A layout_transform back to NCHW is inserted only where a value
 reaches an op that needs NCHW (or the function's output), once per value; a transform into a blocked layout
 of a value that was just transformed out of it is dropped, so adjacent transforms cancel.
 
@@ -161,9 +161,9 @@ class _Rewriter:
         ):
             return None
         c, oc = x.ttype.shape[1], w.ttype.shape[0]
+        if 1 < a.groups and not (a.groups == c == oc and w.ttype.shape[1] == 1):
+            return self.grouped_conv(call)
         depthwise = a.groups != 1
-        if depthwise and not (a.groups == c == oc and w.ttype.shape[1] == 1):
-            return None  # grouped, not depthwise: stays NCHW
         if id(x) in self.blocked:
             xe, ib = self.blocked[id(x)]
             c_in = xe.ttype.shape[1] * ib  # the input's channels as stored, zero-padded ones included
@@ -207,6 +207,23 @@ class _Rewriter:
         packed = Constant(pack_conv_weight(weights, 1 if depthwise else ib, ob), name=w.name)
         attrs = ConvNCHWcAttrs(a, ob, "im2col" if algo == "im2col" and not depthwise else "direct")
         return Call(CONV2D_NCHWC, (x_blocked, packed), attrs, call.span), ob
+
+    def grouped_conv(self, call: Call) -> tuple[Expr, int] | None:
+        """Grouped (not depthwise): blocked when every group is whole blocks of the full vector width on both
+        sides and the input is stored unpadded; it stays NCHW otherwise (choose.candidates says the same)."""
+        x, w = call.args
+        a, b = call.attrs, self.block
+        c, oc = x.ttype.shape[1], w.ttype.shape[0]
+        if (c // a.groups) % b or (oc // a.groups) % b:
+            return None
+        if id(x) in self.blocked:
+            xe, ib = self.blocked[id(x)]
+            if ib != b or xe.ttype.shape[1] * ib != c:
+                return None
+        else:
+            xe = self.as_blocked(x, b)
+        packed = Constant(pack_conv_weight(w.value, b, b), name=w.name)
+        return Call(CONV2D_NCHWC, (xe, packed), ConvNCHWcAttrs(a, b, "direct"), call.span), b
 
     def elementwise(self, call: Call) -> tuple[Expr, int] | None:
         blocked = [a for a in call.args if id(a) in self.blocked]

@@ -215,7 +215,10 @@ MIN_FUSED_ROWS = 7
 
 
 def _is_depthwise(e: Expr) -> bool:
-    return isinstance(e, Call) and e.op.name == "nn.conv2d_nchwc" and e.attrs.conv.groups != 1
+    if not (isinstance(e, Call) and e.op.name == "nn.conv2d_nchwc"):
+        return False
+    x = e.args[0].type
+    return e.attrs.conv.groups == x.shape[1] * (x.shape[4] if x.ndim == 5 else 1) > 1
 
 
 def _is_pointwise(e: Expr) -> bool:

@@ -66,9 +66,12 @@ class ConvWorkload:
         return self.groups > 1 and self.groups == self.c == self.oc
 
 
-def candidates(wl: ConvWorkload) -> list[str]:
+def candidates(wl: ConvWorkload, lanes: int = 16) -> list[str]:
     if wl.groups != 1:
-        return [DIRECT] if wl.depthwise else [NCHW]
+        # a grouped conv runs blocked when its groups are whole vectors on both sides (ShuffleNet's 3 groups of
+        # 80 or 160 channels on AVX-512); otherwise it stays NCHW
+        whole = (wl.c // wl.groups) % lanes == 0 and (wl.oc // wl.groups) % lanes == 0
+        return [DIRECT] if wl.depthwise or whole else [NCHW]
     algos = [DIRECT, IM2COL]
     if (wl.kh, wl.kw) == (3, 3) and wl.strides == (1, 1) and wl.dilation == (1, 1):
         algos += [WINOGRAD2, WINOGRAD4]
@@ -132,5 +135,5 @@ class Choice:
 
 
 def choose(wl: ConvWorkload, lanes: int = 16, cores: int = 2) -> Choice:
-    est = {a: estimate_ms(wl, a, lanes, cores) for a in candidates(wl)}
+    est = {a: estimate_ms(wl, a, lanes, cores) for a in candidates(wl, lanes)}
     return Choice(wl, min(est, key=est.get), est)

@@ -213,11 +213,11 @@ def _try_conv2d_nchwc(prim, target, attrs):
     from .target_info import vector_lanes
     from .x86 import conv2d_nchwc
 
-    depthwise = attrs.conv.groups != 1
     im2col = attrs.algorithm == "im2col"
-    fused = _try_depthwise_pointwise(prim, target) if not depthwise and not im2col else None
+    fused = _try_depthwise_pointwise(prim, target) if attrs.conv.groups == 1 and not im2col else None
     if fused is not None:
         return fused
+    depthwise = any(b.name_hint == "depthwise_nchwc" for b in _blocks_of(prim))
 
     def apply(sch):
         # padding is materialized once for a conv (each input value feeds many output channels) but read in
@@ -233,6 +233,13 @@ def _try_conv2d_nchwc(prim, target, attrs):
         return ["im2col+" + steps[0]] if im2col else steps
 
     return _attempt("conv2d_nchwc", prim, apply)
+
+
+def _blocks_of(prim) -> list:
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(prim)
+    return [sch.get(b) for b in sch.get_child_blocks(sch.get_sblock("root"))]
 
 
 def _try_depthwise_pointwise(prim, target):

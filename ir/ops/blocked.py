@@ -121,8 +121,9 @@ def _layout_transform_compute(x, a: LayoutTransformAttrs):
 
 @dataclass(frozen=True)
 class ConvNCHWcAttrs:
-    """ConvAttrs of the NCHW conv it replaces, plus the output block. groups is 1, or the channel count
-    (depthwise, where the input block must equal the output block)."""
+    """ConvAttrs of the NCHW conv it replaces, plus the output block. groups is 1; the channel count (depthwise,
+    where the input block must equal the output block); or any g whose groups are whole blocks on both sides
+    (ShuffleNet, ResNeXt), so each output block reads the input blocks of its own group."""
 
     conv: ConvAttrs
     out_block: int
@@ -145,9 +146,11 @@ def _conv_nchwc_type(x: TensorType, w: TensorType, a: ConvNCHWcAttrs) -> TensorT
         )
     c = x.shape[1] * x.shape[4]
     g = a.conv.groups
-    if g != 1 and (g != c or w.shape[1] * w.shape[4] != 1 or x.shape[4] != a.out_block):
+    if g == c and g != 1 and (w.shape[1] * w.shape[4] != 1 or x.shape[4] != a.out_block):
+        raise TypeCheckError(f"{op}: a depthwise conv needs equal input and output blocks; got {a} on {x}")
+    if 1 < g < c and not _whole_block_groups(x, w, a):
         raise TypeCheckError(
-            f"{op}: only groups=1 or depthwise (groups = channels, equal blocks); got {a} on {x}"
+            f"{op}: groups={g} must split input and output channels into whole blocks; got {x} and {w}"
         )
     if g == 1 and (w.shape[1] != x.shape[1] or w.shape[4] != x.shape[4]):
         raise TypeCheckError(
@@ -163,6 +166,17 @@ def _conv_nchwc_type(x: TensorType, w: TensorType, a: ConvNCHWcAttrs) -> TensorT
     if min(oh, ow) < 1:
         raise TypeCheckError(f"{op}: kernel larger than padded input {x}")
     return TensorType((x.shape[0], w.shape[0], oh, ow, a.out_block), a.conv.out_dtype or x.dtype)
+
+
+def _whole_block_groups(x: TensorType, w: TensorType, a: ConvNCHWcAttrs) -> bool:
+    g, c, oc = a.conv.groups, x.shape[1] * x.shape[4], w.shape[0] * w.shape[5]
+    return (c % g == 0 and oc % g == 0 and w.shape[4] == x.shape[4] and w.shape[1] * w.shape[4] == c // g
+            and (c // g) % x.shape[4] == 0 and (oc // g) % a.out_block == 0)
+
+
+def is_grouped(a: ConvNCHWcAttrs, channels: int) -> bool:
+    """Grouped but not depthwise: each output block reads only its group's input blocks."""
+    return 1 < a.conv.groups < channels
 
 
 def _conv_nchwc_reference(x: np.ndarray, w: np.ndarray, a: ConvNCHWcAttrs) -> np.ndarray:
@@ -234,6 +248,19 @@ def _conv_nchwc_compute(x, w, a: ConvNCHWcAttrs):
             out.shape,
             lambda n, oc, oh, ow, ob: te.sum(
                 cols[n, oh, ow, rco, ry, rx, rci].astype(acc) * w[oc, rco, ry, rx, rci, ob].astype(acc),
+                axis=[rco, ry, rx, rci],
+            ),
+            name="conv2d_nchwc",
+        )
+    if is_grouped(a, int(x.shape[1]) * int(x.shape[4])):
+        ib, in_blocks = int(x.shape[4]), int(w.shape[1])  # the input blocks of one group
+        per_group = int(w.shape[0]) // c.groups  # output blocks of one group
+        rco, rci = te.reduce_axis((0, in_blocks), name="rco"), te.reduce_axis((0, ib), name="rci")
+        return te.compute(
+            out.shape,
+            lambda n, oc, oh, ow, ob: te.sum(
+                xp[n, oc // per_group * in_blocks + rco, oh * sh + ry * dh, ow * sw + rx * dw, rci].astype(acc)
+                * w[oc, rco, ry, rx, rci, ob].astype(acc),
                 axis=[rco, ry, rx, rci],
             ),
             name="conv2d_nchwc",

@@ -239,3 +239,22 @@ def test_concat_inputs_write_in_place(tmp_path):
         offsets = sorted({v.get("offset", 0) for v in m.meta["values"] if v["kind"] == "block"})
         assert len(offsets) > 1  # the second expand of each fire module writes behind the first
         assert_close(m.run(**feeds)[0], want, rtol=1e-3, atol=1e-4)
+
+
+def test_grouped_conv_compiles_blocked_and_matches(tmp_path):
+    """AlexNet-style groups=2 convs of whole 16-channel blocks run the NCHWc template, not the NCHW fallback."""
+    import onnx
+
+    from kiln.model_builders import GraphBuilder
+
+    g = GraphBuilder("grouped", seed=3)
+    y = g.conv_bn("x", 32, 64, 3)
+    y = g.conv_bn(y, 64, 96, 3, groups=2)
+    y = g.conv_bn(y, 96, 64, 1, groups=2)
+    model = g.model([onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 32, 13, 13])],
+                    [(y, onnx.TensorProto.FLOAT, [1, 64, 13, 13])])
+    feeds = model_builders.random_feeds(model, seed=4)
+    m = kiln.load(kiln.compile(model, tmp_path / "g.so").path)  # groups of 32-48 channels: whole blocks of 8 or 16
+    convs = [s["schedule"] for s in m.meta["steps"] if s["ops"][0] == "nn.conv2d_nchwc"]
+    assert len(convs) == 3 and all(s.startswith("nchwc(") for s in convs), convs
+    assert_close(m.run(**feeds)[0], ort_run(model, feeds)[0], rtol=1e-3, atol=1e-4)

@@ -154,3 +154,18 @@ def test_an_image_input_is_read_as_nchw_by_the_first_conv():
     assert first.args[0] is after.main.params[0]  # no layout_transform kernel before it
     assert count_layout_transforms(after) == 1
     same_results(mod, after)
+
+
+@pytest.mark.parametrize("groups,channels,blocked", [(2, 64, True), (4, 32, False)])
+def test_grouped_conv_goes_blocked_when_groups_are_whole_blocks(groups, channels, blocked):
+    """Two groups of 32 channels are whole 16-lane blocks: NCHW16c with one transform each way; four groups of
+    8 channels are not: the conv stays NCHW. Either way the graph computes the same thing."""
+    x = var("x", f"f32[1, {channels}, 9, 9]")
+    w = const(RNG.standard_normal((channels, channels // groups, 3, 3)).astype(np.float32))
+    y = call(RELU, call(CONV2D, x, w, strides=(1, 1), padding=(1, 1, 1, 1), dilation=(1, 1), groups=groups))
+    before = IRModule({"main": Function((x,), y)}, attrs={"layout_block": 16})
+    after = alter_layout(before)
+    convs = [op for op in ops_of(after) if op in (CONV2D, CONV2D_NCHWC)]
+    assert convs == [CONV2D_NCHWC if blocked else CONV2D]
+    assert count_layout_transforms(after) == (2 if blocked else 0)
+    same_results(before, after)

@@ -14,7 +14,9 @@ def test_candidates_follow_the_shape():
     assert candidates(wl(64, 56, 64, s=2)) == ["direct", "im2col"]
     assert candidates(wl(64, 56, 64, k=1)) == ["direct", "im2col"]
     assert candidates(wl(32, 56, 32, groups=32)) == ["direct"]  # depthwise
-    assert candidates(wl(32, 56, 32, groups=4)) == ["nchw"]  # grouped: stays NCHW
+    assert candidates(wl(32, 56, 32, groups=4)) == ["nchw"]  # groups of 8 channels: stay NCHW
+    assert candidates(wl(96, 26, 256, groups=2)) == ["direct"]  # AlexNet's: groups of whole 16-lane blocks
+    assert candidates(wl(96, 26, 256, groups=2), lanes=32) == ["nchw"]
 
 
 @pytest.mark.parametrize("c,h,want", [(64, 56, "winograd4"), (128, 28, "winograd4"), (256, 14, "winograd2")])

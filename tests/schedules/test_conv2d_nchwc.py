@@ -19,7 +19,8 @@ def run_template(x, w, attrs: ConvAttrs, ib: int, ob: int, cfg, epilogue: bool, 
     import tvm
     from tvm import s_tir, te
 
-    xb, wb = block_array(x, ib), pack_conv_weight(w, 1 if attrs.groups > 1 else ib, ob)
+    depthwise = attrs.groups > 1 and attrs.groups == x.shape[1]
+    xb, wb = block_array(x, ib), pack_conv_weight(w, 1 if depthwise else ib, ob)
     a = ConvNCHWcAttrs(attrs, ob, algorithm)
     X, W = te.placeholder(xb.shape, name="x"), te.placeholder(wb.shape, name="w")
     out = CONV2D_NCHWC.compute(X, W, a)
@@ -27,8 +28,8 @@ def run_template(x, w, attrs: ConvAttrs, ib: int, ob: int, cfg, epilogue: bool, 
         conv = out
         out = te.compute(conv.shape, lambda *i: te.max(conv(*i) + 0.5, 0.0), name="relu")
     sch = s_tir.Schedule(te.create_prim_func([X, W, out]))
-    pads = ("im2col",) if algorithm == "im2col" else () if attrs.groups > 1 else ("pad",)
-    conv_block, out_block = _prepare(sch, "depthwise_nchwc" if attrs.groups > 1 else "conv2d_nchwc", pads)
+    pads = ("im2col",) if algorithm == "im2col" else () if depthwise else ("pad",)
+    conv_block, out_block = _prepare(sch, "depthwise_nchwc" if depthwise else "conv2d_nchwc", pads)
     conv2d_nchwc.schedule(sch, conv_block, out_block, cfg)
     f = tvm.compile(sch.mod, target=tvm.target.Target({"kind": "llvm"}))
     y = tvm.runtime.empty(
@@ -125,4 +126,34 @@ def test_im2col_nchwc_matches_reference(c, ocb, h, w, k, stride, pad, seed):
     ow = conv_output_size(w, k, stride, 2 * pad, 1)
     cfg = conv2d_nchwc.default(ow, ocb, 16, block=8)
     got, want = run_template(x, wt, attrs, c if c < 8 else 8, 8, cfg, epilogue=True, algorithm="im2col")
+    assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    groups=st.integers(2, 4),
+    in_blocks=st.integers(1, 2),
+    out_blocks=st.integers(1, 2),
+    b=st.sampled_from([4, 8, 16]),
+    h=st.integers(3, 12),
+    w=st.integers(3, 13),
+    k=st.sampled_from([1, 3, 5]),
+    stride=st.integers(1, 2),
+    seed=st.integers(0, 10**6),
+)
+@example(groups=2, in_blocks=3, out_blocks=8, b=16, h=12, w=12, k=3, stride=1, seed=0)  # AlexNet's conv4, smaller
+def test_grouped_nchwc_matches_reference(groups, in_blocks, out_blocks, b, h, w, k, stride, seed):
+    """Groups of whole blocks: each output block reads its own group's input blocks (a tile of output blocks
+    may straddle two groups)."""
+    pad = k // 2
+    rng = np.random.default_rng(seed)
+    c, oc = groups * in_blocks * b, groups * out_blocks * b
+    x = rng.standard_normal((1, c, h, w)).astype(np.float32)
+    wt = rng.standard_normal((oc, c // groups, k, k)).astype(np.float32)
+    attrs = ConvAttrs((stride, stride), (pad,) * 4, (1, 1), groups=groups)
+    ow = conv_output_size(w, k, stride, 2 * pad, 1)
+    space = conv2d_nchwc.space(ow, oc // b)
+    r = random.Random(seed)
+    cfg = conv2d_nchwc.Config(**{name: r.choice(values) for name, values in space.items()})
+    got, want = run_template(x, wt, attrs, b, b, cfg, epilogue=True)
     assert_close(got, want, rtol=1e-4, atol=1e-4)
