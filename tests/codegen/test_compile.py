@@ -209,7 +209,7 @@ def test_reloading_a_recompiled_artifact_runs_the_new_kernels(tmp_path):
     assert_close(a.run(**feeds)[0], want_a, rtol=0, atol=0)  # the first model, still loaded, is unchanged
 
 
-def fire_modules(size: int = 16, channels: int = 32) -> "onnx.ModelProto":
+def fire_modules(size: int = 16, channels: int = 32):
     """Two SqueezeNet fire modules: squeeze 1x1, then 1x1 and 3x3 expands joined by a channel concat."""
     import onnx
 
