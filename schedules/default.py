@@ -229,6 +229,10 @@ def _try_conv2d_nchwc(prim, target, attrs):
         sizes = {len(r.source.shape): _nbytes(r.source) for r in sch.get(conv).reads}
         cfg = dataclasses.replace(cfg, rows_outer=conv2d_nchwc.rows_outer(weight_bytes=sizes.get(6, 0),
                                                                            input_bytes=sizes.get(5, 0)))
+        if not depthwise and not im2col:
+            in_blocks = [int(d) for r in sch.get(conv).reads if len(r.source.shape) == 6
+                         for d in r.source.shape][1]
+            cfg = dataclasses.replace(cfg, k_chunk=conv2d_nchwc.k_chunk(cfg, sizes.get(6, 0), shape[1], in_blocks))
         steps = conv2d_nchwc.schedule(sch, conv, out, cfg)
         return ["im2col+" + steps[0]] if im2col else steps
 

@@ -157,3 +157,22 @@ def test_grouped_nchwc_matches_reference(groups, in_blocks, out_blocks, b, h, w,
     cfg = conv2d_nchwc.Config(**{name: r.choice(values) for name, values in space.items()})
     got, want = run_template(x, wt, attrs, b, b, cfg, epilogue=True)
     assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("k,chunk", [(1, 2), (3, 4), (3, 3)])  # 3 does not divide the 8 input blocks: a tail
+def test_k_chunked_reduction_matches_reference(k, chunk):
+    """The reduction in chunks of input blocks, each run over all the tile's rows, partial sums kept between."""
+    rng = np.random.default_rng(k * 10 + chunk)
+    x = rng.standard_normal((1, 64, 7, 7)).astype(np.float32)
+    wt = rng.standard_normal((32, 64, k, k)).astype(np.float32)
+    attrs = ConvAttrs((1, 1), (k // 2,) * 4, (1, 1))
+    cfg = conv2d_nchwc.Config(tile_ow=7, tile_oc=2, k_chunk=chunk)
+    got, want = run_template(x, wt, attrs, 8, 8, cfg, epilogue=True)
+    assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_k_chunk_only_for_large_weight_slabs():
+    cfg = conv2d_nchwc.Config(tile_ow=7, tile_oc=2)
+    assert conv2d_nchwc.k_chunk(cfg, 2048 * 512 * 4, 32, 128) == 8  # ResNet-50's 2048→512 1x1: 256 KB per tile
+    assert conv2d_nchwc.k_chunk(cfg, 256 * 1024 * 4, 64, 16) == 0  # 256→1024: 32 KB per tile
+    assert conv2d_nchwc.k_chunk(conv2d_nchwc.Config(7, 2, rows_outer=True), 2048 * 512 * 4, 32, 128) == 0
