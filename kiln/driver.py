@@ -58,7 +58,8 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
     target = resolve_target(options.target)
     # target facts the passes need travel as module attrs, so passes stay functions of the IR alone
     cpu = target.kind.name == "llvm"
-    mod = mod.with_attrs(layout_block=vector_lanes(target, 32) if cpu else 0, fuse_depthwise=cpu and options.fuse_depthwise)
+    mod = mod.with_attrs(layout_block=vector_lanes(target, 32) if cpu else 0,
+                         fuse_depthwise=cpu and options.fuse_depthwise)
     passes = LEVELS[options.opt_level]
     split = passes.index(alter_layout) if alter_layout in passes else len(passes)
     mod = run(mod, passes[:split], verify=options.verify, dump_dir=options.dump_dir)

@@ -214,65 +214,47 @@ def _try_conv2d_nchwc(prim, target, attrs):
     from .x86 import conv2d_nchwc
 
     im2col = attrs.algorithm == "im2col"
-    fused = _try_depthwise_pointwise(prim, target) if attrs.conv.groups == 1 and not im2col else None
-    if fused is not None:
-        return fused
-    depthwise = any(b.name_hint == "depthwise_nchwc" for b in _blocks_of(prim))
 
     def apply(sch):
+        depthwise = _has_block(sch, "depthwise_nchwc")
+        if depthwise and _has_block(sch, "conv2d_nchwc"):
+            return _depthwise_pointwise(sch, target)  # a depthwise conv fused into its 1x1 consumer
         # padding is materialized once for a conv (each input value feeds many output channels) but read in
         # place, bounds-checked, by a depthwise conv: copying would double its memory traffic (2-3x slower)
         pad_names = ("im2col",) if im2col else () if depthwise else ("pad",)
         conv, out = _prepare(sch, "depthwise_nchwc" if depthwise else "conv2d_nchwc", pad_names=pad_names)
         shape = [int(sch.get(loop).extent) for loop in sch.get_loops(out)]
         cfg = conv2d_nchwc.default(shape[3], shape[1], vector_lanes(target, 32), depthwise, block=shape[4])
-        sizes = {len(r.source.shape): _nbytes(r.source) for r in sch.get(conv).reads}
-        cfg = dataclasses.replace(cfg, rows_outer=conv2d_nchwc.rows_outer(weight_bytes=sizes.get(6, 0),
-                                                                           input_bytes=sizes.get(5, 0)))
+        reads = {len(r.source.shape): r.source for r in sch.get(conv).reads}
+        weight_bytes = _nbytes(reads[6]) if 6 in reads else 0
+        cfg = dataclasses.replace(cfg, rows_outer=conv2d_nchwc.rows_outer(
+            weight_bytes=weight_bytes, input_bytes=_nbytes(reads[5]) if 5 in reads else 0))
         if not depthwise and not im2col:
-            in_blocks = [int(d) for r in sch.get(conv).reads if len(r.source.shape) == 6
-                         for d in r.source.shape][1]
-            cfg = dataclasses.replace(cfg, k_chunk=conv2d_nchwc.k_chunk(cfg, sizes.get(6, 0), shape[1], in_blocks))
+            in_blocks = int(reads[6].shape[1])
+            cfg = dataclasses.replace(cfg, k_chunk=conv2d_nchwc.k_chunk(cfg, weight_bytes, shape[1], in_blocks))
         steps = conv2d_nchwc.schedule(sch, conv, out, cfg)
         return ["im2col+" + steps[0]] if im2col else steps
 
     return _attempt("conv2d_nchwc", prim, apply)
 
 
-def _blocks_of(prim) -> list:
-    from tvm import s_tir
-
-    sch = s_tir.Schedule(prim)
-    return [sch.get(b) for b in sch.get_child_blocks(sch.get_sblock("root"))]
-
-
-def _try_depthwise_pointwise(prim, target):
-    """The fused depthwise + 1x1 template, for a group holding both (passes/fuse_ops.py makes them); None
-    for any other conv group."""
-    from tvm import s_tir
-
+def _depthwise_pointwise(sch, target) -> list[str]:
+    """The fused depthwise + 1x1 template on a group holding both (passes/fuse_ops.py makes them)."""
     from .target_info import vector_lanes
     from .x86 import depthwise_pointwise
 
-    sch = s_tir.Schedule(prim)
-    names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
-    if "depthwise_nchwc" not in names:
-        return None
-
-    def apply(sch):
-        blocks = sch.get_child_blocks(sch.get_sblock("root"))
-        i_dw, i_conv = names.index("depthwise_nchwc"), names.index("conv2d_nchwc")
-        between = blocks[i_dw + 1:i_conv]
-        for b in [*blocks[:i_dw], *between[:-1], *blocks[i_conv + 1:-1]]:
-            sch.compute_inline(b)  # padding read in place (bounds-checked); epilogues into their consumers
-        dw, conv = blocks[i_dw], blocks[i_conv]
-        row = between[-1] if between else dw
-        out = sch.get_child_blocks(sch.get_sblock("root"))[-1]
-        shape = [int(sch.get(loop).extent) for loop in sch.get_loops(out)]
-        cfg = depthwise_pointwise.default(shape[3], shape[1], vector_lanes(target, 32), block=shape[4])
-        return depthwise_pointwise.schedule(sch, dw, row, conv, out, cfg)
-
-    return _attempt("depthwise_pointwise", prim, apply)
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    names = [sch.get(b).name_hint for b in blocks]
+    i_dw, i_conv = names.index("depthwise_nchwc"), names.index("conv2d_nchwc")
+    between = blocks[i_dw + 1:i_conv]
+    for b in [*blocks[:i_dw], *between[:-1], *blocks[i_conv + 1:-1]]:
+        sch.compute_inline(b)  # padding read in place (bounds-checked); epilogues into their consumers
+    dw, conv = blocks[i_dw], blocks[i_conv]
+    row = between[-1] if between else dw
+    out = sch.get_child_blocks(sch.get_sblock("root"))[-1]
+    shape = [int(sch.get(loop).extent) for loop in sch.get_loops(out)]
+    cfg = depthwise_pointwise.default(shape[3], shape[1], vector_lanes(target, 32), block=shape[4])
+    return depthwise_pointwise.schedule(sch, dw, row, conv, out, cfg)
 
 
 def _try_pool_nchwc(prim, target, attrs):
