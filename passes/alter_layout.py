@@ -3,9 +3,10 @@
 A conv2d (groups 1, depthwise, or groups of whole blocks) whose output channels split into blocks becomes
 nn.conv2d_nchwc; the values between convs stay blocked as long as their consumers are layout-agnostic:
 elementwise ops (a per-channel constant operand is repacked at compile time), residual adds of two blocked
-values, max/avg pooling, global average pooling, and channel concatenation. A layout_transform back to NCHW is inserted only where a value
-reaches an op that needs NCHW (or the function's output), once per value; a transform into a blocked layout
-of a value that was just transformed out of it is dropped, so adjacent transforms cancel.
+values, max/avg pooling, global average pooling, and channel concatenation. A layout_transform back to NCHW
+is inserted only where a value reaches an op that needs NCHW (or the function's output), once per value; a
+transform into a blocked layout of a value that was just transformed out of it is dropped, so adjacent
+transforms cancel.
 
 The block size comes from `mod.attrs["layout_block"]` (the target's fp32 SIMD lanes, set by the driver;
 16 if absent). A conv whose output channels it does not divide gets zero channels up to a whole block when

@@ -123,7 +123,7 @@ def _layout_transform_compute(x, a: LayoutTransformAttrs):
 class ConvNCHWcAttrs:
     """ConvAttrs of the NCHW conv it replaces, plus the output block. groups is 1; the channel count (depthwise,
     where the input block must equal the output block); or any g whose groups are whole blocks on both sides
-    (ShuffleNet, ResNeXt), so each output block reads the input blocks of its own group."""
+    (AlexNet's groups=2, ResNeXt's later stages), so each output block reads the input blocks of its group."""
 
     conv: ConvAttrs
     out_block: int
