@@ -1,9 +1,9 @@
 """The native entry function: one exported TVM-FFI function that calls every kernel in order, so a run costs one
 call from Python instead of one per kernel (TVM's AOT executor does the same).
 
-`kiln_run(table[, stamps])` takes one uint8 tensor holding a DLTensor descriptor for every value of the plan (inputs,
-outputs, blocks, constants), filled in by the runtime at load (and patched for zero-copy inputs), and hands
-each kernel pointers into it. A kernel's non-zero return, its error already raised through TVM-FFI, stops the
+`kiln_run(table[, stamps])` takes one uint8 tensor holding a DLTensor descriptor for every value of the plan
+(inputs, outputs, blocks, constants), filled in by the runtime at load (and patched for zero-copy inputs), and
+hands each kernel pointers into it. A kernel's non-zero return, its error already raised through TVM-FFI, stops the
 run and reaches Python as an exception. The function keeps no state, so several models may share a library.
 
 The optional second argument, an int64 tensor of len(steps) + 1, receives CLOCK_MONOTONIC nanoseconds before

@@ -13,7 +13,9 @@ from pathlib import Path
 
 from kiln.errors import ArtifactError
 
-FORMAT = 1
+# 1: the first format. 2: a block value may carry a byte `offset` into its block (the parts of a concat planned
+# as a view), which a format-1 reader would ignore and so compute garbage: it refuses format 2 instead.
+FORMAT = 2
 META_SYMBOL = "kiln_meta"
 WEIGHTS_SYMBOL = "kiln_weights"
 ALIGN = 64
