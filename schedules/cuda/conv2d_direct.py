@@ -13,7 +13,9 @@ from dataclasses import dataclass, replace
 from kiln.errors import InvalidConfig
 
 from .threads import (
+    MAX_ACCUMULATORS,
     MAX_THREADS,
+    SHARED_BYTES,
     auto_unroll,
     buildable_configs,
     check_tiles,
@@ -23,8 +25,6 @@ from .threads import (
 )
 
 VERSION = 1
-SHARED_BYTES = 48 * 1024  # static shared memory per block on every CUDA GPU
-MAX_ACCUMULATORS = 64  # per thread: beyond this the accumulators spill out of registers
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from kiln.errors import InvalidConfig
 
 from .threads import (
+    MAX_ACCUMULATORS,
     MAX_THREADS,
+    SHARED_BYTES,
     auto_unroll,
     buildable_configs,
     check_tiles,
@@ -24,8 +26,6 @@ from .threads import (
 )
 
 VERSION = 1
-SHARED_BYTES = 48 * 1024
-MAX_ACCUMULATORS = 64
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 MAX_THREADS = 1024  # per block, on every CUDA GPU since Fermi
 WARP = 32
+SHARED_BYTES = 48 * 1024  # static shared memory per block on every CUDA GPU
+MAX_ACCUMULATORS = 64  # per thread: beyond this the accumulators spill out of registers
 
 
 def n_reduction_axes(sch, block) -> int:
