@@ -309,18 +309,34 @@ def serve(
     repository: Path = typer.Argument(..., help="REPO/<model>/<version>/model_b<N>.so (see `kiln repo add`)"),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port"),
-    poll_s: float = typer.Option(2.0, "--poll-s", help="watch the repository every N seconds (0: never)"),
+    model_control: str = typer.Option("poll", "--model-control", help="who changes what is served: poll (watch "
+                                      "the repository directory), explicit (the repository API's load and "
+                                      "unload), none (nothing until a restart)"),
+    control_token_file: Optional[Path] = typer.Option(None, "--control-token-file", help="a file holding the "
+                                                      "bearer token the repository API requires (else "
+                                                      "$KILN_CONTROL_TOKEN; neither: no token)"),
+    poll_s: float = typer.Option(2.0, "--poll-s", help="with --model-control poll, watch every N seconds"),
     threads: Optional[int] = typer.Option(None, "--threads", help="TVM worker threads per model version"),
     max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="larger request bodies answer 413"),
+    body_timeout_s: float = typer.Option(30.0, "--body-timeout-s", help="a request body not received within N "
+                                         "seconds answers 408"),
+    shutdown_timeout_s: float = typer.Option(30.0, "--shutdown-timeout-s", help="after SIGTERM/SIGINT, exit "
+                                             "within N seconds whatever is still running (a second signal: at "
+                                             "once)"),
     log_level: str = typer.Option("info", "--log-level"),
 ) -> None:
     """Serve a model repository over the KServe v2 HTTP API, with dynamic batching and /metrics."""
+    import os
+
     from kiln.serve import logs
+    from kiln.serve.app import read_control_token
     from kiln.serve.app import serve as run_server
 
     logs.configure(log_level)
     run_server(repository, host=host, port=port, poll_s=poll_s, num_threads=threads,
-               max_body_bytes=int(max_body_mb * (1 << 20)))
+               max_body_bytes=int(max_body_mb * (1 << 20)), body_timeout_s=body_timeout_s,
+               model_control=model_control, control_token=read_control_token(control_token_file, os.environ),
+               shutdown_timeout_s=shutdown_timeout_s)
 
 
 @repo_app.command("add")

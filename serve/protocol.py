@@ -6,6 +6,7 @@ Everything here is pure: bytes in, arrays out (and back); a malformed request ra
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,18 @@ class NotFound(ServeError):
     status = 404
 
 
+class Unauthorized(ServeError):
+    status = 401
+
+
+class Forbidden(ServeError):
+    status = 403
+
+
+class RequestTimeout(ServeError):
+    status = 408
+
+
 class PayloadTooLarge(ServeError):
     status = 413
 
@@ -61,32 +74,77 @@ class InferRequest:
     binary_default: bool
 
 
-def _json(data: bytes, what: str) -> Any:
+MAX_RANK = 32  # numpy allows 64 dims; no served model comes near either
+MAX_ELEMENTS = 1 << 40  # product of the non-zero dims: numpy refuses shapes whose size overflows its index type
+_DIGITS = re.compile(r"[0-9]{1,18}")  # ASCII only: str.isdigit() accepts '²', which int() refuses
+
+
+def show(value: Any, limit: int = 60) -> str:
+    """repr(value) cut to `limit` characters, so a hostile value cannot flood an error message or a log line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def parse_json(data: bytes | memoryview, what: str) -> Any:
     try:
-        return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as err:
+        return json.loads(bytes(data))
+    except (ValueError, UnicodeDecodeError) as err:  # ValueError covers JSONDecodeError and 4,300+ digit ints
         raise BadRequest(f"{what} is not valid JSON: {err}") from None
+    except RecursionError:
+        raise BadRequest(f"{what} is nested too deeply") from None
 
 
-def _shape(value: Any, where: str) -> tuple[int, ...]:
+def _object(value: Any, where: str) -> dict:
+    """An optional JSON object: missing or null is {}; anything else must be an object."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequest(f"{where} must be an object, got {show(value)}")
+    return value
+
+
+def _flag(params: dict, key: str, where: str) -> bool | None:
+    value = params.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise BadRequest(f"{where}.{key} must be true or false, got {show(value)}")
+    return value
+
+
+def _shape(value: Any, where: str) -> tuple[tuple[int, ...], int]:
+    """The shape and its element count; every dim a non-negative integer, the count small enough to be real."""
     if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                               for d in value):
-        raise BadRequest(f"{where}.shape must be a list of non-negative integers, got {value!r}")
-    return tuple(value)
+        raise BadRequest(f"{where}.shape must be a list of non-negative integers, got {show(value)}")
+    if len(value) > MAX_RANK:
+        raise BadRequest(f"{where}.shape has {len(value)} dims; at most {MAX_RANK} are supported")
+    count, extent = 1, 1
+    for d in value:  # Python ints: exact, so no product wraps around as an int64 would
+        count *= d
+        extent *= max(d, 1)
+        if extent > MAX_ELEMENTS:
+            raise BadRequest(f"{where}.shape {show(value)} is too large (more than {MAX_ELEMENTS} elements)")
+    return tuple(value), count  # nothing is allocated from it: the data must match it, and the body is bounded
+
+
+def version_label(version: str) -> str:
+    """A URL's version segment: ASCII digits, at most 18 of them (an int64 with room to spare)."""
+    if not _DIGITS.fullmatch(version):
+        raise BadRequest(f"version in the URL must be a positive integer of at most 18 digits, got "
+                         f"{show(version)}")
+    return version
 
 
 def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
     if header_length is not None:
-        try:
-            n = int(header_length)
-        except ValueError:
-            raise BadRequest(f"header {HEADER_LENGTH} must be an integer, got {header_length!r}") from None
-        if not 0 <= n <= len(body):
+        if not _DIGITS.fullmatch(header_length.strip()):
+            raise BadRequest(f"header {HEADER_LENGTH} must be a byte count, got {show(header_length)}")
+        n = int(header_length)
+        if n > len(body):
             raise BadRequest(f"header {HEADER_LENGTH} is {n}, but the body has {len(body)} bytes")
-        header, blob = body[:n], memoryview(body)[n:]
+        header, blob = memoryview(body)[:n], memoryview(body)[n:]
     else:
         header, blob = body, memoryview(b"")
-    req = _json(header, "request body")
+    req = parse_json(header, "request body")
     if not isinstance(req, dict):
         raise BadRequest(f"request body must be a JSON object, got {type(req).__name__}")
     raw_inputs = req.get("inputs")
@@ -101,23 +159,20 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
             raise BadRequest(f"{where} must be an object with name, shape, datatype and data")
         name = t.get("name")
         if not isinstance(name, str) or not name:
-            raise BadRequest(f"{where}.name must be a non-empty string, got {name!r}")
-        where = f"input '{name}'"
+            raise BadRequest(f"{where}.name must be a non-empty string, got {show(name)}")
+        where = f"input {show(name)}"
         if name in inputs:
             raise BadRequest(f"{where} appears twice")
-        shape = _shape(t.get("shape"), where)
+        shape, count = _shape(t.get("shape"), where)
         datatype = t.get("datatype")
-        if datatype not in DATATYPES:
-            raise BadRequest(f"{where}.datatype {datatype!r} is not supported; use one of {sorted(DATATYPES)}")
+        if not isinstance(datatype, str) or datatype not in DATATYPES:
+            raise BadRequest(f"{where}.datatype {show(datatype)} is not supported; use one of {sorted(DATATYPES)}")
         dtype = np.dtype(DATATYPES[datatype])
-        count = int(np.prod(shape, dtype=np.int64))
-        params = t.get("parameters") or {}
-        if not isinstance(params, dict):
-            raise BadRequest(f"{where}.parameters must be an object")
+        params = _object(t.get("parameters"), f"{where}.parameters")
         size = params.get("binary_data_size")
         if size is not None:
             if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-                raise BadRequest(f"{where}.parameters.binary_data_size must be a byte count, got {size!r}")
+                raise BadRequest(f"{where}.parameters.binary_data_size must be a byte count, got {show(size)}")
             if size != count * dtype.itemsize:
                 raise BadRequest(f"{where}: binary_data_size {size} does not match {datatype}{list(shape)} "
                                  f"({count * dtype.itemsize} bytes)")
@@ -129,34 +184,42 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
         else:
             if "data" not in t:
                 raise BadRequest(f"{where} has neither 'data' nor parameters.binary_data_size")
+            data = t["data"]
+            if not isinstance(data, (list, int, float, bool)) or isinstance(data, str):
+                raise BadRequest(f"{where}.data must be a list of numbers, got {type(data).__name__}")
             try:
-                array = np.asarray(t["data"], dtype=dtype)
+                array = np.asarray(data, dtype=dtype)
             except (ValueError, TypeError, OverflowError) as err:
                 raise BadRequest(f"{where}.data does not hold {datatype} values: {err}") from None
+            except RecursionError:
+                raise BadRequest(f"{where}.data is nested too deeply") from None
             if array.size != count:
                 raise BadRequest(f"{where}.data has {array.size} values, shape {list(shape)} needs {count}")
         inputs[name] = array.reshape(shape)
         datatypes[name] = datatype
     if at != len(blob):
         raise BadRequest(f"the body has {len(blob) - at} bytes of binary data that no input claims")
-    params = req.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise BadRequest("request field 'parameters' must be an object")
-    binary_default = bool(params.get("binary_data_output", False))
+    params = _object(req.get("parameters"), "request field 'parameters'")
+    binary_default = bool(_flag(params, "binary_data_output", "request field 'parameters'"))
     outputs, binary = None, {}
     if req.get("outputs") is not None:
         if not isinstance(req["outputs"], list):
-            raise BadRequest("request field 'outputs' must be a list")
+            raise BadRequest(f"request field 'outputs' must be a list, got {show(req['outputs'])}")
         outputs = []
         for i, o in enumerate(req["outputs"]):
-            if not isinstance(o, dict) or not isinstance(o.get("name"), str):
-                raise BadRequest(f"outputs[{i}] must be an object with a string 'name'")
+            if not isinstance(o, dict) or not isinstance(o.get("name"), str) or not o["name"]:
+                raise BadRequest(f"outputs[{i}] must be an object with a non-empty string 'name', got {show(o)}")
+            if o["name"] in outputs:
+                raise BadRequest(f"outputs[{i}]: output {show(o['name'])} is requested twice")
             outputs.append(o["name"])
-            op = o.get("parameters") or {}
-            if "binary_data" in op:
-                binary[o["name"]] = bool(op["binary_data"])
+            flag = _flag(_object(o.get("parameters"), f"outputs[{i}].parameters"), "binary_data",
+                         f"outputs[{i}].parameters")
+            if flag is not None:
+                binary[o["name"]] = flag
     rid = req.get("id")
-    return InferRequest(str(rid) if rid is not None else None, inputs, datatypes, outputs, binary, binary_default)
+    if rid is not None and not isinstance(rid, str):
+        raise BadRequest(f"request field 'id' must be a string, got {show(rid)}")
+    return InferRequest(rid, inputs, datatypes, outputs, binary, binary_default)
 
 
 def encode_infer_response(model: str, version: str, request: InferRequest,
