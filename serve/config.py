@@ -5,6 +5,8 @@ split. Every field is optional; a wrong one raises ConfigError naming the field.
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -13,6 +15,16 @@ from typing import Any
 from kiln.errors import KilnError
 
 CONFIG_NAME = "config.json"
+
+# Every number has a finite, bounded range: a value past these is a typo, and NaN, Infinity or 1e300 would
+# otherwise be accepted here and break serving later (a queue delay of 1e300 ms overflows the batcher's timer).
+MAX_BATCH = 1 << 16
+MAX_QUEUE_DELAY_MS = 60_000.0
+MAX_QUEUE_SIZE = 1 << 20
+MAX_VERSION = (1 << 31) - 1
+MAX_NUM_VERSIONS = 1024
+MAX_WEIGHT = 1e6
+_VERSION_KEY = re.compile(r"^[0-9]{1,10}$")  # ASCII digits only: str.isdigit() also accepts "²" and "١"
 
 
 class ConfigError(KilnError):
@@ -68,13 +80,25 @@ class ModelConfig:
                 "traffic_split": {str(k): v for k, v in self.traffic_split.items()} if self.traffic_split else None}
 
 
-def _number(d: Mapping, key: str, kind: type, low: float, where: str) -> Any:
+def _number(d: Mapping, key: str, kind: type, low: float, where: str, high: float) -> Any:
+    """d[key] as `kind` within [low, high]; bools are not numbers, NaN and ±Infinity are out of every range."""
     value = d[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-        raise ConfigError(f"{where}: '{key}' must be {'an integer' if kind is int else 'a number'}, got {value!r}")
-    if value < low:
-        raise ConfigError(f"{where}: '{key}' must be ≥ {low}, got {value!r}")
+    what = "an integer" if kind is int else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}: '{key}' must be {what}, got {value!r}")
+    if not math.isfinite(value) or not low <= value <= high:
+        raise ConfigError(f"{where}: '{key}' must be {what} in {_fmt(low)}..{_fmt(high)}, got {value!r}")
+    if kind is int and value != int(value):
+        raise ConfigError(f"{where}: '{key}' must be an integer, got {value!r}")
     return kind(value)
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if x == int(x) else str(x)
+
+
+def _version(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_VERSION
 
 
 def parse_policy(value: Any, where: str) -> VersionPolicy:
@@ -82,18 +106,19 @@ def parse_policy(value: Any, where: str) -> VersionPolicy:
         raise ConfigError(f"{where}: 'version_policy' must be one of {{\"latest\": {{\"num_versions\": N}}}}, "
                           f"{{\"all\": {{}}}} or {{\"specific\": {{\"versions\": [..]}}}}, got {value!r}")
     (kind, body), = value.items()
-    body = body or {}
+    body = {} if body is None else body
     if kind == "latest":
-        n = _number({"num_versions": body.get("num_versions", 1)}, "num_versions", int, 1, where)
+        if not isinstance(body, Mapping):
+            raise ConfigError(f"{where}: 'version_policy.latest' must be an object, got {body!r}")
+        n = _number({"num_versions": body.get("num_versions", 1)}, "num_versions", int, 1, where, MAX_NUM_VERSIONS)
         return VersionPolicy("latest", num_versions=n)
     if kind == "all":
         return VersionPolicy("all")
     if kind == "specific":
-        versions = body.get("versions")
-        if not isinstance(versions, list) or not versions or not all(
-                isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in versions):
+        versions = body.get("versions") if isinstance(body, Mapping) else None
+        if not isinstance(versions, list) or not versions or not all(_version(v) for v in versions):
             raise ConfigError(f"{where}: 'version_policy.specific.versions' must be a non-empty list of version "
-                              f"numbers ≥ 1, got {versions!r}")
+                              f"numbers in 1..{MAX_VERSION}, got {versions!r}")
         return VersionPolicy("specific", versions=tuple(sorted(set(versions))))
     raise ConfigError(f"{where}: unknown version_policy {kind!r}; use latest, all or specific")
 
@@ -109,19 +134,22 @@ def parse_config(raw: Mapping[str, Any], where: str, base: ModelConfig | None = 
     cfg = base or ModelConfig()
     changes: dict[str, Any] = {}
     if "max_batch_size" in raw:
-        changes["max_batch_size"] = _number(raw, "max_batch_size", int, 1, where)
+        changes["max_batch_size"] = _number(raw, "max_batch_size", int, 1, where, MAX_BATCH)
     if "dynamic_batching" in raw:
         if not isinstance(raw["dynamic_batching"], bool):
             raise ConfigError(f"{where}: 'dynamic_batching' must be true or false, got {raw['dynamic_batching']!r}")
         changes["dynamic_batching"] = raw["dynamic_batching"]
     if "max_queue_delay_ms" in raw:
-        changes["max_queue_delay_ms"] = _number(raw, "max_queue_delay_ms", float, 0, where)
+        changes["max_queue_delay_ms"] = _number(raw, "max_queue_delay_ms", float, 0, where,
+                                                MAX_QUEUE_DELAY_MS)
     if "max_queue_size" in raw:
-        changes["max_queue_size"] = _number(raw, "max_queue_size", int, 1, where)
+        changes["max_queue_size"] = _number(raw, "max_queue_size", int, 1, where, MAX_QUEUE_SIZE)
     if raw.get("batch_buckets") is not None:
         b = raw["batch_buckets"]
-        if not isinstance(b, list) or not b or not all(isinstance(x, int) and x >= 1 for x in b):
-            raise ConfigError(f"{where}: 'batch_buckets' must be a non-empty list of sizes ≥ 1, got {b!r}")
+        if not isinstance(b, list) or not b or not all(
+                isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= MAX_BATCH for x in b):
+            raise ConfigError(f"{where}: 'batch_buckets' must be a non-empty list of integer sizes in "
+                              f"1..{MAX_BATCH}, got {b!r}")
         changes["batch_buckets"] = tuple(sorted(set(b)))
     if "version_policy" in raw:
         changes["version_policy"] = parse_policy(raw["version_policy"], where)
@@ -134,8 +162,10 @@ def parse_config(raw: Mapping[str, Any], where: str, base: ModelConfig | None = 
         else:
             parsed = {}
             for k, w in split.items():
-                if not str(k).isdigit() or isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
-                    raise ConfigError(f"{where}: 'traffic_split' entry {k!r}: {w!r} must be version: weight ≥ 0")
+                if not _VERSION_KEY.match(str(k)) or not _version(int(k)) or isinstance(w, bool) or \
+                        not isinstance(w, (int, float)) or not math.isfinite(w) or not 0 <= w <= MAX_WEIGHT:
+                    raise ConfigError(f"{where}: 'traffic_split' entry {k!r}: {w!r} must be version: weight, "
+                                      f"a weight in 0..{MAX_WEIGHT:g}")
                 parsed[int(k)] = float(w)
             if sum(parsed.values()) <= 0:
                 raise ConfigError(f"{where}: 'traffic_split' weights sum to 0")
@@ -143,12 +173,17 @@ def parse_config(raw: Mapping[str, Any], where: str, base: ModelConfig | None = 
     return replace(cfg, **changes)
 
 
+def _refuse_constant(name: str) -> Any:
+    """Python's json accepts NaN, Infinity and -Infinity, which JSON itself does not have."""
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def read_config(model_dir: Path) -> ModelConfig:
     path = model_dir / CONFIG_NAME
     if not path.exists():
         return ModelConfig()
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(), parse_constant=_refuse_constant)
     except (OSError, ValueError) as err:
         raise ConfigError(f"{path}: not valid JSON ({err})") from None
     return parse_config(raw, str(path))
