@@ -16,6 +16,7 @@ from kiln.errors import TypeCheckError
 
 from ..op import OpDef, OpPattern, define_compute, register_op
 from ..types import TensorType
+from . import float_math
 from .conv import ConvAttrs, conv_output_size, conv_reference
 from .pool import AVG_POOL, GLOBAL_AVG_POOL, MAX_POOL, GlobalPoolAttrs, PoolAttrs, window_count
 
@@ -339,8 +340,8 @@ def _pool_nchwc_compute(x, a: PoolNCHWcAttrs):
         xp = pad_nchwc(x, pads, value=float("-inf"))
         return te.compute(
             out.shape,
-            lambda n, cb, oh, ow, cc: te.max(
-                xp[n, cb, oh * sh + ry * dh, ow * sw + rx * dw, cc], axis=[ry, rx]
+            lambda n, cb, oh, ow, cc: float_math.reduce_max(  # NaN-propagating
+                xp[n, cb, oh * sh + ry * dh, ow * sw + rx * dw, cc], axis=[ry, rx], from_lowest=True
             ),
             name="max_pool_nchwc",
         )

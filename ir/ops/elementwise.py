@@ -184,9 +184,16 @@ def _same_type(name: str, accepts: Accepts):
     return rule
 
 
+def clip_bounds(a: ClipAttrs, dtype: str) -> tuple[float | int | None, float | int | None]:
+    """A missing bound of a float clip is the dtype's finite limit, as ONNX says (ONNX Runtime: inf → 3.4e38)."""
+    if not is_float(dtype):
+        return a.min, a.max
+    info = np.finfo(dtype)
+    return (float(info.min) if a.min is None else a.min), (float(info.max) if a.max is None else a.max)
+
+
 def _clip(x: np.ndarray, a: ClipAttrs) -> np.ndarray:
-    lo = a.min if a.min is not None else None
-    hi = a.max if a.max is not None else None
+    lo, hi = clip_bounds(a, x.dtype.name)
     if lo is None and hi is None:
         return x.copy()
     return np.clip(x, lo, hi).astype(x.dtype)
@@ -333,19 +340,19 @@ def _te_unary() -> dict[str, object]:
         return te.log(1 + te.exp(x))
 
     return {
-        "nn.relu": lambda x: te.max(x, tir.const(0, x.dtype)),
+        "nn.relu": float_math.relu,  # NaN stays NaN, at the cost of te.max (float_math)
         "negative": lambda x: -x,
         "abs": te.abs, "exp": te.exp, "log": te.log, "sqrt": te.sqrt, "sigmoid": sigmoid, "tanh": te.tanh,
         "erf": float_math.erf, "sin": te.sin, "cos": te.cos, "tan": te.tan, "asin": te.asin, "acos": te.acos,
         "atan": te.atan, "sinh": te.sinh, "cosh": te.cosh, "asinh": te.asinh, "acosh": te.acosh,
         "atanh": te.atanh, "floor": te.floor, "ceil": te.ceil, "round": tir.nearbyint,
         "sign": lambda x: tir.Select(x > 0, tir.const(1, x.dtype), tir.Select(x < 0, tir.const(-1, x.dtype),
-                                                                                tir.const(0, x.dtype))),
+                                                                                x)),  # ±0 or NaN: itself
         "reciprocal": lambda x: tir.const(1, x.dtype) / x,
         "softplus": softplus,
         "softsign": lambda x: x / (1 + te.abs(x)),
         "nn.mish": lambda x: x * te.tanh(softplus(x)),
-        "nn.hard_swish": lambda x: x * te.min(te.max(x / 6 + 0.5, tir.const(0, x.dtype)), tir.const(1, x.dtype)),
+        "nn.hard_swish": lambda x: x * float_math.clamp(x / 6 + 0.5, 0, 1),
         "logical_not": lambda x: tir.Not(x),
         "bitwise_not": lambda x: ~x,
     }
@@ -359,7 +366,9 @@ def _te_binary() -> dict[str, object]:
 
     return {
         "add": topi.add, "subtract": topi.subtract, "multiply": topi.multiply, "divide": divide,
-        "maximum": topi.maximum, "minimum": topi.minimum, "power": topi.power, "equal": topi.equal,
+        "maximum": lambda a, b: _broadcast(a, b, float_math.maximum, "maximum"),  # NaN from either side
+        "minimum": lambda a, b: _broadcast(a, b, float_math.minimum, "minimum"),
+        "power": topi.power, "equal": topi.equal,
         "less": topi.less, "greater": topi.greater, "less_equal": topi.less_equal,
         "greater_equal": topi.greater_equal, "logical_and": topi.logical_and, "logical_or": topi.logical_or,
         "logical_xor": topi.logical_xor, "bitwise_and": topi.bitwise_and, "bitwise_or": topi.bitwise_or,
@@ -367,6 +376,22 @@ def _te_binary() -> dict[str, object]:
         "floor_mod": topi.floor_mod, "trunc_mod": topi.mod,  # topi.mod truncates
         "nn.prelu": lambda x, s: topi.where(topi.less(x, tir.const(0, x.dtype)), topi.multiply(x, s), x),
     }
+
+
+def _broadcast(a, b, fn, name: str):
+    """fn(a[i], b[j]) over the broadcast shape of two TE tensors (numpy rules, as topi's broadcast ops)."""
+    from tvm import te
+
+    rank = max(len(a.shape), len(b.shape))
+    shape_a = [1] * (rank - len(a.shape)) + [int(d) for d in a.shape]
+    shape_b = [1] * (rank - len(b.shape)) + [int(d) for d in b.shape]
+    shape = [max(p, q) for p, q in zip(shape_a, shape_b)]
+
+    def index(t, dims, i):
+        skip = rank - len(t.shape)
+        return tuple(0 if d == 1 and n != 1 else i[k] for k, (d, n) in enumerate(zip(dims, shape)) if k >= skip)
+
+    return te.compute(shape, lambda *i: fn(a[index(a, shape_a, i)], b[index(b, shape_b, i)]), name=name)
 
 
 def _unary_compute(name: str):
@@ -392,16 +417,10 @@ for _row in BINARY:
 
 @define_compute(CLIP)
 def clip_compute(x, a: ClipAttrs):
-    from tvm import te, tirx as tir
+    from tvm import te
 
-    def f(*i):
-        v = x[i]
-        if a.min is not None:
-            v = te.max(v, tir.const(a.min, x.dtype))
-        if a.max is not None:
-            v = te.min(v, tir.const(a.max, x.dtype))
-        return v
-    return te.compute(x.shape, f, name="clip")
+    lo, hi = clip_bounds(a, str(x.dtype))
+    return te.compute(x.shape, lambda *i: float_math.clamp(x[i], lo, hi), name="clip")  # NaN stays NaN
 
 
 def _activation_compute(op: OpDef, fn):
@@ -415,7 +434,7 @@ def _activation_compute(op: OpDef, fn):
 
 _activation_compute(LEAKY_RELU, lambda v, a, c, te, tir: tir.Select(v < c(0), v * c(a.alpha), v))
 _activation_compute(ELU, lambda v, a, c, te, tir: tir.Select(v < c(0), c(a.alpha) * (te.exp(v) - c(1)), v))
-_activation_compute(HARD_SIGMOID, lambda v, a, c, te, tir: te.min(te.max(c(a.alpha) * v + c(a.beta), c(0)), c(1)))
+_activation_compute(HARD_SIGMOID, lambda v, a, c, te, tir: float_math.clamp(c(a.alpha) * v + c(a.beta), 0, 1))
 _activation_compute(GELU, lambda v, a, c, te, tir: c(0.5) * v * (c(1) + float_math.erf(v * c(0.7071067811865476))))
 _activation_compute(GELU_TANH, lambda v, a, c, te, tir: c(0.5) * v * (c(1) + te.tanh(
     c(0.7978845608028654) * (v + c(0.044715) * v * v * v))))

@@ -1,6 +1,14 @@
-"""exp and erf of float32 as TE expressions of adds, multiplies and bit operations, which LLVM vectorizes: TVM
-lowers `te.exp` and `te.erf` on CPUs to scalar libm calls (`expf`, `erff`), one call per lane. Both stay within a
-few ulp of the exact value (the tests measure it); other dtypes keep TVM's own functions."""
+"""TE float helpers shared by the op computes: exp and erf of float32, and max, min, clamp and their reductions
+with NaN propagating as in ONNX Runtime (every op that clamps or takes a maximum lowers through these).
+
+exp and erf are adds, multiplies and bit operations, which LLVM vectorizes: TVM lowers `te.exp` and `te.erf` on
+CPUs to scalar libm calls (`expf`, `erff`), one call per lane. Both stay within a few ulp of the exact value (the
+tests measure it); other dtypes keep TVM's own functions.
+
+NaN: TVM lowers `te.max(a, b)` to `a > b ? a : b` (x86 `maxps a, b`), which returns `b` when either is NaN, so
+`te.max(x, 0)` turns a NaN into 0. `x < c ? c : x` is the same single `maxps` with the operands the other way
+round, and keeps the NaN: the constant-bound forms below cost nothing (docs/architecture.md, "NaN and Inf").
+"""
 
 from __future__ import annotations
 
@@ -8,7 +16,8 @@ from __future__ import annotations
 _LOG2E = 1.44269504088896341
 _LN2_HI, _LN2_LO = 0.693359375, -2.12194440e-4
 _EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
-_EXP_MIN, _EXP_MAX = -87.33654475, 88.0  # 2^n stays a normal float32: n in [-126, 127]
+# 2^n stays a normal float32: n in [-126, 127] (n = 127 up to 127.5 ln 2); above ln(FLT_MAX) exp is inf
+_EXP_MIN, _EXP_MAX, _EXP_OVERFLOW = -87.33654475, 88.376, 88.72283935546875
 
 # erf(x) = x P(x²) / Q(x²) on [-4, 4], ±1 outside (to float32 precision): the rational fit Eigen uses
 _ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
@@ -28,9 +37,116 @@ def _horner(coeffs, x, const):
     return acc
 
 
+def _is_leaf(v) -> bool:
+    import tvm
+    from tvm import te
+    from tvm import tirx as tir
+
+    # a tensor element (TensorSlice, or the te.tensor_load call it becomes) is a load: LLVM loads it once
+    if isinstance(v, tvm.ir.Call):
+        return v.op.name == "te.tensor_load"
+    return isinstance(v, (te.TensorSlice, tvm.ir.expr.TensorLoad, tir.Var, tir.IntImm, tir.FloatImm))
+
+
+def bind(v, body):
+    """body(v), with v computed once: a Let unless v is a load, a variable or a constant."""
+    from tvm import tirx as tir
+
+    if _is_leaf(v):
+        return body(v)
+    var = tir.Var("v", _dtype(v))
+    return tir.Let(var, v, body(var))
+
+
+def at_least(v, lo):
+    """max(v, lo) for a constant lo, NaN kept: `v < lo ? lo : v` is `maxps lo, v` on x86 (one instruction)."""
+    from tvm import tirx as tir
+
+    c = tir.const(lo, _dtype(v))
+    return bind(v, lambda u: tir.Select(u < c, c, u))
+
+
+def at_most(v, hi):
+    """min(v, hi) for a constant hi, NaN kept (`minps hi, v`)."""
+    from tvm import tirx as tir
+
+    c = tir.const(hi, _dtype(v))
+    return bind(v, lambda u: tir.Select(c < u, c, u))
+
+
+def relu(v):
+    return at_least(v, 0)
+
+
+def clamp(v, lo=None, hi=None):
+    """v clamped to [lo, hi] (either bound may be None); a NaN stays NaN, as np.clip and ONNX Runtime do."""
+    if lo is not None:
+        v = at_least(v, lo)
+    if hi is not None:
+        v = at_most(v, hi)
+    return v
+
+
+def _is_float(v) -> bool:
+    return _dtype(v).startswith(("float", "bfloat"))
+
+
+def maximum(a, b):
+    """max(a, b) that is NaN when either is (np.maximum, ONNX Max); three instructions where te.max is one."""
+    from tvm import te
+    from tvm import tirx as tir
+
+    if not _is_float(a):
+        return te.max(a, b)
+    # `b < a ? a : b` passes b's NaN through; the isnan select adds a's
+    return bind(a, lambda x: bind(b, lambda y: tir.Select(tir.isnan(x), x, tir.Select(y < x, x, y))))
+
+
+def minimum(a, b):
+    """min(a, b) that is NaN when either is (np.minimum, ONNX Min)."""
+    from tvm import te
+    from tvm import tirx as tir
+
+    if not _is_float(a):
+        return te.min(a, b)
+    return bind(a, lambda x: bind(b, lambda y: tir.Select(tir.isnan(x), x, tir.Select(x < y, x, y))))
+
+
+def reduce_max(expr, axis, from_lowest: bool = False):
+    """te.max(expr, axis=axis) whose result is NaN when any element is (ONNX ReduceMax, np.max). It starts from
+    -inf, or with `from_lowest` from the dtype's lowest finite value, as ONNX Runtime's max pooling does (an all
+    -inf window gives -3.4e38 there)."""
+    return _nan_reducer("max", from_lowest)(expr, axis=axis)
+
+
+def reduce_min(expr, axis):
+    """te.min(expr, axis=axis) whose result is NaN when any element is."""
+    return _nan_reducer("min", False)(expr, axis=axis)
+
+
+def _nan_reducer(kind: str, from_lowest: bool):
+    from tvm import te
+    from tvm import tirx as tir
+
+    def combine(acc, x):
+        if not _is_float(acc):
+            return te.max(acc, x) if kind == "max" else te.min(acc, x)
+        # `acc < x ? x : acc` keeps a NaN accumulator (the compare is false); the isnan select takes a NaN x.
+        # Symmetric in NaN, so partial results (rfactor, cross-thread) may combine in any order.
+        better = acc < x if kind == "max" else x < acc
+        return tir.Select(tir.isnan(x), x, tir.Select(better, x, acc))
+
+    def identity(dtype):  # ∓inf for floats: an all -inf row's max is -inf (np.max; ONNX Runtime's ReduceMax)
+        if str(dtype).startswith(("float", "bfloat")) and not from_lowest:
+            return tir.const(float("-inf") if kind == "max" else float("inf"), dtype)
+        return tir.min_value(dtype) if kind == "max" else tir.max_value(dtype)
+
+    return te.comm_reducer(combine, identity, name=f"nan_{kind}{'_from_lowest' if from_lowest else ''}")
+
+
 def exp(x):
-    """exp(x) for a float32 TE expression; 0 below -87.3 (where float32 exp is denormal), wrong above 88.
-    Other dtypes: te.exp."""
+    """exp(x) for a float32 TE expression; 0 below -87.3 (where float32 exp is denormal), inf above ln(FLT_MAX),
+    NaN for NaN. Other dtypes: te.exp."""
     from tvm import te
     from tvm import tirx as tir
 
@@ -43,10 +159,14 @@ def exp(x):
     xv, n, r = tir.Var("x", "float32"), tir.Var("n", "float32"), tir.Var("r", "float32")
     poly = _horner(_EXP_POLY, r, const) * (r * r) + r + const(1.0)
     two_n = tir.reinterpret("float32", (n.astype("int32") + tir.const(127, "int32")) << tir.const(23, "int32"))
-    body = tir.Select(xv < const(_EXP_MIN), const(0.0), poly * two_n)
-    xc = te.min(te.max(xv, const(_EXP_MIN)), const(_EXP_MAX))
-    body = tir.Let(r, xc - n * const(_LN2_HI) - n * const(_LN2_LO), body)
-    body = tir.Let(n, te.floor(xc * const(_LOG2E) + const(0.5)), body)
+    body = tir.Select(xv < const(_EXP_MIN), const(0.0),
+                      tir.Select(const(_EXP_OVERFLOW) < xv, const(float("inf")), poly * two_n))
+    # n comes from x clamped the plain way, so it is finite even for a NaN (a NaN converted to int32 is poison
+    # in LLVM); r uses x itself, so a NaN flows through the polynomial into the result. Up to 88.38 r stays in
+    # [-ln2/2, ln2/2]; from there to 88.72, n stays 127 and r grows to ln 2, still within a few ulp.
+    body = tir.Let(r, xv - n * const(_LN2_HI) - n * const(_LN2_LO), body)
+    xn = te.min(te.max(xv, const(_EXP_MIN)), const(_EXP_MAX))
+    body = tir.Let(n, te.floor(xn * const(_LOG2E) + const(0.5)), body)
     return tir.Let(xv, x, body)
 
 
@@ -63,4 +183,4 @@ def erf(x):
 
     xc, x2 = tir.Var("x", "float32"), tir.Var("x2", "float32")
     body = tir.Let(x2, xc * xc, xc * _horner(_ERF_P, x2, const) / _horner(_ERF_Q, x2, const))
-    return tir.Let(xc, te.min(te.max(x, const(-4.0)), const(4.0)), body)
+    return tir.Let(xc, clamp(x, -4.0, 4.0), body)  # NaN stays NaN

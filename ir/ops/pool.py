@@ -16,6 +16,7 @@ from kiln.errors import TypeCheckError
 
 from ..op import OpDef, OpPattern, define_compute, register_op
 from ..types import TensorType
+from . import float_math
 
 
 @dataclass(frozen=True)
@@ -183,10 +184,10 @@ def _pool_compute(kind: str):
             return tir.all(*[tir.all(c[d] >= 0, c[d] < x.shape[2 + d]) for d in range(nd)])
 
         shape = tuple(x.shape[:2]) + out
-        if kind == "max":
+        if kind == "max":  # a NaN in the window makes the result NaN (float_math.reduce_max)
             low = tir.min_value(x.dtype)
-            return te.compute(shape, lambda *i: te.max(tir.if_then_else(
-                inside(coords(i)), x(i[0], i[1], *coords(i)), low), axis=axes), name="max_pool")
+            return te.compute(shape, lambda *i: float_math.reduce_max(tir.if_then_else(
+                inside(coords(i)), x(i[0], i[1], *coords(i)), low), axis=axes, from_lowest=True), name="max_pool")
         total = te.compute(shape, lambda *i: te.sum(tir.if_then_else(
             inside(coords(i)), x(i[0], i[1], *coords(i)), tir.const(0, x.dtype)), axis=axes), name="pool_sum")
 
@@ -218,3 +219,13 @@ def global_avg_pool_compute(x, a: GlobalPoolAttrs):
     total = te.compute(tuple(x.shape[:2]) + (1,) * len(axes),
                        lambda b, c, *_: te.sum(x[(b, c, *axes)], axis=axes), name="global_sum")
     return te.compute(total.shape, lambda *i: total(*i) / float(n), name="global_avg_pool")
+
+
+@define_compute(GLOBAL_MAX_POOL)
+def global_max_pool_compute(x, a: GlobalPoolAttrs):
+    from tvm import te
+
+    axes = [te.reduce_axis((0, d), name=f"r{i}") for i, d in enumerate(x.shape[2:])]
+    return te.compute(tuple(x.shape[:2]) + (1,) * len(axes),
+                      lambda b, c, *_: float_math.reduce_max(x[(b, c, *axes)], axis=axes, from_lowest=True),
+                      name="global_max_pool")

@@ -14,6 +14,7 @@ from kiln.errors import TypeCheckError
 
 from ..op import OpDef, OpPattern, define_compute, register_op
 from ..types import TensorType, is_float
+from . import float_math
 
 
 @dataclass(frozen=True)
@@ -130,8 +131,28 @@ def _reduce_compute(kind: str):
             for ax in axes:
                 n *= int(x.shape[ax])
             return topi.divide(topi.sum(x, axes, a.keepdims), float(n))
-        return {"sum": topi.sum, "max": topi.max, "min": topi.min, "prod": topi.prod}[kind](x, axes, a.keepdims)
+        if kind in ("max", "min"):  # NaN anywhere in the reduced elements gives NaN, as np.max and ONNX Runtime
+            return _nan_reduce(x, axes, a.keepdims, float_math.reduce_max if kind == "max" else float_math.reduce_min)
+        return {"sum": topi.sum, "prod": topi.prod}[kind](x, axes, a.keepdims)
     return compute
+
+
+def _nan_reduce(x, axes: list[int], keepdims: bool, reducer):
+    from tvm import te
+
+    rs = {ax: te.reduce_axis((0, x.shape[ax]), name=f"k{ax}") for ax in axes}
+    keep = [ax for ax in range(len(x.shape)) if ax not in rs]
+    shape = [1 if ax in rs else x.shape[ax] for ax in range(len(x.shape))] if keepdims else [x.shape[ax] for ax in keep]
+
+    def body(*i):
+        if keepdims:
+            idx = [rs[ax] if ax in rs else i[ax] for ax in range(len(x.shape))]
+        else:
+            at = dict(zip(keep, i))
+            idx = [rs[ax] if ax in rs else at[ax] for ax in range(len(x.shape))]
+        return reducer(x[tuple(idx)], axis=list(rs.values()))
+
+    return te.compute(shape, body, name="reduce")
 
 
 for _kind in ("sum", "mean", "max", "min", "prod"):

@@ -57,3 +57,67 @@ def test_other_dtypes_keep_tvm_functions(fn):
 
     x = te.placeholder((4,), "float64", name="x")
     assert str(fn(x[0])) == str((te.exp if fn is float_math.exp else te.erf)(x[0]))
+
+
+def test_exp_is_accurate_up_to_float32_overflow_and_inf_beyond():
+    x = np.linspace(88.0, 88.7228, 20_000).astype(np.float32)
+    got, _ = evaluate(float_math.exp, x)
+    want = np.exp(x.astype(np.float64))
+    assert np.isfinite(got).all() and (np.abs(got - want) / want).max() < 8 * ULP
+    big = np.array([88.7229, 89.0, 1e4, 1e38, np.inf] * 4, np.float32)
+    assert (evaluate(float_math.exp, big)[0] == np.inf).all()
+
+
+@pytest.mark.parametrize("fn", [float_math.exp, float_math.erf])
+def test_nan_stays_nan(fn):
+    x = np.array([np.nan, 1.0, -np.nan, 0.0] * 4, np.float32)
+    got, _ = evaluate(fn, x)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(x))
+
+
+SPECIALS = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 0.5, -0.5, 7.0, -7.0, 3e38, -3e38, 1.0, -1.0, 6.0, 1e-40,
+                     np.nan], np.float32)
+
+
+@pytest.mark.parametrize("name, fn, want", [
+    ("relu", float_math.relu, lambda x: np.maximum(x, 0)),
+    ("clamp", lambda v: float_math.clamp(v, -1.0, 6.0), lambda x: np.clip(x, -1, 6)),
+    ("at_most", lambda v: float_math.at_most(v, 1.0), lambda x: np.minimum(x, 1)),
+])
+def test_bounds_keep_nan_and_cost_one_instruction_per_bound(name, fn, want):
+    got, asm = evaluate(fn, SPECIALS)
+    np.testing.assert_array_equal(got, want(SPECIALS), err_msg=name)  # NaN == NaN for assert_array_equal
+    assert not re.search(r"vcmp\w*ps|vblendv", asm), f"{name}: a compare or blend where a max/min would do"
+
+
+@pytest.mark.parametrize("fn, want", [(float_math.maximum, np.maximum), (float_math.minimum, np.minimum)])
+def test_maximum_minimum_propagate_nan_from_either_side(fn, want):
+    import tvm
+    from tvm import te
+
+    a, b = np.repeat(SPECIALS, 16), np.tile(SPECIALS, 16)
+    A, B = te.placeholder(a.shape, name="a"), te.placeholder(b.shape, name="b")
+    C = te.compute(a.shape, lambda i: fn(A[i], B[i]), name="c")
+    ex = tvm.compile(tvm.IRModule({"main": te.create_prim_func([A, B, C])}), target=resolve_target(None))
+    out = tvm.runtime.empty(a.shape, "float32")
+    ex(tvm.runtime.tensor(a), tvm.runtime.tensor(b), out)
+    np.testing.assert_array_equal(out.numpy(), want(a, b), err_msg=fn.__name__)
+
+
+@pytest.mark.parametrize("where", [0, 7, 15])
+@pytest.mark.parametrize("fn, want", [(float_math.reduce_max, np.max), (float_math.reduce_min, np.min)])
+def test_reductions_are_nan_when_any_element_is(fn, want, where):
+    import tvm
+    from tvm import te
+
+    x = np.tile(np.array([1.0, -2.0, 3.0, np.inf, -np.inf, 0.5, 2.0, -1.0] * 2, np.float32), (4, 1))
+    x[1, where] = np.nan
+    x[2, :] = np.nan
+    x[3, :] = -np.inf if fn is float_math.reduce_max else np.inf
+    X = te.placeholder(x.shape, name="x")
+    k = te.reduce_axis((0, x.shape[1]), name="k")
+    Y = te.compute((x.shape[0],), lambda i: fn(X[i, k], axis=k), name="y")
+    ex = tvm.compile(tvm.IRModule({"main": te.create_prim_func([X, Y])}), target=resolve_target(None))
+    out = tvm.runtime.empty((x.shape[0],), "float32")
+    ex(tvm.runtime.tensor(x), out)
+    np.testing.assert_array_equal(out.numpy(), want(x, axis=1), err_msg=f"{fn.__name__}, NaN at {where}")
