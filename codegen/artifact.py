@@ -2,7 +2,8 @@
 
 The blobs are embedded with `.incbin` in a few lines of C compiled into an addon object; each is exported as a
 TVM-FFI function returning bytes (see runtime/artifact.py for the format). Writing goes to a temporary file
-that replaces the target only when complete, so a failed build never leaves half an artifact behind. The blob
+that replaces the target only when complete, so a failed build never leaves half an artifact behind; the file
+ends with a seal, a checksum of everything before it, which every load verifies. The blob
 labels are hidden, so they are addressed PC-relative: through the GOT, aarch64's assembler folds local labels into
 section-relative entries that lose the offset, and every blob would start at .rodata with length 0.
 """
@@ -16,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from kiln.errors import CodegenError
-from kiln.runtime.artifact import META_SYMBOL, WEIGHTS_SYMBOL
+from kiln.runtime.artifact import META_SYMBOL, WEIGHTS_SYMBOL, seal
 
 from .entry import ENTRY_SYMBOL, entry_source
 
@@ -36,7 +37,7 @@ def write_artifact(path: Path, executable, meta: dict, weights: bytes, cc: str =
     import tvm_ffi
 
     path = Path(path)
-    meta = {**meta, "entry": ENTRY_SYMBOL}
+    meta = {**meta, "entry": ENTRY_SYMBOL, "sealed": True}  # a loader refuses this artifact without its seal
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="kiln-artifact-") as tmp:
         t = Path(tmp)
@@ -57,5 +58,6 @@ def write_artifact(path: Path, executable, meta: dict, weights: bytes, cc: str =
         partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
         kwargs = {"fcompile": fcompile} if fcompile is not None else {}
         executable.export_library(str(partial), addons=[str(t / "blobs.o"), str(t / "entry.o")], **kwargs)
+        seal(partial)
         os.replace(partial, path)
     return path

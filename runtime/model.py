@@ -1,6 +1,7 @@
 """A loaded artifact: `kiln.load(path)` → Model. Inputs are checked against the metadata before any kernel
-runs; all memory (storage blocks, weights, input staging, outputs) is allocated once at load, so a run
-allocates only the copies of the outputs it returns.
+runs. Weights are read once at load and shared; each concurrent run gets its own execution context (activation
+blocks, input staging, outputs, descriptor table), allocated once and reused, so a run allocates only the copies
+of the outputs it returns and runs on several threads never share a buffer.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 import tempfile
+import threading
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,27 +21,29 @@ import numpy as np
 
 from kiln.errors import ArtifactError, InputError
 
-from .artifact import ALIGN, META_SYMBOL, WEIGHTS_SYMBOL, check_elf, validate_metadata
+from .artifact import ALIGN, META_SYMBOL, WEIGHTS_SYMBOL, read_artifact, validate_metadata
 from .cpu import host_arch, missing_features
 from .timing import time_ms
 
 log = logging.getLogger(__name__)
 _RUNTIME_LOADED = False
-_LOADED: dict[Path, tuple[int, int, int]] = {}  # path → (inode, mtime, size) of the file first loaded from it
 
 
-def _open_library(tvm_ffi, path: Path):
-    """Load the shared library at `path`. glibc's dlopen returns the library already loaded under the same
-    name, even after the file was replaced (a recompile with --force): a process would keep running the old
-    kernels against the new metadata. A replaced file is therefore loaded from a private copy."""
-    st = path.stat()
-    ident = (st.st_ino, st.st_mtime_ns, st.st_size)
-    if _LOADED.setdefault(path, ident) == ident:
-        return tvm_ffi.load_module(str(path))
-    with tempfile.TemporaryDirectory(prefix="kiln-load-") as tmp:
-        copy = Path(tmp) / f"{path.stem}-{st.st_ino}-{st.st_mtime_ns}{path.suffix}"
-        shutil.copyfile(path, copy)
-        return tvm_ffi.load_module(str(copy))  # mapped now: the copy may go
+def _open_private_copy(tvm_ffi, data: memoryview, name: str):
+    """Load the library from a private copy of `data`, the bytes whose checksum was just verified.
+
+    dlopen maps the file it is given: truncating or rewriting that file later (a redeploy with `cp`) would
+    kill this process with SIGBUS or SIGSEGV, or change its code under it; and glibc hands back the library
+    already loaded under a name even after the file was replaced. A copy no one else can name, unlinked once
+    mapped, has none of these problems and is what was checked.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f"kiln-{Path(name).stem}-", suffix=".so")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return tvm_ffi.load_module(tmp, keep_module_alive=False)  # unloaded when the Model goes
+    finally:
+        os.unlink(tmp)
 
 
 def _load_tvm_runtime() -> None:
@@ -91,34 +94,71 @@ class TensorInfo:
         return f"{self.name}: {self.dtype}{list(self.shape)}"
 
 
-class Model:
-    """A compiled model. `model.run(x)` or `model(x)`; inputs positionally or by name; returns a list."""
+class _Context:
+    """The memory one run writes: activation blocks, input staging, outputs and the descriptor table that
+    points the kernels at them (weights are shared, read-only). A run owns its context until it returns."""
 
-    def __init__(self, path: str | os.PathLike, num_threads: int | None = None):
+    def __init__(self, model: Model, tvm_ffi):
+        meta = model.meta
+        blocks = [aligned_empty((n,), "uint8") for n in meta["blocks"]]
+        self.inputs = [aligned_empty(t.shape, t.dtype) for t in model.inputs]
+        self.outputs = [aligned_empty(t.shape, t.dtype) for t in model.outputs]
+        arrays: list[np.ndarray] = []
+        for v in meta["values"]:
+            shape, dtype = tuple(v["shape"]), np.dtype(v["dtype"])
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            kind = v["kind"]
+            if kind == "input":
+                arrays.append(self.inputs[v["index"]])
+            elif kind == "output":
+                arrays.append(self.outputs[v["index"]])
+            elif kind == "const":
+                arrays.append(model._weights[v["offset"]:v["offset"] + nbytes].view(dtype).reshape(shape))
+            else:  # a block, at an offset when it is one part of a concat planned as a view
+                at = v.get("offset", 0)
+                arrays.append(blocks[v["block"]][at:at + nbytes].view(dtype).reshape(shape))
+        self._keepalive = (blocks, arrays)
+        tensors = [tvm_ffi.from_dlpack(a) for a in arrays]
+        self.table, self._shapes = _descriptor_table(arrays)
+        self.table_tensor = tvm_ffi.from_dlpack(self.table.view(np.uint8))
+        self.steps = [(fn, [tensors[i] for i in step["args"]]) for fn, step in zip(model._kernels, meta["steps"])]
+
+
+class Model:
+    """A compiled model. `model.run(x)` or `model(x)`; inputs positionally or by name; returns a list.
+
+    `run` may be called from several threads at once: each concurrent run takes an execution context of its
+    own (its activation memory: `activation_bytes`), up to `max_concurrency` of them (default: the usable
+    cores); further callers wait for one to be free.
+    """
+
+    def __init__(self, path: str | os.PathLike, num_threads: int | None = None,
+                 max_concurrency: int | None = None):
         self.path = Path(path).resolve()
-        if not self.path.is_file():
-            raise ArtifactError(f"artifact {str(path)!r} does not exist")
-        check_elf(self.path, expect_arch=host_arch())
+        data, sealed = read_artifact(self.path, expect_arch=host_arch())
         _load_tvm_runtime()
         import tvm_ffi
 
         if num_threads is not None:
             set_num_threads(num_threads)
-
         try:
-            self._lib = _open_library(tvm_ffi, self.path)
+            self._lib = _open_private_copy(tvm_ffi, data, self.path.name)
             meta_fn = self._lib[META_SYMBOL]
-        except Exception as err:  # a library that loads but is not ours, or does not load at all
+        except Exception as err:  # noqa: BLE001  (a library that loads but is not ours, or does not load at all)
             if "load_from_bytes.cuda" in str(err):  # TVM's CUDA runtime registers this loader
                 raise ArtifactError(f"{path} was built for CUDA; no CUDA driver on this machine (TVM's CUDA runtime "
                                     f"is not available), and kiln.load runs CPU artifacts only; its kernels are "
                                     f"in {self.path.with_suffix('.ptx').name} beside it") from None
             raise ArtifactError(f"{path} is not a loadable Kiln artifact: {str(err).splitlines()[0]}") from None
+        del data
         try:
             meta = json.loads(bytes(meta_fn()))
         except (ValueError, UnicodeDecodeError) as err:
             raise ArtifactError(f"{path}: metadata is corrupted ({err})") from None
         validate_metadata(meta, self.path)
+        if meta.get("sealed") and not sealed:
+            raise ArtifactError(f"{path} lost its seal (the checksum at its end): truncated or corrupted; copy or "
+                                f"rebuild it")
         lacking = missing_features(meta.get("cpu_features", []))
         if lacking:
             raise ArtifactError(f"{path} was compiled for {meta.get('cpu', '?')} and uses CPU features this "
@@ -126,127 +166,151 @@ class Model:
         self.meta = meta
         self.inputs = [TensorInfo(d) for d in meta["inputs"]]
         self.outputs = [TensorInfo(d) for d in meta["outputs"]]
-        self._setup(tvm_ffi)
+        self.activation_bytes = sum(meta["blocks"]) + sum(
+            int(np.prod(t.shape, dtype=np.int64)) * np.dtype(t.dtype).itemsize for t in self.inputs + self.outputs)
+        if max_concurrency is not None and max_concurrency < 1:
+            raise InputError(f"max_concurrency must be ≥ 1, got {max_concurrency}")
+        self.max_concurrency = max_concurrency or usable_cpus()
+        self._weights = self._read_weights(check_crc=not sealed)  # a seal already covers the weights
+        self._entry = self._function(meta["entry"], "entry function") if meta.get("entry") else None
+        self._kernels = [self._function(step["kernel"], "kernel") for step in meta["steps"]]
+        self._input_values = {v["index"]: i for i, v in enumerate(meta["values"]) if v["kind"] == "input"}
+        self._idle = [_Context(self, tvm_ffi)]  # one at load, so a bad plan fails here and one thread never waits
+        self._contexts = 1
+        self._pool = threading.Condition()
 
-    def _setup(self, tvm_ffi) -> None:
+    def _function(self, symbol: str, what: str):
+        try:
+            return self._lib[symbol]
+        except Exception:  # noqa: BLE001  (TVM-FFI raises its own error for a missing symbol)
+            raise ArtifactError(f"{self.path}: {what} {symbol} is missing") from None
+
+    def _read_weights(self, check_crc: bool) -> np.ndarray:
         meta = self.meta
         weights = bytes(self._lib[WEIGHTS_SYMBOL]()) if meta.get("weights_nbytes") else b""
         if len(weights) != meta.get("weights_nbytes", 0):
             raise ArtifactError(f"{self.path}: weights blob is {len(weights)} bytes, metadata says "
                                 f"{meta.get('weights_nbytes')}")
-        if "weights_crc32" in meta and zlib.crc32(weights) != meta["weights_crc32"]:
+        if check_crc and "weights_crc32" in meta and zlib.crc32(weights) != meta["weights_crc32"]:
             raise ArtifactError(f"{self.path}: weights are corrupted (checksum mismatch); rebuild the artifact")
         arena = aligned_empty((len(weights),), "uint8")
         arena[:] = np.frombuffer(weights, np.uint8)
-        blocks = [aligned_empty((n,), "uint8") for n in meta["blocks"]]
-        self._inputs = [aligned_empty(t.shape, t.dtype) for t in self.inputs]
-        self._outputs = [aligned_empty(t.shape, t.dtype) for t in self.outputs]
-        arrays: list[np.ndarray] = []
-        for v in meta["values"]:
-            shape, dtype = tuple(v["shape"]), np.dtype(v["dtype"])
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            kind = v["kind"]
-            if kind == "input":
-                arrays.append(self._inputs[v["index"]])
-            elif kind == "output":
-                arrays.append(self._outputs[v["index"]])
-            elif kind == "const":
-                arrays.append(arena[v["offset"]:v["offset"] + nbytes].view(dtype).reshape(shape))
-            elif kind == "block":  # at an offset when it is one part of a concat planned as a view
-                at = v.get("offset", 0)
-                arrays.append(blocks[v["block"]][at:at + nbytes].view(dtype).reshape(shape))
+        return arena
+
+    def _acquire(self) -> _Context:
+        with self._pool:
+            while not self._idle:
+                if self._contexts < self.max_concurrency:
+                    self._contexts += 1
+                    break
+                self._pool.wait()
             else:
-                raise ArtifactError(f"{self.path}: unknown value kind {kind!r}")
-        self._keepalive = (arena, blocks, arrays)
-        tensors = [tvm_ffi.from_dlpack(a) for a in arrays]
-        self._values = tensors
-        self._input_values = {v["index"]: i for i, v in enumerate(meta["values"]) if v["kind"] == "input"}
-        self._table, self._shapes = _descriptor_table(arrays)
-        self._table_tensor = tvm_ffi.from_dlpack(self._table.view(np.uint8))
-        self._entry = None
-        if meta.get("entry"):
-            try:
-                self._entry = self._lib[meta["entry"]]
-            except Exception:
-                raise ArtifactError(f"{self.path}: entry function {meta['entry']} is missing") from None
-        self._steps = []
-        for step in meta["steps"]:
-            try:
-                fn = self._lib[step["kernel"]]
-            except Exception:
-                raise ArtifactError(f"{self.path}: kernel {step['kernel']} is missing") from None
-            self._steps.append((fn, [tensors[i] for i in step["args"]]))
+                return self._idle.pop()
+        import tvm_ffi
+
+        try:
+            return _Context(self, tvm_ffi)
+        except BaseException:
+            with self._pool:
+                self._contexts -= 1
+                self._pool.notify()
+            raise
+
+    def _release(self, ctx: _Context) -> None:
+        with self._pool:
+            self._idle.append(ctx)
+            self._pool.notify()
 
     def _check(self, args: tuple, named: dict) -> list[np.ndarray]:
         return check_inputs(self.inputs, args, named)
 
     def run(self, *args: np.ndarray, **named: np.ndarray) -> list[np.ndarray]:
-        """Run the model; returns fresh arrays (later runs never change what an earlier run returned)."""
+        """Run the model; returns fresh arrays (later runs never change what an earlier run returned).
+
+        Safe to call from several threads at once on one Model.
+        """
         checked = self._check(args, named)
-        if self._entry is not None:
-            table = self._table
-            for k, (staging, v) in enumerate(zip(self._inputs, checked)):
-                if v.flags.c_contiguous and v.ctypes.data % ALIGN == 0:
-                    table["data"][self._input_values[k]] = v.ctypes.data  # zero-copy: aligned and contiguous
-                else:
-                    table["data"][self._input_values[k]] = staging.ctypes.data
-                    np.copyto(staging, v)  # an unaligned array never reaches a vectorized kernel
-            self._entry(self._table_tensor)  # every kernel, in native code
-            return [o.copy() for o in self._outputs]
-        for staging, v in zip(self._inputs, checked):
-            np.copyto(staging, v)
-        for fn, fargs in self._steps:
-            fn(*fargs)
-        return [o.copy() for o in self._outputs]
+        ctx = self._acquire()
+        try:
+            self._execute(ctx, checked)
+            return [o.copy() for o in ctx.outputs]
+        finally:
+            self._release(ctx)
 
     __call__ = run
+
+    def _execute(self, ctx: _Context, checked: list[np.ndarray]) -> None:
+        if self._entry is None:
+            for staging, v in zip(ctx.inputs, checked):
+                np.copyto(staging, v)
+            for fn, fargs in ctx.steps:
+                fn(*fargs)
+            return
+        data = ctx.table["data"]
+        for k, (staging, v) in enumerate(zip(ctx.inputs, checked)):
+            if v.flags.c_contiguous and v.ctypes.data % ALIGN == 0:
+                data[self._input_values[k]] = v.ctypes.data  # zero-copy: aligned and contiguous
+            else:
+                data[self._input_values[k]] = staging.ctypes.data
+                np.copyto(staging, v)  # an unaligned array never reaches a vectorized kernel
+        self._entry(ctx.table_tensor)  # every kernel, in native code
 
     def profile(self, repeat: int = 20) -> dict:
         """Per-kernel median times (each kernel called `repeat` times on the current buffers) and the whole
         run's median, so `run_ms - sum(kernel_ms)` is the executor's own overhead."""
-        kernels = []
-        for (fn, fargs), step in zip(self._steps, self.meta["steps"]):
-            ms = float(np.median(time_ms(lambda: fn(*fargs), repeat)))
-            kernels.append({"kernel": step["kernel"], "name": step.get("name", ""), "ops": step.get("ops", []),
-                            "ms": ms, "gflops": step.get("flops", 0) / (ms * 1e6) if ms > 0 else 0.0,
-                            "schedule": step.get("schedule", "")})
         feeds = [np.zeros(t.shape, t.dtype) for t in self.inputs]
+        self.run(*feeds)
+        ctx = self._acquire()
+        try:
+            self._execute(ctx, feeds)
+            kernels = []
+            for (fn, fargs), step in zip(ctx.steps, self.meta["steps"]):
+                ms = float(np.median(time_ms(lambda fn=fn, fargs=fargs: fn(*fargs), repeat)))
+                kernels.append({"kernel": step["kernel"], "name": step.get("name", ""), "ops": step.get("ops", []),
+                                "ms": ms, "gflops": step.get("flops", 0) / (ms * 1e6) if ms > 0 else 0.0,
+                                "schedule": step.get("schedule", "")})
 
-        def median_ms(fn) -> float:
-            return float(np.median(time_ms(fn, repeat)))
+            def median_ms(fn) -> float:
+                return float(np.median(time_ms(fn, repeat)))
 
-        # Interleaved, so both medians see the same machine: the whole run, and the kernels alone (the native
-        # entry, or the loop over kernels); their difference is what the executor adds (checks, copies, calls).
-        run_ms = median_ms(lambda: self.run(*feeds))
-        if self._entry is not None:
-            kernels_only = median_ms(lambda: self._entry(self._table_tensor))
-        else:
-            kernels_only = median_ms(lambda: [fn(*fargs) for fn, fargs in self._steps])
-        for k, ms in zip(kernels, self._in_sequence_ms(repeat)):
-            k["in_sequence_ms"] = ms
+            # Interleaved, so both medians see the same machine: the whole run, and the kernels alone (the native
+            # entry, or the loop over kernels); their difference is what the executor adds (checks, copies, calls).
+            def whole_run() -> None:
+                self._execute(ctx, self._check(tuple(feeds), {}))
+                [o.copy() for o in ctx.outputs]
+
+            run_ms = median_ms(whole_run)
+            if self._entry is not None:
+                kernels_only = median_ms(lambda: self._entry(ctx.table_tensor))
+            else:
+                kernels_only = median_ms(lambda: [fn(*fargs) for fn, fargs in ctx.steps])
+            for k, ms in zip(kernels, self._in_sequence_ms(ctx, repeat)):
+                k["in_sequence_ms"] = ms
+        finally:
+            self._release(ctx)
         return {"run_ms": run_ms, "kernels_ms": kernels_only, "kernels": kernels,
                 "sum_of_isolated_kernels_ms": sum(k["ms"] for k in kernels)}
 
-    def _in_sequence_ms(self, repeat: int) -> list[float]:
+    def _in_sequence_ms(self, ctx: _Context, repeat: int) -> list[float]:
         """Each kernel's median time inside whole runs (the entry stamps the clock between kernels), where it
         meets cold weights and inputs left in the other core's cache; empty for artifacts without stamps."""
         if self._entry is None:
             return []
         import tvm_ffi
 
-        stamps = np.zeros(len(self._steps) + 1, np.int64)
+        stamps = np.zeros(len(self._kernels) + 1, np.int64)
         handle = tvm_ffi.from_dlpack(stamps)
         rows = []
         try:
             for _ in range(repeat + 3):
-                self._entry(self._table_tensor, handle)
+                self._entry(ctx.table_tensor, handle)
                 rows.append(np.diff(stamps) / 1e6)
         except Exception:  # noqa: BLE001  (an artifact built before the entry took stamps)
             return []
         return [float(v) for v in np.median(np.array(rows[3:]), axis=0)]
 
     def __repr__(self) -> str:
-        return f"Model({self.path.name}: {self.inputs} -> {self.outputs}, {len(self._steps)} kernels)"
+        return f"Model({self.path.name}: {self.inputs} -> {self.outputs}, {len(self._kernels)} kernels)"
 
 
 def check_inputs(inputs: list[TensorInfo], args: tuple, named: dict) -> list[np.ndarray]:
@@ -310,10 +374,11 @@ def _descriptor_table(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]
     return table, shapes
 
 
-def load(path: str | os.PathLike, num_threads: int | None = None) -> Model:
-    """Load a compiled artifact.
+def load(path: str | os.PathLike, num_threads: int | None = None, max_concurrency: int | None = None) -> Model:
+    """Load a compiled artifact. The whole file is read and its checksum verified first; the kernels then run
+    from a private copy, so the file may be replaced or deleted while the model is loaded.
 
     >>> import kiln  # doctest: +SKIP
     >>> m = kiln.load("model.so"); y = m.run(x)  # doctest: +SKIP
     """
-    return Model(path, num_threads)
+    return Model(path, num_threads, max_concurrency)

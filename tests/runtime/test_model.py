@@ -1,0 +1,257 @@
+"""The runtime under hostile use: one Model shared by threads, artifacts with flipped bits, garbage files, files
+edited in place while loaded, and models loaded and dropped in a loop. Each test failed before its fix."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import threading
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+import kiln
+from kiln.errors import ArtifactError, InputError
+from kiln.model_builders import GraphBuilder
+from kiln.runtime.artifact import SEAL, validate_metadata
+
+
+def small_cnn(seed: int):
+    g = GraphBuilder("small_cnn", seed)
+    x = "data"
+    for cin, cout in ((3, 8), (8, 16)):
+        x = g.op("Relu", [g.op("Conv", [x, g.weight((cout, cin, 3, 3), cin * 9, "conv.w")], kernel_shape=[3, 3],
+                               pads=[1] * 4)])
+        x = g.op("MaxPool", [x], kernel_shape=[2, 2], strides=[2, 2])
+    y = g.op("Softmax", [g.classifier(x, 16, 10)], axis=1)
+    return g.model([helper.make_tensor_value_info("data", TensorProto.FLOAT, [1, 3, 16, 16])],
+                   [(y, TensorProto.FLOAT, [1, 10])])
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> tuple[Path, Path]:
+    """Two artifacts of one architecture with different weights."""
+    root = tmp_path_factory.mktemp("runtime")
+    return tuple(kiln.compile(small_cnn(seed), root / f"cnn{seed}.so").path for seed in (0, 1))
+
+
+def inputs(n: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(7)
+    return [rng.standard_normal((1, 3, 16, 16)).astype(np.float32) for _ in range(n)]
+
+
+def test_one_model_shared_by_eight_threads_answers_right(artifacts):
+    """Each run used to share one set of activation buffers: 8 threads got 120 of 120 answers wrong."""
+    m = kiln.load(artifacts[0], max_concurrency=3)
+    xs = inputs(8)
+    want = [m.run(x)[0] for x in xs]
+    wrong, errors = [], []
+
+    def work(i: int) -> None:
+        try:
+            for k in range(15):
+                got = m.run(xs[(i + k) % 8])[0]
+                if not np.array_equal(got, want[(i + k) % 8]):
+                    wrong.append((i, k))
+        except Exception as err:  # noqa: BLE001  (reported below, with the thread that raised)
+            errors.append(f"thread {i}: {err!r}")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert wrong == [], f"{len(wrong)} of 120 concurrent runs gave another answer than the same run alone"
+    assert 1 <= m._contexts <= 3  # contexts are capped, not one per caller
+
+
+def test_max_concurrency_must_be_positive(artifacts):
+    with pytest.raises(InputError, match="max_concurrency"):
+        kiln.load(artifacts[0], max_concurrency=0)
+
+
+def _flip_bits_and_load(path: Path, offsets: list[int], tmp: Path) -> list[str]:
+    """Load `path` with one bit flipped at each offset, in a child process: a flip that slips through may
+    crash the loader, and must not take the test run with it."""
+    script = f"""
+import json, sys
+from pathlib import Path
+import kiln
+from kiln.errors import ArtifactError
+data = Path({str(path)!r}).read_bytes()
+out = []
+for i, at in enumerate({offsets!r}):
+    bad = bytearray(data); bad[at] ^= 1 << (i % 8)
+    p = Path({str(tmp)!r}) / f"flip{{i}}.so"; p.write_bytes(bytes(bad))
+    try:
+        kiln.load(p); out.append("loaded")
+    except ArtifactError as err:
+        out.append("refused: " + str(err))
+print(json.dumps(out))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"the loader died (exit {proc.returncode}): {proc.stderr[-2000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_every_flipped_bit_is_refused_before_anything_runs(artifacts, tmp_path):
+    """8 single-bit flips in the code gave 3 silently wrong outputs and 1 SIGSEGV; the seal's CRC-32 sees each."""
+    path = artifacts[0]
+    size = path.stat().st_size
+    data = path.read_bytes()
+    meta_at = data.index(b'{"magic": "kiln"')
+    offsets = sorted({*np.random.default_rng(0).integers(64, size - SEAL.size, 20).tolist(),
+                      20, meta_at + 30, meta_at + 200, size - 1, size - SEAL.size - 1})
+    results = _flip_bits_and_load(path, offsets, tmp_path)
+    assert [r for r in results if not r.startswith("refused")] == []
+    assert all("corrupted" in r or "seal" in r for r in results), results
+
+
+def test_a_cut_off_seal_is_refused(artifacts, tmp_path):
+    data = artifacts[0].read_bytes()
+    (tmp_path / "unsealed.so").write_bytes(data[:-SEAL.size])
+    with pytest.raises(ArtifactError, match="lost its seal"):
+        kiln.load(tmp_path / "unsealed.so")
+
+
+def _elf_with(data: bytes, **fields) -> bytes:
+    at = {"phoff": (32, "<Q"), "shoff": (40, "<Q"), "phentsize": (54, "<H"), "phnum": (56, "<H")}
+    out = bytearray(data[:-SEAL.size])
+    for name, value in fields.items():
+        struct.pack_into(at[name][1], out, at[name][0], value)
+    return bytes(out) + SEAL.pack(b"KILNSEAL", 1, zlib.crc32(bytes(out)), len(out))  # resealed: only headers lie
+
+
+@pytest.mark.parametrize("fields", [{"phoff": 2**63 + 5}, {"phoff": 2**64 - 1}, {"shoff": 2**63},
+                                    {"phentsize": 0}, {"phnum": 65535}],
+                         ids=["phoff_2^63", "phoff_max", "shoff_2^63", "phentsize_0", "phnum_max"])
+def test_garbage_elf_headers_are_refused_cleanly(artifacts, tmp_path, fields):
+    """Random bytes whose program-header offset is ≥ 2^63 raised a raw ValueError out of the ELF check."""
+    (tmp_path / "bad.so").write_bytes(_elf_with(artifacts[0].read_bytes(), **fields))
+    with pytest.raises(ArtifactError, match="truncated or corrupted"):
+        kiln.load(tmp_path / "bad.so")
+
+
+@pytest.mark.parametrize("kind", ["random", "random_elf", "text", "empty", "directory", "half"])
+def test_files_that_are_no_artifact_are_refused(artifacts, tmp_path, kind):
+    path = tmp_path / "model.so"
+    rng = np.random.default_rng(1)
+    if kind == "random":
+        path.write_bytes(rng.bytes(100_000))
+    elif kind == "random_elf":
+        path.write_bytes(b"\x7fELF\x02\x01" + rng.bytes(100_000))
+    elif kind == "text":
+        path.write_text("model weights go here\n" * 100)
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        data = artifacts[0].read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtifactError) as err:
+        kiln.load(path)
+    assert str(path) in str(err.value) or path.name in str(err.value)
+
+
+def test_editing_a_loaded_file_in_place_changes_nothing(artifacts, tmp_path):
+    """`truncate` on a loaded artifact killed the process with SIGBUS, `cp` over it with SIGSEGV: the model
+    now runs from a private copy, so the file may change under it."""
+    script = f"""
+import os, shutil, sys
+import numpy as np
+import kiln
+path = {str(tmp_path / "live.so")!r}
+shutil.copyfile({str(artifacts[0])!r}, path)
+m = kiln.load(path)
+x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
+want = m.run(x)[0]
+os.truncate(path, 4096)
+assert np.array_equal(m.run(x)[0], want), "truncate changed the answer"
+with open({str(artifacts[1])!r}, "rb") as src, open(path, "r+b") as dst:  # cp: the same inode, rewritten
+    dst.write(src.read())
+assert np.array_equal(m.run(x)[0], want), "cp over the file changed the answer"
+os.unlink(path)
+assert np.array_equal(m.run(x)[0], want), "rm changed the answer"
+other = kiln.load({str(artifacts[1])!r}).run(x)[0]
+assert not np.array_equal(other, want)
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-2000:])
+
+
+def _mapped_copies() -> int:
+    with open("/proc/self/maps") as f:
+        return len({line.split()[-1] for line in f if "/kiln-" in line and ".so" in line})
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+def test_dropped_models_unload_their_code(artifacts):
+    """TVM-FFI keeps every loaded library for the life of the process by default: 50 loads kept 824 MB."""
+    x = inputs(1)[0]
+    before = _mapped_copies()
+    for _ in range(20):
+        m = kiln.load(artifacts[0])
+        m.run(x)
+        del m
+    assert _mapped_copies() == before
+
+
+def test_private_copies_leave_no_files_behind(artifacts, tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    m = kiln.load(artifacts[0])
+    assert os.listdir(tmp_path) == []
+    assert m.run(inputs(1)[0])[0].shape == (1, 10)
+
+
+def _meta() -> dict:
+    t = {"name": "x", "shape": [1, 4], "dtype": "float32"}
+    return {"magic": "kiln", "format": 2, "inputs": [t], "outputs": [{**t, "name": "y"}], "blocks": [16],
+            "weights_nbytes": 16,
+            "values": [{"kind": "input", "index": 0, **t}, {"kind": "const", "offset": 0, **t},
+                       {"kind": "block", "block": 0, "offset": 0, **t}, {"kind": "output", "index": 0, **t}],
+            "steps": [{"kernel": "k0", "args": [0, 1, 2]}, {"kernel": "k1", "args": [2, 3]}]}
+
+
+@pytest.mark.parametrize("edit,field", [
+    (lambda m: m["values"][1].update(offset=8), "values[1]"),  # a constant reaching past the weights
+    (lambda m: m["values"][2].update(block=3), "values[2].block"),
+    (lambda m: m["values"][2].update(offset=4), "values[2]"),
+    (lambda m: m["values"][0].update(shape=[1, -4]), "values[0].shape[1]"),
+    (lambda m: m["values"][0].update(dtype="float31"), "values[0].dtype"),
+    (lambda m: m["steps"][0].update(args=[0, 9]), "steps[0].args[1]"),
+    (lambda m: m["inputs"][0].update(shape="1x4"), "inputs[0]"),
+    (lambda m: m.update(blocks={"0": 16}), "blocks"),
+    (lambda m: m["values"][3].update(kind="weights"), "values[3].kind"),
+], ids=["const_past_weights", "block_index", "block_offset", "negative_dim", "dtype", "step_arg", "shape_type",
+        "blocks_type", "kind"])
+def test_metadata_out_of_bounds_is_refused_naming_the_field(edit, field):
+    meta = _meta()
+    validate_metadata(meta, Path("m.so"))  # the unedited one is fine
+    edit(meta)
+    with pytest.raises(ArtifactError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        validate_metadata(meta, Path("m.so"))
+
+
+def test_an_artifact_copied_while_loaded_elsewhere_loads_its_own_code(artifacts, tmp_path):
+    """A second load of one path after the file changed must run the new kernels and weights."""
+    path = tmp_path / "m.so"
+    shutil.copyfile(artifacts[0], path)
+    x = inputs(1)[0]
+    first = kiln.load(path)
+    shutil.copyfile(artifacts[1], path)
+    second = kiln.load(path)
+    assert np.array_equal(first.run(x)[0], kiln.load(artifacts[0]).run(x)[0])
+    assert np.array_equal(second.run(x)[0], kiln.load(artifacts[1]).run(x)[0])
