@@ -316,6 +316,9 @@ def load_override(body: bytes) -> dict | None:
     req = parse_json(body, "load request body")
     if not isinstance(req, dict):
         raise BadRequest(f"load request body must be a JSON object, got {type(req).__name__}")
+    extra = sorted(k for k in req if k != "parameters")
+    if extra:
+        raise BadRequest(f"load request fields {show(extra)} are not supported (only 'parameters')")
     params = req.get("parameters")
     if params is None:
         return None

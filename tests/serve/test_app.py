@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import tritonclient.http as triton
+from kiln.serve.protocol import HEADER_LENGTH
 from tritonclient.utils import InferenceServerException
 
 from .conftest import CLASSES, SIZE, make_repo, reference
@@ -170,3 +173,143 @@ def test_metrics_are_labelled_by_model_and_version(built, tmp_path, serve_repo):
     assert 'kiln_batch_padding_rows_total{model="tiny",version="1"} 1.0' in text  # 3 rows padded to 4
     assert 'kiln_request_latency_seconds_count{model="tiny",version="1"} 2.0' in text
     assert 'kiln_queue_depth{model="tiny",version="1"}' in text
+
+
+def _raw(url: str, request: bytes, timeout_s: float = 10) -> tuple[int, bytes, float]:
+    """One request written as raw bytes (a lying Content-Length, a partial chunked body): status, response, seconds."""
+    host, port = url.split(":")
+    t0 = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=timeout_s) as s:
+        s.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data or len(data) < _response_length(data):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    status = int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else 0
+    return status, data, time.monotonic() - t0
+
+
+def _response_length(data: bytes) -> int:
+    head, _, _ = data.partition(b"\r\n\r\n")
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(head) + 4 + int(value)
+    return len(data) + 1  # unknown: read until the server closes
+
+
+def _request(url: str, method: str, path: str, body: bytes | None = None, headers: dict | None = None
+             ) -> tuple[int, dict]:
+    """status and JSON answer ({"raw": text} if the answer is not JSON; status 0 if the connection broke)."""
+    host, port = url.split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request(method, path, body, {"Content-Type": "application/json", **(headers or {})})
+        r = conn.getresponse()
+        data = r.read()
+    except (ConnectionError, http.client.HTTPException) as err:
+        return 0, {"raw": repr(err)}
+    finally:
+        conn.close()
+    try:
+        return r.status, json.loads(data)
+    except ValueError:
+        return r.status, {"raw": data[:200].decode("latin-1")}
+
+
+def _tensor(**fields) -> bytes:
+    t = {"name": "data", "shape": [1, 3, SIZE, SIZE], "datatype": "FP32", "data": [0.0] * (3 * SIZE * SIZE)}
+    t.update(fields)
+    return json.dumps({"inputs": [{k: v for k, v in t.items() if v is not ...}]}).encode()
+
+
+MALFORMED = [  # issue 13 item 6: each of these answered 500 (or crashed the handler) before
+    (_tensor(shape=[1 << 64], data=[]), "is too large"),  # OverflowError in np.prod
+    (_tensor(shape=[1 << 32, 1 << 32], data=[]), "is too large"),  # the int64 product wraps to 0, then reshape
+    (_tensor(shape=[0, 1 << 62, 1 << 62], data=[]), "is too large"),  # zero elements, but numpy refuses the shape
+    (_tensor(shape=[1] * 40, data=[1.0]), "40 dims"),
+    (_tensor(datatype=["FP32"]), "datatype ['FP32'] is not supported"),  # TypeError: unhashable list
+    (_tensor(datatype={"a": 1}), "datatype {'a': 1} is not supported"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),  # RecursionError in json.loads
+    (_tensor(data="0.5"), "data must be a list of numbers"),
+    (_tensor(data=[[0.0]] * 768, shape=[768, 1]), "input 'data' expects FP32[-1, 3, 16, 16]"),
+    (_tensor(parameters=[]), "input 'data'.parameters must be an object"),
+    (_tensor(parameters={"binary_data_size": "8"}), "binary_data_size must be a byte count"),
+    (_tensor(name="\ud800"), "model 'tiny' takes inputs ['data']"),  # a lone surrogate in the error message
+    (json.dumps({"inputs": [json.loads(_tensor())["inputs"][0]], "outputs": "gemm0"}).encode(), "'outputs' must be a list"),
+    (json.dumps({"inputs": [json.loads(_tensor())["inputs"][0]], "outputs": [{"name": "gemm0"}] * 2}).encode(),
+     "requested twice"),
+    (json.dumps({"inputs": [json.loads(_tensor())["inputs"][0]], "outputs": [{"name": "gemm0", "parameters": 3}]}
+                ).encode(), "outputs[0].parameters must be an object"),
+    (json.dumps({"inputs": [json.loads(_tensor())["inputs"][0]], "parameters": {"binary_data_output": "yes"}}
+                ).encode(), "binary_data_output must be true or false"),
+    (json.dumps({"inputs": [json.loads(_tensor())["inputs"][0]], "id": {"x": 1}}).encode(), "'id' must be a string"),
+]
+
+
+def test_malformed_requests_answer_400_naming_the_field(built, tmp_path, serve_repo):
+    url, _ = serve_repo(make_repo(built, tmp_path))
+    wrong = []  # every case is tried, so a failure lists all that answer wrongly
+
+    def expect(path: str, body: bytes | None, expected: str, headers: dict | None = None) -> None:
+        status, answer = _request(url, "POST" if body is not None else "GET", path, body, headers)
+        if status != 400 or expected not in answer.get("error", ""):
+            wrong.append((path[:40], (body or b"")[:80], (headers or {}).get(HEADER_LENGTH, "")[:20], status,
+                          str(answer)[:200]))
+
+    for body, expected in MALFORMED:
+        expect("/v2/models/tiny/infer", body, expected)
+    for header in ("abc", "-1", "1_0", "99999999", "9" * 5000):
+        expect("/v2/models/tiny/infer", _tensor(), HEADER_LENGTH, {HEADER_LENGTH: header})
+    for path in ("/v2/models/tiny/versions/" + "1" * 5000 + "/infer", "/v2/models/tiny/versions/%C2%B2/infer"):
+        expect(path, _tensor(), "version in the URL must be a positive integer")  # int() raised ValueError
+    for path in ("/v2/models/tiny/versions/" + "1" * 5000, "/v2/models/tiny/versions/" + "1" * 5000 + "/ready"):
+        expect(path, None, "version in the URL must be a positive integer")
+    assert not wrong, "\n".join(map(str, wrong))
+    client = triton.InferenceServerClient(url)
+    x = _sample(1)
+    np.testing.assert_allclose(_infer(client, x).as_numpy(client_output_name()), reference(built, 1, x),
+                               rtol=1e-5, atol=1e-6)
+    text = triton_metrics(url)
+    assert "\\ud800" not in text and "1" * 100 not in text  # URLs and names create no metric series
+
+
+def test_malformed_load_requests_answer_400(built, tmp_path, serve_repo):
+    url, _ = serve_repo(make_repo(built, tmp_path), model_control="explicit")
+    cases = [
+        ("x" * 5000, b"", "model name"),  # OSError 36: File name too long
+        ("tiny", b"[1, 2]", "load request body must be a JSON object"),  # AttributeError: list has no .get
+        ("tiny", b'{"latest": "x"}', "load request fields ['latest'] are not supported"),
+        ("tiny", b"[" * 100_000, "nested too deeply"),
+        ("tiny", json.dumps({"parameters": {"config": {"version_policy": {"latest": "x"}}}}).encode(),
+         "version_policy"),  # AttributeError inside parse_config
+        ("tiny", json.dumps({"parameters": {"config": "[1]"}}).encode(), "parameters.config must be a JSON object"),
+        ("tiny", json.dumps({"parameters": {"config": 7}}).encode(), "parameters.config must be a JSON object"),
+        ("tiny", json.dumps({"parameters": {"config": '{"max_batch_size": 1e400}'}}).encode(), "max_batch_size"),
+        ("tiny", json.dumps({"parameters": []}).encode(), "'parameters' must be an object"),
+    ]
+    wrong = []
+    for model, body, expected in cases:
+        status, answer = _request(url, "POST", f"/v2/repository/models/{model}/load", body)
+        if status != 400 or expected not in answer.get("error", ""):
+            wrong.append((model[:20], body[:60], status, str(answer)[:200]))
+    assert not wrong, "\n".join(map(str, wrong))
+    status, _, answer = _post(url, f"/v2/repository/models/{'x' * 5000}/unload", b"")
+    assert status == 400 and "model name" in answer["error"]
+    assert triton.InferenceServerClient(url).is_model_ready("tiny")
+
+
+def test_a_body_that_stops_short_answers_408(built, tmp_path, serve_repo):
+    url, _ = serve_repo(make_repo(built, tmp_path), body_timeout_s=0.5)
+    for path in ("/v2/models/tiny/infer", "/v2/repository/models/tiny/load"):
+        head = f"POST {path} HTTP/1.1\r\nHost: {url}\r\nContent-Type: application/json\r\n"
+        short = (head + "Content-Length: 1000\r\n\r\n").encode() + b'{"inputs": ['  # 12 of 1,000 bytes, then silence
+        chunked = (head + "Transfer-Encoding: chunked\r\n\r\nFFFFFFFF\r\n").encode() + b"abc"  # 4 GiB declared
+        for request in (short, chunked):
+            status, data, seconds = _raw(url, request)  # before: no answer until the client gave up
+            assert status == 408 and b"--body-timeout-s" in data, data[:300]
+            assert 0.4 < seconds < 3, seconds
+            assert b"connection: close" in data.lower()
+    assert triton.InferenceServerClient(url).is_server_live()
