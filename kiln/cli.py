@@ -345,7 +345,8 @@ def repo_add(
     repository: Path = typer.Argument(..., help="the repository folder (created if missing)"),
     name: str = typer.Option(..., "--name", help="the model's name in the repository"),
     version: Optional[int] = typer.Option(None, "--version", help="default: the highest existing + 1"),
-    max_batch: int = typer.Option(8, "--max-batch", help="largest batch bucket"),
+    max_batch: int = typer.Option(8, "--max-batch", help="largest batch bucket; 1 also takes a model whose "
+                                  "dim 0 is fixed (static batch, or no batch dim), compiled as exported"),
     bucket: Optional[list[int]] = typer.Option(None, "--bucket", help="batch sizes to compile (repeatable); "
                                                "default: powers of two up to --max-batch"),
     target: str = typer.Option("native", "--target"),

@@ -42,7 +42,9 @@ def default_buckets(max_batch: int) -> tuple[int, ...]:
 
 
 def _batched_shapes(model: onnx.ModelProto, batch: int) -> dict[str, tuple[int, ...]]:
-    """Every graph input with dim 0 set to `batch`; the other dims must be static."""
+    """Every graph input with dim 0 set to `batch`; the other dims must be static. With the single bucket 1
+    (`--max-batch 1`), a fixed dim 0 stays as exported: a static-batch model, or one with no batch dim at all,
+    is compiled as it is and served at its exact shapes."""
     initializers = {t.name for t in model.graph.initializer}
     shapes: dict[str, tuple[int, ...]] = {}
     for vi in model.graph.input:
@@ -51,16 +53,18 @@ def _batched_shapes(model: onnx.ModelProto, batch: int) -> dict[str, tuple[int, 
         dims = vi.type.tensor_type.shape.dim
         if not dims:
             raise KilnError(f"input '{vi.name}' has no shape; a served model needs [batch, ...] inputs")
-        if dims[0].HasField("dim_value") and dims[0].dim_value != batch and batch != 1:
-            raise KilnError(f"input '{vi.name}' fixes its batch dim to {dims[0].dim_value}; export the model "
-                            f"with a symbolic batch dim (e.g. 'N') to compile batch buckets")
+        fixed = dims[0].dim_value if dims[0].HasField("dim_value") else None
+        if fixed is not None and fixed != batch and batch != 1:
+            raise KilnError(f"input '{vi.name}' fixes its batch dim to {fixed}; export the model with a symbolic "
+                            f"batch dim (e.g. 'N') to compile batch buckets, or serve it as it is with "
+                            f"--max-batch 1")
         rest = []
         for i, d in enumerate(dims[1:], start=1):
             if not d.HasField("dim_value"):
                 raise KilnError(f"input '{vi.name}' dim {i} is symbolic ({d.dim_param or '?'}); only the batch "
                                 f"dim may vary")
             rest.append(d.dim_value)
-        shapes[vi.name] = (batch, *rest)
+        shapes[vi.name] = (fixed if fixed is not None and batch == 1 else batch, *rest)
     return shapes
 
 

@@ -86,8 +86,9 @@ class LoadedVersion:
     """One version in memory: a Model per bucket and the batcher that feeds them.
 
     A version directory holds `model_b<N>.so` buckets, or else exactly one other `*.so` (a plain `kiln compile`
-    output). That one serves as a single batch-1 bucket when dim 0 of every tensor is 1; otherwise the model
-    has no batch dim and each request must carry the exact shapes (`batched` is False)."""
+    output). A lone batch-1 artifact (that one, or a lone model_b1.so) serves as a single batch-1 bucket when
+    dim 0 of every tensor is 1; otherwise the model has no batch dim and each request must carry the exact
+    shapes (`batched` is False)."""
 
     def __init__(self, model: str, version: int, path: Path, config: ModelConfig, metrics: Metrics,
                  num_threads: int | None, fingerprint: tuple | None = None):
@@ -96,9 +97,9 @@ class LoadedVersion:
         self.batching_key = _batching_key(config)
         self.label = str(version)
         self.batched = True
-        files, single = self._artifacts(path, config)
+        files = self._artifacts(path, config)
         self.models: dict[int, Model] = {b: _load_artifact(p) for b, p in sorted(files.items())}
-        self.inputs, self.outputs = self._agreed_signature(single)
+        self.inputs, self.outputs = self._agreed_signature(single=list(files) == [1])
         self.max_batch_size = min(config.max_batch_size, max(self.models))
         self._warm_up()
         self.batcher = Batcher(self._run_bucket, list(self.models), max_batch_size=self.max_batch_size,
@@ -110,8 +111,8 @@ class LoadedVersion:
                                batched=self.batched)
 
     @staticmethod
-    def _artifacts(path: Path, config: ModelConfig) -> tuple[dict[int, Path], bool]:
-        """bucket → artifact file, and whether it is one plain *.so rather than model_b<N>.so buckets."""
+    def _artifacts(path: Path, config: ModelConfig) -> dict[int, Path]:
+        """bucket → artifact file; one plain *.so is bucket 1."""
         entries = sorted(path.iterdir())
         for p in entries:
             if p.name.endswith(".so") and not p.is_file():
@@ -120,7 +121,7 @@ class LoadedVersion:
         files = {int(m.group(1)): p for p in entries if (m := ARTIFACT.match(p.name))}
         plain = [p for p in entries if p.name.endswith(".so") and not ARTIFACT.match(p.name)]
         if not files and len(plain) == 1:
-            return {1: plain[0]}, True  # a static-batch model: one bucket of 1; batch_buckets does not apply
+            return {1: plain[0]}  # a static-batch model: one bucket of 1; batch_buckets does not apply
         if not files and plain:
             raise LoadError(f"{path} holds {len(plain)} .so files {[p.name for p in plain]}; name batch buckets "
                             f"model_b<N>.so, or keep one artifact")
@@ -135,7 +136,7 @@ class LoadedVersion:
         usable = {b: p for b, p in files.items() if b <= config.max_batch_size}
         if not usable:
             raise LoadError(f"{path}: every bucket {sorted(files)} exceeds max_batch_size {config.max_batch_size}")
-        return usable, False
+        return usable
 
     def _agreed_signature(self, single: bool) -> tuple[list[Tensor], list[Tensor]]:
         """Every bucket must take and give the same tensors, with dim 0 its batch size."""

@@ -83,3 +83,17 @@ def test_two_plain_artifacts_in_one_version_are_refused_with_the_names(built, tm
     client = triton.InferenceServerClient(url)
     with pytest.raises(InferenceServerException, match=r"2 \.so files \['a\.so', 'b\.so'\]"):
         client.load_model("m")
+
+
+def test_repo_add_max_batch_1_compiles_a_model_without_a_batch_dim_as_it_is(tmp_path, serve_repo):
+    """`kiln repo add --max-batch 1` once set dim 0 to 1 whatever it was: [3, 5] became [1, 5]."""
+    from kiln.repo_builder import add_version
+
+    g = GraphBuilder("no_batch", 0)
+    y = g.op("Relu", ["x"])
+    model = g.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 5])], [(y, TensorProto.FLOAT, [3, 5])])
+    added = add_version(model, tmp_path, "m", max_batch=1)
+    assert added.buckets == (1,)
+    url, _ = serve_repo(tmp_path)
+    meta = triton.InferenceServerClient(url).get_model_metadata("m")
+    assert meta["inputs"][0]["shape"] == [3, 5] and meta["parameters"]["max_batch_size"] == 1
