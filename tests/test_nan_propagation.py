@@ -76,6 +76,7 @@ ELEMENTWISE = {
     "leaky_relu": ("LeakyRelu", ["x"], {"alpha": 0.1}),
     "elu": ("Elu", ["x"], {"alpha": 1.0}),
     "sign": ("Sign", ["x"], {}),
+    "softplus": ("Softplus", ["x"], {}),
     "max": ("Max", ["x", "y"], {}),
     "min": ("Min", ["x", "y"], {}),
     "max_const": ("Max", ["x", "half"], {}),

@@ -336,8 +336,8 @@ def _te_unary() -> dict[str, object]:
     def sigmoid(x):
         return 1 / (1 + te.exp(-x))
 
-    def softplus(x):
-        return te.log(1 + te.exp(x))
+    def softplus(x):  # log(1 + e^x) without e^x overflowing: softplus(1e38) is 1e38, as ONNX Runtime gives
+        return float_math.bind(x, lambda v: float_math.relu(v) + te.log(1 + te.exp(-te.abs(v))))
 
     return {
         "nn.relu": float_math.relu,  # NaN stays NaN, at the cost of te.max (float_math)
