@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from kiln.errors import CodegenError
-from kiln.runtime.artifact import META_SYMBOL, WEIGHTS_SYMBOL, seal
+from kiln.runtime.artifact import META_SYMBOL, WEIGHTS_SYMBOL, WEIGHTS_VIEW_SYMBOL, seal
 
 from .entry import ENTRY_SYMBOL, entry_source
 
@@ -30,6 +30,10 @@ _BLOBS_C = r'''
     TVMFFIByteArray b = {name##_s, (size_t)(name##_e - name##_s)}; return TVMFFIBytesFromByteArray(&b, ret); }
 BLOB(%(meta)s, "%(meta_file)s")
 BLOB(%(weights)s, "%(weights_file)s")
+/* where the weights lie in the loaded library: the loader copies them once, straight into its arena */
+int __tvm_ffi_%(weights_view)s(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* ret) {
+  ret->type_index = kTVMFFIOpaquePtr; ret->zero_padding = 0; ret->v_uint64 = 0;
+  ret->v_ptr = (void*)%(weights)s_s; return 0; }
 '''
 
 
@@ -44,6 +48,7 @@ def write_artifact(path: Path, executable, meta: dict, weights: bytes, cc: str =
         (t / "meta.json").write_text(json.dumps(meta))
         (t / "weights.bin").write_bytes(weights)
         (t / "blobs.c").write_text(_BLOBS_C % {"meta": META_SYMBOL, "weights": WEIGHTS_SYMBOL,
+                                               "weights_view": WEIGHTS_VIEW_SYMBOL,
                                                "meta_file": t / "meta.json", "weights_file": t / "weights.bin"})
         (t / "entry.c").write_text(entry_source(meta["steps"], len(meta["values"])))
         try:

@@ -22,6 +22,7 @@ from kiln.errors import ArtifactError
 FORMAT = 2
 META_SYMBOL = "kiln_meta"
 WEIGHTS_SYMBOL = "kiln_weights"
+WEIGHTS_VIEW_SYMBOL = "kiln_weights_view"  # the blob's address: one copy at load instead of three (optional)
 ALIGN = 64
 # The seal ends the file: magic, seal version, CRC-32 of all bytes before the seal, and their count. CRC-32 catches
 # every burst of ≤ 32 flipped bits and costs 0.56 ms per MB here (56 ms for ResNet-50's 100 MB).

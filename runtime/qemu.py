@@ -19,7 +19,7 @@ import numpy as np
 
 from kiln.errors import ArtifactError
 
-from .artifact import check_elf, validate_metadata
+from .artifact import check_elf, read_artifact, validate_metadata
 from .cpu import host_arch
 from .model import _DLPACK_CODES, TensorInfo, check_inputs
 
@@ -64,7 +64,9 @@ class QemuModel:
         self.path = Path(path).resolve()
         if not self.path.is_file():
             raise ArtifactError(f"artifact {str(path)!r} does not exist")
-        self.arch = check_elf(self.path)
+        data, sealed = read_artifact(self.path)  # the seal's checksum, as kiln.load checks it
+        self.arch = check_elf(self.path, data=data)
+        del data
         if self.arch == host_arch():
             raise ArtifactError(f"{path} is built for {self.arch}, this machine's own architecture: run it without "
                                 f"qemu (kiln.load, or `kiln run` without --qemu)")
@@ -85,6 +87,8 @@ class QemuModel:
         except (ValueError, UnicodeDecodeError) as err:
             raise ArtifactError(f"{path}: metadata is corrupted ({err})") from None
         validate_metadata(meta, self.path)
+        if meta.get("sealed") and not sealed:
+            raise ArtifactError(f"{path} lost its seal (the checksum at its end): truncated or corrupted")
         if not meta.get("entry"):
             raise ArtifactError(f"{path} has no native entry function; qemu runs need one (rebuild the artifact)")
         self.meta = meta
