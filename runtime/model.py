@@ -7,7 +7,6 @@ of the outputs it returns and runs on several threads never share a buffer.
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import json
 import logging
 import os
@@ -23,10 +22,10 @@ from kiln.errors import ArtifactError, InputError
 
 from .artifact import ALIGN, META_SYMBOL, WEIGHTS_SYMBOL, WEIGHTS_VIEW_SYMBOL, read_artifact, validate_metadata
 from .cpu import host_arch, missing_features
+from .threads import load_tvm_runtime, run_kernels, set_num_threads, usable_cpus
 from .timing import time_ms
 
 log = logging.getLogger(__name__)
-_RUNTIME_LOADED = False
 
 
 def _open_private_copy(tvm_ffi, data: memoryview, name: str):
@@ -44,36 +43,6 @@ def _open_private_copy(tvm_ffi, data: memoryview, name: str):
         return tvm_ffi.load_module(tmp, keep_module_alive=False)  # unloaded when the Model goes
     finally:
         os.unlink(tmp)
-
-
-def _load_tvm_runtime() -> None:
-    """libtvm_runtime provides the thread pool parallel kernels need; load it without importing the compiler."""
-    global _RUNTIME_LOADED
-    if _RUNTIME_LOADED:
-        return
-    import tvm_ffi  # noqa: F401  (loads libtvm_ffi, which libtvm_runtime links against)
-
-    spec = importlib.util.find_spec("tvm")
-    if spec is None or spec.origin is None:
-        raise ArtifactError("TVM's runtime library is not installed (pip install apache-tvm)")
-    lib = os.path.join(os.path.dirname(spec.origin), "lib", "libtvm_runtime.so")
-    # TVM sizes its worker pool once, from TVM_NUM_THREADS, when the first parallel kernel runs, and defaults to
-    # half the logical CPUs (one thread on a 2-core machine); `runtime.config_threadpool` can only shrink it
-    # later. Default to every core this process may use, as ONNX Runtime does.
-    os.environ.setdefault("TVM_NUM_THREADS", str(usable_cpus()))
-    if int(os.environ["TVM_NUM_THREADS"]) > 1:
-        # every core runs a pool worker and the caller only waits, instead of the caller doing worker 0's share:
-        # MobileNetV2 3.71 -> 3.50 ms on 2 cores (ResNet-50 unchanged), alternating runs
-        os.environ.setdefault("TVM_EXCLUDE_WORKER0", "0")
-    ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
-    _RUNTIME_LOADED = True
-
-
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def aligned_empty(shape: Sequence[int], dtype: str) -> np.ndarray:
@@ -136,11 +105,12 @@ class Model:
                  max_concurrency: int | None = None):
         self.path = Path(path).resolve()
         data, sealed = read_artifact(self.path, expect_arch=host_arch())
-        _load_tvm_runtime()
+        load_tvm_runtime()
         import tvm_ffi
 
         if num_threads is not None:
             set_num_threads(num_threads)
+        self.num_threads = num_threads
         try:
             self._lib = _open_private_copy(tvm_ffi, data, self.path.name)
             meta_fn = self._lib[META_SYMBOL]
@@ -243,7 +213,7 @@ class Model:
         checked = self._check(args, named)
         ctx = self._acquire()
         try:
-            self._execute(ctx, checked)
+            run_kernels(lambda: self._execute(ctx, checked), self.num_threads)
             return [o.copy() for o in ctx.outputs]
         finally:
             self._release(ctx)
@@ -349,20 +319,6 @@ def check_inputs(inputs: list[TensorInfo], args: tuple, named: dict) -> list[np.
             raise InputError(f"input '{t.name}' expects {t.dtype}{list(t.shape)}, got shape {list(v.shape)}")
         out.append(v)
     return out
-
-
-def set_num_threads(n: int) -> None:
-    """Resize TVM's worker pool (process-wide: every loaded model shares it)."""
-    if n < 1:
-        raise InputError(f"num_threads must be ≥ 1, got {n}")
-    _load_tvm_runtime()
-    import tvm_ffi
-
-    pool = int(os.environ.get("TVM_NUM_THREADS") or usable_cpus())
-    if n > pool:
-        log.warning("num_threads=%d but TVM's pool holds %d threads (TVM_NUM_THREADS); using %d", n, pool, pool)
-        n = pool
-    tvm_ffi.get_global_func("runtime.config_threadpool")(1, int(n))  # 1: no core pinning
 
 
 _DLTENSOR = np.dtype([("data", "u8"), ("device_type", "i4"), ("device_id", "i4"), ("ndim", "i4"),

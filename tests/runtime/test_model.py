@@ -255,3 +255,46 @@ def test_an_artifact_copied_while_loaded_elsewhere_loads_its_own_code(artifacts,
     second = kiln.load(path)
     assert np.array_equal(first.run(x)[0], kiln.load(artifacts[0]).run(x)[0])
     assert np.array_equal(second.run(x)[0], kiln.load(artifacts[1]).run(x)[0])
+
+
+def test_callers_on_ever_new_threads_leave_a_bounded_number_of_workers(artifacts):
+    """TVM keeps a worker pool per calling thread until the process exits: 50 short-lived callers left 150
+    spinning workers behind. Past MAX_POOL_OWNERS threads, runs go to long-lived lanes instead."""
+    script = f"""
+import os, threading
+import numpy as np
+import kiln
+from kiln.runtime import threads
+threads.MAX_POOL_OWNERS = 2
+m = kiln.load({str(artifacts[0])!r})
+x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
+want = m.run(x)[0]
+wrong = []
+def call():
+    if not np.array_equal(m.run(x)[0], want):
+        wrong.append(1)
+for _ in range(40):
+    t = threading.Thread(target=call); t.start(); t.join()
+names = [t.name for t in threading.enumerate()]
+print(len(wrong), len(os.listdir("/proc/self/task")), sum(n.startswith("kiln-lane") for n in names),
+      threads.usable_cpus(), threads.pool_limit())
+"""
+    proc = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    wrong, tasks, lanes, cpus, workers = map(int, proc.stdout.split())
+    assert wrong == 0
+    assert lanes == cpus
+    # the main thread, 2 pool owners and the lanes, each with its workers; 40 callers would leave 40 pools
+    assert tasks <= 1 + (2 + lanes) * (workers + 1) + 2, tasks
+
+
+def test_a_run_on_a_lane_raises_in_its_caller(artifacts):
+    from kiln.runtime import threads
+
+    def boom():
+        raise ValueError("kernel failed")
+
+    lanes = threads._Lanes(1)
+    with pytest.raises(ValueError, match="kernel failed"):
+        lanes.run(boom, None)
+    assert lanes.run(lambda: 41 + 1, None) == 42
