@@ -240,6 +240,11 @@ def add_whole(src: Path, model_dir: Path, version: int, spoil_kind: str | None =
     hidden.rename(model_dir / str(version))
 
 
+def _refused(state: tuple[str, str] | None) -> bool:
+    """Tried and refused, with a reason that names the file (not merely "not loaded")."""
+    return state is not None and state[0] == "UNAVAILABLE" and ".so" in state[1]
+
+
 def index_states(client) -> dict[str, tuple[str, str]]:
     return {r.get("version", "-"): (r["state"], r.get("reason", "")) for r in client.get_model_repository_index()
             if r["name"] == "cnn"}
@@ -299,8 +304,7 @@ def phase_poll(work: Path, pristine: Path, ref: Reference, args, help_text: str)
     kinds = ["random_bytes", "truncated_elf", "text_file", "directory"]
     for i, kind in enumerate(kinds):
         add_whole(pristine / "cnn" / "1", model_dir, 3 + i, kind)
-    settled = wait_for(lambda: all(index_states(admin).get(str(3 + i), ("", ""))[0] == "UNAVAILABLE"
-                                   for i in range(len(kinds))), 20)
+    settled = wait_for(lambda: all(_refused(index_states(admin).get(str(3 + i))) for i in range(len(kinds))), 20)
     states = index_states(admin)
     event("corrupt versions 3-6 refused", settled and admin.get_model_metadata("cnn")["versions"] == ["2"],
           states={v: states.get(v) for v in map(str, range(3, 3 + len(kinds)))})

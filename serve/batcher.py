@@ -91,8 +91,10 @@ class Batcher:
                 raise Overloaded()
             self._queue.append(req)
             depth = len(self._queue)
+            on_depth = self._on_depth  # read under the lock: the worker drops it as it exits
             self._cond.notify()
-        self._on_depth(depth)
+        if on_depth is not None:
+            on_depth(depth)
         return req.future
 
     def queue_depth(self) -> int:

@@ -467,7 +467,7 @@ class ModelRepository:
         t0 = time.perf_counter()
         try:
             loaded = LoadedVersion(entry.name, v, path, cfg, self.metrics, self.num_threads, fingerprint=fp)
-        except KilnError as err:  # ArtifactError, InputError, LoadError: the version's files are at fault
+        except (KilnError, OSError) as err:  # ArtifactError, LoadError, a directory removed: the files are at fault
             reason = str(err)
         except Exception as err:  # noqa: BLE001  (our bug or the runtime's; this version only cannot serve)
             log.exception("version failed to load", extra={"model": entry.name, "version": v})
