@@ -167,6 +167,31 @@ def test_max_reductions_keep_every_nan(ops_outputs, name):
     assert_same_values(got, want, ~np.isnan(want) & ~np.isnan(got), name)
 
 
+@pytest.mark.parametrize("target", ["x86-avx2", "x86-avx512"])  # compiled, not run: no AVX-512 needed
+def test_nan_aware_max_pool_stays_vectorized(target):
+    """The blocked max pool reads its padding in place (an if_then_else); `tir.isnan` around it made TVM scalarize
+    the whole loop (vmaxss, ucomiss, a branch per element), float_math.is_nan's integer test does not."""
+    import re
+
+    import tvm
+    from kiln.codegen.target import resolve_target
+    from kiln.ir.ops.blocked import POOL2D_NCHWC, PoolNCHWcAttrs
+    from kiln.ir.ops.pool import PoolAttrs
+    from kiln.schedules.x86 import pool_nchwc
+    from tvm import s_tir, te
+
+    x = te.placeholder((1, 4, 56, 56, 16), "float32", name="x")
+    attrs = PoolNCHWcAttrs(kind="max", pool=PoolAttrs(kernel=(3, 3), strides=(2, 2), padding=(0, 0, 1, 1),
+                                                      dilation=(1, 1), ceil_mode=True))
+    y = POOL2D_NCHWC.compute(x, attrs)
+    sch = s_tir.Schedule(te.create_prim_func([x, y]))
+    pool_nchwc.schedule(sch, pool_nchwc.default(int(y.shape[3]), 9))
+    asm = tvm.compile(sch.mod, target=resolve_target(target)).mod.inspect_source("asm")
+    scalar = re.findall(r"^\s+(vmaxss|vucomiss|vcmpunordss)\b", asm, re.MULTILINE)
+    assert not scalar, f"{target}: {len(scalar)} scalar max/compare instructions in the pooling loop"
+    assert re.search(r"^\s+vblendvps|^\s+vblendmps|^\s+vmaxps", asm, re.MULTILINE), f"{target}: no vector max or blend"
+
+
 def small_cnn() -> onnx.ModelProto:
     """conv (bias) → relu → max pool → conv → relu → global avg pool → flatten → gemm → clip → softmax, and the
     second relu as an output too; 40 channels block unevenly, so the blocked layout pads some."""
