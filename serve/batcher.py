@@ -149,7 +149,7 @@ class Batcher:
         except BaseException as err:  # our bug: fail every waiting request now and later, then stop
             log.exception("batch worker %s died; its requests fail from now on", self.name)
             with self._cond:
-                self.died = err
+                self.died = err.with_traceback(None)  # logged; its frames would hold this batcher in a cycle
                 pending, self._queue = [*self._taken, *self._queue], deque()
                 self._taken = []
             for r in pending:
