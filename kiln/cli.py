@@ -326,6 +326,7 @@ def serve(
     log_level: str = typer.Option("info", "--log-level"),
 ) -> None:
     """Serve a model repository over the KServe v2 HTTP API, with dynamic batching and /metrics."""
+    import logging
     import os
 
     from kiln.serve import logs
@@ -337,6 +338,11 @@ def serve(
                max_body_bytes=int(max_body_mb * (1 << 20)), body_timeout_s=body_timeout_s,
                model_control=model_control, control_token=read_control_token(control_token_file, os.environ),
                shutdown_timeout_s=shutdown_timeout_s)
+    # Stopped, repository closed, logs written: end here. Interpreter teardown frees every loaded library and
+    # took over 10 s on a busy 2-core machine, past --shutdown-timeout-s, where no watchdog thread can run.
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(0)
 
 
 @repo_app.command("add")

@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 import kiln
 from kiln.errors import KilnError
@@ -86,6 +87,8 @@ async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
 
     try:
         return await asyncio.wait_for(collect(), timeout_s)
+    except ClientDisconnect:  # nobody reads the answer; it only must not count as our error
+        raise BadRequest("the client disconnected before sending the whole body") from None
     except asyncio.TimeoutError:
         raise RequestTimeout(f"request body did not arrive within {timeout_s:g} s (--body-timeout-s)",
                              close) from None
