@@ -109,9 +109,11 @@ def _size_pool(concurrent: bool, requested: int | None) -> None:
         if size != 1:
             _config_pool(1)
         return
+    if size is None and requested is None:
+        return  # TVM's default pool: every usable core (see load_tvm_runtime)
     full = min(requested or getattr(_THREAD, "full", None) or pool_limit(), pool_limit())
-    if size is None or size == full:
-        return  # TVM's default pool (every usable core, see model._load_tvm_runtime), or already right
+    if size == full:
+        return
     if requested is not None and requested != getattr(_THREAD, "full", None):
         _config_pool(full)  # a Model loaded with num_threads=N runs with N, whichever thread calls it
         return
@@ -163,13 +165,14 @@ class _Lanes:
 def run_kernels(fn: Callable[[], T], requested: int | None = None) -> T:
     """Run `fn` (which calls compiled kernels) on this thread if it may own a TVM pool, else on a lane."""
     global _pool_owners, _lanes
-    if not getattr(_THREAD, "owner", False):
-        with _LOCK:
-            if _pool_owners < MAX_POOL_OWNERS:
-                _pool_owners += 1
-                _THREAD.owner = True
-            elif _lanes is None:
-                _lanes = _Lanes(usable_cpus())
-        if not getattr(_THREAD, "owner", False):
-            return _lanes.run(fn, requested)
-    return _sized(fn, requested)
+    if getattr(_THREAD, "owner", False):
+        return _sized(fn, requested)
+    with _LOCK:
+        if _pool_owners < MAX_POOL_OWNERS:
+            _pool_owners += 1
+            _THREAD.owner = True
+        elif _lanes is None:
+            _lanes = _Lanes(usable_cpus())
+    if getattr(_THREAD, "owner", False):
+        return _sized(fn, requested)
+    return _lanes.run(fn, requested)

@@ -298,3 +298,26 @@ def test_a_run_on_a_lane_raises_in_its_caller(artifacts):
     with pytest.raises(ValueError, match="kernel failed"):
         lanes.run(boom, None)
     assert lanes.run(lambda: 41 + 1, None) == 42
+
+
+def test_inputs_are_rebound_between_zero_copy_and_staging(tmp_path):
+    """Large aligned inputs are read in place and everything else through a staging copy; a run after either
+    kind must read its own input, never the one the table pointed at before."""
+    from kiln.runtime.model import ZERO_COPY_MIN_BYTES, aligned_empty
+
+    g = GraphBuilder("big_input", 0)
+    x = g.op("Relu", [g.op("Conv", ["data", g.weight((4, 3, 3, 3), 27, "conv.w")], kernel_shape=[3, 3])])
+    y = g.op("GlobalAveragePool", [x])
+    model = g.model([helper.make_tensor_value_info("data", TensorProto.FLOAT, [1, 3, 96, 96])],
+                    [(y, TensorProto.FLOAT, [1, 4, 1, 1])])
+    m = kiln.load(kiln.compile(model, tmp_path / "big.so").path)
+    assert m.inputs[0].nbytes >= ZERO_COPY_MIN_BYTES
+    rng = np.random.default_rng(3)
+    xs = [rng.standard_normal((1, 3, 96, 96)).astype(np.float32) for _ in range(4)]
+    want = [m.run(x.copy())[0] for x in xs]
+    aligned = aligned_empty((1, 3, 96, 96), "float32")
+    unaligned = np.frombuffer(np.empty(aligned.nbytes + 4, np.uint8)[4:].data, np.float32).reshape(1, 3, 96, 96)
+    strided = np.empty((1, 3, 96, 192), np.float32)[..., ::2]
+    for k, buf in enumerate([aligned, unaligned, aligned, strided, unaligned, aligned]):
+        buf[...] = xs[k % 4]
+        np.testing.assert_array_equal(m.run(buf)[0], want[k % 4], err_msg=f"run {k}")
