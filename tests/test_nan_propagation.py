@@ -10,6 +10,7 @@ window, so there its NaNs must be a subset of Kiln's.
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -190,6 +191,13 @@ def test_nan_aware_max_pool_stays_vectorized(target):
     scalar = re.findall(r"^\s+(vmaxss|vucomiss|vcmpunordss)\b", asm, re.MULTILINE)
     assert not scalar, f"{target}: {len(scalar)} scalar max/compare instructions in the pooling loop"
     assert re.search(r"^\s+vblendvps|^\s+vblendmps|^\s+vmaxps", asm, re.MULTILINE), f"{target}: no vector max or blend"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (the CUDA toolkit) is not on PATH")
+def test_nan_aware_ops_compile_for_cuda(tmp_path):
+    """The NaN-keeping reducers go through TVM's cross-thread reductions on CUDA (rows of ReduceMax, softmax)."""
+    report = kiln.compile(ops_model(), tmp_path / "ops_cuda.so", Options(target="cuda-sm80"))
+    assert report.kernels >= len(ELEMENTWISE) + len(MAX_REDUCTIONS) - 2  # Max/Min with a constant may fuse
 
 
 def small_cnn() -> onnx.ModelProto:
