@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import uvicorn
@@ -111,7 +112,7 @@ def _bearer(request: Request) -> bytes | None:
     return token.strip().encode("latin-1", "replace")
 
 
-def read_control_token(token_file: str | Path | None, environ: dict[str, str]) -> bytes | None:
+def read_control_token(token_file: str | Path | None, environ: Mapping[str, str]) -> bytes | None:
     """The repository API's bearer token: from the file, else from KILN_CONTROL_TOKEN, else None (no token)."""
     if token_file is not None:
         try:

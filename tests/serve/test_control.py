@@ -7,6 +7,7 @@ import http.client
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -150,3 +151,33 @@ def test_kiln_serve_flags(built, tmp_path):
             _, err = proc.communicate(timeout=15)
         assert proc.returncode == 0, err[-3000:]
         assert TOKEN not in err
+
+
+def _versions(url: str) -> list[str]:
+    host, port = url.split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.request("GET", "/v2/models/tiny")
+    versions = json.loads(conn.getresponse().read())["versions"]
+    conn.close()
+    return versions
+
+
+@pytest.mark.parametrize("mode", ["poll", "none"])
+def test_only_poll_mode_watches_the_directory(built, tmp_path, mode):
+    repo_dir = make_repo(built, tmp_path)
+    port = free_port()
+    url = f"127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", str(repo_dir), "--port", str(port),
+                             "--model-control", mode, "--poll-s", "0.2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_live(url, proc)
+        assert _versions(url) == ["1"]
+        shutil.copytree(built / "tiny" / "2", repo_dir / "tiny" / "2")
+        deadline = time.monotonic() + (15 if mode == "poll" else 3)  # files settle for 1 s before a load
+        while time.monotonic() < deadline and _versions(url) == ["1"]:
+            time.sleep(0.2)
+        assert _versions(url) == (["2"] if mode == "poll" else ["1"])
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=15)
