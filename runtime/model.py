@@ -98,6 +98,8 @@ class _Context:
         self.steps = [(fn, [tensors[i] for i in step["args"]]) for fn, step in zip(model._kernels, meta["steps"])]
         self.staging_at = [a.ctypes.data for a in self.inputs]
         self.bound = list(self.staging_at)  # where the table points each input now
+        self.out_at = [a.ctypes.data for a in self.outputs]
+        self.out_bound = list(self.out_at)  # and each output
 
 
 class Model:
@@ -152,9 +154,11 @@ class Model:
         self._entry = self._function(meta["entry"], "entry function") if meta.get("entry") else None
         self._kernels = [self._function(step["kernel"], "kernel") for step in meta["steps"]]
         self._input_values = {v["index"]: i for i, v in enumerate(meta["values"]) if v["kind"] == "input"}
+        self._output_values = {v["index"]: i for i, v in enumerate(meta["values"]) if v["kind"] == "output"}
         self._idle = [_Context(self, tvm_ffi)]  # one at load, so a bad plan fails here and one thread never waits
         self._contexts = 1
-        self._pool = threading.Condition()
+        self._waiting = 0  # callers waiting for a context
+        self._pool = threading.Condition(threading.Lock())
 
     def _function(self, symbol: str, what: str):
         try:
@@ -186,14 +190,22 @@ class Model:
         return arena
 
     def _acquire(self) -> _Context:
+        try:
+            return self._idle.pop()  # atomic under the GIL: the uncontended case takes no lock
+        except IndexError:
+            pass
         with self._pool:
-            while not self._idle:
-                if self._contexts < self.max_concurrency:
-                    self._contexts += 1
-                    break
-                self._pool.wait()
-            else:
-                return self._idle.pop()
+            self._waiting += 1  # before looking at _idle, so a release either sees it or we see its context
+            try:
+                while not self._idle:
+                    if self._contexts < self.max_concurrency:
+                        self._contexts += 1
+                        break
+                    self._pool.wait(0.05)
+                else:
+                    return self._idle.pop()
+            finally:
+                self._waiting -= 1
         import tvm_ffi
 
         try:
@@ -205,9 +217,10 @@ class Model:
             raise
 
     def _release(self, ctx: _Context) -> None:
-        with self._pool:
-            self._idle.append(ctx)
-            self._pool.notify()
+        self._idle.append(ctx)
+        if self._waiting:
+            with self._pool:
+                self._pool.notify()
 
     def _check(self, args: tuple, named: dict) -> list[np.ndarray]:
         return check_inputs(self.inputs, args, named)
@@ -220,30 +233,55 @@ class Model:
         checked = self._check(args, named)
         ctx = self._acquire()
         try:
-            run_kernels(lambda: self._execute(ctx, checked), self.num_threads)
+            run_kernels(lambda: self._execute(ctx, checked, None), self.num_threads)
             return [o.copy() for o in ctx.outputs]
         finally:
             self._release(ctx)
 
     __call__ = run
 
-    def _execute(self, ctx: _Context, checked: list[np.ndarray]) -> None:
+    def run_into(self, outputs: Sequence[np.ndarray], *args: np.ndarray, **named: np.ndarray) -> list[np.ndarray]:
+        """Run the model, writing its outputs into `outputs` (one C-contiguous, writable array per output, of its
+        shape and dtype) instead of new arrays: for hot loops. Large aligned buffers are written in place by the
+        kernels; others get a copy. Returns `outputs`.
+
+        >>> y = np.empty(m.outputs[0].shape, np.float32)  # doctest: +SKIP
+        >>> for x in frames: m.run_into([y], x)  # doctest: +SKIP
+        """
+        checked = self._check(args, named)
+        outs = check_outputs(self.outputs, outputs)
+        ctx = self._acquire()
+        try:
+            run_kernels(lambda: self._execute(ctx, checked, outs), self.num_threads)
+            for k, (o, mine) in enumerate(zip(outs, ctx.outputs)):
+                if ctx.out_bound[k] == ctx.out_at[k]:
+                    np.copyto(o, mine)
+            return list(outputs)
+        finally:
+            self._release(ctx)
+
+    def _execute(self, ctx: _Context, checked: list[np.ndarray], outs: list[np.ndarray] | None) -> None:
         if self._entry is None:
             for staging, v in zip(ctx.inputs, checked):
                 np.copyto(staging, v)
             for fn, fargs in ctx.steps:
                 fn(*fargs)
             return
+        table = ctx.table["data"]
         for k, (staging, v) in enumerate(zip(ctx.inputs, checked)):
-            at = ctx.staging_at[k]  # an unaligned array never reaches a vectorized kernel: copied to staging
-            if self.inputs[k].nbytes >= ZERO_COPY_MIN_BYTES and v.flags.c_contiguous:
-                ptr = v.ctypes.data
-                if ptr % ALIGN == 0:
-                    at = ptr  # zero-copy: aligned and contiguous
+            at = _in_place(v, self.inputs[k].nbytes) or ctx.staging_at[k]
             if at != ctx.bound[k]:
-                ctx.table["data"][self._input_values[k]] = ctx.bound[k] = at
+                table[self._input_values[k]] = ctx.bound[k] = at
             if at == ctx.staging_at[k]:
-                np.copyto(staging, v)
+                np.copyto(staging, v)  # an unaligned array never reaches a vectorized kernel
+        for k in range(len(ctx.outputs)):
+            at = ctx.out_at[k]
+            if outs is not None:
+                mine = _in_place(outs[k], self.outputs[k].nbytes)
+                if mine is not None and not any(np.may_share_memory(outs[k], v) for v in checked):
+                    at = mine  # the kernels write the caller's buffer (never one an input lies in)
+            if at != ctx.out_bound[k]:
+                table[self._output_values[k]] = ctx.out_bound[k] = at
         self._entry(ctx.table_tensor)  # every kernel, in native code
 
     def profile(self, repeat: int = 20) -> dict:
@@ -253,7 +291,7 @@ class Model:
         self.run(*feeds)
         ctx = self._acquire()
         try:
-            self._execute(ctx, feeds)
+            self._execute(ctx, feeds, None)
             kernels = []
             for (fn, fargs), step in zip(ctx.steps, self.meta["steps"]):
                 ms = float(np.median(time_ms(lambda fn=fn, fargs=fargs: fn(*fargs), repeat)))
@@ -267,7 +305,7 @@ class Model:
             # Interleaved, so both medians see the same machine: the whole run, and the kernels alone (the native
             # entry, or the loop over kernels); their difference is what the executor adds (checks, copies, calls).
             def whole_run() -> None:
-                self._execute(ctx, self._check(tuple(feeds), {}))
+                self._execute(ctx, self._check(tuple(feeds), {}), None)
                 [o.copy() for o in ctx.outputs]
 
             run_ms = median_ms(whole_run)
@@ -302,6 +340,28 @@ class Model:
 
     def __repr__(self) -> str:
         return f"Model({self.path.name}: {self.inputs} -> {self.outputs}, {len(self._kernels)} kernels)"
+
+
+def _in_place(a: np.ndarray, nbytes: int) -> int | None:
+    """The address of `a` if kernels may use it where it is: large enough to be worth it, contiguous, aligned."""
+    if nbytes < ZERO_COPY_MIN_BYTES or not a.flags.c_contiguous:
+        return None
+    ptr = a.ctypes.data
+    return ptr if ptr % ALIGN == 0 else None
+
+
+def check_outputs(outputs: list[TensorInfo], given: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Caller-provided output buffers, each checked against the output's shape and dtype."""
+    if len(given) != len(outputs):
+        raise InputError(f"model gives {len(outputs)} outputs {[t.name for t in outputs]}, got {len(given)} "
+                         f"output buffers")
+    for t, o in zip(outputs, given):
+        if not isinstance(o, np.ndarray) or o.dtype != t.np_dtype or o.shape != t.shape:
+            got = f"{o.dtype.name}{list(o.shape)}" if isinstance(o, np.ndarray) else type(o).__name__
+            raise InputError(f"output '{t.name}' is {t.dtype}{list(t.shape)}; its buffer is {got}")
+        if not o.flags.writeable or not o.flags.c_contiguous:
+            raise InputError(f"output '{t.name}': its buffer must be writable and C-contiguous")
+    return list(given)
 
 
 def check_inputs(inputs: list[TensorInfo], args: tuple, named: dict) -> list[np.ndarray]:

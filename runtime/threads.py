@@ -128,7 +128,8 @@ def _sized(fn: Callable[[], T], requested: int | None) -> T:
         concurrent = _running > 0
         _running += 1
     try:
-        _size_pool(concurrent, requested)
+        if concurrent or requested is not None or getattr(_THREAD, "size", None) is not None:
+            _size_pool(concurrent, requested)
         return fn()
     finally:
         with _LOCK:
