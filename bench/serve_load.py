@@ -75,7 +75,7 @@ def free_port() -> int:
 
 def start_server(repo: Path, port: int, threads: int | None, log_path: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-c", "from kiln.cli import main; main()", "serve", str(repo), "--host", HOST,
-           "--port", str(port), "--poll-s", "0", "--log-level", "warning"]
+           "--port", str(port), "--model-control", "explicit", "--log-level", "warning"]  # swaps use the load API
     if threads:
         cmd += ["--threads", str(threads)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log_path, "w"))  # noqa: SIM115

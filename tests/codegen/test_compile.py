@@ -133,7 +133,8 @@ def test_missing_cpu_features_are_refused(tmp_path):
 def test_metadata_lists_kernels_with_their_ops(small_cnn):
     _, report = small_cnn
     meta = kiln.load(report.path).meta
-    assert [s["ops"] for s in meta["steps"]].count(["nn.conv2d_nchwc", "add", "nn.relu"]) >= 8
+    convs = ("nn.conv2d_nchwc", "nn.conv2d_winograd_nchwc", "nn.conv2d")  # the algorithm depends on the host
+    assert sum(s["ops"][0] in convs and s["ops"][1:] == ["add", "nn.relu"] for s in meta["steps"]) >= 8
     assert json.dumps(meta)  # plain JSON, readable by tools
 
 
