@@ -340,7 +340,7 @@ def _te_unary() -> dict[str, object]:
         return float_math.bind(x, lambda v: float_math.relu(v) + te.log(1 + te.exp(-te.abs(v))))
 
     return {
-        "nn.relu": float_math.relu,  # NaN stays NaN, at the cost of te.max (float_math)
+        "nn.relu": float_math.relu,  # NaN stays NaN, in the one maxps that te.max(x, 0) took
         "negative": lambda x: -x,
         "abs": te.abs, "exp": te.exp, "log": te.log, "sqrt": te.sqrt, "sigmoid": sigmoid, "tanh": te.tanh,
         "erf": float_math.erf, "sin": te.sin, "cos": te.cos, "tan": te.tan, "asin": te.asin, "acos": te.acos,

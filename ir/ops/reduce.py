@@ -131,7 +131,7 @@ def _reduce_compute(kind: str):
             for ax in axes:
                 n *= int(x.shape[ax])
             return topi.divide(topi.sum(x, axes, a.keepdims), float(n))
-        if kind in ("max", "min"):  # NaN anywhere in the reduced elements gives NaN, as np.max and ONNX Runtime
+        if kind in ("max", "min"):  # a NaN among the reduced elements gives NaN, as np.max and the ONNX reference
             return _nan_reduce(x, axes, a.keepdims, float_math.reduce_max if kind == "max" else float_math.reduce_min)
         return {"sum": topi.sum, "prod": topi.prod}[kind](x, axes, a.keepdims)
     return compute
