@@ -271,7 +271,7 @@ def _load_artifact(path: Path) -> Model:
         return load(path)
     except KilnError as err:
         reason = str(err)
-    except Exception as err:  # noqa: BLE001  (a garbage file can make the loader raise anything; it is refused)
+    except Exception as err:  # a garbage file can make the loader raise anything; it is refused
         log.warning("artifact loader raised %s", type(err).__name__, exc_info=True)
         reason = f"cannot load ({type(err).__name__}: {err})"
     raise LoadError(reason if path.name in reason else f"{path}: {reason}")
@@ -469,7 +469,7 @@ class ModelRepository:
             loaded = LoadedVersion(entry.name, v, path, cfg, self.metrics, self.num_threads, fingerprint=fp)
         except (KilnError, OSError) as err:  # ArtifactError, LoadError, a directory removed: the files are at fault
             reason = str(err)
-        except Exception as err:  # noqa: BLE001  (our bug or the runtime's; this version only cannot serve)
+        except Exception as err:  # our bug or the runtime's; this version only cannot serve
             log.exception("version failed to load", extra={"model": entry.name, "version": v})
             reason = f"{path}: load failed ({type(err).__name__}: {err})"
         else:

@@ -76,7 +76,7 @@ def _spoil(path: Path, kind: str) -> None:
 def test_a_garbage_artifact_fails_its_version_only(built, tmp_path, serve_repo, kind):
     root = _two_models(built, tmp_path)
     _spoil(root / "bad" / "1" / "model_b2.so", kind)
-    url, repo = serve_repo(root)  # startup must survive it
+    url, _ = serve_repo(root)  # startup must survive it
     client = triton.InferenceServerClient(url)
     version, y = _infer(client, _x())
     assert version == "1"
