@@ -171,6 +171,35 @@ def test_a_load_request_waits_for_files_to_settle(built, tmp_path):
         repo.close()
 
 
+def test_a_version_whose_files_change_while_it_loads_is_not_served(built, tmp_path, monkeypatch):
+    """Bucket 1 is read, then bucket 4 is replaced before the loader reaches it: the loaded version could mix
+    old and new files, so it is discarded and the next poll loads the files as they now are."""
+    root = make_repo(built, tmp_path)
+    repo = ModelRepository(root, settle_s=0.3)
+    repo.load_all()
+    real_load, touched = repository_module.load, []
+
+    def load(path):
+        if Path(path).parent.name == "2" and not touched:
+            b4 = Path(path).with_name("model_b4.so")
+            b4.write_bytes(b4.read_bytes())  # rewritten in place while version 2 loads
+            touched.append(b4)
+        return real_load(path)
+
+    monkeypatch.setattr(repository_module, "load", load)
+    try:
+        shutil.copytree(built / "tiny" / "2", root / "tiny" / "2")
+        time.sleep(0.4)
+        repo.poll()
+        assert touched and sorted(repo.models["tiny"].serving) == [1]
+        assert FILES_CHANGING in repo.models["tiny"].states[2][1]
+        time.sleep(0.4)
+        repo.poll()
+        assert sorted(repo.models["tiny"].serving) == [2]
+    finally:
+        repo.close()
+
+
 @pytest.mark.parametrize("override", [
     '{"max_queue_delay_ms": NaN}', '{"max_queue_delay_ms": Infinity}', '{"max_queue_delay_ms": 1e300}',
     '{"traffic_split": {"1": Infinity}}', '{"batch_buckets": [true]}', '{"max_batch_size": true}',
