@@ -156,6 +156,7 @@ class _Lanes:
                 future.set_result(_sized(fn, requested))
             except BaseException as err:  # noqa: BLE001  (handed back to the caller, who raises it)
                 future.set_exception(err)
+            del fn, future  # the job's closure holds its Model: keep nothing alive while waiting for the next
 
     def run(self, fn: Callable[[], T], requested: int | None) -> T:
         future: Future = Future()
