@@ -243,9 +243,8 @@ def test_a_retired_version_is_freed_without_the_cyclic_gc(built, tmp_path):
         failed = lv.batcher.submit([_x().astype(np.float64)], 1)  # skips check(): the model run raises
         with pytest.raises(Exception, match="float64"):
             failed.result(10)
-        # The version and its batcher; its Models too, except that runtime/threads.py's kernel lanes keep
-        # their last job (a closure over a Model) until the next one arrives, so they are not checked here.
-        refs = [weakref.ref(lv), weakref.ref(lv.batcher)]
+        # The version, its batcher and its Models (a kernel lane of runtime/threads.py drops its last job)
+        refs = [weakref.ref(lv), weakref.ref(lv.batcher), *(weakref.ref(m) for m in lv.models.values())]
         del lv, failed
         repo.unload("tiny")
         assert [r() is None for r in refs] == [True] * len(refs)
