@@ -123,21 +123,69 @@ ARGMIN = register_op(OpDef("argmin", ArgReduceAttrs, _arg_type, _arg(np.argmin),
 
 def _reduce_compute(kind: str):
     def compute(x, a: ReduceAttrs):
-        from tvm import topi
+        from tvm import te, topi
+        from tvm import tirx as tir
 
         axes = list(range(len(x.shape))) if a.axes is None else list(a.axes)
         if kind == "mean":
             n = 1
             for ax in axes:
                 n *= int(x.shape[ax])
-            return topi.divide(topi.sum(x, axes, a.keepdims), float(n))
+            total = topi.sum(x, axes, a.keepdims)
+            # an empty input: 0 / 0 is NaN, as np.mean (a float division also for integer inputs, cast back)
+            return te.compute(total.shape, lambda *i: (total(*i).astype("float64") / float(n)).astype(x.dtype)
+                              if not is_float(str(x.dtype)) else total(*i) / tir.const(float(n), x.dtype),
+                              name="reduce_mean")
         if kind in ("max", "min"):  # a NaN among the reduced elements gives NaN, as np.max and the ONNX reference
             return _nan_reduce(x, axes, a.keepdims, float_math.reduce_max if kind == "max" else float_math.reduce_min)
-        return {"sum": topi.sum, "prod": topi.prod}[kind](x, axes, a.keepdims)
+        if kind in ("sum", "prod"):
+            return {"sum": topi.sum, "prod": topi.prod}[kind](x, axes, a.keepdims)
+        if kind == "l1":
+            return _nan_reduce(x, axes, a.keepdims, te.sum, lambda v: te.abs(v))
+        if kind == "sum_square":
+            return _nan_reduce(x, axes, a.keepdims, te.sum, lambda v: v * v)
+        acc = str(x.dtype) if is_float(str(x.dtype)) else "float64"  # integers reduce in float64 (the reference)
+        if kind == "log_sum_exp":
+            return _log_sum_exp(x, axes, a.keepdims, acc)
+        square = kind == "l2"
+        total = _nan_reduce(x, axes, a.keepdims, te.sum,
+                            lambda v: v.astype(acc) * v.astype(acc) if square else v.astype(acc))
+        finish = te.sqrt if square else te.log
+        return te.compute(total.shape, lambda *i: finish(total(*i)).astype(x.dtype), name=f"reduce_{kind}")
     return compute
 
 
-def _nan_reduce(x, axes: list[int], keepdims: bool, reducer):
+def _log_sum_exp(x, axes: list[int], keepdims: bool, acc: str):
+    """log(sum(exp(x - m))) + m with m the (NaN-keeping) maximum, replaced by 0 where it is not finite: a row of
+    -inf gives -inf, a row holding +inf gives inf, a NaN gives NaN (the reference)."""
+    from tvm import te
+    from tvm import tirx as tir
+
+    xs = x if str(x.dtype) == acc else te.compute(x.shape, lambda *i: x(*i).astype(acc), name="reduce_cast")
+    top = _nan_reduce(xs, axes, True, float_math.reduce_max)
+    zero = tir.const(0.0, acc)
+    big = tir.const(float("inf"), acc)
+
+    def shift(i):  # the max at a (kept-dims) element index, or 0 where it is ±inf or NaN
+        m = top[tuple(0 if ax in axes else v for ax, v in enumerate(i))]
+        return tir.Select(tir.all(-big < m, m < big), m, zero)
+
+    shifted = te.compute(xs.shape, lambda *i: float_math.exp(xs(*i) - shift(i)), name="reduce_log_sum_exp_exp")
+    total = _nan_reduce(shifted, axes, keepdims, te.sum)
+    keep = [ax for ax in range(len(x.shape)) if ax not in axes]
+
+    def full(i):  # an output index → the kept-dims index of `top`
+        if keepdims:
+            return i
+        at = dict(zip(keep, i))
+        return tuple(at.get(ax, 0) for ax in range(len(x.shape)))
+
+    return te.compute(total.shape, lambda *i: (te.log(total(*i)) + shift(full(i))).astype(x.dtype),
+                      name="reduce_log_sum_exp")
+
+
+def _nan_reduce(x, axes: list[int], keepdims: bool, reducer, elem=None):
+    """reducer(elem(x[...])) over `axes`, with the output shape of ReduceAttrs(axes, keepdims)."""
     from tvm import te
 
     rs = {ax: te.reduce_axis((0, x.shape[ax]), name=f"k{ax}") for ax in axes}
@@ -150,10 +198,65 @@ def _nan_reduce(x, axes: list[int], keepdims: bool, reducer):
         else:
             at = dict(zip(keep, i))
             idx = [rs[ax] if ax in rs else at[ax] for ax in range(len(x.shape))]
-        return reducer(x[tuple(idx)], axis=list(rs.values()))
+        v = x[tuple(idx)]
+        return reducer(elem(v) if elem is not None else v, axis=list(rs.values()))
 
     return te.compute(shape, body, name="reduce")
 
 
-for _kind in ("sum", "mean", "max", "min", "prod"):
+def _arg_reducer(kind: str, last: bool):
+    """(index, value) pairs → the index of the max (min) value; NaN counts as the extreme, as np.argmax/argmin;
+    ties go to the smaller index, or with `last` the larger. Commutative, so any reduction order gives the same."""
+    from tvm import te
+    from tvm import tirx as tir
+
+    def combine(a, b):
+        (ia, va), (ib, vb) = a, b
+        if float_math._dtype(va).startswith(("float", "bfloat")):
+            na, nb = float_math.is_nan(va), float_math.is_nan(vb)
+            better = (vb > va) if kind == "max" else (vb < va)
+            take_b = tir.Or(tir.And(nb, tir.Not(na)), tir.And(tir.Not(na), better))
+            same = tir.Or(tir.And(na, nb), vb == va)
+        else:
+            take_b = (vb > va) if kind == "max" else (vb < va)
+            same = vb == va
+        take_b = tir.Or(take_b, tir.And(same, (ib > ia) if last else (ib < ia)))
+        return tir.Select(take_b, ib, ia), tir.Select(take_b, vb, va)
+
+    def identity(i_dtype, v_dtype):
+        worst = (tir.const(float("-inf") if kind == "max" else float("inf"), v_dtype)
+                 if str(v_dtype).startswith(("float", "bfloat"))
+                 else tir.min_value(v_dtype) if kind == "max" else tir.max_value(v_dtype))
+        return tir.const(-1, i_dtype) if last else tir.max_value(i_dtype), worst
+
+    return te.comm_reducer(combine, identity, name=f"arg{kind}{'_last' if last else ''}")
+
+
+def _arg_compute(kind: str):
+    def compute(x, a: ArgReduceAttrs):
+        from tvm import te
+        from tvm import tirx as tir
+
+        k = te.reduce_axis((0, x.shape[a.axis]), name="k")
+        nd = len(x.shape)
+        shape = [1 if ax == a.axis else x.shape[ax] for ax in range(nd)] if a.keepdims else [
+            x.shape[ax] for ax in range(nd) if ax != a.axis]
+        reducer = _arg_reducer(kind, a.select_last_index)
+
+        def body(*i):
+            if a.keepdims:
+                idx = [k if ax == a.axis else i[ax] for ax in range(nd)]
+            else:
+                rest = list(i)
+                idx = [k if ax == a.axis else rest.pop(0) for ax in range(nd)]
+            return reducer((k.var.astype("int64"), x[tuple(idx)]), axis=k)
+
+        both = te.compute(shape, body, name=f"arg{kind}")
+        return te.compute(shape, lambda *i: both[0](*i), name=f"arg{kind}_index")
+    return compute
+
+
+for _kind in _REDUCERS:
     define_compute(REDUCE_OPS[_kind])(_reduce_compute(_kind))
+define_compute(ARGMAX)(_arg_compute("max"))
+define_compute(ARGMIN)(_arg_compute("min"))
