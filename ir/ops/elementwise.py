@@ -453,3 +453,82 @@ def where_compute(c, x, y, attrs):
     from tvm import topi
 
     return topi.where(c, x, y)
+
+
+# NaN as in the references: SELU and CELU keep it (every path is arithmetic on x), THRESHOLDED_RELU and SHRINK
+# send it to 0 (their comparisons are false for NaN, as np.where's are)
+_activation_compute(SELU, lambda v, a, c, te, tir: c(a.gamma) * tir.Select(
+    v <= c(0), c(a.alpha) * (float_math.exp(v) - c(1)), v))
+
+
+def _celu(v, a, c, te, tir):
+    if float_math._dtype(v) == "bfloat16":  # TVM's bfloat16 legalization rejects Lets: float32, written out
+        u, f = v.astype("float32"), (lambda x: tir.const(x, "float32"))
+        w = f(a.alpha) * (te.exp(u / f(a.alpha)) - f(1))
+        return (tir.Select(u < f(0), f(0), u) + tir.Select(f(0) < w, f(0), w)).astype("bfloat16")
+    return float_math.bind(v, lambda u: float_math.at_least(u, 0) + float_math.at_most(
+        c(a.alpha) * (float_math.exp(u / c(a.alpha)) - c(1)), 0))
+
+
+_activation_compute(CELU, _celu)
+_activation_compute(THRESHOLDED_RELU, lambda v, a, c, te, tir: tir.Select(c(a.alpha) < v, v, c(0)))
+_activation_compute(SHRINK, lambda v, a, c, te, tir: tir.Select(
+    v < c(-a.alpha), v + c(a.beta), tir.Select(c(a.alpha) < v, v - c(a.beta), c(0))))
+
+
+@define_compute(ISINF)
+def isinf_compute(x, a: IsInfAttrs):
+    from tvm import te, tirx as tir
+
+    inf = tir.const(float("inf"), x.dtype)
+
+    def f(v):
+        if a.detect_positive and a.detect_negative:
+            return tir.Or(v == inf, v == -inf)
+        if a.detect_positive:
+            return v == inf
+        return v == -inf if a.detect_negative else tir.const(False, "bool")
+
+    return te.compute(x.shape, lambda *i: f(x[i]), name="isinf")
+
+
+@define_compute(ISNAN)
+def isnan_compute(x, attrs):
+    from tvm import te
+
+    return te.compute(x.shape, lambda *i: float_math.is_nan(x[i]), name="isnan")
+
+
+def _q_index(p, x, axis: int, i):
+    """The element of a per-tensor (scalar or 1-element) or per-axis (1-D) quantization parameter at x[i]."""
+    if len(p.shape) == 0:
+        return p[()]
+    if int(np.prod([int(d) for d in p.shape])) == 1:
+        return p[(0,) * len(p.shape)]
+    return p[i[axis]]
+
+
+@define_compute(QUANTIZE)
+def quantize_compute(x, scale, zero, a: QuantAttrs):
+    """In float64, as the reference: x / scale rounded half to even, plus the zero point, saturated."""
+    from tvm import te, tirx as tir
+
+    info = np.iinfo(a.out_dtype)
+
+    def f(*i):
+        q = tir.nearbyint(x[i].astype("float64") / _q_index(scale, x, a.axis, i).astype("float64"))
+        q = q + _q_index(zero, x, a.axis, i).astype("float64")
+        return float_math.clamp(q, float(info.min), float(info.max)).astype(a.out_dtype)
+
+    return te.compute(x.shape, f, name="quantize")
+
+
+@define_compute(DEQUANTIZE)
+def dequantize_compute(x, scale, zero, a: QuantAttrs):
+    from tvm import te
+
+    def f(*i):
+        d = x[i].astype("float64") - _q_index(zero, x, a.axis, i).astype("float64")
+        return (d * _q_index(scale, x, a.axis, i).astype("float64")).astype(scale.dtype)
+
+    return te.compute(x.shape, f, name="dequantize")
