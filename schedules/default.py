@@ -107,26 +107,26 @@ def _vectorize(sch, loop, lanes, steps) -> None:
 
 
 def _schedule_reduction(sch, block, lanes, steps, parallel: bool) -> None:
-    """Reduction loops moved outside the innermost spatial loop, which is split to the vector width."""
+    """Reduction loops moved outside the innermost spatial loop longer than 1, which is split to the vector width
+    and vectorized before the init is split off (TVM refuses to vectorize a reduction block without its init);
+    with `parallel`, the spatial loops outside that vector run in parallel."""
     n_red = _n_reduction_axes(sch, block)
     loops = sch.get_loops(block)
     spatial, reduce = loops[:-n_red], loops[-n_red:]
     if not parallel:
         spatial = spatial[1:]  # the first is the consumer's parallel loop this block was computed at
-    if not spatial:
+    wide = [i for i, loop in enumerate(spatial) if int(sch.get(loop).extent) > 1]
+    if not wide:
         return
-    if parallel and len(spatial) > 1:
-        _parallel_outer(sch, spatial[:-1], steps, keep_inner=False)
-    inner = spatial[-1]
-    extent = int(sch.get(inner).extent)
-    if extent < 2:
+    inner = spatial[wide[-1]]
+    io, ii = sch.split(inner, factors=[None, min(lanes, int(sch.get(inner).extent))])
+    if parallel:
+        _parallel_outer(sch, [*spatial[:wide[-1]], io], steps, keep_inner=False)
+    if not _try(lambda: sch.reorder(*reduce, ii)):
         return
-    io, ii = sch.split(inner, factors=[None, min(lanes, extent)])
-    if not _try(lambda: sch.reorder(io, *reduce, ii)):
-        return
-    init = sch.decompose_reduction(block, reduce[0])
     if _try(lambda: sch.vectorize(ii)):
         steps.append("reduction_vectorized")
+    init = sch.decompose_reduction(block, reduce[0])
     _try(lambda: sch.vectorize(sch.get_loops(init)[-1]))
 
 
