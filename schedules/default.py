@@ -55,6 +55,8 @@ def schedule_group(prim, target, anchor=None):
     loops = sch.get_loops(out)
     if not loops:
         return sch.mod["main"], "scalar"
+    if any(int(sch.get(loop).extent) == 0 for loop in loops):  # a zero-size output: nothing to run
+        return sch.mod["main"], "empty"
     par = _parallel_outer(sch, loops, steps)
     _vectorize(sch, sch.get_loops(out)[-1], lanes, steps)
     if reductions and par is not None:

@@ -585,6 +585,152 @@ def broadcast_to_compute(x, a: ShapeAttrs):
 def pad_compute(x, a: PadAttrs):
     from tvm import topi
 
-    if a.mode != "constant" or any(b < 0 or e < 0 for b, e in a.pads):
-        raise NotImplementedError(f"pad mode {a.mode} with these pads has no compute yet")
-    return topi.nn.pad(x, [b for b, _ in a.pads], [e for _, e in a.pads], a.value)
+    if a.mode == "constant" and all(b >= 0 and e >= 0 for b, e in a.pads):
+        return topi.nn.pad(x, [b for b, _ in a.pads], [e for _, e in a.pads], a.value)
+    return _pad_any(x, a)
+
+
+def _pad_source(j, n: int, mode: str):
+    """The input index that output-side index j (in input coordinates, possibly outside [0, n)) reads, for the
+    non-constant modes; periodic, as np.pad is when a pad exceeds the axis."""
+    from tvm import tirx as tir
+
+    if mode == "edge":
+        return tir.max(tir.min(j, n - 1), 0)
+    if mode == "wrap":
+        return tir.floormod(j, n)
+    if n == 1:  # reflect of a single element: itself
+        return tir.const(0, "int64")
+    j = j.astype("int64")
+    m = tir.floormod(j, 2 * (n - 1))
+    return tir.Select(m < n, m, 2 * (n - 1) - m)
+
+
+def _pad_any(x, a: PadAttrs):
+    """Reflect, edge and wrap pads, and negative (cropping) pads of any mode: each output element names the input
+    element it copies, so the kernel is injective (parallel, vectorized stores)."""
+    from tvm import te, tirx as tir
+
+    shape = [int(d) for d in x.shape]
+    out = [d + b + e for d, (b, e) in zip(shape, a.pads)]
+
+    def f(*o):
+        src = [j - b for j, (b, _) in zip(o, a.pads)]
+        if a.mode != "constant":
+            return x(*[_pad_source(s, n, a.mode) for s, n in zip(src, shape)])
+        inside = [tir.And(s >= 0, s < n) for s, n, (b, e) in zip(src, shape, a.pads) if b > 0 or e > 0]
+        value = x(*src)
+        return tir.Select(tir.all(*inside), value, tir.const(a.value, x.dtype)) if inside else value
+
+    return te.compute(out, f, name="pad")
+
+
+def _normalized(j, n):
+    from tvm import tirx as tir
+
+    j = j.astype("int64")
+    return tir.Select(j < 0, j + n, j)
+
+
+@define_compute(GATHER_ELEMENTS)
+def gather_elements_compute(x, i, a: AxisAttrs):
+    from tvm import te
+
+    n = int(x.shape[a.axis])
+    return te.compute(i.shape, lambda *o: x(*o[:a.axis], _normalized(i(*o), n), *o[a.axis + 1:]),
+                      name="gather_elements")
+
+
+@define_compute(GATHER_ND)
+def gather_nd_compute(x, i, a: GatherNDAttrs):
+    from tvm import te
+
+    b, k, r = a.batch_dims, int(i.shape[-1]), len(i.shape) - 1
+    out = tuple(i.shape[:-1]) + tuple(x.shape[b + k:])
+
+    def f(*o):
+        coords = [_normalized(i(*o[:r], m), int(x.shape[b + m])) for m in range(k)]
+        return x(*o[:b], *coords, *o[r:])
+
+    return te.compute(out, f, name="gather_nd")
+
+
+@define_compute(TILE)
+def tile_compute(x, a: TileAttrs):
+    from tvm import te, tirx as tir
+
+    shape = [int(d) for d in x.shape]
+    return te.compute([d * r for d, r in zip(shape, a.reps)],
+                      lambda *o: x(*[j if r == 1 else tir.floormod(j, d) for j, d, r in zip(o, shape, a.reps)]),
+                      name="tile")
+
+
+@define_compute(DEPTH_TO_SPACE)
+def depth_to_space_compute(x, a: BlockAttrs):
+    from tvm import te
+
+    n, c, h, w = (int(d) for d in x.shape)
+    b, c_out = a.block_size, c // (a.block_size ** 2)
+
+    def f(ni, ci, hi, wi):
+        bh, bw = hi % b, wi % b
+        ch = (bh * b + bw) * c_out + ci if a.mode == "DCR" else (ci * b + bh) * b + bw
+        return x[ni, ch, hi // b, wi // b]
+
+    return te.compute((n, c_out, h * b, w * b), f, name="depth_to_space")
+
+
+@define_compute(SPACE_TO_DEPTH)
+def space_to_depth_compute(x, a: BlockAttrs):
+    from tvm import te
+
+    n, c, h, w = (int(d) for d in x.shape)
+    b = a.block_size
+
+    def f(ni, co, hi, wi):
+        if a.mode == "DCR":
+            bh, bw, ci = co // (b * c), co // c % b, co % c
+        else:
+            ci, bh, bw = co // (b * b), co // b % b, co % b
+        return x[ni, ci, hi * b + bh, wi * b + bw]
+
+    return te.compute((n, c * b * b, h // b, w // b), f, name="space_to_depth")
+
+
+@define_compute(ONE_HOT)
+def one_hot_compute(i, values, a: OneHotAttrs):
+    from tvm import te, tirx as tir
+
+    axis = a.axis if a.axis >= 0 else len(i.shape) + 1 + a.axis
+    out = tuple(i.shape[:axis]) + (a.depth,) + tuple(i.shape[axis:])
+
+    def f(*o):
+        j = _normalized(i(*o[:axis], *o[axis + 1:]), a.depth)
+        return tir.Select(j == o[axis].astype("int64"), values[1], values[0])
+
+    return te.compute(out, f, name="one_hot")
+
+
+@define_compute(TRILU)
+def trilu_compute(x, a: TriluAttrs):
+    from tvm import te, tirx as tir
+
+    def f(*o):
+        d = o[-1] - o[-2]
+        keep = d >= a.k if a.upper else d <= a.k
+        return tir.Select(keep, x(*o), tir.const(0, x.dtype))
+
+    return te.compute(x.shape, f, name="trilu")
+
+
+@define_compute(REVERSE_SEQUENCE)
+def reverse_sequence_compute(x, lens, a: ReverseSequenceAttrs):
+    from tvm import te, tirx as tir
+
+    def f(*o):
+        t, n = o[a.time_axis].astype("int64"), lens[o[a.batch_axis]].astype("int64")
+        src = list(o)
+        src[a.time_axis] = tir.Select(t < n, n - 1 - t, t)
+        return x(*src)
+
+    return te.compute(x.shape, f, name="reverse_sequence")
