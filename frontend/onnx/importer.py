@@ -22,6 +22,7 @@ from kiln.ir import Constant, Expr, Function, IRModule, TensorType, Tuple, Tuple
 from kiln.ir.types import normalize_dtype
 
 from . import converters  # noqa: F401  (registers every converter)
+from .converters.sequence import SeqValue
 from .registry import CONVERTERS, DEFAULT_DOMAIN, Node
 
 log = logging.getLogger(__name__)
@@ -94,10 +95,10 @@ class _Importer:
             outputs.append(self.values[o.name])
         if not outputs:
             raise ModelError("the graph has no outputs")
-        body = outputs[0] if len(outputs) == 1 else Tuple(tuple(outputs))
         for o, e in zip(self.graph.output, outputs):
-            if isinstance(e.type, TupleType):
+            if isinstance(e, SeqValue) or isinstance(e.type, TupleType):
                 raise UnsupportedError(f"graph output '{o.name}' is a sequence; Kiln outputs tensors only")
+        body = outputs[0] if len(outputs) == 1 else Tuple(tuple(outputs))
         fn = Function(tuple(params), body)
         return IRModule({"main": fn}, {
             "output_names": tuple(o.name for o in self.graph.output),
@@ -174,9 +175,11 @@ class _Importer:
             dims = list(given)
         return TensorType(tuple(dims), dtype)
 
-    def _topological_order(self, available: set[str]) -> list[tuple[int, onnx.NodeProto]]:
+    def _topological_order(self, available: set[str],
+                           graph: onnx.GraphProto | None = None) -> list[tuple[int, onnx.NodeProto]]:
         """Kahn's algorithm over tensor names: ONNX asks for sorted nodes, but not every exporter obliges."""
-        nodes = list(enumerate(self.graph.node))
+        graph = self.graph if graph is None else graph
+        nodes = list(enumerate(graph.node))
         producers: dict[str, int] = {}
         for i, n in nodes:
             for o in n.output:
@@ -205,16 +208,23 @@ class _Importer:
                 if not waiting[u]:
                     ready.append(u)
         if len(order) != len(nodes):
-            stuck = [self.graph.node[i].name or f"{self.graph.node[i].op_type}_{i}" for i in waiting if waiting[i]]
+            stuck = [graph.node[i].name or f"{graph.node[i].op_type}_{i}" for i in waiting if waiting[i]]
             raise ModelError(f"the graph has a cycle through nodes {stuck[:8]}")
-        return [(i, self.graph.node[i]) for i in order]
+        return [(i, graph.node[i]) for i in order]
 
     def _check_supported(self, order: list[tuple[int, onnx.NodeProto]]) -> None:
         missing: dict[tuple[str, str], str] = {}
-        for i, n in order:
-            key = (n.domain if n.domain not in ("ai.onnx",) else DEFAULT_DOMAIN, n.op_type)
-            if key not in CONVERTERS and key not in missing:
-                missing[key] = n.name or f"{n.op_type}_{i}"
+
+        def scan(nodes) -> None:  # subgraphs (If branches, Loop and Scan bodies) are checked too
+            for i, n in nodes:
+                key = (n.domain if n.domain not in ("ai.onnx",) else DEFAULT_DOMAIN, n.op_type)
+                if key not in CONVERTERS and key not in missing:
+                    missing[key] = n.name or f"{n.op_type}_{i}"
+                for a in n.attribute:
+                    if a.type == onnx.AttributeProto.GRAPH:
+                        scan(enumerate(a.g.node))
+
+        scan(order)
         if missing:
             rows = [f"  {d + '.' if d else ''}{t} (first at node '{name}', opset "
                     f"{self.opsets.get(d, '?')})" for (d, t), name in missing.items()]
@@ -224,7 +234,7 @@ class _Importer:
     def _convert(self, proto: onnx.NodeProto, index: int) -> None:
         domain = proto.domain if proto.domain != "ai.onnx" else DEFAULT_DOMAIN
         inputs = [self.values[x] if x else None for x in proto.input]
-        node = Node(proto, inputs, self.opsets.get(domain, 0), index)
+        node = _ScopedNode(self, proto, inputs, self.opsets.get(domain, 0), index)
         out = CONVERTERS[(domain, proto.op_type)](node)
         outs = list(out) if isinstance(out, (list, tuple)) else [out]
         for k, name in enumerate(proto.output):
@@ -233,3 +243,41 @@ class _Importer:
             if k >= len(outs) or outs[k] is None:
                 raise UnsupportedError(f"{node}: output {k} ('{name}') is not supported")
             self.values[name] = outs[k]
+
+    def run_graph(self, graph: onnx.GraphProto, inputs: Sequence[Expr | SeqValue], node: Node) -> list:
+        """Convert a subgraph (an If branch, a Loop or Scan body) with its formal inputs bound to `inputs` and
+        the enclosing scopes' values visible; its outputs, as values of this graph."""
+        if len(inputs) != len(graph.input):
+            raise ModelError(f"{node}: subgraph '{graph.name}' takes {len(graph.input)} inputs, given {len(inputs)}")
+        outer = self.values
+        self.values = dict(outer)
+        try:
+            for t in graph.initializer:
+                self.values[t.name] = Constant(numpy_helper.to_array(t), name=t.name)
+            for vi, value in zip(graph.input, inputs):
+                self.values[vi.name] = value
+            for index, proto in self._topological_order(set(self.values), graph):
+                self._convert(proto, index)
+            missing = [o.name for o in graph.output if o.name not in self.values]
+            if missing:
+                raise ModelError(f"{node}: subgraph '{graph.name}' outputs {missing}, which nothing produces")
+            return [self.values[o.name] for o in graph.output]
+        finally:
+            self.values = outer
+
+
+class _ScopedNode(Node):
+    """A node that can convert its subgraph attributes in the importer's current scope."""
+
+    def __init__(self, importer: _Importer, proto: onnx.NodeProto, inputs: list, opset: int, index: int):
+        super().__init__(proto, inputs, opset, index)
+        self._importer = importer
+
+    def attr_graph(self, name: str) -> onnx.GraphProto:
+        graph = self._attr(name, "graph", None)
+        if graph is None:
+            raise self.invalid(f"attribute '{name}' is required")
+        return graph
+
+    def run_graph(self, name: str, inputs: Sequence) -> list:
+        return self._importer.run_graph(self.attr_graph(name), inputs, self)

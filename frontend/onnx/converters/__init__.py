@@ -1,3 +1,3 @@
 """Importing this package registers every ONNX converter, one module per op family."""
 
-from . import elementwise, nn, reduce, tensor  # noqa: F401
+from . import control_flow, elementwise, nn, recurrent, reduce, sequence, tensor  # noqa: F401

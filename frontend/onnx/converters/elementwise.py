@@ -7,6 +7,7 @@ import onnx
 
 from kiln.ir import Constant
 from kiln.ir.ops import elementwise as ew
+from kiln.ir.ops import transform as tf
 
 from ..registry import Node, converter
 
@@ -33,9 +34,30 @@ def convert_unary(node: Node):
 
 @converter(*_BINARY)
 def convert_binary(node: Node):
+    a, b = node.input(0), node.input(1)
     if node.opset < 7 and node.attr_int("broadcast", 0):
-        raise node.unsupported("legacy broadcast attribute (opset < 7)")
-    return node.make(ew.OPS[_BINARY[node.op_type]], node.input(0), node.input(1))
+        b = _legacy_broadcast(node, a, b)
+    return node.make(ew.OPS[_BINARY[node.op_type]], a, b)
+
+
+def _legacy_broadcast(node: Node, a, b):
+    """Opset < 7 `broadcast=1`: b's shape matches a's from `axis` on (default: a's trailing dims); reshape b
+    with trailing 1s so that NumPy broadcasting lines it up the same way."""
+    if not (a.ttype.is_static and b.ttype.is_static):
+        raise node.unsupported(f"legacy broadcast of {a.ttype} and {b.ttype} with symbolic dims")
+    sa, sb = tuple(a.ttype.shape), tuple(b.ttype.shape)
+    if len(sb) == 1 and sb[0] == 1 or not sb:
+        return b  # a scalar broadcasts anywhere
+    axis = node.attr_int("axis", len(sa) - len(sb))
+    if axis < 0:
+        axis += len(sa)
+    if not 0 <= axis <= len(sa) - len(sb):
+        raise node.invalid(f"broadcast axis {axis} does not fit {b.ttype} into {a.ttype}")
+    for i, d in enumerate(sb):
+        if d not in (1, sa[axis + i]):
+            raise node.invalid(f"legacy broadcast: {b.ttype} does not match {a.ttype} from axis {axis}")
+    shape = sb + (1,) * (len(sa) - axis - len(sb))
+    return b if shape == sb else node.make(tf.RESHAPE, b, newshape=shape)
 
 
 @converter("Pow")
