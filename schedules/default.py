@@ -57,14 +57,19 @@ def schedule_group(prim, target, anchor=None):
         return sch.mod["main"], "scalar"
     if any(int(sch.get(loop).extent) == 0 for loop in loops):  # a zero-size output: nothing to run
         return sch.mod["main"], "empty"
-    par = _parallel_outer(sch, loops, steps)
+    # the anchor is computed per parallel iteration only over loops it shares with the output: a statistic of a
+    # normalization (n, c, 1, 1) computed inside a loop over (n, c, h) would be recomputed for every h
+    shared = _shared_prefix(sch, reductions[-1], loops) if reductions else len(loops)
+    par = _parallel_outer(sch, loops, steps, max_loops=max(shared, 1))
     _vectorize(sch, sch.get_loops(out)[-1], lanes, steps)
-    if reductions and par is not None:
+    rest = reductions
+    if reductions and par is not None and shared:
         anchor = reductions[-1]
         if _try(lambda: sch.compute_at(anchor, par)):
             steps.append("anchor_at_parallel")
             _schedule_reduction(sch, anchor, lanes, steps, parallel=False)
-    for b in reductions[:-1]:
+            rest = reductions[:-1]
+    for b in rest:
         _schedule_reduction(sch, b, lanes, steps, parallel=True)
     return sch.mod["main"], "+".join(steps) or "naive"
 
@@ -77,9 +82,19 @@ def _try(step) -> bool:
         return False
 
 
-def _parallel_outer(sch, loops, steps, keep_inner: bool = True):
-    """Fuse outer loops until there is enough work to share; run that loop in parallel. `keep_inner` leaves
-    the innermost loop out of the fusion, for vectorizing."""
+def _shared_prefix(sch, block, loops) -> int:
+    """How many of `loops`, from the outside, match the leading dims of what `block` writes."""
+    shape = [int(d) for d in sch.get(block).writes[0].source.shape]
+    extents = [int(sch.get(loop).extent) for loop in loops]
+    k = 0
+    while k < min(len(shape), len(extents)) and shape[k] == extents[k]:
+        k += 1
+    return k
+
+
+def _parallel_outer(sch, loops, steps, keep_inner: bool = True, max_loops: int | None = None):
+    """Fuse outer loops until there is enough work to share (at most `max_loops` of them); run that loop in
+    parallel. `keep_inner` leaves the innermost loop out of the fusion, for vectorizing."""
     extents = [int(sch.get(loop).extent) for loop in loops]
     if len(loops) == 1:
         if extents[0] < 2 * PARALLEL_MIN_ITERATIONS:
@@ -89,7 +104,8 @@ def _parallel_outer(sch, loops, steps, keep_inner: bool = True):
         steps.append("parallel")
         return outer
     k, work = 1, extents[0]
-    while k < len(loops) - (1 if keep_inner else 0) and work < PARALLEL_MIN_ITERATIONS:
+    while (k < len(loops) - (1 if keep_inner else 0) and work < PARALLEL_MIN_ITERATIONS
+           and (max_loops is None or k < max_loops)):
         work *= extents[k]
         k += 1
     fused = sch.fuse(*loops[:k]) if k > 1 else loops[0]

@@ -237,3 +237,115 @@ def batch_norm_compute(x, scale, bias, mean, var, a: EpsAttrs):
 
     return te.compute(x.shape, lambda n, c, *r: (x(n, c, *r) - mean[c]) * scale[c] / te.sqrt(
         var[c] + a.epsilon) + bias[c], name="batch_norm")
+
+
+def _sum_over(elem, shape, axes, name: str):
+    """sum of elem(index) over `axes` of `shape`, kept as 1s (keepdims)."""
+    from tvm import te
+
+    rs = {ax: te.reduce_axis((0, shape[ax]), name=f"k{ax}") for ax in axes}
+    return te.compute([1 if ax in rs else d for ax, d in enumerate(shape)], lambda *i: te.sum(
+        elem(tuple(rs[ax] if ax in rs else v for ax, v in enumerate(i))), axis=list(rs.values())), name=name)
+
+
+def _at(stat, i, axes):
+    """stat (keepdims over `axes`) at the element index i."""
+    return stat[tuple(0 if ax in axes else v for ax, v in enumerate(i))]
+
+
+def _moments(x, axes, name: str):
+    """(deviation(i), sum of squared deviations over `axes` (keepdims), count): two passes, as layer norm."""
+    count = 1
+    for ax in axes:
+        count *= int(x.shape[ax])
+    total = _sum_over(lambda i: x[i], x.shape, axes, f"{name}_sum")
+    inv_n = 1.0 / max(count, 1)
+
+    def deviation(i):
+        return x[i] - _at(total, i, axes) * inv_n
+
+    return deviation, _sum_over(lambda i: deviation(i) * deviation(i), x.shape, axes, f"{name}_var_sum"), inv_n
+
+
+@define_compute(INSTANCE_NORM)
+def instance_norm_compute(x, scale, bias, a: EpsAttrs):
+    from tvm import te
+
+    axes = list(range(2, len(x.shape)))
+    deviation, squares, inv_n = _moments(x, axes, "instance_norm")
+    return te.compute(x.shape, lambda *i: deviation(i) * te.rsqrt(_at(squares, i, axes) * inv_n + a.epsilon)
+                      * scale[i[1]] + bias[i[1]], name="instance_norm")
+
+
+@define_compute(MEAN_VARIANCE_NORM)
+def mean_variance_norm_compute(x, a: MVNAttrs):
+    from tvm import te
+
+    axes = list(a.axes)
+    deviation, squares, inv_n = _moments(x, axes, "mvn")
+    return te.compute(x.shape, lambda *i: deviation(i) / (te.sqrt(_at(squares, i, axes) * inv_n) + 1e-9),
+                      name="mean_variance_norm")
+
+
+@define_compute(GROUP_NORM)
+def group_norm_compute(x, scale, bias, a: GroupNormAttrs):
+    """Statistics per (n, group) over the group's channels and every spatial position, then per-channel affine."""
+    from tvm import te
+
+    per = int(x.shape[1]) // a.num_groups
+    spatial = [int(d) for d in x.shape[2:]]
+    count = per
+    for d in spatial:
+        count *= d
+    inv_n = 1.0 / count
+
+    def group_sum(elem, name):
+        kc = te.reduce_axis((0, per), name="kc")
+        ks = [te.reduce_axis((0, d), name=f"k{j}") for j, d in enumerate(spatial)]
+        return te.compute((x.shape[0], a.num_groups), lambda n, g: te.sum(
+            elem((n, g * per + kc, *ks)), axis=[kc, *ks]), name=name)
+
+    total = group_sum(lambda i: x[i], "group_norm_sum")
+
+    def deviation(i):
+        return x[i] - total[i[0], i[1] // per] * inv_n
+
+    squares = group_sum(lambda i: deviation(i) * deviation(i), "group_norm_var_sum")
+    return te.compute(x.shape, lambda *i: deviation(i) * te.rsqrt(squares[i[0], i[1] // per] * inv_n + a.epsilon)
+                      * scale[i[1]] + bias[i[1]], name="group_norm")
+
+
+def _broadcast_at(p, i):
+    """p, which broadcasts to the trailing axes of an index i, at i."""
+    tail = i[len(i) - len(p.shape):]
+    return p[tuple(0 if int(d) == 1 else v for d, v in zip(p.shape, tail))]
+
+
+@define_compute(RMS_NORM)
+def rms_norm_compute(x, scale, a: LayerNormAttrs):
+    from tvm import te
+
+    axes = list(range(a.axis, len(x.shape)))
+    squares = _sum_over(lambda i: x[i] * x[i], x.shape, axes, "rms_norm_sum")
+    count = 1
+    for ax in axes:
+        count *= int(x.shape[ax])
+    return te.compute(x.shape, lambda *i: x(*i) * te.rsqrt(_at(squares, i, axes) * (1.0 / count) + a.epsilon)
+                      * _broadcast_at(scale, i), name="rms_norm")
+
+
+@define_compute(LP_NORMALIZE)
+def lp_normalize_compute(x, a: LpNormAttrs):
+    """x / ||x||_p along the axis; 0 where the norm is 0 (the reference), NaN where it is NaN."""
+    from tvm import te
+    from tvm import tirx as tir
+
+    axes = [a.axis]
+    norm = _sum_over(lambda i: te.abs(x[i]) if a.p == 1 else x[i] * x[i], x.shape, axes, "lp_norm_sum")
+
+    def body(*i):
+        n = _at(norm, i, axes)
+        n = n if a.p == 1 else te.sqrt(n)
+        return tir.Select(n == tir.const(0, x.dtype), tir.const(0, x.dtype), x(*i) / n)
+
+    return te.compute(x.shape, body, name="lp_normalize")
