@@ -184,6 +184,11 @@ def _pool_compute(kind: str):
             return tir.all(*[tir.all(c[d] >= 0, c[d] < x.shape[2 + d]) for d in range(nd)])
 
         shape = tuple(x.shape[:2]) + out
+        if kind == "lp":  # (sum over the window of |x|^p) ^ (1/p); padding adds 0
+            total = te.compute(shape, lambda *i: te.sum(tir.if_then_else(
+                inside(coords(i)), _lp_power(x(i[0], i[1], *coords(i)), a.p), tir.const(0, x.dtype)), axis=axes),
+                name="lp_pool_sum")
+            return te.compute(shape, lambda *i: _lp_root(total(*i), a.p), name="lp_pool")
         if kind == "max":  # a NaN in the window makes the result NaN (float_math.reduce_max)
             low = tir.min_value(x.dtype)
             return te.compute(shape, lambda *i: float_math.reduce_max(tir.if_then_else(
@@ -204,7 +209,28 @@ def _pool_compute(kind: str):
     return compute
 
 
+def _lp_power(v, p: int):
+    """|v|^p: a multiply for p = 2."""
+    from tvm import te
+    from tvm import tirx as tir
+
+    if p == 1:
+        return te.abs(v)
+    return v * v if p == 2 else te.power(te.abs(v), tir.const(float(p), float_math._dtype(v)))
+
+
+def _lp_root(v, p: int):
+    """v^(1/p)."""
+    from tvm import te
+    from tvm import tirx as tir
+
+    if p == 1:
+        return v
+    return te.sqrt(v) if p == 2 else te.power(v, tir.const(1.0 / p, float_math._dtype(v)))
+
+
 define_compute(MAX_POOL)(_pool_compute("max"))
+define_compute(LP_POOL)(_pool_compute("lp"))
 define_compute(AVG_POOL)(_pool_compute("avg"))
 
 
@@ -229,3 +255,13 @@ def global_max_pool_compute(x, a: GlobalPoolAttrs):
     return te.compute(tuple(x.shape[:2]) + (1,) * len(axes),
                       lambda b, c, *_: float_math.reduce_max(x[(b, c, *axes)], axis=axes, from_lowest=True),
                       name="global_max_pool")
+
+
+@define_compute(GLOBAL_LP_POOL)
+def global_lp_pool_compute(x, a: GlobalPoolAttrs):
+    from tvm import te
+
+    axes = [te.reduce_axis((0, d), name=f"r{i}") for i, d in enumerate(x.shape[2:])]
+    total = te.compute(tuple(x.shape[:2]) + (1,) * len(axes),
+                       lambda b, c, *_: te.sum(_lp_power(x[(b, c, *axes)], a.p), axis=axes), name="global_lp_sum")
+    return te.compute(total.shape, lambda *i: _lp_root(total(*i), a.p), name="global_lp_pool")

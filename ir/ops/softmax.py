@@ -80,3 +80,18 @@ def log_softmax_compute(x, a: SoftmaxAttrs):
     from tvm import topi
 
     return topi.nn.log_softmax(x, a.axis)
+
+
+@define_compute(HARDMAX)
+def hardmax_compute(x, a: SoftmaxAttrs):
+    """1 at the first maximum along the axis (a NaN counts as the maximum, as np.argmax), 0 elsewhere."""
+    from tvm import te
+    from tvm import tirx as tir
+
+    from .reduce import ARGMAX, ArgReduceAttrs
+
+    idx = ARGMAX.compute(x, ArgReduceAttrs(axis=a.axis, keepdims=True))
+    one, zero = tir.const(1, x.dtype), tir.const(0, x.dtype)
+    return te.compute(x.shape, lambda *i: tir.Select(
+        i[a.axis].astype("int64") == idx[tuple(0 if d == a.axis else v for d, v in enumerate(i))], one, zero),
+        name="hardmax")
