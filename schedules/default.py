@@ -35,6 +35,8 @@ def schedule_group(prim, target, anchor=None):
 
     sch = s_tir.Schedule(prim)
     steps: list[str] = []
+    if not _try(lambda: sch.get_sblock("root")):  # a te.extern loop nest (scatter, scan): parallel as written
+        return sch.mod["main"], "extern"
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     if not blocks:
         return sch.mod["main"], "empty"

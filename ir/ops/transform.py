@@ -734,3 +734,141 @@ def reverse_sequence_compute(x, lens, a: ReverseSequenceAttrs):
         return x(*src)
 
     return te.compute(x.shape, f, name="reverse_sequence")
+
+
+# --- scatters and scans: sequential along one dimension, so written as loop nests (te.extern) ---------------
+# Each kernel copies or scans with its outer loop parallel and its innermost loop unit-stride (LLVM vectorizes
+# it); scatter updates run in the reference's order, so duplicate indices resolve (or reduce) as they do there.
+
+def _strides(shape) -> list[int]:
+    out, acc = [], 1
+    for d in reversed(shape):
+        out.append(acc)
+        acc *= d
+    return out[::-1]
+
+
+def _combine(reduction: str):
+    from . import float_math
+
+    return {"none": lambda old, new: new, "add": lambda old, new: old + new, "mul": lambda old, new: old * new,
+            "max": float_math.maximum, "min": float_math.minimum}[reduction]
+
+
+def _extern(name: str, x, ins, body):
+    """A te.extern of x's shape and dtype; body(ins buffers, out buffer, T) writes the loop nest."""
+    from tvm import te, tirx as tir
+    from tvm.script.ir_builder import IRBuilder, tirx as T
+
+    def gen(in_bufs, out_buf):
+        with IRBuilder() as ib:
+            with T.sblock(name):  # a scope holding the nest's statements (T.seq_scope's pragma makes LLVM warn)
+                body([T.buffer_proxy(b) for b in in_bufs], T.buffer_proxy(out_buf), T)
+        return ib.get()
+
+    out_buf = tir.decl_buffer(x.shape, x.dtype, f"{name}_out")
+    return te.extern([x.shape], ins, lambda i, o: gen(i, o[0]), dtype=x.dtype, out_buffers=[out_buf], name=name)
+
+
+def _copy(T, src, dst, shape) -> None:
+    inner = shape[-1] if shape else 1
+    outer = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+    with T.parallel(0, outer) as r:
+        with T.serial(0, inner) as j:
+            dst[r * inner + j] = src[r * inner + j]
+
+
+@define_compute(SCATTER_ELEMENTS)
+def scatter_elements_compute(x, i, u, a: ScatterAttrs):
+    from tvm import tirx as tir
+
+    shape, ishape = [int(d) for d in x.shape], [int(d) for d in i.shape]
+    ds, js = _strides(shape), _strides(ishape)
+    others = [m for m in range(len(ishape)) if m != a.axis]
+    fibers = int(np.prod([ishape[m] for m in others], dtype=np.int64))
+    combine, n = _combine(a.reduction), shape[a.axis]
+
+    def body(ins, out, T):
+        data, idx, upd = ins
+        _copy(T, data, out, shape)
+        with T.parallel(0, fibers) as f:  # fibers along the axis are disjoint in the output
+            d_base, i_base, rest = tir.const(0, "int64"), tir.const(0, "int64"), f.astype("int64")
+            for m in reversed(others):
+                c = tir.floormod(rest, ishape[m])
+                rest = tir.floordiv(rest, ishape[m])
+                d_base, i_base = d_base + c * ds[m], i_base + c * js[m]
+            with T.serial(0, ishape[a.axis]) as k:
+                at = i_base + k.astype("int64") * js[a.axis]
+                t = _normalized(idx[at], n)
+                dst = d_base + t * ds[a.axis]
+                out[dst] = combine(out[dst], upd[at])
+
+    return _extern("scatter_elements", x, [x, i, u], body)
+
+
+@define_compute(SCATTER_ND)
+def scatter_nd_compute(x, i, u, a: ScatterAttrs):
+    shape, ishape = [int(d) for d in x.shape], [int(d) for d in i.shape]
+    ds, k = _strides(shape), ishape[-1]
+    rows = int(np.prod(ishape[:-1], dtype=np.int64))
+    size = int(np.prod(shape[k:], dtype=np.int64))
+    combine = _combine(a.reduction)
+
+    def body(ins, out, T):
+        data, idx, upd = ins
+        _copy(T, data, out, shape)
+        with T.serial(0, rows) as m:  # in order: a later duplicate overwrites (or reduces into) an earlier one
+            base = 0
+            for lvl in range(k):
+                base = base + _normalized(idx[m.astype("int64") * k + lvl], shape[lvl]) * ds[lvl]
+            loop = T.parallel if size >= 4096 else T.serial
+            with loop(0, size) as j:
+                dst = base + j.astype("int64")
+                out[dst] = combine(out[dst], upd[m.astype("int64") * size + j.astype("int64")])
+
+    return _extern("scatter_nd", x, [x, i, u], body)
+
+
+def _scan_compute(x, a: CumsumAttrs, op, identity, name: str):
+    from tvm import tirx as tir
+
+    shape = [int(d) for d in x.shape]
+    n = shape[a.axis]
+    before = int(np.prod(shape[:a.axis], dtype=np.int64))
+    after = int(np.prod(shape[a.axis + 1:], dtype=np.int64))
+
+    def pos(k):
+        return n - 1 - k if a.reverse else k
+
+    def body(ins, out, T):
+        (data,) = ins
+
+        def step(i, j):  # one fiber (i, ·, j), serial along the axis
+            def at(k):
+                return (i * n + pos(k)) * after + j
+
+            out[at(0)] = tir.const(identity, x.dtype) if a.exclusive else data[at(0)]
+            with T.serial(1, n) as k:
+                out[at(k)] = op(out[at(k - 1)], data[at(k - 1) if a.exclusive else at(k)])
+
+        if n == 0:
+            return
+        if before > 1:  # parallel over the outer fibers, unit stride inside
+            with T.parallel(0, before) as i:
+                with T.serial(0, after) as j:
+                    step(i, j)
+        else:
+            with T.parallel(0, after) as j:
+                step(0, j)
+
+    return _extern(name, x, [x], body)
+
+
+@define_compute(CUMSUM)
+def cumsum_compute(x, a: CumsumAttrs):
+    return _scan_compute(x, a, lambda p, q: p + q, 0, "cumsum")
+
+
+@define_compute(CUMPROD)
+def cumprod_compute(x, a: CumsumAttrs):
+    return _scan_compute(x, a, lambda p, q: p * q, 1, "cumprod")
