@@ -106,23 +106,29 @@ def dense_compute(x, w, a: DenseAttrs):
 
 @define_compute(MATMUL)
 def matmul_compute(a, b, at: DenseAttrs):
+    """NumPy matmul: a 1-D a is a row [1, k] and a 1-D b a column [k, 1], whose unit dim leaves the output."""
     from tvm import te
 
     acc = at.out_dtype or a.dtype
-    a2 = a if len(a.shape) >= 2 else None
-    if a2 is None or len(b.shape) < 2:
-        raise NotImplementedError("nn.matmul with a 1-D operand has no compute yet")
-    batch = [max(int(p), int(q)) for p, q in _aligned_batch(a.shape[:-2], b.shape[:-2])]
+    a_batch = a.shape[:-2] if len(a.shape) >= 2 else ()
+    b_batch = b.shape[:-2] if len(b.shape) >= 2 else ()
+    batch = [max(int(p), int(q)) for p, q in _aligned_batch(a_batch, b_batch)]
+    rows = (a.shape[-2],) if len(a.shape) >= 2 else ()
+    cols = (b.shape[-1],) if len(b.shape) >= 2 else ()
     k = te.reduce_axis((0, a.shape[-1]), name="k")
 
-    def index(t, bi):
-        dims = t.shape[:-2]
+    def index(dims, bi):
         off = len(batch) - len(dims)
         return [0 if int(d) == 1 else bi[off + j] for j, d in enumerate(dims)]
 
-    return te.compute(tuple(batch) + (a.shape[-2], b.shape[-1]), lambda *i: te.sum(
-        a[(*index(a, i[:-2]), i[-2], k)].astype(acc) * b[(*index(b, i[:-2]), k, i[-1])].astype(acc), axis=k),
-        name="matmul")
+    def f(*i):
+        bi, rest = i[:len(batch)], i[len(batch):]
+        row, col = rest[:len(rows)], rest[len(rows):]
+        x = a[(*index(a_batch, bi), *row, k)]
+        y = b[(*index(b_batch, bi), k, *col)]
+        return te.sum(x.astype(acc) * y.astype(acc), axis=k)
+
+    return te.compute(tuple(batch) + tuple(rows) + tuple(cols), f, name="matmul")
 
 
 def _aligned_batch(p, q):
@@ -175,3 +181,48 @@ def dense_packed_compute(x, wp, a: PackedDenseAttrs):
     return te.compute(tuple(x.shape[:-1]) + (n,), lambda *i: te.sum(
         x[(*i[:-1], k)].astype(acc) * wp[i[-1] // a.block, k, i[-1] % a.block].astype(acc), axis=k),
         name="dense_packed")
+
+
+def _einsum_terms(equation: str, ranks: list[int]) -> tuple[list[str], str]:
+    """Explicit subscripts: each '...' becomes capital letters (right-aligned across operands, as broadcasting
+    is), and an implicit output is the ellipsis dims then the letters used once, sorted (NumPy's rule)."""
+    lhs, arrow, rhs = equation.partition("->")
+    terms = lhs.split(",")
+    n_ell = max((r - len(t.replace("...", "")) for t, r in zip(terms, ranks) if "..." in t), default=0)
+    ell = "".join(chr(ord("A") + j) for j in range(n_ell))
+    out = []
+    for t, r in zip(terms, ranks):
+        m = r - len(t.replace("...", "")) if "..." in t else 0
+        out.append(t.replace("...", ell[n_ell - m:]))
+    if arrow:
+        return out, rhs.replace("...", ell)
+    letters = "".join(out)
+    return out, ell + "".join(sorted(c for c in set(letters) if letters.count(c) == 1 and c.islower()))
+
+
+@define_compute(EINSUM)
+def einsum_compute(xs, a: EinsumAttrs):
+    """One te reduction for any equation: a product of the operands at their subscripts, summed over the letters
+    the output leaves out (the generic schedule splits its innermost spatial loop to vectors)."""
+    from tvm import te, tirx as tir
+
+    terms, out = _einsum_terms(a.equation, [len(x.shape) for x in xs])
+    size: dict[str, int] = {}
+    for t, x in zip(terms, xs):
+        for c, d in zip(t, x.shape):
+            size[c] = max(size.get(c, 1), int(d))  # a broadcast (size-1) ellipsis dim takes the other's size
+    summed = sorted(set("".join(terms)) - set(out))
+    red = {c: te.reduce_axis((0, size[c]), name=f"k{c}") for c in summed}
+    dtype = xs[0].dtype
+
+    def f(*o):
+        var = dict(zip(out, o)) | red
+        prod = None
+        for t, x in zip(terms, xs):
+            v = x[tuple(0 if int(d) == 1 and size[c] != 1 else var[c] for c, d in zip(t, x.shape))]
+            prod = v if prod is None else prod * v
+        if prod is None:
+            prod = tir.const(1, dtype)
+        return te.sum(prod, axis=list(red.values())) if red else prod
+
+    return te.compute(tuple(size[c] for c in out), f, name="einsum")

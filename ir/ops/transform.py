@@ -761,9 +761,8 @@ def _extern(name: str, x, ins, body):
     from tvm.script.ir_builder import IRBuilder, tirx as T
 
     def gen(in_bufs, out_buf):
-        with IRBuilder() as ib:
-            with T.sblock(name):  # a scope holding the nest's statements (T.seq_scope's pragma makes LLVM warn)
-                body([T.buffer_proxy(b) for b in in_bufs], T.buffer_proxy(out_buf), T)
+        with IRBuilder() as ib, T.sblock(name):  # a scope for the nest (T.seq_scope's pragma makes LLVM warn)
+            body([T.buffer_proxy(b) for b in in_bufs], T.buffer_proxy(out_buf), T)
         return ib.get()
 
     out_buf = tir.decl_buffer(x.shape, x.dtype, f"{name}_out")
@@ -773,9 +772,8 @@ def _extern(name: str, x, ins, body):
 def _copy(T, src, dst, shape) -> None:
     inner = shape[-1] if shape else 1
     outer = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
-    with T.parallel(0, outer) as r:
-        with T.serial(0, inner) as j:
-            dst[r * inner + j] = src[r * inner + j]
+    with T.parallel(0, outer) as r, T.serial(0, inner) as j:
+        dst[r * inner + j] = src[r * inner + j]
 
 
 @define_compute(SCATTER_ELEMENTS)
@@ -854,9 +852,8 @@ def _scan_compute(x, a: CumsumAttrs, op, identity, name: str):
         if n == 0:
             return
         if before > 1:  # parallel over the outer fibers, unit stride inside
-            with T.parallel(0, before) as i:
-                with T.serial(0, after) as j:
-                    step(i, j)
+            with T.parallel(0, before) as i, T.serial(0, after) as j:
+                step(i, j)
         else:
             with T.parallel(0, after) as j:
                 step(0, j)
