@@ -85,7 +85,11 @@ def convert_bitshift(node: Node):
 
 @converter("PRelu")
 def convert_prelu(node: Node):
-    return node.make(ew.PRELU, node.input(0), node.input(1))
+    x, slope = node.input(0), node.input(1)
+    if node.opset < 7 and slope.ttype.ndim == 1 and x.ttype.ndim > 2 and slope.ttype.shape[0] != 1:
+        # PRelu-6 and older: a 1-D slope is per channel (axis 1), not NumPy-aligned with the last axis
+        slope = node.make(tf.RESHAPE, slope, newshape=(slope.ttype.shape[0],) + (1,) * (x.ttype.ndim - 2))
+    return node.make(ew.PRELU, x, slope)
 
 
 @converter("Sum", "Mean", "Max", "Min")
