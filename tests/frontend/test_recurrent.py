@@ -105,3 +105,9 @@ def test_data_dependent_sequence_lens_is_refused_naming_the_node():
     model = recurrent_model("LSTM", seq_lens_input=True)
     with pytest.raises(NeedsConstantError, match="my_lstm.*sequence_lens"):
         from_onnx(model)
+
+
+def test_lstm_sequence_lens_peepholes_and_clip_compile(tmp_path):
+    """Constant sequence_lens become where-masks, peepholes and clip elementwise ops: all have kernels."""
+    model = recurrent_model("LSTM", "bidirectional", seq_lens=[5, 3], peepholes=True, clip=0.7)
+    check(model, feeds(model), tmp_path)
