@@ -45,6 +45,8 @@ def schedule_group(prim, target, anchor=None):
         scheduled = template(prim, target, anchor[1] if anchor is not None else None)
         if scheduled is not None:
             return scheduled
+    if anchor is None and (scheduled := _try_resize(prim, target)) is not None:  # injective: no anchor op
+        return scheduled
     out = blocks[-1]
     reductions = [b for b in blocks[:-1] if _n_reduction_axes(sch, b)]
     for b in blocks[:-1]:
@@ -137,6 +139,7 @@ def _schedule_reduction(sch, block, lanes, steps, parallel: bool) -> None:
         spatial = spatial[1:]  # the first is the consumer's parallel loop this block was computed at
     wide = [i for i, loop in enumerate(spatial) if int(sch.get(loop).extent) > 1]
     if not wide:
+        _vector_partials(sch, block, reduce, lanes, steps)
         return
     inner = spatial[wide[-1]]
     io, ii = sch.split(inner, factors=[None, min(lanes, int(sch.get(inner).extent))])
@@ -147,6 +150,25 @@ def _schedule_reduction(sch, block, lanes, steps, parallel: bool) -> None:
     if _try(lambda: sch.vectorize(ii)):
         steps.append("reduction_vectorized")
     init = sch.decompose_reduction(block, reduce[0])
+    _try(lambda: sch.vectorize(sch.get_loops(init)[-1]))
+
+
+def _vector_partials(sch, block, reduce, lanes, steps) -> None:
+    """A reduction with no output elements to vectorize across (a row's sum, a total): its innermost reduction
+    loop split into `lanes` partial results kept in one vector (rfactor, the lanes as the last axis), combined by
+    a short scalar step after."""
+    if int(sch.get(reduce[-1]).extent) < 2 * lanes:
+        return
+    _, ki = sch.split(reduce[-1], factors=[None, lanes])
+    ndim = len(sch.get(block).writes[0].source.shape)
+    try:
+        rf = sch.rfactor(ki, ndim)
+    except Exception:  # noqa: BLE001  (not a reduction rfactor can split: leave it scalar)
+        return
+    loops = sch.get_loops(rf)
+    if _try(lambda: sch.vectorize(loops[-1])):
+        steps.append("reduction_vectorized")
+    init = sch.decompose_reduction(rf, loops[-1 - len(reduce)])
     _try(lambda: sch.vectorize(sch.get_loops(init)[-1]))
 
 
