@@ -381,6 +381,37 @@ def _try_rowwise(prim, target, attrs=None):
     return _attempt("softmax/layer_norm", prim, apply)
 
 
+def _try_conv2d_transpose(prim, target, attrs):
+    from .target_info import vector_lanes
+    from .x86 import conv2d_transpose
+
+    def apply(sch):
+        if not _has_block(sch, conv2d_transpose.ANCHOR):
+            return None
+        out = sch.get_child_blocks(sch.get_sblock("root"))[-1]
+        shape = [int(sch.get(loop).extent) for loop in sch.get_loops(out)]
+        cfg = conv2d_transpose.default(shape[1], shape[3], vector_lanes(target, 32))
+        return conv2d_transpose.schedule(sch, cfg)
+
+    return _attempt("conv2d_transpose", prim, apply)
+
+
+def _try_resize(prim, target, attrs=None):
+    """The resize template, when the group holds an image.resize (its tables and epilogues around it)."""
+    from .target_info import vector_lanes
+    from .x86 import resize
+
+    def apply(sch):
+        if not _has_block(sch, resize.ANCHOR):
+            return None
+        out = sch.get_child_blocks(sch.get_sblock("root"))[-1]
+        loops = sch.get_loops(out)
+        width = int(sch.get(loops[-1]).extent) if loops else 1
+        return resize.schedule(sch, resize.default(width, vector_lanes(target, 32)))
+
+    return _attempt("resize", prim, apply)
+
+
 # the template each group's anchor op (its conv, dense, pool; None for anchorless reductions such as softmax and
 # layer norm) is scheduled with; a template that does not fit returns None and the generic schedule runs
 TEMPLATES = {
@@ -391,5 +422,6 @@ TEMPLATES = {
     "nn.global_avg_pool_nchwc": _try_pool_nchwc,
     "nn.dense_packed": _try_dense_packed,
     "nn.matmul": _try_batch_matmul,
+    "nn.conv2d_transpose": _try_conv2d_transpose,
     None: _try_rowwise,
 }

@@ -168,3 +168,67 @@ def conv2d_compute(x, w, a: ConvAttrs):
     if a.groups == 1:
         return topi.nn.conv2d_nchw(x, w, a.strides, pad, a.dilation, out_dtype=a.out_dtype or x.dtype)
     return topi.nn.group_conv2d_nchw(x, w, a.strides, pad, a.dilation, a.groups, out_dtype=a.out_dtype or x.dtype)
+
+
+def _conv_t_taps(y, k: int, stride: int, dilation: int, pad: int, size: int, t):
+    """(kernel index, input index, valid) of tap `t` for output coordinate `y` along one axis.
+
+    Output y takes input i through kernel tap j when y + pad = i * stride + j * dilation. With dilation 1 only
+    the taps j ≡ y + pad (mod stride) contribute, ceil(k / stride) of them, so the reduction skips the zeros a
+    conv over the stride-dilated input would multiply; otherwise every tap is tried and the others masked.
+    """
+    from tvm import tirx as tir
+
+    if dilation == 1:
+        j = tir.floormod(y + pad, stride) + stride * t if stride > 1 else t
+        i = tir.floordiv(y + pad, stride) - t if stride > 1 else y + pad - t
+        valid = tir.all(j < k, i >= 0, i < size) if k % stride else tir.all(i >= 0, i < size)
+    else:
+        num = y + pad - t * dilation
+        j, i = t, tir.floordiv(num, stride)
+        conds = [num >= 0, i < size] + ([tir.floormod(num, stride) == 0] if stride > 1 else [])
+        valid = tir.all(*conds)
+    return tir.min(j, k - 1), tir.max(tir.min(i, size - 1), 0), valid  # clamped: loads stay in bounds
+
+
+def conv_transpose_taps(k: int, stride: int, dilation: int) -> int:
+    return -(-k // stride) if dilation == 1 else k
+
+
+def _conv_transpose_compute(x, w, a: ConvTransposeAttrs):
+    """out[n, o, y...] = Σ x[n, c, i...] · w[c, o, j...] over y + pad = i·stride + j·dilation, as a gather: the
+    weights are first repacked [j..., c-in-group, o] so a vector of output channels loads contiguously."""
+    from tvm import te
+    from tvm import tirx as tir
+
+    nd = len(x.shape) - 2
+    c = int(x.shape[1])
+    og, ks = int(w.shape[1]), [int(k) for k in w.shape[2:]]
+    sizes = [int(s) for s in x.shape[2:]]
+    g = a.groups
+    cg, o = c // g, og * g
+    out_sp = [a.strides[i] * (sizes[i] - 1) + a.output_padding[i] + (ks[i] - 1) * a.dilation[i] + 1
+              - a.padding[i] - a.padding[i + nd] for i in range(nd)]
+
+    def packed(*idx):
+        j, rc, oc = idx[:nd], idx[nd], idx[nd + 1]
+        return w[(oc // og * cg + rc, oc % og) + tuple(j)] if g > 1 else w[(rc, oc) + tuple(j)]
+
+    wp = te.compute(tuple(ks) + (cg, o), packed, name="conv_transpose_weight")
+    rc = te.reduce_axis((0, cg), name="rc")
+    names = ("rd", "ry", "rx")[3 - nd:]
+    taps = [te.reduce_axis((0, conv_transpose_taps(ks[i], a.strides[i], a.dilation[i])), name=names[i])
+            for i in range(nd)]
+
+    def body(n, oc, *ys):
+        js, ins, valids = zip(*(_conv_t_taps(ys[i], ks[i], a.strides[i], a.dilation[i], a.padding[i], sizes[i],
+                                             taps[i]) for i in range(nd)))
+        ci = oc // og * cg + rc if g > 1 else rc
+        xv = tir.if_then_else(tir.all(*valids), x[(n, ci) + tuple(ins)], tir.const(0, x.dtype))
+        return te.sum(xv * wp[tuple(js) + (rc, oc)], axis=[rc, *taps])
+
+    return te.compute((x.shape[0], o) + tuple(out_sp), body, name="conv_transpose")
+
+
+for _op in CONV_TRANSPOSE_BY_RANK.values():
+    define_compute(_op)(_conv_transpose_compute)

@@ -1,0 +1,84 @@
+"""Transposed conv2d on NCHW for x86, with the group's epilogue (bias, activation) fused in.
+
+The compute (ir/ops/conv.py) gathers: each output pixel sums only the taps that reach it, and the weights are
+repacked [kh, kw, c, oc] so a vector of output channels loads contiguously. A `tile_ow × tile_oc` accumulator
+tile (output channels the vector lanes, columns unrolled) stays in registers while the reduction (input
+channels × taps) runs outside it: one broadcast input value times one weight vector per FMA. Rows × channel
+tiles run in parallel. The knobs are the two tile sizes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+VERSION = 1
+ANCHOR, WEIGHTS = "conv_transpose", "conv_transpose_weight"
+
+
+@dataclass(frozen=True)
+class Config:
+    tile_oc: int  # output channels per tile: the vector lanes (a multiple of the SIMD width when it can)
+    tile_ow: int  # output columns per tile, unrolled
+
+
+def _divisors(n: int, upto: int) -> list[int]:
+    return [d for d in range(1, min(n, upto) + 1) if n % d == 0]
+
+
+def space(out_channels: int, out_width: int, lanes: int) -> dict[str, list]:
+    """The knob space the tuner searches; the default lies in it."""
+    return {"tile_oc": _divisors(out_channels, 4 * lanes), "tile_ow": _divisors(out_width, 16)}
+
+
+def default(out_channels: int, out_width: int, lanes: int) -> Config:
+    # ≤ 12 accumulator vectors out of 16 (AVX2) or 32 (AVX-512): room for the weight vectors and a broadcast
+    oc = max(d for d in _divisors(out_channels, 2 * lanes))
+    vectors = -(-oc // lanes)
+    ow = max(_divisors(out_width, max(1, 12 // vectors)))
+    return Config(tile_oc=oc, tile_ow=ow)
+
+
+def schedule(sch, cfg: Config) -> list[str]:
+    """Schedule a group holding WEIGHTS and ANCHOR (n, oc, oh, ow | rc, ry, rx) and elementwise epilogues."""
+    root = sch.get_sblock("root")
+    blocks = sch.get_child_blocks(root)
+    names = [sch.get(b).name_hint for b in blocks]
+    if ANCHOR not in names or WEIGHTS not in names:
+        raise LookupError(f"no {ANCHOR} block")
+    for b, name in zip(blocks[:-1], names[:-1]):
+        if name not in (ANCHOR, WEIGHTS):
+            sch.compute_inline(b)
+    weights, conv = sch.get_sblock(WEIGHTS), sch.get_sblock(ANCHOR)
+    out = sch.get_child_blocks(root)[-1]
+    # the repacked weights: once per call, a copy the size of the weights (vs. H·W FMAs per weight)
+    wloops = sch.get_loops(weights)
+    _vectorize(sch, wloops[-1])
+    # accumulate in a local NHWC tile, so the output-channel vector is contiguous (registers, once unrolled)
+    acc = sch.cache_write(conv, 0, "local")
+    sch.transform_layout(conv, ("write", 0), lambda n, c, h, w: (n, h, w, c))
+    if sch.get(out).same_as(sch.get(conv)):
+        out = acc  # no epilogue: the copy out of the accumulators is the output stage
+    else:
+        sch.compute_inline(acc)
+    n, oc, oh, ow, rc, *taps = sch.get_loops(conv)  # TE keeps unit loops; compute_at would drop them
+    oco, oci = sch.split(oc, factors=[None, cfg.tile_oc])
+    owo, owi = sch.split(ow, factors=[None, cfg.tile_ow])
+    sch.reorder(n, oco, oh, owo, *taps, rc, owi, oci)
+    sch.parallel(sch.fuse(n, oco, oh))
+    sch.unroll(owi)
+    _vectorize(sch, oci)
+    init = sch.decompose_reduction(conv, taps[0] if taps else rc)
+    _vectorize(sch, sch.get_loops(init)[-1])
+    sch.reverse_compute_at(out, owo)
+    if len(out_loops := sch.get_loops(out)) > 2:  # under (rows, owo): the tile's own loops, if any remain
+        _vectorize(sch, out_loops[-1])
+    return [f"conv2d_transpose(oc={cfg.tile_oc},ow={cfg.tile_ow})"]
+
+
+def _vectorize(sch, loop) -> None:
+    if int(sch.get(loop).extent) > 1:  # TVM refuses to vectorize a unit loop
+        sch.vectorize(loop)
+
+
+def applies(out_shape) -> bool:
+    return len(out_shape) == 4
