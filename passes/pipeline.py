@@ -13,15 +13,16 @@ from .eliminate_dead_code import eliminate_dead_code
 from .fold_batch_norm import fold_batch_norm
 from .fold_constants import fold_constants
 from .fuse_ops import fuse_ops
+from .materialize_outputs import materialize_outputs
 from .pack_dense_weights import pack_dense_weights
 from .plan_memory import plan_memory
 from .simplify_inference import simplify_inference
 
 Pass = Callable[[IRModule], IRModule]
 
-O0: list[Pass] = [fuse_ops, plan_memory]  # what codegen needs; the fuser still groups, as codegen takes groups
-O1: list[Pass] = [simplify_inference, fold_constants, fold_batch_norm, fold_constants, pack_dense_weights, fuse_ops,
-                  plan_memory]
+O0: list[Pass] = [materialize_outputs, fuse_ops, plan_memory]  # what codegen needs; the fuser still groups, as codegen takes groups
+O1: list[Pass] = [simplify_inference, fold_constants, fold_batch_norm, fold_constants, pack_dense_weights,
+                  materialize_outputs, fuse_ops, plan_memory]
 O2: list[Pass] = [
     simplify_inference,
     fold_constants,
@@ -32,6 +33,7 @@ O2: list[Pass] = [
     simplify_inference,  # CSE can expose reshape-of-reshape chains
     pack_dense_weights,  # a layout change of constants only: done once, here, at compile time
     alter_layout,  # after folding, so conv weights are constants it can repack; before fusion, which groups
+    materialize_outputs,  # after the last fold: an output that is an input or a constant gets a copy kernel
     fuse_ops,      # the blocked convs with their (blocked) epilogues
     plan_memory,
 ]

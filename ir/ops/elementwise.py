@@ -102,6 +102,7 @@ UNARY = [
     Unary("softsign", lambda x: x / (1 + np.abs(x)), flops_per_element=3),
     Unary("nn.mish", lambda x: x * np.tanh(np.logaddexp(0, x)), flops_per_element=8),
     Unary("nn.hard_swish", lambda x: x * np.clip(x / 6 + 0.5, 0, 1), flops_per_element=4),
+    Unary("copy", np.copy, "any", flops_per_element=0),  # a model output that no kernel computes gets one
     Unary("logical_not", np.logical_not, "bool"),
     Unary("bitwise_not", np.invert, "int"),
 ]
@@ -353,6 +354,7 @@ def _te_unary() -> dict[str, object]:
         "softsign": lambda x: x / (1 + te.abs(x)),
         "nn.mish": lambda x: x * te.tanh(softplus(x)),
         "nn.hard_swish": lambda x: x * float_math.clamp(x / 6 + 0.5, 0, 1),
+        "copy": lambda x: x,
         "logical_not": lambda x: tir.Not(x),
         "bitwise_not": lambda x: ~x,
     }
