@@ -175,29 +175,40 @@ def _conv_t_taps(y, k: int, stride: int, dilation: int, pad: int, size: int, t):
 
     Output y takes input i through kernel tap j when y + pad = i * stride + j * dilation. With dilation 1 only
     the taps j ≡ y + pad (mod stride) contribute, ceil(k / stride) of them, so the reduction skips the zeros a
-    conv over the stride-dilated input would multiply; otherwise every tap is tried and the others masked.
+    conv over the stride-dilated input would multiply; the input index may then fall up to taps - 1 before the
+    input or past its end, into the padding `_conv_t_input_pads` adds. Otherwise every tap is tried and the
+    others masked (and the index clamped, so loads stay in bounds).
     """
     from tvm import tirx as tir
 
     if dilation == 1:
         j = tir.floormod(y + pad, stride) + stride * t if stride > 1 else t
         i = tir.floordiv(y + pad, stride) - t if stride > 1 else y + pad - t
-        valid = tir.all(j < k, i >= 0, i < size) if k % stride else tir.all(i >= 0, i < size)
-    else:
-        num = y + pad - t * dilation
-        j, i = t, tir.floordiv(num, stride)
-        conds = [num >= 0, i < size] + ([tir.floormod(num, stride) == 0] if stride > 1 else [])
-        valid = tir.all(*conds)
-    return tir.min(j, k - 1), tir.max(tir.min(i, size - 1), 0), valid  # clamped: loads stay in bounds
+        if k % stride:
+            return tir.min(j, k - 1), i, j < k
+        return j, i, None
+    num = y + pad - t * dilation
+    i = tir.floordiv(num, stride)
+    valid = tir.all(num >= 0, i < size, *([tir.floormod(num, stride) == 0] if stride > 1 else []))
+    return t, tir.max(tir.min(i, size - 1), 0), valid
 
 
 def conv_transpose_taps(k: int, stride: int, dilation: int) -> int:
     return -(-k // stride) if dilation == 1 else k
 
 
+def _conv_t_input_pads(size: int, out: int, k: int, stride: int, dilation: int, pad: int) -> tuple[int, int]:
+    """Zeros before and after the input along one axis, so a dilation-1 gather never leaves it."""
+    if dilation != 1:
+        return 0, 0
+    last = (out - 1 + pad) // stride  # the largest input index tap 0 reads
+    return conv_transpose_taps(k, stride, dilation) - 1, max(0, last - (size - 1))
+
+
 def _conv_transpose_compute(x, w, a: ConvTransposeAttrs):
     """out[n, o, y...] = Σ x[n, c, i...] · w[c, o, j...] over y + pad = i·stride + j·dilation, as a gather: the
-    weights are first repacked [j..., c-in-group, o] so a vector of output channels loads contiguously."""
+    weights are first repacked [j..., c-in-group, o] so a vector of output channels loads contiguously, and the
+    input padded once so the inner loop loads without bounds checks."""
     from tvm import te
     from tvm import tirx as tir
 
@@ -209,12 +220,24 @@ def _conv_transpose_compute(x, w, a: ConvTransposeAttrs):
     cg, o = c // g, og * g
     out_sp = [a.strides[i] * (sizes[i] - 1) + a.output_padding[i] + (ks[i] - 1) * a.dilation[i] + 1
               - a.padding[i] - a.padding[i + nd] for i in range(nd)]
+    pads = [_conv_t_input_pads(sizes[i], out_sp[i], ks[i], a.strides[i], a.dilation[i], a.padding[i])
+            for i in range(nd)]
 
     def packed(*idx):
         j, rc, oc = idx[:nd], idx[nd], idx[nd + 1]
         return w[(oc // og * cg + rc, oc % og) + tuple(j)] if g > 1 else w[(rc, oc) + tuple(j)]
 
     wp = te.compute(tuple(ks) + (cg, o), packed, name="conv_transpose_weight")
+    xp = x
+    if any(lo or hi for lo, hi in pads):
+        def padded(n, ci, *ii):
+            src = [ii[i] - pads[i][0] for i in range(nd)]
+            inside = tir.all(*[tir.all(src[i] >= 0, src[i] < sizes[i]) for i in range(nd) if any(pads[i])])
+            clamped = [tir.max(tir.min(src[i], sizes[i] - 1), 0) if any(pads[i]) else src[i] for i in range(nd)]
+            return tir.if_then_else(inside, x[(n, ci) + tuple(clamped)], tir.const(0, x.dtype))
+
+        xp = te.compute((x.shape[0], c) + tuple(sizes[i] + sum(pads[i]) for i in range(nd)), padded,
+                        name="conv_transpose_pad")
     rc = te.reduce_axis((0, cg), name="rc")
     names = ("rd", "ry", "rx")[3 - nd:]
     taps = [te.reduce_axis((0, conv_transpose_taps(ks[i], a.strides[i], a.dilation[i])), name=names[i])
@@ -224,7 +247,9 @@ def _conv_transpose_compute(x, w, a: ConvTransposeAttrs):
         js, ins, valids = zip(*(_conv_t_taps(ys[i], ks[i], a.strides[i], a.dilation[i], a.padding[i], sizes[i],
                                              taps[i]) for i in range(nd)))
         ci = oc // og * cg + rc if g > 1 else rc
-        xv = tir.if_then_else(tir.all(*valids), x[(n, ci) + tuple(ins)], tir.const(0, x.dtype))
+        xv = xp[(n, ci) + tuple(ins[i] + pads[i][0] for i in range(nd))]
+        if conds := [v for v in valids if v is not None]:
+            xv = tir.if_then_else(tir.all(*conds), xv, tir.const(0, x.dtype))
         return te.sum(xv * wp[tuple(js) + (rc, oc)], axis=[rc, *taps])
 
     return te.compute((x.shape[0], o) + tuple(out_sp), body, name="conv_transpose")

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 VERSION = 1
-ANCHOR, WEIGHTS = "conv_transpose", "conv_transpose_weight"
+ANCHOR, WEIGHTS, PAD = "conv_transpose", "conv_transpose_weight", "conv_transpose_pad"
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,11 @@ def schedule(sch, cfg: Config) -> list[str]:
     if ANCHOR not in names or WEIGHTS not in names:
         raise LookupError(f"no {ANCHOR} block")
     for b, name in zip(blocks[:-1], names[:-1]):
-        if name not in (ANCHOR, WEIGHTS):
+        if name == PAD:  # materialized once (parallel, vectorized): the inner loop then loads unchecked
+            loops = sch.get_loops(b)
+            sch.parallel(sch.fuse(*loops[:2]))
+            _vectorize(sch, loops[-1])
+        elif name not in (ANCHOR, WEIGHTS):
             sch.compute_inline(b)
     weights, conv = sch.get_sblock(WEIGHTS), sch.get_sblock(ANCHOR)
     out = sch.get_child_blocks(root)[-1]
