@@ -125,3 +125,21 @@ def test_bilinear_resize_matches_onnxruntime(tmp_path):
     assert any(s.startswith("resize(rows+") for s in schedules), schedules
     want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     assert_close(m.run(x)[0], want[0], rtol=1e-4, atol=1e-5)
+
+
+def test_prologue_and_epilogue_fuse_around_the_template():
+    import tvm
+    from tvm import te, topi
+
+    rng = np.random.default_rng(2)
+    x, b = rng.standard_normal((1, 3, 7, 9)).astype(np.float32), rng.standard_normal((1, 3, 14, 18)).astype(np.float32)
+    attrs = _attrs(x.shape, (1, 1, 2, 2), mode="cubic")
+    X, B = te.placeholder(x.shape, name="x"), te.placeholder(b.shape, name="b")
+    out = topi.nn.relu(topi.add(RESIZE.compute(topi.exp(X), attrs), B))
+    target = resolve_target(AVX2)
+    prim, how = schedule_group(te.create_prim_func([X, B, out]), target, None)
+    assert how.startswith("resize(rows+"), how
+    f = tvm.compile(tvm.IRModule({"main": prim}), target=target)
+    y = tvm.runtime.empty(attrs.size, "float32")
+    f(tvm.runtime.tensor(x), tvm.runtime.tensor(b), y)
+    assert_close(y.numpy(), np.maximum(_resize(np.exp(x), attrs) + b, 0), rtol=1e-5, atol=1e-5)
