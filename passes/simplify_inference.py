@@ -15,6 +15,9 @@ def _simplify(e: Expr) -> Expr | None:
         return e.tuple_value.fields[e.index]
     if isinstance(e, TupleGetItem) and isinstance(e.tuple_value, Call) and e.tuple_value.op is SPLIT:
         return _split_item(e.tuple_value, e.index)
+    if isinstance(e, TupleGetItem) and isinstance(e.tuple_value, Call) and "item" in getattr(
+            e.tuple_value.op, "extra", {}):  # a multi-output op's own rewrite of its items (topk)
+        return e.tuple_value.op.extra["item"](e.tuple_value, e.index)
     if not isinstance(e, Call):
         return None
     x = e.args[0] if e.args else None

@@ -12,6 +12,7 @@ import numpy as np
 
 from kiln.errors import TypeCheckError
 
+from ..expr import Call
 from ..op import OpDef, OpPattern, define_compute, register_op
 from ..types import TensorType, TupleType, is_int
 
@@ -500,8 +501,54 @@ def _topk(x: np.ndarray, a: TopKAttrs):
     return np.take_along_axis(x, idx, axis=axis), idx.astype(np.int64)
 
 
+def _topk_item(call, index: int):
+    """Item `index` of a topk call as a single-output expression (a kernel has one tensor output): the indices
+    are `topk_indices`, the values a gather_elements of the input at those indices (CSE shares the indices)."""
+    x, a = call.args[0], call.attrs
+    idx = Call(TOPK_INDICES, (x,), a, f"{call.span}:1" if call.span else None)
+    if index == 1:
+        return idx
+    axis = a.axis % x.ttype.ndim
+    return Call(GATHER_ELEMENTS, (x, idx), AxisAttrs(axis), f"{call.span}:0" if call.span else None)
+
+
 TOPK = register_op(OpDef("topk", TopKAttrs, _topk_type, _topk, OpPattern.OPAQUE, flops=lambda x, a: 0,
-                         num_outputs=2))
+                         num_outputs=2, extra={"item": _topk_item}))
+TOPK_INDICES = register_op(OpDef("topk_indices", TopKAttrs, lambda x, a: _topk_type(x, a).fields[1],
+                                 lambda x, a: _topk(x, a)[1], OpPattern.OPAQUE, flops=lambda x, a: 0))
+
+
+@define_compute(TOPK_INDICES)
+def topk_indices_compute(x, a: TopKAttrs):
+    """Rank then select: rank[i] counts the elements of i's fiber that come before x[i] (larger, or smaller,
+    with ties to the lower index; NaN after every number, as the reference's argsort puts it), a permutation of
+    0..n-1; output j is the i whose rank is j. O(n²) compares per fiber, each loop vectorizable."""
+    from tvm import te, tirx as tir
+
+    axis, n = a.axis % len(x.shape), int(x.shape[a.axis % len(x.shape)])
+    is_float = str(x.dtype).startswith(("float", "bfloat"))
+
+    def before(u, v, iu, iv):  # does element (u, iu) come before (v, iv)?
+        better = u > v if a.largest else u < v
+        tie = tir.all(u == v, iu < iv)
+        if not is_float:
+            return tir.any(better, tie)
+        nan_u, nan_v = tir.isnan(u), tir.isnan(v)
+        return tir.any(tir.all(tir.Not(nan_u), tir.any(nan_v, better, tie)), tir.all(nan_u, nan_v, iu < iv))
+
+    m = te.reduce_axis((0, n), name="m")
+
+    def rank(*o):
+        xi, xm = x(*o), x(*o[:axis], m, *o[axis + 1:])
+        return te.sum(tir.Select(before(xm, xi, m, o[axis]), tir.const(1, "int32"), tir.const(0, "int32")),
+                      axis=m)
+
+    ranks = te.compute(x.shape, rank, name="topk_rank")
+    s = te.reduce_axis((0, n), name="s")
+    out = tuple(x.shape[:axis]) + (a.k,) + tuple(x.shape[axis + 1:])
+    return te.compute(out, lambda *o: te.sum(tir.Select(ranks(*o[:axis], s, *o[axis + 1:]) == o[axis],
+                                                        s.astype("int64"), tir.const(0, "int64")), axis=s),
+                      name="topk_indices")
 
 
 @dataclass(frozen=True)
