@@ -78,12 +78,17 @@ def conformance(
     write: Optional[Path] = typer.Option(None, "--write", help="write the markdown table here"),
     show_failures: bool = typer.Option(False, "--failures", help="list every failing case"),
     compiled: bool = typer.Option(False, "--compiled", help="compile each case to an artifact and run that"),
+    models: bool = typer.Option(False, "--models", help="ONNX's model tests (pytorch-converted, pytorch-operator, "
+                                "simple) instead: interpreted, compiled too with --compiled, and ONNX Runtime"),
 ) -> None:
     """Run ONNX's node test cases through Kiln: pass / fail / unsupported per op, and a summary."""
     from kiln import conformance as conf
     from kiln.onnx_backend import compiled as compiled_executor
     from kiln.onnx_backend import interpret
 
+    if models:
+        _conformance_models(compiled, json_out, write, show_failures)
+        return
     progress, on_progress = progress_bar("conformance")
     with progress:
         report = conf.run(set(op) if op else None, executor=compiled_executor if compiled else interpret,
@@ -111,6 +116,42 @@ def conformance(
     out.print(f"ops covered: {s['ops_covered']} of {s['suite_ops']}   cases: {s['cases']}   pass: {s['pass']}   "
               f"fail: {s['fail']}   unsupported: {s['unsupported']}   "
               f"pass rate (supported): {100 * s['pass_rate_of_supported']:.1f}%", soft_wrap=True)
+
+
+def _conformance_models(compiled: bool, json_out: bool, write: Optional[Path], show_failures: bool) -> None:
+    """`kiln conformance --models`: ONNX's model tests through the interpreter (and compiled artifacts), beside
+    ONNX Runtime when it is installed."""
+    from kiln import conformance as conf
+    from kiln.onnx_backend import compiled as compiled_executor
+    from kiln.onnx_backend import interpret
+
+    executors = {"interpreted": interpret} | ({"compiled": compiled_executor} if compiled else {})
+    progress, on_progress = progress_bar("model tests")
+    with progress:
+        report = conf.run_models(executors, on_progress=on_progress)
+    if write:
+        write.parent.mkdir(parents=True, exist_ok=True)
+        write.write_text(conf.models_to_markdown(report))
+    reps = dict(report.columns) | ({"ORT": report.ort} if report.ort is not None else {})
+    failures = [{"column": name, **r.__dict__} for name, rep in reps.items() for r in rep.results
+                if r.status != conf.PASS]
+    if json_out:
+        out.print_json(json.dumps({"summary": report.summary(), "cases": {
+            name: {r.name: r.status for r in rep.results} for name, rep in reps.items()}, "failures": failures}))
+        return
+    table = Table(title="ONNX model tests")
+    table.add_column("kind")
+    for name in ("cases", *reps):
+        table.add_column(name if name == "cases" else f"{name} pass", justify="right")
+    first = next(iter(report.columns.values()))
+    for kind, c in first.by_op().items():
+        table.add_row(kind, str(sum(c.values())), *(str(rep.by_op()[kind][conf.PASS]) for rep in reps.values()))
+    out.print(table)
+    if show_failures:
+        for f in failures:
+            out.print(f"{f['column']}: {f['status'].upper()} {f['name']} ({f['op']}): {f['detail']}", soft_wrap=True)
+    out.print("   ".join(f"{name}: {rep.counts[conf.PASS]} of {len(rep.results)} pass"
+                         for name, rep in reps.items()), soft_wrap=True)
 
 
 def _refuse_overwrite(path: Path, force: bool) -> None:

@@ -2,6 +2,10 @@
 expected outputs. Each case is pass, fail (wrong numbers, or an error that is not a clean UnsupportedError), or
 unsupported. Cases are grouped under the ONNX op they test; "_expanded" cases (an op's function body) count
 under that op too, but need only the ops of their body.
+
+The same machinery runs ONNX's model tests (`run_models`): the pytorch-converted, pytorch-operator and simple
+models shipped under onnx/backend/test/data, grouped by kind, each data set checked with the same tolerances.
+ONNX Runtime, when installed, runs the same cases beside Kiln so its pass count is measured, not quoted.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -96,12 +102,13 @@ def compare(got: list, want: list, rtol: float, atol: float) -> str | None:
     return None
 
 
-def run_case(case, op: str, executor=interpret, timeout_s: int = 60) -> CaseResult:
+def run_case(case, op: str, executor=interpret, timeout_s: int = 60, prepare=None) -> CaseResult:
+    """One case through Kiln with `executor`; `prepare(model)` (a rep with `.run(inputs)`) replaces Kiln."""
     start = time.perf_counter()
     old = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(timeout_s)
     try:
-        rep = KilnRep(case.model, executor)
+        rep = prepare(case.model) if prepare else KilnRep(case.model, executor)
         detail = None
         for inputs, outputs in case.data_sets:
             got = rep.run([as_array(x) for x in inputs])
@@ -165,4 +172,158 @@ def to_markdown(report: Report, title: str = "ONNX node-test conformance (refere
     for op, c in sorted(report.by_op().items()):
         mark = "yes" if op in report.supported_ops else "no"
         lines.append(f"| {op} | {mark} | {c[PASS]} | {c[FAIL]} | {c[UNSUPPORTED]} | {firsts.get(op, '')} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---- ONNX's model tests: onnx/backend/test/data/{pytorch-converted,pytorch-operator,simple} ----
+
+MODEL_KINDS = ("pytorch-converted", "pytorch-operator", "simple")
+
+
+@dataclass
+class ModelCase:
+    """A model test loaded the way `run_case` wants it: the model and its (inputs, outputs) data sets."""
+    name: str
+    kind: str
+    model: onnx.ModelProto
+    data_sets: list[tuple[list, list]]
+    rtol: float
+    atol: float
+
+
+def _load_value(path: Path, type_proto: onnx.TypeProto) -> Any:
+    data = path.read_bytes()
+    if type_proto.HasField("sequence_type"):
+        seq = onnx.SequenceProto()
+        seq.ParseFromString(data)
+        return onnx.numpy_helper.to_list(seq)
+    tensor = onnx.TensorProto()
+    tensor.ParseFromString(data)
+    return tensor
+
+
+def collect_model_cases(kinds: Iterable[str] = MODEL_KINDS, names: set[str] | None = None) -> list[ModelCase]:
+    """Each model test of `kinds` (only `names`, if given), loaded with every test_data_set_* beside it.
+    input_i.pb is the value of graph input i, output_i.pb of graph output i, as ONNX's own runner reads them."""
+    from onnx.backend.test.loader import load_model_tests
+
+    cases = []
+    for kind in kinds:
+        for t in sorted(load_model_tests(kind=kind), key=lambda t: t.name):  # listdir order varies by machine
+            if names is not None and t.name not in names:
+                continue
+            root = Path(t.model_dir)
+            model = onnx.load(str(root / "model.onnx"))
+            g = model.graph
+            data_sets = []
+            for ds in sorted(root.glob("test_data_set_*")):
+                n_in, n_out = len(list(ds.glob("input_*.pb"))), len(list(ds.glob("output_*.pb")))
+                data_sets.append(([_load_value(ds / f"input_{i}.pb", g.input[i].type) for i in range(n_in)],
+                                  [_load_value(ds / f"output_{i}.pb", g.output[i].type) for i in range(n_out)]))
+            cases.append(ModelCase(t.name, kind, model, data_sets, t.rtol, t.atol))
+    return cases
+
+
+class _OrtRep:
+    """ONNX Runtime behind the rep interface `run_case` drives (positional inputs, as in the data sets)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 4  # a failing session is a result here, not a log line
+        self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        self.names = [i.name for i in self.session.get_inputs()]
+
+    def run(self, inputs: list) -> list:
+        return self.session.run(None, dict(zip(self.names, inputs)))
+
+
+def ort_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass
+class ModelReport:
+    """Model tests through each Kiln executor (column name -> Report) and, if installed, ONNX Runtime."""
+    columns: dict[str, Report] = field(default_factory=dict)
+    ort: Report | None = None
+
+    def summary(self) -> dict:
+        out = {name: rep.summary() for name, rep in self.columns.items()}
+        if self.ort is not None:
+            out["onnxruntime"] = {"cases": len(self.ort.results), "pass": self.ort.counts[PASS],
+                                  "fail": self.ort.counts[FAIL]}
+        return out
+
+
+def run_models(executors: dict[str, Callable] | None = None, kinds: Iterable[str] = MODEL_KINDS,
+               names: set[str] | None = None, with_ort: bool = True,
+               on_progress: Callable[[int, int], None] | None = None) -> ModelReport:
+    """Every model test through each executor (default: the interpreter), and through ONNX Runtime when
+    `with_ort` and it is installed. Results are grouped by kind (CaseResult.op holds the kind)."""
+    executors = executors or {"interpreted": interpret}
+    cases = collect_model_cases(kinds, names)
+    model_ops = {n.op_type for c in cases for n in c.model.graph.node}
+    report = ModelReport({name: Report(suite_ops=set(model_ops), supported_ops=supported_op_types())
+                          for name in executors})
+    ort = with_ort and ort_available()
+    if ort:
+        report.ort = Report(suite_ops=set(model_ops))
+    total, done = len(cases) * (len(executors) + ort), 0
+    for name, executor in executors.items():
+        for case in cases:
+            report.columns[name].results.append(run_case(case, case.kind, executor))
+            done += 1
+            if on_progress:
+                on_progress(done, total)
+    if ort:
+        for case in cases:
+            report.ort.results.append(run_case(case, case.kind, prepare=_OrtRep))
+            done += 1
+            if on_progress:
+                on_progress(done, total)
+    return report
+
+
+def _cell(text: str, width: int = 140) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")[:width]
+
+
+def models_to_markdown(report: ModelReport) -> str:
+    """Counts per column and per kind, then one row per case: its status in each column and first problem."""
+    cols = list(report.columns.items())
+    lines = [
+        "# ONNX model tests (pytorch-converted, pytorch-operator, simple)",
+        "",
+        "Generated by `kiln conformance --models --compiled --write docs/conformance-models.md`; the model tests "
+        f"shipped with onnx {onnx.__version__} under onnx/backend/test/data, every test_data_set compared with "
+        "the case's tolerances (rtol 1e-3, atol 1e-7). ONNX Runtime runs the same cases with the same comparison.",
+        "",
+    ]
+    n = len(cols[0][1].results) if cols else 0
+    for name, rep in cols:
+        c = rep.counts
+        lines.append(f"- Kiln {name}: {c[PASS]} of {n} pass, {c[FAIL]} fail, {c[UNSUPPORTED]} unsupported")
+    if report.ort is not None:
+        lines.append(f"- ONNX Runtime: {report.ort.counts[PASS]} of {len(report.ort.results)} pass")
+    else:
+        lines.append("- ONNX Runtime: not installed, column skipped")
+    kinds = list(dict.fromkeys(r.op for _, rep in cols for r in rep.results))
+    reps = cols + ([("ORT", report.ort)] if report.ort is not None else [])
+    lines += ["", "| kind | cases | " + " | ".join(f"{name} pass" for name, _ in reps) + " |",
+              "|---|---:|" + "---:|" * len(reps)]
+    for kind in kinds:
+        counts = [rep.by_op().get(kind, Counter()) for _, rep in reps]
+        lines.append(f"| {kind} | {sum(counts[0].values())} | " + " | ".join(str(c[PASS]) for c in counts) + " |")
+    lines += ["", "| case | kind | " + " | ".join(name for name, _ in reps) + " | first problem |",
+              "|---|---|" + "---|" * len(reps) + "---|"]
+    for i, r in enumerate(cols[0][1].results if cols else []):
+        row = [rep.results[i] for _, rep in reps]
+        problem = next((f"{name}: {x.detail}" for (name, _), x in zip(reps, row) if x.status != PASS and x.detail), "")
+        lines.append(f"| {r.name} | {r.op} | " + " | ".join(x.status for x in row) + f" | {_cell(problem)} |")
     return "\n".join(lines) + "\n"

@@ -43,3 +43,45 @@ def test_markdown_table_lists_every_op(report):
     text = conformance.to_markdown(report)
     for op in ("Conv", "Attention"):
         assert f"| {op} |" in text
+
+
+# ONNX's model tests (onnx/backend/test/data): a handful here, interpreted and compiled; the whole set is slow.
+SMALL_MODELS = {"test_operator_add_broadcast", "test_Softmax", "test_AvgPool2d", "test_Embedding", "test_sign_model"}
+
+
+@pytest.fixture(scope="module")
+def small_models():
+    from kiln.onnx_backend import compiled, interpret
+
+    return conformance.run_models({"interpreted": interpret, "compiled": compiled}, names=SMALL_MODELS,
+                                  with_ort=False)
+
+
+def test_model_tests_are_found_with_their_data_sets():
+    cases = conformance.collect_model_cases()
+    kinds = {c.kind for c in cases}
+    assert kinds == set(conformance.MODEL_KINDS) and len(cases) >= 135
+    assert all(c.data_sets and c.data_sets[0][1] for c in cases)
+
+
+def test_small_model_cases_pass_interpreted_and_compiled(small_models):
+    for name, rep in small_models.columns.items():
+        assert sorted(r.name for r in rep.results) == sorted(SMALL_MODELS)
+        bad = [f"{name} {r.name}: {r.status} {r.detail}" for r in rep.results if r.status != conformance.PASS]
+        assert not bad, "\n".join(bad)
+
+
+def test_a_model_with_an_op_kiln_lacks_is_unsupported_not_failed():
+    report = conformance.run_models(names={"test_gradient_of_add"}, with_ort=False)
+    (r,) = report.columns["interpreted"].results
+    assert r.status == conformance.UNSUPPORTED and "Gradient" in r.detail
+
+
+def test_models_markdown_has_a_row_per_case_and_skips_ort_when_missing(small_models, monkeypatch):
+    text = conformance.models_to_markdown(small_models)
+    assert "ONNX Runtime: not installed" in text
+    for name in SMALL_MODELS:
+        assert f"| {name} |" in text
+    assert "| interpreted | compiled | first problem |" in text
+    monkeypatch.setattr(conformance, "ort_available", lambda: False)
+    assert conformance.run_models(names={"test_sign_model"}).ort is None
