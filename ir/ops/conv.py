@@ -170,6 +170,45 @@ def conv2d_compute(x, w, a: ConvAttrs):
     return topi.nn.group_conv2d_nchw(x, w, a.strides, pad, a.dilation, a.groups, out_dtype=a.out_dtype or x.dtype)
 
 
+def _conv_nd_compute(x, w, a: ConvAttrs):
+    """Direct 1-D/3-D conv: out[n, o, y...] = Σ xp[n, g·cg + rc, y·stride + r·dilation] · w[o, rc, r...], the
+    input padded by a `pad` block the default schedule inlines (ONNX's 1-D/3-D convs are rare enough that a
+    template is not worth it). Output channels and rows run in parallel, the innermost output axis in vectors,
+    the reduction loops outside it."""
+    from tvm import te
+    from tvm import tirx as tir
+
+    nd = len(x.shape) - 2
+    n, c, o = x.shape[0], int(x.shape[1]), int(w.shape[0])
+    sizes, ks = [int(s) for s in x.shape[2:]], [int(k) for k in w.shape[2:]]
+    cg, og = c // a.groups, o // a.groups
+    acc = a.out_dtype or x.dtype
+    out_sp = [conv_output_size(sizes[i], ks[i], a.strides[i], a.padding[i] + a.padding[i + nd], a.dilation[i])
+              for i in range(nd)]
+    xp = x
+    if any(a.padding):
+        def padded(ni, ci, *ii):
+            src = [ii[i] - a.padding[i] for i in range(nd)]
+            inside = tir.all(*[tir.all(src[i] >= 0, src[i] < sizes[i]) for i in range(nd)])
+            return tir.if_then_else(inside, x[(ni, ci) + tuple(src)], tir.const(0, x.dtype))
+
+        xp = te.compute((n, c) + tuple(sizes[i] + a.padding[i] + a.padding[i + nd] for i in range(nd)), padded,
+                        name="pad")
+    rc = te.reduce_axis((0, cg), name="rc")
+    rs = [te.reduce_axis((0, ks[i]), name=("rd", "ry", "rx")[3 - nd + i]) for i in range(nd)]
+
+    def body(ni, oc, *ys):
+        ci = oc // og * cg + rc if a.groups > 1 else rc
+        xi = tuple(ys[i] * a.strides[i] + rs[i] * a.dilation[i] for i in range(nd))
+        return te.sum(xp[(ni, ci) + xi].astype(acc) * w[(oc, rc) + tuple(rs)].astype(acc), axis=[rc, *rs])
+
+    return te.compute((n, o) + tuple(out_sp), body, name=f"conv{nd}d")
+
+
+for _op in (CONV1D, CONV3D):
+    define_compute(_op)(_conv_nd_compute)
+
+
 def _conv_t_taps(y, k: int, stride: int, dilation: int, pad: int, size: int, t):
     """(kernel index, input index, valid) of tap `t` for output coordinate `y` along one axis.
 
