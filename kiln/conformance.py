@@ -93,7 +93,7 @@ def compare(got: list, want: list, rtol: float, atol: float) -> str | None:
         g, w = np.asarray(g), as_array(w)
         if g.shape != w.shape:
             return f"output {i}: shape {g.shape}, expected {w.shape}"
-        if w.dtype.kind in "fc":
+        if w.dtype.kind in "fc" or w.dtype.name == "bfloat16":  # ml_dtypes' bfloat16 is kind "V"; NaN == NaN
             if not np.allclose(g.astype(np.float64), w.astype(np.float64), rtol=rtol, atol=atol, equal_nan=True):
                 diff = np.nanmax(np.abs(g.astype(np.float64) - w.astype(np.float64)))
                 return f"output {i}: max abs diff {diff:.3g} (rtol {rtol}, atol {atol})"

@@ -114,6 +114,29 @@ def read_artifact(path: Path, expect_arch: str | None = None) -> tuple[memoryvie
     return data, sealed
 
 
+_DLPACK_CODES = {"i": 0, "u": 1, "f": 2, "b": 6}  # int, uint, float, bool (DLPack's kDLBool)
+_DLPACK_BFLOAT = 4
+
+
+def tensor_dtype(name: str) -> np.dtype:
+    """The NumPy dtype of a tensor dtype name; bfloat16 comes from ml_dtypes (which TVM itself depends on)."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    dtype = np.dtype(name)
+    if dtype.kind not in _DLPACK_CODES:
+        raise TypeError(f"{name} is not a tensor dtype")
+    return dtype
+
+
+def dlpack_code(dtype: np.dtype) -> tuple[int, int]:
+    """DLPack's type code and bit width for a tensor dtype."""
+    if dtype.kind == "V" and dtype.name == "bfloat16":
+        return _DLPACK_BFLOAT, 16
+    return _DLPACK_CODES[dtype.kind], dtype.itemsize * 8
+
+
 def validate_metadata(meta: dict, path: Path) -> None:
     """Every field the loader reads, with its type and its bounds: a kernel trusts the shapes and offsets it is
     handed, so a damaged field must stop the load, not become an out-of-bounds write."""
@@ -138,11 +161,9 @@ def validate_metadata(meta: dict, path: Path) -> None:
         if not isinstance(d, dict) or not isinstance(d.get("shape"), list) or not isinstance(d.get("dtype"), str):
             raise bad(where, "lacks a shape or a dtype")
         try:
-            dtype = np.dtype(d["dtype"])
-        except TypeError:
-            dtype = None
-        if dtype is None or dtype.kind not in "iufb":
-            raise bad(f"{where}.dtype", f"is {d['dtype']!r}, not a tensor dtype")
+            dtype = tensor_dtype(d["dtype"])
+        except (TypeError, ImportError):
+            raise bad(f"{where}.dtype", f"is {d['dtype']!r}, not a tensor dtype") from None
         n = dtype.itemsize
         for k, dim in enumerate(d["shape"]):
             n *= count(dim, f"{where}.shape[{k}]", 1 << 40)

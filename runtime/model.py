@@ -7,6 +7,7 @@ of the outputs it returns and runs on several threads never share a buffer.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -20,7 +21,8 @@ import numpy as np
 
 from kiln.errors import ArtifactError, InputError
 
-from .artifact import ALIGN, META_SYMBOL, WEIGHTS_SYMBOL, WEIGHTS_VIEW_SYMBOL, read_artifact, validate_metadata
+from .artifact import (ALIGN, META_SYMBOL, WEIGHTS_SYMBOL, WEIGHTS_VIEW_SYMBOL, dlpack_code, read_artifact,
+                       tensor_dtype, validate_metadata)
 from .cpu import host_arch, missing_features
 from .threads import load_tvm_runtime, run_kernels, set_num_threads, usable_cpus
 from .timing import time_ms
@@ -48,8 +50,8 @@ def _open_private_copy(tvm_ffi, data: memoryview, name: str):
         os.unlink(tmp)
 
 
-def aligned_empty(shape: Sequence[int], dtype: str) -> np.ndarray:
-    dt = np.dtype(dtype)
+def aligned_empty(shape: Sequence[int], dtype: str | np.dtype) -> np.ndarray:
+    dt = tensor_dtype(dtype) if isinstance(dtype, str) else dtype
     n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
     raw = np.empty(n + ALIGN, dtype=np.uint8)
     start = (-raw.ctypes.data) % ALIGN
@@ -61,7 +63,7 @@ class TensorInfo:
         self.name: str = d["name"]
         self.shape: tuple[int, ...] = tuple(d["shape"])
         self.dtype: str = d["dtype"]
-        self.np_dtype = np.dtype(self.dtype)
+        self.np_dtype = tensor_dtype(self.dtype)
         self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.np_dtype.itemsize
 
     def __repr__(self) -> str:
@@ -79,7 +81,7 @@ class _Context:
         self.outputs = [aligned_empty(t.shape, t.dtype) for t in model.outputs]
         arrays: list[np.ndarray] = []
         for v in meta["values"]:
-            shape, dtype = tuple(v["shape"]), np.dtype(v["dtype"])
+            shape, dtype = tuple(v["shape"]), tensor_dtype(v["dtype"])
             nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             kind = v["kind"]
             if kind == "input":
@@ -92,14 +94,26 @@ class _Context:
                 at = v.get("offset", 0)
                 arrays.append(blocks[v["block"]][at:at + nbytes].view(dtype).reshape(shape))
         self._keepalive = (blocks, arrays)
-        tensors = [tvm_ffi.from_dlpack(a) for a in arrays]
         self.table, self._shapes = _descriptor_table(arrays)
         self.table_tensor = tvm_ffi.from_dlpack(self.table.view(np.uint8))
-        self.steps = [(fn, [tensors[i] for i in step["args"]]) for fn, step in zip(model._kernels, meta["steps"])]
+        self._kernels, self._step_args = model._kernels, [step["args"] for step in meta["steps"]]
         self.staging_at = [a.ctypes.data for a in self.inputs]
         self.bound = list(self.staging_at)  # where the table points each input now
         self.out_at = [a.ctypes.data for a in self.outputs]
         self.out_bound = list(self.out_at)  # and each output
+
+    @functools.cached_property
+    def steps(self) -> list[tuple]:
+        """Each kernel with its arguments as TVM tensors: for artifacts without an entry function and for
+        per-kernel profiles (runs go through the table). Built on first use."""
+        import tvm_ffi
+
+        arrays = self._keepalive[1]
+        if any(a.dtype.kind == "V" for a in arrays):
+            raise ArtifactError("kernels of bfloat16 tensors run only through the entry function (NumPy cannot "
+                                "hand bfloat16 over DLPack); per-kernel profiles are not available")
+        tensors = [tvm_ffi.from_dlpack(a) for a in arrays]
+        return [(fn, [tensors[i] for i in args]) for fn, args in zip(self._kernels, self._step_args)]
 
 
 class Model:
@@ -145,8 +159,7 @@ class Model:
         self.meta = meta
         self.inputs = [TensorInfo(d) for d in meta["inputs"]]
         self.outputs = [TensorInfo(d) for d in meta["outputs"]]
-        self.activation_bytes = sum(meta["blocks"]) + sum(
-            int(np.prod(t.shape, dtype=np.int64)) * np.dtype(t.dtype).itemsize for t in self.inputs + self.outputs)
+        self.activation_bytes = sum(meta["blocks"]) + sum(t.nbytes for t in self.inputs + self.outputs)
         if max_concurrency is not None and max_concurrency < 1:
             raise InputError(f"max_concurrency must be ≥ 1, got {max_concurrency}")
         self.max_concurrency = max_concurrency or usable_cpus()
@@ -398,7 +411,6 @@ _DLTENSOR = np.dtype([("data", "u8"), ("device_type", "i4"), ("device_id", "i4")
                       ("code", "u1"), ("bits", "u1"), ("lanes", "u2"), ("shape", "u8"), ("strides", "u8"),
                       ("byte_offset", "u8")])
 assert _DLTENSOR.itemsize == 48
-_DLPACK_CODES = {"i": 0, "u": 1, "f": 2, "b": 6}  # int, uint, float, bool (DLPack's kDLBool)
 
 
 def _descriptor_table(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -408,8 +420,7 @@ def _descriptor_table(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]
     at = 0
     for i, a in enumerate(arrays):
         shapes[at:at + a.ndim] = a.shape
-        table[i] = (a.ctypes.data, 1, 0, a.ndim, _DLPACK_CODES[a.dtype.kind], a.dtype.itemsize * 8, 1,
-                    shapes[at:].ctypes.data, 0, 0)
+        table[i] = (a.ctypes.data, 1, 0, a.ndim, *dlpack_code(a.dtype), 1, shapes[at:].ctypes.data, 0, 0)
         at += max(a.ndim, 1)
     return table, shapes
 

@@ -19,9 +19,9 @@ import numpy as np
 
 from kiln.errors import ArtifactError
 
-from .artifact import check_elf, read_artifact, validate_metadata
+from .artifact import check_elf, dlpack_code, read_artifact, tensor_dtype, validate_metadata
 from .cpu import host_arch
-from .model import _DLPACK_CODES, TensorInfo, check_inputs
+from .model import TensorInfo, check_inputs
 
 HARNESS_SOURCE = Path(__file__).with_name("qemu_harness.c")
 
@@ -50,7 +50,7 @@ def missing_tools(arch: str) -> list[str]:
 
 
 def _nbytes(t: TensorInfo) -> int:
-    return int(np.prod(t.shape, dtype=np.int64)) * np.dtype(t.dtype).itemsize
+    return t.nbytes
 
 
 class QemuModel:
@@ -131,10 +131,10 @@ class QemuModel:
             if v["kind"] not in kinds:
                 raise ArtifactError(f"{self.path}: unknown value kind {v['kind']!r}")
             letter, field = kinds[v["kind"]]
-            dtype = np.dtype(v["dtype"])
+            dtype = tensor_dtype(v["dtype"])
             tail = [v.get("offset", 0)] if letter == "b" else []
-            lines.append(" ".join(map(str, [letter, v[field], _DLPACK_CODES[dtype.kind], dtype.itemsize * 8,
-                                             len(v["shape"]), *v["shape"], *tail])))
+            lines.append(" ".join(map(str, [letter, v[field], *dlpack_code(dtype), len(v["shape"]), *v["shape"],
+                                             *tail])))
         return "\n".join(lines) + "\n"
 
     def run(self, *args: np.ndarray, **named: np.ndarray) -> list[np.ndarray]:
