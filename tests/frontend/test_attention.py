@@ -5,11 +5,11 @@ does not run the op at that opset."""
 import numpy as np
 import onnxruntime as ort
 import pytest
+from kiln.frontend import from_onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from kiln.errors import UnsupportedError
-from kiln.frontend import from_onnx
 
 from .unrolled import check, make_model, rand, tensor
 
@@ -112,3 +112,14 @@ def test_swiglu_matches_reference(tmp_path):
     rng = np.random.default_rng(4)
     feeds = {"A": rand(rng, 3, 5), "B": rand(rng, 3, 5)}
     check(model, feeds, tmp_path, want=ReferenceEvaluator(model).run(None, feeds))
+
+
+def test_attention_float16_compiled_matches_reference_rounding(tmp_path):
+    """float16 scores and exponentials are accumulated in float32 and rounded once, as ONNX's reference does."""
+    b, h, s, d = 1, 2, 6, 16
+    node = helper.make_node("Attention", ["Q", "K", "V"], ["Y"], name="attn16", is_causal=1)
+    model = model_of(node, [tensor(n, [b, h, s, d], TensorProto.FLOAT16) for n in "QKV"],
+                     [tensor("Y", [b, h, s, d], TensorProto.FLOAT16)])
+    rng = np.random.default_rng(5)
+    feeds = {n: rand(rng, b, h, s, d).astype(np.float16) for n in "QKV"}
+    check(model, feeds, tmp_path, want=ReferenceEvaluator(model).run(None, feeds), rtol=1e-3, atol=1e-3)
