@@ -193,7 +193,9 @@ class _Importer:
                 if name and name not in producers and name not in available:
                     raise ModelError(f"node '{n.name or f'{n.op_type}_{i}'}' ({n.op_type}) reads '{name}', "
                                      f"which no node, graph input or initializer produces")
-        waiting = {i: {producers[x] for x in n.input if x in producers} for i, n in nodes}
+        # a node with subgraphs (If, Loop, Scan) also waits for the outer values its subgraphs read
+        waiting = {i: {producers[x] for x in (*n.input, *_subgraph_reads(n)) if x in producers and producers[x] != i}
+                   for i, n in nodes}
         users: dict[int, list[int]] = {i: [] for i, _ in nodes}
         for i, deps in waiting.items():
             for d in deps:
@@ -264,6 +266,17 @@ class _Importer:
             return [self.values[o.name] for o in graph.output]
         finally:
             self.values = outer
+
+
+def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Every name read inside the node's subgraphs, at any depth (a superset of the outer values they use)."""
+    names: set[str] = set()
+    for a in node.attribute:
+        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            for n in g.node:
+                names.update(n.input)
+                names.update(_subgraph_reads(n))
+    return names
 
 
 class _ScopedNode(Node):

@@ -166,3 +166,16 @@ def test_unsupported_op_inside_a_branch_is_listed_up_front():
     model = make_model(nodes, [tensor("x", [2])], [tensor("y", [2])])
     with pytest.raises(UnsupportedError, match="NoSuchOp"):
         from_onnx(model)
+
+
+def test_a_branch_waits_for_the_outer_values_it_reads(tmp_path):
+    """The If below has no explicit input but its condition, so a topological sort over explicit inputs put it
+    before the Neg whose output its branch reads ('reads b, which no node produces': ONNX's expanded AffineGrid
+    and LinearAttention cases)."""
+    then_g = helper.make_graph([helper.make_node("Relu", ["b"], ["t"])], "then", [], [tensor("t", [2, 3])])
+    else_g = helper.make_graph([helper.make_node("Neg", ["b"], ["e"])], "else", [], [tensor("e", [2, 3])])
+    nodes = [helper.make_node("Sigmoid", ["x"], ["a"]), helper.make_node("Neg", ["a"], ["b"]),
+             const_node("c", np.array(True)),
+             helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)]
+    check(make_model(nodes, [tensor("x", [2, 3])], [tensor("y", [2, 3])]), {"x": rand(np.random.default_rng(1), 2, 3)},
+          tmp_path)
