@@ -10,6 +10,7 @@ for a small CNN. Ratios are comparable only within one run.
 from __future__ import annotations
 
 import argparse
+import queue
 import tempfile
 import threading
 import time
@@ -35,29 +36,33 @@ def small_cnn():
                    [(y, TensorProto.FLOAT, [1, 10])])
 
 
-def throughput(run, feeds: list[np.ndarray], refs: list[np.ndarray], callers: int, seconds: float) -> tuple[float, int]:
-    """Runs per second over `callers` threads for `seconds`, and how many answers differed from `refs`."""
-    counts, wrong = [0] * callers, [0] * callers
-    start = threading.Barrier(callers + 1)
-    stop_at = [0.0]
+class Callers:
+    """`size` long-lived caller threads, as a server's worker pool: `rate(run, n, ...)` lets the first n of them
+    call `run` in a loop for `seconds` and returns runs per second and how many answers differed from `refs`.
+    (A new thread per measurement would measure thread start-up and TVM building a worker pool per thread.)"""
 
-    def work(i: int) -> None:
-        x, ref = feeds[i % len(feeds)], refs[i % len(feeds)]
-        start.wait()
-        while time.perf_counter() < stop_at[0]:
-            y = run(x)
-            counts[i] += 1
-            if not np.allclose(y, ref, rtol=1e-4, atol=1e-5, equal_nan=True):
-                wrong[i] += 1
+    def __init__(self, size: int):
+        self._jobs = [queue.SimpleQueue() for _ in range(size)]
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        for q in self._jobs:
+            threading.Thread(target=self._work, args=(q,), daemon=True).start()
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(callers)]
-    for t in threads:
-        t.start()
-    stop_at[0] = time.perf_counter() + seconds
-    start.wait()
-    for t in threads:
-        t.join()
-    return sum(counts) / seconds, sum(wrong)
+    def _work(self, jobs: queue.SimpleQueue) -> None:
+        while True:
+            run, x, ref, stop_at = jobs.get()
+            answers = []
+            while time.perf_counter() < stop_at:
+                answers.append(run(x))
+            # every answer is checked, after the clock stops (checking inside the loop would time NumPy)
+            wrong = sum(not np.allclose(y, ref, rtol=1e-4, atol=1e-5, equal_nan=True) for y in answers)
+            self._done.put((len(answers), wrong))
+
+    def rate(self, run, n: int, feeds: list[np.ndarray], refs: list[np.ndarray], seconds: float) -> tuple[float, int]:
+        stop_at = time.perf_counter() + seconds
+        for i in range(n):
+            self._jobs[i].put((run, feeds[i % len(feeds)], refs[i % len(feeds)], stop_at))
+        results = [self._done.get() for _ in range(n)]
+        return sum(c for c, _ in results) / seconds, sum(w for _, w in results)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,11 +94,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.model}: {m}; max_concurrency {m.max_concurrency}")
         results: dict[tuple[str, int], list[float]] = {}
         wrong = {k: 0 for k in engines}
+        callers = Callers(max(args.callers))
         for _ in range(args.blocks):  # alternate engines and caller counts, so drift hits all of them
             for engine, run in engines.items():
                 for n in [1, *args.callers]:
                     time.sleep(0.3)
-                    rate, bad = throughput(run, xs, refs, n, args.seconds)
+                    rate, bad = callers.rate(run, n, xs, refs, args.seconds)
                     results.setdefault((engine, n), []).append(rate)
                     wrong[engine] += bad
         for engine in engines:

@@ -120,8 +120,8 @@ class Model:
     """A compiled model. `model.run(x)` or `model(x)`; inputs positionally or by name; returns a list.
 
     `run` may be called from several threads at once: each concurrent run takes an execution context of its
-    own (its activation memory: `activation_bytes`), up to `max_concurrency` of them (default: the usable
-    cores); further callers wait for one to be free.
+    own (its activation memory: `activation_bytes`), up to `max_concurrency` of them (default: twice the
+    usable cores); further callers wait for one to be free.
     """
 
     def __init__(self, path: str | os.PathLike, num_threads: int | None = None,
@@ -162,7 +162,8 @@ class Model:
         self.activation_bytes = sum(meta["blocks"]) + sum(t.nbytes for t in self.inputs + self.outputs)
         if max_concurrency is not None and max_concurrency < 1:
             raise InputError(f"max_concurrency must be ≥ 1, got {max_concurrency}")
-        self.max_concurrency = max_concurrency or usable_cpus()
+        # two contexts a core: callers past that wait (a run in flight per core, one more ready to start)
+        self.max_concurrency = max_concurrency or 2 * usable_cpus()
         self._weights = self._read_weights(check_crc=not sealed)  # a seal already covers the weights
         self._entry = self._function(meta["entry"], "entry function") if meta.get("entry") else None
         self._kernels = [self._function(step["kernel"], "kernel") for step in meta["steps"]]

@@ -61,10 +61,12 @@ def load_tvm_runtime() -> None:
     # half the logical CPUs (one thread on a 2-core machine); `runtime.config_threadpool` can only shrink it
     # later. Default to every core this process may use, as ONNX Runtime does.
     os.environ.setdefault("TVM_NUM_THREADS", str(usable_cpus()))
-    if int(os.environ["TVM_NUM_THREADS"]) > 1:
-        # every core runs a pool worker and the caller only waits, instead of the caller doing worker 0's share:
-        # MobileNetV2 3.71 -> 3.50 ms on 2 cores (ResNet-50 unchanged), alternating runs
-        os.environ.setdefault("TVM_EXCLUDE_WORKER0", "0")
+    # TVM's default, the caller running task 0 itself (TVM_EXCLUDE_WORKER0 unset), is kept: a one-worker pool
+    # (a run that overlaps another) then runs inline with no hand-off. Measured in one process, two threads
+    # whose pools differ only in this, alternating blocks (2026-11-30, Xeon, 2 cores): a 32x32 three-conv CNN
+    # 0.069 -> 0.055 ms, MobileNetV2 4.67 -> 4.28 ms, SqueezeNet, ResNet-50, BERT layer, Inception-v1 within 2%;
+    # that CNN on one Model from 1 / 2 callers: 9.6-13k -> 18.7-19k / 32-39k runs/s. (An earlier session had
+    # measured MobileNetV2 3.71 -> 3.50 ms the other way, on another host, across processes.)
     ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
     _runtime_loaded = True
 
