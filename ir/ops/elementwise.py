@@ -337,6 +337,23 @@ def _te_unary() -> dict[str, object]:
     def sigmoid(x):
         return 1 / (1 + te.exp(-x))
 
+    # LLVM has no sinh/cosh intrinsic on x86. exp(|x| - ln 2) is e^|x| / 2 without overflowing before the result
+    # does (cosh(89) = 2.2e38 is a float32); sinh near 0 takes its series, where the exp difference cancels.
+    def half_exp(a, dtype):
+        return te.exp(a - tir.const(0.6931471805599453, dtype))
+
+    def sinh(x):
+        def body(v):
+            a, c = te.abs(v), lambda f: tir.const(f, v.dtype)
+            big = half_exp(a, v.dtype) - c(0.5) * te.exp(-a)
+            v2 = v * v
+            small = v * (c(1) + v2 * (c(1 / 6) + v2 * (c(1 / 120) + v2 * c(1 / 5040))))
+            return tir.Select(a < c(0.5), small, tir.Select(v < c(0), -big, big))
+        return float_math.bind(x, body)
+
+    def cosh(x):
+        return float_math.bind(x, lambda v: half_exp(te.abs(v), v.dtype) + tir.const(0.5, v.dtype) * te.exp(-te.abs(v)))
+
     def softplus(x):  # log(1 + e^x) without e^x overflowing: softplus(1e38) is 1e38, as ONNX Runtime gives
         return float_math.bind(x, lambda v: float_math.relu(v) + te.log(1 + te.exp(-te.abs(v))))
 
@@ -345,7 +362,7 @@ def _te_unary() -> dict[str, object]:
         "negative": lambda x: -x,
         "abs": te.abs, "exp": te.exp, "log": te.log, "sqrt": te.sqrt, "sigmoid": sigmoid, "tanh": te.tanh,
         "erf": float_math.erf, "sin": te.sin, "cos": te.cos, "tan": te.tan, "asin": te.asin, "acos": te.acos,
-        "atan": te.atan, "sinh": te.sinh, "cosh": te.cosh, "asinh": te.asinh, "acosh": te.acosh,
+        "atan": te.atan, "sinh": sinh, "cosh": cosh, "asinh": te.asinh, "acosh": te.acosh,
         "atanh": te.atanh, "floor": te.floor, "ceil": te.ceil, "round": tir.nearbyint,
         "sign": lambda x: tir.Select(x > 0, tir.const(1, x.dtype), tir.Select(x < 0, tir.const(-1, x.dtype),
                                                                                 x)),  # ±0 or NaN: itself
@@ -361,16 +378,26 @@ def _te_unary() -> dict[str, object]:
 
 
 def _te_binary() -> dict[str, object]:
-    from tvm import tirx as tir, topi
+    from tvm import te, tirx as tir, topi
 
     def divide(a, b):
-        return topi.divide(a, b) if str(a.dtype).startswith("float") else topi.div(a, b)  # div truncates
+        if str(a.dtype).startswith("float"):
+            return topi.divide(a, b)
+        return _broadcast(a, b, tir.truncdiv, "divide")  # truncates toward zero, as C and ONNX (every int width)
+
+    def power(a, b):
+        if str(a.dtype).startswith("float"):
+            return topi.power(a, b)
+        # integer powers through float64, as np.power's result for the ONNX reference's operand mixes; exact
+        # below 2**53
+        return _broadcast(a, b, lambda x, y: tir.Cast(str(a.dtype), te.power(tir.Cast("float64", x),
+                                                                               tir.Cast("float64", y))), "power")
 
     return {
         "add": topi.add, "subtract": topi.subtract, "multiply": topi.multiply, "divide": divide,
         "maximum": lambda a, b: _broadcast(a, b, float_math.maximum, "maximum"),  # NaN from either side
         "minimum": lambda a, b: _broadcast(a, b, float_math.minimum, "minimum"),
-        "power": topi.power, "equal": topi.equal,
+        "power": power, "equal": topi.equal,
         "less": topi.less, "greater": topi.greater, "less_equal": topi.less_equal,
         "greater_equal": topi.greater_equal, "logical_and": topi.logical_and, "logical_or": topi.logical_or,
         "logical_xor": topi.logical_xor, "bitwise_and": topi.bitwise_and, "bitwise_or": topi.bitwise_or,

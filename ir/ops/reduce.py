@@ -137,7 +137,12 @@ def _reduce_compute(kind: str):
                               if not is_float(str(x.dtype)) else total(*i) / tir.const(float(n), x.dtype),
                               name="reduce_mean")
         if kind in ("max", "min"):  # a NaN among the reduced elements gives NaN, as np.max and the ONNX reference
-            return _nan_reduce(x, axes, a.keepdims, float_math.reduce_max if kind == "max" else float_math.reduce_min)
+            reducer = float_math.reduce_max if kind == "max" else float_math.reduce_min
+            if str(x.dtype) == "bool":  # any / all: TVM has no min or max value for bool, so reduce 0/1 as int8
+                as_int = te.compute(x.shape, lambda *i: x(*i).astype("int8"), name="bool_as_int8")
+                r = _nan_reduce(as_int, axes, a.keepdims, reducer)
+                return te.compute(r.shape, lambda *i: r(*i) != tir.const(0, "int8"), name=f"reduce_{kind}_bool")
+            return _nan_reduce(x, axes, a.keepdims, reducer)
         if kind in ("sum", "prod"):
             return {"sum": topi.sum, "prod": topi.prod}[kind](x, axes, a.keepdims)
         if kind == "l1":
