@@ -456,7 +456,7 @@ def _activation_compute(op: OpDef, fn):
     def compute(x, a: AlphaBetaAttrs):
         from tvm import te, tirx as tir
 
-        c = lambda v: tir.const(v, x.dtype)  # noqa: E731
+        c = lambda v: tir.const(v, x.dtype)
         return te.compute(x.shape, lambda *i: fn(x[i], a, c, te, tir), name=op.name.replace(".", "_"))
     define_compute(op)(compute)
 

@@ -240,7 +240,6 @@ def _arg_reducer(kind: str, last: bool):
 def _arg_compute(kind: str):
     def compute(x, a: ArgReduceAttrs):
         from tvm import te
-        from tvm import tirx as tir
 
         k = te.reduce_axis((0, x.shape[a.axis]), name="k")
         nd = len(x.shape)
