@@ -82,3 +82,20 @@ def serve_repo():
     for server, repo in running:
         server.__exit__(None, None, None)
         repo.close()
+
+
+OUT = "gemm0"  # the tiny CNN's output
+
+
+def sample(seed: int = 0, rows: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((rows, 3, SIZE, SIZE)).astype(np.float32)
+
+
+def infer(client, x: np.ndarray, model: str = "tiny", version: str = "") -> tuple[str, np.ndarray]:
+    """One request through tritonclient: the version that answered, and the output."""
+    import tritonclient.http as triton
+
+    inp = triton.InferInput("data", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    result = client.infer(model, [inp], model_version=version)
+    return result.get_response()["model_version"], result.as_numpy(OUT)

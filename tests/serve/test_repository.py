@@ -14,21 +14,9 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from .conftest import SIZE, make_repo, reference
-
-OUT = "gemm0"
-
-
-def _x(seed: int = 0, rows: int = 1) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((rows, 3, SIZE, SIZE)).astype(np.float32)
-
-
-def _infer(client, x, version: str = ""):
-    inp = triton.InferInput("data", list(x.shape), "FP32")
-    inp.set_data_from_numpy(x)
-    result = client.infer("tiny", [inp], model_version=version)
-    return result.get_response()["model_version"], result.as_numpy(OUT)
-
+from .conftest import make_repo, reference
+from .conftest import infer as _infer
+from .conftest import sample as _x
 
 def _specific(*versions: int) -> str:
     return json.dumps({"version_policy": {"specific": {"versions": list(versions)}}})

@@ -20,21 +20,9 @@ from kiln.serve import repository as repository_module
 from kiln.serve.repository import FILES_CHANGING, LOADING, READY, UNAVAILABLE, ModelRepository
 from tritonclient.utils import InferenceServerException
 
-from .conftest import SIZE, make_repo, reference
-
-OUT = "gemm0"
-
-
-def _x(seed: int = 0, rows: int = 1) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((rows, 3, SIZE, SIZE)).astype(np.float32)
-
-
-def _infer(client, x, model: str = "tiny"):
-    inp = triton.InferInput("data", list(x.shape), "FP32")
-    inp.set_data_from_numpy(x)
-    result = client.infer(model, [inp])
-    return result.get_response()["model_version"], result.as_numpy(OUT)
-
+from .conftest import make_repo, reference
+from .conftest import infer as _infer
+from .conftest import sample as _x
 
 def _row(rows: list[dict], model: str, version: str) -> dict:
     return next(r for r in rows if r["name"] == model and r.get("version") == version)
