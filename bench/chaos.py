@@ -33,6 +33,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from serve_process import start_kiln_serve  # bench/, beside this script
 
 HOST = "127.0.0.1"  # loopback only: this script never talks to another machine
 SIZE = 32
@@ -118,22 +119,9 @@ def start_server(repo: Path, mode: str, log_path: Path, help_text: str) -> tuple
     if "--model-control" in help_text:
         cmd += ["--model-control", mode]
     cmd += ["--poll-s", "0.3" if mode == "poll" else "0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log_path, "w"))  # noqa: SIM115
-    import tritonclient.http as triton
-
-    client = triton.InferenceServerClient(f"{HOST}:{port}")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"kiln serve exited with {proc.returncode}; see {log_path}")
-        try:
-            if client.is_model_ready("cnn"):
-                return proc, f"{HOST}:{port}"
-        except Exception:  # noqa: BLE001, S110  (not listening yet)
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"kiln serve did not serve 'cnn' within 60 s; see {log_path}")
+    url = f"{HOST}:{port}"
+    proc = start_kiln_serve(cmd, url, log_path, lambda c: c.is_model_ready("cnn"), 60, "serve 'cnn'")
+    return proc, url
 
 
 def rss_mb(pid: int) -> float:

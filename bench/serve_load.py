@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 from onnx import TensorProto, helper
+from serve_process import start_kiln_serve  # bench/, beside this script
 
 HOST = "127.0.0.1"  # loopback only: this script never talks to another machine
 SIZE, CLASSES, HIDDEN = 48, 10, 1024
@@ -78,23 +79,7 @@ def start_server(repo: Path, port: int, threads: int | None, log_path: Path) -> 
            "--port", str(port), "--model-control", "explicit", "--log-level", "warning"]  # swaps use the load API
     if threads:
         cmd += ["--threads", str(threads)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log_path, "w"))  # noqa: SIM115
-    import tritonclient.http as triton
-
-    client = triton.InferenceServerClient(f"{HOST}:{port}")
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"kiln serve exited with {proc.returncode}; see {log_path}")
-        try:
-            if client.is_server_ready():
-                return proc
-        except Exception:  # noqa: BLE001  (not listening yet)
-            time.sleep(0.2)
-            continue
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("kiln serve did not become ready within 120 s")
+    return start_kiln_serve(cmd, f"{HOST}:{port}", log_path, lambda c: c.is_server_ready(), 120, "become ready")
 
 
 def run_load(url: str, model: str, clients: int, duration_s: float, max_requests: int,
