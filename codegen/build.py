@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,7 +45,10 @@ def _group_flops(fn: Function) -> int:
                if isinstance(e, Call) and isinstance(e.op, OpDef))
 
 
-def build(mod: IRModule, target, on_progress: Callable[[int, int], None] | None = None) -> BuildResult:
+def build(mod: IRModule, target, on_progress: Callable[[int, int], None] | None = None,
+          configs: Mapping[str, dict] | None = None) -> BuildResult:
+    """Every group lowered (with the config `configs` files under its workload key, else its template's
+    default) and compiled in one `tvm.compile`."""
     import tvm
 
     plan = mod.attrs.get("memory_plan")
@@ -98,11 +101,13 @@ def build(mod: IRModule, target, on_progress: Callable[[int, int], None] | None 
                     raise CodegenError(f"kernel input {type(a).__name__} is not supported yet")
             args.append(index_of[id(a)])
         symbol = f"kiln_k{i}"
-        group = lower_group(c.op, symbol, target)
+        group = lower_group(c.op, symbol, target, configs)
         lowered.append(group)
         funcs[symbol] = group.prim_func
         steps.append({"kernel": symbol, "args": [*args, index_of[id(c)]], "ops": group.ops, "name": c.span or symbol,
-                      "schedule": group.schedule, "flops": _group_flops(c.op)})
+                      "schedule": group.schedule, "flops": _group_flops(c.op), "template": group.template,
+                      "workload": group.workload, "config": group.config or {},
+                      "config_source": group.config_source})
         if on_progress:
             on_progress(i + 1, len(calls) + 1)
     lower_s = time.perf_counter() - start

@@ -4,6 +4,7 @@ the group, its ops and the target."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from kiln.errors import CodegenError
@@ -17,7 +18,12 @@ class LoweredGroup:
     symbol: str
     ops: list[str]
     prim_func: object  # tvm.tirx.PrimFunc, scheduled
-    schedule: str  # which schedule was applied, for --explain and profiles
+    schedule: str  # which schedule steps were applied, for --explain and profiles
+    template: str = ""  # name@version of the template that scheduled it
+    workload: str = ""  # its workload key: kernels with the same key share a config
+    config: dict | None = None
+    config_source: str = "default"  # "default", "given" (a tuning record or a caller's mapping), "fallback: ..."
+    out_type: object = None  # the group's output TensorType
 
 
 def group_ops(fn: Function) -> list[str]:
@@ -69,19 +75,38 @@ def _scalar_tensor(c: Constant, te, tir):
     return te.compute((), lambda: tir.const(value, c.type.dtype), name="scalar")
 
 
-def lower_group(fn: Function, symbol: str, target) -> LoweredGroup:
+def lower_group(fn: Function, symbol: str, target, configs: Mapping[str, dict] | None = None) -> LoweredGroup:
+    """The group as one scheduled PrimFunc named `symbol`; `configs` maps workload keys to tuned configs."""
     from tvm import te
 
-    from kiln.schedules.default import schedule_group
+    from kiln.schedules.dispatch import schedule_group
 
     ops = group_ops(fn)
     try:
         placeholders, out = to_te(fn)
         prim = te.create_prim_func([*placeholders, out]).with_attr("global_symbol", symbol)
-        scheduled, how = schedule_group(prim, target, _anchor(fn))
+        s = schedule_group(prim, fn, target, configs)
+        if s.template.endswith(_GENERIC) and (legacy := _legacy(prim, target, fn)) is not None:
+            return LoweredGroup(symbol, ops, legacy[0], legacy[1], "legacy", s.workload.key, {}, "default",
+                                fn.body.type)
     except CodegenError:
         raise
     except Exception as err:  # TVM raises its own error types; name the group for the user
         raise CodegenError(f"group {symbol} ({' + '.join(ops)}) on {target.kind.name}: "
                            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
-    return LoweredGroup(symbol, ops, scheduled, how)
+    return LoweredGroup(symbol, ops, s.prim_func, s.steps, s.template, s.workload.key, s.config, s.source,
+                        fn.body.type)
+
+
+_GENERIC = ".generic@1"
+
+
+def _legacy(prim, target, fn):
+    """TRANSITIONAL (schedules/default.py): templates not yet on the registry."""
+    if target.kind.name == "cuda":
+        from kiln.schedules.cuda import schedule_group as cuda_schedule
+
+        return cuda_schedule(prim, target, _anchor(fn))
+    from kiln.schedules.default import legacy_schedule
+
+    return legacy_schedule(prim, target, _anchor(fn))

@@ -28,6 +28,11 @@ class InvalidConfig(ScheduleError):
     """A knob configuration that a template cannot build."""
 
 
+class TemplateFallbackWarning(UserWarning):
+    """A schedule template failed on a group it claimed (a template bug); the generic schedule was used. The
+    test suite turns this warning into an error."""
+
+
 class CodegenError(KilnError):
     """TVM failed to lower or build a kernel; the message names the group, its ops and the target."""
 

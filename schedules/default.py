@@ -1,11 +1,6 @@
-"""The default schedule for any fused group on CPU, before templates and tuning (a later issue) take over.
-
-Every block but the output and the reductions is inlined; the output's outer loops are fused and run in
-parallel, its innermost loop vectorized; a reduction (the conv, dense or pool anchor) is computed per parallel
-iteration of the output, with its reduction loops outside its vectorized innermost spatial loop. A step that
-TVM rejects for a group is skipped, so the group still builds, only slower; the returned text says which
-steps applied.
-"""
+"""TRANSITIONAL: the per-anchor template tries from before the template registry, used by codegen/lower.py for
+groups whose template has not moved onto schedules/template.py yet (the generic template claims them). Each
+ported template removes its entry here; the file goes when TEMPLATES is empty."""
 
 from __future__ import annotations
 
@@ -13,163 +8,21 @@ import dataclasses
 import logging
 import math
 
+from .x86.generic import _n_reduction_axes
+
 log = logging.getLogger(__name__)
 
-VERSION = 1
-PARALLEL_MIN_ITERATIONS = 64  # enough outer iterations to keep every core of a small CPU busy
 
-
-def _n_reduction_axes(sch, block) -> int:
-    return sum(1 for iv in sch.get(block).iter_vars if int(iv.iter_type) == 2)  # 2: CommReduce
-
-
-def schedule_group(prim, target, anchor=None):
-    """Schedule one fused group; `anchor` is (op name, attrs) of its conv/dense, if it has one."""
-    if target.kind.name == "cuda":
-        from .cuda import schedule_group as cuda_schedule
-
-        return cuda_schedule(prim, target, anchor)
-    from tvm import s_tir
-
-    from .target_info import vector_lanes
-
-    sch = s_tir.Schedule(prim)
-    steps: list[str] = []
-    if not _try(lambda: sch.get_sblock("root")):  # a te.extern loop nest (scatter, scan): parallel as written
-        return sch.mod["main"], "extern"
-    blocks = sch.get_child_blocks(sch.get_sblock("root"))
-    if not blocks:
-        return sch.mod["main"], "empty"
+def legacy_schedule(prim, target, anchor):
+    """(scheduled PrimFunc, steps) from the old per-anchor template, or None."""
     template = TEMPLATES.get(anchor[0] if anchor is not None else None)
     if template is not None:
         scheduled = template(prim, target, anchor[1] if anchor is not None else None)
         if scheduled is not None:
             return scheduled
-    if anchor is None and (scheduled := _try_resize(prim, target)) is not None:  # injective: no anchor op
-        return scheduled
-    out = blocks[-1]
-    reductions = [b for b in blocks[:-1] if _n_reduction_axes(sch, b)]
-    for b in blocks[:-1]:
-        if b not in reductions:
-            _try(lambda b=b: sch.compute_inline(b))
-    lanes = vector_lanes(target, 32)
-    if _n_reduction_axes(sch, out):
-        _schedule_reduction(sch, out, lanes, steps, parallel=True)
-        return sch.mod["main"], "+".join(steps) or "naive"
-    loops = sch.get_loops(out)
-    if not loops:
-        return sch.mod["main"], "scalar"
-    if any(int(sch.get(loop).extent) == 0 for loop in loops):  # a zero-size output: nothing to run
-        return sch.mod["main"], "empty"
-    # the anchor is computed per parallel iteration only over loops it shares with the output: a statistic of a
-    # normalization (n, c, 1, 1) computed inside a loop over (n, c, h) would be recomputed for every h
-    shared = _shared_prefix(sch, reductions[-1], loops) if reductions else len(loops)
-    par = _parallel_outer(sch, loops, steps, max_loops=max(shared, 1))
-    _vectorize(sch, sch.get_loops(out)[-1], lanes, steps)
-    rest = reductions
-    if reductions and par is not None and shared:
-        anchor = reductions[-1]
-        if _try(lambda: sch.compute_at(anchor, par)):
-            steps.append("anchor_at_parallel")
-            _schedule_reduction(sch, anchor, lanes, steps, parallel=False)
-            rest = reductions[:-1]
-    for b in rest:
-        _schedule_reduction(sch, b, lanes, steps, parallel=True)
-    return sch.mod["main"], "+".join(steps) or "naive"
-
-
-def _try(step) -> bool:
-    try:
-        step()
-        return True
-    except Exception:  # noqa: BLE001  (TVM's ScheduleError and friends: the step does not apply here)
-        return False
-
-
-def _shared_prefix(sch, block, loops) -> int:
-    """How many of `loops`, from the outside, match the leading dims of what `block` writes."""
-    shape = [int(d) for d in sch.get(block).writes[0].source.shape]
-    extents = [int(sch.get(loop).extent) for loop in loops]
-    k = 0
-    while k < min(len(shape), len(extents)) and shape[k] == extents[k]:
-        k += 1
-    return k
-
-
-def _parallel_outer(sch, loops, steps, keep_inner: bool = True, max_loops: int | None = None):
-    """Fuse outer loops until there is enough work to share (at most `max_loops` of them); run that loop in
-    parallel. `keep_inner` leaves the innermost loop out of the fusion, for vectorizing."""
-    extents = [int(sch.get(loop).extent) for loop in loops]
-    if len(loops) == 1:
-        if extents[0] < 2 * PARALLEL_MIN_ITERATIONS:
-            return None
-        outer, _ = sch.split(loops[0], factors=[None, PARALLEL_MIN_ITERATIONS])
-        sch.parallel(outer)
-        steps.append("parallel")
-        return outer
-    k, work = 1, extents[0]
-    while (k < len(loops) - (1 if keep_inner else 0) and work < PARALLEL_MIN_ITERATIONS
-           and (max_loops is None or k < max_loops)):
-        work *= extents[k]
-        k += 1
-    fused = sch.fuse(*loops[:k]) if k > 1 else loops[0]
-    sch.parallel(fused)
-    steps.append("parallel")
-    return fused
-
-
-def _vectorize(sch, loop, lanes, steps) -> None:
-    extent = int(sch.get(loop).extent)
-    if extent < 2:
-        return
-    if extent > lanes:
-        _, loop = sch.split(loop, factors=[None, lanes])
-    if _try(lambda: sch.vectorize(loop)):
-        steps.append("vectorize")
-
-
-def _schedule_reduction(sch, block, lanes, steps, parallel: bool) -> None:
-    """Reduction loops moved outside the innermost spatial loop longer than 1, which is split to the vector width
-    and vectorized before the init is split off (TVM refuses to vectorize a reduction block without its init);
-    with `parallel`, the spatial loops outside that vector run in parallel."""
-    n_red = _n_reduction_axes(sch, block)
-    loops = sch.get_loops(block)
-    spatial, reduce = loops[:-n_red], loops[-n_red:]
-    if not parallel:
-        spatial = spatial[1:]  # the first is the consumer's parallel loop this block was computed at
-    wide = [i for i, loop in enumerate(spatial) if int(sch.get(loop).extent) > 1]
-    if not wide:
-        _vector_partials(sch, block, reduce, lanes, steps)
-        return
-    inner = spatial[wide[-1]]
-    io, ii = sch.split(inner, factors=[None, min(lanes, int(sch.get(inner).extent))])
-    if parallel:
-        _parallel_outer(sch, [*spatial[:wide[-1]], io], steps, keep_inner=False)
-    if not _try(lambda: sch.reorder(*reduce, ii)):
-        return
-    if _try(lambda: sch.vectorize(ii)):
-        steps.append("reduction_vectorized")
-    init = sch.decompose_reduction(block, reduce[0])
-    _try(lambda: sch.vectorize(sch.get_loops(init)[-1]))
-
-
-def _vector_partials(sch, block, reduce, lanes, steps) -> None:
-    """A reduction with no output elements to vectorize across (a row's sum, a total): its innermost reduction
-    loop split into `lanes` partial results kept in one vector (rfactor, the lanes as the last axis), combined by
-    a short scalar step after."""
-    if int(sch.get(reduce[-1]).extent) < 2 * lanes:
-        return
-    _, ki = sch.split(reduce[-1], factors=[None, lanes])
-    ndim = len(sch.get(block).writes[0].source.shape)
-    try:
-        rf = sch.rfactor(ki, ndim)
-    except Exception:  # noqa: BLE001  (not a reduction rfactor can split: leave it scalar)
-        return
-    loops = sch.get_loops(rf)
-    if _try(lambda: sch.vectorize(loops[-1])):
-        steps.append("reduction_vectorized")
-    init = sch.decompose_reduction(rf, loops[-1 - len(reduce)])
-    _try(lambda: sch.vectorize(sch.get_loops(init)[-1]))
+    if anchor is None:
+        return _try_resize(prim, target)
+    return None
 
 
 def _try_conv2d_direct(prim, target, attrs):

@@ -24,19 +24,10 @@ def target():
 
 
 def compile_conv(x, w, attrs, target):
-    from tvm import te
+    from tests.groups import lower, op_group, run_lowered
 
-    from kiln.schedules.default import schedule_group
-
-    op = cv.CONV_BY_RANK[x.ndim - 2]
-    px, pw = te.placeholder(x.shape, "float32", name="p0"), te.placeholder(w.shape, "float32", name="p1")
-    out = op.compute(px, pw, attrs)
-    prim = te.create_prim_func([px, pw, out]).with_attr("global_symbol", "main")
-    scheduled, how = schedule_group(prim, target)
-    ex = tvm.compile(tvm.IRModule({"main": scheduled}), target=target)
-    result = tvm.runtime.empty([int(d) for d in out.shape], "float32")
-    ex["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), result)
-    return result.numpy(), how
+    g = lower(op_group(cv.CONV_BY_RANK[x.ndim - 2], [x, w], attrs), target)
+    return run_lowered(g, target, [x, w]), g.schedule
 
 
 CASES_1D = [  # (c, o, size, k, stride, pads, dilation, groups)

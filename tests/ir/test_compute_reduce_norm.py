@@ -29,18 +29,10 @@ def target():
 
 def compile_op(op, attrs, arrays, target):
     """(output, schedule description) of one op compiled alone, as a fused group of one."""
-    from tvm import te
+    from tests.groups import lower, op_group, run_lowered
 
-    from kiln.schedules.default import schedule_group
-
-    ph = [te.placeholder(a.shape, str(a.dtype), name=f"p{i}") for i, a in enumerate(arrays)]
-    out = op.compute(*ph, attrs)
-    prim = te.create_prim_func([*ph, out]).with_attr("global_symbol", "main")
-    scheduled, how = schedule_group(prim, target)
-    ex = tvm.compile(tvm.IRModule({"main": scheduled}), target=target)
-    result = tvm.runtime.empty([int(d) for d in out.shape], str(out.dtype))
-    ex["main"](*[tvm.runtime.tensor(a) for a in arrays], result)
-    return result.numpy(), how
+    g = lower(op_group(op, arrays, attrs), target)
+    return run_lowered(g, target, arrays), g.schedule
 
 
 def check(op, attrs, *arrays, target, rtol=1e-5, atol=1e-6, vector=True):
@@ -134,13 +126,11 @@ def test_norms(shape, target):
 
 def test_norm_statistics_are_not_recomputed_per_row(target):
     """The (n, c) statistics are computed inside the output's parallel loop over (n, c) only, not (n, c, h)."""
-    from tvm import te
+    from tests.groups import schedule_op
 
-    from kiln.schedules.default import schedule_group
-
-    x, s, b = te.placeholder((1, 4, 31, 17), name="x"), te.placeholder((4,), name="s"), te.placeholder((4,), name="b")
-    prim = te.create_prim_func([x, s, b, nm.INSTANCE_NORM.compute(x, s, b, nm.EpsAttrs())])
-    scheduled, _ = schedule_group(prim, target)
+    f32 = "float32"
+    scheduled, _ = schedule_op(nm.INSTANCE_NORM, [((1, 4, 31, 17), f32), ((4,), f32), ((4,), f32)], nm.EpsAttrs(),
+                               target)
     parallel = [int(n) for n in re.findall(r"T\.parallel\((\d+)\)", scheduled.script())]
     assert parallel and all(n <= 4 for n in parallel), parallel
 

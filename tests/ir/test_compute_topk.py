@@ -22,18 +22,9 @@ def target():
 
 
 def compile_indices(x, attrs, target):
-    from tvm import te
+    from tests.groups import lower, op_group, run_lowered
 
-    from kiln.schedules.default import schedule_group
-
-    ph = te.placeholder(x.shape, str(x.dtype), name="p0")
-    out = tf.TOPK_INDICES.compute(ph, attrs)
-    prim = te.create_prim_func([ph, out]).with_attr("global_symbol", "main")
-    scheduled, _ = schedule_group(prim, target)
-    ex = tvm.compile(tvm.IRModule({"main": scheduled}), target=target)
-    result = tvm.runtime.empty([int(d) for d in out.shape], str(out.dtype))
-    ex["main"](tvm.runtime.tensor(x), result)
-    return result.numpy()
+    return run_lowered(lower(op_group(tf.TOPK_INDICES, [x], attrs), target), target, [x])
 
 
 def check(x, attrs, target):

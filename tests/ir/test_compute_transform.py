@@ -14,7 +14,7 @@ from kiln.codegen.target import resolve_target
 from kiln.ir.ops import dense as dn
 from kiln.ir.ops import elementwise as ew
 from kiln.ir.ops import transform as tf
-from kiln.schedules.default import schedule_group
+from tests.groups import schedule_op
 from tvm import te
 
 TARGET = resolve_target("x86-avx2")
@@ -23,10 +23,7 @@ rng = np.random.default_rng(0)
 
 def run(op, args, attrs, *, variadic=False, rtol=1e-5, atol=1e-6):
     """Compile op.compute on `args` (NumPy arrays), run it, compare with op.reference; the schedule's steps."""
-    ph = [te.placeholder(x.shape, str(x.dtype), name=f"p{i}") for i, x in enumerate(args)]
-    out = op.compute(ph, attrs) if variadic else op.compute(*ph, attrs)
-    prim = te.create_prim_func([*ph, out]).with_attr("global_symbol", "main")
-    scheduled, steps = schedule_group(prim, TARGET)
+    scheduled, steps = schedule_op(op, args, attrs, TARGET, variadic)
     ex = tvm.compile(tvm.IRModule({"main": scheduled}), target=TARGET)
     want = op.reference(list(args), attrs) if variadic else op.reference(*args, attrs)
     dev = tvm.cpu()
