@@ -86,7 +86,7 @@ def lower_group(fn: Function, symbol: str, target, configs: Mapping[str, dict] |
         placeholders, out = to_te(fn)
         prim = te.create_prim_func([*placeholders, out]).with_attr("global_symbol", symbol)
         s = schedule_group(prim, fn, target, configs)
-        if s.template.endswith(_GENERIC) and (legacy := _legacy(prim, target, fn)) is not None:
+        if s.template in _BRIDGED and (legacy := _legacy(prim, target, fn)) is not None:
             return LoweredGroup(symbol, ops, legacy[0], legacy[1], "legacy", s.workload.key, {}, "default",
                                 fn.body.type)
     except CodegenError:
@@ -98,7 +98,7 @@ def lower_group(fn: Function, symbol: str, target, configs: Mapping[str, dict] |
                         fn.body.type)
 
 
-_GENERIC = ".generic@1"
+_BRIDGED = ("x86.generic@1", "cuda.legacy@1")  # TRANSITIONAL: groups the old dispatch may still take
 
 
 def _legacy(prim, target, fn):

@@ -41,6 +41,9 @@ class Template:
     schedule: Callable[[Any, Workload, Config], list[str]]  # (s_tir.Schedule, wl, cfg) -> steps applied
     priority: int = 0
     graph_knobs: Callable[[Group], Mapping[str, Any]] = field(default=lambda group: {})
+    # (group fn, {knob: value}) -> the group as the graph would have it with those knobs (a conv rewritten to
+    # another algorithm), for measuring a config whose graph knobs differ from the model's; None: no graph knobs
+    regroup: Callable[[Any, Mapping[str, Any]], Any] | None = None
     doc: str = ""
 
     @property
