@@ -5,7 +5,14 @@ group's epilogue (bias, GELU, residual add) is computed once per output, from th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+
+from kiln.ir.op import OpPattern
+from kiln.ir.ops.dense import DENSE_PACKED
+from kiln.schedules.space import Config, Space
+from kiln.schedules.target_info import TargetInfo
+from kiln.schedules.template import Template
+from kiln.schedules.workload import Group, Workload
 
 from kiln.errors import InvalidConfig
 
@@ -13,23 +20,8 @@ VERSION = 2
 ACCUMULATORS = 24  # of 32 zmm registers: the rest hold the tile_n weight vectors and a broadcast input
 
 
-@dataclass(frozen=True)
-class Config:
-    tile_m: int  # rows per tile: each k step broadcasts tile_m inputs
-    tile_n: int = 1  # blocks of units per tile: each k step loads tile_n weight vectors
-    unroll_k: int = 1  # k steps unrolled per iteration of the k loop
-    n_outer: bool = True  # tiles ordered unit blocks outer: a weight panel stays in cache across the rows
-
-
 def divisors(n: int, upto: int) -> list[int]:
     return [d for d in range(1, min(n, upto) + 1) if n % d == 0]
-
-
-def space(rows: int, n_blocks: int, k: int) -> dict[str, list]:
-    """The knob space the tuner searches; `rows` is the output's second-to-last dim (tiles stay within
-    one index of the dims before it). The default lies in it."""
-    return {"tile_m": divisors(rows, 16), "tile_n": divisors(n_blocks, 6), "unroll_k": divisors(k, 4),
-            "n_outer": [True, False]}
 
 
 def accumulators(lanes: int) -> int:
@@ -38,30 +30,79 @@ def accumulators(lanes: int) -> int:
     return 12 if lanes == 8 else ACCUMULATORS
 
 
-def default(rows: int, n_blocks: int, k: int = 1, lanes: int = 16, block: int = 16, min_tiles: int = 8) -> Config:
+def register_tile(rows: int, n_blocks: int, k: int, lanes: int, block: int, min_tiles: int) -> Config:
     """The largest tile that fits the accumulator registers, shaped near 8 rows × 3 vectors (measured best on
     AVX-512: 3 weight vectors stream from L2 per k step, 8 broadcasts come from L1; 4 × 2 ymm on AVX2 at 128
-    rows, 103 GFLOPS a core against 72 for 2 × 6), with at least `min_tiles` tiles to share between cores when the output has that many. A block
-    of `block` units takes block / lanes vector registers (at least one)."""
+    rows, 103 GFLOPS a core against 72 for 2 × 6), with at least `min_tiles` tiles to share between cores when
+    the output has that many. A block of `block` units takes block / lanes vector registers (at least one).
+    Shared with batch_matmul; n_outer is the caller's."""
     enough = min(min_tiles, rows * n_blocks)
     per_block = max(1, block // lanes)
 
-    def score(c: Config):  # accumulators, discounted by how far rows : vectors is from 8 : 3; then accumulators
-        vectors = c.tile_m * c.tile_n * per_block
-        ratio = c.tile_m / (c.tile_n * per_block)
+    def score(tile: tuple[int, int]):  # accumulators, discounted by how far rows : vectors is from 8 : 3
+        tm, tn = tile
+        vectors = tm * tn * per_block
+        ratio = tm / (tn * per_block)
         return vectors * min(ratio, 8 / 3) / max(ratio, 8 / 3), vectors
 
-    tiles = [Config(tile_m=tm, tile_n=tn) for tn in divisors(n_blocks, 6) for tm in divisors(rows, 16)
+    tiles = [(tm, tn) for tn in divisors(n_blocks, 6) for tm in divisors(rows, 16)
              if tm * tn * per_block <= accumulators(lanes) and (rows // tm) * (n_blocks // tn) >= enough]
-    best = max(tiles, key=score, default=Config(tile_m=1, tile_n=1))
-    return Config(tile_m=best.tile_m, tile_n=best.tile_n, unroll_k=max(divisors(k, 4)))
+    tile_m, tile_n = max(tiles, key=score, default=(1, 1))
+    return {"tile_m": tile_m, "tile_n": tile_n, "unroll_k": max(divisors(k, 4))}
 
 
-def schedule(sch, dense_block, out_block, block: int, cfg: Config) -> list[str]:
-    """`dense_block` is (batch..., m, n | k) over packed weights; `out_block` the group's output, same shape."""
-    tile_registers(sch, dense_block, out_block, block, cfg)
-    order = ",n_outer" if cfg.n_outer else ""
-    return [f"dense_packed(m={cfg.tile_m},n={cfg.tile_n},k={cfg.unroll_k}{order},block={block})"]
+def tiled_anchor(group: Group, op) -> bool:
+    """The group is `op` (the anchor) with an elementwise or broadcast epilogue, whose output is the anchor's
+    (perhaps with leading dims broadcast onto it): what tile_registers computes per tile."""
+    anchor = group.anchor
+    if anchor is None or anchor.op is not op:
+        return False
+    shape, out = tuple(int(d) for d in anchor.type.shape), group.output[0]
+    return (len(shape) >= 2 and len(out) >= len(shape) and out[len(out) - len(shape):] == shape
+            and 0 not in out and all(c is anchor or c.op.pattern <= OpPattern.BROADCAST for c in group.calls))
+
+
+def applies(group: Group) -> bool:
+    return tiled_anchor(group, DENSE_PACKED)
+
+
+def workload(group: Group, info: TargetInfo) -> Workload:
+    """`rows` is the output's second-to-last dim (tiles stay within one index of the `batches` dims before it)."""
+    anchor = group.anchor
+    out, block = group.output[0], anchor.attrs.block
+    return Workload.of(f"x86.dense_packed@{VERSION}", group, rows=out[-2], n_blocks=out[-1] // block,
+                       k=int(anchor.args[0].type.shape[-1]), block=block, batches=math.prod(out[:-2]),
+                       lanes=info.lanes(32))
+
+
+def space(wl: Workload, info: TargetInfo) -> Space:
+    # with one row or one block of units there is one tile along that axis: the tile order changes nothing
+    orders = (True, False) if wl["rows"] > 1 and wl["n_blocks"] > 1 else (True,)
+    return Space.of(tile_m=divisors(wl["rows"], 16), tile_n=divisors(wl["n_blocks"], 6),
+                    unroll_k=divisors(wl["k"], 4), n_outer=orders)
+
+
+def default(wl: Workload, info: TargetInfo) -> Config:
+    tile = register_tile(wl["rows"], wl["n_blocks"], wl["k"], wl["lanes"], wl["block"],
+                         min_tiles=-(-8 // wl["batches"]))
+    return {**tile, "n_outer": True}  # a weight panel stays in cache across the rows
+
+
+def schedule(sch, wl: Workload, cfg: Config) -> list[str]:
+    dense, out = inline_around(sch, "dense_packed")
+    tile_registers(sch, dense, out, wl["block"], cfg)
+    order = ",n_outer" if cfg["n_outer"] else ""
+    return [f"dense_packed(m={cfg['tile_m']},n={cfg['tile_n']},k={cfg['unroll_k']}{order},block={wl['block']})"]
+
+
+def inline_around(sch, anchor_name: str):
+    """Inline every block but the anchor (the op's own compute) and the output; (anchor, output)."""
+    anchor = sch.get_sblock(anchor_name)
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    for b in blocks[:-1]:
+        if not sch.get(b).same_as(sch.get(anchor)):
+            sch.compute_inline(b)
+    return anchor, sch.get_child_blocks(sch.get_sblock("root"))[-1]
 
 
 def tile_registers(sch, block, out_block, width: int, cfg: Config) -> None:
@@ -70,21 +111,23 @@ def tile_registers(sch, block, out_block, width: int, cfg: Config) -> None:
     loop over batches and tiles; the output stage (the copy out, or the group's epilogue reading the
     accumulators) runs per tile after the reduction. A tile never spans two batches: the output stage's
     region per tile must be exact, or tiles would race on rows they share."""
+    *batch, m, n, k = sch.get_loops(block)
+    n_units, k_extent = int(sch.get(n).extent), int(sch.get(k).extent)
+    n_rows = int(sch.get(m).extent)
+    tile_m, tile_n, unroll_k = cfg["tile_m"], cfg["tile_n"], cfg["unroll_k"]
+    if n_rows % tile_m or n_units % (tile_n * width) or k_extent % unroll_k:
+        raise InvalidConfig(f"{cfg} does not tile {n_rows} rows × {n_units} columns (vectors of {width}) "
+                            f"× k={k_extent}")
     copy = sch.cache_write(block, 0, "local")
     if sch.get(out_block).same_as(sch.get(block)):
         out_block = copy  # no epilogue: the copy out of the accumulators is the output stage
     else:
         sch.compute_inline(copy)
     *batch, m, n, k = sch.get_loops(block)
-    n_units, k_extent = int(sch.get(n).extent), int(sch.get(k).extent)
-    n_rows = int(sch.get(m).extent)
-    if n_rows % cfg.tile_m or n_units % (cfg.tile_n * width) or k_extent % cfg.unroll_k:
-        raise InvalidConfig(f"{cfg} does not tile {n_rows} rows × {n_units} columns (vectors of {width}) "
-                            f"× k={k_extent}")
-    mo, mi = sch.split(m, factors=[None, cfg.tile_m])
-    no, nt, nb = sch.split(n, factors=[None, cfg.tile_n, width])
-    ko, ki = sch.split(k, factors=[None, cfg.unroll_k])
-    tiles = (no, mo) if cfg.n_outer else (mo, no)
+    mo, mi = sch.split(m, factors=[None, tile_m])
+    no, nt, nb = sch.split(n, factors=[None, tile_n, width])
+    ko, ki = sch.split(k, factors=[None, unroll_k])
+    tiles = (no, mo) if cfg["n_outer"] else (mo, no)
     sch.reorder(*batch, *tiles, ko, ki, mi, nt, nb)
     tile = sch.fuse(*batch, *tiles)
     sch.parallel(tile)
@@ -97,3 +140,10 @@ def tile_registers(sch, block, out_block, width: int, cfg: Config) -> None:
         last = sch.get_loops(b)[-1]
         if not sch.get(last).same_as(sch.get(tile)):  # compute_at leaves out unit loops
             sch.vectorize(last)
+
+
+TEMPLATE = Template(
+    "x86.dense_packed", VERSION, "llvm", applies=applies, workload=workload, space=space, default=default,
+    schedule=schedule,
+    doc="register tiles of rows × packed-weight vectors, k outside, tiles in parallel, epilogue per tile",
+)

@@ -1,10 +1,14 @@
 """Layer norm over the last axis on x86: rows in parallel; per row a vectorized sum, a vectorized sum of
 squared deviations from the mean, and the vectorized normalized, scaled output. Reads the stages of
-`ir/ops/norm.py`'s compute by name."""
+`ir/ops/norm.py`'s compute by name (a norm over more axes reduces over several: the generic schedule)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from kiln.ir.ops.norm import LAYER_NORM
+from kiln.schedules.space import Config, Space
+from kiln.schedules.target_info import TargetInfo
+from kiln.schedules.template import Template
+from kiln.schedules.workload import Group, Workload
 
 from . import rows as row_passes
 
@@ -12,37 +16,39 @@ VERSION = 1
 STAGES = ("layer_norm_sum", "layer_norm_var_sum", "layer_norm")
 
 
-@dataclass(frozen=True)
-class Config:
-    lanes: int  # vector width of every row pass; divides the row
+def applies(group: Group) -> bool:
+    return row_passes.last_axis_op(group, LAYER_NORM)
 
 
-def space(n: int, lanes: int = 16) -> dict[str, list]:
-    """The knob space for rows of n; the default lies in it."""
-    return {"lanes": row_passes.row_lanes(n, lanes)}
+def workload(group: Group, info: TargetInfo) -> Workload:
+    return row_passes.row_workload(f"x86.layer_norm@{VERSION}", group, info)
 
 
-def default(n: int, lanes: int = 16) -> Config:
-    return Config(lanes=max(row_passes.row_lanes(n, lanes)))
+def space(wl: Workload, info: TargetInfo) -> Space:
+    """`lanes`, the vector width of every row pass, divides the row."""
+    return Space.of(lanes=row_passes.row_lanes(wl["n"], wl["lanes"]))
 
 
-def schedule(sch, cfg: Config) -> list[str]:
-    """`out` may be the layer norm itself or an elementwise epilogue after it (inlined into the last pass)."""
+def default(wl: Workload, info: TargetInfo) -> Config:
+    return {"lanes": max(row_passes.row_lanes(wl["n"], wl["lanes"]))}
+
+
+def schedule(sch, wl: Workload, cfg: Config) -> list[str]:
+    lanes = cfg["lanes"]
     total, squares, norm = (sch.get_sblock(name) for name in STAGES)
-    blocks = sch.get_child_blocks(sch.get_sblock("root"))
-    out = blocks[-1]
-    for b in blocks[:-1]:
-        if sch.get(b).name_hint not in STAGES:
-            sch.compute_inline(b)
-    if not sch.get(out).same_as(sch.get(norm)):
-        sch.compute_inline(norm)
-    total_part = row_passes.split_reduction(sch, total, cfg.lanes)
-    squares_part = row_passes.split_reduction(sch, squares, cfg.lanes)
-    rows = row_passes.parallel_rows(sch, out, len(sch.get_loops(out)) - 1)
-    row_passes.vectorize_row(sch, out, cfg.lanes)
+    total_part = row_passes.split_reduction(sch, total, lanes)
+    squares_part = row_passes.split_reduction(sch, squares, lanes)
+    rows = row_passes.parallel_rows(sch, norm, len(sch.get_loops(norm)) - 1)
+    row_passes.vectorize_row(sch, norm, lanes)
     for b in (squares, squares_part, total, total_part):
         if b is not None:
             sch.compute_at(b, rows)
     row_passes.vectorize_partials(sch, total_part)
     row_passes.vectorize_partials(sch, squares_part)
-    return [f"layer_norm(lanes={cfg.lanes})"]
+    return [f"layer_norm(lanes={lanes})"]
+
+
+TEMPLATE = Template(
+    "x86.layer_norm", VERSION, "llvm", applies=applies, workload=workload, space=space, default=default,
+    schedule=schedule, doc="rows in parallel; vectorized sum, squared-deviation and output passes per row",
+)

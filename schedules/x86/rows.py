@@ -4,7 +4,27 @@ one vector (rfactor), combined by a short scalar step at the end."""
 
 from __future__ import annotations
 
+import math
+
+from kiln.schedules.target_info import TargetInfo
+from kiln.schedules.workload import Group, Workload
+
 from kiln.errors import InvalidConfig
+
+
+def last_axis_op(group: Group, op) -> bool:
+    """The group is `op` alone over the last axis of an input with at least one row dim (and no empty dim)."""
+    if len(group.calls) != 1 or group.calls[0].op is not op:
+        return False
+    call = group.calls[0]
+    shape = tuple(int(d) for d in call.args[0].type.shape)
+    return len(shape) >= 2 and call.attrs.axis == len(shape) - 1 and 0 not in shape
+
+
+def row_workload(name: str, group: Group, info: TargetInfo) -> Workload:
+    """`rows` rows of `n` (the group's output, whose last axis is the row); `lanes` the target's vector."""
+    *rows, n = group.output[0]
+    return Workload.of(name, group, rows=math.prod(rows), n=n, lanes=info.lanes(32))
 
 
 def row_lanes(n: int, upto: int) -> list[int]:
