@@ -1,17 +1,26 @@
 """image.resize: the table-and-gather compute and the x86 template against the NumPy reference over modes,
 coordinate transforms, nearest rounding, cubic options, crops and downsampling; a bilinear 2x resize compiled
-end to end on a pinned AVX2 target against ONNX Runtime."""
+end to end on a pinned AVX2 target against ONNX Runtime; the template at random configs of its space."""
+
+import random
 
 import numpy as np
 import onnx
 import pytest
 from kiln.codegen.target import resolve_target
+from kiln.ir import Call
+from kiln.ir.ops.elementwise import ADD, EXP, RELU
 from kiln.ir.ops.image import COORDINATE_MODES, NEAREST_MODES, RESIZE, ResizeAttrs, _resize, output_size
-from kiln.schedules.default import schedule_group
+from kiln.ir.ops.reduce import SUM, ReduceAttrs
+from kiln.schedules.dispatch import task_of
+from kiln.schedules.target_info import target_info
+from kiln.schedules.workload import Group
+from kiln.schedules.x86 import resize
 from onnx import helper
 
 import kiln
 
+from ..groups import group, lower, op_group, params, run_lowered
 from ..tolerances import assert_close
 
 AVX2 = "x86-avx2"
@@ -24,20 +33,18 @@ def _attrs(shape, scales, **kw) -> ResizeAttrs:
     return ResizeAttrs(size=size, scales=tuple(float(s) for s in scales), **kw)
 
 
-def _check(x: np.ndarray, attrs: ResizeAttrs) -> str:
-    import tvm
-    from tvm import te
-
+def _check(x: np.ndarray, attrs: ResizeAttrs, cfg=None) -> str:
+    """Lower resize(x) alone as a group (at `cfg` when given), run it, compare; the schedule steps."""
     target = resolve_target(AVX2)
-    X = te.placeholder(x.shape, x.dtype, name="x")
-    out = RESIZE.compute(X, attrs)
-    prim, how = schedule_group(te.create_prim_func([X, out]), target, None)
-    f = tvm.compile(tvm.IRModule({"main": prim}), target=target)
-    y = tvm.runtime.empty(attrs.size, x.dtype)
-    f(tvm.runtime.tensor(x), y)
-    assert_close(y.numpy(), _resize(x, attrs), rtol=1e-5, atol=1e-5, what=f"{attrs} schedule={how}")
-    assert how.startswith("resize("), how  # the template, not the generic fallback
-    return how
+    fn = op_group(RESIZE, [x], attrs)
+    template, wl = task_of(fn, target)
+    assert template is resize.TEMPLATE  # the template, not the generic fallback
+    g = lower(fn, target, {wl.key: cfg} if cfg is not None else None)
+    assert g.config_source == ("given" if cfg is not None else "default"), g.config_source
+    assert_close(run_lowered(g, target, [x]), _resize(x, attrs), rtol=1e-5, atol=1e-5,
+                 what=f"{attrs} schedule={g.schedule} config={g.config}")
+    assert g.schedule.startswith("resize("), g.schedule
+    return g.schedule
 
 
 X4 = np.random.default_rng(0).standard_normal((2, 3, 7, 9)).astype(np.float32)
@@ -79,29 +86,44 @@ def test_other_ranks_and_dtypes():
            _attrs((1, 2, 6, 6), (1, 1, 2, 1), mode="linear"))
 
 
-@pytest.mark.parametrize("tile_w,rows_tile", [(1, 4), (4, 4), (8, 16), (8, 8)])
-def test_template_at_configs(tile_w, rows_tile):
-    import tvm
-    from kiln.schedules.x86 import resize
-    from tvm import s_tir, te
-
-    attrs = _attrs(X4.shape, (1, 1, 2, 1.7), mode="cubic")
-    assert tile_w in resize.space(attrs.size[-1], 8)["tile_w"] and rows_tile in resize.space(15, 8)["rows_tile"]
-    X = te.placeholder(X4.shape, name="x")
-    sch = s_tir.Schedule(te.create_prim_func([X, RESIZE.compute(X, attrs)]))
-    resize.schedule(sch, resize.Config(tile_w=tile_w, rows_tile=rows_tile))
-    f = tvm.compile(sch.mod, target=resolve_target(AVX2))
-    y = tvm.runtime.empty(attrs.size, "float32")
-    f(tvm.runtime.tensor(X4), y)
-    assert_close(y.numpy(), _resize(X4, attrs), rtol=1e-5, atol=1e-5, what=f"tile_w={tile_w} rows_tile={rows_tile}")
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("shape,scales,mode", [((2, 3, 7, 9), (1, 1, 2, 1.7), "cubic"),
+                                               ((1, 2, 5, 13), (1, 1, 0.6, 2), "nearest"),
+                                               ((3, 17), (1.5, 1.3), "linear")])
+def test_template_at_random_configs(shape, scales, mode, seed):
+    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    attrs = _attrs(shape, scales, mode=mode)
+    target = resolve_target(AVX2)
+    _, wl = task_of(op_group(RESIZE, [x], attrs), target)
+    cfg = resize.space(wl, target_info(target)).sample(random.Random(seed))
+    _check(x, attrs, cfg)
 
 
-def test_default_lies_in_the_space():
-    from kiln.schedules.x86 import resize
+@pytest.mark.parametrize("target_name,lanes", [("x86-avx512", 16), ("x86-avx2", 8)])
+def test_workload_space_and_default(target_name, lanes):
+    info = target_info(resolve_target(target_name))
+    x = np.zeros((2, 3, 7, 9), np.float32)
+    rows = resize.TEMPLATE.workload(Group(op_group(RESIZE, [x], _attrs(x.shape, (1, 1, 2, 2), mode="linear"))), info)
+    assert (rows["lanes"], rows["out_w"], rows["rows"]) == (lanes, 18, True)
+    assert resize.default(rows, info) == {"tile_w": 1, "rows_tile": lanes}
+    assert resize.default(rows, info) in resize.space(rows, info)
+    assert resize.space(rows, info).tunable() == {"tile_w": 3 if lanes == 16 else 4, "rows_tile": 3}
+    # nearest has no row buffer, so no row tile; a 3-wide output has no vector tile wider than 3
+    near = resize.TEMPLATE.workload(Group(op_group(RESIZE, [x], _attrs(x.shape, (1, 1, 2, 1 / 3)))), info)
+    assert (near["rows"], near["out_w"]) == (False, 3)
+    assert resize.default(near, info) == {"tile_w": 1}
+    assert list(resize.space(near, info)) == [{"tile_w": 1}, *([{"tile_w": 2}] if lanes == 4 else [])]
 
-    for w, lanes in [(82, 8), (3, 16), (1, 8)]:
-        cfg, space = resize.default(w, lanes), resize.space(w, lanes)
-        assert cfg.tile_w in space["tile_w"] and cfg.rows_tile in space["rows_tile"]
+
+def test_claims_only_resize_groups_it_can_schedule():
+    x = np.zeros((1, 2, 4, 4), np.float32)
+    attrs = _attrs(x.shape, (1, 1, 2, 2), mode="linear")
+    ps = params(x)
+    summed = group(ps, Call(SUM, (Call(RESIZE, (ps[0],), attrs),), ReduceAttrs((3,), keepdims=False)))
+    assert not resize.applies(Group(summed))  # a reduction after it: the generic schedule's job
+    twice = group(ps, Call(RESIZE, (Call(RESIZE, (ps[0],), attrs),), _attrs((1, 2, 8, 8), (1, 1, 0.5, 0.5))))
+    assert not resize.applies(Group(twice))
+    assert resize.applies(Group(op_group(RESIZE, [x], attrs)))
 
 
 def bilinear_model(shape=(1, 64, 37, 41)) -> onnx.ModelProto:
@@ -128,18 +150,12 @@ def test_bilinear_resize_matches_onnxruntime(tmp_path):
 
 
 def test_prologue_and_epilogue_fuse_around_the_template():
-    import tvm
-    from tvm import te, topi
-
     rng = np.random.default_rng(2)
     x, b = rng.standard_normal((1, 3, 7, 9)).astype(np.float32), rng.standard_normal((1, 3, 14, 18)).astype(np.float32)
     attrs = _attrs(x.shape, (1, 1, 2, 2), mode="cubic")
-    X, B = te.placeholder(x.shape, name="x"), te.placeholder(b.shape, name="b")
-    out = topi.nn.relu(topi.add(RESIZE.compute(topi.exp(X), attrs), B))
+    ps = params(x, b)
+    fn = group(ps, Call(RELU, (Call(ADD, (Call(RESIZE, (Call(EXP, (ps[0],)),), attrs), ps[1])),)))
     target = resolve_target(AVX2)
-    prim, how = schedule_group(te.create_prim_func([X, B, out]), target, None)
-    assert how.startswith("resize(rows+"), how
-    f = tvm.compile(tvm.IRModule({"main": prim}), target=target)
-    y = tvm.runtime.empty(attrs.size, "float32")
-    f(tvm.runtime.tensor(x), tvm.runtime.tensor(b), y)
-    assert_close(y.numpy(), np.maximum(_resize(np.exp(x), attrs) + b, 0), rtol=1e-5, atol=1e-5)
+    g = lower(fn, target)
+    assert g.template == resize.TEMPLATE.key and g.schedule.startswith("resize(rows+"), g.schedule
+    assert_close(run_lowered(g, target, [x, b]), np.maximum(_resize(np.exp(x), attrs) + b, 0), rtol=1e-5, atol=1e-5)
