@@ -9,42 +9,52 @@ tiles run in parallel. The knobs are the two tile sizes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from kiln.ir.op import OpPattern
+from kiln.ir.ops.conv import CONV2D_TRANSPOSE
+from kiln.schedules.space import Config, Space
+from kiln.schedules.template import Template
+from kiln.schedules.workload import Group, Workload
 
 VERSION = 1
+NAME = "x86.conv2d_transpose"
 ANCHOR, WEIGHTS, PAD = "conv_transpose", "conv_transpose_weight", "conv_transpose_pad"
 
 
-@dataclass(frozen=True)
-class Config:
-    tile_oc: int  # output channels per tile: the vector lanes (a multiple of the SIMD width when it can)
-    tile_ow: int  # output columns per tile, unrolled
+def applies(group: Group) -> bool:
+    """A 2-D transposed conv with elementwise epilogues of its output's shape."""
+    conv = group.anchor
+    return (conv is not None and conv.op is CONV2D_TRANSPOSE
+            and group.output[0] == tuple(int(d) for d in conv.type.shape)
+            and all(c.op.pattern <= OpPattern.BROADCAST for c in group.calls if c is not conv))
+
+
+def workload(group: Group, info) -> Workload:
+    _, oc, _, ow = (int(d) for d in group.anchor.type.shape)
+    return Workload.of(f"{NAME}@{VERSION}", group, lanes=info.lanes(32), out_channels=oc, out_w=ow)
 
 
 def _divisors(n: int, upto: int) -> list[int]:
     return [d for d in range(1, min(n, upto) + 1) if n % d == 0]
 
 
-def space(out_channels: int, out_width: int, lanes: int) -> dict[str, list]:
-    """The knob space the tuner searches; the default lies in it."""
-    return {"tile_oc": _divisors(out_channels, 4 * lanes), "tile_ow": _divisors(out_width, 16)}
+def space(wl: Workload, info=None) -> Space:
+    return Space.of(tile_oc=_divisors(wl["out_channels"], 4 * wl["lanes"]), tile_ow=_divisors(wl["out_w"], 16))
 
 
-def default(out_channels: int, out_width: int, lanes: int) -> Config:
+def default(wl: Workload, info=None) -> Config:
     # ≤ 12 accumulator vectors out of 16 (AVX2) or 32 (AVX-512): room for the weight vectors and a broadcast
-    oc = max(d for d in _divisors(out_channels, 2 * lanes))
+    lanes = wl["lanes"]
+    oc = max(_divisors(wl["out_channels"], 2 * lanes))
     vectors = -(-oc // lanes)
-    ow = max(_divisors(out_width, max(1, 12 // vectors)))
-    return Config(tile_oc=oc, tile_ow=ow)
+    return {"tile_oc": oc, "tile_ow": max(_divisors(wl["out_w"], max(1, 12 // vectors)))}
 
 
-def schedule(sch, cfg: Config) -> list[str]:
+def schedule(sch, wl: Workload, cfg: Config) -> list[str]:
     """Schedule a group holding WEIGHTS and ANCHOR (n, oc, oh, ow | rc, ry, rx) and elementwise epilogues."""
+    cfg = space(wl).check(cfg)
     root = sch.get_sblock("root")
     blocks = sch.get_child_blocks(root)
     names = [sch.get(b).name_hint for b in blocks]
-    if ANCHOR not in names or WEIGHTS not in names:
-        raise LookupError(f"no {ANCHOR} block")
     for b, name in zip(blocks[:-1], names[:-1]):
         if name == PAD:  # materialized once (parallel, vectorized): the inner loop then loads unchecked
             loops = sch.get_loops(b)
@@ -65,8 +75,8 @@ def schedule(sch, cfg: Config) -> list[str]:
     else:
         sch.compute_inline(acc)
     n, oc, oh, ow, rc, *taps = sch.get_loops(conv)  # TE keeps unit loops; compute_at would drop them
-    oco, oci = sch.split(oc, factors=[None, cfg.tile_oc])
-    owo, owi = sch.split(ow, factors=[None, cfg.tile_ow])
+    oco, oci = sch.split(oc, factors=[None, cfg["tile_oc"]])
+    owo, owi = sch.split(ow, factors=[None, cfg["tile_ow"]])
     sch.reorder(n, oco, oh, owo, *taps, rc, owi, oci)
     sch.parallel(sch.fuse(n, oco, oh))
     sch.unroll(owi)
@@ -76,7 +86,7 @@ def schedule(sch, cfg: Config) -> list[str]:
     sch.reverse_compute_at(out, owo)
     if len(out_loops := sch.get_loops(out)) > 2:  # under (rows, owo): the tile's own loops, if any remain
         _vectorize(sch, out_loops[-1])
-    return [f"conv2d_transpose(oc={cfg.tile_oc},ow={cfg.tile_ow})"]
+    return [f"conv2d_transpose(oc={cfg['tile_oc']},ow={cfg['tile_ow']})"]
 
 
 def _vectorize(sch, loop) -> None:
@@ -84,5 +94,8 @@ def _vectorize(sch, loop) -> None:
         sch.vectorize(loop)
 
 
-def applies(out_shape) -> bool:
-    return len(out_shape) == 4
+TEMPLATE = Template(
+    NAME, VERSION, "llvm",
+    applies=applies, workload=workload, space=space, default=default, schedule=schedule,
+    doc="transposed conv2d as a gather: a tile_ow x tile_oc accumulator tile, rows x channel tiles in parallel",
+)
