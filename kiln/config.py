@@ -26,6 +26,8 @@ class Options:
     num_threads: int | None = None
     measure: bool = False  # time each conv's candidate algorithms instead of trusting the cost model
     fuse_depthwise: bool = True  # CPU: a depthwise conv joins the 1x1 conv after it in one kernel
+    # workload key -> config (autotune records, a tuner's candidate); overrides what tuning_logs give
+    configs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 0 <= self.opt_level <= 3:

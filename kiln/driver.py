@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,12 +20,17 @@ from kiln.codegen.target import required_cpu_features, resolve_target, toolchain
 from kiln.config import Options
 from kiln.frontend import from_onnx
 from kiln.autotune.measure import measure_candidates
-from kiln.ir import Call, IRModule
+from kiln.ir import Call, Function, IRModule
 from kiln.ir.ops.conv import CONV2D
 from kiln.ir.visitor import post_order
 from kiln.passes import LEVELS, alter_layout, count_layout_transforms, fusion_summary, run
 from kiln.schedules.choose import Choice, ConvWorkload, choose
-from kiln.schedules.target_info import vector_lanes
+from kiln.schedules.dispatch import task_of
+from kiln.schedules.target_info import target_info, vector_lanes
+from kiln.schedules.workload import Group
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,15 +66,11 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
     cpu = target.kind.name == "llvm"
     mod = mod.with_attrs(layout_block=vector_lanes(target, 32) if cpu else 0,
                          fuse_depthwise=cpu and options.fuse_depthwise)
-    passes = LEVELS[options.opt_level]
-    split = passes.index(alter_layout) if alter_layout in passes else len(passes)
-    mod = run(mod, passes[:split], verify=options.verify, dump_dir=options.dump_dir)
-    choices = choose_conv_algorithms(mod, target, options.measure) if split < len(passes) else []
-    mod = mod.with_attrs(conv_algorithms={span: c.algorithm for span, c in choices})
-    mod = run(mod, passes[split:], verify=options.verify, dump_dir=options.dump_dir, first=split + 1)
+    configs = dict(options.configs)
+    mod, choices = optimize(mod, target, options, configs)
     t2 = time.perf_counter()
     cc, fcompile = toolchain(target)  # a cross gcc for another architecture (aarch64); checked before building
-    result = build(mod, target, on_progress)
+    result = build(mod, target, on_progress, configs)
     result.meta.update({"kiln": kiln.__version__, "target": json.loads(str(target)),
                         "cpu": str(target.attrs.get("mcpu", "generic")),
                         "cpu_features": required_cpu_features(target), "model": str(mod.attrs.get("name", "model"))})
@@ -85,13 +87,50 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
                          count_layout_transforms(mod), [s["schedule"] for s in result.meta["steps"]])
 
 
+def optimize(mod: IRModule, target, options: Options, configs: Mapping[str, Mapping] | None = None):
+    """The pass pipeline of the opt level, with each conv's algorithm from the cost model (or measured), unless
+    a config for its workload says otherwise; (fused module with memory plan, conv choices)."""
+    passes = LEVELS[options.opt_level]
+    split = passes.index(alter_layout) if alter_layout in passes else len(passes)
+    mod = run(mod, passes[:split], verify=options.verify, dump_dir=options.dump_dir)
+    choices = choose_conv_algorithms(mod, target, options.measure) if split < len(passes) else []
+    algorithms = {span: c.algorithm for span, c in choices}
+    fused = run(mod.with_attrs(conv_algorithms=algorithms), passes[split:], verify=options.verify,
+                dump_dir=options.dump_dir, first=split + 1)
+    wanted = graph_knobs_from_configs(fused, target, configs or {})
+    if wanted:  # a tuned config moves a conv to another algorithm: lay the graph out again for it
+        log.info("tuned configs change %d conv algorithm(s); laying the graph out again", len(wanted))
+        algorithms.update(wanted)
+        fused = run(mod.with_attrs(conv_algorithms=algorithms), passes[split:], verify=options.verify,
+                    dump_dir=options.dump_dir, first=split + 1)
+    return fused, choices
+
+
+def graph_knobs_from_configs(fused: IRModule, target, configs: Mapping[str, Mapping]) -> dict[str, str]:
+    """span -> conv algorithm, for each group whose config (by workload key) asks for another algorithm than
+    the graph gave it."""
+    if not configs:
+        return {}
+    wanted = {}
+    for e in post_order(fused.main.body):
+        if not (isinstance(e, Call) and isinstance(e.op, Function)):
+            continue
+        template, wl = task_of(e.op, target)
+        cfg = configs.get(wl.key)
+        group = Group(e.op)
+        fixed = template.graph_knobs(group)
+        if cfg and "algorithm" in fixed and cfg.get("algorithm") != fixed["algorithm"] and group.anchor.span:
+            wanted[group.anchor.span] = cfg["algorithm"]
+    return wanted
+
+
 def choose_conv_algorithms(mod: IRModule, target, measure: bool = False) -> list[tuple[str, Choice]]:
     """(span, choice) for every 2-D conv of `mod`, in graph order: the cost model's pick, or with `measure` the
     fastest candidate timed here (once per distinct shape)."""
     if target.kind.name != "llvm":
         return []
-    lanes = vector_lanes(target, 32)
-    cores = len(os.sched_getaffinity(0))
+    info = target_info(target)
+    lanes, cores = info.lanes(32), info.cores
     timed: dict[ConvWorkload, dict[str, float]] = {}
     out = []
     for e in post_order(mod.main.body):

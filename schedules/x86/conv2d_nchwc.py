@@ -8,9 +8,18 @@ blocks run in parallel. Depthwise convs use the same tiling with the reduction o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-VERSION = 1
+from kiln.errors import InvalidConfig
+from kiln.ir.ops.blocked import CONV2D_NCHWC, LAYOUT_TRANSFORM, ConvNCHWcAttrs, LayoutTransformAttrs, is_grouped
+from kiln.ir.ops.winograd import CONV2D_WINOGRAD, WinogradAttrs
+from kiln.schedules.space import Space
+from kiln.schedules.template import Template
+from kiln.schedules.workload import Group, Workload
+
+from . import winograd
+
+VERSION = 2  # 2: one conv task over direct, im2col and Winograd (the algorithm a knob); k_chunk only where it acts
 
 
 @dataclass(frozen=True)
@@ -139,3 +148,263 @@ def _schedule_k_chunked(sch, conv_block, out_block, cfg: Config, n, oco, oci, oh
     sch.vectorize(sch.get_loops(out_block)[-1])
     flags = (",kw" if cfg.unroll_kw else "") + f",k={cfg.k_chunk}"
     return [f"nchwc(ow={cfg.tile_ow},oc={cfg.tile_oc}{flags})"]
+
+
+# --- the conv task: direct, im2col and Winograd are values of one knob --------------------------------------
+#
+# A conv's workload is the same whichever algorithm the graph gave it (the input as n, c, h, w in blocks of
+# in_block, the output's blocks, the kernel and its attrs, the epilogue after it), so a tuning record can move
+# it to another algorithm: the driver then has passes/alter_layout.py lay the conv out for that algorithm
+# (`graph_knobs`), and the tuner measures it through `regroup`.
+
+ALGORITHM = "algorithm"
+
+
+def _conv_applies(group: Group) -> bool:
+    a = group.anchor
+    if a is None or len(group.find(CONV2D_NCHWC, CONV2D_WINOGRAD)) != 1:
+        return False
+    if a.op is CONV2D_WINOGRAD:
+        return True
+    return a.op is CONV2D_NCHWC and not _is_depthwise(a)
+
+
+def _is_depthwise(call) -> bool:
+    x = call.args[0].type
+    channels = x.shape[1] * x.shape[4] if x.ndim == 5 else x.shape[1]
+    return call.op is CONV2D_NCHWC and call.attrs.conv.groups > 1 and not is_grouped(call.attrs, channels)
+
+
+def _conv_dims(group: Group, info) -> dict:
+    a = group.anchor
+    x, out = a.args[0].type, a.type
+    conv = a.attrs.conv
+    if x.ndim == 5:
+        n, cb, h, w, ib = x.shape
+    else:  # plain NCHW read as one block
+        n, ib, h, w = x.shape
+        cb = 1
+    kh, kw = (3, 3) if a.op is CONV2D_WINOGRAD else a.args[1].type.shape[2:4]
+    return dict(n=n, c=cb * ib, h=h, w=w, in_block=ib, oc=out.shape[1] * out.shape[4], out_block=out.shape[4],
+                out_h=out.shape[2], out_w=out.shape[3], kh=kh, kw=kw, strides=conv.strides, padding=conv.padding,
+                dilation=conv.dilation, groups=conv.groups, dtype=str(x.dtype), lanes=info.lanes(32))
+
+
+def _conv_workload(group: Group, info) -> Workload:
+    a = group.anchor
+    calls = group.calls
+    after = calls[calls.index(a) + 1:]
+    inputs = tuple(_tensor_of(p) for p in group.fn.params if p is not a.args[0] and p is not a.args[1])
+    return Workload.of(f"x86.conv2d_nchwc@{VERSION}", group, ops=("conv2d", *(c.op.name for c in after)),
+                       inputs=inputs, **_conv_dims(group, info))
+
+
+def _tensor_of(p):
+    return tuple(int(d) for d in p.type.shape), str(p.type.dtype)
+
+
+def _graph_algorithm(group: Group) -> dict:
+    a = group.anchor
+    if a.op is CONV2D_WINOGRAD:
+        return {ALGORITHM: f"winograd{a.attrs.tile}"}
+    return {ALGORITHM: a.attrs.algorithm}
+
+
+def _choose_workload(wl: Workload):
+    from kiln.schedules.choose import ConvWorkload
+
+    return ConvWorkload(wl["n"], wl["c"], wl["h"], wl["w"], wl["oc"], wl["kh"], wl["kw"], wl["strides"],
+                        wl["padding"], wl["dilation"], wl["groups"])
+
+
+def _algorithms(wl: Workload) -> list[str]:
+    from kiln.schedules import choose
+
+    if wl["groups"] != 1:
+        return [choose.DIRECT]  # grouped convs in blocks (whole vectors per group): direct only
+    return choose.candidates(_choose_workload(wl), wl["lanes"])
+
+
+def _winograd_tiles(wl: Workload, m: int) -> int:
+    return wl["n"] * -(-wl["out_h"] // m) * -(-wl["out_w"] // m)
+
+
+def _weight_bytes(wl: Workload) -> int:
+    return 4 * wl["oc"] * (wl["c"] // wl["groups"]) * wl["kh"] * wl["kw"]
+
+
+def _input_bytes(wl: Workload) -> int:
+    """The conv's input as it reads it: padded once (materialized) when the conv pads. An unpadded image with
+    too few channels to block (3) is read straight from the caller's NCHW tensor; the template has always
+    counted it as 0 bytes (so split by channel), and the first convs of AlexNet, ZFNet and SqueezeNet keep
+    that: measured both ways, the difference was lost in noise."""
+    p = wl["padding"]
+    plain = wl["c"] == wl["in_block"] and not any(wl["c"] % b == 0 for b in (16, 8, 4))
+    if plain and not any(p):
+        return 0
+    return 4 * wl["n"] * wl["c"] * (wl["h"] + p[0] + p[2]) * (wl["w"] + p[1] + p[3])
+
+
+def _in_blocks(wl: Workload) -> int:
+    """Input-channel blocks one output block reduces over (those of its group)."""
+    return wl["c"] // wl["in_block"] // wl["groups"]
+
+
+def _conv_space(wl: Workload, info) -> Space:
+    from kiln.schedules import choose
+
+    out_w, ocb = wl["out_w"], wl["oc"] // wl["out_block"]
+    tiles = space(out_w, ocb)
+    unroll = [False, True] if wl["kw"] > 1 else [False]
+    branches = []
+    for algo in _algorithms(wl):
+        if algo == choose.DIRECT:
+            chunks = [k for k in (2, 4, 8) if k < _in_blocks(wl) and _in_blocks(wl) % k == 0]
+            common = dict(algorithm=algo, tile_ow=tiles["tile_ow"], tile_oc=tiles["tile_oc"], unroll_kw=unroll)
+            branches.append(Space.of(**common, rows_outer=[True], k_chunk=[0]))
+            branches.append(Space.of(**common, rows_outer=[False], k_chunk=[0, *chunks]))
+        elif algo == choose.IM2COL:
+            branches.append(Space.of(algorithm=algo, tile_ow=tiles["tile_ow"], tile_oc=tiles["tile_oc"],
+                                     unroll_kw=unroll, rows_outer=[False, True]))
+        else:
+            m = 2 if algo == choose.WINOGRAD2 else 4
+            branches.append(Space.of(algorithm=algo, tile_p=winograd.space(_winograd_tiles(wl, m))["tile_p"]))
+    return Space.union(*branches)
+
+
+def _conv_default(wl: Workload, info, fixed: dict | None = None) -> dict:
+    from kiln.schedules import choose
+
+    algo = (fixed or {}).get(ALGORITHM) or choose.choose(_choose_workload(wl), wl["lanes"], info.cores).algorithm
+    if algo not in _algorithms(wl):
+        algo = choose.DIRECT
+    lanes = wl["lanes"]
+    if algo in (choose.WINOGRAD2, choose.WINOGRAD4):
+        m = 2 if algo == choose.WINOGRAD2 else 4
+        return {ALGORITHM: algo, "tile_p": winograd.default(_winograd_tiles(wl, m), lanes, m).tile_p}
+    ocb = wl["oc"] // wl["out_block"]
+    cfg = default(wl["out_w"], ocb, lanes, False, block=wl["out_block"])
+    if algo == choose.IM2COL:  # the conv reads the gathered columns, not the input: split by channel
+        return {ALGORITHM: algo, "tile_ow": cfg.tile_ow, "tile_oc": cfg.tile_oc, "unroll_kw": cfg.unroll_kw,
+                "rows_outer": False}
+    cfg = replace(cfg, rows_outer=rows_outer(_weight_bytes(wl), _input_bytes(wl)))
+    chunk = k_chunk(cfg, _weight_bytes(wl), ocb, _in_blocks(wl))
+    return {ALGORITHM: algo, "tile_ow": cfg.tile_ow, "tile_oc": cfg.tile_oc, "unroll_kw": cfg.unroll_kw,
+            "rows_outer": cfg.rows_outer, "k_chunk": chunk}
+
+
+def _conv_schedule(sch, wl: Workload, cfg: dict) -> list[str]:
+    names = _block_names(sch)
+    actual = ("winograd" if "wino_M" in names else "im2col" if "im2col" in names else "direct")
+    algo = cfg[ALGORITHM]
+    if not algo.startswith(actual):
+        raise InvalidConfig(f"config for {algo}, but the group was laid out for {actual}")
+    if actual == "winograd":
+        return winograd.schedule(sch, winograd.Config(tile_p=cfg["tile_p"], m=int(algo[-1])))
+    conv, out = prepare(sch, "conv2d_nchwc", pad_names=("im2col",) if actual == "im2col" else ("pad",))
+    steps = schedule(sch, conv, out, Config(tile_ow=cfg["tile_ow"], tile_oc=cfg["tile_oc"],
+                                            unroll_kw=cfg["unroll_kw"], rows_outer=cfg["rows_outer"],
+                                            k_chunk=cfg.get("k_chunk", 0)))
+    return ["im2col+" + steps[0]] if actual == "im2col" else steps
+
+
+def _block_names(sch) -> set[str]:
+    return {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
+
+
+def prepare(sch, anchor_name: str, pad_names=("pad",)):
+    """Inline every block but the anchor; materialize padding once (parallel, vectorized) so the anchor's
+    inner loop loads without bounds checks. Returns the anchor and the group's output block."""
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    names = [sch.get(b).name_hint for b in blocks]
+    for b, name in zip(blocks[:-1], names[:-1]):
+        if name in pad_names:
+            loops = sch.get_loops(b)
+            sch.parallel(sch.fuse(*loops[:3]))
+            sch.vectorize(loops[-1])
+        elif name != anchor_name:
+            sch.compute_inline(b)
+    return sch.get_sblock(anchor_name), sch.get_child_blocks(sch.get_sblock("root"))[-1]
+
+
+def _conv_regroup(fn, knobs: dict):
+    """The group with its conv laid out for another algorithm: weights of the new algorithm's packed shape
+    (as a parameter: the tuner feeds random ones), the input blocked when Winograd needs it."""
+    from kiln.ir import Call, Function, TensorType, Var
+    from kiln.ir.visitor import rewrite
+
+    group = Group(fn)
+    a = group.anchor
+    algo = knobs[ALGORITHM]
+    x, w = a.args
+    xt = x.type
+    ib = xt.shape[4] if xt.ndim == 5 else xt.shape[1]
+    c = xt.shape[1] * xt.shape[4] if xt.ndim == 5 else xt.shape[1]
+    ob = a.type.shape[4]
+    oc = a.type.shape[1] * ob
+    conv_attrs = a.attrs.conv
+    if algo.startswith("winograd"):
+        m = int(algo[-1])
+        if xt.ndim != 5:
+            x = Call(LAYOUT_TRANSFORM, (x,), LayoutTransformAttrs(0, ib))
+        weight = Var(w.name, TensorType((m + 2, m + 2, oc // ob, c, ob), w.type.dtype))
+        new = Call(CONV2D_WINOGRAD, (x, weight), WinogradAttrs(conv_attrs, m, ob), a.span)
+    else:
+        kh, kw = (3, 3) if a.op is CONV2D_WINOGRAD else w.type.shape[2:4]
+        weight = Var(w.name, TensorType((oc // ob, c // ib, kh, kw, ib, ob), w.type.dtype))
+        new = Call(CONV2D_NCHWC, (x, weight), ConvNCHWcAttrs(conv_attrs, ob, algo), a.span)
+    params = tuple(weight if p is w else p for p in fn.params)
+    body = rewrite(fn.body, lambda e: new if e is a or (isinstance(e, Call) and e.op is a.op and e.args == a.args
+                                                          and e.attrs == a.attrs) else None)
+    return Function(params, body, fn.attrs)
+
+
+TEMPLATE = Template(
+    "x86.conv2d_nchwc", VERSION, "llvm",
+    applies=_conv_applies, workload=_conv_workload, space=_conv_space, default=_conv_default,
+    schedule=_conv_schedule, graph_knobs=_graph_algorithm, regroup=_conv_regroup, priority=10,
+    doc="conv2d on NCHW[b]c: direct register tiles, im2col, or Winograd F(2x2)/F(4x4, 3x3)",
+)
+
+
+# --- depthwise convs alone ----------------------------------------------------------------------------------
+
+
+def _depthwise_applies(group: Group) -> bool:
+    convs = group.find(CONV2D_NCHWC)
+    return len(convs) == 1 and group.anchor is convs[0] and _is_depthwise(convs[0])
+
+
+def _depthwise_workload(group: Group, info) -> Workload:
+    return Workload.of(f"x86.depthwise_nchwc@{VERSION}", group, **_conv_dims(group, info))
+
+
+def _depthwise_space(wl: Workload, info) -> Space:
+    return Space.of(tile_ow=space(wl["out_w"], 1)["tile_ow"], unroll_kw=[False, True] if wl["kw"] > 1 else [False],
+                    rows_outer=[False, True])
+
+
+def _depthwise_default(wl: Workload, info) -> dict:
+    cfg = default(wl["out_w"], wl["oc"] // wl["out_block"], wl["lanes"], True, block=wl["out_block"])
+    unroll = cfg.unroll_kw and wl["kw"] > 1
+    # the depthwise conv reads its input in place (padding bounds-checked), so the input it reads is unpadded
+    unpadded = 4 * wl["n"] * wl["c"] * wl["h"] * wl["w"]
+    weights = 4 * wl["c"] * wl["kh"] * wl["kw"]
+    return {"tile_ow": cfg.tile_ow, "unroll_kw": unroll, "rows_outer": rows_outer(weights, unpadded)}
+
+
+def _depthwise_schedule(sch, wl: Workload, cfg: dict) -> list[str]:
+    # padding is read in place, bounds-checked: copying it would double a depthwise conv's memory traffic
+    conv, out = prepare(sch, "depthwise_nchwc", pad_names=())
+    return schedule(sch, conv, out, Config(tile_ow=cfg["tile_ow"], tile_oc=1, unroll_kw=cfg["unroll_kw"],
+                                           rows_outer=cfg["rows_outer"]))
+
+
+DEPTHWISE = Template(
+    "x86.depthwise_nchwc", VERSION, "llvm",
+    applies=_depthwise_applies, workload=_depthwise_workload, space=_depthwise_space, default=_depthwise_default,
+    schedule=_depthwise_schedule, priority=10,
+    doc="depthwise conv on NCHW[b]c: one channel block per vector, rows of the window unrolled",
+)
+
+TEMPLATES = (DEPTHWISE,)

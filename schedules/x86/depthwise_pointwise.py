@@ -11,9 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kiln.ir.ops.blocked import CONV2D_NCHWC
+from kiln.schedules.space import Space
+from kiln.schedules.template import Template
+from kiln.schedules.workload import Group, Workload
+
 from . import conv2d_nchwc
 
-VERSION = 1
+VERSION = 2  # 2: the space's keys are the config's (tile_ow, tile_oc, dw_tile_ow)
 
 
 @dataclass(frozen=True)
@@ -22,9 +27,9 @@ class Config:
     dw_tile_ow: int  # output columns per depthwise register tile
 
 
-def space(out_w: int, oc_blocks: int) -> dict[str, list]:
+def space(out_w: int, oc_blocks: int) -> Space:
     pw = conv2d_nchwc.space(out_w, oc_blocks)
-    return {"tile_ow": pw["tile_ow"], "tile_oc": pw["tile_oc"], "dw_tile_ow": pw["tile_ow"]}
+    return Space.of(tile_ow=pw["tile_ow"], tile_oc=pw["tile_oc"], dw_tile_ow=pw["tile_ow"])
 
 
 def default(out_w: int, oc_blocks: int, lanes: int, block: int | None = None) -> Config:
@@ -73,3 +78,42 @@ def schedule(sch, dw_block, row_block, conv_block, out_block, cfg: Config) -> li
     dinit = sch.decompose_reduction(dw_block, ry)
     sch.vectorize(sch.get_loops(dinit)[-1])
     return [f"dw+1x1(dw_ow={cfg.dw_tile_ow};ow={pw.tile_ow},oc={pw.tile_oc})"]
+
+
+def _applies(group: Group) -> bool:
+    convs = group.find(CONV2D_NCHWC)
+    return (len(convs) == 2 and conv2d_nchwc._is_depthwise(convs[0]) and not conv2d_nchwc._is_depthwise(convs[1])
+            and group.anchor is convs[1])
+
+
+def _workload(group: Group, info) -> Workload:
+    out = group.anchor.type
+    return Workload.of(f"x86.depthwise_pointwise@{VERSION}", group, out_w=out.shape[3],
+                       oc_blocks=out.shape[1], out_block=out.shape[4], lanes=info.lanes(32))
+
+
+def _default(wl: Workload, info) -> dict:
+    cfg = default(wl["out_w"], wl["oc_blocks"], wl["lanes"], block=wl["out_block"])
+    return {"tile_ow": cfg.pointwise.tile_ow, "tile_oc": cfg.pointwise.tile_oc, "dw_tile_ow": cfg.dw_tile_ow}
+
+
+def _schedule(sch, wl: Workload, cfg: dict) -> list[str]:
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    names = [sch.get(b).name_hint for b in blocks]
+    i_dw, i_conv = names.index("depthwise_nchwc"), names.index("conv2d_nchwc")
+    between = blocks[i_dw + 1:i_conv]
+    for b in [*blocks[:i_dw], *between[:-1], *blocks[i_conv + 1:-1]]:
+        sch.compute_inline(b)  # padding read in place (bounds-checked); epilogues into their consumers
+    dw, conv = blocks[i_dw], blocks[i_conv]
+    row = between[-1] if between else dw
+    out = sch.get_child_blocks(sch.get_sblock("root"))[-1]
+    pw = conv2d_nchwc.Config(tile_ow=cfg["tile_ow"], tile_oc=cfg["tile_oc"])
+    return schedule(sch, dw, row, conv, out, Config(pointwise=pw, dw_tile_ow=cfg["dw_tile_ow"]))
+
+
+TEMPLATE = Template(
+    "x86.depthwise_pointwise", VERSION, "llvm",
+    applies=_applies, workload=_workload, space=lambda wl, info: space(wl["out_w"], wl["oc_blocks"]),
+    default=_default, schedule=_schedule, priority=20,
+    doc="a depthwise conv fused into the 1x1 conv after it, one output row at a time",
+)

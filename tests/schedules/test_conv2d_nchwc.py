@@ -9,7 +9,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from kiln.ir.ops.blocked import CONV2D_NCHWC, ConvNCHWcAttrs, block_array, pack_conv_weight
 from kiln.ir.ops.conv import ConvAttrs, conv_output_size, conv_reference
-from kiln.schedules.default import _prepare
+from kiln.schedules.x86.conv2d_nchwc import prepare as _prepare
 from kiln.schedules.x86 import conv2d_nchwc
 
 from ..tolerances import assert_close
