@@ -1,123 +1,142 @@
 """Direct conv2d on NCHW for CUDA (plain, grouped and depthwise), the group's epilogue fused in.
 
-Each thread block computes a tile of `tile_oc × tile_oh × tile_ow` outputs, each thread `per thread` of them in
-local (register) accumulators. The reduction walks the input channels `tile_ic` at a time; for each step the
-block's threads cooperatively copy the input window (padding applied on the way) and the weights it needs into
-shared memory, then every thread accumulates from there.
+Each thread block computes a tile of `oc × oh × ow` outputs (`<axis>_threads` threads along each axis, each
+thread `<axis>_per_thread` outputs of it in local (register) accumulators). The reduction walks the input
+channels `tile_ic` at a time; for each step the block's threads cooperatively copy the input window (padding
+applied on the way) and the weights it needs into shared memory, then every thread accumulates from there.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-
 from kiln.errors import InvalidConfig
+from kiln.ir.ops.conv import CONV2D
+from kiln.schedules.space import Config, Space
+from kiln.schedules.template import Template
+from kiln.schedules.workload import Group, Workload
 
 from .threads import (
     MAX_ACCUMULATORS,
     MAX_THREADS,
     SHARED_BYTES,
     auto_unroll,
-    buildable_configs,
     check_tiles,
     cooperative_fetch,
     divisors,
+    dtype_bytes,
+    epilogue_group,
     largest_divisor,
+    prepare,
+    thread_pairs,
 )
 
 VERSION = 1
+NAME = "cuda.conv2d_direct"
+UNROLL = (0, 16, 64, 256)  # TVM's auto-unroll limit (0: no unrolling)
+AXES = ("oc", "oh", "ow")
+# (most threads, most outputs per thread) along each output axis; oh goes to 64 threads so that the default
+# (up to 64 threads over the output plane) lies in the space when the rows are only 1 or 2 outputs wide
+LIMITS = {"oc": (64, 8), "oh": (64, 4), "ow": (32, 4)}
 
 
-@dataclass(frozen=True)
-class Workload:
-    n: int
-    oc: int
-    oh: int
-    ow: int
-    ic: int  # input channels per group: the reduction's channel extent
-    kh: int
-    kw: int
-    stride: tuple[int, int]
-    dilation: tuple[int, int]
-    groups: int
-    dtype_bytes: int = 4
+def workload(group: Group, info=None) -> Workload:
+    conv = group.anchor
+    n, oc, oh, ow = (int(d) for d in conv.type.shape)
+    w = conv.args[1].type
+    _, ic, kh, kw = (int(d) for d in w.shape)
+    a = conv.attrs
+    return Workload.of(f"{NAME}@{VERSION}", group, n=n, oc=oc, oh=oh, ow=ow, ic=ic, kh=kh, kw=kw,
+                       strides=tuple(a.strides), dilation=tuple(a.dilation), groups=a.groups,
+                       dtype_bytes=dtype_bytes(w.dtype))
 
 
-@dataclass(frozen=True)
-class Config:
-    tile_oc: tuple[int, int]  # (threads, outputs per thread) along output channels
-    tile_oh: tuple[int, int]  # (threads, outputs per thread) along output rows
-    tile_ow: tuple[int, int]  # (threads, outputs per thread) along output columns
-    tile_ic: int  # input channels staged in shared memory per reduction step
-    unroll: int  # TVM's auto-unroll limit (0: no unrolling)
-
-    @property
-    def threads(self) -> int:
-        return self.tile_oc[0] * self.tile_oh[0] * self.tile_ow[0]
-
-
-def _pairs(extent: int, max_threads: int, max_inner: int) -> list[tuple[int, int]]:
-    return [(t, i) for t in divisors(extent, max_threads) for i in divisors(extent // t, max_inner)]
-
-
-def space(wl: Workload) -> dict[str, list]:
-    """Every knob's values; `check` says which combinations build."""
-    return {"tile_oc": _pairs(wl.oc, 64, 8), "tile_oh": _pairs(wl.oh, 16, 4), "tile_ow": _pairs(wl.ow, 32, 4),
-            "tile_ic": divisors(wl.ic, 64), "unroll": [0, 16, 64, 256]}
+def threads(cfg: Config) -> int:
+    return cfg["oc_threads"] * cfg["oh_threads"] * cfg["ow_threads"]
 
 
 def shared_bytes(wl: Workload, cfg: Config) -> int:
-    block_oc = cfg.tile_oc[0] * cfg.tile_oc[1]
-    oc_per_group = wl.oc // wl.groups
-    groups_in_block = -(-block_oc // oc_per_group)
-    in_channels = (groups_in_block - 1) * wl.ic + cfg.tile_ic  # the bounding box TVM allocates
-    in_h = (cfg.tile_oh[0] * cfg.tile_oh[1] - 1) * wl.stride[0] + (wl.kh - 1) * wl.dilation[0] + 1
-    in_w = (cfg.tile_ow[0] * cfg.tile_ow[1] - 1) * wl.stride[1] + (wl.kw - 1) * wl.dilation[1] + 1
-    weights = block_oc * cfg.tile_ic * wl.kh * wl.kw
-    return (in_channels * in_h * in_w + weights) * wl.dtype_bytes
+    block_oc = cfg["oc_threads"] * cfg["oc_per_thread"]
+    groups_in_block = -(-block_oc // (wl["oc"] // wl["groups"]))
+    in_channels = (groups_in_block - 1) * wl["ic"] + cfg["tile_ic"]  # the bounding box TVM allocates
+    (sh, sw), (dh, dw) = wl["strides"], wl["dilation"]
+    in_h = (cfg["oh_threads"] * cfg["oh_per_thread"] - 1) * sh + (wl["kh"] - 1) * dh + 1
+    in_w = (cfg["ow_threads"] * cfg["ow_per_thread"] - 1) * sw + (wl["kw"] - 1) * dw + 1
+    weights = block_oc * cfg["tile_ic"] * wl["kh"] * wl["kw"]
+    return (in_channels * in_h * in_w + weights) * wl["dtype_bytes"]
 
 
 def check(wl: Workload, cfg: Config) -> None:
-    check_tiles("conv2d_direct.cuda", cfg, {"tile_oc": wl.oc, "tile_oh": wl.oh, "tile_ow": wl.ow})
-    if wl.ic % cfg.tile_ic:
-        raise InvalidConfig(f"conv2d_direct.cuda: tile_ic={cfg.tile_ic} does not divide {wl.ic} input channels")
-    if cfg.threads > MAX_THREADS:
-        raise InvalidConfig(f"conv2d_direct.cuda: {cfg.threads} threads per block, the limit is {MAX_THREADS}")
-    if cfg.tile_oc[1] * cfg.tile_oh[1] * cfg.tile_ow[1] > MAX_ACCUMULATORS:
-        raise InvalidConfig(f"conv2d_direct.cuda: more than {MAX_ACCUMULATORS} accumulators per thread")
+    check_tiles(NAME, cfg, {axis: wl[axis] for axis in AXES})
+    if wl["ic"] % cfg["tile_ic"]:
+        raise InvalidConfig(f"{NAME}: tile_ic={cfg['tile_ic']} does not divide {wl['ic']} input channels")
+    if threads(cfg) > MAX_THREADS:
+        raise InvalidConfig(f"{NAME}: {threads(cfg)} threads per block, the limit is {MAX_THREADS}")
+    if cfg["oc_per_thread"] * cfg["oh_per_thread"] * cfg["ow_per_thread"] > MAX_ACCUMULATORS:
+        raise InvalidConfig(f"{NAME}: more than {MAX_ACCUMULATORS} accumulators per thread")
     if shared_bytes(wl, cfg) > SHARED_BYTES:
-        raise InvalidConfig(f"conv2d_direct.cuda: tiles need {shared_bytes(wl, cfg)} bytes of shared memory, "
+        raise InvalidConfig(f"{NAME}: tiles need {shared_bytes(wl, cfg)} bytes of shared memory, "
                             f"the limit is {SHARED_BYTES}")
 
 
-def configs(wl: Workload):
-    """Every buildable config, in knob order (for a tuner's enumeration and the tests' samples)."""
-    return buildable_configs(space(wl), Config, check, wl)
+def space(wl: Workload, info=None) -> Space:
+    """Every config that passes `check`: one branch per thread tile (an (oc, oh, ow) × (threads, per thread)
+    choice within MAX_THREADS and MAX_ACCUMULATORS); in it, tile_ic lists only the channel depths whose
+    shared-memory tiles fit SHARED_BYTES (the bytes grow with tile_ic), and every unroll builds. A tile with
+    no fitting depth has no branch."""
+    branches = []
+    oc, oh, ow = (thread_pairs(wl[axis], *LIMITS[axis]) for axis in AXES)
+    for toc, ioc in oc:
+        for toh, ioh in oh:
+            for tow, iow in ow:
+                if toc * toh * tow > MAX_THREADS or ioc * ioh * iow > MAX_ACCUMULATORS:
+                    continue
+                tile = {"oc_threads": toc, "oc_per_thread": ioc, "oh_threads": toh, "oh_per_thread": ioh,
+                        "ow_threads": tow, "ow_per_thread": iow}
+                depths = [c for c in divisors(wl["ic"], 64)
+                          if shared_bytes(wl, {**tile, "tile_ic": c}) <= SHARED_BYTES]
+                if depths:
+                    branches.append(Space.of(**tile, tile_ic=depths, unroll=UNROLL))
+    return Space.union(*branches)
 
 
-def default(wl: Workload) -> Config:
+def default(wl: Workload, info=None) -> Config:
     # about 64 threads over the output plane and the rest of 256 over channels, 4 channels per thread: a
     # weight tile reused by a whole tile of pixels, an input tile reused by every channel of the block
-    t_ow = largest_divisor(wl.ow, 16)
-    t_oh = largest_divisor(wl.oh, max(1, 64 // t_ow))
-    t_oc = largest_divisor(wl.oc, min(64, max(1, 256 // (t_ow * t_oh))))
-    i_oc = largest_divisor(wl.oc // t_oc, 4)
-    tile_ic = largest_divisor(wl.ic, 16)
-    cfg = Config((t_oc, i_oc), (t_oh, 1), (t_ow, 1), tile_ic, unroll=64)
+    oc, oh, ow, ic = wl["oc"], wl["oh"], wl["ow"], wl["ic"]
+    t_ow = largest_divisor(ow, 16)
+    t_oh = largest_divisor(oh, max(1, 64 // t_ow))
+    t_oc = largest_divisor(oc, min(64, max(1, 256 // (t_ow * t_oh))))
+    cfg = {"oc_threads": t_oc, "oc_per_thread": largest_divisor(oc // t_oc, 4), "oh_threads": t_oh,
+           "oh_per_thread": 1, "ow_threads": t_ow, "ow_per_thread": 1, "tile_ic": largest_divisor(ic, 16),
+           "unroll": 64}
     while shared_bytes(wl, cfg) > SHARED_BYTES:  # give up channel depth down to 4, then channels per thread
-        if cfg.tile_ic > 4 or (cfg.tile_oc[1] == 1 and cfg.tile_ic > 1):
-            cfg = replace(cfg, tile_ic=largest_divisor(wl.ic, cfg.tile_ic - 1))
-        elif cfg.tile_oc[1] > 1:
-            cfg = replace(cfg, tile_oc=(t_oc, largest_divisor(wl.oc // t_oc, cfg.tile_oc[1] - 1)))
+        if cfg["tile_ic"] > 4 or (cfg["oc_per_thread"] == 1 and cfg["tile_ic"] > 1):
+            cfg["tile_ic"] = largest_divisor(ic, cfg["tile_ic"] - 1)
+        elif cfg["oc_per_thread"] > 1:
+            cfg["oc_per_thread"] = largest_divisor(oc // t_oc, cfg["oc_per_thread"] - 1)
         else:
             break
     check(wl, cfg)
     return cfg
 
 
-def schedule(sch, conv, out, wl: Workload, cfg: Config) -> list[str]:
-    """Schedule `conv` (n, oc, oh, ow | ic, kh, kw) at the thread tiles of `out`, the group's output block,
-    which is `conv` itself when the group has no epilogue."""
+def applies(group: Group) -> bool:
+    """A conv2d with elementwise/broadcast ops around it, whose default tiles fit shared memory (a huge
+    kernel window in float64 may not: the generic schedule takes it)."""
+    if not epilogue_group(group, (CONV2D,)) or len(group.anchor.type.shape) != 4:
+        return False
+    wl = workload(group)
+    try:
+        default(wl)
+    except InvalidConfig:
+        return False
+    return True
+
+
+def schedule(sch, wl: Workload, cfg: Config) -> list[str]:
+    """The conv (n, oc, oh, ow | ic, kh, kw) at the thread tiles of the group's output block, which is the
+    conv's own copy out of its accumulators when the group has no epilogue."""
     check(wl, cfg)
+    conv, out = prepare(sch, keep_input=True)  # the padded window stays a block: it is fetched to shared
     reads = sch.get(conv).reads
     pad = [b for b in sch.get_child_blocks(sch.get_sblock("root"))
            if sch.get(b).writes[0].source.same_as(reads[0].source)]
@@ -127,9 +146,9 @@ def schedule(sch, conv, out, wl: Workload, cfg: Config) -> list[str]:
     else:
         sch.compute_inline(copy)
     n, f, y, x = sch.get_loops(out)
-    fo, ft, fi = sch.split(f, factors=[None, *cfg.tile_oc])
-    yo, yt, yi = sch.split(y, factors=[None, *cfg.tile_oh])
-    xo, xt, xi = sch.split(x, factors=[None, *cfg.tile_ow])
+    fo, ft, fi = sch.split(f, factors=[None, cfg["oc_threads"], cfg["oc_per_thread"]])
+    yo, yt, yi = sch.split(y, factors=[None, cfg["oh_threads"], cfg["oh_per_thread"]])
+    xo, xt, xi = sch.split(x, factors=[None, cfg["ow_threads"], cfg["ow_per_thread"]])
     sch.reorder(n, fo, yo, xo, ft, yt, xt, fi, yi, xi)
     bx, tx = sch.fuse(n, fo, yo, xo), sch.fuse(ft, yt, xt)
     sch.bind(bx, "blockIdx.x")
@@ -138,15 +157,23 @@ def schedule(sch, conv, out, wl: Workload, cfg: Config) -> list[str]:
     loops = sch.get_loops(conv)
     rc, ry, rx = loops[-3:]
     spatial = loops[2:-3]
-    rco, rci = sch.split(rc, factors=[None, cfg.tile_ic])
+    rco, rci = sch.split(rc, factors=[None, cfg["tile_ic"]])
     sch.reorder(rco, rci, ry, rx, *spatial)
     data_shared = sch.cache_read(conv, 0, "shared")
     weight_shared = sch.cache_read(conv, 1, "shared")
     if pad:  # padding happens while the window is copied to shared memory
         sch.compute_inline(pad[0])
-    cooperative_fetch(sch, data_shared, rco, cfg.threads)
-    cooperative_fetch(sch, weight_shared, rco, cfg.threads)
+    cooperative_fetch(sch, data_shared, rco, threads(cfg))
+    cooperative_fetch(sch, weight_shared, rco, threads(cfg))
     sch.decompose_reduction(conv, rco)
-    auto_unroll(sch, bx, cfg.unroll)
-    return [(f"conv2d_direct.cuda(oc={cfg.tile_oc},oh={cfg.tile_oh},ow={cfg.tile_ow},ic={cfg.tile_ic},"
-            f"threads={cfg.threads})")]
+    auto_unroll(sch, bx, cfg["unroll"])
+    tiles = ",".join(f"{axis}=({cfg[axis + '_threads']}, {cfg[axis + '_per_thread']})" for axis in AXES)
+    return [f"conv2d_direct.cuda({tiles},ic={cfg['tile_ic']},threads={threads(cfg)})"]
+
+
+TEMPLATE = Template(
+    NAME, VERSION, "cuda",
+    applies=applies, workload=workload, space=space, default=default, schedule=schedule,
+    doc="thread-block tiles of oc × oh × ow with register accumulators; input window and weights staged "
+        "in shared memory tile_ic channels at a time",
+)

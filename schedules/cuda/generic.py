@@ -17,60 +17,78 @@ Every mode binds every block, so no kernel runs on a single thread unless its ou
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import math
 
 from kiln.errors import ScheduleError
+from kiln.ir.op import OpPattern
+from kiln.schedules.space import Config, Space
+from kiln.schedules.template import Template
+from kiln.schedules.workload import Group, Workload
 
 from .threads import WARP, bind_spread, extent, n_reduction_axes
 
 log = logging.getLogger(__name__)
 
 VERSION = 1
+NAME = "cuda.generic"
+# threads per block: of an injective or per-thread kernel, or (rounded down to whole warps, at most the row's
+# length) of the block sharing one row's reductions. One knob serves both, since a kernel is in one mode only;
+# 256 was the default of each.
+THREADS = (32, 64, 128, 256, 512, 1024)
+DEFAULT_THREADS = 256
 
 
-@dataclass(frozen=True)
-class Config:
-    threads: int = 256  # threads per block of an injective or per-thread kernel
-    row_threads: int = 256  # threads per block sharing one row's reductions (≤ the row's length)
+def workload(group: Group, info=None) -> Workload:
+    return Workload.of(f"{NAME}@{VERSION}", group, elements=math.prod(group.output[0]),
+                       injective=all(c.op.pattern <= OpPattern.INJECTIVE for c in group.calls))
 
 
-def space() -> dict[str, list[int]]:
-    return {"threads": [64, 128, 256, 512, 1024], "row_threads": [32, 64, 128, 256, 512]}
+def _thread_counts(wl: Workload) -> list[int]:
+    """An injective kernel never has more threads than elements, so of the counts at or above its element
+    count only the smallest is kept (the others give the same kernel). Which mode a reduction group takes
+    (and so which extent caps its threads) is decided while scheduling, so it keeps every count."""
+    if not wl["injective"]:
+        return list(THREADS)
+    return [t for t in THREADS if t < wl["elements"]] + [next((t for t in THREADS if t >= wl["elements"]),
+                                                              THREADS[-1])]
 
 
-def default() -> Config:
-    return Config()
+def space(wl: Workload, info=None) -> Space:
+    return Space.of(threads=_thread_counts(wl))
 
 
-def schedule(prim, cfg: Config | None = None):
-    """(scheduled PrimFunc, description) for a group no template took."""
-    from tvm import s_tir
+def default(wl: Workload, info=None) -> Config:
+    counts = _thread_counts(wl)
+    # a smaller count in place of 256 is at least the element count: the same kernel
+    return {"threads": DEFAULT_THREADS if DEFAULT_THREADS in counts else counts[-1]}
 
-    cfg = cfg or default()
-    sch = s_tir.Schedule(prim)
+
+def schedule(sch, wl: Workload, cfg: Config) -> list[str]:
+    """Inline what can be, then the first mode that fits the group (the module docstring)."""
+    threads = cfg.get("threads", DEFAULT_THREADS)  # {}: dispatch's fallback for a failed template
     if not _root_blocks(sch):
-        return sch.mod["main"], "empty"
+        return ["empty"]
     rest = _inline_injective(sch)
     out = rest[-1]
     if len(rest) == 1 and not n_reduction_axes(sch, out):
         loops = sch.get_loops(out)
         if not loops:
-            return _scalar(sch, out)
-        bind_spread(sch, loops, cfg.threads)
-        return sch.mod["main"], f"injective(threads={min(cfg.threads, _numel(sch, out))})"
+            return [_scalar(sch, out)]
+        bind_spread(sch, loops, threads)
+        return [f"injective(threads={min(threads, _numel(sch, out))})"]
     for mode, strict in ((_row, True), (_per_thread, True), (_per_thread, False)):
-        attempt = s_tir.Schedule(prim)
+        attempt = sch.copy()  # a mode that does not fit leaves `sch` as it was
         try:
-            how = mode(attempt, _inline_injective(attempt), cfg, strict)
+            how = mode(attempt, _root_blocks(attempt), threads, strict)
         except Exception as err:  # noqa: BLE001  (TVM's ScheduleError: this mode does not fit the group)
             log.debug("%s does not apply: %s", mode.__name__, str(err).splitlines()[0][:200])
             continue
         if how:
-            return attempt.mod["main"], how
+            return [mode(sch, _root_blocks(sch), threads, strict)]
     if len(rest) > 1:  # intermediates between kernels would need global memory a CUDA kernel cannot allocate
         raise ScheduleError(f"no CUDA schedule fits this group of {len(rest)} stages")
-    _one_reduction(sch, out, cfg)
-    return sch.mod["main"], "reduction"
+    _one_reduction(sch, out, threads)
+    return ["reduction"]
 
 
 def _root_blocks(sch):
@@ -100,14 +118,14 @@ def _numel(sch, block) -> int:
     return n
 
 
-def _scalar(sch, block):
+def _scalar(sch, block) -> str:
     """A zero-rank output: a single-element kernel, nothing to spread."""
     loop = sch.add_unit_loop(block)
     sch.bind(loop, "threadIdx.x")
-    return sch.mod["main"], "scalar"
+    return "scalar"
 
 
-def _row(sch, rest, cfg: Config, strict: bool = True) -> str | None:
+def _row(sch, rest, row_threads: int, strict: bool = True) -> str | None:
     out, reductions = rest[-1], rest[:-1]
     if n_reduction_axes(sch, out) or not reductions:
         return None
@@ -119,7 +137,7 @@ def _row(sch, rest, cfg: Config, strict: bool = True) -> str | None:
         s = _shape(sch, r)
         if not n_reduction_axes(sch, r) or (s != rows and s != (*rows, 1)):
             return None
-    threads = _row_threads(shape[-1], cfg.row_threads)
+    threads = _row_threads(shape[-1], row_threads)
     loops = sch.get_loops(out)
     last = loops[-1]
     row = None
@@ -148,7 +166,7 @@ def _row_threads(length: int, upto: int) -> int:
     return t
 
 
-def _per_thread(sch, rest, cfg: Config, strict: bool) -> str | None:
+def _per_thread(sch, rest, threads: int, strict: bool) -> str | None:
     """`strict`: only when each reduction has one value per output element; otherwise a thread recomputes
     the part of a reduction its output element needs (slow, but every group then schedules)."""
     out, reductions = rest[-1], rest[:-1]
@@ -159,22 +177,30 @@ def _per_thread(sch, rest, cfg: Config, strict: bool) -> str | None:
     spatial = loops[:len(loops) - n_red]
     if not spatial:
         return None
-    _, tx = bind_spread(sch, spatial, cfg.threads)
+    _, tx = bind_spread(sch, spatial, threads)
     for r in reversed(reductions):
         sch.compute_at(r, tx)
         sch.set_scope(r, 0, "local")
     name = "per_thread" if strict else "per_thread_recompute"
-    return f"{name}(threads={min(cfg.threads, _numel(sch, out))})"
+    return f"{name}(threads={min(threads, _numel(sch, out))})"
 
 
-def _one_reduction(sch, block, cfg: Config) -> None:
+def _one_reduction(sch, block, threads: int) -> None:
     """A lone reduction block: one thread per output element, or all threads on one value."""
     n_red = n_reduction_axes(sch, block)
     loops = sch.get_loops(block)
     spatial, reduce = loops[:len(loops) - n_red], loops[len(loops) - n_red:]
     if spatial:
-        bind_spread(sch, spatial, cfg.threads)
+        bind_spread(sch, spatial, threads)
     else:  # a full reduction to one value: the block's threads share it
         fused = sch.fuse(*reduce) if len(reduce) > 1 else reduce[0]
-        _, tx = sch.split(fused, factors=[None, _row_threads(extent(sch, fused), cfg.row_threads)])
+        _, tx = sch.split(fused, factors=[None, _row_threads(extent(sch, fused), threads)])
         sch.bind(tx, "threadIdx.x")
+
+
+TEMPLATE = Template(
+    NAME, VERSION, "cuda",
+    applies=lambda group: True, workload=workload, space=space, default=default, schedule=schedule,
+    priority=-100,
+    doc="injective groups spread over blocks of threads; reductions one row per block or one output per thread",
+)

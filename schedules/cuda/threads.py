@@ -64,27 +64,48 @@ def auto_unroll(sch, loop, max_step: int) -> None:
         sch.annotate(loop, "pragma_unroll_explicit", 1)
 
 
-def buildable_configs(space: dict, make, check, wl):
-    """Every config of the knob space `check` accepts for `wl`, in knob order (a tuner's enumeration, the
-    tests' samples)."""
-    from itertools import product
-
-    from kiln.errors import InvalidConfig
-
-    for values in product(*space.values()):
-        cfg = make(**dict(zip(space, values)))
-        try:
-            check(wl, cfg)
-        except InvalidConfig:
-            continue
-        yield cfg
+def thread_pairs(extent: int, max_threads: int, max_inner: int) -> list[tuple[int, int]]:
+    """(threads, per thread) splits of a loop: both divide its extent, within the limits."""
+    return [(t, i) for t in divisors(extent, max_threads) for i in divisors(extent // t, max_inner)]
 
 
 def check_tiles(template: str, cfg, extents: dict[str, int]) -> None:
-    """Each (threads, per-thread) tile pair of `cfg` must divide its loop's extent."""
+    """Each `<name>_threads` × `<name>_per_thread` pair of `cfg` must divide its loop's extent."""
     from kiln.errors import InvalidConfig
 
     for name, extent in extents.items():
-        t, i = getattr(cfg, name)
+        t, i = cfg[f"{name}_threads"], cfg[f"{name}_per_thread"]
         if t < 1 or i < 1 or extent % (t * i):
             raise InvalidConfig(f"{template}: {name}={t}x{i} does not divide {extent}")
+
+
+def dtype_bytes(dtype: str) -> int:
+    import tvm
+
+    return max(1, tvm.DataType(str(dtype)).bits // 8)
+
+
+def epilogue_group(group, anchors) -> bool:
+    """The group is one of `anchors` (op handles) with only elementwise and broadcast ops before and after it,
+    its output the anchor's shape: the shape the conv and GEMM templates tile (their `applies`)."""
+    from kiln.ir.op import OpPattern
+
+    anchor = group.anchor
+    if anchor is None or anchor.op not in anchors:
+        return False
+    if any(c is not anchor and c.op.pattern > OpPattern.BROADCAST for c in group.calls):
+        return False
+    return group.output[0] == tuple(int(d) for d in anchor.type.shape)
+
+
+def prepare(sch, keep_input: bool = False):
+    """Inline every block but the anchor (the group's one reduction block), the output block and, with
+    `keep_input`, the block that writes the anchor's first input (a conv's padded window); (anchor, output)."""
+    blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+    (anchor,) = [b for b in blocks if n_reduction_axes(sch, b)]
+    data = sch.get(anchor).reads[0].source
+    for b in blocks[:-1]:
+        if sch.get(b).same_as(sch.get(anchor)) or (keep_input and sch.get(b).writes[0].source.same_as(data)):
+            continue
+        sch.compute_inline(b)
+    return anchor, sch.get_child_blocks(sch.get_sblock("root"))[-1]
