@@ -2,39 +2,86 @@
 
 Output width is vectorized and an output-channel block unrolled, so a tile of `tile_oc × tile_ow` accumulators
 stays in registers while the reduction (input channels × kernel window) runs outside it; the input's padding is
-materialized once so the inner loop loads without bounds checks. The knobs are the two tile sizes.
+materialized once so the inner loop loads without bounds checks. The knobs are the two tile sizes, or
+`direct=False`: the generic schedule, which the default keeps when no tile above 1 fits (a prime width or
+channel count) or nothing is summed (a 1x1 conv of one channel per group).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from kiln.ir.op import OpPattern
+from kiln.ir.ops.conv import CONV2D
+from kiln.schedules.space import Config, Space
+from kiln.schedules.template import Template
+from kiln.schedules.workload import Group, Workload
+from kiln.schedules.x86 import generic
 
 VERSION = 1
+NAME = "x86.conv2d_direct"
+MAX_ACCUMULATORS = 8  # accumulator vectors: leaves registers for the input vector and broadcast weights
 
 
-@dataclass(frozen=True)
-class Config:
-    tile_oc: int  # output channels unrolled per tile (accumulator rows)
-    tile_ow: int  # output columns per vector (accumulator width)
+def applies(group: Group) -> bool:
+    """A 2-D NCHW conv with elementwise epilogues of its output's shape."""
+    conv = group.anchor
+    return (conv is not None and conv.op is CONV2D
+            and group.output[0] == tuple(int(d) for d in conv.type.shape)
+            and all(c.op.pattern <= OpPattern.BROADCAST for c in group.calls if c is not conv))
 
 
-def largest_divisor(n: int, upto: int) -> int:
-    return max(d for d in range(1, min(n, upto) + 1) if n % d == 0)
+def workload(group: Group, info) -> Workload:
+    conv = group.anchor
+    x, w = conv.args[0].type, conv.args[1].type
+    _, oc, _, ow = (int(d) for d in conv.type.shape)
+    return Workload.of(f"{NAME}@{VERSION}", group, lanes=info.lanes(32), out_channels=oc, out_w=ow,
+                       groups=conv.attrs.groups, padded=any(conv.attrs.padding),
+                       reduction=int(w.shape[1]) * int(w.shape[2]) * int(w.shape[3]))
 
 
-def space(out_channels: int, out_width: int, lanes: int) -> dict[str, list]:
-    """The knob space the tuner searches; the default lies in it."""
-    return {"tile_oc": [d for d in range(1, min(out_channels, 16) + 1) if out_channels % d == 0],
-            "tile_ow": [d for d in range(1, min(out_width, 2 * lanes) + 1) if out_width % d == 0]}
+def _tiles(n: int, upto: int) -> list[int]:
+    """Tile sizes above 1 (compute_at drops a unit tile loop, and the tile then has no vector or no rows)."""
+    return [d for d in range(2, min(n, upto) + 1) if n % d == 0]
 
 
-def default(out_channels: int, out_width: int, lanes: int) -> Config:
-    # ≤ 8 accumulator vectors: leaves registers for the input vector and broadcast weights
-    return Config(tile_oc=largest_divisor(out_channels, 8), tile_ow=largest_divisor(out_width, lanes))
+def space(wl: Workload, info=None) -> Space:
+    """The direct tiles, and the generic schedule (the only choice when no tile fits, or nothing is summed)."""
+    generic_ = Space.of(direct=False)
+    tile_oc, tile_ow = _tiles(wl["out_channels"], 16), _tiles(wl["out_w"], 2 * wl["lanes"])
+    if not tile_oc or not tile_ow or wl["reduction"] == 1:
+        return generic_
+    return Space.union(Space.of(direct=True, tile_oc=tile_oc, tile_ow=tile_ow), generic_)
 
 
-def schedule(sch, conv_block, out_block, cfg: Config) -> list[str]:
-    """Schedule `conv_block` (n, oc, oh, ow | rc, ry, rx) computed per tile of `out_block`'s loops."""
+def default(wl: Workload, info=None) -> Config:
+    tile_oc = max(_tiles(wl["out_channels"], MAX_ACCUMULATORS), default=1)
+    tile_ow = max(_tiles(wl["out_w"], wl["lanes"]), default=1)
+    if tile_oc == 1 or tile_ow == 1 or wl["reduction"] == 1:
+        return {"direct": False}
+    return {"direct": True, "tile_oc": tile_oc, "tile_ow": tile_ow}
+
+
+def _prepare(sch, wl: Workload):
+    """Inline every block but the conv; materialize padding once (parallel, vectorized) so the inner loop loads
+    without bounds checks. Returns the conv block and the group's output block."""
+    conv_name = "conv2d_nchw" if wl["groups"] == 1 else "group_conv2d_nchw"  # topi's block names
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    names = [sch.get(b).name_hint for b in blocks]
+    for b, name in zip(blocks[:-1], names[:-1]):
+        if name == "pad_temp" and wl["padded"]:
+            loops = sch.get_loops(b)
+            sch.parallel(sch.fuse(*loops[:2]))
+            sch.vectorize(loops[-1])
+        elif name != conv_name:
+            sch.compute_inline(b)
+    return sch.get_sblock(conv_name), sch.get_child_blocks(sch.get_sblock("root"))[-1]
+
+
+def schedule(sch, wl: Workload, cfg: Config) -> list[str]:
+    """The conv (n, oc, oh, ow | rc, ry, rx) computed per tile of the output's loops."""
+    cfg = space(wl).check(cfg)
+    if not cfg["direct"]:
+        return generic.schedule(sch, wl, {})
+    conv_block, out_block = _prepare(sch, wl)
     steps = []
     # accumulate into a tile-sized local buffer (registers, once unrolled) instead of the full output
     copy = sch.cache_write(conv_block, 0, "local")
@@ -43,11 +90,11 @@ def schedule(sch, conv_block, out_block, cfg: Config) -> list[str]:
     else:
         sch.compute_inline(copy)
     n, oc, oh, ow = sch.get_loops(out_block)[:4]
-    oco, oci = sch.split(oc, factors=[None, cfg.tile_oc])
-    owo, owi = sch.split(ow, factors=[None, cfg.tile_ow])
+    oco, oci = sch.split(oc, factors=[None, cfg["tile_oc"]])
+    owo, owi = sch.split(ow, factors=[None, cfg["tile_ow"]])
     sch.reorder(n, oco, oh, owo, oci, owi)
     sch.parallel(sch.fuse(n, oco, oh))
-    steps.append(f"direct(oc={cfg.tile_oc},ow={cfg.tile_ow})")
+    steps.append(f"direct(oc={cfg['tile_oc']},ow={cfg['tile_ow']})")
     sch.compute_at(conv_block, owo)
     # under the tile: the two spatial loops, then the reduction loops (unit ones dropped by compute_at)
     loops = sch.get_loops(conv_block)[2:]
@@ -60,3 +107,10 @@ def schedule(sch, conv_block, out_block, cfg: Config) -> list[str]:
     sch.vectorize(init_loops[-1])
     sch.vectorize(sch.get_loops(out_block)[-1])
     return steps
+
+
+TEMPLATE = Template(
+    NAME, VERSION, "llvm",
+    applies=applies, workload=workload, space=space, default=default, schedule=schedule,
+    doc="direct NCHW conv2d: a tile_oc x tile_ow accumulator tile, padding materialized once",
+)

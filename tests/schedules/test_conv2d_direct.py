@@ -1,14 +1,26 @@
 """The NCHW direct-conv template, which grouped (not depthwise) convs keep, against the NumPy reference over
-groups, strides, padding and dilation; and the schedule it reports."""
+groups, strides, padding and dilation, at its default and at random configs of its space; its default config
+(the direct tiles, or the generic schedule when no tile above 1 fits) on pinned targets."""
+
+import random
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kiln.codegen.target import resolve_target
+from kiln.ir import Call
 from kiln.ir.ops.conv import CONV2D, ConvAttrs, conv_reference
-from kiln.schedules.default import schedule_group
+from kiln.ir.ops.elementwise import ADD, RELU
+from kiln.schedules.dispatch import task_of
+from kiln.schedules.target_info import target_info
+from kiln.schedules.workload import Group
+from kiln.schedules.x86 import conv2d_direct
 
+from ..groups import group, lower, op_group, params, run_lowered
 from ..tolerances import assert_close
+
+AVX2 = "x86-avx2"
 
 
 @settings(max_examples=12, deadline=None)
@@ -16,29 +28,76 @@ from ..tolerances import assert_close
        w=st.integers(3, 13), k=st.sampled_from([1, 3]), s=st.integers(1, 2), pad=st.integers(0, 1),
        d=st.integers(1, 2), seed=st.integers(0, 10**6))
 def test_grouped_direct_conv_matches_reference(groups, cpg, opg, h, w, k, s, pad, d, seed):
-    import tvm
-    from tvm import te
-
     if h + 2 * pad < (k - 1) * d + 1 or w + 2 * pad < (k - 1) * d + 1:
         return
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((1, groups * cpg, h, w)).astype(np.float32)
     wt = rng.standard_normal((groups * opg, cpg, k, k)).astype(np.float32)
     attrs = ConvAttrs((s, s), (pad,) * 4, (d, d), groups)
-    X, W = te.placeholder(x.shape, name="x"), te.placeholder(wt.shape, name="w")
-    out = CONV2D.compute(X, W, attrs)
-    target = resolve_target("native")
-    prim, how = schedule_group(te.create_prim_func([X, W, out]), target, ("nn.conv2d", attrs))
-    f = tvm.compile(tvm.IRModule({"main": prim}), target=target)
-    y = tvm.runtime.empty([int(v) for v in out.shape], "float32")
-    f(tvm.runtime.tensor(x), tvm.runtime.tensor(wt), y)
-    assert_close(y.numpy(), conv_reference(x, wt, attrs), rtol=1e-4, atol=1e-4)
-    assert how  # the schedule that applied is named (direct(...) or the generic fallback's steps)
+    target = resolve_target(AVX2)
+    g = lower(op_group(CONV2D, [x, wt], attrs), target)
+    assert g.template == conv2d_direct.TEMPLATE.key and g.config_source == "default"
+    assert_close(run_lowered(g, target, [x, wt]), conv_reference(x, wt, attrs), rtol=1e-4, atol=1e-4,
+                 what=f"{attrs} {g.config} schedule={g.schedule}")
+    assert g.schedule.startswith("direct(") == g.config["direct"], (g.config, g.schedule)
 
 
-def test_default_lies_in_the_space():
-    from kiln.schedules.x86 import conv2d_direct
+def bias_add_relu_group(x, w, attrs):
+    """relu(conv(x, w) + b + residual), as fuse_ops makes it around a conv."""
+    out = CONV2D.infer_type([params(x)[0].type, params(w)[0].type], attrs)
+    ps = params(x, w, ((1, out.shape[1], 1, 1), "float32"), (out.shape, "float32"))
+    conv = Call(CONV2D, tuple(ps[:2]), attrs)
+    return group(ps, Call(RELU, (Call(ADD, (Call(ADD, (conv, ps[2])), ps[3])),)))
 
-    for oc, ow, lanes in [(24, 56, 16), (7, 13, 8), (512, 7, 16)]:
-        cfg, space = conv2d_direct.default(oc, ow, lanes), conv2d_direct.space(oc, ow, lanes)
-        assert cfg.tile_oc in space["tile_oc"] and cfg.tile_ow in space["tile_ow"]
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("c,o,hw,k,s,pad,groups", [(6, 12, (9, 12), 3, 1, 1, 3), (4, 8, (7, 10), 1, 1, 0, 2),
+                                                    (3, 16, (11, 8), 3, 2, 1, 1)])
+def test_template_at_random_configs(c, o, hw, k, s, pad, groups, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((1, c) + hw).astype(np.float32)
+    w = rng.standard_normal((o, c // groups, k, k)).astype(np.float32)
+    attrs = ConvAttrs((s, s), (pad,) * 4, (1, 1), groups)
+    fn = bias_add_relu_group(x, w, attrs)
+    target = resolve_target(AVX2)
+    template, wl = task_of(fn, target)
+    assert template is conv2d_direct.TEMPLATE
+    space = template.space(wl, target_info(target))
+    assert space.tunable()["tile_oc"] > 1 and space.tunable()["tile_ow"] > 1
+    cfg = space.sample(random.Random(seed))
+    g = lower(fn, target, {wl.key: cfg})
+    assert g.config_source == "given" and g.config == cfg
+    assert g.schedule.startswith("direct(") == cfg["direct"], (cfg, g.schedule)
+    want = conv_reference(x, w, attrs)
+    b, r = rng.standard_normal((1, o, 1, 1)).astype(np.float32), rng.standard_normal(want.shape).astype(np.float32)
+    assert_close(run_lowered(g, target, [x, w, b, r]), np.maximum(want + b + r, 0), rtol=1e-4, atol=1e-4,
+                 what=f"seed={seed} {cfg}")
+
+
+def _workload(target_name, c, o, ow, k=3, groups=1):
+    attrs = ConvAttrs((1, 1), (k // 2,) * 4, (1, 1), groups)
+    fn = op_group(CONV2D, [((1, c, 5, ow), "float32"), ((o, c // groups, k, k), "float32")], attrs)
+    info = target_info(resolve_target(target_name))
+    return conv2d_direct.TEMPLATE.workload(Group(fn), info), info
+
+
+@pytest.mark.parametrize("target_name,lanes", [("x86-avx512", 16), ("x86-avx2", 8)])
+def test_default_config(target_name, lanes):
+    for o, ow in [(24, 56), (7, 12), (512, 7), (6, 13)]:
+        wl, info = _workload(target_name, 3, o, ow)
+        cfg = conv2d_direct.default(wl, info)
+        assert cfg in conv2d_direct.space(wl, info)
+        tile_oc = max(d for d in range(1, min(o, 8) + 1) if o % d == 0)  # ≤ 8 accumulator rows
+        tile_ow = max(d for d in range(1, min(ow, lanes) + 1) if ow % d == 0)  # one vector wide
+        if tile_oc > 1 and tile_ow > 1:
+            assert cfg == {"direct": True, "tile_oc": tile_oc, "tile_ow": tile_ow}
+        else:
+            assert cfg == {"direct": False}, (o, ow, cfg)
+    # a width of 13 is one vector on AVX-512 but has no tile above 1 within AVX2's 8 lanes
+    wl, info = _workload(target_name, 3, 6, 13)
+    assert conv2d_direct.default(wl, info)["direct"] == (lanes == 16)
+
+
+def test_nothing_summed_has_only_the_generic_schedule():
+    wl, info = _workload(AVX2, 4, 8, 12, k=1, groups=4)  # one input channel per group, a 1x1 kernel
+    assert list(conv2d_direct.space(wl, info)) == [{"direct": False}]
