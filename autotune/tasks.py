@@ -92,3 +92,4 @@ def extract_tasks(mod: IRModule, target) -> list[Task]:
         task.count += 1
         task.names.append(c.span or f"k{i}")
     return list(tasks.values())
+

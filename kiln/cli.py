@@ -169,9 +169,12 @@ def compile(
     dump_ir: Optional[Path] = typer.Option(None, "--dump-ir", help="write the IR after every pass here"),
     input_shape: Optional[list[str]] = typer.Option(None, "--input-shape", help="name=d0,d1,... (repeatable)"),
     force: bool = typer.Option(False, "--force", help="overwrite an existing output file"),
-    explain: bool = typer.Option(False, "--explain", help="print each conv's algorithm choice and its estimates"),
+    explain: bool = typer.Option(False, "--explain", help="print each conv's algorithm choice and each kernel's "
+                                 "template, workload and config"),
     measure: bool = typer.Option(False, "--measure", help="time each conv's candidate algorithms here and keep "
                                  "the fastest, instead of trusting the cost model"),
+    tuning_log: Optional[list[Path]] = typer.Option(None, "--tuning-log", help="tuning records (.jsonl file or "
+                                                    "folder; repeatable): each workload's best config is used"),
 ) -> None:
     """Compile a model into one shared library."""
     import kiln
@@ -180,7 +183,8 @@ def compile(
 
     _refuse_overwrite(output, force)
     options = Options.from_env(target=target, opt_level=opt_level, dump_dir=dump_ir,
-                               input_shapes=parse_input_shapes(input_shape), measure=measure)
+                               input_shapes=parse_input_shapes(input_shape), measure=measure,
+                               tuning_logs=tuple(tuning_log or ()))
     progress, on_progress = progress_bar("compiling kernels")
     with progress:
         report = kiln.compile(z.resolve(model), output, options, on_progress=on_progress)
@@ -195,8 +199,25 @@ def compile(
             picks[c.algorithm] = picks.get(c.algorithm, 0) + 1
         out.print(f"convs: {', '.join(f'{n} {a}' for a, n in sorted(picks.items()))}; "
                   f"{report.layout_transforms} layout transforms (--explain for each conv's choice)", soft_wrap=True)
+    tuned = sum(1 for s in report.steps if s.get("config_source") == "given")
+    if tuned:
+        out.print(f"{tuned} of {report.kernels} kernels use tuned configs", soft_wrap=True)
     if explain or measure:
-        out.print(explain_table(report))
+        if report.conv_choices:
+            out.print(explain_table(report))
+        out.print(kernels_table(report.steps))
+
+
+def kernels_table(steps: list[dict]) -> Table:
+    """One row per kernel: the template that scheduled it, its workload key, its config and where that came from."""
+    table = Table(title="kernels: template, workload, config")
+    for col in ("kernel", "layer", "ops", "template", "workload", "config", "from"):
+        table.add_column(col, overflow="fold")
+    for s in steps:
+        cfg = ", ".join(f"{k}={v}" for k, v in (s.get("config") or {}).items()) or "-"
+        table.add_row(s["kernel"], s.get("name", ""), "+".join(s.get("ops", [])), s.get("template", ""),
+                      s.get("workload", "").split(":")[-1], cfg, s.get("config_source", ""))
+    return table
 
 
 def explain_table(report) -> Table:
@@ -312,13 +333,14 @@ def profile(
         return
     table = Table(title=f"{artifact} (median of {repeat})")
     in_seq = all("in_sequence_ms" in k for k in result["kernels"])
-    cols = ["kernel", "layer", "ops", "ms"] + (["in run"] if in_seq else []) + ["share", "GFLOPS"]
+    cols = ["kernel", "layer", "ops", "template", "config", "ms"] + (["in run"] if in_seq else []) + ["share", "GFLOPS"]
     for col in cols:
         table.add_column(col, justify="right" if col in ("ms", "in run", "share", "GFLOPS") else "left")
     key = "in_sequence_ms" if in_seq else "ms"
     total = sum(k[key] for k in result["kernels"]) or 1.0
     for k in sorted(result["kernels"], key=lambda k: -k[key]):
-        row = [k["kernel"], k["name"], "+".join(k["ops"]), f"{k['ms']:.3f}"]
+        cfg = ", ".join(f"{n}={v}" for n, v in (k.get("config") or {}).items()) or "-"
+        row = [k["kernel"], k["name"], "+".join(k["ops"]), k.get("template", ""), cfg, f"{k['ms']:.3f}"]
         row += [f"{k['in_sequence_ms']:.3f}"] if in_seq else []
         table.add_row(*row, f"{100 * k[key] / total:.1f}%", f"{k['gflops']:.1f}")
     out.print(table)
@@ -329,6 +351,41 @@ def profile(
         out.print(f"kernels alone (ms column, each repeated on warm caches) sum to "
                   f"{result['sum_of_isolated_kernels_ms']:.3f} ms; inside runs (in run column, share) to "
                   f"{sum(k['in_sequence_ms'] for k in result['kernels']):.3f} ms", soft_wrap=True)
+
+
+@app.command()
+def tasks(
+    model: str = typer.Argument(DEFAULT_MODEL, help="an .onnx file, or zoo:<name>"),
+    target: str = typer.Option("native", "--target"),
+    json_out: bool = typer.Option(False, "--json", help="machine-readable output"),
+    input_shape: Optional[list[str]] = typer.Option(None, "--input-shape", help="name=d0,d1,... (repeatable)"),
+) -> None:
+    """List a model's distinct tuning tasks: template, workload key, kernels sharing it, FLOPs, weights, the
+    default config and its knob space."""
+    from kiln import zoo as z
+    from kiln.config import Options, parse_input_shapes
+    from kiln.driver import model_tasks
+
+    options = Options.from_env(target=target, input_shapes=parse_input_shapes(input_shape))
+    found = model_tasks(z.resolve(model), options)
+    rows = []
+    for t in found:
+        space = t.space()
+        rows.append({"template": t.workload.template, "key": t.key, "kernels": t.count, "flops": t.flops,
+                     "weight_bytes": t.weight_bytes, "default": t.default(), "space_size": len(space),
+                     "knobs": space.tunable(), "workload": t.workload.to_json(), "layers": t.names})
+    if json_out:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table(title=f"{len(rows)} tasks, {sum(r['kernels'] for r in rows)} kernels")
+    for col in ("#", "template", "workload", "kernels", "GFLOP", "weights MB", "default config", "space"):
+        table.add_column(col, justify="right" if col in ("#", "kernels", "GFLOP", "weights MB", "space") else "left",
+                         overflow="fold")
+    for i, r in enumerate(rows):
+        cfg = ", ".join(f"{k}={v}" for k, v in r["default"].items()) or "-"
+        table.add_row(str(i), r["template"], r["key"].split(":")[-1], str(r["kernels"]), f"{r['flops'] / 1e9:.3f}",
+                      f"{r['weight_bytes'] / 1e6:.2f}", cfg, str(r["space_size"]))
+    out.print(table)
 
 
 @app.command()

@@ -13,6 +13,7 @@ from pathlib import Path
 import onnx
 
 import kiln
+import kiln.tuning_logs
 from kiln.codegen.artifact import write_artifact
 from kiln.codegen.build import build
 from kiln.codegen.cuda import is_cuda, write_ptx
@@ -20,6 +21,7 @@ from kiln.codegen.target import required_cpu_features, resolve_target, toolchain
 from kiln.config import Options
 from kiln.frontend import from_onnx
 from kiln.autotune.measure import measure_candidates
+from kiln.autotune.tasks import Task, extract_tasks
 from kiln.ir import Call, Function, IRModule
 from kiln.ir.ops.conv import CONV2D
 from kiln.ir.visitor import post_order
@@ -48,6 +50,7 @@ class CompileReport:
     conv_choices: list = field(default_factory=list)  # (span, schedules.choose.Choice) per conv
     layout_transforms: int = 0
     schedules: list = field(default_factory=list)  # the schedule each kernel got
+    steps: list = field(default_factory=list)  # per kernel: name, ops, template, workload key, config, source
 
 
 def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLike, options: Options | None = None,
@@ -62,11 +65,8 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
     mod = from_onnx(model, input_shapes=options.input_shapes)
     t1 = time.perf_counter()
     target = resolve_target(options.target)
-    # target facts the passes need travel as module attrs, so passes stay functions of the IR alone
-    cpu = target.kind.name == "llvm"
-    mod = mod.with_attrs(layout_block=vector_lanes(target, 32) if cpu else 0,
-                         fuse_depthwise=cpu and options.fuse_depthwise)
-    configs = dict(options.configs)
+    mod = prepare(mod, target, options)
+    configs = tuned_configs(options, target)
     mod, choices = optimize(mod, target, options, configs)
     t2 = time.perf_counter()
     cc, fcompile = toolchain(target)  # a cross gcc for another architecture (aarch64); checked before building
@@ -84,7 +84,50 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
         fusion += f"\n  ({len(plan.views)} concatenate written in place by their inputs: no kernel)"
     return CompileReport(path, len(result.groups), fusion, plan.planned_bytes, plan.naive_bytes,
                          t1 - t0, t2 - t1, result.lower_s, result.compile_s, t3 - t0, choices,
-                         count_layout_transforms(mod), [s["schedule"] for s in result.meta["steps"]])
+                         count_layout_transforms(mod), [s["schedule"] for s in result.meta["steps"]],
+                         [{k: v for k, v in s.items() if k != "args"} for s in result.meta["steps"]])
+
+
+def prepare(mod: IRModule, target, options: Options) -> IRModule:
+    """Target facts the passes need travel as module attrs, so passes stay functions of the IR alone."""
+    cpu = target.kind.name == "llvm"
+    return mod.with_attrs(layout_block=vector_lanes(target, 32) if cpu else 0,
+                          fuse_depthwise=cpu and options.fuse_depthwise)
+
+
+def model_tasks(model, options: Options | None = None) -> list[Task]:
+    """The distinct tuning tasks of an ONNX model (path or ModelProto) compiled with `options`, with the
+    tuned configs its logs give applied to the graph (a conv moved to another algorithm)."""
+    options = options or Options()
+    target = resolve_target(options.target)
+    mod = prepare(from_onnx(model, input_shapes=options.input_shapes), target, options)
+    fused, _ = optimize(mod, target, options, tuned_configs(options, target))
+    return extract_tasks(fused, target)
+
+
+SHIPPED_LOGS = Path(kiln.tuning_logs.__path__[0])
+
+
+def tuned_configs(options: Options, target) -> dict[str, dict]:
+    """Workload key -> config: the best record per workload from the logs that ship with Kiln for the target's
+    CPU (tuning_logs/<LLVM cpu name>/), then from `options.tuning_logs`, then `options.configs`, later ones
+    winning. Records for another target, template version or knob space are skipped with a warning; shipped
+    logs of other CPUs with one note."""
+    from kiln.autotune.records import best_configs, read_records
+
+    configs: dict[str, dict] = {}
+    cpu = target_info(target).cpu
+    folders = sorted(p for p in SHIPPED_LOGS.iterdir() if p.is_dir() and any(p.glob("*.jsonl")))
+    for folder in folders:
+        if folder.name != cpu:
+            log.info("shipped tuning logs for %s not applied: the target's CPU is %s", folder.name, cpu)
+            continue
+        configs.update(best_configs(read_records([folder], target)))
+        log.info("%d tuned configs from the shipped logs for %s", len(configs), cpu)
+    if options.tuning_logs:
+        configs.update(best_configs(read_records(list(options.tuning_logs), target)))
+    configs.update({k: dict(v) for k, v in options.configs.items()})
+    return configs
 
 
 def optimize(mod: IRModule, target, options: Options, configs: Mapping[str, Mapping] | None = None):

@@ -311,7 +311,9 @@ class Model:
                 ms = float(np.median(time_ms(lambda fn=fn, fargs=fargs: fn(*fargs), repeat)))
                 kernels.append({"kernel": step["kernel"], "name": step.get("name", ""), "ops": step.get("ops", []),
                                 "ms": ms, "gflops": step.get("flops", 0) / (ms * 1e6) if ms > 0 else 0.0,
-                                "schedule": step.get("schedule", "")})
+                                "schedule": step.get("schedule", ""), "template": step.get("template", ""),
+                                "workload": step.get("workload", ""), "config": step.get("config", {}),
+                                "config_source": step.get("config_source", "")})
 
             def median_ms(fn) -> float:
                 return float(np.median(time_ms(fn, repeat)))
