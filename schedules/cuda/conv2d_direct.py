@@ -8,11 +8,12 @@ applied on the way) and the weights it needs into shared memory, then every thre
 
 from __future__ import annotations
 
-from kiln.errors import InvalidConfig
 from kiln.ir.ops.conv import CONV2D
 from kiln.schedules.space import Config, Space
 from kiln.schedules.template import Template
 from kiln.schedules.workload import Group, Workload
+
+from kiln.errors import InvalidConfig
 
 from .threads import (
     MAX_ACCUMULATORS,
@@ -174,6 +175,6 @@ def schedule(sch, wl: Workload, cfg: Config) -> list[str]:
 TEMPLATE = Template(
     NAME, VERSION, "cuda",
     applies=applies, workload=workload, space=space, default=default, schedule=schedule,
-    doc="thread-block tiles of oc × oh × ow with register accumulators; input window and weights staged "
-        "in shared memory tile_ic channels at a time",
+    doc=("thread-block tiles of oc × oh × ow with register accumulators; input window and weights staged "
+         "in shared memory tile_ic channels at a time"),
 )

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import math
 
-from kiln.errors import InvalidConfig
 from kiln.ir.ops.dense import DENSE, DENSE_PACKED, MATMUL
 from kiln.schedules.space import Config, Space
 from kiln.schedules.template import Template
 from kiln.schedules.workload import Group, Workload
+
+from kiln.errors import InvalidConfig
 
 from .threads import (
     MAX_ACCUMULATORS,
@@ -139,13 +140,13 @@ def schedule(sch, wl: Workload, cfg: Config) -> list[str]:
     cooperative_fetch(sch, b_shared, ko, threads(cfg))
     sch.decompose_reduction(gemm, ko)
     auto_unroll(sch, bx, cfg["unroll"])
-    return [f"dense_tiled.cuda(m=({cfg['m_threads']}, {cfg['m_per_thread']}),"
-            f"n=({cfg['n_threads']}, {cfg['n_per_thread']}),k={cfg['tile_k']},threads={threads(cfg)})"]
+    tiles = ",".join(f"{axis}=({cfg[axis + '_threads']}, {cfg[axis + '_per_thread']})" for axis in ("m", "n"))
+    return [f"dense_tiled.cuda({tiles},k={cfg['tile_k']},threads={threads(cfg)})"]
 
 
 TEMPLATE = Template(
     NAME, VERSION, "cuda",
     applies=applies, workload=workload, space=space, default=default, schedule=schedule,
-    doc="thread-block tiles of m × n with register accumulators; A and B tiles staged in shared memory "
-        "tile_k at a time",
+    doc=("thread-block tiles of m × n with register accumulators; A and B tiles staged in shared memory "
+         "tile_k at a time"),
 )

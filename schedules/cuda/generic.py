@@ -19,11 +19,12 @@ from __future__ import annotations
 import logging
 import math
 
-from kiln.errors import ScheduleError
 from kiln.ir.op import OpPattern
 from kiln.schedules.space import Config, Space
 from kiln.schedules.template import Template
 from kiln.schedules.workload import Group, Workload
+
+from kiln.errors import ScheduleError
 
 from .threads import WARP, bind_spread, extent, n_reduction_axes
 

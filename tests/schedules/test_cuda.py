@@ -190,7 +190,7 @@ def test_spaces_hold_exactly_the_configs_check_accepts(target):
                 if d <= reduce_extent:
                     accepted.append(cfg)
         in_space = [c for c in space if c["unroll"] == 0]
-        key = lambda c: sorted(c.items())  # noqa: E731
+        key = lambda c: sorted(c.items())
         assert sorted(map(key, in_space)) == sorted(map(key, accepted)), module.NAME
         assert len(space) == 4 * len(accepted)  # every unroll builds
 
