@@ -63,14 +63,12 @@ class Space:
         return list(dict.fromkeys(n for b in self.branches for n, _ in b))
 
     def tunable(self) -> dict[str, int]:
-        """Knobs with more than one value (in any branch), with their largest count of values."""
-        out: dict[str, int] = {}
+        """Knobs that take more than one value anywhere in the space, with how many distinct values."""
+        values: dict[str, set] = {}
         for b in self.branches:
             for n, v in b:
-                out[n] = max(out.get(n, 1), len(v))
-        if len(self.branches) > 1:
-            out["branch"] = len(self.branches)
-        return {n: c for n, c in out.items() if c > 1}
+                values.setdefault(n, set()).update((type(x).__name__, x) for x in v)
+        return {n: len(v) for n, v in values.items() if len(v) > 1}
 
     def at(self, index: int) -> Config:
         """The index-th config in iteration order (grid search walks 0..len-1)."""
