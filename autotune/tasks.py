@@ -8,6 +8,7 @@ knobs the graph decides (a conv's algorithm) are applied to the group first (`Te
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +37,22 @@ class Task:
     @property
     def key(self) -> str:
         return self.workload.key
+
+    # A task crosses to builder and runner processes: the template and the group's ops pickle by name (their
+    # own __reduce__), the tvm Target as its JSON string.
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        if not isinstance(state["target"], (str, dict)):
+            state["target"] = ("tvm.Target", str(state["target"]))
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        target = state["target"]
+        if isinstance(target, tuple) and target[:1] == ("tvm.Target",):
+            from tvm.target import Target
+
+            state["target"] = Target(json.loads(target[1]))
+        self.__dict__.update(state)
 
     def space(self) -> Space:
         return self.template.space(self.workload, target_info(self.target))

@@ -56,6 +56,10 @@ class OpDef:
     def __repr__(self) -> str:
         return f"Op({self.name})"
 
+    def __reduce__(self):
+        # pickled by name, unpickled as the registered handle, so `call.op is DENSE` holds in a worker process
+        return (get_op, (self.name,))
+
     def make_attrs(self, **kwargs: Any) -> Any:
         try:
             attrs = self.attrs_type(**kwargs)

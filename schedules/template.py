@@ -50,6 +50,10 @@ class Template:
     def key(self) -> str:
         return f"{self.name}@{self.version}"
 
+    def __reduce__(self):
+        # its callables are lambdas: pickled by key, unpickled as the registered template (a worker process)
+        return (template_named, (self.key,))
+
     def default_config(self, wl: Workload, info: TargetInfo, fixed: Mapping[str, Any] | None = None) -> Config:
         return dict(self.default(wl, info, dict(fixed)) if fixed else self.default(wl, info))
 

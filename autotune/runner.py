@@ -1,0 +1,350 @@
+"""Times built candidates on this machine in an isolated child process, so that no candidate can take the job
+down: a crash (segfault), a hang past the timeout or a wrong result costs that one candidate, recorded in its
+`MeasureResult.error`, and the rest of the batch runs in a fresh child.
+
+    runner = LocalRunner(cold=True, repeat=5, timeout_s=10)
+    results = runner.run(inputs, builder.build(inputs))      # one MeasureResult per input, in order
+    # error strings: "crash: signal 11", "timeout after 10 s", "wrong result: max abs err 0.31 ...", or the build's
+
+Timing is what a model run sees: `cold=True` flushes the caches before every timed call (a model's kernel finds
+its weights evicted by the kernels before it), with the target's core count as TVM's thread count. A runner is
+anything with `run(inputs, builds) -> list[MeasureResult]`: rpc.py measures the same way on a remote device, a
+batch at a time, which also fits a GPU machine reached in batches.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import select
+import signal
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+from kiln.autotune.builder import ENTRY, BuildResult, MeasureInput
+from kiln.autotune.measure import COLD_FLUSH_BYTES
+from kiln.schedules.target_info import target_info
+
+# (rtol, atol) of a candidate's output against the NumPy reference, by output dtype; other dtypes are exact
+TOLERANCES = {
+    "float32": (1e-3, 1e-4),
+    "float64": (1e-6, 1e-8),
+    "float16": (1e-2, 1e-2),
+    "bfloat16": (2e-2, 2e-2),
+}
+
+
+@dataclass(frozen=True)
+class MeasureResult:
+    costs_s: list[float] = field(default_factory=list)  # one per repeat; empty when error
+    error: str | None = None
+    build_s: float = 0.0
+    run_s: float = 0.0  # wall time this candidate took in the runner (load, check, timing)
+
+    @property
+    def cost_s(self) -> float:
+        """The median cost; infinite for a failed candidate, so it never wins."""
+        return float(np.median(self.costs_s)) if self.error is None and self.costs_s else float("inf")
+
+
+class Runner(Protocol):
+    def run(self, inputs: Sequence[MeasureInput], builds: Sequence[BuildResult]) -> list[MeasureResult]: ...
+
+
+@dataclass(frozen=True)
+class TimingOptions:
+    """How each candidate is timed (time_evaluator's options). `cold` times one call per repeat, each after a
+    cache flush, as a model run sees it; warm timing runs `number` calls per repeat, at least min_repeat_ms."""
+
+    number: int = 1
+    repeat: int = 5
+    min_repeat_ms: int = 0
+    cold: bool = True
+    flush_bytes: int = COLD_FLUSH_BYTES
+
+    def evaluator(self, module, dev):
+        if self.cold:  # one call per repeat: a second call would find the caches warm again
+            return module.time_evaluator(
+                ENTRY, dev, number=1, repeat=self.repeat, cache_flush_bytes=self.flush_bytes
+            )
+        return module.time_evaluator(
+            ENTRY, dev, number=self.number, repeat=self.repeat, min_repeat_ms=self.min_repeat_ms
+        )
+
+
+class LocalRunner:
+    """Measures on this machine. Each batch runs in a child process started for it (again after a crash or a
+    timeout); `timeout_s` bounds one candidate's load, check and timing; preparing its inputs and reference
+    (NumPy, not the candidate) has `prepare_timeout_s`. `threads` defaults to the target's cores."""
+
+    def __init__(
+        self,
+        *,
+        number: int = 1,
+        repeat: int = 5,
+        min_repeat_ms: int = 0,
+        cold: bool = True,
+        timeout_s: float = 10.0,
+        prepare_timeout_s: float = 300.0,
+        threads: int | None = None,
+        seed: int = 0,
+    ):
+        self.timing = TimingOptions(number, repeat, min_repeat_ms, cold)
+        self.timeout_s = timeout_s
+        self.prepare_timeout_s = prepare_timeout_s
+        self.threads = threads
+        self.seed = seed
+
+    def run(self, inputs: Sequence[MeasureInput], builds: Sequence[BuildResult]) -> list[MeasureResult]:
+        if len(inputs) != len(builds):
+            raise ValueError(f"{len(inputs)} inputs but {len(builds)} builds")
+        results: list[MeasureResult] = []
+        child: _Child | None = None
+        try:
+            for inp, built in zip(inputs, builds):
+                if built.error is not None or built.path is None:
+                    results.append(MeasureResult([], built.error or "build: no library", built.build_s, 0.0))
+                    continue
+                threads = self.threads or target_info(inp.task.target).cores
+                if child is None or child.threads != threads:
+                    if child is not None:
+                        child.close()
+                    child = _Child(threads)
+                start = time.perf_counter()
+                costs, error = child.measure(
+                    inp, built.path, self.timing, self.seed, self.timeout_s, self.prepare_timeout_s
+                )
+                results.append(MeasureResult(costs, error, built.build_s, time.perf_counter() - start))
+                if not child.alive:
+                    child = None  # the next candidate gets a fresh child
+        finally:
+            if child is not None:
+                child.close()
+        return results
+
+
+class _Child:
+    """A measuring child process spoken to over a pipe: length-prefixed pickles, one job at a time."""
+
+    START_TIMEOUT_S = 120.0
+
+    def __init__(self, threads: int):
+        self.threads = threads
+        env = dict(os.environ, TVM_NUM_THREADS=str(threads))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from kiln.autotune.runner import worker_main; worker_main()"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+        )
+        self.tasks: set[str] = set()  # keys of the tasks the child already holds
+        self.alive = True
+        self.startup_error = None
+        try:
+            _read(self.proc.stdout, time.monotonic() + self.START_TIMEOUT_S)  # "ready": kiln and tvm imported
+        except _Timeout:
+            self.startup_error = f"runner child did not start within {self.START_TIMEOUT_S:g} s"
+            self.close()
+        except EOFError:
+            self.startup_error = self._death()
+            self.close()
+
+    def measure(
+        self,
+        inp: MeasureInput,
+        path: str,
+        timing: TimingOptions,
+        seed: int,
+        timeout_s: float,
+        prepare_timeout_s: float,
+    ) -> tuple[list[float], str | None]:
+        if not self.alive:
+            return [], self.startup_error or "runner child is not running"
+        key = inp.task.key
+        job = {
+            "key": key,
+            "task": None if key in self.tasks else inp.task,
+            "config": dict(inp.config),
+            "path": path,
+            "check": inp.check,
+            "seed": seed,
+            "timing": timing,
+        }
+        try:
+            _write(self.proc.stdin, job)
+            self.tasks.add(key)
+            prepared = _read(self.proc.stdout, time.monotonic() + prepare_timeout_s)
+            if prepared[0] == "error":  # the task's inputs or reference failed: not the candidate's fault
+                return [], prepared[1]
+            reply = _read(self.proc.stdout, time.monotonic() + timeout_s)
+        except _Timeout:
+            self.close()
+            return [], f"timeout after {timeout_s:g} s"
+        except (EOFError, BrokenPipeError):
+            error = self._death()
+            self.close()
+            return [], error
+        _, costs, error = reply
+        return costs, error
+
+    def _death(self) -> str:
+        try:
+            rc = self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            return "crash: the runner child stopped answering"
+        return f"crash: signal {-rc}" if rc < 0 else f"crash: runner child exited with status {rc}"
+
+    def close(self) -> None:
+        self.alive = False
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _write(f, obj: Any) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    f.write(struct.pack("<Q", len(data)) + data)
+    f.flush()
+
+
+def _read(f, deadline: float) -> Any:
+    header = _read_exact(f, 8, deadline)
+    return pickle.loads(_read_exact(f, struct.unpack("<Q", header)[0], deadline))
+
+
+def _read_exact(f, n: int, deadline: float) -> bytes:
+    fd, chunks, got = f.fileno(), [], 0
+    while got < n:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], None if left == float("inf") else left)[0]:
+            raise _Timeout
+        chunk = os.read(fd, min(n - got, 1 << 20))
+        if not chunk:
+            raise EOFError
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+# ----- the child -----------------------------------------------------------------------------------------------
+
+
+def worker_main() -> None:
+    """The child's loop: read a job, prepare inputs (and the reference when checking), say so, then load, run,
+    check and time the candidate, and answer. A crash or a hang here is the parent's to see."""
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # whatever TVM or a kernel prints goes to stderr, never into the replies
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    import tvm  # noqa: F401  (imported before "ready", so a candidate's timeout never pays for it)
+
+    tasks: dict = {}
+    prepared: dict = {}
+    _write(out, ("ready",))
+    stdin = sys.stdin.buffer
+    while True:
+        try:
+            job = _read(stdin, float("inf"))
+        except EOFError:
+            return
+        if job["task"] is not None:
+            tasks[job["key"]] = job["task"]
+        task, cfg = tasks[job["key"]], job["config"]
+        try:
+            arrays, reference = _prepare(task, cfg, job["seed"], job["check"], prepared)
+        except Exception as err:  # noqa: BLE001  (reported to the parent as this candidate's error)
+            _write(out, ("error", f"reference: {type(err).__name__}: {err}"))
+            continue
+        _write(out, ("prepared",))
+        _write(out, ("result", *measure_library(job["path"], task, cfg, arrays, reference, job["timing"])))
+
+
+def _prepare(task, cfg: dict, seed: int, check: bool, cache: dict):
+    """Inputs for the kernel of `cfg` (and its reference output when checking), cached per task and graph
+    knobs: configs that differ only in schedule knobs share them."""
+    from kiln.schedules.workload import Group
+
+    fixed = task.template.graph_knobs(Group(task.group))
+    ident = (task.key, tuple(sorted((k, repr(cfg[k])) for k in fixed if k in cfg)), seed)
+    if ident not in cache:
+        cache[ident] = [task.inputs(cfg, seed), None]
+    entry = cache[ident]
+    if check and entry[1] is None:
+        entry[1] = task.reference(cfg, entry[0])
+    return entry[0], entry[1] if check else None
+
+
+def measure_library(
+    path: str,
+    task,
+    config: dict,
+    arrays: list[np.ndarray],
+    reference: np.ndarray | None,
+    timing: TimingOptions,
+    dev=None,
+    module=None,
+) -> tuple[list[float], str | None]:
+    """(costs, error) of one library: run once and compare with `reference` when given, then time. Runs where
+    the library is: here, or on a remote device through its `module` and `dev` (rpc.py)."""
+    import tvm
+
+    dev = dev if dev is not None else tvm.cpu()
+    try:
+        module = module if module is not None else tvm.runtime.load_module(path)
+    except Exception as err:  # noqa: BLE001
+        return [], f"load: {type(err).__name__}: {_short(err)}"
+    out_type = task.group_for(config).ret_type  # TupleType outputs are not tuning tasks
+    shape, dtype = tuple(int(d) for d in out_type.shape), str(out_type.dtype)
+    try:
+        args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in arrays]
+        out = tvm.runtime.tensor(_poison(shape, dtype), dev)  # a kernel that leaves outputs unwritten fails
+        if reference is not None:
+            module[ENTRY](*args, out)
+            error = compare(out.numpy(), reference)
+            if error is not None:
+                return [], error
+        costs = list(timing.evaluator(module, dev)(*args, out).results)
+    except Exception as err:  # noqa: BLE001  (a runtime error in the candidate: its result)
+        return [], f"run: {type(err).__name__}: {_short(err)}"
+    return [float(c) for c in costs], None
+
+
+def _poison(shape, dtype: str) -> np.ndarray:
+    kind = np.dtype(dtype).kind if dtype != "bfloat16" else "f"
+    return np.full(shape, np.nan if kind == "f" else 0x5A, dtype=dtype)
+
+
+def compare(got: np.ndarray, want: np.ndarray) -> str | None:
+    """None when `got` matches the reference within the dtype's tolerance; else "wrong result: ..."."""
+    if got.shape != want.shape:
+        return f"wrong result: shape {got.shape}, reference {want.shape}"
+    rtol, atol = TOLERANCES.get(str(want.dtype), (0.0, 0.0))
+    g, w = got.astype(np.float64), want.astype(np.float64)
+    bad = ~np.isclose(g, w, rtol=rtol, atol=atol, equal_nan=True)
+    if not bad.any():
+        return None
+    err = np.abs(g - w)
+    err = np.where(np.isnan(err), np.inf, err)
+    return (
+        f"wrong result: max abs err {float(err.max()):.3g} at {np.unravel_index(int(err.argmax()), err.shape)}, "
+        f"{int(bad.sum())} of {bad.size} elements off (rtol {rtol:g}, atol {atol:g})"
+    )
+
+
+def _short(err: BaseException) -> str:
+    lines = [ln for ln in str(err).splitlines() if ln.strip()]
+    return (lines[-1] if lines else "")[:300]

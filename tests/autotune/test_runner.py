@@ -1,0 +1,107 @@
+"""Builder and local runner: candidates build in worker processes and time in an isolated child; a crash, a hang
+or a wrong result costs one candidate and the rest of the batch still runs."""
+
+import pickle
+import subprocess
+
+import numpy as np
+import pytest
+from kiln.autotune.builder import BuildResult, LocalBuilder, MeasureInput, build_one
+from kiln.autotune.runner import LocalRunner, compare
+from kiln.autotune.tasks import Task
+from kiln.codegen.target import resolve_target
+from kiln.ir.ops.elementwise import RELU
+from kiln.ir.ops.softmax import SOFTMAX
+from kiln.schedules.dispatch import task_of
+from kiln.schedules.template import template_named
+
+from tests.groups import op_group
+
+SHAPE = ((8, 64), "float32")
+
+
+def make_task(op, attrs, target) -> Task:
+    fn = op_group(op, [SHAPE], attrs)
+    template, wl = task_of(fn, target)
+    return Task(template, wl, fn, target)
+
+
+@pytest.fixture(scope="module")
+def target():
+    return resolve_target("x86-avx2")  # runs on any x86-64 host with AVX2; lanes pinned, not the host's
+
+
+@pytest.fixture(scope="module")
+def softmax(target) -> Task:
+    return make_task(SOFTMAX, SOFTMAX.make_attrs(axis=1), target)
+
+
+def native_kernel(tmp_path, name: str, body: str) -> str:
+    """A library whose `main` (TVM-FFI ABI) runs `body`: a candidate that crashes or hangs in native code."""
+    src, lib = tmp_path / f"{name}.c", tmp_path / f"{name}.so"
+    src.write_text(
+        f"int __tvm_ffi_main(void* self, const void* args, int n, void* ret) {{ {body} return 0; }}\n"
+    )
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O0", str(src), "-o", str(lib)], check=True)
+    return str(lib)
+
+
+def test_pickled_task_keeps_op_and_template_identity(softmax, target):
+    back = pickle.loads(pickle.dumps(softmax))
+    assert back.group.body.op is SOFTMAX  # passes compare handles: `call.op is SOFTMAX`
+    assert back.template is template_named("x86.softmax")
+    assert str(back.target) == str(target) and back.key == softmax.key
+    assert back.default() == softmax.default()
+
+
+def test_build_errors_and_timeouts_are_results(softmax, tmp_path):
+    riscv = Task(
+        softmax.template,
+        softmax.workload,
+        softmax.group,
+        resolve_target({"kind": "llvm", "mtriple": "riscv64-linux-gnu"}),
+    )
+    failed = build_one(riscv, riscv.default(), str(tmp_path / "r.so"))
+    assert failed.path is None and failed.error.startswith("build: "), failed
+    late = build_one(softmax, softmax.default(), str(tmp_path / "t.so"), timeout_s=0.001)
+    assert late.path is None and late.error == "build timeout after 0.001 s", late
+
+
+def test_candidates_build_in_workers_and_time_with_reference_check(softmax):
+    configs = list(softmax.space())[::3]  # lanes 1, 2, 8, 16; store_exp both ways
+    inputs = [MeasureInput(softmax, cfg, check=True) for cfg in configs]
+    with LocalBuilder(workers=2) as builder:
+        builds = builder.build(inputs)
+        assert [b.error for b in builds] == [None] * len(configs)
+        results = LocalRunner(repeat=3, timeout_s=20).run(inputs, builds)
+    for cfg, r in zip(configs, results):
+        assert r.error is None and len(r.costs_s) == 3 and min(r.costs_s) > 0, (cfg, r)
+        assert r.build_s > 0 and r.run_s > 0
+
+
+def test_crash_hang_and_wrong_result_each_cost_one_candidate(softmax, target, tmp_path):
+    relu = make_task(RELU, None, target)  # same signature as the softmax, another result
+    good = MeasureInput(softmax, softmax.default(), check=True)
+    with LocalBuilder(workers=1, build_dir=str(tmp_path)) as builder:
+        ok, wrong = builder.build([good, MeasureInput(relu, relu.default())])
+    crash = BuildResult(native_kernel(tmp_path, "crash", "*(volatile int*)0 = 1;"), None, 0.0)
+    hang = BuildResult(native_kernel(tmp_path, "hang", "for (volatile int i = 0; ; ) i++;"), None, 0.0)
+    unbuilt = BuildResult(None, "build: InvalidConfig: lanes 3 does not divide 64", 0.5)
+    batch = [(good, ok), (good, crash), (good, ok), (good, hang), (good, wrong), (good, unbuilt), (good, ok)]
+    results = LocalRunner(repeat=2, timeout_s=3).run([i for i, _ in batch], [b for _, b in batch])
+    errors = [r.error for r in results]
+    assert errors[0] is None and errors[2] is None and errors[6] is None, errors
+    assert errors[1] == "crash: signal 11"
+    assert errors[3] == "timeout after 3 s"
+    assert errors[4].startswith("wrong result: max abs err"), errors[4]
+    assert errors[5] == unbuilt.error and results[5].build_s == 0.5
+    assert all(len(results[i].costs_s) == 2 for i in (0, 2, 6)) and not results[1].costs_s
+
+
+def test_compare_uses_the_dtype_tolerance():
+    want = np.linspace(-1, 1, 12, dtype="float32").reshape(3, 4)
+    assert compare(want * (1 + 5e-4), want) is None  # inside rtol 1e-3
+    assert compare(want + 0.01, want).startswith("wrong result: max abs err 0.01")
+    assert compare(np.full_like(want, np.nan), want).startswith("wrong result: max abs err inf")
+    assert compare(want.astype("float16") + np.float16(0.004), want.astype("float16")) is None
+    assert compare(np.arange(4, dtype="int32") + 1, np.arange(4, dtype="int32")).startswith("wrong result")
