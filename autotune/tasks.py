@@ -75,8 +75,9 @@ class Task:
     def inputs(self, cfg: Config, seed: int = 0) -> list[np.ndarray]:
         """Random inputs for the kernel of `cfg` (its weights are inputs too), in parameter order."""
         rng = np.random.default_rng(seed)
+        fn = self.group_for(cfg)
         out = []
-        for p in self.group_for(cfg).params:
+        for p in fn.params:
             shape, dtype = tuple(int(d) for d in p.type.shape), str(p.type.dtype)
             if np.dtype(dtype).kind == "f":
                 out.append(rng.standard_normal(shape).astype(dtype))
@@ -84,6 +85,9 @@ class Task:
                 out.append(rng.random(shape) < 0.5)
             else:
                 out.append(rng.integers(0, 4, shape).astype(dtype))
+        if self.template.valid_inputs is not None:
+            fixed = self.template.valid_inputs(fn, dict(enumerate(out)), rng)
+            out = [fixed.get(i, a) for i, a in enumerate(out)]
         return out
 
     def reference(self, cfg: Config, inputs: list[np.ndarray]) -> np.ndarray:

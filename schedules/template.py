@@ -44,6 +44,9 @@ class Template:
     # (group fn, {knob: value}) -> the group as the graph would have it with those knobs (a conv rewritten to
     # another algorithm), for measuring a config whose graph knobs differ from the model's; None: no graph knobs
     regroup: Callable[[Any, Mapping[str, Any]], Any] | None = None
+    # (group fn, {param index: array}) -> the same with inputs that only some values are valid for replaced
+    # (Winograd's transformed weights: a random U is no conv's weights, so no reference could check it)
+    valid_inputs: Callable[[Any, dict, Any], dict] | None = None
     doc: str = ""
 
     @property

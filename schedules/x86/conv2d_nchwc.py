@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from kiln.errors import InvalidConfig
 from kiln.ir.ops.blocked import CONV2D_NCHWC, LAYOUT_TRANSFORM, ConvNCHWcAttrs, LayoutTransformAttrs, is_grouped
 from kiln.ir.ops.winograd import CONV2D_WINOGRAD, WinogradAttrs
+from kiln.ir.ops.winograd import transform_weight as winograd_weight
 from kiln.schedules.space import Space
 from kiln.schedules.template import Template
 from kiln.schedules.workload import Group, Workload
@@ -359,10 +360,22 @@ def _conv_regroup(fn, knobs: dict):
     return Function(params, body, fn.attrs)
 
 
+def _conv_valid_inputs(fn, arrays: dict, rng) -> dict:
+    """Winograd's weights as the transform of random 3x3 weights."""
+    a = Group(fn).anchor
+    if a.op is not CONV2D_WINOGRAD:
+        return arrays
+    i = fn.params.index(a.args[1])
+    alpha, _, ocb, c, ob = a.args[1].type.shape
+    w = (rng.standard_normal((ocb * ob, c, 3, 3)) * 0.3).astype(a.args[1].type.dtype)
+    return {**arrays, i: winograd_weight(w, a.attrs.tile, ob)}
+
+
 TEMPLATE = Template(
     "x86.conv2d_nchwc", VERSION, "llvm",
     applies=_conv_applies, workload=_conv_workload, space=_conv_space, default=_conv_default,
-    schedule=_conv_schedule, graph_knobs=_graph_algorithm, regroup=_conv_regroup, priority=10,
+    schedule=_conv_schedule, graph_knobs=_graph_algorithm, regroup=_conv_regroup, valid_inputs=_conv_valid_inputs,
+    priority=10,
     doc="conv2d on NCHW[b]c: direct register tiles, im2col, or Winograd F(2x2)/F(4x4, 3x3)",
 )
 
