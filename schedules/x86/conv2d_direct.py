@@ -22,16 +22,19 @@ MAX_ACCUMULATORS = 8  # accumulator vectors: leaves registers for the input vect
 
 
 def applies(group: Group) -> bool:
-    """A 2-D NCHW conv with elementwise epilogues of its output's shape."""
+    """A 2-D NCHW conv with injective producers (inlined into its input) and elementwise epilogues of its output's
+    shape (computed per tile)."""
     conv = group.anchor
-    return (conv is not None and conv.op is CONV2D
-            and group.output[0] == tuple(int(d) for d in conv.type.shape)
-            and all(c.op.pattern <= OpPattern.BROADCAST for c in group.calls if c is not conv))
+    if conv is None or conv.op is not CONV2D or group.output[0] != tuple(int(d) for d in conv.type.shape):
+        return False
+    at = next(i for i, c in enumerate(group.calls) if c is conv)
+    return (all(c.op.pattern <= OpPattern.INJECTIVE for c in group.calls[:at])
+            and all(c.op.pattern <= OpPattern.BROADCAST for c in group.calls[at + 1:]))
 
 
 def workload(group: Group, info) -> Workload:
     conv = group.anchor
-    x, w = conv.args[0].type, conv.args[1].type
+    w = conv.args[1].type
     _, oc, _, ow = (int(d) for d in conv.type.shape)
     return Workload.of(f"{NAME}@{VERSION}", group, lanes=info.lanes(32), out_channels=oc, out_w=ow,
                        groups=conv.attrs.groups, padded=any(conv.attrs.padding),

@@ -21,11 +21,14 @@ ANCHOR, WEIGHTS, PAD = "conv_transpose", "conv_transpose_weight", "conv_transpos
 
 
 def applies(group: Group) -> bool:
-    """A 2-D transposed conv with elementwise epilogues of its output's shape."""
+    """A 2-D transposed conv with injective producers (inlined into its input) and elementwise epilogues of its output's
+    shape (computed per tile)."""
     conv = group.anchor
-    return (conv is not None and conv.op is CONV2D_TRANSPOSE
-            and group.output[0] == tuple(int(d) for d in conv.type.shape)
-            and all(c.op.pattern <= OpPattern.BROADCAST for c in group.calls if c is not conv))
+    if conv is None or conv.op is not CONV2D_TRANSPOSE or group.output[0] != tuple(int(d) for d in conv.type.shape):
+        return False
+    at = next(i for i, c in enumerate(group.calls) if c is conv)
+    return (all(c.op.pattern <= OpPattern.INJECTIVE for c in group.calls[:at])
+            and all(c.op.pattern <= OpPattern.BROADCAST for c in group.calls[at + 1:]))
 
 
 def workload(group: Group, info) -> Workload:

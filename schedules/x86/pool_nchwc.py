@@ -7,11 +7,12 @@ window loops (unrolled) run over it. Padding is read in place: the bounds checks
 
 from __future__ import annotations
 
-from kiln.errors import InvalidConfig
 from kiln.ir.ops.blocked import GLOBAL_AVG_POOL_NCHWC, POOL2D_NCHWC
 from kiln.schedules.space import Config, Space
 from kiln.schedules.template import Template
 from kiln.schedules.workload import Group, Workload
+
+from kiln.errors import InvalidConfig
 
 VERSION = 1
 NAME = "x86.pool_nchwc"

@@ -23,18 +23,9 @@ PARALLEL_MIN_ROWS = 64  # outer iterations enough to keep every core of a small 
 
 
 def applies(group: Group) -> bool:
-    """One resize with elementwise producers and epilogues of its output's shape: no reduction, no conv, no
-    second resize, nothing after it that moves elements (the row buffer is computed at the output's rows)."""
-    resizes = group.find(RESIZE)
-    if len(resizes) != 1 or group.output[0] != tuple(int(d) for d in resizes[0].type.shape):
-        return False
-    after = False
-    for call in group.calls:
-        if call is resizes[0]:
-            after = True
-        elif call.op.pattern > (OpPattern.BROADCAST if after else OpPattern.INJECTIVE):
-            return False
-    return True
+    """One resize with elementwise or injective producers and epilogues (a layout_transform into NCHW[b]c after
+    it, a reshape): no reduction, no conv, no second resize."""
+    return len(group.find(RESIZE)) == 1 and all(c.op.pattern <= OpPattern.INJECTIVE for c in group.calls)
 
 
 def _has_rows(call) -> bool:
@@ -48,12 +39,14 @@ def workload(group: Group, info) -> Workload:
     (resize,) = group.find(RESIZE)
     shape = group.output[0]
     return Workload.of(f"{NAME}@{VERSION}", group, lanes=info.lanes(32), out_w=shape[-1] if shape else 1,
-                       rows=_has_rows(resize))
+                       out_rank=len(shape), rows=_has_rows(resize))
 
 
 def space(wl: Workload, info=None) -> Space:
     lanes, out_w = wl["lanes"], wl["out_w"]
     tiles = sorted({1, *[t for t in (lanes // 2, lanes, 2 * lanes) if 1 < t <= out_w]})
+    if wl["rows"] and wl["out_rank"] < 2:  # a 1-D output (a reshape after): the row buffer sits in the only loop,
+        tiles = [1]                          # which TVM cannot vectorize around it
     if not wl["rows"]:
         return Space.of(tile_w=tiles)
     return Space.of(tile_w=tiles, rows_tile=[lanes // 2, lanes, 2 * lanes])

@@ -101,3 +101,15 @@ def test_default_config(target_name, lanes):
 def test_nothing_summed_has_only_the_generic_schedule():
     wl, info = _workload(AVX2, 4, 8, 12, k=1, groups=4)  # one input channel per group, a 1x1 kernel
     assert list(conv2d_direct.space(wl, info)) == [{"direct": False}]
+
+
+def test_claims_convs_with_producers_and_elementwise_epilogues():
+    from kiln.ir.ops.blocked import LAYOUT_TRANSFORM, LayoutTransformAttrs
+    from kiln.ir.ops.transform import TRANSPOSE, TransposeAttrs
+
+    attrs = ConvAttrs((1, 1), (1,) * 4, (1, 1), 3)
+    ps = params(((1, 6, 8, 9), "float32"), ((12, 2, 3, 3), "float32"))
+    conv = Call(CONV2D, (Call(TRANSPOSE, (ps[0],), TransposeAttrs((0, 1, 3, 2))), ps[1]), attrs)
+    assert conv2d_direct.applies(Group(group(ps, Call(RELU, (conv,)))))  # the transpose inlined into the input
+    blocked = Call(LAYOUT_TRANSFORM, (conv,), LayoutTransformAttrs(0, 4))
+    assert not conv2d_direct.applies(Group(group(ps, blocked)))  # a 5-D output: not the conv's loops

@@ -11,7 +11,12 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from kiln.codegen.target import resolve_target
 from kiln.ir import Call
-from kiln.ir.ops.conv import CONV2D_TRANSPOSE, CONV_TRANSPOSE_BY_RANK, ConvTransposeAttrs, conv_transpose_reference
+from kiln.ir.ops.conv import (
+    CONV2D_TRANSPOSE,
+    CONV_TRANSPOSE_BY_RANK,
+    ConvTransposeAttrs,
+    conv_transpose_reference,
+)
 from kiln.ir.ops.elementwise import ADD, RELU
 from kiln.schedules.dispatch import task_of
 from kiln.schedules.target_info import target_info

@@ -9,9 +9,11 @@ import onnx
 import pytest
 from kiln.codegen.target import resolve_target
 from kiln.ir import Call
+from kiln.ir.ops.blocked import LAYOUT_TRANSFORM, LayoutTransformAttrs
 from kiln.ir.ops.elementwise import ADD, EXP, RELU
 from kiln.ir.ops.image import COORDINATE_MODES, NEAREST_MODES, RESIZE, ResizeAttrs, _resize, output_size
 from kiln.ir.ops.reduce import SUM, ReduceAttrs
+from kiln.ir.ops.transform import RESHAPE, ReshapeAttrs
 from kiln.schedules.dispatch import task_of
 from kiln.schedules.target_info import target_info
 from kiln.schedules.workload import Group
@@ -109,10 +111,33 @@ def test_workload_space_and_default(target_name, lanes):
     assert resize.default(rows, info) in resize.space(rows, info)
     assert resize.space(rows, info).tunable() == {"tile_w": 3 if lanes == 16 else 4, "rows_tile": 3}
     # nearest has no row buffer, so no row tile; a 3-wide output has no vector tile wider than 3
+    ps = params(x)
+    flat = Call(RESHAPE, (Call(RESIZE, (ps[0],), _attrs(x.shape, (1, 1, 2, 2), mode="linear")),),
+                ReshapeAttrs((2 * 3 * 14 * 18,)))
+    flat_wl = resize.TEMPLATE.workload(Group(group(ps, flat)), info)
+    assert resize.space(flat_wl, info).tunable() == {"rows_tile": 3}  # the row buffer sits in the only loop
     near = resize.TEMPLATE.workload(Group(op_group(RESIZE, [x], _attrs(x.shape, (1, 1, 2, 1 / 3)))), info)
     assert (near["rows"], near["out_w"]) == (False, 3)
     assert resize.default(near, info) == {"tile_w": 1}
     assert list(resize.space(near, info)) == [{"tile_w": 1}, *([{"tile_w": 2}] if lanes == 4 else [])]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_layout_transform_after_it_at_random_configs(seed):
+    """relu, then a resize, then NCHW → NCHW8c into the conv after it: the group O2 makes of a decoder's upsample."""
+    x = np.random.default_rng(seed).standard_normal((1, 16, 5, 7)).astype(np.float32)
+    attrs = _attrs(x.shape, (1, 1, 2, 2), mode="linear")
+    ps = params(x)
+    blocked = Call(LAYOUT_TRANSFORM, (Call(RESIZE, (Call(RELU, (ps[0],)),), attrs),), LayoutTransformAttrs(0, 8))
+    fn = group(ps, blocked)
+    target = resolve_target(AVX2)
+    template, wl = task_of(fn, target)
+    assert template is resize.TEMPLATE and wl["out_w"] == 8 and wl["rows"]
+    cfg = resize.space(wl, target_info(target)).sample(random.Random(seed))
+    g = lower(fn, target, {wl.key: cfg})
+    assert g.config_source == "given" and g.schedule.startswith("resize(rows+"), (g.config_source, g.schedule)
+    want = _resize(np.maximum(x, 0), attrs).reshape(1, 2, 8, 10, 14).transpose(0, 1, 3, 4, 2)
+    assert_close(run_lowered(g, target, [x]), want, rtol=1e-5, atol=1e-5, what=str(cfg))
 
 
 def test_claims_only_resize_groups_it_can_schedule():
