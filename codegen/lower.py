@@ -60,16 +60,6 @@ def to_te(fn: Function):
     return placeholders, env[id(fn.body)]
 
 
-def _anchor(fn: Function):
-    """(op name, attrs) of the group's conv or dense: what its schedule is built around. A group may hold two
-    (a depthwise conv fused into the 1x1 conv after it); the last, the one producing the output, anchors."""
-    from kiln.ir.op import OpPattern
-
-    anchors = [(e.op.name, e.attrs) for e in post_order(fn.body)
-               if isinstance(e, Call) and isinstance(e.op, OpDef) and e.op.pattern == OpPattern.OUT_ELEMWISE_FUSABLE]
-    return anchors[-1] if anchors else None
-
-
 def _scalar_tensor(c: Constant, te, tir):
     value = c.value.item()
     return te.compute((), lambda: tir.const(value, c.type.dtype), name="scalar")
@@ -86,9 +76,6 @@ def lower_group(fn: Function, symbol: str, target, configs: Mapping[str, dict] |
         placeholders, out = to_te(fn)
         prim = te.create_prim_func([*placeholders, out]).with_attr("global_symbol", symbol)
         s = schedule_group(prim, fn, target, configs)
-        if s.template in _BRIDGED and (legacy := _legacy(prim, target, fn)) is not None:
-            return LoweredGroup(symbol, ops, legacy[0], legacy[1], "legacy", s.workload.key, {}, "default",
-                                fn.body.type)
     except CodegenError:
         raise
     except Exception as err:  # TVM raises its own error types; name the group for the user
@@ -97,16 +84,3 @@ def lower_group(fn: Function, symbol: str, target, configs: Mapping[str, dict] |
     return LoweredGroup(symbol, ops, s.prim_func, s.steps, s.template, s.workload.key, s.config, s.source,
                         fn.body.type)
 
-
-_BRIDGED = ("x86.generic@1", "cuda.legacy@1")  # TRANSITIONAL: groups the old dispatch may still take
-
-
-def _legacy(prim, target, fn):
-    """TRANSITIONAL (schedules/default.py): templates not yet on the registry."""
-    if target.kind.name == "cuda":
-        from kiln.schedules.cuda import schedule_group as cuda_schedule
-
-        return cuda_schedule(prim, target, _anchor(fn))
-    from kiln.schedules.default import legacy_schedule
-
-    return legacy_schedule(prim, target, _anchor(fn))

@@ -178,16 +178,14 @@ def test_nan_aware_max_pool_stays_vectorized(target):
     from kiln.codegen.target import resolve_target
     from kiln.ir.ops.blocked import POOL2D_NCHWC, PoolNCHWcAttrs
     from kiln.ir.ops.pool import PoolAttrs
-    from kiln.schedules.x86 import pool_nchwc
-    from tvm import s_tir, te
 
-    x = te.placeholder((1, 4, 56, 56, 16), "float32", name="x")
+    from tests.groups import lower, op_group
+
     attrs = PoolNCHWcAttrs(kind="max", pool=PoolAttrs(kernel=(3, 3), strides=(2, 2), padding=(0, 0, 1, 1),
                                                       dilation=(1, 1), ceil_mode=True))
-    y = POOL2D_NCHWC.compute(x, attrs)
-    sch = s_tir.Schedule(te.create_prim_func([x, y]))
-    pool_nchwc.schedule(sch, pool_nchwc.default(int(y.shape[3]), 9))
-    asm = tvm.compile(sch.mod, target=resolve_target(target)).mod.inspect_source("asm")
+    g = lower(op_group(POOL2D_NCHWC, [((1, 4, 56, 56, 16), "float32")], attrs), resolve_target(target))
+    assert g.template.startswith("x86.pool_nchwc")
+    asm = tvm.compile(tvm.IRModule({"main": g.prim_func}), target=resolve_target(target)).mod.inspect_source("asm")
     scalar = re.findall(r"^\s+(vmaxss|vucomiss|vcmpunordss)\b", asm, re.MULTILINE)
     assert not scalar, f"{target}: {len(scalar)} scalar max/compare instructions in the pooling loop"
     assert re.search(r"^\s+vblendvps|^\s+vblendmps|^\s+vmaxps", asm, re.MULTILINE), f"{target}: no vector max or blend"
