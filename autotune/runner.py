@@ -30,6 +30,7 @@ import numpy as np
 from kiln.autotune.builder import ENTRY, BuildResult, MeasureInput
 from kiln.autotune.measure import COLD_FLUSH_BYTES
 from kiln.schedules.target_info import target_info
+from kiln.schedules.workload import Group
 
 # (rtol, atol) of a candidate's output against the NumPy reference, by output dtype; other dtypes are exact
 TOLERANCES = {
@@ -265,7 +266,7 @@ def worker_main() -> None:
             tasks[job["key"]] = job["task"]
         task, cfg = tasks[job["key"]], job["config"]
         try:
-            arrays, reference = _prepare(task, cfg, job["seed"], job["check"], prepared)
+            arrays, reference = prepare_inputs(task, cfg, job["seed"], job["check"], prepared)
         except Exception as err:  # noqa: BLE001  (reported to the parent as this candidate's error)
             _write(out, ("error", f"reference: {type(err).__name__}: {err}"))
             continue
@@ -273,11 +274,9 @@ def worker_main() -> None:
         _write(out, ("result", *measure_library(job["path"], task, cfg, arrays, reference, job["timing"])))
 
 
-def _prepare(task, cfg: dict, seed: int, check: bool, cache: dict):
+def prepare_inputs(task, cfg: dict, seed: int, check: bool, cache: dict):
     """Inputs for the kernel of `cfg` (and its reference output when checking), cached per task and graph
     knobs: configs that differ only in schedule knobs share them."""
-    from kiln.schedules.workload import Group
-
     fixed = task.template.graph_knobs(Group(task.group))
     ident = (task.key, tuple(sorted((k, repr(cfg[k])) for k in fixed if k in cfg)), seed)
     if ident not in cache:
