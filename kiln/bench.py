@@ -8,7 +8,6 @@ per-round ratios give its spread.
 
 from __future__ import annotations
 
-import platform
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,7 +26,7 @@ def _summary(ms: list[float]) -> dict:
 
 
 def compare(model: str, target: str = "native", repeat: int = 20, threads: int = 2,
-            on_progress: Callable[[int, int], None] | None = None) -> dict:
+            on_progress: Callable[[int, int], None] | None = None, tuning_logs: tuple = ()) -> dict:
     import os
 
     os.environ["TVM_NUM_THREADS"] = str(threads)  # before TVM's thread pool starts
@@ -53,7 +52,8 @@ def compare(model: str, target: str = "native", repeat: int = 20, threads: int =
     sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
     want = sess.run(None, feeds)
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
-        report = kiln.compile(proto, Path(tmp) / "model.so", Options(target=target), on_progress=on_progress)
+        report = kiln.compile(proto, Path(tmp) / "model.so", Options(target=target, tuning_logs=tuple(tuning_logs)),
+                              on_progress=on_progress)
         compiled = kiln.load(report.path, num_threads=threads)
         got = compiled.run(**feeds)
         per_block = max(3, -(-repeat // ROUNDS))
@@ -78,10 +78,6 @@ def compare(model: str, target: str = "native", repeat: int = 20, threads: int =
 
 
 def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    from kiln.autotune.records import cpu_name as name
+
+    return name()

@@ -289,13 +289,15 @@ def bench(
     repeat: int = typer.Option(20, "--repeat", help="timed runs per engine"),
     threads: int = typer.Option(2, "--threads", help="threads for both engines"),
     json_out: bool = typer.Option(False, "--json", help="machine-readable output"),
+    tuning_log: Optional[list[Path]] = typer.Option(None, "--tuning-log", help="tuning records to apply (repeatable)"),
 ) -> None:
     """Compile a model, then time Kiln and ONNX Runtime on it side by side (median, p90, ratio, max abs error)."""
     from kiln.bench import compare
 
     progress, on_progress = progress_bar("compiling kernels")
     with progress:
-        result = compare(model, target=target, repeat=repeat, threads=threads, on_progress=on_progress)
+        result = compare(model, target=target, repeat=repeat, threads=threads, on_progress=on_progress,
+                         tuning_logs=tuple(tuning_log or ()))
     if json_out:
         out.print_json(json.dumps(result))
         return
@@ -386,6 +388,109 @@ def tasks(
         table.add_row(str(i), r["template"], r["key"].split(":")[-1], str(r["kernels"]), f"{r['flops'] / 1e9:.3f}",
                       f"{r['weight_bytes'] / 1e6:.2f}", cfg, str(r["space_size"]))
     out.print(table)
+
+
+def _duration_s(text: str | None) -> float | None:
+    """"90s", "30m", "1.5h" or plain seconds."""
+    if not text:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+    except ValueError:
+        raise KilnError(f"--time-budget {text!r}: expected seconds or a number with s, m or h (30m)") from None
+
+
+@app.command()
+def tune(
+    model: str = typer.Argument(DEFAULT_MODEL, help="an .onnx file, or zoo:<name>"),
+    target: str = typer.Option("native", "--target"),
+    trials: int = typer.Option(1000, "--trials", help="measurements in all, over every task"),
+    log_file: Optional[Path] = typer.Option(None, "--log", help="records file (appended; a rerun resumes it); "
+                                            "default tuning_logs/<cpu>/<model>.jsonl"),
+    tuner: str = typer.Option("xgb", "--tuner", help="xgb, ga, random or grid"),
+    rpc_tracker: Optional[str] = typer.Option(None, "--rpc-tracker", help="HOST:PORT of a TVM RPC tracker: "
+                                              "measure on the device registered there under --rpc-key"),
+    rpc_key: Optional[str] = typer.Option(None, "--rpc-key"),
+    time_budget: Optional[str] = typer.Option(None, "--time-budget", help="stop after this long (30m, 1h, 600)"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="write PNG tuning curves (per task, model) here"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="also write the faster of the tuned and "
+                                          "the default artifact here"),
+    batch: int = typer.Option(8, "--batch", help="candidates measured per round"),
+    early_stop: int = typer.Option(96, "--early-stop", help="a task is done after this many trials without a "
+                                   "better config"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing output file"),
+    input_shape: Optional[list[str]] = typer.Option(None, "--input-shape", help="name=d0,d1,... (repeatable)"),
+) -> None:
+    """Autotune a model's kernels: search each task's knob space, measure here or on a device over TVM RPC, log
+    every measurement; `kiln compile --tuning-log` applies the log."""
+    from rich.live import Live
+
+    from kiln import zoo as z
+    from kiln.autotune.records import cpu_name
+    from kiln.autotune.tune import TuneOptions
+    from kiln.config import Options, parse_input_shapes
+    from kiln.schedules.target_info import target_info
+    from kiln.tuning import tune_model
+    from kiln.codegen.target import resolve_target
+
+    if output is not None:
+        _refuse_overwrite(output, force)
+    if (rpc_tracker is None) != (rpc_key is None):
+        raise KilnError("--rpc-tracker and --rpc-key go together")
+    options = Options.from_env(target=target, input_shapes=parse_input_shapes(input_shape))
+    name = model.split(":", 1)[1] if model.startswith("zoo:") else Path(model).stem
+    log_path = log_file or Path("tuning_logs") / target_info(resolve_target(options.target)).cpu / f"{name}.jsonl"
+    runner = None
+    if rpc_tracker is not None:
+        from kiln.autotune.rpc import RPCRunner
+
+        runner = RPCRunner(rpc_tracker, rpc_key)
+    opts = TuneOptions(trials=trials, tuner=tuner, batch=batch, early_stop=early_stop,
+                       time_budget_s=_duration_s(time_budget))
+    err.print(f"tuning {model} for {options.target} on {cpu_name()}; log {log_path}", soft_wrap=True)
+    with Live(Table(), console=err, refresh_per_second=2, transient=False) as live:
+        result = tune_model(z.resolve(model), log_path, opts, options, runner=runner, output=output, plot_dir=plot,
+                            on_round=lambda e: live.update(_tune_table(e)))
+    out.print(_tune_summary(result))
+    if result.kept:
+        out.print(f"whole model: default {result.default_ms:.3f} ms, tuned {result.tuned_ms:.3f} ms "
+                  f"({result.default_ms / result.tuned_ms:.2f}x); kept {result.kept}"
+                  + (f" → {output}" if output else ""), soft_wrap=True)
+    for p in result.curves:
+        out.print(f"curve: {p}", soft_wrap=True)
+    out.print(f"log: {log_path} (kiln compile {model} --tuning-log {log_path})", soft_wrap=True)
+
+
+def _tune_table(e) -> Table:
+    """The live display: where the search is and what each task has reached."""
+    from kiln.autotune.tune import estimate_s
+
+    rate = e.trials_done / e.elapsed_s if e.elapsed_s > 0 else 0.0
+    eta = (e.trials_total - e.trials_done) / rate if rate > 0 else 0.0
+    table = Table(title=f"task {e.task_index + 1}/{len(e.states)}  trials {e.trials_done}/{e.trials_total}  model "
+                        f"estimate {estimate_s(e.states) * 1e3:.3f} ms  elapsed {e.elapsed_s:.0f} s  ETA {eta:.0f} s")
+    for col in ("#", "template", "kernels", "trials", "default ms", "best ms", "GFLOPS", ""):
+        table.add_column(col, justify="left" if col in ("template", "") else "right")
+    for i, s in enumerate(e.states):
+        gflops = s.task.flops / s.best_cost_s / 1e9 if s.best_cost_s < float("inf") and s.task.flops else 0.0
+        table.add_row(str(i), s.task.workload.template, str(s.task.count), str(s.trials),
+                      f"{s.default_cost_s * 1e3:.4f}", f"{s.best_cost_s * 1e3:.4f}", f"{gflops:.1f}",
+                      "done" if s.done else ("◀" if i == e.task_index else ""))
+    return table
+
+
+def _tune_summary(result) -> Table:
+    r = result.tune
+    table = Table(title=f"tuned {r.trials} trials in {r.elapsed_s:.0f} s")
+    for col in ("#", "template", "kernels", "trials", "default ms", "best ms", "speedup", "best config"):
+        table.add_column(col, justify="left" if col in ("template", "best config") else "right", overflow="fold")
+    for i, s in enumerate(r.states):
+        speedup = s.default_cost_s / s.best_cost_s if s.best_cost_s > 0 and s.best_cost_s < float("inf") else 0.0
+        cfg = ", ".join(f"{k}={v}" for k, v in (s.best_config or {}).items()) or "-"
+        table.add_row(str(i), s.task.workload.template, str(s.task.count), str(s.trials),
+                      f"{s.default_cost_s * 1e3:.4f}", f"{s.best_cost_s * 1e3:.4f}", f"{speedup:.2f}x", cfg)
+    return table
 
 
 @app.command()

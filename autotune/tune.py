@@ -1,0 +1,241 @@
+"""The tuning loop: a model's tasks searched round by round under one trial budget, every measurement appended
+to a records log, resumable after any interruption.
+
+Each task starts with its default config (measured first and checked against the NumPy reference, so a
+tuned config only ever replaces a default that was timed the same way). After that, a task scheduler in the
+spirit of Ansor's gives the next round to the task with the largest expected gain for the whole model:
+
+    gain(task) = kernels × best_cost × (recent relative improvement + optimism for tasks barely searched)
+
+and a task whose best has not moved for `early_stop` trials, or whose space is exhausted, is done. Every new
+best is re-measured with the reference check before it is accepted; a wrong result is recorded as an error.
+On resume the log's records for these tasks (this target, same template versions and spaces) are replayed
+into the tuners, so no measured config is measured again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kiln.autotune.builder import LocalBuilder, MeasureInput
+from kiln.autotune.records import Record, RecordWriter, config_id, read_records
+from kiln.autotune.runner import LocalRunner, MeasureResult, Runner
+from kiln.autotune.tasks import Task
+from kiln.autotune.tuners import Tuner, make_tuner
+from kiln.schedules.space import Config
+
+log = logging.getLogger(__name__)
+
+OPTIMISM_TRIALS = 64  # a task searched fewer trials than this is assumed to have headroom left
+
+
+@dataclass
+class TuneOptions:
+    trials: int = 1000  # in all, over every task
+    tuner: str = "xgb"
+    batch: int = 8  # candidates per round
+    early_stop: int = 96  # trials without a better config before a task is done
+    time_budget_s: float | None = None
+    seed: int = 0
+    tuner_args: dict = field(default_factory=dict)
+
+
+@dataclass
+class TaskState:
+    task: Task
+    tuner: Tuner
+    default_cost_s: float = math.inf
+    best_cost_s: float = math.inf
+    best_config: Config | None = None
+    trials: int = 0
+    since_best: int = 0
+    history: list[tuple[int, float]] = field(default_factory=list)  # (trial count, best cost) after each round
+    checked: set[str] = field(default_factory=set)  # config ids that passed the reference check
+    done: bool = False
+
+    @property
+    def weight_s(self) -> float:
+        """This task's share of a model run at its best config."""
+        return self.task.count * (self.best_cost_s if math.isfinite(self.best_cost_s) else self.default_cost_s)
+
+    def gain(self) -> float:
+        if self.done:
+            return -1.0
+        cost = self.best_cost_s if math.isfinite(self.best_cost_s) else 1.0
+        recent = 0.0
+        if len(self.history) >= 2:
+            (_, before), (_, now) = self.history[max(0, len(self.history) - 4)], self.history[-1]
+            if math.isfinite(before) and math.isfinite(now) and before > 0:
+                recent = (before - now) / before
+        optimism = max(0.0, 1.0 - self.trials / OPTIMISM_TRIALS) * 0.2
+        return self.task.count * cost * (recent + optimism + 1e-3)
+
+
+@dataclass
+class TuneEvent:
+    """What the progress display shows after each round."""
+
+    task_index: int
+    state: TaskState
+    states: list[TaskState]
+    trials_done: int
+    trials_total: int
+    elapsed_s: float
+
+
+@dataclass
+class TuneResult:
+    states: list[TaskState]
+    trials: int
+    elapsed_s: float
+    log_path: Path
+    model_history: list[tuple[int, float]] = field(default_factory=list)  # (trials, estimate_s) after each round
+
+    def best_configs(self) -> dict[str, Config]:
+        return {s.task.key: s.best_config for s in self.states if s.best_config is not None}
+
+
+def tune(tasks: Sequence[Task], log_path: str | Path, options: TuneOptions | None = None, *,
+         builder: LocalBuilder | None = None, runner: Runner | None = None,
+         on_round: Callable[[TuneEvent], None] | None = None) -> TuneResult:
+    """Search every task's space; append each measurement to `log_path` (resuming from what it holds)."""
+    options = options or TuneOptions()
+    log_path = Path(log_path)
+    start = time.perf_counter()
+    own_builder = builder is None
+    builder = builder or LocalBuilder()
+    runner = runner or LocalRunner()
+    states = [_state(t, options, i) for i, t in enumerate(tasks)]
+    replayed = _resume(states, log_path)
+    budget = options.trials
+    done = 0
+    history: list[tuple[int, float]] = []
+    try:
+        with RecordWriter(log_path) as writer:
+            for i, s in enumerate(states):  # the defaults first, checked: the baseline every task must beat
+                default = s.task.default()
+                if s.trials == 0 and default in s.task.space():
+                    _round(s, [default], builder, runner, writer, options, check_all=True)
+                    done += 1
+                    if on_round:
+                        on_round(TuneEvent(i, s, states, done, budget, time.perf_counter() - start))
+            history.append((done, estimate_s(states)))  # the curve starts once every default is measured
+            while done < budget:
+                if options.time_budget_s is not None and time.perf_counter() - start > options.time_budget_s:
+                    log.info("time budget of %.0f s spent", options.time_budget_s)
+                    break
+                i = max(range(len(states)), key=lambda k: states[k].gain())
+                s = states[i]
+                if s.done:
+                    break
+                configs = s.tuner.next_batch(min(options.batch, budget - done))
+                if not configs:
+                    s.done = True
+                    continue
+                _round(s, configs, builder, runner, writer, options)
+                done += len(configs)
+                if s.since_best >= options.early_stop or s.tuner.exhausted():
+                    s.done = True
+                history.append((done, estimate_s(states)))
+                if on_round:
+                    on_round(TuneEvent(i, s, states, done, budget, time.perf_counter() - start))
+    finally:
+        if own_builder:
+            builder.close()
+    log.info("tuned %d trials (%d replayed from %s)", done, replayed, log_path)
+    return TuneResult(states, done, time.perf_counter() - start, log_path, history)
+
+
+def estimate_s(states: Sequence[TaskState]) -> float:
+    """The model's kernels at their best configs so far (timed alone), summed: an estimate of one run."""
+    return sum(s.weight_s for s in states if math.isfinite(s.weight_s))
+
+
+def _state(task: Task, options: TuneOptions, index: int) -> TaskState:
+    tuner = make_tuner(options.tuner, task.space(), seed=options.seed + index, **options.tuner_args)
+    return TaskState(task, tuner)
+
+
+def _resume(states: list[TaskState], log_path: Path) -> int:
+    """Replay the log's records for these tasks into their tuners; how many were replayed."""
+    if not log_path.exists() or not states:
+        return 0
+    by_key = {s.task.key: s for s in states}
+    records = read_records([log_path], states[0].task.target)
+    failed = {(r.key, config_id(r.config)) for r in records if r.extra.get("check") == "failed"}
+    n = 0
+    for r in records:
+        s = by_key.get(r.key)
+        if s is None or r.config not in s.task.space():
+            continue
+        if r.extra.get("check") == "passed":
+            s.checked.add(config_id(r.config))
+        if r.extra.get("replay") == "skip":  # a check re-measurement: its first measurement is in the log
+            continue
+        cost = math.inf if (r.key, config_id(r.config)) in failed else r.cost_s
+        s.tuner.update([r.config], [cost])
+        s.trials += 1
+        if r.config == s.task.default() and math.isfinite(cost):
+            s.default_cost_s = cost
+        _accept(s, r.config, cost)
+        n += 1
+    for s in states:
+        s.history.append((s.trials, s.best_cost_s))
+    return n
+
+
+def _accept(s: TaskState, cfg: Config, cost: float) -> bool:
+    if math.isfinite(cost) and cost < s.best_cost_s:
+        s.best_cost_s, s.best_config, s.since_best = cost, dict(cfg), 0
+        return True
+    s.since_best += 1
+    return False
+
+
+def _round(s: TaskState, configs: list[Config], builder, runner: Runner, writer: RecordWriter,
+           options: TuneOptions, check_all: bool = False) -> None:
+    inputs = [MeasureInput(s.task, c, check=check_all) for c in configs]
+    results = runner.run(inputs, builder.build(inputs))
+    for cfg, res in zip(configs, results):
+        s.trials += 1
+        _write(writer, s, cfg, res, options, check="passed" if check_all and res.error is None else None)
+    costs = [r.cost_s for r in results]
+    s.tuner.update(configs, costs)
+    if check_all:
+        for cfg, res in zip(configs, results):
+            if res.error is None:
+                s.checked.add(config_id(cfg))
+                if cfg == s.task.default():
+                    s.default_cost_s = res.cost_s
+    improved = False
+    for k in sorted(range(len(configs)), key=lambda k: costs[k]):
+        cfg, cost = configs[k], costs[k]
+        if not (math.isfinite(cost) and cost < s.best_cost_s):
+            break
+        if config_id(cfg) not in s.checked:  # a new best: checked against the reference before it counts
+            probe = MeasureInput(s.task, cfg, check=True)
+            check = runner.run([probe], builder.build([probe]))[0]
+            _write(writer, s, cfg, check, options, check="passed" if check.error is None else "failed",
+                   replay="skip")
+            if check.error is not None:
+                log.warning("%s: config %s failed its reference check: %s", s.task.key, cfg, check.error)
+                continue
+            s.checked.add(config_id(cfg))
+        improved = _accept(s, cfg, cost)
+        break
+    if not improved:
+        s.since_best += len(configs)
+    s.history.append((s.trials, s.best_cost_s))
+
+
+def _write(writer: RecordWriter, s: TaskState, cfg: Config, res: MeasureResult, options: TuneOptions,
+           **extra) -> None:
+    extra = {k: v for k, v in extra.items() if v is not None}
+    writer.write(Record.measured(s.task.template, s.task.workload, s.task.target, cfg,
+                                 res.costs_s if res.error is None else [], res.error, trial=s.trials,
+                                 tuner=options.tuner, build_s=round(res.build_s, 3), **extra))

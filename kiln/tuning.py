@@ -1,0 +1,134 @@
+"""`kiln tune`: a model's tasks tuned into a records log, then the whole model compiled with the best configs
+and timed end to end against the defaults, in one process. The tuned artifact is kept only when it is faster;
+otherwise the default one is written and the log says so.
+
+    >>> result = kiln.tuning.tune_model("model.onnx", "tuning_logs/znver3/model.jsonl",   # doctest: +SKIP
+    ...                                 TuneOptions(trials=2000), Options(target="native"))
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import kiln
+from kiln.autotune.records import best_configs, read_records
+from kiln.autotune.runner import LocalRunner
+from kiln.autotune.tune import TuneEvent, TuneOptions, TuneResult, tune
+from kiln.codegen.target import resolve_target
+from kiln.config import Options
+from kiln.driver import model_tasks
+
+log = logging.getLogger(__name__)
+
+PAUSE_S = 0.5  # between timing blocks, so one model's thread pool is idle while the other runs
+
+
+@dataclass
+class ModelTuneResult:
+    tune: TuneResult
+    default_ms: float = math.nan  # whole model, default configs
+    tuned_ms: float = math.nan  # whole model, the log's best configs
+    kept: str = ""  # "tuned" or "default": what was written to `output`
+    curves: list[Path] = field(default_factory=list)
+
+
+def tune_model(model, log_path: str | Path, tune_options: TuneOptions | None = None, options: Options | None = None,
+               *, runner=None, output: str | Path | None = None, plot_dir: str | Path | None = None,
+               on_round: Callable[[TuneEvent], None] | None = None, repeat: int = 20) -> ModelTuneResult:
+    options = options or Options()
+    tune_options = tune_options or TuneOptions()
+    tasks = model_tasks(model, options)
+    result = ModelTuneResult(tune(tasks, log_path, tune_options, runner=runner, on_round=on_round))
+    if plot_dir is not None:
+        result.curves = plot_curves(result.tune, Path(plot_dir))
+    if runner is None or isinstance(runner, LocalRunner):  # a remote device's model is not timed here
+        _end_to_end(model, log_path, options, result, output, repeat)
+    return result
+
+
+def _end_to_end(model, log_path, options: Options, result: ModelTuneResult, output, repeat: int) -> None:
+    """Compile with defaults and with the log's best configs, time both interleaved, keep the faster."""
+    from kiln.zoo import feeds as random_feeds
+
+    import onnx
+
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(model)
+    target = resolve_target(options.target)
+    tuned_configs = best_configs(read_records([log_path], target))
+    with tempfile.TemporaryDirectory(prefix="kiln-tune-") as tmp:
+        plain = kiln.compile(proto, Path(tmp) / "default.so", Options(**{**vars(options), "configs": {}}))
+        tuned = kiln.compile(proto, Path(tmp) / "tuned.so", Options(**{**vars(options), "configs": tuned_configs}))
+        feeds = random_feeds(proto, seed=0)
+        models = {"default": kiln.load(plain.path), "tuned": kiln.load(tuned.path)}
+        want = models["default"].run(**feeds)
+        got = models["tuned"].run(**feeds)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-3, err_msg="the tuned model's outputs differ")
+        times: dict[str, list[float]] = {"default": [], "tuned": []}
+        for _ in range(5):
+            for name, m in models.items():
+                time.sleep(PAUSE_S)
+                m.run(**feeds)
+                for _ in range(max(1, repeat // 5)):
+                    t0 = time.perf_counter()
+                    m.run(**feeds)
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+        result.default_ms = float(np.median(times["default"]))
+        result.tuned_ms = float(np.median(times["tuned"]))
+        result.kept = "tuned" if result.tuned_ms < result.default_ms else "default"
+        if result.kept == "default":
+            log.warning("the tuned model (%.3f ms) is not faster than the default (%.3f ms) end to end: the default "
+                        "is kept", result.tuned_ms, result.default_ms)
+        if output is not None:
+            src = tuned.path if result.kept == "tuned" else plain.path
+            Path(output).write_bytes(Path(src).read_bytes())
+
+
+def plot_curves(result: TuneResult, folder: Path) -> list[Path]:
+    """One PNG per task (best GFLOPS against trials) and one for the model (estimated run time against trials)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from kiln.errors import KilnError
+
+        raise KilnError("--plot draws with matplotlib: pip install 'kiln[tune]'") from None
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, s in enumerate(result.states):
+        xs = [t for t, c in s.history if math.isfinite(c)]
+        ys = [s.task.flops / c / 1e9 for t, c in s.history if math.isfinite(c)]
+        if not xs:
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.step(xs, ys, where="post")
+        ax.set_xlabel("trials")
+        ax.set_ylabel("best GFLOPS")
+        ax.set_title(f"task {i}: {s.task.workload.template} ×{s.task.count}", fontsize=9)
+        fig.tight_layout()
+        path = folder / f"task{i:02d}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    if result.model_history:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.step([t for t, _ in result.model_history], [e * 1e3 for _, e in result.model_history], where="post")
+        ax.set_xlabel("trials")
+        ax.set_ylabel("kernels summed, ms (estimate)")
+        ax.set_title("model", fontsize=9)
+        fig.tight_layout()
+        path = folder / "model.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
