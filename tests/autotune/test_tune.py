@@ -1,0 +1,167 @@
+"""The tuning loop (issue 14): defaults measured first, a new best only after its reference check, failures
+cost one trial, every measurement in the log, and a run killed at any point resumes without measuring a config
+twice. A fake builder and runner make most of this fast and exact; one test tunes real kernels."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from kiln.autotune.builder import BuildResult
+from kiln.autotune.records import config_id, read_records
+from kiln.autotune.runner import LocalRunner, MeasureResult
+from kiln.autotune.tune import TuneOptions, tune
+from kiln.config import Options
+from kiln.driver import model_tasks
+from kiln.model_builders import GraphBuilder
+
+TARGET = "x86-avx512"
+
+
+def two_convs() -> onnx.ModelProto:
+    g = GraphBuilder("two_convs")
+    w1 = g.const(np.random.default_rng(0).standard_normal((16, 16, 3, 3)).astype(np.float32) * 0.2, "w1")
+    w2 = g.const(np.random.default_rng(1).standard_normal((32, 16, 1, 1)).astype(np.float32) * 0.2, "w2")
+    y = g.op("Relu", [g.op("Conv", ["x", w1], kernel_shape=[3, 3], pads=[1, 1, 1, 1])])
+    z = g.op("Conv", [y, w2], kernel_shape=[1, 1])
+    return g.model([helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 16, 20, 20])],
+                   [(z, onnx.TensorProto.FLOAT, [1, 32, 20, 20])])
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return model_tasks(two_convs(), Options(target=TARGET))
+
+
+class FakeBuilder:
+    def build(self, inputs):
+        return [BuildResult("unused.so", None, 0.0) for _ in inputs]
+
+
+class FakeRunner:
+    """Costs from a fixed function of the config; `crash` configs fail, `wrong` configs fail their check."""
+
+    def __init__(self, crash=(), wrong=()):
+        self.crash, self.wrong = {config_id(c) for c in crash}, {config_id(c) for c in wrong}
+        self.calls: list[tuple[str, str, bool]] = []
+
+    def run(self, inputs, builds):
+        out = []
+        for inp in inputs:
+            cid = config_id(inp.config)
+            self.calls.append((inp.task.key, cid, inp.check))
+            if cid in self.crash:
+                out.append(MeasureResult([], "crash: signal 11"))
+            elif inp.check and cid in self.wrong:
+                out.append(MeasureResult([], "wrong result: max abs err 3.1"))
+            else:
+                h = int(cid.encode().hex()[-6:], 16) % 1000
+                out.append(MeasureResult([1e-4 * (1 + h / 1000)] * 3))
+        return out
+
+
+def test_defaults_first_then_best_checked_failures_cost_one_trial(tasks, tmp_path):
+    conv = next(t for t in tasks if len(t.space()) > 50)
+    space = [c for c in conv.space() if c != conv.default()]
+    runner = FakeRunner(crash=space[:5], wrong=space[5:40])
+    result = tune(tasks, tmp_path / "log.jsonl", TuneOptions(trials=60, tuner="random", batch=8, seed=1),
+                  builder=FakeBuilder(), runner=runner)
+    first = [(key, check) for key, _, check in runner.calls[:len(tasks)]]
+    assert first == [(t.key, True) for t in tasks]  # every task's default, checked, before anything else
+    state = next(s for s in result.states if s.task.key == conv.key)
+    assert math.isfinite(state.default_cost_s) and state.best_cost_s <= state.default_cost_s
+    assert config_id(state.best_config) not in runner.wrong  # a config failing its check never becomes the best
+    records = read_records([tmp_path / "log.jsonl"], conv.target)
+    measured = [r for r in records if r.extra.get("replay") != "skip"]
+    assert len(measured) == result.trials
+    errors = [r for r in records if r.error]
+    assert all(r.error.startswith(("crash", "wrong")) for r in errors)
+    for s in result.states:  # every accepted best passed a check (the default's, or its own)
+        if s.best_config is not None:
+            assert config_id(s.best_config) in s.checked
+
+
+def test_resume_never_measures_a_config_twice(tasks, tmp_path):
+    log = tmp_path / "log.jsonl"
+    first = FakeRunner()
+    tune(tasks, log, TuneOptions(trials=30, tuner="xgb", batch=6, seed=3), builder=FakeBuilder(), runner=first)
+    second = FakeRunner()
+    result = tune(tasks, log, TuneOptions(trials=30, tuner="xgb", batch=6, seed=3), builder=FakeBuilder(),
+                  runner=second)
+    seen = {(k, c) for k, c, check in first.calls}
+    again = [(k, c) for k, c, check in second.calls if (k, c) in seen and not check]
+    assert again == [] and result.trials == 30
+    records = [r for r in read_records([log], tasks[0].target) if r.extra.get("replay") != "skip"]
+    ids = [(r.key, config_id(r.config)) for r in records]
+    assert len(ids) == len(set(ids)) == 60 - sum(1 for t in tasks if len(t.space()) == 1) * 0
+
+
+KILLED_RUN = textwrap.dedent("""
+    import sys
+    from kiln.autotune.tune import TuneOptions, tune
+    from kiln.config import Options
+    from kiln.driver import model_tasks
+    from tests.autotune.test_tune import FakeBuilder, FakeRunner, two_convs, TARGET
+
+    if __name__ == "__main__":
+        import time
+        class Slow(FakeRunner):
+            def run(self, inputs, builds):
+                time.sleep(0.05)
+                return super().run(inputs, builds)
+        tasks = model_tasks(two_convs(), Options(target=TARGET))
+        tune(tasks, sys.argv[1], TuneOptions(trials=400, tuner="random", batch=4, early_stop=10**6),
+             builder=FakeBuilder(), runner=Slow())
+""")
+
+
+def test_a_run_killed_with_sigkill_resumes(tasks, tmp_path):
+    log = tmp_path / "log.jsonl"
+    script = tmp_path / "run.py"
+    script.write_text(KILLED_RUN)
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen([sys.executable, str(script), str(log)], env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.exists() or log.read_text().count("\n") < 40):
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = [r for r in read_records([log], tasks[0].target) if r.extra.get("replay") != "skip"]
+    assert len(before) >= 40
+    runner = FakeRunner()
+    tune(tasks, log, TuneOptions(trials=20, tuner="random", batch=4), builder=FakeBuilder(), runner=runner)
+    done = {(r.key, config_id(r.config)) for r in before}
+    assert not [c for c in runner.calls if (c[0], c[1]) in done and not c[2]]
+    after = [r for r in read_records([log], tasks[0].target) if r.extra.get("replay") != "skip"]
+    assert len(after) == len(before) + 20
+
+
+def test_tuning_real_kernels_logs_costs_that_compile(tasks, tmp_path):
+    """Real builds and an isolated runner: a few trials on the two convs; the log's best configs compile into a
+    model that matches the default one."""
+    import kiln
+
+    log = tmp_path / "log.jsonl"
+    result = tune(tasks, log, TuneOptions(trials=len(tasks) + 6, tuner="random", batch=3),
+                  runner=LocalRunner(repeat=2, cold=False, timeout_s=30))
+    records = read_records([log], tasks[0].target)
+    assert records and all(r.error is None for r in records)
+    assert all(math.isfinite(s.best_cost_s) for s in result.states)
+    x = np.random.default_rng(0).standard_normal((1, 16, 20, 20)).astype(np.float32)
+    want = kiln.load(kiln.compile(two_convs(), tmp_path / "a.so", Options(target=TARGET)).path).run(x)[0]
+    report = kiln.compile(two_convs(), tmp_path / "b.so", Options(target=TARGET, tuning_logs=(log,)))
+    got = kiln.load(report.path).run(x)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert {s["workload"] for s in report.steps if s["config_source"] == "given"} == {
+        s.task.key for s in result.states if s.best_config is not None}
