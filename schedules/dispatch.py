@@ -15,8 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kiln.errors import InvalidConfig, TemplateFallbackWarning
 from kiln.ir import Function
+
+from kiln.errors import InvalidConfig, TemplateFallbackWarning
 
 from .space import Config
 from .target_info import target_info

@@ -7,14 +7,12 @@ threads, and a stage computed under a thread loop binds the same `threadIdx.x` e
 
 from __future__ import annotations
 
+from kiln.schedules.loops import divisors, n_reduction_axes  # noqa: F401  (re-exported to the cuda templates)
+
 MAX_THREADS = 1024  # per block, on every CUDA GPU since Fermi
 WARP = 32
 SHARED_BYTES = 48 * 1024  # static shared memory per block on every CUDA GPU
 MAX_ACCUMULATORS = 64  # per thread: beyond this the accumulators spill out of registers
-
-
-def n_reduction_axes(sch, block) -> int:
-    return sum(1 for iv in sch.get(block).iter_vars if int(iv.iter_type) == 2)  # 2: CommReduce
 
 
 def extent(sch, loop) -> int:
@@ -23,10 +21,6 @@ def extent(sch, loop) -> int:
 
 def largest_divisor(n: int, upto: int) -> int:
     return max(d for d in range(1, max(1, min(n, upto)) + 1) if n % d == 0)
-
-
-def divisors(n: int, upto: int | None = None) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0 and (upto is None or d <= upto)]
 
 
 def bind_spread(sch, loops, threads: int):

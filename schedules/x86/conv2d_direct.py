@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from kiln.ir.op import OpPattern
 from kiln.ir.ops.conv import CONV2D
+from kiln.schedules.loops import divisors
 from kiln.schedules.space import Config, Space
 from kiln.schedules.template import Template
 from kiln.schedules.workload import Group, Workload
@@ -43,7 +44,7 @@ def workload(group: Group, info) -> Workload:
 
 def _tiles(n: int, upto: int) -> list[int]:
     """Tile sizes above 1 (compute_at drops a unit tile loop, and the tile then has no vector or no rows)."""
-    return [d for d in range(2, min(n, upto) + 1) if n % d == 0]
+    return [d for d in divisors(n, upto) if d > 1]
 
 
 def space(wl: Workload, info=None) -> Space:

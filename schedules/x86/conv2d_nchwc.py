@@ -10,13 +10,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from kiln.errors import InvalidConfig
-from kiln.ir.ops.blocked import CONV2D_NCHWC, LAYOUT_TRANSFORM, ConvNCHWcAttrs, LayoutTransformAttrs, is_grouped
+from kiln.ir.ops.blocked import (
+    CONV2D_NCHWC,
+    LAYOUT_TRANSFORM,
+    ConvNCHWcAttrs,
+    LayoutTransformAttrs,
+    is_grouped,
+)
 from kiln.ir.ops.winograd import CONV2D_WINOGRAD, WinogradAttrs
 from kiln.ir.ops.winograd import transform_weight as winograd_weight
+from kiln.schedules.loops import divisors, n_reduction_axes
 from kiln.schedules.space import Space
 from kiln.schedules.template import Template
 from kiln.schedules.workload import Group, Workload
+
+from kiln.errors import InvalidConfig
 
 from . import winograd
 
@@ -30,10 +38,6 @@ class Config:
     unroll_kw: bool = False  # unroll the kernel-column loop too
     rows_outer: bool = False  # parallel axis: (row, channel block) instead of (channel block, row)
     k_chunk: int = 0  # input-channel blocks per pass over all the rows (0: the whole reduction per tile)
-
-
-def divisors(n: int, upto: int) -> list[int]:
-    return [d for d in range(1, min(n, upto) + 1) if n % d == 0]
 
 
 def registers(lanes: int) -> int:
@@ -106,7 +110,7 @@ def schedule(sch, conv_block, out_block, cfg: Config) -> list[str]:
     if sch.get(out_block).same_as(sch.get(conv_block)):
         out_block = sch.cache_write(conv_block, 0, "global")  # no epilogue: the copy out is the output stage
     sch.set_scope(conv_block, 0, "local")
-    n_red = sum(1 for iv in sch.get(conv_block).iter_vars if int(iv.iter_type) == 2)
+    n_red = n_reduction_axes(sch, conv_block)
     n, oc, oh, ow, ob, *reduce = sch.get_loops(conv_block)
     assert len(reduce) == n_red
     oco, oci = sch.split(oc, factors=[None, cfg.tile_oc])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from kiln.ir.op import OpPattern
 from kiln.ir.ops.conv import CONV2D_TRANSPOSE
+from kiln.schedules.loops import divisors
 from kiln.schedules.space import Config, Space
 from kiln.schedules.template import Template
 from kiln.schedules.workload import Group, Workload
@@ -36,20 +37,16 @@ def workload(group: Group, info) -> Workload:
     return Workload.of(f"{NAME}@{VERSION}", group, lanes=info.lanes(32), out_channels=oc, out_w=ow)
 
 
-def _divisors(n: int, upto: int) -> list[int]:
-    return [d for d in range(1, min(n, upto) + 1) if n % d == 0]
-
-
 def space(wl: Workload, info=None) -> Space:
-    return Space.of(tile_oc=_divisors(wl["out_channels"], 4 * wl["lanes"]), tile_ow=_divisors(wl["out_w"], 16))
+    return Space.of(tile_oc=divisors(wl["out_channels"], 4 * wl["lanes"]), tile_ow=divisors(wl["out_w"], 16))
 
 
 def default(wl: Workload, info=None) -> Config:
     # ≤ 12 accumulator vectors out of 16 (AVX2) or 32 (AVX-512): room for the weight vectors and a broadcast
     lanes = wl["lanes"]
-    oc = max(_divisors(wl["out_channels"], 2 * lanes))
+    oc = max(divisors(wl["out_channels"], 2 * lanes))
     vectors = -(-oc // lanes)
-    return {"tile_oc": oc, "tile_ow": max(_divisors(wl["out_w"], max(1, 12 // vectors)))}
+    return {"tile_oc": oc, "tile_ow": max(divisors(wl["out_w"], max(1, 12 // vectors)))}
 
 
 def schedule(sch, wl: Workload, cfg: Config) -> list[str]:

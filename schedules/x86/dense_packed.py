@@ -9,6 +9,7 @@ import math
 
 from kiln.ir.op import OpPattern
 from kiln.ir.ops.dense import DENSE_PACKED
+from kiln.schedules.loops import divisors
 from kiln.schedules.space import Config, Space
 from kiln.schedules.target_info import TargetInfo
 from kiln.schedules.template import Template
@@ -18,10 +19,6 @@ from kiln.errors import InvalidConfig
 
 VERSION = 2
 ACCUMULATORS = 24  # of 32 zmm registers: the rest hold the tile_n weight vectors and a broadcast input
-
-
-def divisors(n: int, upto: int) -> list[int]:
-    return [d for d in range(1, min(n, upto) + 1) if n % d == 0]
 
 
 def accumulators(lanes: int) -> int:

@@ -9,16 +9,13 @@ TVM rejects for a group is skipped, so the group still builds, only slower; the 
 
 from __future__ import annotations
 
+from kiln.schedules.loops import n_reduction_axes
 from kiln.schedules.space import Space
 from kiln.schedules.template import Template
 from kiln.schedules.workload import Workload
 
 VERSION = 1
 PARALLEL_MIN_ITERATIONS = 64  # enough outer iterations to keep every core of a small CPU busy
-
-
-def _n_reduction_axes(sch, block) -> int:
-    return sum(1 for iv in sch.get(block).iter_vars if int(iv.iter_type) == 2)  # 2: CommReduce
 
 
 def schedule(sch, wl: Workload, cfg) -> list[str]:
@@ -29,12 +26,12 @@ def schedule(sch, wl: Workload, cfg) -> list[str]:
     if not blocks:
         return ["empty"]
     out = blocks[-1]
-    reductions = [b for b in blocks[:-1] if _n_reduction_axes(sch, b)]
+    reductions = [b for b in blocks[:-1] if n_reduction_axes(sch, b)]
     for b in blocks[:-1]:
         if b not in reductions:
             _try(lambda b=b: sch.compute_inline(b))
     lanes = wl["lanes"]
-    if _n_reduction_axes(sch, out):
+    if n_reduction_axes(sch, out):
         _schedule_reduction(sch, out, lanes, steps, parallel=True)
         return steps
     loops = sch.get_loops(out)
@@ -113,7 +110,7 @@ def _schedule_reduction(sch, block, lanes, steps, parallel: bool) -> None:
     """Reduction loops moved outside the innermost spatial loop longer than 1, which is split to the vector width
     and vectorized before the init is split off (TVM refuses to vectorize a reduction block without its init);
     with `parallel`, the spatial loops outside that vector run in parallel."""
-    n_red = _n_reduction_axes(sch, block)
+    n_red = n_reduction_axes(sch, block)
     loops = sch.get_loops(block)
     spatial, reduce = loops[:-n_red], loops[-n_red:]
     if not parallel:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+from kiln.schedules.loops import divisors, n_reduction_axes
 from kiln.schedules.target_info import TargetInfo
 from kiln.schedules.workload import Group, Workload
 
@@ -29,13 +30,13 @@ def row_workload(name: str, group: Group, info: TargetInfo) -> Workload:
 
 def row_lanes(n: int, upto: int) -> list[int]:
     """Vector widths that divide a row of n: the row passes have no tails."""
-    return [d for d in range(1, min(n, upto) + 1) if n % d == 0]
+    return divisors(n, upto)
 
 
 def split_reduction(sch, block, lanes: int):
     """rfactor the block's single reduction loop into `lanes` partial results; returns the partial block, or
     None for one lane (a scalar reduction)."""
-    if sum(1 for iv in sch.get(block).iter_vars if int(iv.iter_type) == 2) != 1:  # 2: CommReduce
+    if n_reduction_axes(sch, block) != 1:
         raise InvalidConfig(f"{sch.get(block).name_hint} reduces over more than one axis")
     *_, k = sch.get_loops(block)
     n = int(sch.get(k).extent)
