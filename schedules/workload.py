@@ -42,6 +42,16 @@ class Group:
         anchors = [c for c in self.calls if c.op.pattern == OpPattern.OUT_ELEMWISE_FUSABLE]
         return anchors[-1] if anchors else None
 
+    def anchored_by(self, op: OpDef) -> bool:
+        """The group is `op` with injective producers (inlined into its input) and elementwise epilogues of its
+        output's shape (computed per tile): what the direct-conv style templates take."""
+        a = self.anchor
+        if a is None or a.op is not op or self.output[0] != tuple(int(d) for d in a.type.shape):
+            return False
+        at = self.calls.index(a)
+        return (all(c.op.pattern <= OpPattern.INJECTIVE for c in self.calls[:at])
+                and all(c.op.pattern <= OpPattern.BROADCAST for c in self.calls[at + 1:]))
+
     def find(self, *ops: OpDef) -> list[Call]:
         return [c for c in self.calls if c.op in ops]
 

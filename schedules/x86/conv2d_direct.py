@@ -9,7 +9,6 @@ channel count) or nothing is summed (a 1x1 conv of one channel per group).
 
 from __future__ import annotations
 
-from kiln.ir.op import OpPattern
 from kiln.ir.ops.conv import CONV2D
 from kiln.schedules.loops import divisors
 from kiln.schedules.space import Config, Space
@@ -25,12 +24,7 @@ MAX_ACCUMULATORS = 8  # accumulator vectors: leaves registers for the input vect
 def applies(group: Group) -> bool:
     """A 2-D NCHW conv with injective producers (inlined into its input) and elementwise epilogues of its output's
     shape (computed per tile)."""
-    conv = group.anchor
-    if conv is None or conv.op is not CONV2D or group.output[0] != tuple(int(d) for d in conv.type.shape):
-        return False
-    at = next(i for i, c in enumerate(group.calls) if c is conv)
-    return (all(c.op.pattern <= OpPattern.INJECTIVE for c in group.calls[:at])
-            and all(c.op.pattern <= OpPattern.BROADCAST for c in group.calls[at + 1:]))
+    return group.anchored_by(CONV2D)
 
 
 def workload(group: Group, info) -> Workload:

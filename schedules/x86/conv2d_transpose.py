@@ -9,7 +9,6 @@ tiles run in parallel. The knobs are the two tile sizes.
 
 from __future__ import annotations
 
-from kiln.ir.op import OpPattern
 from kiln.ir.ops.conv import CONV2D_TRANSPOSE
 from kiln.schedules.loops import divisors
 from kiln.schedules.space import Config, Space
@@ -24,12 +23,7 @@ ANCHOR, WEIGHTS, PAD = "conv_transpose", "conv_transpose_weight", "conv_transpos
 def applies(group: Group) -> bool:
     """A 2-D transposed conv with injective producers (inlined into its input) and elementwise epilogues of its output's
     shape (computed per tile)."""
-    conv = group.anchor
-    if conv is None or conv.op is not CONV2D_TRANSPOSE or group.output[0] != tuple(int(d) for d in conv.type.shape):
-        return False
-    at = next(i for i, c in enumerate(group.calls) if c is conv)
-    return (all(c.op.pattern <= OpPattern.INJECTIVE for c in group.calls[:at])
-            and all(c.op.pattern <= OpPattern.BROADCAST for c in group.calls[at + 1:]))
+    return group.anchored_by(CONV2D_TRANSPOSE)
 
 
 def workload(group: Group, info) -> Workload:
