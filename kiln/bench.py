@@ -81,3 +81,47 @@ def cpu_name() -> str:
     from kiln.autotune.records import cpu_name as name
 
     return name()
+
+
+def compare_tuned(model: str, target: str = "native", repeat: int = 20, threads: int = 2,
+                  tuning_logs: tuple = ()) -> dict:
+    """Kiln with default configs, Kiln tuned (the shipped logs for the target's CPU and `tuning_logs`) and ONNX
+    Runtime on one model, timed in alternating blocks in one process."""
+    import os
+
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    import onnx
+    import onnxruntime as ort
+
+    import kiln
+    from kiln import zoo
+    from kiln.config import Options
+
+    proto = zoo.resolve(model)
+    proto = proto if isinstance(proto, onnx.ModelProto) else onnx.load(proto)
+    feeds = zoo.feeds(proto, seed=0)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    want = sess.run(None, feeds)
+    with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
+        plain = kiln.compile(proto, Path(tmp) / "default.so", Options(target=target, shipped_logs=False))
+        tuned = kiln.compile(proto, Path(tmp) / "tuned.so", Options(target=target, tuning_logs=tuple(tuning_logs)))
+        engines = {"default": kiln.load(plain.path, num_threads=threads),
+                   "tuned": kiln.load(tuned.path, num_threads=threads)}
+        runs = {name: (lambda m=m: m.run(**feeds)) for name, m in engines.items()}
+        runs["onnxruntime"] = lambda: sess.run(None, feeds)
+        got = {name: engines[name].run(**feeds) for name in engines}
+        per_block = max(3, -(-repeat // ROUNDS))
+        ms: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(ROUNDS):
+            for name, fn in runs.items():
+                time.sleep(PAUSE_S)
+                ms[name] += list(time_ms(fn, per_block, 2))
+    med = {name: float(np.median(v)) for name, v in ms.items()}
+    match = all(np.allclose(g, w, rtol=1e-3, atol=1e-4) for name in got for g, w in zip(got[name], want))
+    return {"model": model, "threads": threads, "match": match, "median_ms": med,
+            "tuned_kernels": sum(1 for s in tuned.steps if s.get("config_source") == "given"),
+            "kernels": tuned.kernels, "default_ratio": med["default"] / med["onnxruntime"],
+            "tuned_ratio": med["tuned"] / med["onnxruntime"], "speedup": med["default"] / med["tuned"]}

@@ -26,6 +26,7 @@ class Options:
     num_threads: int | None = None
     measure: bool = False  # time each conv's candidate algorithms instead of trusting the cost model
     fuse_depthwise: bool = True  # CPU: a depthwise conv joins the 1x1 conv after it in one kernel
+    shipped_logs: bool = True  # apply the tuning logs that ship with Kiln for the target's CPU
     # workload key -> config (autotune records, a tuner's candidate); overrides what tuning_logs give
     configs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 

@@ -118,7 +118,7 @@ def tuned_configs(options: Options, target) -> dict[str, dict]:
     configs: dict[str, dict] = {}
     cpu = target_info(target).cpu
     folders = sorted(p for p in SHIPPED_LOGS.iterdir() if p.is_dir() and any(p.glob("*.jsonl")))
-    for folder in folders:
+    for folder in folders if options.shipped_logs else []:
         if folder.name != cpu:
             log.info("shipped tuning logs for %s not applied: the target's CPU is %s", folder.name, cpu)
             continue

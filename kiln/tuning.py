@@ -64,7 +64,8 @@ def _end_to_end(model, log_path, options: Options, result: ModelTuneResult, outp
     target = resolve_target(options.target)
     tuned_configs = best_configs(read_records([log_path], target))
     with tempfile.TemporaryDirectory(prefix="kiln-tune-") as tmp:
-        plain = kiln.compile(proto, Path(tmp) / "default.so", Options(**{**vars(options), "configs": {}}))
+        plain = kiln.compile(proto, Path(tmp) / "default.so",
+                             Options(**{**vars(options), "configs": {}, "shipped_logs": False, "tuning_logs": ()}))
         tuned = kiln.compile(proto, Path(tmp) / "tuned.so", Options(**{**vars(options), "configs": tuned_configs}))
         feeds = random_feeds(proto, seed=0)
         models = {"default": kiln.load(plain.path), "tuned": kiln.load(tuned.path)}
