@@ -1,6 +1,8 @@
 """RPC runner against a tracker and a server on 127.0.0.1 (subprocesses, free ports): candidates upload, check
 and time on the server; a candidate that crashes the server's session costs one candidate, the server serves on."""
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +21,19 @@ from kiln.schedules.dispatch import task_of
 from tests.groups import op_group
 
 KEY = "kiln-test-x86"
+
+
+def start(argv: list[str], **kwargs) -> subprocess.Popen:
+    """A process in a group of its own: TVM's tracker and server leave workers behind that stop() also ends."""
+    return subprocess.Popen(argv, start_new_session=True, **kwargs)
+
+
+def stop(p: subprocess.Popen) -> None:
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    p.wait()
 
 
 def free_port() -> int:
@@ -45,7 +60,7 @@ def wait_for_server(port: int, key: str, timeout_s: float) -> None:
 def tracker_and_server():
     """(tracker port, server process): a tracker and one kiln rpc_server on 127.0.0.1."""
     tracker_port, server_port = free_port(), free_port()
-    tracker = subprocess.Popen(
+    tracker = start(
         [
             sys.executable,
             "-m",
@@ -62,7 +77,7 @@ def tracker_and_server():
     server = None
     try:
         wait_port(tracker_port)
-        server = subprocess.Popen(
+        server = start(
             [
                 sys.executable,
                 rpc_server.__file__,
@@ -81,8 +96,7 @@ def tracker_and_server():
     finally:
         for p in (server, tracker):
             if p is not None:
-                p.kill()
-                p.wait()
+                stop(p)
 
 
 def wait_port(port: int, timeout_s: float = 30) -> None:
@@ -157,3 +171,80 @@ def test_a_hang_on_the_server_times_out_and_the_next_candidate_runs(softmax, tra
         hung, ok = runner.run([good, good], [BuildResult(str(tmp_path / "hang.so"), None, 0.0), built])
     assert hung.error == "timeout after 4 s", hung
     assert ok.error is None and len(ok.costs_s) == 1, ok
+
+
+@pytest.mark.slow
+def test_aarch64_server_under_qemu_measures_cross_compiled_candidates(tmp_path):
+    """bench/rpc_aarch64.sh: an arm64 Python + TVM (DIR from KILN_AARCH64_DIR) serving under qemu-user."""
+    folder = Path(os.environ.get("KILN_AARCH64_DIR", Path.home() / ".cache/kiln/aarch64"))
+    if not (folder / "py-a64").exists():
+        pytest.skip(f"no aarch64 Python + TVM at {folder}: bench/rpc_aarch64.sh makes one")
+    target = resolve_target("aarch64")
+    fn = op_group(SOFTMAX, [((8, 64), "float32")], SOFTMAX.make_attrs(axis=1))
+    template, wl = task_of(fn, target)
+    task = Task(template, wl, fn, target)
+    configs = [{"lanes": 4, "store_exp": True}, {"lanes": 1, "store_exp": False}]  # NEON: 4 lanes of fp32
+    assert all(cfg in task.space() for cfg in configs)
+    inputs = [MeasureInput(task, cfg, check=True) for cfg in configs]
+    crash_c = tmp_path / "crash.c"
+    crash_c.write_text(
+        "int __tvm_ffi_main(void* s, const void* a, int n, void* r) { *(volatile int*)0 = 1; return 0; }"
+    )
+    subprocess.run(
+        ["aarch64-linux-gnu-gcc", "-shared", "-fPIC", str(crash_c), "-o", str(tmp_path / "crash.so")],
+        check=True,
+    )
+    tracker_port, server_port = free_port(), free_port()
+    tracker = start(
+        [
+            sys.executable,
+            "-m",
+            "tvm.exec.rpc_tracker",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(tracker_port),
+            "--port-end",
+            str(tracker_port + 1),
+            "--silent",
+        ]
+    )
+    server = None
+    try:
+        wait_port(tracker_port)
+        env = dict(
+            os.environ, TVM_USE_RUNTIME_LIB="1", PYTHONPATH=str(folder / "site")
+        )  # the runtime suffices
+        server = start(
+            [
+                str(folder / "py-a64"),
+                rpc_server.__file__,
+                "--tracker",
+                f"127.0.0.1:{tracker_port}",
+                "--key",
+                "a64",
+                "--port",
+                str(server_port),
+            ],
+            env=env,
+        )
+        with LocalBuilder(workers=1, build_dir=str(tmp_path)) as builder:
+            builds = builder.build(inputs)
+        assert [b.error for b in builds] == [None, None]
+        assert all(Path(b.path).read_bytes()[18] == 0xB7 for b in builds)  # ELF e_machine 183: AArch64
+        wait_for_server(tracker_port, "a64", 300)  # importing TVM under emulation takes a while
+        runner = RPCRunner(f"127.0.0.1:{tracker_port}", "a64", repeat=2, timeout_s=120, wait_s=300)
+        batch = [
+            (inputs[0], builds[0]),
+            (inputs[0], BuildResult(str(tmp_path / "crash.so"), None, 0.0)),
+            (inputs[1], builds[1]),
+        ]
+        results = runner.run([i for i, _ in batch], [b for _, b in batch])
+        assert results[0].error is None and len(results[0].costs_s) == 2, results[0]
+        assert results[1].error.startswith("crash: remote session died"), results[1]
+        assert results[2].error is None and len(results[2].costs_s) == 2, results[2]
+        assert server.poll() is None
+    finally:
+        for p in (server, tracker):
+            if p is not None:
+                stop(p)
