@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 
 from kiln.autotune.builder import BuildResult, MeasureInput
-from kiln.autotune.runner import MeasureResult, TimingOptions, measure_library, prepare_inputs
+from kiln.autotune.runner import MeasureResult, TimingOptions, device_kind, measure_library, prepare_inputs
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +79,9 @@ class RPCRunner:
             name = f"kiln_{os.getpid()}_{os.path.basename(path)}"
             session.upload(path, target=name)
             module = session.load_module(name)
-            dev = session.device(_device_kind(inp.task.target))
-            timing = self.timing if dev.dlpack_device_type() == 1 else _no_flush(self.timing)  # 1: CPU
+            dev = session.device(device_kind(inp.task.target))
             costs, error = measure_library(
-                path, inp.task, dict(inp.config), arrays, reference, timing, dev, module
+                path, inp.task, dict(inp.config), arrays, reference, self.timing, dev, module
             )
         except Exception as err:  # noqa: BLE001  (the session died or timed out under this candidate)
             costs, error = [], f"run: {type(err).__name__}: {_last_line(err)}"
@@ -115,16 +114,6 @@ class RPCRunner:
                     f"none free at tracker {self.tracker[0]}:{self.tracker[1]} after {self.wait_s:g} s"
                 )
             time.sleep(0.5)
-
-
-def _device_kind(target) -> str:
-    kind = target.kind.name
-    return {"llvm": "cpu", "c": "cpu"}.get(kind, kind)
-
-
-def _no_flush(timing: TimingOptions) -> TimingOptions:
-    # cache_flush_bytes flushes CPU caches only: a GPU kernel is timed warm, `number` calls per repeat
-    return TimingOptions(timing.number, timing.repeat, timing.min_repeat_ms, cold=False)
 
 
 def _last_line(err: BaseException) -> str:

@@ -301,7 +301,9 @@ def measure_library(
     the library is: here, or on a remote device through its `module` and `dev` (rpc.py)."""
     import tvm
 
-    dev = dev if dev is not None else tvm.cpu()
+    dev = dev if dev is not None else tvm.device(device_kind(task.target))
+    if dev.dlpack_device_type() != 1:  # not a CPU: cache_flush_bytes flushes CPU caches only; time warm
+        timing = TimingOptions(timing.number, timing.repeat, timing.min_repeat_ms, cold=False)
     try:
         module = module if module is not None else tvm.runtime.load_module(path)
     except Exception as err:  # noqa: BLE001
@@ -320,6 +322,28 @@ def measure_library(
     except Exception as err:  # noqa: BLE001  (a runtime error in the candidate: its result)
         return [], f"run: {type(err).__name__}: {_short(err)}"
     return [float(c) for c in costs], None
+
+
+def device_kind(target) -> str:
+    """The TVM device a target's kernels run on: "cpu" for LLVM targets, else the kind ("cuda")."""
+    kind = target.kind.name
+    return {"llvm": "cpu", "c": "cpu"}.get(kind, kind)
+
+
+def run_batch_file(batch_path: str, results_path: str, **options) -> None:
+    """Measure a pickled batch, `{"inputs": [...], "builds": [...], "options": {...}}` (library paths relative
+    to the batch file's folder), with a LocalRunner, and pickle the list of MeasureResults to `results_path`:
+    how a machine reached only in batches (a GPU host) measures what was built elsewhere."""
+    with open(batch_path, "rb") as f:
+        batch = pickle.load(f)
+    folder = os.path.dirname(os.path.abspath(batch_path))
+    builds = [
+        BuildResult(os.path.join(folder, b.path) if b.path else None, b.error, b.build_s)
+        for b in batch["builds"]
+    ]
+    results = LocalRunner(**{**batch.get("options", {}), **options}).run(batch["inputs"], builds)
+    with open(results_path, "wb") as f:
+        pickle.dump(results, f)
 
 
 def _poison(shape, dtype: str) -> np.ndarray:
@@ -347,3 +371,11 @@ def compare(got: np.ndarray, want: np.ndarray) -> str | None:
 def _short(err: BaseException) -> str:
     lines = [ln for ln in str(err).splitlines() if ln.strip()]
     return (lines[-1] if lines else "")[:300]
+
+
+if __name__ == "__main__":  # python -m kiln.autotune.runner BATCH.pkl RESULTS.pkl
+    from kiln.autotune.runner import (
+        run_batch_file as run,
+    )  # the classes as the package names them, not __main__
+
+    run(sys.argv[1], sys.argv[2])

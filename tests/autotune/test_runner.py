@@ -1,13 +1,15 @@
 """Builder and local runner: candidates build in worker processes and time in an isolated child; a crash, a hang
 or a wrong result costs one candidate and the rest of the batch still runs."""
 
+import os
 import pickle
 import subprocess
+import sys
 
 import numpy as np
 import pytest
 from kiln.autotune.builder import BuildResult, LocalBuilder, MeasureInput, build_one
-from kiln.autotune.runner import LocalRunner, compare
+from kiln.autotune.runner import LocalRunner, MeasureResult, compare
 from kiln.autotune.tasks import Task
 from kiln.codegen.target import resolve_target
 from kiln.ir.ops.elementwise import RELU
@@ -105,3 +107,31 @@ def test_compare_uses_the_dtype_tolerance():
     assert compare(np.full_like(want, np.nan), want).startswith("wrong result: max abs err inf")
     assert compare(want.astype("float16") + np.float16(0.004), want.astype("float16")) is None
     assert compare(np.arange(4, dtype="int32") + 1, np.arange(4, dtype="int32")).startswith("wrong result")
+
+
+def test_a_batch_file_measures_where_it_is_run(softmax, tmp_path):
+    """The GPU-machine shape: built files and a pickled batch go over, a pickled list of results comes back."""
+    inputs = [MeasureInput(softmax, softmax.default(), check=True), MeasureInput(softmax, {"lanes": 3})]
+    with LocalBuilder(workers=1, build_dir=str(tmp_path)) as builder:
+        (built,) = builder.build(inputs[:1])
+    builds = [
+        BuildResult(os.path.basename(built.path), None, built.build_s),
+        BuildResult(None, "build: x", 0.1),
+    ]
+    batch = {"inputs": inputs, "builds": builds, "options": {"repeat": 2, "timeout_s": 20}}
+    (tmp_path / "batch.pkl").write_bytes(pickle.dumps(batch))
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kiln.autotune.runner",
+            str(tmp_path / "batch.pkl"),
+            str(tmp_path / "results.pkl"),
+        ],
+        check=True,
+        cwd="/",
+    )
+    results = pickle.loads((tmp_path / "results.pkl").read_bytes())
+    assert [type(r) for r in results] == [MeasureResult, MeasureResult]  # the package's class, not __main__'s
+    assert results[0].error is None and len(results[0].costs_s) == 2, results[0]
+    assert results[1].error == "build: x" and not results[1].costs_s
