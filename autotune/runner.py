@@ -95,8 +95,10 @@ class LocalRunner:
         prepare_timeout_s: float = 300.0,
         threads: int | None = None,
         seed: int = 0,
+        stderr=None,
     ):
         self.timing = TimingOptions(number, repeat, min_repeat_ms, cold)
+        self.stderr = stderr  # the child's stderr: inherited, or a file (TVM's crash backtraces land there)
         self.timeout_s = timeout_s
         self.prepare_timeout_s = prepare_timeout_s
         self.threads = threads
@@ -116,7 +118,7 @@ class LocalRunner:
                 if child is None or child.threads != threads:
                     if child is not None:
                         child.close()
-                    child = _Child(threads)
+                    child = _Child(threads, self.stderr)
                 start = time.perf_counter()
                 costs, error = child.measure(
                     inp, built.path, self.timing, self.seed, self.timeout_s, self.prepare_timeout_s
@@ -135,13 +137,14 @@ class _Child:
 
     START_TIMEOUT_S = 120.0
 
-    def __init__(self, threads: int):
+    def __init__(self, threads: int, stderr=None):
         self.threads = threads
         env = dict(os.environ, TVM_NUM_THREADS=str(threads))
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "from kiln.autotune.runner import worker_main; worker_main()"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            stderr=stderr,
             env=env,
         )
         self.tasks: set[str] = set()  # keys of the tasks the child already holds

@@ -152,8 +152,9 @@ def test_a_wrong_result_on_the_server_is_caught_here(softmax, tracker_and_server
         [BuildResult(str(tmp_path / "noop.so"), None, 0.0)],
     )
     assert r.error.startswith("wrong result: max abs err inf"), r
-    assert (
-        Path(rpc_server.__file__).read_text().count("import kiln") == 0
+    imports = [ln for ln in Path(rpc_server.__file__).read_text().splitlines() if "import " in ln]
+    assert imports and not any("kiln" in ln for ln in imports), (
+        imports
     )  # the server file runs on a bare board
 
 
