@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
-import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,14 +14,14 @@ import onnx
 
 import kiln
 import kiln.tuning_logs
+from kiln.autotune.measure import measure_candidates
+from kiln.autotune.tasks import Task, extract_tasks
 from kiln.codegen.artifact import write_artifact
 from kiln.codegen.build import build
 from kiln.codegen.cuda import is_cuda, write_ptx
 from kiln.codegen.target import required_cpu_features, resolve_target, toolchain
 from kiln.config import Options
 from kiln.frontend import from_onnx
-from kiln.autotune.measure import measure_candidates
-from kiln.autotune.tasks import Task, extract_tasks
 from kiln.ir import Call, Function, IRModule
 from kiln.ir.ops.conv import CONV2D
 from kiln.ir.visitor import post_order
@@ -30,7 +30,6 @@ from kiln.schedules.choose import Choice, ConvWorkload, choose
 from kiln.schedules.dispatch import task_of
 from kiln.schedules.target_info import target_info, vector_lanes
 from kiln.schedules.workload import Group
-
 
 log = logging.getLogger(__name__)
 

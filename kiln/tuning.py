@@ -56,9 +56,9 @@ def tune_model(model, log_path: str | Path, tune_options: TuneOptions | None = N
 
 def _end_to_end(model, log_path, options: Options, result: ModelTuneResult, output, repeat: int) -> None:
     """Compile with defaults and with the log's best configs, time both interleaved, keep the faster."""
-    from kiln.zoo import feeds as random_feeds
-
     import onnx
+
+    from kiln.zoo import feeds as random_feeds
 
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load(model)
     target = resolve_target(options.target)

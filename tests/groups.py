@@ -4,7 +4,6 @@ lowered through the template registry exactly as a model's group is (codegen/low
 from __future__ import annotations
 
 import numpy as np
-
 from kiln.ir import Call, Function, TensorType, var
 
 

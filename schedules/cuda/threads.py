@@ -7,7 +7,7 @@ threads, and a stage computed under a thread loop binds the same `threadIdx.x` e
 
 from __future__ import annotations
 
-from kiln.schedules.loops import divisors, n_reduction_axes  # noqa: F401  (re-exported to the cuda templates)
+from kiln.schedules.loops import divisors, n_reduction_axes
 
 MAX_THREADS = 1024  # per block, on every CUDA GPU since Fermi
 WARP = 32

@@ -370,7 +370,7 @@ def _conv_valid_inputs(fn, arrays: dict, rng) -> dict:
     if a.op is not CONV2D_WINOGRAD:
         return arrays
     i = fn.params.index(a.args[1])
-    alpha, _, ocb, c, ob = a.args[1].type.shape
+    _, _, ocb, c, ob = a.args[1].type.shape
     w = (rng.standard_normal((ocb * ob, c, 3, 3)) * 0.3).astype(a.args[1].type.dtype)
     return {**arrays, i: winograd_weight(w, a.attrs.tile, ob)}
 

@@ -4,7 +4,6 @@ twice. A fake builder and runner make most of this fast and exact; one test tune
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -16,12 +15,12 @@ import time
 import numpy as np
 import onnx
 import pytest
-from onnx import helper
-
 from kiln.autotune.builder import BuildResult
 from kiln.autotune.records import config_id, read_records
 from kiln.autotune.runner import LocalRunner, MeasureResult
 from kiln.autotune.tune import TuneOptions, tune
+from onnx import helper
+
 from kiln.config import Options
 from kiln.driver import model_tasks
 from kiln.model_builders import GraphBuilder

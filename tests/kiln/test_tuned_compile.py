@@ -11,12 +11,12 @@ import sys
 import numpy as np
 import onnx
 import pytest
+from kiln.autotune.records import Record, RecordWriter, read_records
+from kiln.codegen.target import resolve_target
 from onnx import helper
 
 import kiln
-import kiln.driver as driver
-from kiln.autotune.records import Record, RecordWriter, read_records
-from kiln.codegen.target import resolve_target
+from kiln import driver
 from kiln.config import Options
 from kiln.model_builders import GraphBuilder
 

@@ -66,7 +66,7 @@ def test_every_template_is_exercised(small_tasks):
 
 
 def test_random_configs_build_and_match_the_reference(small_tasks):
-    name, target, tasks = small_tasks
+    _, target, tasks = small_tasks
     checked = 0
     for i, (model, task) in enumerate(tasks):
         if len(task.space()) == 1:
