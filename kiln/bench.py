@@ -25,6 +25,14 @@ def _summary(ms: list[float]) -> dict:
     return {"median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)), "runs": len(ms)}
 
 
+def _ort_session(ort, proto, threads: int):
+    """ONNX Runtime on the CPU with `threads` intra-op threads, as Kiln gets."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
 def compare(model: str, target: str = "native", repeat: int = 20, threads: int = 2,
             on_progress: Callable[[int, int], None] | None = None, tuning_logs: tuple = ()) -> dict:
     import os
@@ -46,10 +54,7 @@ def compare(model: str, target: str = "native", repeat: int = 20, threads: int =
     proto = zoo.resolve(model)
     proto = proto if isinstance(proto, onnx.ModelProto) else onnx.load(proto)
     feeds = zoo.feeds(proto, seed=0)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = _ort_session(ort, proto, threads)
     want = sess.run(None, feeds)
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
         report = kiln.compile(proto, Path(tmp) / "model.so", Options(target=target, tuning_logs=tuple(tuning_logs)),
@@ -100,10 +105,7 @@ def compare_tuned(model: str, target: str = "native", repeat: int = 20, threads:
     proto = zoo.resolve(model)
     proto = proto if isinstance(proto, onnx.ModelProto) else onnx.load(proto)
     feeds = zoo.feeds(proto, seed=0)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = _ort_session(ort, proto, threads)
     want = sess.run(None, feeds)
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
         plain = kiln.compile(proto, Path(tmp) / "default.so", Options(target=target, shipped_logs=False))

@@ -56,24 +56,17 @@ def wait_for_server(port: int, key: str, timeout_s: float) -> None:
     raise TimeoutError(f"no {key} server registered at the tracker on port {port} within {timeout_s} s")
 
 
+def start_tracker(port: int):
+    """A TVM RPC tracker on 127.0.0.1:port, in its own process group."""
+    return start([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port),
+                  "--port-end", str(port + 1), "--silent"])
+
+
 @pytest.fixture(scope="module")
 def tracker_and_server():
     """(tracker port, server process): a tracker and one kiln rpc_server on 127.0.0.1."""
     tracker_port, server_port = free_port(), free_port()
-    tracker = start(
-        [
-            sys.executable,
-            "-m",
-            "tvm.exec.rpc_tracker",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(tracker_port),
-            "--port-end",
-            str(tracker_port + 1),
-            "--silent",
-        ]
-    )
+    tracker = start_tracker(tracker_port)
     server = None
     try:
         wait_port(tracker_port)
@@ -196,20 +189,7 @@ def test_aarch64_server_under_qemu_measures_cross_compiled_candidates(tmp_path):
         check=True,
     )
     tracker_port, server_port = free_port(), free_port()
-    tracker = start(
-        [
-            sys.executable,
-            "-m",
-            "tvm.exec.rpc_tracker",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(tracker_port),
-            "--port-end",
-            str(tracker_port + 1),
-            "--silent",
-        ]
-    )
+    tracker = start_tracker(tracker_port)
     server = None
     try:
         wait_port(tracker_port)
