@@ -203,9 +203,15 @@ def read_records(paths: str | os.PathLike | Iterable[str | os.PathLike], target=
 
 
 def best_records(records: Iterable[Record]) -> dict[str, Record]:
-    """The lowest-cost record per workload key; failed records never win, ties keep the first."""
+    """The lowest-cost record per workload key; failed records never win, ties keep the first. Where a key has
+    verified records (the tuner's final A/B of its best against the default, timed interleaved in one
+    process), only those count: a search's single lucky measurement must not outrank them."""
+    records = list(records)
+    verified = {r.key for r in records if r.extra.get("verified")}
     best: dict[str, Record] = {}
     for r in records:
+        if r.key in verified and not r.extra.get("verified"):
+            continue
         if r.error is None and r.costs_s and (r.key not in best or r.cost_s < best[r.key].cost_s):
             best[r.key] = r
     return best

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from kiln.autotune.builder import LocalBuilder, MeasureInput
 from kiln.autotune.records import Record, RecordWriter, config_id, read_records
 from kiln.autotune.runner import LocalRunner, MeasureResult, Runner
@@ -43,6 +44,7 @@ class TuneOptions:
     time_budget_s: float | None = None
     seed: int = 0
     tuner_args: dict = field(default_factory=dict)
+    verify_rounds: int = 3  # at the end, each task's best and default timed alternately this many times
 
 
 @dataclass
@@ -57,6 +59,7 @@ class TaskState:
     history: list[tuple[int, float]] = field(default_factory=list)  # (trial count, best cost) after each round
     checked: set[str] = field(default_factory=set)  # config ids that passed the reference check
     done: bool = False
+    verified: str | None = None  # config id of the best as last verified against the default
 
     @property
     def weight_s(self) -> float:
@@ -144,6 +147,11 @@ def tune(tasks: Sequence[Task], log_path: str | Path, options: TuneOptions | Non
                 history.append((done, estimate_s(states)))
                 if on_round:
                     on_round(TuneEvent(i, s, states, done, budget, time.perf_counter() - start))
+            if options.verify_rounds:
+                for i, s in enumerate(states):
+                    if _verify(s, builder, runner, writer, options) and on_round:
+                        on_round(TuneEvent(i, s, states, done, budget, time.perf_counter() - start))
+                history.append((done, estimate_s(states)))
     finally:
         if own_builder:
             builder.close()
@@ -168,6 +176,7 @@ def _resume(states: list[TaskState], log_path: Path) -> int:
     by_key = {s.task.key: s for s in states}
     records = read_records([log_path], states[0].task.target)
     failed = {(r.key, config_id(r.config)) for r in records if r.extra.get("check") == "failed"}
+    verified: dict[str, list[Record]] = {}
     n = 0
     for r in records:
         s = by_key.get(r.key)
@@ -175,6 +184,9 @@ def _resume(states: list[TaskState], log_path: Path) -> int:
             continue
         if r.extra.get("check") == "passed":
             s.checked.add(config_id(r.config))
+        if r.extra.get("verified"):
+            verified.setdefault(r.key, []).append(r)
+            continue
         if r.extra.get("replay") == "skip":  # a check re-measurement: its first measurement is in the log
             continue
         cost = math.inf if (r.key, config_id(r.config)) in failed else r.cost_s
@@ -185,6 +197,14 @@ def _resume(states: list[TaskState], log_path: Path) -> int:
         _accept(s, r.config, cost)
         n += 1
     for s in states:
+        if s.task.key in verified:  # the last A/B stands: its winner is the best, at its verified cost
+            last = verified[s.task.key][-2:]
+            winner = min(last, key=lambda r: r.cost_s)
+            s.best_config, s.best_cost_s = dict(winner.config), winner.cost_s
+            s.verified = config_id(winner.config)
+            default = next((r for r in last if r.config == s.task.default()), None)
+            if default is not None:
+                s.default_cost_s = default.cost_s
         s.history.append((s.trials, s.best_cost_s))
     return n
 
@@ -231,6 +251,34 @@ def _round(s: TaskState, configs: list[Config], builder, runner: Runner, writer:
     if not improved:
         s.since_best += len(configs)
     s.history.append((s.trials, s.best_cost_s))
+
+
+def _verify(s: TaskState, builder, runner: Runner, writer: RecordWriter, options: TuneOptions) -> bool:
+    """Time the best and the default alternately in one runner batch (so both see the same machine), record
+    both as verified, and keep the faster: a search's best is one measurement, and a slow stretch of the
+    machine during the default's turn would otherwise make any config look better than it."""
+    default = s.task.default()
+    if s.best_config is None or s.best_config == default or s.verified == config_id(s.best_config):
+        return False
+    pair = [MeasureInput(s.task, default), MeasureInput(s.task, s.best_config)]
+    built = builder.build(pair)
+    results = runner.run(pair * options.verify_rounds, built * options.verify_rounds)
+    costs: dict[int, list[float]] = {0: [], 1: []}
+    for k, res in enumerate(results):
+        if res.error is None:
+            costs[k % 2] += res.costs_s
+    if not costs[0] or not costs[1]:
+        return False
+    med = {k: float(np.median(v)) for k, v in costs.items()}
+    winner = s.best_config if med[1] < med[0] else default
+    for k, cfg in enumerate((default, s.best_config)):
+        writer.write(Record.measured(s.task.template, s.task.workload, s.task.target, cfg, costs[k], None,
+                                     trial=s.trials, tuner=options.tuner, verified=True, replay="skip",
+                                     winner=config_id(winner)))
+    s.default_cost_s = med[0]
+    s.best_config, s.best_cost_s = dict(winner), min(med.values())
+    s.verified = config_id(s.best_config)
+    return True
 
 
 def _write(writer: RecordWriter, s: TaskState, cfg: Config, res: MeasureResult, options: TuneOptions,
