@@ -115,8 +115,8 @@ def tune(tasks: Sequence[Task], log_path: str | Path, options: TuneOptions | Non
     runner = runner or LocalRunner()
     states = [_state(t, options, i) for i, t in enumerate(tasks)]
     replayed = _resume(states, log_path)
-    budget = options.trials
-    done = 0
+    budget = options.trials  # in all: the trials a resumed log already holds count
+    done = replayed
     history: list[tuple[int, float]] = []
     try:
         with RecordWriter(log_path) as writer:
@@ -155,7 +155,7 @@ def tune(tasks: Sequence[Task], log_path: str | Path, options: TuneOptions | Non
     finally:
         if own_builder:
             builder.close()
-    log.info("tuned %d trials (%d replayed from %s)", done, replayed, log_path)
+    log.info("%d trials, %d of them replayed from %s", done, replayed, log_path)
     return TuneResult(states, done, time.perf_counter() - start, log_path, history)
 
 

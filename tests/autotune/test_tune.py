@@ -97,10 +97,11 @@ def test_resume_never_measures_a_config_twice(tasks, tmp_path):
     opts = TuneOptions(trials=30, tuner="xgb", batch=6, seed=3, verify_rounds=0)
     tune(tasks, log, opts, builder=FakeBuilder(), runner=first)
     second = FakeRunner()
+    opts.trials = 60  # in all: the 30 in the log count
     result = tune(tasks, log, opts, builder=FakeBuilder(), runner=second)
     seen = {(k, c) for k, c, check in first.calls}
     again = [(k, c) for k, c, check in second.calls if (k, c) in seen and not check]
-    assert again == [] and result.trials == 30
+    assert again == [] and result.trials == 60 and len(second.calls) >= 30
     records = [r for r in read_records([log], tasks[0].target) if r.extra.get("replay") != "skip"]
     ids = [(r.key, config_id(r.config)) for r in records]
     assert len(ids) == len(set(ids)) == 60 - sum(1 for t in tasks if len(t.space()) == 1) * 0
@@ -173,8 +174,8 @@ def test_a_run_killed_with_sigkill_resumes(tasks, tmp_path):
     before = [r for r in read_records([log], tasks[0].target) if r.extra.get("replay") != "skip"]
     assert len(before) >= 40
     runner = FakeRunner()
-    tune(tasks, log, TuneOptions(trials=20, tuner="random", batch=4, verify_rounds=0), builder=FakeBuilder(),
-         runner=runner)
+    tune(tasks, log, TuneOptions(trials=len(before) + 20, tuner="random", batch=4, verify_rounds=0),
+         builder=FakeBuilder(), runner=runner)
     done = {(r.key, config_id(r.config)) for r in before}
     assert not [c for c in runner.calls if (c[0], c[1]) in done and not c[2]]
     after = [r for r in read_records([log], tasks[0].target) if r.extra.get("replay") != "skip"]
