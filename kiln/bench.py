@@ -33,12 +33,24 @@ def _ort_session(ort, proto, threads: int):
     return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
+def _reference(model: str, ort, threads: int):
+    """(model proto, seeded feeds, ONNX Runtime session, its outputs) for a model path or zoo name."""
+    import onnx
+
+    from kiln import zoo
+
+    proto = zoo.resolve(model)
+    proto = proto if isinstance(proto, onnx.ModelProto) else onnx.load(proto)
+    feeds = zoo.feeds(proto, seed=0)
+    sess = _ort_session(ort, proto, threads)
+    return proto, feeds, sess, sess.run(None, feeds)
+
+
 def compare(model: str, target: str = "native", repeat: int = 20, threads: int = 2,
             on_progress: Callable[[int, int], None] | None = None, tuning_logs: tuple = ()) -> dict:
     import os
 
     os.environ["TVM_NUM_THREADS"] = str(threads)  # before TVM's thread pool starts
-    import onnx
 
     try:
         import onnxruntime as ort
@@ -48,14 +60,9 @@ def compare(model: str, target: str = "native", repeat: int = 20, threads: int =
         raise KilnError("kiln bench compares against ONNX Runtime: pip install 'kiln[bench]'") from None
 
     import kiln
-    from kiln import zoo
     from kiln.config import Options
 
-    proto = zoo.resolve(model)
-    proto = proto if isinstance(proto, onnx.ModelProto) else onnx.load(proto)
-    feeds = zoo.feeds(proto, seed=0)
-    sess = _ort_session(ort, proto, threads)
-    want = sess.run(None, feeds)
+    proto, feeds, sess, want = _reference(model, ort, threads)
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
         report = kiln.compile(proto, Path(tmp) / "model.so", Options(target=target, tuning_logs=tuple(tuning_logs)),
                               on_progress=on_progress)
@@ -95,18 +102,12 @@ def compare_tuned(model: str, target: str = "native", repeat: int = 20, threads:
     import os
 
     os.environ["TVM_NUM_THREADS"] = str(threads)
-    import onnx
     import onnxruntime as ort
 
     import kiln
-    from kiln import zoo
     from kiln.config import Options
 
-    proto = zoo.resolve(model)
-    proto = proto if isinstance(proto, onnx.ModelProto) else onnx.load(proto)
-    feeds = zoo.feeds(proto, seed=0)
-    sess = _ort_session(ort, proto, threads)
-    want = sess.run(None, feeds)
+    proto, feeds, sess, want = _reference(model, ort, threads)
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
         plain = kiln.compile(proto, Path(tmp) / "default.so", Options(target=target, shipped_logs=False))
         tuned = kiln.compile(proto, Path(tmp) / "tuned.so", Options(target=target, tuning_logs=tuple(tuning_logs)))
