@@ -52,8 +52,7 @@ def schedule_group(prim, fn: Function, target, configs: Mapping[str, Config] | N
 
     info = target_info(target)
     group = Group(fn)
-    template = find(group, info.kind)
-    wl = template.workload(group, info)
+    template, wl = task_of(fn, target)
     fixed = dict(template.graph_knobs(group))
     given = (configs or {}).get(wl.key)
     source = "default"

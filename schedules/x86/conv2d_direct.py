@@ -15,6 +15,7 @@ from kiln.schedules.space import Config, Space
 from kiln.schedules.template import Template
 from kiln.schedules.workload import Group, Workload
 from kiln.schedules.x86 import generic
+from kiln.schedules.x86.conv2d_nchwc import prepare
 
 VERSION = 1
 NAME = "x86.conv2d_direct"
@@ -59,19 +60,9 @@ def default(wl: Workload, info=None) -> Config:
 
 
 def _prepare(sch, wl: Workload):
-    """Inline every block but the conv; materialize padding once (parallel, vectorized) so the inner loop loads
-    without bounds checks. Returns the conv block and the group's output block."""
+    """Every block but the conv inlined; NCHW padding (4-D: n and c run in parallel) materialized once."""
     conv_name = "conv2d_nchw" if wl["groups"] == 1 else "group_conv2d_nchw"  # topi's block names
-    blocks = sch.get_child_blocks(sch.get_sblock("root"))
-    names = [sch.get(b).name_hint for b in blocks]
-    for b, name in zip(blocks[:-1], names[:-1]):
-        if name == "pad_temp" and wl["padded"]:
-            loops = sch.get_loops(b)
-            sch.parallel(sch.fuse(*loops[:2]))
-            sch.vectorize(loops[-1])
-        elif name != conv_name:
-            sch.compute_inline(b)
-    return sch.get_sblock(conv_name), sch.get_child_blocks(sch.get_sblock("root"))[-1]
+    return prepare(sch, conv_name, pad_names=("pad_temp",) if wl["padded"] else (), parallel_loops=2)
 
 
 def schedule(sch, wl: Workload, cfg: Config) -> list[str]:

@@ -317,15 +317,16 @@ def _block_names(sch) -> set[str]:
     return {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
 
 
-def prepare(sch, anchor_name: str, pad_names=("pad",)):
-    """Inline every block but the anchor; materialize padding once (parallel, vectorized) so the anchor's
-    inner loop loads without bounds checks. Returns the anchor and the group's output block."""
+def prepare(sch, anchor_name: str, pad_names=("pad",), parallel_loops: int = 3):
+    """Inline every block but the anchor; materialize padding once (its outer `parallel_loops` fused and run in
+    parallel, the innermost vectorized) so the anchor's inner loop loads without bounds checks. Returns the
+    anchor and the group's output block."""
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     names = [sch.get(b).name_hint for b in blocks]
     for b, name in zip(blocks[:-1], names[:-1]):
         if name in pad_names:
             loops = sch.get_loops(b)
-            sch.parallel(sch.fuse(*loops[:3]))
+            sch.parallel(sch.fuse(*loops[:parallel_loops]))
             sch.vectorize(loops[-1])
         elif name != anchor_name:
             sch.compute_inline(b)
