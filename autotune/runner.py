@@ -96,8 +96,12 @@ class LocalRunner:
         threads: int | None = None,
         seed: int = 0,
         stderr=None,
+        context: str | os.PathLike | None = None,
     ):
         self.timing = TimingOptions(number, repeat, min_repeat_ms, cold)
+        # a model compiled with the default configs: candidates of its tasks are timed inside its kernel
+        # sequence (autotune/context.py), others alone
+        self.context = None if context is None else os.fspath(context)
         self.stderr = stderr  # the child's stderr: inherited, or a file (TVM's crash backtraces land there)
         self.timeout_s = timeout_s
         self.prepare_timeout_s = prepare_timeout_s
@@ -121,7 +125,7 @@ class LocalRunner:
                     child = _Child(threads, self.stderr)
                 start = time.perf_counter()
                 costs, error = child.measure(
-                    inp, built.path, self.timing, self.seed, self.timeout_s, self.prepare_timeout_s
+                    inp, built.path, self.timing, self.seed, self.timeout_s, self.prepare_timeout_s, self.context
                 )
                 results.append(MeasureResult(costs, error, built.build_s, time.perf_counter() - start))
                 if not child.alive:
@@ -167,6 +171,7 @@ class _Child:
         seed: int,
         timeout_s: float,
         prepare_timeout_s: float,
+        context: str | None = None,
     ) -> tuple[list[float], str | None]:
         if not self.alive:
             return [], self.startup_error or "runner child is not running"
@@ -179,6 +184,7 @@ class _Child:
             "check": inp.check,
             "seed": seed,
             "timing": timing,
+            "context": context,
         }
         try:
             _write(self.proc.stdin, job)
@@ -258,6 +264,7 @@ def worker_main() -> None:
 
     tasks: dict = {}
     prepared: dict = {}
+    contexts: dict = {}  # model path -> ModelContext, loaded at the first job that names it
     _write(out, ("ready",))
     stdin = sys.stdin.buffer
     while True:
@@ -273,8 +280,18 @@ def worker_main() -> None:
         except Exception as err:  # noqa: BLE001  (reported to the parent as this candidate's error)
             _write(out, ("error", f"reference: {type(err).__name__}: {err}"))
             continue
+        context = job.get("context")
+        if context is not None and context not in contexts:
+            try:
+                from kiln.autotune.context import ModelContext
+
+                contexts[context] = ModelContext(context, int(os.environ.get("TVM_NUM_THREADS", "0")) or None)
+            except Exception as err:  # noqa: BLE001  (not the candidate's fault: the parent sees it as an error)
+                _write(out, ("error", f"context model {context}: {type(err).__name__}: {err}"))
+                continue
         _write(out, ("prepared",))
-        _write(out, ("result", *measure_library(job["path"], task, cfg, arrays, reference, job["timing"])))
+        _write(out, ("result", *measure_library(job["path"], task, cfg, arrays, reference, job["timing"],
+                                                context=contexts.get(context))))
 
 
 def prepare_inputs(task, cfg: dict, seed: int, check: bool, cache: dict):
@@ -299,8 +316,10 @@ def measure_library(
     timing: TimingOptions,
     dev=None,
     module=None,
+    context=None,
 ) -> tuple[list[float], str | None]:
-    """(costs, error) of one library: run once and compare with `reference` when given, then time. Runs where
+    """(costs, error) of one library: run once and compare with `reference` when given, then time: inside
+    the model's kernel sequence when a `context` (autotune/context.py) holds the task, else alone. Runs where
     the library is: here, or on a remote device through its `module` and `dev` (rpc.py)."""
     import tvm
 
@@ -321,7 +340,10 @@ def measure_library(
             error = compare(out.numpy(), reference)
             if error is not None:
                 return [], error
-        costs = list(timing.evaluator(module, dev)(*args, out).results)
+        if context is not None and task.key in context:
+            costs = context.time(task.key, module[ENTRY], [*args, out], timing.repeat)
+        else:
+            costs = list(timing.evaluator(module, dev)(*args, out).results)
     except Exception as err:  # noqa: BLE001  (a runtime error in the candidate: its result)
         return [], f"run: {type(err).__name__}: {_short(err)}"
     return [float(c) for c in costs], None

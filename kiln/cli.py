@@ -421,6 +421,9 @@ def tune(
                                    "better config"),
     force: bool = typer.Option(False, "--force", help="overwrite an existing output file"),
     input_shape: Optional[list[str]] = typer.Option(None, "--input-shape", help="name=d0,d1,... (repeatable)"),
+    timing: str = typer.Option("model", "--timing", help="model: time each candidate inside the model compiled "
+                               "with the defaults, as a run sees it; alone: each kernel by itself, caches "
+                               "flushed (remote devices always time alone)"),
 ) -> None:
     """Autotune a model's kernels: search each task's knob space, measure here or on a device over TVM RPC, log
     every measurement; `kiln compile --tuning-log` applies the log."""
@@ -451,7 +454,7 @@ def tune(
     err.print(f"tuning {model} for {options.target} on {cpu_name()}; log {log_path}", soft_wrap=True)
     with Live(Table(), console=err, refresh_per_second=2, transient=False) as live:
         result = tune_model(z.resolve(model), log_path, opts, options, runner=runner, output=output, plot_dir=plot,
-                            on_round=lambda e: live.update(_tune_table(e)))
+                            on_round=lambda e: live.update(_tune_table(e)), timing=timing)
     out.print(_tune_summary(result))
     if result.kept:
         out.print(f"whole model: default {result.default_ms:.3f} ms, tuned {result.tuned_ms:.3f} ms "

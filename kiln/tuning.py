@@ -25,6 +25,7 @@ from kiln.autotune.tune import TuneEvent, TuneOptions, TuneResult, tune
 from kiln.codegen.target import resolve_target
 from kiln.config import Options
 from kiln.driver import model_tasks
+from kiln.errors import KilnError
 
 log = logging.getLogger(__name__)
 
@@ -42,55 +43,69 @@ class ModelTuneResult:
 
 def tune_model(model, log_path: str | Path, tune_options: TuneOptions | None = None, options: Options | None = None,
                *, runner=None, output: str | Path | None = None, plot_dir: str | Path | None = None,
-               on_round: Callable[[TuneEvent], None] | None = None, repeat: int = 20) -> ModelTuneResult:
+               on_round: Callable[[TuneEvent], None] | None = None, repeat: int = 20,
+               timing: str = "model") -> ModelTuneResult:
+    """`timing="model"` (local runs): candidates are timed inside the model compiled with the default configs
+    (autotune/context.py); `"alone"`: each kernel alone, caches flushed. A given `runner` is used as it is."""
+    import onnx
+
+    if timing not in ("model", "alone"):
+        raise KilnError(f"timing {timing!r}: expected 'model' or 'alone'")
     options = options or Options()
     tune_options = tune_options or TuneOptions()
-    tasks = model_tasks(model, options)
-    result = ModelTuneResult(tune(tasks, log_path, tune_options, runner=runner, on_round=on_round))
-    if plot_dir is not None:
-        result.curves = plot_curves(result.tune, Path(plot_dir))
-    if runner is None or isinstance(runner, LocalRunner):  # a remote device's model is not timed here
-        _end_to_end(model, log_path, options, result, output, repeat)
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(model)
+    tasks = model_tasks(proto, options)
+    local = runner is None or isinstance(runner, LocalRunner)  # a remote device's model is not timed here
+    with tempfile.TemporaryDirectory(prefix="kiln-tune-") as tmp:
+        plain = None
+        if local:
+            plain = kiln.compile(proto, Path(tmp) / "default.so", _untuned(options)).path
+        if runner is None:
+            runner = LocalRunner(context=plain if timing == "model" else None)
+        result = ModelTuneResult(tune(tasks, log_path, tune_options, runner=runner, on_round=on_round))
+        if plot_dir is not None:
+            result.curves = plot_curves(result.tune, Path(plot_dir))
+        if plain is not None:
+            _end_to_end(proto, plain, log_path, options, result, output, repeat, Path(tmp))
     return result
 
 
-def _end_to_end(model, log_path, options: Options, result: ModelTuneResult, output, repeat: int) -> None:
-    """Compile with defaults and with the log's best configs, time both interleaved, keep the faster."""
-    import onnx
+def _untuned(options: Options) -> Options:
+    return Options(**{**vars(options), "configs": {}, "shipped_logs": False, "tuning_logs": ()})
 
+
+def _end_to_end(proto, plain: Path, log_path, options: Options, result: ModelTuneResult, output, repeat: int,
+                tmp: Path) -> None:
+    """Compile with the log's best configs, time it and the default interleaved, keep the faster."""
     from kiln.zoo import feeds as random_feeds
 
-    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(model)
     target = resolve_target(options.target)
     tuned_configs = best_configs(read_records([log_path], target))
-    with tempfile.TemporaryDirectory(prefix="kiln-tune-") as tmp:
-        plain = kiln.compile(proto, Path(tmp) / "default.so",
-                             Options(**{**vars(options), "configs": {}, "shipped_logs": False, "tuning_logs": ()}))
-        tuned = kiln.compile(proto, Path(tmp) / "tuned.so", Options(**{**vars(options), "configs": tuned_configs}))
-        feeds = random_feeds(proto, seed=0)
-        models = {"default": kiln.load(plain.path), "tuned": kiln.load(tuned.path)}
-        want = models["default"].run(**feeds)
-        got = models["tuned"].run(**feeds)
-        for g, w in zip(got, want):
-            np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-3, err_msg="the tuned model's outputs differ")
-        times: dict[str, list[float]] = {"default": [], "tuned": []}
-        for _ in range(5):
-            for name, m in models.items():
-                time.sleep(PAUSE_S)
+    tuned = kiln.compile(proto, tmp / "tuned.so", Options(**{**vars(options), "configs": tuned_configs})).path
+    feeds = random_feeds(proto, seed=0)
+    models = {"default": kiln.load(plain), "tuned": kiln.load(tuned)}
+    want = models["default"].run(**feeds)
+    got = models["tuned"].run(**feeds)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-3, err_msg="the tuned model's outputs differ")
+    times: dict[str, list[float]] = {"default": [], "tuned": []}
+    for _ in range(5):
+        for name, m in models.items():
+            time.sleep(PAUSE_S)
+            m.run(**feeds)
+            for _ in range(max(1, repeat // 5)):
+                t0 = time.perf_counter()
                 m.run(**feeds)
-                for _ in range(max(1, repeat // 5)):
-                    t0 = time.perf_counter()
-                    m.run(**feeds)
-                    times[name].append((time.perf_counter() - t0) * 1e3)
-        result.default_ms = float(np.median(times["default"]))
-        result.tuned_ms = float(np.median(times["tuned"]))
-        result.kept = "tuned" if result.tuned_ms < result.default_ms else "default"
-        if result.kept == "default":
-            log.warning("the tuned model (%.3f ms) is not faster than the default (%.3f ms) end to end: the default "
-                        "is kept", result.tuned_ms, result.default_ms)
-        if output is not None:
-            src = tuned.path if result.kept == "tuned" else plain.path
-            Path(output).write_bytes(Path(src).read_bytes())
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    result.default_ms = float(np.median(times["default"]))
+    result.tuned_ms = float(np.median(times["tuned"]))
+    result.kept = "tuned" if result.tuned_ms < result.default_ms else "default"
+    if result.kept == "default":
+        log.warning("the tuned model (%.3f ms) is not faster than the default (%.3f ms) end to end: the default "
+                    "is kept", result.tuned_ms, result.default_ms)
+    if output is not None:
+        src = tuned if result.kept == "tuned" else plain
+        Path(output).write_bytes(Path(src).read_bytes())
 
 
 def plot_curves(result: TuneResult, folder: Path) -> list[Path]:
@@ -101,8 +116,6 @@ def plot_curves(result: TuneResult, folder: Path) -> list[Path]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        from kiln.errors import KilnError
-
         raise KilnError("--plot draws with matplotlib: pip install 'kiln[tune]'") from None
     folder.mkdir(parents=True, exist_ok=True)
     paths = []

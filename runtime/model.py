@@ -6,6 +6,7 @@ of the outputs it returns and runs on several threads never share a buffer.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import json
@@ -335,6 +336,20 @@ class Model:
             self._release(ctx)
         return {"run_ms": run_ms, "kernels_ms": kernels_only, "kernels": kernels,
                 "sum_of_isolated_kernels_ms": sum(k["ms"] for k in kernels)}
+
+    @contextlib.contextmanager
+    def kernel_sequence(self, feeds: Sequence[np.ndarray] | None = None):
+        """The kernels of one run, in order, as (kernel, argument tensors, step metadata), on an execution
+        context held until the block ends and after one real run (on `feeds`, zeros by default), so every
+        buffer holds what a run leaves there. For timing one kernel where the model runs it, between the
+        kernels before and after it: the autotuner's in-model timing (autotune/context.py)."""
+        checked = self._check(tuple(feeds or [np.zeros(t.shape, t.dtype) for t in self.inputs]), {})
+        ctx = self._acquire()
+        try:
+            self._execute(ctx, checked, None)
+            yield [(fn, fargs, step) for (fn, fargs), step in zip(ctx.steps, self.meta["steps"])]
+        finally:
+            self._release(ctx)
 
     def _in_sequence_ms(self, ctx: _Context, repeat: int) -> list[float]:
         """Each kernel's median time inside whole runs (the entry stamps the clock between kernels), where it

@@ -1,0 +1,98 @@
+"""In-model timing (autotune/context.py): a candidate is timed in the model's own kernel sequence, at every
+position of its task, on the model's buffers where it shares their shapes, with the kernels before it run."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+from kiln.autotune.builder import LocalBuilder, MeasureInput
+from kiln.autotune.context import ModelContext
+from kiln.autotune.records import read_records
+from kiln.autotune.runner import LocalRunner
+from kiln.autotune.tune import TuneOptions
+from onnx import helper
+
+import kiln
+from kiln.config import Options
+from kiln.driver import model_tasks
+from kiln.model_builders import GraphBuilder
+from kiln.tuning import tune_model
+
+TARGET = "x86-avx2"  # runs on any x86-64 host with AVX2
+
+
+def three_convs() -> onnx.ModelProto:
+    """Two 3x3 convs of one shape (one task, two kernels) and a 1x1 conv."""
+    rng = np.random.default_rng(0)
+    g = GraphBuilder("three_convs")
+    w1 = g.const(rng.standard_normal((16, 16, 3, 3)).astype(np.float32) * 0.2, "w1")
+    w2 = g.const(rng.standard_normal((16, 16, 3, 3)).astype(np.float32) * 0.2, "w2")
+    w3 = g.const(rng.standard_normal((32, 16, 1, 1)).astype(np.float32) * 0.2, "w3")
+    y = g.op("Relu", [g.op("Conv", ["x", w1], kernel_shape=[3, 3], pads=[1, 1, 1, 1])])
+    y = g.op("Relu", [g.op("Conv", [y, w2], kernel_shape=[3, 3], pads=[1, 1, 1, 1])])
+    z = g.op("Conv", [y, w3], kernel_shape=[1, 1])
+    return g.model([helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 16, 20, 20])],
+                   [(z, onnx.TensorProto.FLOAT, [1, 32, 20, 20])])
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ctx") / "default.so"
+    kiln.compile(three_convs(), path, Options(target=TARGET))
+    return path, model_tasks(three_convs(), Options(target=TARGET))
+
+
+def test_every_task_has_its_kernels_positions(compiled):
+    path, tasks = compiled
+    with ModelContext(str(path)) as ctx:
+        for t in tasks:
+            assert t.key in ctx
+            assert len(ctx.positions[t.key]) == t.count
+    assert max(t.count for t in tasks) == 2
+
+
+def test_the_candidate_runs_at_each_position_on_the_models_buffers(compiled):
+    path, tasks = compiled
+    task = max(tasks, key=lambda t: t.count)
+    calls = []
+    with ModelContext(str(path)) as ctx:
+        first = ctx.steps[ctx.positions[task.key][0]]
+        own = list(first[1])
+        own[1] = np.zeros(3)  # an argument the model has in another shape: the candidate's own array is kept
+
+        def candidate(*args):
+            calls.append(args)
+            first[0](*args[:1], first[1][1], *args[2:])
+
+        costs = ctx.time(task.key, candidate, own, repeat=3, warmup=1)
+    assert len(costs) == 3 and all(c > 0 for c in costs)
+    assert len(calls) == 4 * task.count  # (warm-up + repeats) × the task's kernels
+    for k, pos in enumerate(ctx.positions[task.key]):
+        args = calls[k]
+        model_args = ctx.steps[pos][1]
+        assert args[0] is model_args[0] and args[-1] is model_args[-1]  # the model's input and output buffers
+        assert args[1] is own[1]
+
+
+def test_runner_times_candidates_in_the_model_and_still_checks_them(compiled):
+    path, tasks = compiled
+    inputs = [MeasureInput(t, t.default(), check=True) for t in tasks if len(t.space()) > 1]
+    builder = LocalBuilder(workers=1)
+    try:
+        results = LocalRunner(repeat=3, timeout_s=60, context=path).run(inputs, builder.build(inputs))
+    finally:
+        builder.close()
+    assert all(r.error is None and math.isfinite(r.cost_s) for r in results), [r.error for r in results]
+    assert all(len(r.costs_s) == 3 for r in results)
+
+
+def test_tune_model_times_in_the_model_and_keeps_the_faster_artifact(tmp_path):
+    log = tmp_path / "log.jsonl"
+    result = tune_model(three_convs(), log, TuneOptions(trials=8, tuner="random", batch=2, verify_rounds=1),
+                        Options(target=TARGET), output=tmp_path / "best.so", repeat=5)
+    assert read_records([log], result.tune.states[0].task.target)
+    assert result.kept in ("tuned", "default")
+    assert (tmp_path / "best.so").stat().st_size > 0
