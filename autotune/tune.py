@@ -27,6 +27,7 @@ from kiln.autotune.builder import LocalBuilder, MeasureInput
 from kiln.autotune.records import Record, RecordWriter, config_id, read_records
 from kiln.autotune.runner import LocalRunner, MeasureResult, Runner
 from kiln.autotune.tasks import Task
+from kiln.autotune.transfer import transfer
 from kiln.autotune.tuners import Tuner, make_tuner
 from kiln.schedules.space import Config
 
@@ -45,6 +46,7 @@ class TuneOptions:
     seed: int = 0
     tuner_args: dict = field(default_factory=dict)
     verify_rounds: int = 3  # at the end, each task's best and default timed alternately this many times
+    transfer: tuple = ()  # records logs (files or folders) of other tasks: warm-start the xgb tuner's model
 
 
 @dataclass
@@ -113,7 +115,8 @@ def tune(tasks: Sequence[Task], log_path: str | Path, options: TuneOptions | Non
     own_builder = builder is None
     builder = builder or LocalBuilder()
     runner = runner or LocalRunner()
-    states = [_state(t, options, i) for i, t in enumerate(tasks)]
+    learned = read_records(options.transfer, tasks[0].target) if options.transfer and tasks else []
+    states = [_state(t, options, i, learned) for i, t in enumerate(tasks)]
     replayed = _resume(states, log_path)
     budget = options.trials  # in all: the trials a resumed log already holds count
     done = replayed
@@ -164,8 +167,12 @@ def estimate_s(states: Sequence[TaskState]) -> float:
     return sum(s.weight_s for s in states if math.isfinite(s.weight_s))
 
 
-def _state(task: Task, options: TuneOptions, index: int) -> TaskState:
-    tuner = make_tuner(options.tuner, task.space(), seed=options.seed + index, **options.tuner_args)
+def _state(task: Task, options: TuneOptions, index: int, learned: Sequence[Record] = ()) -> TaskState:
+    kw = dict(options.tuner_args)
+    warm = transfer(task, learned) if learned and options.tuner == "xgb" else None
+    if warm is not None:
+        kw["featurize"], kw["history"] = warm
+    tuner = make_tuner(options.tuner, task.space(), seed=options.seed + index, **kw)
     return TaskState(task, tuner)
 
 

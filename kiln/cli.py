@@ -421,6 +421,8 @@ def tune(
                                    "better config"),
     force: bool = typer.Option(False, "--force", help="overwrite an existing output file"),
     input_shape: Optional[list[str]] = typer.Option(None, "--input-shape", help="name=d0,d1,... (repeatable)"),
+    transfer: Optional[list[Path]] = typer.Option(None, "--transfer", help="records of other models (file or "
+                                                  "folder, repeatable): warm-start the xgb tuner's cost model"),
     timing: str = typer.Option("model", "--timing", help="model: time each candidate inside the model compiled "
                                "with the defaults, as a run sees it; alone: each kernel by itself, caches "
                                "flushed (remote devices always time alone)"),
@@ -450,7 +452,7 @@ def tune(
 
         runner = RPCRunner(rpc_tracker, rpc_key)
     opts = TuneOptions(trials=trials, tuner=tuner, batch=batch, early_stop=early_stop,
-                       time_budget_s=_duration_s(time_budget))
+                       time_budget_s=_duration_s(time_budget), transfer=tuple(transfer or ()))
     err.print(f"tuning {model} for {options.target} on {cpu_name()}; log {log_path}", soft_wrap=True)
     with Live(Table(), console=err, refresh_per_second=2, transient=False) as live:
         result = tune_model(z.resolve(model), log_path, opts, options, runner=runner, output=output, plot_dir=plot,
