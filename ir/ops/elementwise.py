@@ -309,8 +309,12 @@ def _quantize_type(x: TensorType, scale: TensorType, zero: TensorType, a: QuantA
 
 
 def _quantize(x, scale, zero, a: QuantAttrs) -> np.ndarray:
+    """x / scale in x's dtype, as ONNX's reference and ONNX Runtime divide: in float64 0.5 / (5 / 255) is
+    25.4999991, not the 25.5 that rounds (half to even) to 26 (DynamicQuantizeLinear's expanded test)."""
     info = np.iinfo(a.out_dtype)
-    q = np.rint(x.astype(np.float64) / _q_param(scale, x, a.axis)) + _q_param(zero, x, a.axis)
+    work = x.dtype if x.dtype.kind == "f" else np.float64  # an int32 x divides in float64, as NumPy promotes
+    q = np.rint(x.astype(work) / _q_param(scale, x, a.axis).astype(work)).astype(np.float64)
+    q = q + _q_param(zero, x, a.axis)
     return np.clip(q, info.min, info.max).astype(a.out_dtype)
 
 
@@ -354,13 +358,32 @@ def _te_unary() -> dict[str, object]:
     def cosh(x):
         return float_math.bind(x, lambda v: half_exp(te.abs(v), v.dtype) + tir.const(0.5, v.dtype) * te.exp(-te.abs(v)))
 
-    def softplus(x):  # log(1 + e^x) without e^x overflowing: softplus(1e38) is 1e38, as ONNX Runtime gives
-        return float_math.bind(x, lambda v: float_math.relu(v) + te.log(1 + te.exp(-te.abs(v))))
+    def log1p(u):  # log(1 + u) to a few ulp for small u: log(1 + u) itself keeps only u's bits above 1's ulp
+        one = tir.const(1, float_math._dtype(u))
+        return float_math.bind(u, lambda u: float_math.bind(u + one, lambda w: tir.Select(
+            w == one, u, te.log(w) * (u / (w - one)))))
+
+    def softplus(x):  # max(x, 0) + log1p(e^-|x|): e^x never overflows (softplus(1e38) is 1e38, as in ONNX Runtime)
+        return float_math.bind(x, lambda v: float_math.relu(v) + log1p(float_math.exp(-te.abs(v))))
+
+    def tanh(x):  # TVM's (1 - e^-2x) / (1 + e^-2x) cancels near 0: tanh(1e-3) was off in its third digit
+        return _tanh_float32(x) if float_math._dtype(x) == "float32" else te.tanh(x)
+
+    def mish(x):
+        """x tanh(softplus(x)) = x n / (n + 2), n = e^x (e^x + 2): one exp and no cancellation; 1 once that
+        ratio rounds to 1 (x > 20 here, where n would overflow). Other dtypes: the composition."""
+        if float_math._dtype(x) != "float32":
+            return x * te.tanh(softplus(x))
+
+        c = lambda f: tir.const(f, "float32")
+        ratio = lambda n: n / (n + c(2))
+        return float_math.bind(x, lambda v: float_math.bind(float_math.exp(v), lambda e: tir.Select(
+            c(20) < v, v, v * float_math.bind(e * (e + c(2)), ratio))))
 
     return {
         "nn.relu": float_math.relu,  # NaN stays NaN, in the one maxps that te.max(x, 0) took
         "negative": lambda x: -x,
-        "abs": te.abs, "exp": te.exp, "log": te.log, "sqrt": te.sqrt, "sigmoid": sigmoid, "tanh": te.tanh,
+        "abs": te.abs, "exp": te.exp, "log": te.log, "sqrt": te.sqrt, "sigmoid": sigmoid, "tanh": tanh,
         "erf": float_math.erf, "sin": te.sin, "cos": te.cos, "tan": te.tan, "asin": te.asin, "acos": te.acos,
         "atan": te.atan, "sinh": sinh, "cosh": cosh, "asinh": te.asinh, "acosh": te.acosh,
         "atanh": te.atanh, "floor": te.floor, "ceil": te.ceil, "round": tir.nearbyint,
@@ -369,12 +392,36 @@ def _te_unary() -> dict[str, object]:
         "reciprocal": lambda x: tir.const(1, x.dtype) / x,
         "softplus": softplus,
         "softsign": lambda x: x / (1 + te.abs(x)),
-        "nn.mish": lambda x: x * te.tanh(softplus(x)),
+        "nn.mish": mish,
         "nn.hard_swish": lambda x: x * float_math.clamp(x / 6 + 0.5, 0, 1),
         "copy": lambda x: x,
         "logical_not": lambda x: tir.Not(x),
         "bitwise_not": lambda x: ~x,
     }
+
+
+# tanh(x) = x P(x²) / Q(x²) for |x| < 0.55 (x itself below 4e-4): Eigen's float tanh, 2 ulp there
+_TANH_P = (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11, 5.12229709037114e-08,
+           1.48572235717979e-05, 6.37261928875436e-04, 4.89352455891786e-03)
+_TANH_Q = (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03, 4.89352518554385e-03)
+_TANH_SMALL, _TANH_TINY = 0.55, 0.0004
+
+
+def _tanh_float32(x):
+    """tanh of a float32 TE expression in adds, multiplies, divides and float_math.exp, which vectorize (TVM's
+    own is two scalar expf calls a lane). Above 0.55, 1 - 2 / (e^2|x| + 1) subtracts at most a half (musl's
+    tanhf does the same): 1 exactly from 9.01, ±1 for ±inf; NaN stays NaN through the exp."""
+    from tvm import te, tirx as tir
+
+    c = lambda f: tir.const(f, "float32")
+
+    def body(v):
+        a = te.abs(v)
+        small = float_math.bind(v * v, lambda v2: v * float_math._horner(_TANH_P, v2, c)
+                                / float_math._horner(_TANH_Q, v2, c))
+        large = tir.copysign(c(1) - c(2) / (float_math.exp(a + a) + c(1)), v)
+        return tir.Select(a < c(_TANH_TINY), v, tir.Select(a < c(_TANH_SMALL), small, large))
+    return float_math.bind(x, body)
 
 
 def _te_binary() -> dict[str, object]:
@@ -402,9 +449,37 @@ def _te_binary() -> dict[str, object]:
         "greater_equal": topi.greater_equal, "logical_and": topi.logical_and, "logical_or": topi.logical_or,
         "logical_xor": topi.logical_xor, "bitwise_and": topi.bitwise_and, "bitwise_or": topi.bitwise_or,
         "bitwise_xor": topi.bitwise_xor, "left_shift": topi.left_shift, "right_shift": topi.right_shift,
-        "floor_mod": topi.floor_mod, "trunc_mod": topi.mod,  # topi.mod truncates
+        "floor_mod": lambda a, b: _mod(a, b, floor=True), "trunc_mod": lambda a, b: _mod(a, b, floor=False),
         "nn.prelu": lambda x, s: topi.where(topi.less(x, tir.const(0, x.dtype)), topi.multiply(x, s), x),
     }
+
+
+def _mod(a, b, floor: bool):
+    """ONNX Mod. Integers: topi's floor_mod / mod (truncating). Floats: C's fmod (exact; libm's), and for
+    fmod=0 NumPy's np.mod built on it: the remainder moves to the divisor's side, a zero remainder takes the
+    divisor's sign. So -3 mod inf is inf, 3 mod inf is 3, x mod 0 and inf mod y are NaN, 0 mod -2 is -0 (the
+    `a - floor(a / b) * b` of topi gave NaN for an infinite divisor). float16 and bfloat16 work in float32, as
+    NumPy's half-precision mod does; the remainder is exact there and rounds once."""
+    from tvm import tirx as tir, topi
+
+    dtype = str(a.dtype)
+    if not dtype.startswith(("float", "bfloat")):
+        return topi.floor_mod(a, b) if floor else topi.mod(a, b)
+    work = dtype if dtype == "float64" else "float32"
+
+    def fn(x, y):
+        if dtype != work:
+            x, y = x.astype(work), y.astype(work)
+        m = tir.call_pure_extern(work, "fmod" if work == "float64" else "fmodf", x, y)  # 0.27 lowers no tirx.fmod
+        if floor:
+            z = tir.const(0.0, work)
+            # signs differ: Or/And of compares (`!=` of two compares is an fcmp of i1s in 0.27's LLVM)
+            m = float_math.bind(m, lambda r: float_math.bind(y, lambda d: tir.Select(
+                r == z, tir.copysign(r, d),
+                tir.Select(tir.Or(tir.And(d < z, z < r), tir.And(z < d, r < z)), r + d, r))))
+        return m.astype(dtype) if dtype != work else m
+
+    return _broadcast(a, b, fn, "floor_mod" if floor else "trunc_mod")
 
 
 def _broadcast(a, b, fn, name: str):
@@ -539,13 +614,15 @@ def _q_index(p, x, axis: int, i):
 
 @define_compute(QUANTIZE)
 def quantize_compute(x, scale, zero, a: QuantAttrs):
-    """In float64, as the reference: x / scale rounded half to even, plus the zero point, saturated."""
+    """As the reference: x / scale in x's dtype rounded half to even; then in float64 plus the zero point,
+    saturated."""
     from tvm import te, tirx as tir
 
     info = np.iinfo(a.out_dtype)
+    work = str(x.dtype) if str(x.dtype).startswith(("float", "bfloat")) else "float64"
 
     def f(*i):
-        q = tir.nearbyint(x[i].astype("float64") / _q_index(scale, x, a.axis, i).astype("float64"))
+        q = tir.nearbyint(x[i].astype(work) / _q_index(scale, x, a.axis, i).astype(work)).astype("float64")
         q = q + _q_index(zero, x, a.axis, i).astype("float64")
         return float_math.clamp(q, float(info.min), float(info.max)).astype(a.out_dtype)
 
