@@ -47,17 +47,18 @@ def conv_group(mod: IRModule) -> Call:
 
 
 def time_conv(
-    wl: ConvWorkload, algorithm: str, target, layout_block: int, min_ms: float = 60.0, cold: bool = False
+    wl: ConvWorkload, algorithm: str, target, layout_block: int, min_ms: float = 60.0, cold: bool = False,
+    configs: dict | None = None,
 ) -> tuple[float, str]:
     """Median milliseconds of the conv's kernel alone, and the schedule it got; `cold` flushes the caches
-    before each call, as a model run sees them."""
+    before each call, as a model run sees them; `configs` (workload key -> config) as kiln.compile takes them."""
     # TVM sizes its pool at the first parallel kernel, to half the CPUs unless told; time with all of them, as
     # the runtime runs models (runtime/model.py)
     os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
     import tvm
 
     group = conv_group(conv_module(wl, algorithm, layout_block))
-    lowered = lower_group(group.op, "conv", target)
+    lowered = lower_group(group.op, "conv", target, configs)
     lib = tvm.compile(tvm.IRModule({"conv": lowered.prim_func}), target=target)
     dev = tvm.cpu()
     rng = np.random.default_rng(1)

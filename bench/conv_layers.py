@@ -4,7 +4,10 @@ Runtime running a model of that single Conv (+ bias + Relu, as fused in the netw
 peak (NumPy's BLAS, 2048^3), all measured in one run.
 
     python bench/conv_layers.py [--model resnet50] [--threads 2] [--only 3x3] [--cold]
-                                [--write docs/conv_layers.md]
+                                [--tuning-log FILE ...] [--write docs/conv_layers.md]
+
+With --tuning-log, a "tuned" column times each shape at its log's best config (the record of the same conv
+dims: a conv fused with a residual add shares its shape's config), as `kiln compile --tuning-log` builds it.
 
 GFLOPS count the direct conv's multiply-adds as two flops for every algorithm, so a Winograd kernel can exceed
 the machine's peak. `--cold` flushes the caches before every Kiln call (as a model run sees its weights); ONNX
@@ -101,6 +104,24 @@ def ort_conv_ms(wl, threads: int, repeat: int = 30) -> float:
     return float(np.median(ts)) * 1e3
 
 
+def _tuned_by_dims(logs, target) -> dict:
+    """Workload dims -> (key, best config), from the logs' best records."""
+    from kiln.autotune.records import best_records, read_records
+
+    return {r.workload.dims: (r.key, dict(r.config)) for r in best_records(read_records(logs, target)).values()}
+
+
+def _tuned_config(wl, tuned: dict, target, lanes: int):
+    """(workload key of this benchmark's conv group, the log's config for its dims) or (key, None)."""
+    from kiln.autotune.measure import conv_group, conv_module
+    from kiln.schedules.choose import choose
+    from kiln.schedules.dispatch import task_of
+
+    _, workload = task_of(conv_group(conv_module(wl, choose(wl, lanes).algorithm, lanes)).op, target)
+    found = tuned.get(workload.dims)
+    return workload.key, (found[1] if found else None)
+
+
 def sgemm_peak(n: int = 2048) -> float:
     a, b = np.random.rand(n, n).astype(np.float32), np.random.rand(n, n).astype(np.float32)
     a @ b
@@ -121,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=None, help="only kernels of this size, e.g. 3x3")
     ap.add_argument("--cold", action="store_true", help="flush caches before every Kiln call")
     ap.add_argument("--write", type=Path, default=None, help="also write the table as Markdown here")
+    ap.add_argument("--tuning-log", nargs="*", type=Path, default=[], help="records: add a tuned column")
     args = ap.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before TVM's pool starts
     os.environ["OPENBLAS_NUM_THREADS"] = str(args.threads)
@@ -136,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     lanes = vector_lanes(target, 32)
     peak = sgemm_peak()
     algos = ["direct", "im2col", "winograd2", "winograd4"]
+    tuned = _tuned_by_dims(args.tuning_log, target) if args.tuning_log else None
     header = ["layer", "count", "GFLOP", *algos, "ORT", "best/ORT", "model picks"]
+    header += ["tuned", "tuned/ORT", "tuned config"] if tuned is not None else []
     rows = []
     print(
         f"# {cpu_name()}, {args.threads} threads; sgemm peak (NumPy BLAS) {peak:.0f} GFLOPS; values in GFLOPS"
@@ -154,6 +178,16 @@ def main(argv: list[str] | None = None) -> int:
         ort_ms = ort_conv_ms(wl, args.threads)
         time.sleep(0.5)
         best = min(kiln_ms.values())
+        extra = []
+        if tuned is not None:
+            key, cfg = _tuned_config(wl, tuned, target, lanes)
+            if cfg is None:
+                extra = ["", "", "no record"]
+            else:
+                ms = time_conv(wl, cfg.get("algorithm", choose(wl, lanes).algorithm), target, lanes,
+                               cold=args.cold, configs={key: cfg})[0]
+                extra = [f"{gflop / (ms / 1e3):.0f}", f"{ms / ort_ms:.2f}",
+                         ", ".join(f"{k}={v}" for k, v in cfg.items())]
         row = [
             f"{wl.c}x{wl.h}x{wl.w} → {wl.oc}, {wl.kh}x{wl.kw}/{wl.strides[0]}",
             str(count),
@@ -162,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{gflop / (ort_ms / 1e3):.0f}",
             f"{best / ort_ms:.2f}",
             choose(wl, lanes).algorithm,
+            *extra,
         ]
         rows.append(row)
         print("  ".join(row), flush=True)
