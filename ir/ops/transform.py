@@ -784,8 +784,16 @@ def reverse_sequence_compute(x, lens, a: ReverseSequenceAttrs):
 
 
 # --- scatters and scans: sequential along one dimension, so written as loop nests (te.extern) ---------------
-# Each kernel copies or scans with its outer loop parallel and its innermost loop unit-stride (LLVM vectorizes
-# it); scatter updates run in the reference's order, so duplicate indices resolve (or reduce) as they do there.
+# Each kernel copies or scans with its outer loop parallel and its innermost loop unit-stride; scatter updates run
+# in the reference's order, so duplicate indices resolve (or reduce) as they do there. A statement whose innermost
+# loop has independent, unit-stride iterations (the copy of the data, a scan step across the axes after the
+# scanned one, a scatter_nd row) sits in a block named CONTIGUOUS: schedules/x86/scan_scatter.py vectorizes the
+# loop around it (TVM's schedule primitives reach no other loop of an extern nest).
+
+CONTIGUOUS = "contiguous"
+_COPY_ROW = 256  # elements: a copy's rows are the trailing dims that reach this many
+_SCAN_CHUNK = 64  # a scan along the first axis runs its columns in parallel chunks of this many
+
 
 def _strides(shape) -> list[int]:
     out, acc = [], 1
@@ -808,7 +816,8 @@ def _extern(name: str, x, ins, body):
     from tvm.script.ir_builder import IRBuilder, tirx as T
 
     def gen(in_bufs, out_buf):
-        with IRBuilder() as ib, T.sblock(name):  # a scope for the nest (T.seq_scope's pragma makes LLVM warn)
+        # a scope for the nest (T.seq_scope's pragma makes LLVM warn), named apart from te.extern's own block
+        with IRBuilder() as ib, T.sblock(f"{name}_nest"):
             body([T.buffer_proxy(b) for b in in_bufs], T.buffer_proxy(out_buf), T)
         return ib.get()
 
@@ -817,10 +826,14 @@ def _extern(name: str, x, ins, body):
 
 
 def _copy(T, src, dst, shape) -> None:
-    inner = shape[-1] if shape else 1
-    outer = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
-    with T.parallel(0, outer) as r, T.serial(0, inner) as j:
-        dst[r * inner + j] = src[r * inner + j]
+    total = int(np.prod(shape, dtype=np.int64))
+    row = 1
+    for d in reversed(shape):  # rows of whole trailing dims, so they tile the tensor exactly
+        if row >= _COPY_ROW:
+            break
+        row *= d
+    with T.parallel(0, total // row if row else 0) as r, T.serial(0, row) as j, T.sblock(CONTIGUOUS):
+        dst[r * row + j] = src[r * row + j]
 
 
 @define_compute(SCATTER_ELEMENTS)
@@ -866,10 +879,19 @@ def scatter_nd_compute(x, i, u, a: ScatterAttrs):
             base = 0
             for lvl in range(k):
                 base = base + _normalized(idx[m.astype("int64") * k + lvl], shape[lvl]) * ds[lvl]
-            loop = T.parallel if size >= 4096 else T.serial
-            with loop(0, size) as j:
+            def put(j):  # a row's destinations are distinct: its iterations are independent
                 dst = base + j.astype("int64")
                 out[dst] = combine(out[dst], upd[m.astype("int64") * size + j.astype("int64")])
+
+            if size >= 4096:  # long rows: parallel chunks, each a contiguous run
+                with T.parallel(0, size // _COPY_ROW) as jo, T.serial(0, _COPY_ROW) as ji, T.sblock(CONTIGUOUS):
+                    put(jo * _COPY_ROW + ji)
+                if size % _COPY_ROW:
+                    with T.serial(0, size % _COPY_ROW) as jt, T.sblock(CONTIGUOUS):
+                        put(size // _COPY_ROW * _COPY_ROW + jt)
+            else:
+                with T.serial(0, size) as j, T.sblock(CONTIGUOUS):
+                    put(j)
 
     return _extern("scatter_nd", x, [x, i, u], body)
 
@@ -888,22 +910,33 @@ def _scan_compute(x, a: CumsumAttrs, op, identity, name: str):
     def body(ins, out, T):
         (data,) = ins
 
-        def step(i, j):  # one fiber (i, ·, j), serial along the axis
-            def at(k):
-                return (i * n + pos(k)) * after + j
+        def at(i, k, j):
+            return (i * n + pos(k)) * after + j
 
-            out[at(0)] = tir.const(identity, x.dtype) if a.exclusive else data[at(0)]
-            with T.serial(1, n) as k:
-                out[at(k)] = op(out[at(k - 1)], data[at(k - 1) if a.exclusive else at(k)])
+        def first(i, j):
+            return tir.const(identity, x.dtype) if a.exclusive else data[at(i, 0, j)]
+
+        def step(i, k, j):
+            return op(out[at(i, k - 1, j)], data[at(i, k - 1, j) if a.exclusive else at(i, k, j)])
 
         if n == 0:
             return
-        if before > 1:  # parallel over the outer fibers, unit stride inside
-            with T.parallel(0, before) as i, T.serial(0, after) as j:
-                step(i, j)
-        else:
-            with T.parallel(0, after) as j:
-                step(0, j)
+        if after == 1:  # the scanned axis is the innermost: one sequential fiber per outer index, in parallel
+            with T.parallel(0, before) as i:
+                out[at(i, 0, 0)] = first(i, 0)
+                with T.serial(1, n) as k:
+                    out[at(i, k, 0)] = step(i, k, 0)
+            return
+        # each step of the scan runs across the `after` axis (unit stride, independent): outer fibers in parallel,
+        # or, scanning the first axis, chunks of columns
+        chunk = _SCAN_CHUNK if before == 1 and after % _SCAN_CHUNK == 0 and after >= 2 * _SCAN_CHUNK else after
+        per = after // chunk
+        with T.parallel(0, before * per) as p:
+            i, j0 = p // per, p % per * chunk
+            with T.serial(0, chunk) as j, T.sblock(CONTIGUOUS):
+                out[at(i, 0, j0 + j)] = first(i, j0 + j)
+            with T.serial(1, n) as k, T.serial(0, chunk) as j, T.sblock(CONTIGUOUS):
+                out[at(i, k, j0 + j)] = step(i, k, j0 + j)
 
     return _extern(name, x, [x], body)
 

@@ -78,7 +78,7 @@ def test_scatter_elements(reduction, axis):
     if reduction in ("max", "min"):
         x[0, 0, 0] = u[1, 1, 1] = np.nan
     steps = run(tf.SCATTER_ELEMENTS, [x, i, u], tf.ScatterAttrs(axis, reduction))
-    assert steps == "extern"
+    assert steps.startswith("extern+vectorized(1 of 1"), steps  # the copy of the data; the updates stay scalar
 
 
 @pytest.mark.parametrize("reduction", ["none", "add", "mul", "max", "min"])
