@@ -11,6 +11,7 @@ from kiln.errors import TypeCheckError
 
 from ..op import OpDef, OpPattern, define_compute, register_op
 from ..types import TensorType, broadcast_shapes, is_float
+from .accumulate import accumulator, cast, cast_stage
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,13 @@ class DenseAttrs:
 
 
 def _acc(x_dtype, a) -> str:
+    """The output dtype: out_dtype, else x's."""
     return a.out_dtype or x_dtype
+
+
+def _sum_dtype(x_dtype, a) -> str:
+    """The dtype the products are summed in: out_dtype, else x's widened (float16 sums in float32)."""
+    return a.out_dtype or accumulator(x_dtype)
 
 
 def dense_type(x: TensorType, w: TensorType, a: DenseAttrs) -> TensorType:
@@ -31,8 +38,8 @@ def dense_type(x: TensorType, w: TensorType, a: DenseAttrs) -> TensorType:
 
 
 def dense_reference(x: np.ndarray, w: np.ndarray, a: DenseAttrs) -> np.ndarray:
-    acc = _acc(x.dtype.name, a)  # widen before multiplying, as the kernel does
-    return np.matmul(x.astype(acc), w.astype(acc).T)
+    acc = _sum_dtype(x.dtype.name, a)  # widen before multiplying, as the kernel does
+    return np.matmul(x.astype(acc), w.astype(acc).T).astype(_acc(x.dtype.name, a))
 
 
 def _dense_flops(x: TensorType, w: TensorType, a: DenseAttrs) -> int:
@@ -59,8 +66,8 @@ def matmul_type(a: TensorType, b: TensorType, at: DenseAttrs) -> TensorType:
 
 
 def matmul_reference(a: np.ndarray, b: np.ndarray, at: DenseAttrs) -> np.ndarray:
-    acc = _acc(a.dtype.name, at)
-    return np.asarray(np.matmul(a.astype(acc), b.astype(acc)))
+    acc = _sum_dtype(a.dtype.name, at)
+    return np.asarray(np.matmul(a.astype(acc), b.astype(acc))).astype(_acc(a.dtype.name, at))
 
 
 def _matmul_flops(a: TensorType, b: TensorType, at: DenseAttrs) -> int:
@@ -90,7 +97,8 @@ def _einsum_type(xs: list[TensorType], a: EinsumAttrs) -> TensorType:
 
 
 EINSUM = register_op(OpDef("einsum", EinsumAttrs, _einsum_type,
-                           lambda xs, a: np.asarray(np.einsum(a.equation, *xs)).astype(xs[0].dtype),
+                           lambda xs, a: np.asarray(np.einsum(
+                               a.equation, *[x.astype(accumulator(x.dtype.name)) for x in xs])).astype(xs[0].dtype),
                            OpPattern.OPAQUE, variadic=True))
 
 
@@ -98,10 +106,11 @@ EINSUM = register_op(OpDef("einsum", EinsumAttrs, _einsum_type,
 def dense_compute(x, w, a: DenseAttrs):
     from tvm import te
 
-    acc = a.out_dtype or x.dtype
+    acc = _sum_dtype(x.dtype, a)
     k = te.reduce_axis((0, x.shape[-1]), name="k")
-    return te.compute(tuple(x.shape[:-1]) + (w.shape[0],),
-                      lambda *i: te.sum(x[(*i[:-1], k)].astype(acc) * w[i[-1], k].astype(acc), axis=k), name="dense")
+    total = te.compute(tuple(x.shape[:-1]) + (w.shape[0],),
+                       lambda *i: te.sum(x[(*i[:-1], k)].astype(acc) * w[i[-1], k].astype(acc), axis=k), name="dense")
+    return cast_stage(total, _acc(x.dtype, a), "dense_round")
 
 
 @define_compute(MATMUL)
@@ -109,7 +118,7 @@ def matmul_compute(a, b, at: DenseAttrs):
     """NumPy matmul: a 1-D a is a row [1, k] and a 1-D b a column [k, 1], whose unit dim leaves the output."""
     from tvm import te
 
-    acc = at.out_dtype or a.dtype
+    acc = _sum_dtype(a.dtype, at)
     a_batch = a.shape[:-2] if len(a.shape) >= 2 else ()
     b_batch = b.shape[:-2] if len(b.shape) >= 2 else ()
     batch = [max(int(p), int(q)) for p, q in _aligned_batch(a_batch, b_batch)]
@@ -128,7 +137,8 @@ def matmul_compute(a, b, at: DenseAttrs):
         y = b[(*index(b_batch, bi), k, *col)]
         return te.sum(x.astype(acc) * y.astype(acc), axis=k)
 
-    return te.compute(tuple(batch) + tuple(rows) + tuple(cols), f, name="matmul")
+    return cast_stage(te.compute(tuple(batch) + tuple(rows) + tuple(cols), f, name="matmul"), _acc(a.dtype, at),
+                   "matmul_round")
 
 
 def _aligned_batch(p, q):
@@ -175,12 +185,13 @@ DENSE_PACKED = register_op(OpDef(
 def dense_packed_compute(x, wp, a: PackedDenseAttrs):
     from tvm import te
 
-    acc = a.out_dtype or x.dtype
+    acc = _sum_dtype(x.dtype, a)
     k = te.reduce_axis((0, x.shape[-1]), name="k")
     n = wp.shape[0] * a.block
-    return te.compute(tuple(x.shape[:-1]) + (n,), lambda *i: te.sum(
+    total = te.compute(tuple(x.shape[:-1]) + (n,), lambda *i: te.sum(
         x[(*i[:-1], k)].astype(acc) * wp[i[-1] // a.block, k, i[-1] % a.block].astype(acc), axis=k),
         name="dense_packed")
+    return cast_stage(total, _acc(x.dtype, a), "dense_packed_round")
 
 
 def _einsum_terms(equation: str, ranks: list[int]) -> tuple[list[str], str]:
@@ -213,16 +224,17 @@ def einsum_compute(xs, a: EinsumAttrs):
             size[c] = max(size.get(c, 1), int(d))  # a broadcast (size-1) ellipsis dim takes the other's size
     summed = sorted(set("".join(terms)) - set(out))
     red = {c: te.reduce_axis((0, size[c]), name=f"k{c}") for c in summed}
-    dtype = xs[0].dtype
+    dtype = str(xs[0].dtype)
+    acc = accumulator(dtype)
 
     def f(*o):
         var = dict(zip(out, o)) | red
         prod = None
         for t, x in zip(terms, xs):
-            v = x[tuple(0 if int(d) == 1 and size[c] != 1 else var[c] for c, d in zip(t, x.shape))]
+            v = cast(x[tuple(0 if int(d) == 1 and size[c] != 1 else var[c] for c, d in zip(t, x.shape))], acc)
             prod = v if prod is None else prod * v
         if prod is None:
-            prod = tir.const(1, dtype)
+            prod = tir.const(1, acc)
         return te.sum(prod, axis=list(red.values())) if red else prod
 
-    return te.compute(tuple(size[c] for c in out), f, name="einsum")
+    return cast_stage(te.compute(tuple(size[c] for c in out), f, name="einsum"), dtype, "einsum_round")

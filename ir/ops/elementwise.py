@@ -428,7 +428,7 @@ def _te_binary() -> dict[str, object]:
     from tvm import te, tirx as tir, topi
 
     def divide(a, b):
-        if str(a.dtype).startswith("float"):
+        if str(a.dtype).startswith(("float", "bfloat")):  # bfloat16 too: truncdiv takes integers only
             return topi.divide(a, b)
         return _broadcast(a, b, tir.truncdiv, "divide")  # truncates toward zero, as C and ONNX (every int width)
 

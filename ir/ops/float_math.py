@@ -48,14 +48,40 @@ def _is_leaf(v) -> bool:
     return isinstance(v, (te.TensorSlice, tvm.ir.expr.TensorLoad, tir.Var, tir.IntImm, tir.FloatImm))
 
 
-def bind(v, body):
-    """body(v), with v computed once: a Let unless v is a load, a variable or a constant."""
+_OPERANDS = ("a", "b", "value", "condition", "true_value", "false_value", "args", "body")
+
+
+def _reads_bfloat16(v) -> bool:
+    """Whether a bfloat16 value (a load, a cast from one) occurs anywhere in the expression v (0.27's Python
+    has no TIR expression visitor; these fields cover arithmetic, casts, selects, calls and Lets)."""
+    todo = [v]
+    while todo:
+        e = todo.pop()
+        if (hasattr(e, "dtype") or hasattr(e, "ty")) and _dtype(e) == "bfloat16":
+            return True
+        for field in _OPERANDS:
+            child = getattr(e, field, None)
+            if isinstance(child, (list, tuple)) or type(child).__name__ == "Array":
+                todo.extend(child)
+            elif child is not None and not isinstance(child, (str, int, float)):
+                todo.append(child)
+    return False
+
+
+def _let(var, v, body):
+    """Let var = v in body(var); body(v) when v reads bfloat16 (see bind)."""
     from tvm import tirx as tir
 
-    if _is_leaf(v):
-        return body(v)
-    var = tir.Var("v", _dtype(v))
-    return tir.Let(var, v, body(var))
+    return body(v) if _reads_bfloat16(v) else tir.Let(var, v, body(var))
+
+
+def bind(v, body):
+    """body(v), with v computed once: a Let unless v is a load, a variable or a constant, or reads bfloat16.
+    TVM's bfloat16 storage legalization does not rewrite a Let's value: a bfloat16 load there is read as its
+    uint16 bits converted to float (exp of 1.0 gave inf), so v is written out at each use instead."""
+    from tvm import tirx as tir
+
+    return body(v) if _is_leaf(v) else _let(tir.Var("v", _dtype(v)), v, body)
 
 
 def at_least(v, lo):
@@ -92,7 +118,8 @@ def _is_float(v) -> bool:
 
 
 _NAN_BITS = {"float16": ("int16", 0x7FFF, 0x7C00), "float32": ("int32", 0x7FFFFFFF, 0x7F800000),
-              "float64": ("int64", 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000)}
+              "float64": ("int64", 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000),
+              "bfloat16": ("int16", 0x7FFF, 0x7F80)}  # LLVM has no isnan of bfloat16: TVM refuses tir.isnan
 
 
 def is_nan(v):
@@ -172,18 +199,25 @@ def exp(x):
     def const(v):
         return tir.const(v, "float32")
 
-    xv, n, r = tir.Var("x", "float32"), tir.Var("n", "float32"), tir.Var("r", "float32")
-    poly = _horner(_EXP_POLY, r, const) * (r * r) + r + const(1.0)
-    two_n = tir.reinterpret("float32", (n.astype("int32") + tir.const(127, "int32")) << tir.const(23, "int32"))
-    body = tir.Select(xv < const(_EXP_MIN), const(0.0),
-                      tir.Select(const(_EXP_OVERFLOW) < xv, const(float("inf")), poly * two_n))
-    # n comes from x clamped the plain way, so it is finite even for a NaN (a NaN converted to int32 is poison
-    # in LLVM); r uses x itself, so a NaN flows through the polynomial into the result. Up to 88.38 r stays in
-    # [-ln2/2, ln2/2]; from there to 88.72, n stays 127 and r grows to ln 2, still within a few ulp.
-    body = tir.Let(r, xv - n * const(_LN2_HI) - n * const(_LN2_LO), body)
-    xn = te.min(te.max(xv, const(_EXP_MIN)), const(_EXP_MAX))
-    body = tir.Let(n, te.floor(xn * const(_LOG2E) + const(0.5)), body)
-    return tir.Let(xv, x, body)
+    def of(xv):
+        def with_n(n):
+            def with_r(r):
+                poly = _horner(_EXP_POLY, r, const) * (r * r) + r + const(1.0)
+                two_n = tir.reinterpret("float32", (n.astype("int32") + tir.const(127, "int32"))
+                                        << tir.const(23, "int32"))
+                return tir.Select(xv < const(_EXP_MIN), const(0.0),
+                                  tir.Select(const(_EXP_OVERFLOW) < xv, const(float("inf")), poly * two_n))
+
+            # n comes from x clamped the plain way, so it is finite even for a NaN (a NaN converted to int32 is
+            # poison in LLVM); r uses x itself, so a NaN flows through the polynomial into the result. Up to
+            # 88.38 r stays in [-ln2/2, ln2/2]; from there to 88.72, n stays 127 and r grows to ln 2, within a
+            # few ulp.
+            return _let(tir.Var("r", "float32"), xv - n * const(_LN2_HI) - n * const(_LN2_LO), with_r)
+
+        xn = te.min(te.max(xv, const(_EXP_MIN)), const(_EXP_MAX))
+        return _let(tir.Var("n", "float32"), te.floor(xn * const(_LOG2E) + const(0.5)), with_n)
+
+    return _let(tir.Var("x", "float32"), x, of)
 
 
 def erf(x):
@@ -197,6 +231,8 @@ def erf(x):
     def const(v):
         return tir.const(v, "float32")
 
-    xc, x2 = tir.Var("x", "float32"), tir.Var("x2", "float32")
-    body = tir.Let(x2, xc * xc, xc * _horner(_ERF_P, x2, const) / _horner(_ERF_Q, x2, const))
-    return tir.Let(xc, clamp(x, -4.0, 4.0), body)  # NaN stays NaN
+    def of(xc):
+        return _let(tir.Var("x2", "float32"), xc * xc,
+                    lambda x2: xc * _horner(_ERF_P, x2, const) / _horner(_ERF_Q, x2, const))
+
+    return _let(tir.Var("x", "float32"), clamp(x, -4.0, 4.0), of)  # NaN stays NaN

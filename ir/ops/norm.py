@@ -11,6 +11,7 @@ from kiln.errors import TypeCheckError
 
 from ..op import OpDef, OpPattern, define_compute, register_op
 from ..types import TensorType, is_float
+from .accumulate import accumulator, cast, cast_stage
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,8 @@ LP_NORMALIZE = register_op(OpDef("nn.lp_normalize", LpNormAttrs, _lp_type, _lp_n
 @define_compute(LAYER_NORM)
 def layer_norm_compute(x, scale, bias, a: LayerNormAttrs):
     """Two passes over each row, as TOPI's layer_norm, with stage names `schedules/x86/layer_norm.py` finds:
-    the row sum, the sum of squared deviations from the mean, then the normalized, scaled output."""
+    the row sum, the sum of squared deviations from the mean, then the normalized, scaled output (float16 and
+    bfloat16 in float32, rounded once)."""
     from tvm import te
 
     nd = len(x.shape)
@@ -213,22 +215,24 @@ def layer_norm_compute(x, scale, bias, a: LayerNormAttrs):
         ks = [te.reduce_axis((0, d), name=f"k{j}") for j, d in enumerate(normed)]
         return te.compute(rows, lambda *i: te.sum(f((*i, *ks)), axis=ks), name=name)
 
-    total = row_sum(lambda i: x[i], "layer_norm_sum")
+    acc, out = accumulator(x.dtype), str(x.dtype)
+    total = row_sum(lambda i: cast(x[i], acc), "layer_norm_sum")
     inv_n = 1.0 / count
 
     def deviation(i):
-        return x[i] - total[i[:a.axis]] * inv_n
+        return cast(x[i], acc) - total[i[:a.axis]] * inv_n
 
     squares = row_sum(lambda i: deviation(i) * deviation(i), "layer_norm_var_sum")
-    return te.compute(x.shape, lambda *i: deviation(i) * te.rsqrt(squares[i[:a.axis]] * inv_n + a.epsilon)
-                      * scale[i[a.axis:]] + bias[i[a.axis:]], name="layer_norm")
+    return te.compute(x.shape, lambda *i: cast(deviation(i) * te.rsqrt(squares[i[:a.axis]] * inv_n + a.epsilon)
+                      * cast(scale[i[a.axis:]], acc) + cast(bias[i[a.axis:]], acc), out), name="layer_norm")
 
 
 @define_compute(LRN)
 def lrn_compute(x, a: LRNAttrs):
     from tvm import topi
 
-    return topi.nn.lrn(x, a.size, 1, a.alpha, a.beta, a.bias)
+    wide = cast_stage(x, accumulator(x.dtype), "lrn_widen")
+    return cast_stage(topi.nn.lrn(wide, a.size, 1, a.alpha, a.beta, a.bias), str(x.dtype), "lrn_round")
 
 
 @define_compute(BATCH_NORM)
@@ -254,15 +258,17 @@ def _at(stat, i, axes):
 
 
 def _moments(x, axes, name: str):
-    """(deviation(i), sum of squared deviations over `axes` (keepdims), count): two passes, as layer norm."""
+    """(deviation(i), sum of squared deviations over `axes` (keepdims), count): two passes, as layer norm, in
+    the accumulator dtype (float32 for float16)."""
+    acc = accumulator(x.dtype)
     count = 1
     for ax in axes:
         count *= int(x.shape[ax])
-    total = _sum_over(lambda i: x[i], x.shape, axes, f"{name}_sum")
+    total = _sum_over(lambda i: cast(x[i], acc), x.shape, axes, f"{name}_sum")
     inv_n = 1.0 / max(count, 1)
 
     def deviation(i):
-        return x[i] - _at(total, i, axes) * inv_n
+        return cast(x[i], acc) - _at(total, i, axes) * inv_n
 
     return deviation, _sum_over(lambda i: deviation(i) * deviation(i), x.shape, axes, f"{name}_var_sum"), inv_n
 
@@ -271,10 +277,10 @@ def _moments(x, axes, name: str):
 def instance_norm_compute(x, scale, bias, a: EpsAttrs):
     from tvm import te
 
-    axes = list(range(2, len(x.shape)))
+    axes, acc = list(range(2, len(x.shape))), accumulator(x.dtype)
     deviation, squares, inv_n = _moments(x, axes, "instance_norm")
-    return te.compute(x.shape, lambda *i: deviation(i) * te.rsqrt(_at(squares, i, axes) * inv_n + a.epsilon)
-                      * scale[i[1]] + bias[i[1]], name="instance_norm")
+    return te.compute(x.shape, lambda *i: cast(deviation(i) * te.rsqrt(_at(squares, i, axes) * inv_n + a.epsilon)
+                      * cast(scale[i[1]], acc) + cast(bias[i[1]], acc), str(x.dtype)), name="instance_norm")
 
 
 @define_compute(MEAN_VARIANCE_NORM)
@@ -283,8 +289,8 @@ def mean_variance_norm_compute(x, a: MVNAttrs):
 
     axes = list(a.axes)
     deviation, squares, inv_n = _moments(x, axes, "mvn")
-    return te.compute(x.shape, lambda *i: deviation(i) / (te.sqrt(_at(squares, i, axes) * inv_n) + 1e-9),
-                      name="mean_variance_norm")
+    return te.compute(x.shape, lambda *i: cast(deviation(i) / (te.sqrt(_at(squares, i, axes) * inv_n) + 1e-9),
+                                               str(x.dtype)), name="mean_variance_norm")
 
 
 @define_compute(GROUP_NORM)
@@ -292,7 +298,7 @@ def group_norm_compute(x, scale, bias, a: GroupNormAttrs):
     """Statistics per (n, group) over the group's channels and every spatial position, then per-channel affine."""
     from tvm import te
 
-    per = int(x.shape[1]) // a.num_groups
+    per, acc = int(x.shape[1]) // a.num_groups, accumulator(x.dtype)
     spatial = [int(d) for d in x.shape[2:]]
     count = per
     for d in spatial:
@@ -305,14 +311,15 @@ def group_norm_compute(x, scale, bias, a: GroupNormAttrs):
         return te.compute((x.shape[0], a.num_groups), lambda n, g: te.sum(
             elem((n, g * per + kc, *ks)), axis=[kc, *ks]), name=name)
 
-    total = group_sum(lambda i: x[i], "group_norm_sum")
+    total = group_sum(lambda i: cast(x[i], acc), "group_norm_sum")
 
     def deviation(i):
-        return x[i] - total[i[0], i[1] // per] * inv_n
+        return cast(x[i], acc) - total[i[0], i[1] // per] * inv_n
 
     squares = group_sum(lambda i: deviation(i) * deviation(i), "group_norm_var_sum")
-    return te.compute(x.shape, lambda *i: deviation(i) * te.rsqrt(squares[i[0], i[1] // per] * inv_n + a.epsilon)
-                      * scale[i[1]] + bias[i[1]], name="group_norm")
+    return te.compute(x.shape, lambda *i: cast(
+        deviation(i) * te.rsqrt(squares[i[0], i[1] // per] * inv_n + a.epsilon) * cast(scale[i[1]], acc)
+        + cast(bias[i[1]], acc), str(x.dtype)), name="group_norm")
 
 
 def _broadcast_at(p, i):
@@ -325,13 +332,14 @@ def _broadcast_at(p, i):
 def rms_norm_compute(x, scale, a: LayerNormAttrs):
     from tvm import te
 
-    axes = list(range(a.axis, len(x.shape)))
-    squares = _sum_over(lambda i: x[i] * x[i], x.shape, axes, "rms_norm_sum")
+    axes, acc = list(range(a.axis, len(x.shape))), accumulator(x.dtype)
+    squares = _sum_over(lambda i: cast(x[i], acc) * cast(x[i], acc), x.shape, axes, "rms_norm_sum")
     count = 1
     for ax in axes:
         count *= int(x.shape[ax])
-    return te.compute(x.shape, lambda *i: x(*i) * te.rsqrt(_at(squares, i, axes) * (1.0 / count) + a.epsilon)
-                      * _broadcast_at(scale, i), name="rms_norm")
+    return te.compute(x.shape, lambda *i: cast(cast(x(*i), acc) * te.rsqrt(
+        _at(squares, i, axes) * (1.0 / count) + a.epsilon) * cast(_broadcast_at(scale, i), acc), str(x.dtype)),
+        name="rms_norm")
 
 
 @define_compute(LP_NORMALIZE)
@@ -340,12 +348,13 @@ def lp_normalize_compute(x, a: LpNormAttrs):
     from tvm import te
     from tvm import tirx as tir
 
-    axes = [a.axis]
-    norm = _sum_over(lambda i: te.abs(x[i]) if a.p == 1 else x[i] * x[i], x.shape, axes, "lp_norm_sum")
+    axes, acc = [a.axis], accumulator(x.dtype)
+    norm = _sum_over(lambda i: te.abs(cast(x[i], acc)) if a.p == 1 else cast(x[i], acc) * cast(x[i], acc),
+                     x.shape, axes, "lp_norm_sum")
 
     def body(*i):
         n = _at(norm, i, axes)
         n = n if a.p == 1 else te.sqrt(n)
-        return tir.Select(n == tir.const(0, x.dtype), tir.const(0, x.dtype), x(*i) / n)
+        return cast(tir.Select(n == tir.const(0, acc), tir.const(0, acc), cast(x(*i), acc) / n), str(x.dtype))
 
     return te.compute(x.shape, body, name="lp_normalize")

@@ -15,6 +15,7 @@ from kiln.errors import TypeCheckError
 from ..op import OpDef, OpPattern, define_compute, register_op
 from ..types import TensorType, is_float
 from . import float_math
+from .accumulate import accumulator, cast, cast_stage
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,9 @@ def _register(kind: str) -> OpDef:
             shape = tuple(1 if i in axes else d for i, d in enumerate(x.shape)) if a.keepdims else tuple(
                 d for i, d in enumerate(x.shape) if i not in axes)
             return np.full(shape, fill).astype(x.dtype)
+        wide = x.astype(accumulator(x.dtype.name))  # as the kernel (exact for max and min)
         with np.errstate(divide="ignore"):
-            return np.asarray(fn(x, axis=axes, keepdims=a.keepdims)).astype(x.dtype)
+            return np.asarray(fn(wide, axis=axes, keepdims=a.keepdims)).astype(x.dtype)
 
     return register_op(OpDef(f"{kind}" if kind in ("sum", "mean", "max", "min", "prod") else f"reduce_{kind}",
                              ReduceAttrs, _reduce_type, reference, OpPattern.COMM_REDUCE,
@@ -127,6 +129,14 @@ def _reduce_compute(kind: str):
         from tvm import tirx as tir
 
         axes = list(range(len(x.shape))) if a.axes is None else list(a.axes)
+        dtype = str(x.dtype)
+        # float16 and bfloat16: the same reduction of x widened to float32, rounded once. max and min are exact in
+        # float16; bfloat16 widens them too, as TVM cannot store a bfloat16 vector that is not a cast from float32
+        if accumulator(dtype) != dtype and (kind not in ("max", "min") or dtype == "bfloat16"):
+            if kind == "log_sum_exp":  # its exp's Lets must see the bfloat16 load itself (float_math.bind)
+                return _log_sum_exp(x, axes, a.keepdims, accumulator(dtype))
+            wide = compute(cast_stage(x, accumulator(dtype), "reduce_widen"), a)
+            return cast_stage(wide, dtype, f"reduce_{kind}_round")
         if kind == "mean":
             n = 1
             for ax in axes:
@@ -149,7 +159,7 @@ def _reduce_compute(kind: str):
             return _nan_reduce(x, axes, a.keepdims, te.sum, lambda v: te.abs(v))
         if kind == "sum_square":
             return _nan_reduce(x, axes, a.keepdims, te.sum, lambda v: v * v)
-        acc = str(x.dtype) if is_float(str(x.dtype)) else "float64"  # integers reduce in float64 (the reference)
+        acc = dtype if is_float(dtype) else "float64"  # integers reduce in float64 (the reference)
         if kind == "log_sum_exp":
             return _log_sum_exp(x, axes, a.keepdims, acc)
         square = kind == "l2"
@@ -166,8 +176,9 @@ def _log_sum_exp(x, axes: list[int], keepdims: bool, acc: str):
     from tvm import te
     from tvm import tirx as tir
 
-    xs = x if str(x.dtype) == acc else te.compute(x.shape, lambda *i: x(*i).astype(acc), name="reduce_cast")
-    top = _nan_reduce(xs, axes, True, float_math.reduce_max)
+    # integers through a float64 stage; float16 and bfloat16 cast as they are read
+    xs = x if is_float(str(x.dtype)) else te.compute(x.shape, lambda *i: x(*i).astype(acc), name="reduce_cast")
+    top = _nan_reduce(xs, axes, True, float_math.reduce_max, lambda v: cast(v, acc))
     zero = tir.const(0.0, acc)
     big = tir.const(float("inf"), acc)
 
@@ -175,7 +186,8 @@ def _log_sum_exp(x, axes: list[int], keepdims: bool, acc: str):
         m = top[tuple(0 if ax in axes else v for ax, v in enumerate(i))]
         return tir.Select(tir.all(-big < m, m < big), m, zero)
 
-    shifted = te.compute(xs.shape, lambda *i: float_math.exp(xs(*i) - shift(i)), name="reduce_log_sum_exp_exp")
+    shifted = te.compute(xs.shape, lambda *i: float_math.exp(cast(xs(*i), acc) - shift(i)),
+                         name="reduce_log_sum_exp_exp")
     total = _nan_reduce(shifted, axes, keepdims, te.sum)
     keep = [ax for ax in range(len(x.shape)) if ax not in axes]
 

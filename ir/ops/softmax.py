@@ -12,6 +12,7 @@ from kiln.errors import TypeCheckError
 from ..op import OpDef, OpPattern, define_compute, register_op
 from ..types import TensorType, is_float
 from . import float_math
+from .accumulate import accumulator, cast, cast_stage
 
 
 @dataclass(frozen=True)
@@ -30,12 +31,15 @@ def _type(op: str):
 
 
 def _softmax(x: np.ndarray, a: SoftmaxAttrs) -> np.ndarray:
-    e = np.exp(x - x.max(axis=a.axis, keepdims=True))
-    return (e / e.sum(axis=a.axis, keepdims=True)).astype(x.dtype)
+    acc = accumulator(x.dtype.name)  # as the kernel: exp, the float32 sum and the quotient round to x's dtype
+    xa = x.astype(acc)
+    e = np.exp(xa - xa.max(axis=a.axis, keepdims=True)).astype(x.dtype).astype(acc)
+    return (e / e.sum(axis=a.axis, keepdims=True).astype(x.dtype).astype(acc)).astype(x.dtype)
 
 
 def _log_softmax(x: np.ndarray, a: SoftmaxAttrs) -> np.ndarray:
-    s = x - x.max(axis=a.axis, keepdims=True)
+    xa = x.astype(accumulator(x.dtype.name))
+    s = xa - xa.max(axis=a.axis, keepdims=True)
     return (s - np.log(np.exp(s).sum(axis=a.axis, keepdims=True))).astype(x.dtype)
 
 
@@ -61,25 +65,36 @@ HARDMAX = register_op(OpDef("nn.hardmax", SoftmaxAttrs, _type("nn.hardmax"), _ha
 @define_compute(SOFTMAX)
 def softmax_compute(x, a: SoftmaxAttrs):
     """Along the last axis, four stages that `schedules/x86/softmax.py` finds by name: the row max, exp(x - max)
-    computed once (vectorizable, see float_math), its row sum, the quotient. Other axes: TOPI's softmax."""
+    computed once (vectorizable, see float_math), its row sum, the quotient. float16 and bfloat16 compute in
+    float32 (no bfloat16 buffer inside the kernel, which TVM's legalization mishandles) and sum in float32; the
+    exponentials, their sum and the quotient each round to x's dtype, as ONNX's reference (NumPy on float16)
+    and ONNX Runtime's Exp → ReduceSum → Div do. Other axes: TOPI's softmax, in float32 likewise."""
     from tvm import te, topi
 
+    acc, dtype = accumulator(x.dtype), str(x.dtype)
     if a.axis != len(x.shape) - 1:
-        return topi.nn.softmax(x, a.axis)
+        wide = cast_stage(x, acc, "softmax_widen")
+        return cast_stage(topi.nn.softmax(wide, a.axis), dtype, "softmax_round")
+
+    def stored(v):  # v rounded to x's dtype, held in the accumulator dtype (v itself for float32)
+        return cast(cast(v, dtype), acc)
+
     rows, n = tuple(x.shape[:-1]), x.shape[-1]
     k = te.reduce_axis((0, n), name="k")
-    top = te.compute(rows, lambda *i: te.max(x[(*i, k)], axis=k), name="softmax_max")
-    e = te.compute(x.shape, lambda *i: float_math.exp(x[i] - top[i[:-1]]), name="softmax_exp")
+    top = te.compute(rows, lambda *i: te.max(cast(x[(*i, k)], acc), axis=k), name="softmax_max")
+    e = te.compute(x.shape, lambda *i: stored(float_math.exp(cast(x[i], acc) - top[i[:-1]])), name="softmax_exp")
     k = te.reduce_axis((0, n), name="k")
     total = te.compute(rows, lambda *i: te.sum(e[(*i, k)], axis=k), name="softmax_sum")
-    return te.compute(x.shape, lambda *i: e[i] / total[i[:-1]], name="softmax_norm")
+    return te.compute(x.shape, lambda *i: cast(e[i] / stored(total[i[:-1]]), dtype), name="softmax_norm")
 
 
 @define_compute(LOG_SOFTMAX)
 def log_softmax_compute(x, a: SoftmaxAttrs):
     from tvm import topi
 
-    return topi.nn.log_softmax(x, a.axis)
+    acc = accumulator(x.dtype)
+    wide = cast_stage(x, acc, "log_softmax_widen")
+    return cast_stage(topi.nn.log_softmax(wide, a.axis), str(x.dtype), "log_softmax_round")
 
 
 @define_compute(HARDMAX)

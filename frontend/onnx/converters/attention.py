@@ -60,14 +60,6 @@ def _bias_of(node: Node, allowed: Expr, dtype: str) -> Expr:
     return node.make(ew.WHERE, allowed, zero, ninf)
 
 
-def _matmul(node: Node, a: Expr, b: Expr) -> Expr:
-    """a @ b; float16 inputs accumulate in float32 and round once, as NumPy and ONNX Runtime do."""
-    dtype = a.ttype.dtype
-    if dtype != "float16":
-        return node.make(dn.MATMUL, a, b)
-    return node.make(ew.CAST, node.make(dn.MATMUL, a, b, out_dtype="float32"), dtype=dtype)
-
-
 def _add(node: Node, a: Expr | None, b: Expr | None) -> Expr | None:
     if a is None or b is None:
         return b if a is None else a
@@ -112,7 +104,7 @@ def convert_attention(node: Node):
     scale = node.attr_float("scale", None)
     root = _scalar(q, math.sqrt(1.0 / math.sqrt(head_size) if scale is None else scale))
     kt = node.make(tf.TRANSPOSE, node.make(ew.MULTIPLY, k, root), axes=(0, 1, 3, 2))
-    scores = _matmul(node, node.make(ew.MULTIPLY, q, root), kt)  # [batch, q_heads, q_len, kv_len]
+    scores = node.make(dn.MATMUL, node.make(ew.MULTIPLY, q, root), kt)  # [batch, q_heads, q_len, kv_len]
     softcap = node.attr_float("softcap", 0.0)
     if softcap > 0:
         capped = node.make(ew.TANH, node.make(ew.DIVIDE, scores, _scalar(scores, softcap)))
@@ -132,14 +124,14 @@ def convert_attention(node: Node):
             raise node.unsupported(f"softmax_precision {precision} ({want}); Kiln supports float16/32/64")
         if want != dtype:
             logits = node.make(ew.CAST, logits, dtype=want)
-    probs = _softmax(node, logits)
+    probs = node.make(sm.SOFTMAX, logits, axis=logits.ttype.ndim - 1)
     probs = _zero_masked_rows(node, probs, bias)
     if probs.ttype.dtype != dtype:
         probs = node.make(ew.CAST, probs, dtype=dtype)
     if mode == 3:
         qk_out = probs
 
-    y = _matmul(node, probs, v)  # [batch, q_heads, q_len, v_size]
+    y = node.make(dn.MATMUL, probs, v)  # [batch, q_heads, q_len, v_size]
     if rank == 3:
         y = node.make(tf.TRANSPOSE, y, axes=(0, 2, 1, 3))
         y = reshape(node, y, (batch, q_len, q_heads * _static_shape(node, v)[3]))
@@ -208,20 +200,6 @@ def _attention_bias(node: Node, mask: Expr | None, nonpad: Expr | None, past_k: 
             if right >= 0:  # j - (i + nonpad - q_len) <= right
                 bias = _add(node, bias, below(j - i + q_len - right - 1, nb))
     return bias
-
-
-def _softmax(node: Node, x: Expr) -> Expr:
-    """Softmax over the keys. float16 sums its exponentials in float32 and rounds once, as NumPy (and so ONNX's
-    reference) does: nn.softmax's compiled kernel sums float16 in float16, 1–2 ulp off, which fails the
-    conformance tolerance. Drop this branch once that kernel (and nn.matmul's) accumulates float16 in float32."""
-    last = x.ttype.ndim - 1
-    if x.ttype.dtype != "float16":
-        return node.make(sm.SOFTMAX, x, axis=last)
-    top = node.make(rd.MAX, x, axes=(last,), keepdims=True)
-    top = node.make(ew.WHERE, node.make(ew.ISINF, top, detect_positive=False), _scalar(top, 0.0), top)
-    e = node.make(ew.EXP, node.make(ew.SUBTRACT, x, top))
-    total = node.make(rd.SUM, node.make(ew.CAST, e, dtype="float32"), axes=(last,), keepdims=True)
-    return node.make(ew.DIVIDE, e, node.make(ew.CAST, total, dtype="float16"))
 
 
 def _zero_masked_rows(node: Node, probs: Expr, bias: Expr | None) -> Expr:
