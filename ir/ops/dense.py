@@ -19,8 +19,8 @@ class DenseAttrs:
     out_dtype: str | None = None  # None means "same as x"; int8 inputs ask for "int32"
 
 
-def _acc(x_dtype, a) -> str:
-    """The output dtype: out_dtype, else x's."""
+def _out_dtype(x_dtype, a) -> str:
+    """out_dtype, else x's."""
     return a.out_dtype or x_dtype
 
 
@@ -34,12 +34,12 @@ def dense_type(x: TensorType, w: TensorType, a: DenseAttrs) -> TensorType:
         raise TypeCheckError(f"nn.dense: x is {x} but w is {w}; w must be [units, {x.shape[-1] if x.ndim else '?'}]")
     if x.dtype != w.dtype:
         raise TypeCheckError(f"nn.dense: x {x} and w {w} differ in dtype")
-    return TensorType(x.shape[:-1] + (w.shape[0],), _acc(x.dtype, a))
+    return TensorType(x.shape[:-1] + (w.shape[0],), _out_dtype(x.dtype, a))
 
 
 def dense_reference(x: np.ndarray, w: np.ndarray, a: DenseAttrs) -> np.ndarray:
     acc = _sum_dtype(x.dtype.name, a)  # widen before multiplying, as the kernel does
-    return np.matmul(x.astype(acc), w.astype(acc).T).astype(_acc(x.dtype.name, a))
+    return np.matmul(x.astype(acc), w.astype(acc).T).astype(_out_dtype(x.dtype.name, a))
 
 
 def _dense_flops(x: TensorType, w: TensorType, a: DenseAttrs) -> int:
@@ -62,12 +62,12 @@ def matmul_type(a: TensorType, b: TensorType, at: DenseAttrs) -> TensorType:
     batch = broadcast_shapes(a.shape[:-2], b.shape[:-2], what="nn.matmul batch dims")
     rows = a.shape[-2:-1] if a.ndim >= 2 else ()
     cols = b.shape[-1:] if b.ndim >= 2 else ()
-    return TensorType(batch + rows + cols, _acc(a.dtype, at))
+    return TensorType(batch + rows + cols, _out_dtype(a.dtype, at))
 
 
 def matmul_reference(a: np.ndarray, b: np.ndarray, at: DenseAttrs) -> np.ndarray:
     acc = _sum_dtype(a.dtype.name, at)
-    return np.asarray(np.matmul(a.astype(acc), b.astype(acc))).astype(_acc(a.dtype.name, at))
+    return np.asarray(np.matmul(a.astype(acc), b.astype(acc))).astype(_out_dtype(a.dtype.name, at))
 
 
 def _matmul_flops(a: TensorType, b: TensorType, at: DenseAttrs) -> int:
@@ -110,7 +110,7 @@ def dense_compute(x, w, a: DenseAttrs):
     k = te.reduce_axis((0, x.shape[-1]), name="k")
     total = te.compute(tuple(x.shape[:-1]) + (w.shape[0],),
                        lambda *i: te.sum(x[(*i[:-1], k)].astype(acc) * w[i[-1], k].astype(acc), axis=k), name="dense")
-    return cast_stage(total, _acc(x.dtype, a), "dense_round")
+    return cast_stage(total, _out_dtype(x.dtype, a), "dense_round")
 
 
 @define_compute(MATMUL)
@@ -137,8 +137,8 @@ def matmul_compute(a, b, at: DenseAttrs):
         y = b[(*index(b_batch, bi), k, *col)]
         return te.sum(x.astype(acc) * y.astype(acc), axis=k)
 
-    return cast_stage(te.compute(tuple(batch) + tuple(rows) + tuple(cols), f, name="matmul"), _acc(a.dtype, at),
-                   "matmul_round")
+    total = te.compute(tuple(batch) + tuple(rows) + tuple(cols), f, name="matmul")
+    return cast_stage(total, _out_dtype(a.dtype, at), "matmul_round")
 
 
 def _aligned_batch(p, q):
@@ -191,7 +191,7 @@ def dense_packed_compute(x, wp, a: PackedDenseAttrs):
     total = te.compute(tuple(x.shape[:-1]) + (n,), lambda *i: te.sum(
         x[(*i[:-1], k)].astype(acc) * wp[i[-1] // a.block, k, i[-1] % a.block].astype(acc), axis=k),
         name="dense_packed")
-    return cast_stage(total, _acc(x.dtype, a), "dense_packed_round")
+    return cast_stage(total, _out_dtype(x.dtype, a), "dense_packed_round")
 
 
 def _einsum_terms(equation: str, ranks: list[int]) -> tuple[list[str], str]:

@@ -17,6 +17,7 @@ from kiln.errors import TypeCheckError
 from ..op import OpDef, OpPattern, define_compute, register_op
 from ..types import TensorType
 from . import float_math
+from .accumulate import accumulator, cast
 
 
 @dataclass(frozen=True)
@@ -184,17 +185,18 @@ def _pool_compute(kind: str):
             return tir.all(*[tir.all(c[d] >= 0, c[d] < x.shape[2 + d]) for d in range(nd)])
 
         shape = tuple(x.shape[:2]) + out
+        acc, dtype = accumulator(x.dtype), str(x.dtype)  # window sums of float16 in float32, rounded once
         if kind == "lp":  # (sum over the window of |x|^p) ^ (1/p); padding adds 0
             total = te.compute(shape, lambda *i: te.sum(tir.if_then_else(
-                inside(coords(i)), _lp_power(x(i[0], i[1], *coords(i)), a.p), tir.const(0, x.dtype)), axis=axes),
-                name="lp_pool_sum")
-            return te.compute(shape, lambda *i: _lp_root(total(*i), a.p), name="lp_pool")
+                inside(coords(i)), _lp_power(cast(x(i[0], i[1], *coords(i)), acc), a.p), tir.const(0, acc)),
+                axis=axes), name="lp_pool_sum")
+            return te.compute(shape, lambda *i: cast(_lp_root(total(*i), a.p), dtype), name="lp_pool")
         if kind == "max":  # a NaN in the window makes the result NaN (float_math.reduce_max)
             low = tir.min_value(x.dtype)
             return te.compute(shape, lambda *i: float_math.reduce_max(tir.if_then_else(
                 inside(coords(i)), x(i[0], i[1], *coords(i)), low), axis=axes, from_lowest=True), name="max_pool")
         total = te.compute(shape, lambda *i: te.sum(tir.if_then_else(
-            inside(coords(i)), x(i[0], i[1], *coords(i)), tir.const(0, x.dtype)), axis=axes), name="pool_sum")
+            inside(coords(i)), cast(x(i[0], i[1], *coords(i)), acc), tir.const(0, acc)), axis=axes), name="pool_sum")
 
         def count(i):
             n = tir.const(1, "int32")
@@ -205,7 +207,7 @@ def _pool_compute(kind: str):
                 n = n * window_count(start, a.kernel[d], a.dilation[d], lo, hi)
             return n
 
-        return te.compute(shape, lambda *i: total(*i) / count(i).astype(x.dtype), name="avg_pool")
+        return te.compute(shape, lambda *i: cast(total(*i) / count(i).astype(acc), dtype), name="avg_pool")
     return compute
 
 
@@ -242,9 +244,10 @@ def global_avg_pool_compute(x, a: GlobalPoolAttrs):
     n = 1
     for d in x.shape[2:]:
         n *= int(d)
+    acc = accumulator(x.dtype)  # float16 sums in float32, rounded once
     total = te.compute(tuple(x.shape[:2]) + (1,) * len(axes),
-                       lambda b, c, *_: te.sum(x[(b, c, *axes)], axis=axes), name="global_sum")
-    return te.compute(total.shape, lambda *i: total(*i) / float(n), name="global_avg_pool")
+                       lambda b, c, *_: te.sum(cast(x[(b, c, *axes)], acc), axis=axes), name="global_sum")
+    return te.compute(total.shape, lambda *i: cast(total(*i) / float(n), str(x.dtype)), name="global_avg_pool")
 
 
 @define_compute(GLOBAL_MAX_POOL)
@@ -262,6 +265,7 @@ def global_lp_pool_compute(x, a: GlobalPoolAttrs):
     from tvm import te
 
     axes = [te.reduce_axis((0, d), name=f"r{i}") for i, d in enumerate(x.shape[2:])]
-    total = te.compute(tuple(x.shape[:2]) + (1,) * len(axes),
-                       lambda b, c, *_: te.sum(_lp_power(x[(b, c, *axes)], a.p), axis=axes), name="global_lp_sum")
-    return te.compute(total.shape, lambda *i: _lp_root(total(*i), a.p), name="global_lp_pool")
+    acc = accumulator(x.dtype)
+    total = te.compute(tuple(x.shape[:2]) + (1,) * len(axes), lambda b, c, *_: te.sum(
+        _lp_power(cast(x[(b, c, *axes)], acc), a.p), axis=axes), name="global_lp_sum")
+    return te.compute(total.shape, lambda *i: cast(_lp_root(total(*i), a.p), str(x.dtype)), name="global_lp_pool")

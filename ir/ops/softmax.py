@@ -33,8 +33,9 @@ def _type(op: str):
 def _softmax(x: np.ndarray, a: SoftmaxAttrs) -> np.ndarray:
     acc = accumulator(x.dtype.name)  # as the kernel: exp, the float32 sum and the quotient round to x's dtype
     xa = x.astype(acc)
-    e = np.exp(xa - xa.max(axis=a.axis, keepdims=True)).astype(x.dtype).astype(acc)
-    return (e / e.sum(axis=a.axis, keepdims=True).astype(x.dtype).astype(acc)).astype(x.dtype)
+    with np.errstate(invalid="ignore"):  # a row of -inf is NaN, as the kernel's
+        e = np.exp(xa - xa.max(axis=a.axis, keepdims=True)).astype(x.dtype).astype(acc)
+        return (e / e.sum(axis=a.axis, keepdims=True).astype(x.dtype).astype(acc)).astype(x.dtype)
 
 
 def _log_softmax(x: np.ndarray, a: SoftmaxAttrs) -> np.ndarray:

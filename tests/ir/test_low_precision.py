@@ -1,21 +1,23 @@
 """float16 and bfloat16 kernels accumulate in float32 and round once (ir/ops/accumulate.py): long float16 dot
-products, softmax rows, layer norms and means through their x86 templates, and bfloat16 attention and einsum
-compiled end to end, against NumPy in float32 or float64. Summed in float16, a row of 4096 values near 1 stops
-growing at 2048 (where a float16 ulp is 2): those cases fail by 10-50% on kernels that accumulate in x's dtype."""
+products, softmax rows, layer norms, means and global pools (through the x86 templates that claim them), and
+bfloat16 attention and einsum compiled end to end, against NumPy in float32 or float64. Summed in float16, a row
+of 4096 values near 1 stops growing at 2048 (where a float16 ulp is 2): kernels that accumulate in x's dtype fail
+these by 10-50%."""
 
 import ml_dtypes
 import numpy as np
 import pytest
-from onnx import TensorProto, helper
-
-import kiln
 from kiln.codegen.target import resolve_target
-from kiln.config import Options
 from kiln.ir.ops import dense as dn
 from kiln.ir.ops import norm as nm
+from kiln.ir.ops import pool as pl
 from kiln.ir.ops import reduce as rd
 from kiln.ir.ops import softmax as sm
 from kiln.schedules.x86 import batch_matmul, dense_packed, layer_norm, softmax
+from onnx import TensorProto, helper
+
+import kiln
+from kiln.config import Options
 
 from ..groups import lower, op_group, run_lowered
 from ..tolerances import assert_close
@@ -106,3 +108,12 @@ def test_bfloat16_attention_with_a_runtime_mask_compiles_and_matches_float64(tmp
     # a bfloat16 ulp is 2^-8 relative: the output rounds once, its inputs (scores, probabilities) each once
     assert_close(got.astype(np.float64), _attention_reference(q, k, v, mask), rtol=1e-2, atol=1e-2,
                  what=f"bfloat16 attention, seq {seq}")
+
+
+def test_float16_global_pools_sum_in_float32():
+    """64 x 64 positions around 4: the average sums to about 16384, the L2 pool's squares past float16's 65504."""
+    x = (np.random.default_rng(4).standard_normal((1, 8, 64, 64)) + 4.0).astype(np.float16)
+    for op in (pl.GLOBAL_AVG_POOL, pl.GLOBAL_LP_POOL):
+        attrs = op.attrs_type()
+        want = op.reference(x, attrs)  # float64 sums
+        assert_close(run_group(op, [x], attrs), want, rtol=1e-3, atol=0, what=op.name)
