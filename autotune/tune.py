@@ -45,7 +45,8 @@ class TuneOptions:
     time_budget_s: float | None = None
     seed: int = 0
     tuner_args: dict = field(default_factory=dict)
-    verify_rounds: int = 3  # at the end, each task's best and default timed alternately this many times
+    verify_rounds: int = 3  # at the end, each task's best configs and default timed alternately this many times
+    verify_top: int = 3  # how many of the search's best configs meet the default in that final A/B
     transfer: tuple = ()  # records logs (files or folders) of other tasks: warm-start the xgb tuner's model
 
 
@@ -60,6 +61,7 @@ class TaskState:
     since_best: int = 0
     history: list[tuple[int, float]] = field(default_factory=list)  # (trial count, best cost) after each round
     checked: set[str] = field(default_factory=set)  # config ids that passed the reference check
+    failed: set[str] = field(default_factory=set)  # config ids that failed it
     done: bool = False
     verified: str | None = None  # config id of the best as last verified against the default
 
@@ -191,6 +193,8 @@ def _resume(states: list[TaskState], log_path: Path) -> int:
             continue
         if r.extra.get("check") == "passed":
             s.checked.add(config_id(r.config))
+        elif r.extra.get("check") == "failed":
+            s.failed.add(config_id(r.config))
         if r.extra.get("verified"):
             verified.setdefault(r.key, []).append(r)
             continue
@@ -205,7 +209,9 @@ def _resume(states: list[TaskState], log_path: Path) -> int:
         n += 1
     for s in states:
         if s.task.key in verified:  # the last A/B stands: its winner is the best, at its verified cost
-            last = verified[s.task.key][-2:]
+            rows = verified[s.task.key]
+            group = rows[-1].extra.get("verify")
+            last = [r for r in rows if r.extra.get("verify") == group] if group is not None else rows[-2:]
             winner = min(last, key=lambda r: r.cost_s)
             s.best_config, s.best_cost_s = dict(winner.config), winner.cost_s
             s.verified = config_id(winner.config)
@@ -250,6 +256,7 @@ def _round(s: TaskState, configs: list[Config], builder, runner: Runner, writer:
             _write(writer, s, cfg, check, options, check="passed" if check.error is None else "failed",
                    replay="skip")
             if check.error is not None:
+                s.failed.add(config_id(cfg))
                 log.warning("%s: config %s failed its reference check: %s", s.task.key, cfg, check.error)
                 continue
             s.checked.add(config_id(cfg))
@@ -261,31 +268,63 @@ def _round(s: TaskState, configs: list[Config], builder, runner: Runner, writer:
 
 
 def _verify(s: TaskState, builder, runner: Runner, writer: RecordWriter, options: TuneOptions) -> bool:
-    """Time the best and the default alternately in one runner batch (so both see the same machine), record
-    both as verified, and keep the faster: a search's best is one measurement, and a slow stretch of the
-    machine during the default's turn would otherwise make any config look better than it."""
+    """Time the default and the search's `verify_top` best configs alternately in one runner batch (so all see
+    the same machine), record them as verified, and keep the fastest. The search's costs are single
+    measurements, and the best of hundreds of noisy ones is optimistic (on ResNet-50 timed in the model, search
+    bests of 0.42 ms verified at 0.77 ms): the best config found is not always the fastest of the close ones,
+    and a slow stretch of the machine during the default's turn would make any config look better than it."""
     default = s.task.default()
-    if s.best_config is None or s.best_config == default or s.verified == config_id(s.best_config):
+    if s.best_config is None or s.verified == config_id(s.best_config):
         return False
-    pair = [MeasureInput(s.task, default), MeasureInput(s.task, s.best_config)]
-    built = builder.build(pair)
-    results = runner.run(pair * options.verify_rounds, built * options.verify_rounds)
-    costs: dict[int, list[float]] = {0: [], 1: []}
-    for k, res in enumerate(results):
+    contenders = [default, *_contenders(s, options.verify_top)]
+    if len(contenders) < 2:
+        return False
+    first = [MeasureInput(s.task, c, check=config_id(c) not in s.checked) for c in contenders]
+    built = builder.build(first)
+    rest = [MeasureInput(s.task, c) for c in contenders] * (options.verify_rounds - 1)
+    results = runner.run(first + rest, built * options.verify_rounds)
+    n = len(contenders)
+    costs: dict[int, list[float]] = {k: [] for k in range(n)}
+    lost: set[int] = set()
+    for j, res in enumerate(results):
         if res.error is None:
-            costs[k % 2] += res.costs_s
-    if not costs[0] or not costs[1]:
+            costs[j % n] += res.costs_s
+        else:
+            lost.add(j % n)
+            if j < n and first[j].check and res.error.startswith("wrong result"):
+                s.failed.add(config_id(contenders[j]))
+    if 0 in lost or not costs[0]:
         return False
-    med = {k: float(np.median(v)) for k, v in costs.items()}
-    winner = s.best_config if med[1] < med[0] else default
-    for k, cfg in enumerate((default, s.best_config)):
-        writer.write(Record.measured(s.task.template, s.task.workload, s.task.target, cfg, costs[k], None,
+    med = {k: float(np.median(v)) for k, v in costs.items() if k not in lost and v}
+    win = min(med, key=med.__getitem__)
+    winner = contenders[win]
+    group = f"{s.trials}@{time.time():.0f}"
+    for k in med:
+        if first[k].check:
+            s.checked.add(config_id(contenders[k]))
+        writer.write(Record.measured(s.task.template, s.task.workload, s.task.target, contenders[k], costs[k], None,
                                      trial=s.trials, tuner=options.tuner, verified=True, replay="skip",
-                                     winner=config_id(winner)))
+                                     winner=config_id(winner), verify=group))
     s.default_cost_s = med[0]
-    s.best_config, s.best_cost_s = dict(winner), min(med.values())
+    s.best_config, s.best_cost_s = dict(winner), med[win]
     s.verified = config_id(s.best_config)
     return True
+
+
+def _contenders(s: TaskState, k: int) -> list[Config]:
+    """The search's k best distinct configs other than the default, never one that failed its check."""
+    default_id = config_id(s.task.default())
+    out, seen = [], {default_id}
+    space = s.task.space()
+    for i, cost in sorted(s.tuner.measured, key=lambda ic: ic[1]):
+        if not math.isfinite(cost) or len(out) >= k:
+            break
+        cfg = space.at(i)
+        cid = config_id(cfg)
+        if cid not in seen and cid not in s.failed:
+            seen.add(cid)
+            out.append(cfg)
+    return out
 
 
 def _write(writer: RecordWriter, s: TaskState, cfg: Config, res: MeasureResult, options: TuneOptions,

@@ -141,6 +141,48 @@ def test_a_lucky_measurement_loses_the_final_ab_against_the_default(tasks, tmp_p
     assert again.states[0].best_config == conv.default()  # resumed: the A/B's verdict stands
 
 
+class CloseRunner(FakeRunner):
+    """The search measures two lucky configs at 0.5 ms, one at 0.6 ms and the rest at 0.8 ms; timed again, the
+    0.6 ms one is the fastest (0.3 ms), every other 2 ms and the default 1 ms: the search's best is not the
+    fastest of its close bests."""
+
+    def __init__(self, default_id, fast_id, lucky_ids):
+        super().__init__()
+        self.default_id, self.fast_id, self.lucky, self.seen = default_id, fast_id, set(lucky_ids), set()
+
+    def run(self, inputs, builds):
+        out = []
+        for inp in inputs:
+            cid = config_id(inp.config)
+            self.calls.append((inp.task.key, cid, inp.check))
+            if cid == self.default_id:
+                cost = 1e-3
+            elif cid not in self.seen:
+                cost = 6e-4 if cid == self.fast_id else 5e-4 if cid in self.lucky else 8e-4
+            else:
+                cost = 3e-4 if cid == self.fast_id else 2e-3
+            self.seen.add(cid)
+            out.append(MeasureResult([cost] * 3))
+        return out
+
+
+def test_the_final_ab_times_the_searchs_close_bests_and_keeps_the_fastest(tasks, tmp_path):
+    from kiln.autotune.records import best_configs
+
+    conv = next(t for t in tasks if len(t.space()) > 50)
+    log = tmp_path / "log.jsonl"
+    others = [c for c in conv.space() if c != conv.default()]
+    first_pick, lucky = others[5], others[:2]
+    runner = CloseRunner(config_id(conv.default()), config_id(first_pick), [config_id(c) for c in lucky])
+    result = tune([conv], log, TuneOptions(trials=len(conv.space()), tuner="grid", batch=8, verify_top=3),
+                  builder=FakeBuilder(), runner=runner)
+    state = result.states[0]
+    assert state.best_config == first_pick and state.best_cost_s == 3e-4
+    assert best_configs(read_records([log], conv.target)) == {conv.key: first_pick}
+    verified = [r for r in read_records([log], conv.target) if r.extra.get("verified")]
+    assert len({r.extra["verify"] for r in verified}) == 1 and len(verified) > 2
+
+
 KILLED_RUN = textwrap.dedent("""
     import sys
     from kiln.autotune.tune import TuneOptions, tune
