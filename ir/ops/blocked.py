@@ -17,6 +17,7 @@ from kiln.errors import TypeCheckError
 from ..op import OpDef, OpPattern, define_compute, register_op
 from ..types import TensorType
 from . import float_math
+from .accumulate import accumulator, cast_stage
 from .conv import ConvAttrs, conv_output_size, conv_reference
 from .pool import AVG_POOL, GLOBAL_AVG_POOL, MAX_POOL, GlobalPoolAttrs, PoolAttrs, window_count
 
@@ -221,10 +222,16 @@ def pad_nchwc(x, pads: tuple[int, int, int, int], value=0.0, name: str = "pad"):
 
 @define_compute(CONV2D_NCHWC)
 def _conv_nchwc_compute(x, w, a: ConvNCHWcAttrs):
+    """float16/bfloat16 convs sum in float32 and round once in a `conv2d_nchwc_round` stage the templates inline
+    into the epilogue (accumulate.py); float32 ones have no such stage."""
+    acc = a.conv.out_dtype or accumulator(x.dtype)
+    return cast_stage(_conv_nchwc_sum(x, w, a, acc), a.conv.out_dtype or str(x.dtype), "conv2d_nchwc_round")
+
+
+def _conv_nchwc_sum(x, w, a: ConvNCHWcAttrs, acc: str):
     from tvm import te
 
     c = a.conv
-    acc = c.out_dtype or str(x.dtype)
     out = _conv_nchwc_type(
         TensorType(tuple(int(d) for d in x.shape), str(x.dtype)),
         TensorType(tuple(int(d) for d in w.shape), str(w.dtype)),

@@ -15,6 +15,7 @@ from kiln.errors import TypeCheckError
 
 from ..op import OpDef, OpPattern, define_compute, register_op
 from ..types import TensorType, is_float
+from .accumulate import accumulator, cast_stage
 
 
 @dataclass(frozen=True)
@@ -67,14 +68,13 @@ def _conv_type(nd: int, op: str):
 
 
 # float16 and bfloat16 convs sum in float32 and round once, as ONNX Runtime and the ONNX reference do (summing in
-# float16 left 1-ulp differences that a SiLU after the conv turned into failures). The direct 1-D/3-D compute and
-# the reference follow this; conv2d's TOPI computes still sum in the input dtype.
-_WIDER = {"float16": "float32", "bfloat16": "float32"}
+# float16 left 1-ulp differences that a SiLU after the conv turned into failures): every conv compute and the
+# reference (accumulate.py)
 
 
 def conv_reference(x: np.ndarray, w: np.ndarray, a: ConvAttrs) -> np.ndarray:
     nd = x.ndim - 2
-    acc = a.out_dtype or (_WIDER.get(x.dtype.name, x.dtype.name) if is_float(x.dtype.name) else "int64")
+    acc = a.out_dtype or (accumulator(x.dtype.name) if is_float(x.dtype.name) else "int64")
     x, w = x.astype(acc, copy=False), w.astype(acc, copy=False)
     xp = np.pad(x, [(0, 0), (0, 0)] + [(a.padding[i], a.padding[i + nd]) for i in range(nd)])
     n, c = x.shape[:2]
@@ -171,9 +171,12 @@ def conv2d_compute(x, w, a: ConvAttrs):
     from tvm import topi
 
     pad = (a.padding[0], a.padding[1], a.padding[2], a.padding[3])
+    acc = a.out_dtype or accumulator(x.dtype)
     if a.groups == 1:
-        return topi.nn.conv2d_nchw(x, w, a.strides, pad, a.dilation, out_dtype=a.out_dtype or x.dtype)
-    return topi.nn.group_conv2d_nchw(x, w, a.strides, pad, a.dilation, a.groups, out_dtype=a.out_dtype or x.dtype)
+        out = topi.nn.conv2d_nchw(x, w, a.strides, pad, a.dilation, out_dtype=acc)
+    else:
+        out = topi.nn.group_conv2d_nchw(x, w, a.strides, pad, a.dilation, a.groups, out_dtype=acc)
+    return cast_stage(out, a.out_dtype or str(x.dtype), "conv2d_round")
 
 
 def _conv_nd_compute(x, w, a: ConvAttrs):
@@ -189,7 +192,7 @@ def _conv_nd_compute(x, w, a: ConvAttrs):
     sizes, ks = [int(s) for s in x.shape[2:]], [int(k) for k in w.shape[2:]]
     cg, og = c // a.groups, o // a.groups
     out_dtype = a.out_dtype or str(x.dtype)
-    acc = a.out_dtype or _WIDER.get(str(x.dtype), str(x.dtype))
+    acc = a.out_dtype or accumulator(x.dtype)
     out_sp = [conv_output_size(sizes[i], ks[i], a.strides[i], a.padding[i] + a.padding[i + nd], a.dilation[i])
               for i in range(nd)]
     xp = x

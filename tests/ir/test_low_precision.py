@@ -117,3 +117,29 @@ def test_float16_global_pools_sum_in_float32():
         attrs = op.attrs_type()
         want = op.reference(x, attrs)  # float64 sums
         assert_close(run_group(op, [x], attrs), want, rtol=1e-3, atol=0, what=op.name)
+
+
+@pytest.mark.parametrize("groups", [1, 256])
+def test_float16_conv_sums_in_float32_through_the_compiled_model(tmp_path, groups):
+    """A 3x3 conv over 256 channels of values near 1 (sums near 2300 for the dense conv, where a float16 ulp is 2)
+    compiled end to end: NCHWc direct for the dense conv (never Winograd in float16), depthwise for groups=256."""
+    c, size = 256, 12
+    w_shape = [c, c // groups, 3, 3]
+    node = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=groups)
+    rng = np.random.default_rng(5)
+    w = rng.uniform(0.5, 1.0, w_shape).astype(np.float16)
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, c, size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, c, size, size])],
+        [helper.make_tensor("w", TensorProto.FLOAT16, w_shape, w.tobytes(), raw=True)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.uniform(0.5, 1.0, (1, c, size, size)).astype(np.float16)
+    report = kiln.compile(model, tmp_path / "conv.so", Options(target="x86-avx2"))
+    assert not any("winograd" in s.get("schedule", "") for s in report.steps)
+    (got,) = kiln.load(report.path).run(x)
+    from kiln.ir.ops.conv import CONV2D
+
+    want = CONV2D.reference(x.astype(np.float32), w.astype(np.float32),
+                            CONV2D.make_attrs(strides=(1, 1), padding=(1, 1, 1, 1), dilation=(1, 1), groups=groups)).astype(np.float16)
+    assert got.dtype == np.float16
+    assert_close(got, want, rtol=2e-3, atol=0, what=f"float16 conv, groups {groups}")
