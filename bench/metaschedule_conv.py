@@ -2,7 +2,7 @@
 at the same trial counts, with the wall time each search took, and ONNX Runtime on the same single-conv model,
 all timed in one process.
 
-    python bench/metaschedule_conv.py [--trials 64 256] [--threads 2]
+    python bench/metaschedule_conv.py [--trials 64 256] [--ms-trials 64 256] [--threads 2]
 
 MetaSchedule tunes the NCHW TE compute (topi conv2d_nchw + bias + relu) with its XGBoost cost model, as a TVM user
 would (`tune_tir`), and its best kernel is timed alone, warm. Kiln tunes the conv task of a single-conv ONNX model
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", nargs="*", type=int, default=[64, 256])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--skip-metaschedule", action="store_true")
+    ap.add_argument("--ms-trials", nargs="*", type=int, default=None, help="MetaSchedule's (default: --trials)")
     args = ap.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     import onnxruntime as ort
@@ -104,17 +104,16 @@ def main(argv: list[str] | None = None) -> int:
             mk = kiln.load(path, num_threads=args.threads)
             runs[f"Kiln {n} trials"], walls[f"Kiln {n} trials"] = (lambda mk=mk: mk.run(x)), spent
             checks[f"Kiln {n} trials"] = float(np.max(np.abs(mk.run(x)[0] - want)))
-        if not args.skip_metaschedule:
-            dev = tvm.cpu()
-            args_tvm = [tvm.runtime.tensor(a, dev) for a in (x, wt, bias)]
-            for n in args.trials:
-                took, lib = metaschedule(n, args.threads, str(tmp / f"ms{n}"))
-                out = tvm.runtime.tensor(np.zeros((1, OC, H, W), np.float32), dev)
-                f = lib.jit()["main"] if hasattr(lib, "jit") else lib["main"]
-                f(*args_tvm, out)
-                checks[f"MetaSchedule {n} trials"] = float(np.max(np.abs(out.numpy() - want)))
-                runs[f"MetaSchedule {n} trials"] = lambda f=f, out=out: f(*args_tvm, out)
-                walls[f"MetaSchedule {n} trials"] = took
+        dev = tvm.cpu()
+        args_tvm = [tvm.runtime.tensor(a, dev) for a in (x, wt, bias)]
+        for n in args.trials if args.ms_trials is None else args.ms_trials:
+            took, lib = metaschedule(n, args.threads, str(tmp / f"ms{n}"))
+            out = tvm.runtime.tensor(np.zeros((1, OC, H, W), np.float32), dev)
+            f = lib.jit()["main"] if hasattr(lib, "jit") else lib["main"]
+            f(*args_tvm, out)
+            checks[f"MetaSchedule {n} trials"] = float(np.max(np.abs(out.numpy() - want)))
+            runs[f"MetaSchedule {n} trials"] = lambda f=f, out=out: f(*args_tvm, out)
+            walls[f"MetaSchedule {n} trials"] = took
         runs["ONNX Runtime"] = lambda: sess.run(None, {"x": x})
         ms_: dict[str, list[float]] = {k: [] for k in runs}
         for _ in range(ROUNDS):
