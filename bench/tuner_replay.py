@@ -7,7 +7,8 @@
 as `kiln tune` does, and logs them. `replay` then runs the tuners against that table: a tuner proposes configs
 and is told their recorded costs, so each run costs no measurement and every tuner sees the same numbers. For
 each task and tuner it prints the median (over seeds) trials to reach the space's best and to come within 2% of
-it, for random, xgb (cold), and xgb warm-started from the records of the other tasks (transfer learning), and
+it (and within 5% and 10%: a config timed once in the model varies by about 10%, so the space's single best
+measurement is partly luck), for random, xgb (cold), and xgb warm-started from the records of the other tasks (transfer learning), and
 writes best-so-far curves. Random search over the whole space is what "random at 1,000 trials" reaches on these
 spaces (all have fewer than 1,000 configs).
 """
@@ -55,9 +56,9 @@ def replay(args) -> None:
     for r in records:
         by_key.setdefault(r.key, {})[_cid(r.config)] = r.cost_s
     curves: dict[tuple[str, str], list[list[float]]] = {}
-    print(f"| task | configs | tuner | trials to best (median of {args.seeds}) | trials to within 2% | best at 64 "
-          f"trials / space best |")
-    print("|---|---:|---|---:|---:|---:|")
+    print(f"| task | configs | tuner | trials to best (median of {args.seeds} seeds) | "
+          + " | ".join(f"to within {p:g}%" for p in args.near) + " | best at 64 trials / space best |")
+    print("|---|---:|---|---:|" + "---:|" * len(args.near) + "---:|")
     for key, table in by_key.items():
         sample = next(r for r in records if r.key == key)
         task = _Task(template_named(sample.template.split("@")[0]), sample.workload, target)
@@ -86,10 +87,11 @@ def replay(args) -> None:
                 runs.append(trace)
             curves[(key, name)] = runs
             to_best = [next(i + 1 for i, c in enumerate(t) if c <= best) for t in runs]
-            near = [next(i + 1 for i, c in enumerate(t) if c <= best * 1.02) for t in runs]
+            near = [[next(i + 1 for i, c in enumerate(t) if c <= best * (1 + p / 100)) for t in runs]
+                    for p in args.near]
             at64 = [best / t[min(63, len(t) - 1)] for t in runs]
             print(f"| {_label(sample.workload)} | {len(space)} | {name} | {int(np.median(to_best))} | "
-                  f"{int(np.median(near))} | {np.median(at64):.3f} |", flush=True)
+                  + " | ".join(str(int(np.median(n))) for n in near) + f" | {np.median(at64):.3f} |", flush=True)
     if args.plot:
         labels = {r.key: _label(r.workload) for r in records}
         _plot(curves, by_key, labels, Path(args.plot))
@@ -163,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--seeds", type=int, default=20)
     r.add_argument("--batch", type=int, default=8)
     r.add_argument("--plot", default=None)
+    r.add_argument("--near", nargs="*", type=float, default=[2, 5, 10], help="percent off the space's best")
     args = ap.parse_args(argv)
     measure(args) if args.cmd == "measure" else replay(args)
     return 0
