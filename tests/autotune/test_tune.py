@@ -107,23 +107,34 @@ def test_resume_never_measures_a_config_twice(tasks, tmp_path):
     assert len(ids) == len(set(ids)) == 60 - sum(1 for t in tasks if len(t.space()) == 1) * 0
 
 
-class LuckyRunner(FakeRunner):
-    """The default always costs 1.0 ms; any other config 0.5 ms the first time it is timed (a quiet moment of
-    the machine) and 2.0 ms after."""
+class ScriptedRunner(FakeRunner):
+    """Costs from `cost(config id, measured before)`, the same for every repeat."""
 
-    def __init__(self, default_id):
+    def __init__(self):
         super().__init__()
-        self.default_id, self.seen = default_id, set()
+        self.seen: set[str] = set()
 
     def run(self, inputs, builds):
         out = []
         for inp in inputs:
             cid = config_id(inp.config)
             self.calls.append((inp.task.key, cid, inp.check))
-            cost = 1e-3 if cid == self.default_id else 5e-4 if cid not in self.seen else 2e-3
+            cost = self.cost(cid, cid in self.seen)
             self.seen.add(cid)
             out.append(MeasureResult([cost] * 3))
         return out
+
+
+class LuckyRunner(ScriptedRunner):
+    """The default always costs 1.0 ms; any other config 0.5 ms the first time it is timed (a quiet moment of
+    the machine) and 2.0 ms after."""
+
+    def __init__(self, default_id):
+        super().__init__()
+        self.default_id = default_id
+
+    def cost(self, cid, again):
+        return 1e-3 if cid == self.default_id else 2e-3 if again else 5e-4
 
 
 def test_a_lucky_measurement_loses_the_final_ab_against_the_default(tasks, tmp_path):
@@ -141,29 +152,21 @@ def test_a_lucky_measurement_loses_the_final_ab_against_the_default(tasks, tmp_p
     assert again.states[0].best_config == conv.default()  # resumed: the A/B's verdict stands
 
 
-class CloseRunner(FakeRunner):
+class CloseRunner(ScriptedRunner):
     """The search measures two lucky configs at 0.5 ms, one at 0.6 ms and the rest at 0.8 ms; timed again, the
     0.6 ms one is the fastest (0.3 ms), every other 2 ms and the default 1 ms: the search's best is not the
     fastest of its close bests."""
 
     def __init__(self, default_id, fast_id, lucky_ids):
         super().__init__()
-        self.default_id, self.fast_id, self.lucky, self.seen = default_id, fast_id, set(lucky_ids), set()
+        self.default_id, self.fast_id, self.lucky = default_id, fast_id, set(lucky_ids)
 
-    def run(self, inputs, builds):
-        out = []
-        for inp in inputs:
-            cid = config_id(inp.config)
-            self.calls.append((inp.task.key, cid, inp.check))
-            if cid == self.default_id:
-                cost = 1e-3
-            elif cid not in self.seen:
-                cost = 6e-4 if cid == self.fast_id else 5e-4 if cid in self.lucky else 8e-4
-            else:
-                cost = 3e-4 if cid == self.fast_id else 2e-3
-            self.seen.add(cid)
-            out.append(MeasureResult([cost] * 3))
-        return out
+    def cost(self, cid, again):
+        if cid == self.default_id:
+            return 1e-3
+        if again:
+            return 3e-4 if cid == self.fast_id else 2e-3
+        return 6e-4 if cid == self.fast_id else 5e-4 if cid in self.lucky else 8e-4
 
 
 def test_the_final_ab_times_the_searchs_close_bests_and_keeps_the_fastest(tasks, tmp_path):
