@@ -73,7 +73,8 @@ def _register(kind: str) -> OpDef:
     def reference(x: np.ndarray, a: ReduceAttrs) -> np.ndarray:
         axes = _axes(TensorType(x.shape, x.dtype.name), a)
         if kind in ("max", "min") and x.size == 0:
-            fill = -np.inf if kind == "max" else np.inf
+            # the reduction's identity: -inf / +inf, and for bool any() / all() of nothing: False / True
+            fill = (kind == "min") if x.dtype == np.bool_ else -np.inf if kind == "max" else np.inf
             shape = tuple(1 if i in axes else d for i, d in enumerate(x.shape)) if a.keepdims else tuple(
                 d for i, d in enumerate(x.shape) if i not in axes)
             return np.full(shape, fill).astype(x.dtype)
@@ -151,7 +152,9 @@ def _reduce_compute(kind: str):
             if str(x.dtype) == "bool":  # any / all: TVM has no min or max value for bool, so reduce 0/1 as int8
                 as_int = te.compute(x.shape, lambda *i: x(*i).astype("int8"), name="bool_as_int8")
                 r = _nan_reduce(as_int, axes, a.keepdims, reducer)
-                return te.compute(r.shape, lambda *i: r(*i) != tir.const(0, "int8"), name=f"reduce_{kind}_bool")
+                # > 0, not != 0: an empty reduction leaves int8's identity (-128 for max, 127 for min), which
+                # must read False for max (any) and True for min (all)
+                return te.compute(r.shape, lambda *i: r(*i) > tir.const(0, "int8"), name=f"reduce_{kind}_bool")
             return _nan_reduce(x, axes, a.keepdims, reducer)
         if kind in ("sum", "prod"):
             return {"sum": topi.sum, "prod": topi.prod}[kind](x, axes, a.keepdims)

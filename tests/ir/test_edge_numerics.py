@@ -165,3 +165,19 @@ def test_scan_scatter_knob_space():
         g = lower(fn, TARGET, {key: cfg})
         assert g.config_source == "given" and g.template == f"{scan_scatter.NAME}@{scan_scatter.VERSION}"
         np.testing.assert_allclose(run_lowered(g, TARGET, [x]), tf.CUMPROD.reference(x, a), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["max", "min"])
+def test_bool_max_and_min_of_nothing_are_any_and_all(kind):
+    """ONNX: ReduceMax of an empty bool set is False (any), ReduceMin True (all); both used to give True."""
+    from kiln.ir.ops import reduce as rd
+
+    x = np.empty((2, 0, 4), np.bool_)
+    op = rd.MAX if kind == "max" else rd.MIN
+    attrs = rd.ReduceAttrs(axes=(1,), keepdims=True)
+    want = np.full((2, 1, 4), kind == "min")
+    np.testing.assert_array_equal(op.reference(x, attrs), want)
+    np.testing.assert_array_equal(compiled(op, [x], attrs), want)
+    some = np.array([[[True, False]], [[False, False]]])
+    np.testing.assert_array_equal(compiled(op, [some], rd.ReduceAttrs(axes=(2,), keepdims=False)),
+                                  some.any(axis=2) if kind == "max" else some.all(axis=2))
