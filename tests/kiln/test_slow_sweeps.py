@@ -54,10 +54,11 @@ def test_model_tests_compiled_do_not_regress():
 @pytest.mark.slow
 def test_node_tests_compiled_do_not_regress():
     """ONNX's 1,884 node test cases through compiled artifacts (`kiln conformance --compiled`, about 4 minutes):
-    1,307 passed, 99.2% of those that ran, once every interpreted op had a compute (761 and 96.9% before);
+    1,307 passed, 99.2% of those that ran, once every interpreted op had a compute (761 and 96.9% before); 1,341
+    and 99.4% with float16/bfloat16 sums in float32, edge numerics and bfloat16 compiles (2026-11-30);
     docs/conformance-compiled.md has the table. Raise the floor as ops land."""
     from kiln.onnx_backend import compiled
 
     report = conformance.run(executor=compiled)
-    assert report.counts[conformance.PASS] >= 1300, report.summary()
+    assert report.counts[conformance.PASS] >= 1340, report.summary()
     assert report.pass_rate >= 0.97, report.summary()
