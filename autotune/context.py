@@ -72,7 +72,7 @@ class ModelContext:
     def close(self) -> None:
         self._sequence.__exit__(None, None, None)
 
-    def __enter__(self) -> ModelContext:
+    def __enter__(self) -> ModelContext:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc) -> None:

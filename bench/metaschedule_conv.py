@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 
 C, H, W, OC, K = 64, 56, 56, 64, 3
-ROUNDS, PAUSE_S = 5, 0.5
 
 
 def conv_model():
@@ -70,15 +69,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     import onnxruntime as ort
     import tvm
-
-    import kiln
     from kiln.autotune.records import best_configs, read_records
     from kiln.autotune.runner import LocalRunner
     from kiln.autotune.tune import TuneOptions, tune
+    from kiln.runtime.timing import interleaved_ms
+
+    import kiln
     from kiln.bench import _ort_session, cpu_name
     from kiln.config import Options
     from kiln.driver import model_tasks
-    from kiln.runtime.timing import time_ms
 
     proto, wt, bias = conv_model()
     x = np.random.default_rng(1).standard_normal((1, C, H, W)).astype(np.float32)
@@ -115,11 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             runs[f"MetaSchedule {n} trials"] = lambda f=f, out=out: f(*args_tvm, out)
             walls[f"MetaSchedule {n} trials"] = took
         runs["ONNX Runtime"] = lambda: sess.run(None, {"x": x})
-        ms_: dict[str, list[float]] = {k: [] for k in runs}
-        for _ in range(ROUNDS):
-            for k, fn in runs.items():
-                time.sleep(PAUSE_S)
-                ms_[k] += list(time_ms(fn, 20, 3))
+        ms_ = interleaved_ms(runs, 20, warmup=3)
     med = {k: float(np.median(v)) for k, v in ms_.items()}
     print(f"conv {C}→{OC} {K}x{K} {H}x{W} + bias + relu on {cpu_name()}, {args.threads} threads")
     print("| engine | search wall time | run ms | / ONNX Runtime | max abs diff vs ORT |")

@@ -22,10 +22,11 @@ import numpy as np
 
 
 def measure(args) -> None:
-    import kiln
-    from kiln import zoo
     from kiln.autotune.runner import LocalRunner
     from kiln.autotune.tune import TuneOptions, tune
+
+    import kiln
+    from kiln import zoo
     from kiln.config import Options
     from kiln.driver import model_tasks
 

@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 
-ROUNDS, PAUSE_S = 5, 0.5
+ROUNDS = 5
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,13 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     import onnxruntime as ort
+    from kiln.autotune.records import best_configs, read_records
+    from kiln.codegen.target import resolve_target
+    from kiln.runtime.timing import interleaved_ms
 
     import kiln
-    from kiln.autotune.records import best_configs, read_records
     from kiln.bench import _reference, cpu_name
-    from kiln.codegen.target import resolve_target
     from kiln.config import Options
-    from kiln.runtime.timing import time_ms
 
     target = resolve_target("native")
     records = read_records([args.log], target)
@@ -56,11 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             m = kiln.load(report.path, num_threads=args.threads)
             runs[name] = lambda m=m: m.run(**feeds)
         runs["onnxruntime"] = lambda: sess.run(None, feeds)
-        ms: dict[str, list[float]] = {name: [] for name in runs}
-        for _ in range(ROUNDS):
-            for name, fn in runs.items():
-                time.sleep(PAUSE_S)
-                ms[name] += list(time_ms(fn, max(3, args.repeat // ROUNDS), 2))
+        ms = interleaved_ms(runs, max(3, args.repeat // ROUNDS), ROUNDS)
     med = {k: float(np.median(v)) for k, v in ms.items()}
     print(f"{args.model} on {cpu_name()}, {args.threads} threads; log {args.log} ({len(records)} records, "
           f"{(max(stamp) - start) / 60:.1f} min)")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.runtime.timing import time_ms
+from kiln.runtime.timing import interleaved_ms, time_ms
 
 PAUSE_S = 0.5
 ROUNDS = 5
@@ -116,12 +116,7 @@ def compare_tuned(model: str, target: str = "native", repeat: int = 20, threads:
         runs = {name: (lambda m=m: m.run(**feeds)) for name, m in engines.items()}
         runs["onnxruntime"] = lambda: sess.run(None, feeds)
         got = {name: engines[name].run(**feeds) for name in engines}
-        per_block = max(3, -(-repeat // ROUNDS))
-        ms: dict[str, list[float]] = {name: [] for name in runs}
-        for _ in range(ROUNDS):
-            for name, fn in runs.items():
-                time.sleep(PAUSE_S)
-                ms[name] += list(time_ms(fn, per_block, 2))
+        ms = interleaved_ms(runs, max(3, -(-repeat // ROUNDS)), ROUNDS, pause_s=PAUSE_S)
     med = {name: float(np.median(v)) for name, v in ms.items()}
     match = all(np.allclose(g, w, rtol=1e-3, atol=1e-4) for name in got for g, w in zip(got[name], want))
     return {"model": model, "threads": threads, "match": match, "median_ms": med,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from kiln.codegen.target import resolve_target
 from kiln.config import Options
 from kiln.driver import model_tasks
 from kiln.errors import KilnError
+from kiln.runtime.timing import interleaved_ms
 
 log = logging.getLogger(__name__)
 
@@ -88,15 +88,8 @@ def _end_to_end(proto, plain: Path, log_path, options: Options, result: ModelTun
     got = models["tuned"].run(**feeds)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-3, err_msg="the tuned model's outputs differ")
-    times: dict[str, list[float]] = {"default": [], "tuned": []}
-    for _ in range(5):
-        for name, m in models.items():
-            time.sleep(PAUSE_S)
-            m.run(**feeds)
-            for _ in range(max(1, repeat // 5)):
-                t0 = time.perf_counter()
-                m.run(**feeds)
-                times[name].append((time.perf_counter() - t0) * 1e3)
+    times = interleaved_ms({name: (lambda m=m: m.run(**feeds)) for name, m in models.items()},
+                           max(1, repeat // 5), warmup=1, pause_s=PAUSE_S)
     result.default_ms = float(np.median(times["default"]))
     result.tuned_ms = float(np.median(times["tuned"]))
     result.kept = "tuned" if result.tuned_ms < result.default_ms else "default"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -18,3 +18,16 @@ def time_ms(fn: Callable[[], object], repeat: int, warmup: int = 1) -> np.ndarra
         fn()
         samples[i] = time.perf_counter() - start
     return samples * 1e3
+
+
+def interleaved_ms(runs: Mapping[str, Callable[[], object]], per_block: int, rounds: int = 5, warmup: int = 2,
+                   pause_s: float = 0.5) -> dict[str, np.ndarray]:
+    """Milliseconds of each callable, timed in `rounds` alternating blocks of `per_block` calls, so that every
+    engine sees the same stretch of a shared machine; the pause before each block lets the previous engine's
+    spinning thread pool go idle (two pools spinning on 2 cores distort each other)."""
+    samples: dict[str, list[np.ndarray]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            time.sleep(pause_s)
+            samples[name].append(time_ms(fn, per_block, warmup))
+    return {name: np.concatenate(v) for name, v in samples.items()}

@@ -212,10 +212,7 @@ def _conv_nd_compute(x, w, a: ConvAttrs):
         xi = tuple(ys[i] * a.strides[i] + rs[i] * a.dilation[i] for i in range(nd))
         return te.sum(xp[(ni, ci) + xi].astype(acc) * w[(oc, rc) + tuple(rs)].astype(acc), axis=[rc, *rs])
 
-    out = te.compute((n, o) + tuple(out_sp), body, name=f"conv{nd}d")
-    if acc == out_dtype:
-        return out
-    return te.compute(out.shape, lambda *i: out(*i).astype(out_dtype), name=f"conv{nd}d_round")
+    return cast_stage(te.compute((n, o) + tuple(out_sp), body, name=f"conv{nd}d"), out_dtype, f"conv{nd}d_round")
 
 
 for _op in (CONV1D, CONV3D):
