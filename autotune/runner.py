@@ -28,18 +28,10 @@ from typing import Any, Protocol
 
 import numpy as np
 from kiln.autotune.builder import ENTRY, BuildResult, MeasureInput
+from kiln.autotune.device_worker import TOLERANCES, compare  # noqa: F401  (one definition, TVM-free)
 from kiln.autotune.measure import COLD_FLUSH_BYTES
 from kiln.schedules.target_info import target_info
 from kiln.schedules.workload import Group
-
-# (rtol, atol) of a candidate's output against the NumPy reference, by output dtype; other dtypes are exact
-TOLERANCES = {
-    "float32": (1e-3, 1e-4),
-    "float64": (1e-6, 1e-8),
-    "float16": (1e-2, 1e-2),
-    "bfloat16": (2e-2, 2e-2),
-}
-
 
 @dataclass(frozen=True)
 class MeasureResult:
@@ -374,27 +366,6 @@ def run_batch_file(batch_path: str, results_path: str, **options) -> None:
 def _poison(shape, dtype: str) -> np.ndarray:
     kind = np.dtype(dtype).kind if dtype != "bfloat16" else "f"
     return np.full(shape, np.nan if kind == "f" else 0x5A, dtype=dtype)
-
-
-def compare(got: np.ndarray, want: np.ndarray) -> str | None:
-    """None when `got` matches the reference within the dtype's tolerance; else "wrong result: ..."."""
-    if got.shape != want.shape:
-        return f"wrong result: shape {got.shape}, reference {want.shape}"
-    rtol, atol = TOLERANCES.get(str(want.dtype), (0.0, 0.0))
-    g, w = got.astype(np.float64), want.astype(np.float64)
-    finite = w[np.isfinite(w)]
-    if atol and finite.size:  # absolute error scales with the outputs: Winograd F(4x4) over 64 channels of
-        # unit-variance data gives sums of about 7 and errors of 2e-4 (a correct kernel, not a wrong one)
-        atol = max(atol, rtol * float(np.sqrt(np.mean(finite * finite))))
-    bad = ~np.isclose(g, w, rtol=rtol, atol=atol, equal_nan=True)
-    if not bad.any():
-        return None
-    err = np.abs(g - w)
-    err = np.where(np.isnan(err), np.inf, err)
-    return (
-        f"wrong result: max abs err {float(err.max()):.3g} at {np.unravel_index(int(err.argmax()), err.shape)}, "
-        f"{int(bad.sum())} of {bad.size} elements off (rtol {rtol:g}, atol {atol:g})"
-    )
 
 
 def _short(err: BaseException) -> str:

@@ -61,6 +61,11 @@ class Tuner:
             if math.isfinite(cost) and (self.best is None or cost < self.best[1]):
                 self.best = (self.space.at(i), cost)
 
+    def reserve(self, configs: Sequence[Config]) -> None:
+        """Never propose these: they are being measured elsewhere (a batch out on a device), their costs to
+        come through `update` later."""
+        self._proposed.update(self.space.index(c) for c in configs)
+
     def exhausted(self) -> bool:
         return len(self._proposed) >= len(self.space)
 
