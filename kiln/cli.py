@@ -426,6 +426,11 @@ def tune(
     timing: str = typer.Option("model", "--timing", help="model: time each candidate inside the model compiled "
                                "with the defaults, as a run sees it; alone: each kernel by itself, caches "
                                "flushed (remote devices always time alone)"),
+    batch_export: Optional[Path] = typer.Option(None, "--batch-export", help="build --trials candidates (those "
+                                                "the log does not hold yet) into this folder with a runtime-only "
+                                                "worker, to measure on a device reached in short runs"),
+    batch_import: Optional[Path] = typer.Option(None, "--batch-import", help="append a measured batch folder's "
+                                                "results to the log as records"),
 ) -> None:
     """Autotune a model's kernels: search each task's knob space, measure here or on a device over TVM RPC, log
     every measurement; `kiln compile --tuning-log` applies the log."""
@@ -445,7 +450,12 @@ def tune(
         raise KilnError("--rpc-tracker and --rpc-key go together")
     options = Options.from_env(target=target, input_shapes=parse_input_shapes(input_shape))
     name = model.split(":", 1)[1] if model.startswith("zoo:") else Path(model).stem
-    log_path = log_file or Path("tuning_logs") / target_info(resolve_target(options.target)).cpu / f"{name}.jsonl"
+    resolved = resolve_target(options.target)
+    kind = target_info(resolved).cpu if resolved.kind.name == "llvm" else str(resolved.attrs.get("arch", "gpu"))
+    log_path = log_file or Path("tuning_logs") / kind / f"{name}.jsonl"
+    if batch_export is not None or batch_import is not None:
+        _tune_batch(model, options, log_path, batch_export, batch_import, trials, tuner, batch)
+        return
     runner = None
     if rpc_tracker is not None:
         from kiln.autotune.rpc import RPCRunner
@@ -465,6 +475,28 @@ def tune(
     for p in result.curves:
         out.print(f"curve: {p}", soft_wrap=True)
     out.print(f"log: {log_path} (kiln compile {model} --tuning-log {log_path})", soft_wrap=True)
+
+
+def _tune_batch(model: str, options, log_path: Path, export: Optional[Path], imported: Optional[Path], trials: int,
+                tuner: str, batch: int) -> None:
+    """`kiln tune --batch-export/--batch-import`: one round of tuning on a device reached in short runs."""
+    from kiln import zoo as z
+    from kiln.autotune.batch import export_batch, import_results
+    from kiln.autotune.tune import TuneOptions
+    from kiln.driver import model_tasks
+
+    if imported is not None:
+        counts = import_results(imported, log_path)
+        out.print(f"{imported}: {counts['imported']} measured, {counts['errors']} failed, {counts['skipped']} "
+                  f"already in {log_path}", soft_wrap=True)
+    if export is not None:
+        tasks = model_tasks(z.resolve(model), options)
+        manifest = export_batch(tasks, log_path, export, TuneOptions(tuner=tuner, batch=batch), size=trials)
+        out.print(f"{export}: {len(manifest['candidates'])} candidates of {len(manifest['tasks'])} tasks "
+                  f"({len(manifest['build_errors'])} failed to build); measure them there with\n"
+                  f"  python3 {export}/device_worker.py {export} --budget-s 480\n"
+                  f"then bring the folder back and run: kiln tune {model} --target {options.target} "
+                  f"--log {log_path} --batch-import {export}", soft_wrap=True)
 
 
 def _tune_table(e) -> Table:
