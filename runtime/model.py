@@ -25,6 +25,8 @@ from kiln.errors import ArtifactError, InputError
 from .artifact import (ALIGN, META_SYMBOL, WEIGHTS_SYMBOL, WEIGHTS_VIEW_SYMBOL, dlpack_code, read_artifact,
                        tensor_dtype, validate_metadata)
 from .cpu import host_arch, missing_features
+from .cuda import (CudaExecutor, bundle_dir, device_inputs, load_bundle_runtime, load_cuda_runtime,
+                   ptx_for_source)
 from .threads import load_tvm_runtime, run_kernels, set_num_threads, usable_cpus
 from .timing import time_ms
 
@@ -123,26 +125,31 @@ class Model:
     `run` may be called from several threads at once: each concurrent run takes an execution context of its
     own (its activation memory: `activation_bytes`), up to `max_concurrency` of them (default: twice the
     usable cores); further callers wait for one to be free.
+
+    A CUDA artifact (`device == "cuda"`) runs on GPU 0 (runtime/cuda.py): its plan in device memory, each
+    context's launches replayed as a CUDA graph (`cuda_graphs=False` or KILN_CUDA_GRAPHS=0: launched each run);
+    inputs are NumPy arrays or DLPack device tensors (torch CUDA tensors), `run_dlpack` leaves outputs there.
     """
 
     def __init__(self, path: str | os.PathLike, num_threads: int | None = None,
-                 max_concurrency: int | None = None):
+                 max_concurrency: int | None = None, cuda_graphs: bool | None = None):
         self.path = Path(path).resolve()
         data, sealed = read_artifact(self.path, expect_arch=host_arch())
-        load_tvm_runtime()
+        if bundle_dir() is not None:
+            load_bundle_runtime()  # a runtime-only machine: TVM's libraries from KILN_TVM_RUNTIME_DIR
+        else:
+            load_tvm_runtime()
         import tvm_ffi
 
         if num_threads is not None:
             set_num_threads(num_threads)
         self.num_threads = num_threads
         try:
-            self._lib = _open_private_copy(tvm_ffi, data, self.path.name)
+            self._lib = self._open(tvm_ffi, data)
             meta_fn = self._lib[META_SYMBOL]
+        except ArtifactError:
+            raise
         except Exception as err:  # noqa: BLE001  (a library that loads but is not ours, or does not load at all)
-            if "load_from_bytes.cuda" in str(err):  # TVM's CUDA runtime registers this loader
-                raise ArtifactError(f"{path} was built for CUDA; no CUDA driver on this machine (TVM's CUDA runtime "
-                                    f"is not available), and kiln.load runs CPU artifacts only; its kernels are "
-                                    f"in {self.path.with_suffix('.ptx').name} beside it") from None
             raise ArtifactError(f"{path} is not a loadable Kiln artifact: {str(err).splitlines()[0]}") from None
         del data
         try:
@@ -170,10 +177,36 @@ class Model:
         self._kernels = [self._function(step["kernel"], "kernel") for step in meta["steps"]]
         self._input_values = {v["index"]: i for i, v in enumerate(meta["values"]) if v["kind"] == "input"}
         self._output_values = {v["index"]: i for i, v in enumerate(meta["values"]) if v["kind"] == "output"}
-        self._idle = [_Context(self, tvm_ffi)]  # one at load, so a bad plan fails here and one thread never waits
+        self.device = "cuda" if meta.get("target", {}).get("kind") == "cuda" else "cpu"
+        self._cuda = None
+        if self.device == "cuda":
+            if self._entry is None:
+                raise ArtifactError(f"{path}: a CUDA artifact needs the entry function; rebuild it")
+            self._cuda = CudaExecutor(self, tvm_ffi, graphs=cuda_graphs)  # weights uploaded once
+            self._weights = None  # the host copy is not needed any more
+        self._idle = [self._new_context(tvm_ffi)]  # one at load: a bad plan fails here, one thread never waits
         self._contexts = 1
         self._waiting = 0  # callers waiting for a context
         self._pool = threading.Condition(threading.Lock())
+
+    def _open(self, tvm_ffi, data: memoryview):
+        """The artifact's library. A CUDA artifact needs TVM's CUDA runtime, loaded on the first one; a CUDA module
+        stored as CUDA source gets the PTX built beside it (`model.ptx`) instead of a compiler."""
+        try:
+            return _open_private_copy(tvm_ffi, data, self.path.name)
+        except Exception as err:  # TVM-FFI's errors: only the CUDA loader's is handled here
+            if "load_from_bytes.cuda" not in str(err):  # TVM's CUDA runtime registers this loader
+                raise
+        why = load_cuda_runtime()
+        if why is not None:
+            raise ArtifactError(f"{self.path} was built for CUDA; no CUDA driver on this machine (TVM's CUDA runtime "
+                                f"is not available: {why.splitlines()[0]}); run it on a machine with an NVIDIA GPU; "
+                                f"its kernels are in {self.path.with_suffix('.ptx').name} beside it")
+        with ptx_for_source(self.path.with_suffix(".ptx")):
+            return _open_private_copy(tvm_ffi, data, self.path.name)
+
+    def _new_context(self, tvm_ffi):
+        return self._cuda.new_context() if self._cuda is not None else _Context(self, tvm_ffi)
 
     def _function(self, symbol: str, what: str):
         try:
@@ -224,7 +257,7 @@ class Model:
         import tvm_ffi
 
         try:
-            return _Context(self, tvm_ffi)
+            return self._new_context(tvm_ffi)
         except BaseException:
             with self._pool:
                 self._contexts -= 1
@@ -245,6 +278,8 @@ class Model:
 
         Safe to call from several threads at once on one Model.
         """
+        if self._cuda is not None:
+            return self._run_cuda(args, named, lambda ctx, checked: ctx.run(checked))
         checked = self._check(args, named)
         ctx = self._acquire()
         try:
@@ -263,6 +298,10 @@ class Model:
         >>> y = np.empty(m.outputs[0].shape, np.float32)  # doctest: +SKIP
         >>> for x in frames: m.run_into([y], x)  # doctest: +SKIP
         """
+        if self._cuda is not None:
+            for o, got in zip(check_outputs(self.outputs, outputs), self.run(*args, **named)):
+                np.copyto(o, got)
+            return list(outputs)
         checked = self._check(args, named)
         outs = check_outputs(self.outputs, outputs)
         ctx = self._acquire()
@@ -272,6 +311,20 @@ class Model:
                 if ctx.out_bound[k] == ctx.out_at[k]:
                     np.copyto(o, mine)
             return list(outputs)
+        finally:
+            self._release(ctx)
+
+    def run_dlpack(self, *args, **named) -> list:
+        """Run a CUDA artifact and leave its outputs on the device: fresh tensors that any DLPack consumer takes
+        without a copy (`torch.from_dlpack(y)`). Inputs as for `run`, NumPy or DLPack device tensors."""
+        if self._cuda is None:
+            raise InputError(f"run_dlpack is for CUDA artifacts; {self.path.name} runs on the CPU: use run")
+        return self._run_cuda(args, named, lambda ctx, checked: ctx.run_dlpack(checked))
+
+    def _run_cuda(self, args: tuple, named: dict, fn):
+        ctx = self._acquire()
+        try:
+            return fn(ctx, device_inputs(self.inputs, args, named, ctx.stream, check_inputs))
         finally:
             self._release(ctx)
 
@@ -302,6 +355,9 @@ class Model:
     def profile(self, repeat: int = 20) -> dict:
         """Per-kernel median times (each kernel called `repeat` times on the current buffers) and the whole
         run's median, so `run_ms - sum(kernel_ms)` is the executor's own overhead."""
+        if self._cuda is not None:
+            raise ArtifactError("per-kernel profiles of CUDA artifacts are not implemented (issue 15); time whole "
+                                "runs with CUDA events: bench/gpu_check.py")
         feeds = [np.zeros(t.shape, t.dtype) for t in self.inputs]
         self.run(*feeds)
         ctx = self._acquire()
@@ -443,11 +499,12 @@ def _descriptor_table(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]
     return table, shapes
 
 
-def load(path: str | os.PathLike, num_threads: int | None = None, max_concurrency: int | None = None) -> Model:
+def load(path: str | os.PathLike, num_threads: int | None = None, max_concurrency: int | None = None,
+         cuda_graphs: bool | None = None) -> Model:
     """Load a compiled artifact. The whole file is read and its checksum verified first; the kernels then run
     from a private copy, so the file may be replaced or deleted while the model is loaded.
 
     >>> import kiln  # doctest: +SKIP
     >>> m = kiln.load("model.so"); y = m.run(x)  # doctest: +SKIP
     """
-    return Model(path, num_threads, max_concurrency)
+    return Model(path, num_threads, max_concurrency, cuda_graphs)
