@@ -6,6 +6,10 @@ that replaces the target only when complete, so a failed build never leaves half
 ends with a seal, a checksum of everything before it, which every load verifies. The blob
 labels are hidden, so they are addressed PC-relative: through the GOT, aarch64's assembler folds local labels into
 section-relative entries that lose the offset, and every blob would start at .rodata with length 0.
+
+With `weights_file=True` the weights go to `model.weights` beside `model.so` instead (written first, also through a
+temporary file); the embedded blob is then empty and has no view, so a loader that does not know the file fails
+on the size, not on bytes past the blob. A CUDA artifact's device code is linked in as a fatbin (codegen/cuda.py).
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ import tempfile
 from pathlib import Path
 
 from kiln.errors import CodegenError
-from kiln.runtime.artifact import META_SYMBOL, WEIGHTS_SYMBOL, WEIGHTS_VIEW_SYMBOL, seal
+from kiln.runtime.artifact import META_SYMBOL, WEIGHTS_SUFFIX, WEIGHTS_SYMBOL, WEIGHTS_VIEW_SYMBOL, seal
 
+from .cuda import DeviceCode, fpack_imports, packed_imports_with_binary
 from .entry import ENTRY_SYMBOL, entry_source
 
 _BLOBS_C = r'''
@@ -30,24 +35,30 @@ _BLOBS_C = r'''
     TVMFFIByteArray b = {name##_s, (size_t)(name##_e - name##_s)}; return TVMFFIBytesFromByteArray(&b, ret); }
 BLOB(%(meta)s, "%(meta_file)s")
 BLOB(%(weights)s, "%(weights_file)s")
-/* where the weights lie in the loaded library: the loader copies them once, straight into its arena */
+'''
+_WEIGHTS_VIEW_C = r'''/* where the weights lie in the loaded library: the loader copies them once, straight into its arena */
 int __tvm_ffi_%(weights_view)s(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* ret) {
   ret->type_index = kTVMFFIOpaquePtr; ret->zero_padding = 0; ret->v_uint64 = 0;
   ret->v_ptr = (void*)%(weights)s_s; return 0; }
 '''
 
 
-def write_artifact(path: Path, executable, meta: dict, weights: bytes, cc: str = "gcc", fcompile=None) -> Path:
+def write_artifact(path: Path, executable, meta: dict, weights: bytes, cc: str = "gcc", fcompile=None, *,
+                   weights_file: bool = False, device: DeviceCode | None = None) -> Path:
+    """The artifact at `path`; with `weights_file`, the weights at `path.with_suffix(".weights")`. `device`: a
+    CUDA executable's kernels compiled (codegen/cuda.py), linked in place of their source."""
     import tvm_ffi
 
     path = Path(path)
     meta = {**meta, "entry": ENTRY_SYMBOL, "sealed": True}  # a loader refuses this artifact without its seal
+    if weights_file:
+        meta.update(format=max(meta["format"], 3), weights_file=path.with_suffix(WEIGHTS_SUFFIX).name)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="kiln-artifact-") as tmp:
         t = Path(tmp)
         (t / "meta.json").write_text(json.dumps(meta))
-        (t / "weights.bin").write_bytes(weights)
-        (t / "blobs.c").write_text(_BLOBS_C % {"meta": META_SYMBOL, "weights": WEIGHTS_SYMBOL,
+        (t / "weights.bin").write_bytes(b"" if weights_file else weights)
+        (t / "blobs.c").write_text((_BLOBS_C if weights_file else _BLOBS_C + _WEIGHTS_VIEW_C) % {"meta": META_SYMBOL, "weights": WEIGHTS_SYMBOL,
                                                "weights_view": WEIGHTS_VIEW_SYMBOL,
                                                "meta_file": t / "meta.json", "weights_file": t / "weights.bin"})
         (t / "entry.c").write_text(entry_source(meta["steps"], len(meta["values"])))
@@ -62,7 +73,15 @@ def write_artifact(path: Path, executable, meta: dict, weights: bytes, cc: str =
             raise CodegenError(f"compiling the artifact's metadata object failed: {err.stderr.strip()[:500]}") from None
         partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
         kwargs = {"fcompile": fcompile} if fcompile is not None else {}
+        if device is not None:
+            kwargs["fpack_imports"] = fpack_imports(packed_imports_with_binary(executable, device.source,
+                                                                               device.fatbin))
         executable.export_library(str(partial), addons=[str(t / "blobs.o"), str(t / "entry.o")], **kwargs)
         seal(partial)
+        if weights_file:  # before the library that names it, so a finished artifact always has its weights
+            wpath = path.with_suffix(WEIGHTS_SUFFIX)
+            wpartial = wpath.with_name(f".{wpath.name}.partial-{os.getpid()}")
+            wpartial.write_bytes(weights)
+            os.replace(wpartial, wpath)
         os.replace(partial, path)
     return path

@@ -5,18 +5,16 @@ runtime binds to kernel arguments."""
 from __future__ import annotations
 
 import time
-import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-
-import numpy as np
 
 from kiln.errors import CodegenError
 from kiln.ir import Call, Constant, Function, IRModule, TensorType, Tuple, Var
 from kiln.ir.visitor import post_order
-from kiln.runtime.artifact import ALIGN, FORMAT
+from kiln.runtime.artifact import EMBEDDED_FORMAT
 
 from .lower import LoweredGroup, lower_group
+from .weights import kernel_calls, layout
 
 
 @dataclass
@@ -59,7 +57,7 @@ def build(mod: IRModule, target, on_progress: Callable[[int, int], None] | None 
     out_exprs = list(body.fields) if isinstance(body, Tuple) else [body]
     values: list[dict] = []
     index_of: dict[int, int] = {}
-    weights = bytearray()
+    weights = layout(mod)  # the one walk that places constants; kiln.rebuild_weights repeats it without TVM
 
     def add(expr, v: dict) -> int:
         index_of[id(expr)] = len(values)
@@ -74,7 +72,7 @@ def build(mod: IRModule, target, on_progress: Callable[[int, int], None] | None 
                                f"a repeated output); not supported yet")
         add(e, {"kind": "output", "index": k, **_spec(name, e.type)})
 
-    calls = [e for e in post_order(body) if isinstance(e, Call)]
+    calls = kernel_calls(mod)
     planned = iter(plan.assignment)
     views = set(plan.views)
     steps, funcs, lowered = [], {}, []
@@ -91,10 +89,8 @@ def build(mod: IRModule, target, on_progress: Callable[[int, int], None] | None 
         for a in c.args:
             if id(a) not in index_of:
                 if isinstance(a, Constant):
-                    pad = (-len(weights)) % ALIGN
-                    weights.extend(b"\0" * pad)
-                    add(a, {"kind": "const", "offset": len(weights), **_spec(a.name or f"c{len(values)}", a.type)})
-                    weights.extend(np.ascontiguousarray(a.value).tobytes())
+                    add(a, {"kind": "const", "offset": weights.offsets[id(a)],
+                            **_spec(a.name or f"c{len(values)}", a.type)})
                 elif isinstance(a, Var):
                     raise CodegenError(f"free variable %{a.name}")
                 else:
@@ -119,10 +115,10 @@ def build(mod: IRModule, target, on_progress: Callable[[int, int], None] | None 
     compile_s = time.perf_counter() - start
     if on_progress:
         on_progress(len(calls) + 1, len(calls) + 1)
-    meta = {"magic": "kiln", "format": FORMAT, "inputs": [v for v in values if v["kind"] == "input"],
+    meta = {"magic": "kiln", "format": EMBEDDED_FORMAT, "inputs": [v for v in values if v["kind"] == "input"],
             "outputs": [v for v in values if v["kind"] == "output"], "blocks": [int(b) for b in plan.block_bytes],
-            "values": values, "steps": steps, "weights_nbytes": len(weights),
-            "weights_crc32": zlib.crc32(bytes(weights))}
+            "values": values, "steps": steps, "weights_nbytes": len(weights.blob),
+            "weights_crc32": weights.crc32}
     for key in ("inputs", "outputs"):
         meta[key] = [{"name": v["name"], "shape": v["shape"], "dtype": v["dtype"]} for v in meta[key]]
-    return BuildResult(executable, meta, bytes(weights), lowered, lower_s, compile_s)
+    return BuildResult(executable, meta, weights.blob, lowered, lower_s, compile_s)

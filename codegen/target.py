@@ -1,5 +1,5 @@
-"""Targets: named presets (`x86`, `x86-avx512`, `x86-avx2`, `aarch64`, `cuda-sm80`, `native`) or a raw TVM
-target dict as JSON. An unknown CPU name is an error here, not LLVM's silent fallback to a generic CPU."""
+"""Targets: named presets (`x86`, `x86-avx512`, `x86-avx2`, `aarch64`, `cuda-sm80`, `cuda-sm90`, `native`) or a
+raw TVM target dict as JSON. An unknown CPU name is an error here, not LLVM's silent fallback to a generic CPU."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ PRESETS = {
     "x86-avx512": {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "skylake-avx512"},
     "x86-avx2": {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"},
     "aarch64": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
-    "cuda-sm80": {"kind": "cuda", "arch": "sm_80", "host": {"kind": "llvm"}},
+    "cuda-sm80": {"kind": "cuda", "arch": "sm_80", "host": {"kind": "llvm"}},  # Ampere: A100
+    "cuda-sm90": {"kind": "cuda", "arch": "sm_90", "host": {"kind": "llvm"}},  # Hopper: H100, H200
 }
 
 

@@ -18,9 +18,10 @@ from kiln.autotune.measure import measure_candidates
 from kiln.autotune.tasks import Task, extract_tasks
 from kiln.codegen.artifact import write_artifact
 from kiln.codegen.build import build
-from kiln.codegen.cuda import is_cuda, write_ptx
+from kiln.codegen.cuda import compile_device_code, is_cuda, write_ptx
 from kiln.codegen.target import required_cpu_features, resolve_target, toolchain
 from kiln.config import Options
+from kiln.errors import KilnError
 from kiln.frontend import from_onnx
 from kiln.ir import Call, Function, IRModule
 from kiln.ir.ops.conv import CONV2D
@@ -52,14 +53,20 @@ class CompileReport:
     steps: list = field(default_factory=list)  # per kernel: name, ops, template, workload key, config, source
 
 
+WEIGHTS_MODES = ("embedded", "external")
+
+
 def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLike, options: Options | None = None,
-            on_progress: Callable[[int, int], None] | None = None) -> CompileReport:
-    """Compile an ONNX model into one shared library.
+            on_progress: Callable[[int, int], None] | None = None, *, weights: str = "embedded") -> CompileReport:
+    """Compile an ONNX model into one shared library. `weights="external"` writes them beside it instead
+    (`model.so` → `model.weights`), a file that `python -m kiln.rebuild_weights` can make again elsewhere.
 
     >>> report = kiln.compile("model.onnx", "model.so")  # doctest: +SKIP
     >>> kiln.load(report.path).run(x)  # doctest: +SKIP
     """
     options = options or Options()
+    if weights not in WEIGHTS_MODES:
+        raise KilnError(f"weights must be {' or '.join(WEIGHTS_MODES)}, got {weights!r}")
     t0 = time.perf_counter()
     mod = from_onnx(model, input_shapes=options.input_shapes)
     t1 = time.perf_counter()
@@ -73,9 +80,12 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
     result.meta.update({"kiln": kiln.__version__, "target": json.loads(str(target)),
                         "cpu": str(target.attrs.get("mcpu", "generic")),
                         "cpu_features": required_cpu_features(target), "model": str(mod.attrs.get("name", "model"))})
-    if is_cuda(target):  # kernels compiled to PTX by nvcc now, so a bad kernel fails here; written beside
-        write_ptx(Path(output), result.executable, target)
-    path = write_artifact(Path(output), result.executable, result.meta, result.weights, cc=cc, fcompile=fcompile)
+    device = None
+    if is_cuda(target):  # kernels compiled by nvcc now, so a bad kernel fails here; the PTX also beside, to read
+        device = compile_device_code(result.executable, target)
+        write_ptx(Path(output), device.ptx)
+    path = write_artifact(Path(output), result.executable, result.meta, result.weights, cc=cc, fcompile=fcompile,
+                          weights_file=weights == "external", device=device)
     t3 = time.perf_counter()
     plan = mod.attrs["memory_plan"]
     fusion = fusion_summary(mod)

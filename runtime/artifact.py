@@ -2,13 +2,17 @@
 
 Metadata (`kiln_meta`) describes inputs, outputs, storage blocks, every value a kernel reads or writes, and the
 kernel steps in order; weights (`kiln_weights`) are the constants, each at a 64-byte aligned offset. Both are
-exported as TVM-FFI functions returning bytes, so the file is all a deployment needs. Readers reject a newer
+exported as TVM-FFI functions returning bytes, so the file is all a deployment needs; or the weights lie in a file
+beside it (`model.weights`, metadata `weights_file`), which needs not travel with the .so: `python -m
+kiln.rebuild_weights` makes it again from the model, byte for byte (its size and CRC-32 are in the metadata, since
+the seal covers the .so only). Readers reject a newer
 `format` with a clear error. After the ELF contents comes the seal (`SEAL`), a CRC-32 of every byte before it;
 metadata with `"sealed": true` makes a missing seal an error, so cutting it off does not skip the check.
 """
 
 from __future__ import annotations
 
+import json
 import struct
 import zlib
 from pathlib import Path
@@ -19,7 +23,11 @@ from kiln.errors import ArtifactError
 
 # 1: the first format. 2: a block value may carry a byte `offset` into its block (the parts of a concat planned
 # as a view), which a format-1 reader would ignore and so compute garbage: it refuses format 2 instead.
-FORMAT = 2
+# 3: the weights may lie in a file beside the library (`weights_file`); only such artifacts are format 3, so an
+# older reader refuses them rather than read an empty embedded blob, and every other artifact stays format 2.
+FORMAT = 3
+EMBEDDED_FORMAT = 2  # what build() writes; write_artifact makes it 3 for external weights
+WEIGHTS_SUFFIX = ".weights"
 META_SYMBOL = "kiln_meta"
 WEIGHTS_SYMBOL = "kiln_weights"
 WEIGHTS_VIEW_SYMBOL = "kiln_weights_view"  # the blob's address: one copy at load instead of three (optional)
@@ -114,6 +122,77 @@ def read_artifact(path: Path, expect_arch: str | None = None) -> tuple[memoryvie
     return data, sealed
 
 
+def weights_path(path: Path, meta: dict) -> Path | None:
+    """The weights file beside an artifact whose weights are external (`model.weights`); None when embedded."""
+    name = meta.get("weights_file")
+    return None if name is None else Path(path).with_name(name)
+
+
+def read_weights_file(path: Path, meta: dict) -> bytes:
+    """The external weights of the artifact at `path` (validated metadata `meta`), checked against the size and
+    CRC-32 its metadata records."""
+    wpath = weights_path(path, meta)
+    if wpath is None:
+        raise ArtifactError(f"{path} embeds its weights; there is no weights file to read")
+    how = (f"copy it beside the artifact, or make it there with `python -m kiln.rebuild_weights <model> --target "
+           f"<target> [the build's options] --artifact {path.name} -o {wpath.name}`")
+    try:
+        data = wpath.read_bytes()
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} keeps its weights in {wpath.name} beside it, which does not exist; {how}") from None
+    except OSError as err:
+        raise ArtifactError(f"cannot read weights file {str(wpath)!r}: {err.strerror}") from None
+    n, crc = meta.get("weights_nbytes", 0), meta.get("weights_crc32")
+    if len(data) != n or (crc is not None and zlib.crc32(data) != crc):
+        raise ArtifactError(f"{wpath} does not belong to {path.name}: {len(data)} bytes with CRC-32 "
+                            f"{zlib.crc32(data):#010x}, the artifact expects {n} bytes with CRC-32 "
+                            f"{(crc or 0):#010x} (another model, build options or a partial copy); {how}")
+    return data
+
+
+def elf_symbols(data: bytes | memoryview) -> dict[str, tuple[int, int]]:
+    """name → (file offset, size) of every symbol in an ELF file's .symtab and .dynsym whose bytes are in the file
+    (check_elf has checked the section table lies inside it)."""
+    (shoff,) = struct.unpack_from("<Q", data, 40)
+    shentsize, shnum = struct.unpack_from("<HH", data, 58)
+    # (type, address, file offset, size, link, entry size) of each section
+    sections = [struct.unpack_from("<4xI8xQQQI12xQ", data, shoff + k * shentsize) for k in range(shnum)]
+    out: dict[str, tuple[int, int]] = {}
+    for sh_type, _addr, offset, size, link, entsize in sections:
+        if sh_type not in (2, 11) or not entsize:  # SHT_SYMTAB, SHT_DYNSYM
+            continue
+        strtab = sections[link][2]
+        for at in range(offset, offset + size, entsize):
+            st_name, _info, _other, shndx, value, st_size = struct.unpack_from("<IBBHQQ", data, at)
+            if not st_name or not 0 < shndx < len(sections) or sections[shndx][0] == 8:  # SHT_NOBITS: no bytes
+                continue
+            name = bytes(data[strtab + st_name:strtab + st_name + 256]).split(b"\0", 1)[0].decode(errors="replace")
+            _type, addr, sec_offset = sections[shndx][:3]
+            out.setdefault(name, (value - addr + sec_offset, st_size))
+    return out
+
+
+def read_meta(path: Path) -> dict:
+    """An artifact's metadata read from the file, without loading it (no TVM, no CUDA driver): the bytes between
+    the blob's labels in the symbol table. Checked like a load checks them (seal, ELF headers, fields)."""
+    data, sealed = read_artifact(Path(path))
+    try:
+        symbols = elf_symbols(data)
+        start, end = symbols[f"{META_SYMBOL}_s"][0], symbols[f"{META_SYMBOL}_e"][0]
+    except struct.error:
+        raise ArtifactError(f"{path}: its symbol table is corrupted; copy or rebuild it") from None
+    except KeyError:
+        raise ArtifactError(f"{path}: no metadata labels in its symbol table (stripped, or not a Kiln artifact)") from None
+    try:
+        meta = json.loads(bytes(data[start:end]))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"{path}: metadata is corrupted ({err})") from None
+    validate_metadata(meta, Path(path))
+    if meta.get("sealed") and not sealed:
+        raise ArtifactError(f"{path} lost its seal (the checksum at its end): truncated or corrupted; copy or rebuild it")
+    return meta
+
+
 _DLPACK_CODES = {"i": 0, "u": 1, "f": 2, "b": 6}  # int, uint, float, bool (DLPack's kDLBool)
 _DLPACK_BFLOAT = 4
 
@@ -200,3 +279,6 @@ def validate_metadata(meta: dict, path: Path) -> None:
     entry = meta.get("entry")
     if entry is not None and not isinstance(entry, str):
         raise bad("entry", "is not a string")
+    wfile = meta.get("weights_file")
+    if wfile is not None and (not isinstance(wfile, str) or not wfile or Path(wfile).name != wfile or fmt < 3):
+        raise bad("weights_file", f"is {wfile!r}, expected a file name beside the artifact (format ≥ 3)")
