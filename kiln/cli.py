@@ -175,6 +175,9 @@ def compile(
                                  "the fastest, instead of trusting the cost model"),
     tuning_log: Optional[list[Path]] = typer.Option(None, "--tuning-log", help="tuning records (.jsonl file or "
                                                     "folder; repeatable): each workload's best config is used"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, tf32 (CUDA matmuls on TF32 tensor cores; "
+                                  "fp32 elsewhere), fp16 or bf16 (half weights and compute; inputs and outputs "
+                                  "stay float32)"),
 ) -> None:
     """Compile a model into one shared library."""
     import kiln
@@ -184,7 +187,7 @@ def compile(
     _refuse_overwrite(output, force)
     options = Options.from_env(target=target, opt_level=opt_level, dump_dir=dump_ir,
                                input_shapes=parse_input_shapes(input_shape), measure=measure,
-                               tuning_logs=tuple(tuning_log or ()))
+                               tuning_logs=tuple(tuning_log or ()), precision=precision)
     progress, on_progress = progress_bar("compiling kernels")
     with progress:
         report = kiln.compile(z.resolve(model), output, options, on_progress=on_progress)

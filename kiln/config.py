@@ -29,10 +29,15 @@ class Options:
     shipped_logs: bool = True  # apply the tuning logs that ship with Kiln for the target's CPU
     # workload key -> config (autotune records, a tuner's candidate); overrides what tuning_logs give
     configs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # fp32 | tf32 | fp16 | bf16: the compute precision of a float32 model (passes/mixed_precision.py). tf32 keeps
+    # float32 storage; only CUDA matmul templates read it (TF32 tensor cores); on CPU it is fp32
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if not 0 <= self.opt_level <= 3:
             raise KilnError(f"opt level must be 0..3, got {self.opt_level}")
+        if self.precision not in ("fp32", "tf32", "fp16", "bf16"):
+            raise KilnError(f"precision must be fp32, tf32, fp16 or bf16, got {self.precision!r}")
 
     @classmethod
     def from_env(cls, **given: Any) -> Options:

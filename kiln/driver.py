@@ -79,7 +79,8 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
     result = build(mod, target, on_progress, configs)
     result.meta.update({"kiln": kiln.__version__, "target": json.loads(str(target)),
                         "cpu": str(target.attrs.get("mcpu", "generic")),
-                        "cpu_features": required_cpu_features(target), "model": str(mod.attrs.get("name", "model"))})
+                        "cpu_features": required_cpu_features(target), "model": str(mod.attrs.get("name", "model")),
+                        "precision": options.precision})
     device = None
     if is_cuda(target):  # kernels compiled by nvcc now, so a bad kernel fails here; the PTX also beside, to read
         device = compile_device_code(result.executable, target)
@@ -101,7 +102,7 @@ def prepare(mod: IRModule, target, options: Options) -> IRModule:
     """Target facts the passes need travel as module attrs, so passes stay functions of the IR alone."""
     cpu = target.kind.name == "llvm"
     return mod.with_attrs(layout_block=vector_lanes(target, 32) if cpu else 0,
-                          fuse_depthwise=cpu and options.fuse_depthwise)
+                          fuse_depthwise=cpu and options.fuse_depthwise, precision=options.precision)
 
 
 def model_tasks(model, options: Options | None = None) -> list[Task]:

@@ -14,15 +14,16 @@ from .fold_batch_norm import fold_batch_norm
 from .fold_constants import fold_constants
 from .fuse_ops import fuse_ops
 from .materialize_outputs import materialize_outputs
+from .mixed_precision import convert_precision
 from .pack_dense_weights import pack_dense_weights
 from .plan_memory import plan_memory
 from .simplify_inference import simplify_inference
 
 Pass = Callable[[IRModule], IRModule]
 
-O0: list[Pass] = [materialize_outputs, fuse_ops, plan_memory]  # what codegen needs; the fuser still groups, as codegen takes groups
-O1: list[Pass] = [simplify_inference, fold_constants, fold_batch_norm, fold_constants, pack_dense_weights,
-                  materialize_outputs, fuse_ops, plan_memory]
+O0: list[Pass] = [convert_precision, materialize_outputs, fuse_ops, plan_memory]  # what codegen needs; the fuser still groups, as codegen takes groups
+O1: list[Pass] = [simplify_inference, fold_constants, fold_batch_norm, fold_constants, convert_precision,
+                  pack_dense_weights, materialize_outputs, fuse_ops, plan_memory]
 O2: list[Pass] = [
     simplify_inference,
     fold_constants,
@@ -31,6 +32,9 @@ O2: list[Pass] = [
     eliminate_common_subexpr,
     eliminate_dead_code,
     simplify_inference,  # CSE can expose reshape-of-reshape chains
+    convert_precision,  # --precision fp16/bf16: after the folds, so folded weights (conv * batch-norm scale)
+                        # round to half once; before packing, layout and fusion, which then see the half
+                        # graph, and fuse each cast into the kernel beside it. fp32 and tf32: no change
     pack_dense_weights,  # a layout change of constants only: done once, here, at compile time
     alter_layout,  # after folding, so conv weights are constants it can repack; before fusion, which groups
     materialize_outputs,  # after the last fold: an output that is an input or a constant gets a copy kernel

@@ -17,7 +17,7 @@ from kiln.errors import TypeCheckError
 from ..op import OpDef, OpPattern, define_compute, register_op
 from ..types import TensorType
 from . import float_math
-from .accumulate import accumulator, cast_stage
+from .accumulate import accumulator, cast, cast_stage
 from .conv import ConvAttrs, conv_output_size, conv_reference
 from .pool import AVG_POOL, GLOBAL_AVG_POOL, MAX_POOL, GlobalPoolAttrs, PoolAttrs, window_count
 
@@ -352,10 +352,11 @@ def _pool_nchwc_compute(x, a: PoolNCHWcAttrs):
             ),
             name="max_pool_nchwc",
         )
-    xp = pad_nchwc(x, pads)
+    xp, acc = pad_nchwc(x, pads), accumulator(x.dtype)  # float16 window sums in float32, rounded once
     total = te.compute(
         out.shape,
-        lambda n, cb, oh, ow, cc: te.sum(xp[n, cb, oh * sh + ry * dh, ow * sw + rx * dw, cc], axis=[ry, rx]),
+        lambda n, cb, oh, ow, cc: te.sum(cast(xp[n, cb, oh * sh + ry * dh, ow * sw + rx * dw, cc], acc),
+                                         axis=[ry, rx]),
         name="pool_sum_nchwc",
     )
 
@@ -367,7 +368,7 @@ def _pool_nchwc_compute(x, a: PoolNCHWcAttrs):
         cnt = count(oh, p.kernel[0], sh, dh, p.padding[0], h, p.padding[2]) * count(
             ow, p.kernel[1], sw, dw, p.padding[1], w, p.padding[3]
         )
-        return total[n, cb, oh, ow, cc] / cnt.astype(x.dtype)
+        return cast(total[n, cb, oh, ow, cc] / cnt.astype(acc), str(x.dtype))
 
     return te.compute(out.shape, avg, name="avg_pool_nchwc")
 
@@ -399,9 +400,11 @@ def _global_avg_nchwc_compute(x, a: GlobalPoolAttrs):
 
     n, cb, h, w, b = (int(d) for d in x.shape)
     ry, rx = te.reduce_axis((0, h), name="ry"), te.reduce_axis((0, w), name="rx")
+    acc = accumulator(x.dtype)  # float16 sums in float32, rounded once (float16 / a Python float is float32)
     total = te.compute(
         (n, cb, 1, 1, b),
-        lambda i, c, _y, _x, cc: te.sum(x[i, c, ry, rx, cc], axis=[ry, rx]),
+        lambda i, c, _y, _x, cc: te.sum(cast(x[i, c, ry, rx, cc], acc), axis=[ry, rx]),
         name="global_sum_nchwc",
     )
-    return te.compute(total.shape, lambda *i: total(*i) / float(h * w), name="global_avg_pool_nchwc")
+    return te.compute(total.shape, lambda *i: cast(total(*i) / float(h * w), str(x.dtype)),
+                      name="global_avg_pool_nchwc")
