@@ -175,6 +175,8 @@ def compile(
                                  "the fastest, instead of trusting the cost model"),
     tuning_log: Optional[list[Path]] = typer.Option(None, "--tuning-log", help="tuning records (.jsonl file or "
                                                     "folder; repeatable): each workload's best config is used"),
+    weights: str = typer.Option("embedded", "--weights", help="embedded (in the .so), or external: a file beside "
+                                "it (model.weights) that `python -m kiln.rebuild_weights` can make again elsewhere"),
     precision: str = typer.Option("fp32", "--precision", help="fp32, tf32 (CUDA matmuls on TF32 tensor cores; "
                                   "fp32 elsewhere), fp16 or bf16 (half weights and compute; inputs and outputs "
                                   "stay float32)"),
@@ -190,12 +192,15 @@ def compile(
                                tuning_logs=tuple(tuning_log or ()), precision=precision)
     progress, on_progress = progress_bar("compiling kernels")
     with progress:
-        report = kiln.compile(z.resolve(model), output, options, on_progress=on_progress)
+        report = kiln.compile(z.resolve(model), output, options, on_progress=on_progress, weights=weights)
     out.print(report.fusion, soft_wrap=True)
     out.print(f"wrote {report.path} ({report.path.stat().st_size / 1e6:.1f} MB): {report.kernels} kernels; "
               f"activation memory {report.planned_bytes / 1e6:.1f} MB planned vs {report.naive_bytes / 1e6:.1f} MB "
               f"naive; compile {report.total_s:.1f} s (import {report.import_s:.1f}, passes {report.passes_s:.1f}, "
               f"lowering {report.lower_s:.1f}, tvm.compile {report.build_s:.1f})", soft_wrap=True)
+    if weights == "external":
+        wpath = report.path.with_suffix(".weights")
+        out.print(f"weights in {wpath} ({wpath.stat().st_size / 1e6:.1f} MB)", soft_wrap=True)
     if report.conv_choices:
         picks: dict[str, int] = {}
         for _, c in report.conv_choices:

@@ -126,9 +126,10 @@ def tuned_configs(options: Options, target) -> dict[str, dict]:
     from kiln.autotune.records import best_configs, read_records
 
     configs: dict[str, dict] = {}
-    cpu = target_info(target).cpu
+    # shipped logs time CPU kernels; a CUDA target reads none (and so needs no TVM here: kiln.rebuild_weights)
+    cpu = target_info(target).cpu if target.kind.name == "llvm" else None
     folders = sorted(p for p in SHIPPED_LOGS.iterdir() if p.is_dir() and any(p.glob("*.jsonl")))
-    for folder in folders if options.shipped_logs else []:
+    for folder in folders if options.shipped_logs and cpu is not None else []:
         if folder.name != cpu:
             log.info("shipped tuning logs for %s not applied: the target's CPU is %s", folder.name, cpu)
             continue
