@@ -484,3 +484,14 @@ class CudaExecutor:
     def new_context(self) -> DeviceContext:
         return DeviceContext(self._model, self._tvm_ffi, self.api, self.weights.data_ptr(), self.device,
                              self.graphs)
+
+
+def launch_times_ms(model, repeat: int) -> list[float]:
+    """Device time of each of `repeat` launches of a loaded CUDA model's kernels (its graph's replay, or the
+    entry's launches), by CUDA events on one context's stream after a run on zeros: no copies in or out."""
+    model.run(*[np.zeros(t.shape, t.np_dtype) for t in model.inputs])
+    ctx = model._acquire()
+    try:
+        return ctx.api.time_ms(ctx.stream, ctx.launch, repeat)
+    finally:
+        model._release(ctx)

@@ -49,7 +49,7 @@ def cpu_artifact(tmp_path_factory):
 def cuda_artifact(tmp_path_factory):
     root = tmp_path_factory.mktemp("cuda_art")
     onnx_model = dense_relu()
-    return kiln.compile(onnx_model, root / "dense_cuda.so", Options(target="cuda-sm80")).path, onnx_model
+    return kiln.compile(onnx_model, root / "dense_cuda.so", Options(target="cuda-sm90")).path, onnx_model
 
 
 # --- no GPU here -------------------------------------------------------------------------------------------
@@ -280,3 +280,15 @@ def test_cuda_artifact_runs_on_the_gpu_against_numpy(cuda_artifact, graphs):
         np.testing.assert_allclose(m.run(x)[0], reference(onnx_model, x), rtol=1e-3, atol=1e-4)
     (y,) = m.run_dlpack(x)
     assert y.device.dlpack_device_type() == cuda.KDL_CUDA
+
+
+def test_external_weights_load_from_the_file_beside_the_artifact(tmp_path):
+    """The executors' one weight access reads `model.weights` (format 3) as it reads the embedded blob."""
+    onnx_model = dense_relu(seed=2)
+    ext = kiln.compile(onnx_model, tmp_path / "ext.so", Options(target="x86-avx2"), weights="external").path
+    assert (tmp_path / "ext.weights").is_file()
+    x = np.random.default_rng(1).standard_normal((4, 64)).astype(np.float32)
+    np.testing.assert_allclose(kiln.load(ext).run(x)[0], reference(onnx_model, x), rtol=1e-5, atol=1e-5)
+    (tmp_path / "ext.weights").write_bytes(b"\0" * (tmp_path / "ext.weights").stat().st_size)
+    with pytest.raises(ArtifactError, match="does not belong to ext.so"):
+        kiln.load(ext)
