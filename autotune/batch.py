@@ -40,6 +40,7 @@ from kiln.schedules.workload import Group as _Group
 FORMAT = 1
 # timing on the device: GPU kernels run warm (a model's weights stay in a 50 MB L2 far less than on a CPU, but
 # there is no cache flush for device memory in TVM's evaluator); CPU kernels cold, as the local runner does
+REFERENCE_SAMPLES = 16384
 GPU_TIMING = {"number": 20, "repeat": 5, "min_repeat_ms": 0}
 CPU_TIMING = {"number": 1, "repeat": 5, "min_repeat_ms": 0, "flush_bytes": COLD_FLUSH_BYTES}
 
@@ -93,6 +94,7 @@ def export_batch(tasks: Sequence[Task], log_path: str | os.PathLike, folder: str
         ident = (task.key, tuple(sorted((k, repr(cfg[k])) for k in fixed if k in cfg)))
         if ident not in data_files:
             data_files[ident] = _write_data(folder, task, cfg, seed, len(data_files))
+        data, specs = data_files[ident]
         fn = task.group_for(cfg)
         out = fn.ret_type
         cid = f"c{n}"
@@ -100,8 +102,7 @@ def export_batch(tasks: Sequence[Task], log_path: str | os.PathLike, folder: str
         lib = folder / "libs" / f"{cid}.so"
         shutil.move(built.path, lib)
         manifest["candidates"].append({
-            "id": cid, "task": task.key, "config": dict(cfg), "lib": f"libs/{cid}.so", "data": data_files[ident],
-            "inputs": [{"name": f"in{i}", "dtype": str(p.type.dtype)} for i, p in enumerate(fn.params)],
+            "id": cid, "task": task.key, "config": dict(cfg), "lib": f"libs/{cid}.so", "data": data, "inputs": specs,
             "output": {"shape": [int(d) for d in out.shape], "dtype": str(out.dtype)},
             "reference": "ref", "build_s": round(built.build_s, 3)})
     shutil.copy(device_worker.__file__, folder / "device_worker.py")
@@ -205,14 +206,46 @@ def _imported(log_path: Path) -> set[str]:
     return seen
 
 
-def _write_data(folder: Path, task: Task, cfg: dict, seed: int, k: int) -> str:
-    arrays = task.inputs(cfg, seed)
-    ref = task.reference(cfg, arrays)
-    store = {f"in{i}": _bits(a) for i, a in enumerate(arrays)}
-    store["ref"] = _bits(np.asarray(ref))
+def _write_data(folder: Path, task: Task, cfg: dict, seed: int, k: int) -> tuple[str, list[dict]]:
+    """The data file of a task (and graph knobs): its inputs' specs, synthesized there from a seed where they
+    can be (float inputs), stored otherwise, and the reference output: whole when small, else REFERENCE_SAMPLES
+    elements at random flat indices (a wrong kernel spoils far more than one element in 16k)."""
+    fn = task.group_for(cfg)
+    rng = np.random.default_rng(seed)
+    arrays, specs = [], []
+    for i, p in enumerate(fn.params):
+        shape, dtype = [int(d) for d in p.type.shape], str(p.type.dtype)
+        if dtype in ("float32", "float16", "float64", "bfloat16"):
+            arrays.append(_as_dtype(device_worker.synth(shape, dtype, seed * 1000 + i), dtype))
+            specs.append({"name": f"in{i}", "dtype": dtype, "shape": shape, "synth": seed * 1000 + i})
+        else:
+            arrays.append(task.inputs(cfg, seed)[i])
+            specs.append({"name": f"in{i}", "dtype": dtype, "shape": shape})
+    if task.template.valid_inputs is not None:
+        fixed = task.template.valid_inputs(fn, dict(enumerate(arrays)), rng)
+        for i, a in fixed.items():
+            if a is not arrays[i]:
+                arrays[i] = a
+                specs[i] = {k: v for k, v in specs[i].items() if k != "synth"}
+    store = {s["name"]: _bits(a) for s, a in zip(specs, arrays) if "synth" not in s}
+    ref = np.asarray(task.reference(cfg, arrays))
+    if ref.size <= REFERENCE_SAMPLES:
+        store["ref"] = _bits(ref)
+    else:
+        idx = np.sort(rng.choice(ref.size, REFERENCE_SAMPLES, replace=False)).astype(np.int64)
+        store["ref_idx"], store["ref_val"] = idx, _bits(ref.reshape(-1)[idx])
     name = f"data/d{k}.npz"
     np.savez(folder / name, **store)
-    return name
+    return name, specs
+
+
+def _as_dtype(a: np.ndarray, dtype: str) -> np.ndarray:
+    """A synthesized array as the interpreter takes it (bfloat16 from its bits)."""
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return a.view(ml_dtypes.bfloat16)
+    return a
 
 
 def _bits(a: np.ndarray) -> np.ndarray:

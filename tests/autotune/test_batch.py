@@ -139,3 +139,15 @@ def test_an_export_refuses_a_folder_that_holds_a_batch(tasks, tmp_path):
     (folder / "results.jsonl").write_text("{}\n")
     with pytest.raises(FileExistsError, match="not empty"):
         export_batch(tasks, tmp_path / "log.jsonl", folder, size=2)
+
+
+def test_synthesized_inputs_are_the_same_everywhere_and_round_like_ml_dtypes():
+    import ml_dtypes
+    from kiln.autotune.device_worker import synth
+
+    a = synth([64, 33], "float32", 7)
+    assert np.array_equal(a, synth([64, 33], "float32", 7)) and not np.array_equal(a, synth([64, 33], "float32", 8))
+    assert abs(float(a.std()) - 1.0) < 0.05 and abs(float(a.mean())) < 0.05
+    bits = synth([64, 33], "bfloat16", 7)
+    assert np.array_equal(bits, a.astype(ml_dtypes.bfloat16).view(np.uint16))  # round to nearest even
+    assert np.array_equal(synth([5], "float16", 3), synth([5], "float32", 3).astype(np.float16))
