@@ -1,6 +1,6 @@
-"""`python -m kiln.rebuild_weights MODEL --target T [the build's options] -o model.weights`: an artifact's external
-weights file made again from the model, byte for byte, on a machine without TVM (a GPU machine that receives only
-`model.so`: the weights of a zoo model come from seeded code, so they need not travel).
+"""`python -m kiln.rebuild_weights MODEL --target T [the build's options] -o model.weights`: an artifact's
+external weights file made again from the model, byte for byte, on a machine without TVM (a GPU machine that
+receives only `model.so`: the weights of a zoo model come from seeded code, so they need not travel).
 
 It runs what `kiln.compile` runs before lowering (frontend, the target's graph facts, the passes) and lays the
 constants out with build()'s own walk (codegen/weights.layout), then checks the CRC-32 against the artifact's
@@ -39,7 +39,7 @@ class GraphTarget:
 
 
 def graph_target(spec: str):
-    """The tvm Target of `spec` where TVM is installed, else a GraphTarget for a CUDA preset or target dict."""
+    """The tvm Target of `spec` where TVM is installed, else a GraphTarget for a CUDA preset or dict."""
     try:
         import tvm  # noqa: F401
     except ImportError:
@@ -54,19 +54,20 @@ def graph_target(spec: str):
     if d is None and spec.strip().startswith("{"):
         d = json.loads(spec)
     if d is None or d.get("kind") != "cuda":
-        raise KilnError(f"without TVM, weights can be rebuilt for CUDA targets only, not {spec!r}: a CPU target's "
-                        f"graph depends on its SIMD width, which LLVM (in TVM) knows; install apache-tvm")
+        raise KilnError(f"without TVM, weights can be rebuilt for CUDA targets only, not {spec!r}: a CPU "
+                        f"target's graph depends on its SIMD width, which LLVM (in TVM) knows; install apache-tvm")
     return GraphTarget(_Kind("cuda"), spec)
 
 
 def rebuild(model: str | os.PathLike | onnx.ModelProto, options: Options) -> WeightsLayout:
-    """The weights `kiln.compile(model, ..., options, weights="external")` writes, without lowering anything."""
+    """The weights `kiln.compile(model, ..., options, weights="external")` writes, lowering nothing."""
     from kiln.driver import optimize, prepare, tuned_configs
     from kiln.frontend import from_onnx
 
     target = graph_target(options.target)
     if isinstance(target, GraphTarget) and (options.tuning_logs or options.configs):
-        raise KilnError("without TVM, tuning logs cannot be matched to the target; rebuild where TVM is installed")
+        raise KilnError("without TVM, tuning logs cannot be matched to the target; rebuild where TVM is "
+                        "installed")
     mod = prepare(from_onnx(model, input_shapes=options.input_shapes), target, options)
     mod, _ = optimize(mod, target, options, tuned_configs(options, target))
     return layout(mod)
@@ -77,9 +78,9 @@ def check_against(weights: WeightsLayout, artifact: Path) -> None:
     meta = read_meta(artifact)
     want_n, want_crc = meta.get("weights_nbytes", 0), meta.get("weights_crc32")
     if len(weights.blob) != want_n or weights.crc32 != want_crc:
-        raise KilnError(f"the rebuilt weights ({len(weights.blob)} bytes, CRC-32 {weights.crc32:#010x}) are not "
-                        f"{artifact.name}'s ({want_n} bytes, CRC-32 {(want_crc or 0):#010x}): another model, seed or "
-                        f"build options (--target, --opt-level, --input-shape, --precision, tuning logs)")
+        raise KilnError(f"the rebuilt weights ({len(weights.blob)} bytes, CRC-32 {weights.crc32:#010x}) are "
+                        f"not {artifact.name}'s ({want_n} bytes, CRC-32 {(want_crc or 0):#010x}): another model, "
+                        f"seed or build options (--target, --opt-level, --input-shape, --precision, tuning logs)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,14 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-shape", action="append", help="name=d0,d1,... (repeatable), as at build")
     p.add_argument("--precision", help="as at build (fp32, tf32, fp16, bf16)")
     p.add_argument("--tuning-log", action="append", type=Path, help="as at build (needs TVM)")
-    p.add_argument("--artifact", type=Path, help="the .so to check against (default: the output's .so, if there)")
+    p.add_argument("--artifact", type=Path, help="the .so to check against (default: the output's .so if any)")
     p.add_argument("-o", "--output", type=Path, default=Path("model.weights"))
     args = p.parse_args(argv)
     from kiln import zoo
 
     try:
-        given = {"target": args.target, "opt_level": args.opt_level,
-                 "input_shapes": parse_input_shapes(args.input_shape), "tuning_logs": tuple(args.tuning_log or ())}
+        given = {"target": args.target, "opt_level": args.opt_level, "tuning_logs": tuple(args.tuning_log or ()),
+                 "input_shapes": parse_input_shapes(args.input_shape)}
         if args.precision is not None:
             given["precision"] = args.precision
         weights = rebuild(zoo.resolve(args.model), Options.from_env(**given))
