@@ -141,6 +141,7 @@ class BuildTimeout(BaseException):  # not an Exception: lowering's error wrappin
 def build_one(task: Task, config: Config, path: str, timeout_s: float = 60.0) -> BuildResult:
     """Lower, compile and export one candidate (in a worker process). Any error is the candidate's: a template
     raising InvalidConfig, a TVM error in lowering or LLVM, a missing cross compiler."""
+    from kiln.codegen.cuda import compile_device_code, fpack_imports, is_cuda, packed_imports_with_binary
     from kiln.codegen.target import toolchain
 
     start = time.perf_counter()
@@ -159,10 +160,11 @@ def build_one(task: Task, config: Config, path: str, timeout_s: float = 60.0) ->
         lowered = task.lower(config, ENTRY)
         ex = tvm.compile(tvm.IRModule({ENTRY: lowered.prim_func}), target=task.target)
         _, fcompile = toolchain(task.target)
-        if fcompile is None:
-            ex.export_library(path)
-        else:
-            ex.export_library(path, fcompile=fcompile)
+        kwargs = {} if fcompile is None else {"fcompile": fcompile}
+        if is_cuda(task.target):  # device code precompiled, as in an artifact: the device needs no compiler
+            device = compile_device_code(ex, task.target)
+            kwargs["fpack_imports"] = fpack_imports(packed_imports_with_binary(ex, device.source, device.fatbin))
+        ex.export_library(path, **kwargs)
     except BuildTimeout:
         return BuildResult(None, f"build timeout after {timeout_s:g} s", time.perf_counter() - start)
     except Exception as err:  # noqa: BLE001  (every build error is this candidate's result, recorded)

@@ -151,3 +151,15 @@ def test_synthesized_inputs_are_the_same_everywhere_and_round_like_ml_dtypes():
     bits = synth([64, 33], "bfloat16", 7)
     assert np.array_equal(bits, a.astype(ml_dtypes.bfloat16).view(np.uint16))  # round to nearest even
     assert np.array_equal(synth([5], "float16", 3), synth([5], "float32", 3).astype(np.float16))
+
+
+@pytest.mark.skipif(__import__("shutil").which("nvcc") is None, reason="needs nvcc")
+def test_cuda_candidates_carry_compiled_device_code_not_source(tmp_path):
+    tasks = model_tasks(conv_dense(), Options(target="cuda-sm90"))
+    manifest = export_batch(tasks, tmp_path / "log.jsonl", tmp_path / "b", TuneOptions(tuner="random"), size=3)
+    assert manifest["device"] == "cuda" and manifest["arch"] == "sm_90" and manifest["candidates"]
+    assert manifest["timing"]["number"] > 1  # GPU kernels timed warm, many calls per repeat
+    for c in manifest["candidates"]:
+        lib = (tmp_path / "b" / c["lib"]).read_bytes()
+        assert b"fatbin" in lib and b".target sm_90" in lib  # the fatbin's PTX part names the arch
+        assert b'extern "C" __global__' not in lib  # no CUDA source left for a compiler there
