@@ -1,0 +1,221 @@
+"""Build here everything one run on the GPU machine needs (issue 15), into a gitignored folder, ≤ 60 MiB:
+
+    python bench/gpu_bundle.py [--out gpu_bundle] [--target cuda-sm90] [--models tiny_cnn squeezenet ...]
+
+TVM's runtime libraries (runtime, extra, cuda) from the installed apache-tvm, the apache-tvm-ffi cp312 wheel
+(downloaded once, cached in ~/.cache/kiln/gpu_bundle), Kiln's sources (laid out as the installed package:
+`kiln.runtime` to run, the frontend and passes for `kiln.rebuild_weights`), CUDA artifacts of the models, their
+inputs and ONNX Runtime's outputs, and manifest.json (every file with its size and SHA-256). A model whose
+weights would push the bundle past the budget is built with external weights, left behind and made again there
+from the seeded zoo code (`python -m kiln.rebuild_weights`, no TVM needed; manifest `"weights": "rebuild"`). The GPU machine has no TVM and no network, and one run carries at most 64 MiB: there,
+`python3 bench/gpu_check.py --bundle gpu_bundle --out $OUT` (carry: ["gpu_bundle"]).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+BUDGET_BYTES = 60 << 20
+FFI_WHEEL = "apache-tvm-ffi==0.1.14.post1"  # the tvm_ffi this repository's apache-tvm 0.27 runs with
+WHEEL_CACHE = Path.home() / ".cache" / "kiln" / "gpu_bundle"
+RUNTIME_LIBS = ("libtvm_runtime.so", "libtvm_runtime_extra.so", "libtvm_runtime_cuda.so")
+LEFT_OUT_PACKAGES = {"kiln.tests"}
+# In priority order. ResNet-18's fp32 weights alone are 47 MB, ResNet-50's 102 MB: they travel as code.
+DEFAULT_MODELS = ["tiny_cnn", "squeezenet", "mobilenet_v2", "resnet18", "resnet50"]
+TORCHVISION = {"mobilenet_v2": "mobilenet_v2", "resnet18": "resnet18", "resnet50": "resnet50"}
+
+
+def tiny_cnn():
+    """Two convs, a pool and a classifier: kilobytes, a first check that the executor runs at all."""
+    from onnx import TensorProto, helper
+
+    from kiln.model_builders import GraphBuilder
+
+    g = GraphBuilder("tiny_cnn", 0)
+    x = "data"
+    for cin, cout in ((3, 8), (8, 16)):
+        x = g.op("Relu", [g.op("Conv", [x, g.weight((cout, cin, 3, 3), cin * 9, "conv.w")], kernel_shape=[3, 3],
+                               pads=[1] * 4)])
+        x = g.op("MaxPool", [x], kernel_shape=[2, 2], strides=[2, 2])
+    y = g.op("Softmax", [g.classifier(x, 16, 10)], axis=1)
+    return g.model([helper.make_tensor_value_info("data", TensorProto.FLOAT, [1, 3, 16, 16])],
+                   [(y, TensorProto.FLOAT, [1, 10])])
+
+
+def onnx_model(name: str):
+    if name == "tiny_cnn":
+        return tiny_cnn()
+    from kiln.zoo import zoo_model
+
+    return zoo_model(name, random_weights=True, seed=0)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def ffi_wheel(cache: Path) -> Path | None:
+    """The cp312 manylinux wheel of apache-tvm-ffi, from the cache or pip download (None if neither works)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    found = sorted(cache.glob("apache_tvm_ffi-*-cp312-*.whl"))
+    if found:
+        return found[-1]
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
+           "3.12", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64", "--platform",
+           "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64", "-d", str(cache), FFI_WHEEL]
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"pip download {FFI_WHEEL} failed: {done.stderr.strip()[-400:]}", file=sys.stderr)
+        return None
+    found = sorted(cache.glob("apache_tvm_ffi-*-cp312-*.whl"))
+    return found[-1] if found else None
+
+
+def copy_sources(dest: Path) -> None:
+    """Kiln's packages as pyproject's package-dir maps them (kiln.runtime = runtime/ → dest/kiln/runtime)."""
+    import tomllib
+
+    package_dir = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    for package, folder in sorted(package_dir.items(), key=lambda kv: kv[0].count(".")):
+        if package in LEFT_OUT_PACKAGES:
+            continue
+        target = dest.joinpath(*package.split("."))
+        shutil.copytree(ROOT / folder, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+
+
+def weights_bytes(model) -> int:
+    from onnx import numpy_helper
+
+    return sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+
+
+def copy_runtime_libs(dest: Path) -> None:
+    from kiln.runtime.cuda import runtime_dir
+
+    lib = runtime_dir()
+    if lib is None:
+        raise SystemExit("apache-tvm is not installed here: its runtime libraries cannot be bundled")
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in RUNTIME_LIBS:
+        shutil.copy2(lib / name, dest / name)
+
+
+def build_model(name: str, dest: Path, target: str, external: bool) -> dict:
+    """Compile `name` for `target` into dest/, with its inputs and ONNX Runtime's outputs; `external`: its
+    weights file is left out, to be rebuilt there."""
+    import onnxruntime as ort
+
+    import kiln
+    from kiln.config import Options
+    from kiln.model_builders import random_feeds
+
+    model = onnx_model(name)
+    dest.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    report = kiln.compile(model, dest / f"{name}.so", Options(target=target),
+                          weights="external" if external else "embedded")
+    compile_s = time.perf_counter() - t0
+    if external:
+        (dest / f"{name}.weights").unlink()
+    feeds = random_feeds(model, seed=0)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    outs = sess.run(names, feeds)
+    np.savez(dest / "inputs.npz", **feeds)
+    np.savez(dest / "reference.npz", **dict(zip(names, outs)))
+    return {"name": name, "artifact": f"models/{name}/{report.path.name}", "inputs": f"models/{name}/inputs.npz",
+            "reference": f"models/{name}/reference.npz", "input_names": list(feeds), "output_names": names,
+            "torchvision": TORCHVISION.get(name), "kernels": report.kernels, "compile_s": round(compile_s, 1),
+            "weights": "rebuild" if external else "embedded", "zoo": f"zoo:{name}" if name != "tiny_cnn" else None,
+            "weights_mib": round(weights_bytes(model) / 2**20, 1)}
+
+
+def manifest_files(root: Path) -> dict[str, dict]:
+    return {str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+
+
+def git_commit() -> str:
+    done = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], check=False,
+                          capture_output=True, text=True)
+    return done.stdout.strip()
+
+
+def build(out: Path, target: str, models: list[str], wheel_cache: Path | None, budget: int) -> dict:
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    copy_runtime_libs(out / "tvm_lib")
+    copy_sources(out / "src")
+    wheel = ffi_wheel(wheel_cache) if wheel_cache is not None else None
+    if wheel is not None:
+        (out / "wheels").mkdir()
+        shutil.copy2(wheel, out / "wheels" / wheel.name)
+    entries, skipped = [], []
+    for name in models:
+        dest = out / "models" / name
+        # weights that would not fit stay behind when the zoo can make them again there (seeded code)
+        external = name != "tiny_cnn" and folder_bytes(out) + weights_bytes(onnx_model(name)) + (2 << 20) > budget
+        try:
+            entry = build_model(name, dest, target, external)
+        except Exception as err:  # noqa: BLE001  (one model that fails to build leaves the others in the bundle)
+            skipped.append({"name": name, "why": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"})
+            print(f"  {name}: not built: {skipped[-1]['why']}", file=sys.stderr)
+            shutil.rmtree(dest, ignore_errors=True)
+            continue
+        size = folder_bytes(out)
+        if size > budget:
+            skipped.append({"name": name, "why": f"the bundle would be {size / 2**20:.1f} MiB > "
+                                                 f"{budget / 2**20:.0f} MiB"})
+            print(f"  {name}: left out: {skipped[-1]['why']}", file=sys.stderr)
+            shutil.rmtree(dest)
+            continue
+        entries.append(entry)
+        print(f"  {name}: {folder_bytes(dest) / 2**20:.1f} MiB, {entry['kernels']} kernels, "
+              f"compiled in {entry['compile_s']} s", file=sys.stderr)
+    manifest = {"format": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "kiln_commit": git_commit(), "target": target, "tvm_lib": "tvm_lib", "src": "src",
+                "ffi_wheel": f"wheels/{wheel.name}" if wheel is not None else None,
+                "models": entries, "skipped": skipped, "files": manifest_files(out)}
+    manifest["total_bytes"] = sum(f["bytes"] for f in manifest["files"].values())
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "gpu_bundle")
+    ap.add_argument("--target", default="cuda-sm90")
+    ap.add_argument("--models", nargs="*", default=DEFAULT_MODELS)
+    ap.add_argument("--wheel-cache", type=Path, default=WHEEL_CACHE)
+    ap.add_argument("--no-wheel", action="store_true", help="leave the tvm_ffi wheel out (tests)")
+    ap.add_argument("--budget-mib", type=float, default=BUDGET_BYTES / 2**20)
+    args = ap.parse_args(argv)
+    manifest = build(args.out, args.target, args.models, None if args.no_wheel else args.wheel_cache,
+                     int(args.budget_mib * 2**20))
+    print(f"{args.out}: {manifest['total_bytes'] / 2**20:.1f} MiB, models "
+          f"{[m['name'] for m in manifest['models']]}, left out {[s['name'] for s in manifest['skipped']]}, "
+          f"ffi wheel {'yes' if manifest['ffi_wheel'] else 'MISSING'}")
+    return 0 if manifest["models"] and manifest["total_bytes"] <= BUDGET_BYTES else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
