@@ -68,12 +68,6 @@ KEEP_FLOAT32: dict[OpDef, str] = {
     QUANTIZE: "int8 scales and zero points are calibrated in float32",
     DEQUANTIZE: "int8 scales and zero points are calibrated in float32",
 }
-# ... and in bfloat16 builds only, ops whose bfloat16 kernel TVM 0.27 cannot build
-KEEP_FLOAT32_IN_BFLOAT16: dict[OpDef, str] = {
-    MAX_POOL: "the NaN-propagating bfloat16 max of the NCHW16c pool fails to vectorize on x86 (TVM 0.27: "
-              "'Cannot broadcast lanes=16 to 32'); in float32 its casts fuse into the conv before and after",
-    GLOBAL_MAX_POOL: "the same NaN-propagating bfloat16 max",
-}
 # Every other op follows its inputs: half when no float argument is a float32 value computed by the model
 # (constants convert; a model input is cast once at entry), else float32, so a float32 island stays float32
 # up to the next ALWAYS_HALF op.
@@ -157,9 +151,9 @@ def _compute_dtype(op: OpDef, args: tuple[Expr, ...], half: str) -> str | None:
     floats = [a for a in args if _float(a)]
     if not floats:
         return None
-    if op in ALWAYS_HALF and not (half == "bfloat16" and op in KEEP_FLOAT32_IN_BFLOAT16):
+    if op in ALWAYS_HALF:
         return half
-    if op in KEEP_FLOAT32 or (half == "bfloat16" and op in KEEP_FLOAT32_IN_BFLOAT16):
+    if op in KEEP_FLOAT32:
         return "float32"
     if any(_float(a) == "float32" and not isinstance(a, (Constant, Var)) for a in floats):
         return "float32"

@@ -345,13 +345,17 @@ def _pool_nchwc_compute(x, a: PoolNCHWcAttrs):
     ry, rx = te.reduce_axis((0, p.kernel[0]), name="ry"), te.reduce_axis((0, p.kernel[1]), name="rx")
     if a.kind == "max":
         xp = pad_nchwc(x, pads, value=float("-inf"))
-        return te.compute(
+        # bfloat16: the max of values widened to float32, rounded back (exactly), as reduce.py does: TVM 0.27
+        # cannot vectorize a bfloat16 max ("Cannot broadcast lanes=16 to 32")
+        wide = "float32" if str(x.dtype) == "bfloat16" else str(x.dtype)
+        biggest = te.compute(
             out.shape,
             lambda n, cb, oh, ow, cc: float_math.reduce_max(  # NaN-propagating
-                xp[n, cb, oh * sh + ry * dh, ow * sw + rx * dw, cc], axis=[ry, rx], from_lowest=True
+                cast(xp[n, cb, oh * sh + ry * dh, ow * sw + rx * dw, cc], wide), axis=[ry, rx], from_lowest=True
             ),
             name="max_pool_nchwc",
         )
+        return cast_stage(biggest, str(x.dtype), "max_pool_nchwc_round")
     xp, acc = pad_nchwc(x, pads), accumulator(x.dtype)  # float16 window sums in float32, rounded once
     total = te.compute(
         out.shape,

@@ -189,7 +189,12 @@ def clip_bounds(a: ClipAttrs, dtype: str) -> tuple[float | int | None, float | i
     """A missing bound of a float clip is the dtype's finite limit, as ONNX says (ONNX Runtime: inf → 3.4e38)."""
     if not is_float(dtype):
         return a.min, a.max
-    info = np.finfo(dtype)
+    if dtype == "bfloat16":  # NumPy's finfo does not know ml_dtypes' bfloat16
+        import ml_dtypes
+
+        info = ml_dtypes.finfo(ml_dtypes.bfloat16)
+    else:
+        info = np.finfo(dtype)
     return (float(info.min) if a.min is None else a.min), (float(info.max) if a.max is None else a.max)
 
 

@@ -221,10 +221,13 @@ def exp(x):
 
 
 def erf(x):
-    """erf(x) for a float32 TE expression; other dtypes: te.erf."""
+    """erf(x) for a float32 TE expression; float16 and bfloat16 through it (LLVM lowers no half tirx.erf);
+    other dtypes: te.erf."""
     from tvm import te
     from tvm import tirx as tir
 
+    if _dtype(x) in ("float16", "bfloat16"):
+        return erf(x.astype("float32")).astype(_dtype(x))
     if _dtype(x) != "float32":
         return te.erf(x)
 
