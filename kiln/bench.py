@@ -47,7 +47,8 @@ def _reference(model: str, ort, threads: int):
 
 
 def compare(model: str, target: str = "native", repeat: int = 20, threads: int = 2,
-            on_progress: Callable[[int, int], None] | None = None, tuning_logs: tuple = ()) -> dict:
+            on_progress: Callable[[int, int], None] | None = None, tuning_logs: tuple = (),
+            precision: str = "fp32") -> dict:
     import os
 
     os.environ["TVM_NUM_THREADS"] = str(threads)  # before TVM's thread pool starts
@@ -64,7 +65,8 @@ def compare(model: str, target: str = "native", repeat: int = 20, threads: int =
 
     proto, feeds, sess, want = _reference(model, ort, threads)
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
-        report = kiln.compile(proto, Path(tmp) / "model.so", Options(target=target, tuning_logs=tuple(tuning_logs)),
+        report = kiln.compile(proto, Path(tmp) / "model.so", Options(target=target, tuning_logs=tuple(tuning_logs),
+                                                                        precision=precision),
                               on_progress=on_progress)
         compiled = kiln.load(report.path, num_threads=threads)
         got = compiled.run(**feeds)
@@ -86,7 +88,7 @@ def compare(model: str, target: str = "native", repeat: int = 20, threads: int =
     return {"model": model, "match": match, "compile_s": report.total_s, "kernels": report.kernels, "kiln": kiln_t,
             "onnxruntime": ort_t, "ratio": kiln_t["median_ms"] / ort_t["median_ms"], "max_abs_error": err,
             "ratio_range": [min(rounds), max(rounds)],
-            "threads": threads}
+            "threads": threads, "precision": precision}
 
 
 def cpu_name() -> str:

@@ -298,6 +298,7 @@ def bench(
     threads: int = typer.Option(2, "--threads", help="threads for both engines"),
     json_out: bool = typer.Option(False, "--json", help="machine-readable output"),
     tuning_log: Optional[list[Path]] = typer.Option(None, "--tuning-log", help="tuning records to apply (repeatable)"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, tf32, fp16 or bf16 (see kiln compile)"),
 ) -> None:
     """Compile a model, then time Kiln and ONNX Runtime on it side by side (median, p90, ratio, max abs error)."""
     from kiln.bench import compare
@@ -305,7 +306,7 @@ def bench(
     progress, on_progress = progress_bar("compiling kernels")
     with progress:
         result = compare(model, target=target, repeat=repeat, threads=threads, on_progress=on_progress,
-                         tuning_logs=tuple(tuning_log or ()))
+                         tuning_logs=tuple(tuning_log or ()), precision=precision)
     if json_out:
         out.print_json(json.dumps(result))
         return

@@ -156,3 +156,36 @@ def test_half_builds_agree_with_fp32(name, target, tmp_path):
 def test_squeezenet_half_builds_agree_with_fp32(tmp_path):
     """One compiled model in the default run: the precision reaches the artifact end to end."""
     _check_against_fp32("squeezenet", PRESET, tmp_path)
+
+
+def test_cli_compile_precision_fp16_runs_on_float32_inputs(tmp_path):
+    import subprocess
+    import sys
+
+    import onnx
+    from onnx import helper
+
+    from kiln.model_builders import GraphBuilder
+
+    g = GraphBuilder("conv_relu", seed=0)
+    w = g.const(g.rng.standard_normal((16, 3, 3, 3)).astype(np.float32), "w")
+    y = g.op("Relu", [g.op("Conv", ["x", w], kernel_shape=[3, 3], pads=[1, 1, 1, 1])])
+    onnx.save(g.model([helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 16, 16])],
+                      [(y, onnx.TensorProto.FLOAT, [1, 16, 16, 16])]), tmp_path / "m.onnx")
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "kiln.cli", *args], capture_output=True, text=True, timeout=300)
+
+    so = tmp_path / "m.so"
+    r = cli("compile", str(tmp_path / "m.onnx"), "-o", str(so), "--target", PRESET, "--precision", "fp16")
+    assert r.returncode == 0, r.stderr
+    x = np.random.default_rng(1).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    r = cli("run", str(so), "--input", str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy"))
+    assert r.returncode == 0, r.stderr
+    got = np.load(tmp_path / "y.npy")
+    want = run_module(from_onnx(str(tmp_path / "m.onnx")), x)[0]
+    assert got.dtype == np.float32 and _cosine(got, want) >= 0.999
+    assert kiln.load(so).meta["precision"] == "fp16"
+    bad = cli("compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "b.so"), "--precision", "fp8")
+    assert bad.returncode == 1 and "precision must be" in bad.stderr and "Traceback" not in bad.stderr
