@@ -10,8 +10,12 @@ wheel installed into a temporary site dir, TVM's runtime libraries from the bund
 run → compare with ONNX Runtime's outputs (rtol 1e-3, atol 1e-4), graph against no-graph launch times (CUDA
 events on the model's stream), a torch CUDA tensor as a DLPack input and run_dlpack's outputs; then torch eager
 and torch.compile(mode="reduce-overhead") anchors (torchvision, batch 1, fp32 and fp16, cudnn.benchmark,
-channels-last) timed with torch.cuda.Event. Other checks plug in: a module in bench/ named in PLUGINS that
-defines `CHECKS = [(name, fn)]`, each `fn(run: Run) -> dict` (bench/gpu_gemm.py: the tensor-core GEMM bench).
+channels-last) timed with torch.cuda.Event (Kiln's launches are timed with CUDA events recorded on the model's
+own stream, through ctypes). Other checks plug in: a module in bench/ named in PLUGINS that defines
+`CHECKS = [(name, fn)]`, each `fn(run: Run) -> dict` with "ok" (bench/gpu_gemm.py: the tensor-core GEMM bench);
+in a dry run (`run.dry_run`) it checks what it can without a GPU or returns {"ok": None, "skipped": why};
+`run.bundle`, `run.manifest`, `run.torch`, `run.kiln_runtime` (kiln.runtime from the bundle), `run.left_s()` and
+`run.log` are what it may use.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ class Run:
         self.torch = None
         self.kiln_runtime = None
         out.mkdir(parents=True, exist_ok=True)
-        self._log = open(out / "gpu_check.log", "a")
+        self._log = open(out / "gpu_check.log", "a")  # noqa: SIM115  (open for the whole run, line by line)
 
     def log(self, msg: str) -> None:
         line = f"[{time.monotonic() - self.started:6.1f}s] {msg}"
@@ -215,10 +219,12 @@ def runtime(run: Run) -> dict:
     rt = importlib.import_module("kiln.runtime")
     cuda = importlib.import_module("kiln.runtime.cuda")
     run.kiln_runtime = rt
-    from_bundle = str(run.bundle) in str(Path(rt.__file__).resolve())
+    stray = stray_modules(run.bundle / run.manifest.get("src", "src"))
+    from_bundle = not stray and str(run.bundle) in str(Path(rt.__file__).resolve())
     cuda.load_bundle_runtime()
     why = cuda.load_cuda_runtime()
-    result = {"kiln_runtime": rt.__file__, "from_bundle": from_bundle, "cuda_runtime": why or "loaded"}
+    result = {"kiln_runtime": rt.__file__, "from_bundle": from_bundle, "stray_modules": stray,
+              "cuda_runtime": why or "loaded"}
     if why is not None:
         if run.dry_run:
             return {**result, "ok": from_bundle, "note": "no CUDA driver here, as expected in a dry run"}
@@ -298,6 +304,27 @@ def model_check(entry: dict) -> Check:
     return fn
 
 
+# kiln.rebuild_weights run from the bundle's sources, failing if any kiln module came from elsewhere (here an
+# editable install of Kiln would fill in whatever the bundle lacks; the GPU machine has none)
+LAUNCH = """import runpy, sys
+src = sys.argv.pop(1)
+try:
+    runpy.run_module("kiln.rebuild_weights", run_name="__main__", alter_sys=True)
+finally:
+    stray = sorted(n for n, m in list(sys.modules.items())
+                   if n.split(".")[0] == "kiln" and not (getattr(m, "__file__", None) or src).startswith(src))
+    if stray:
+        print("kiln modules not from the bundle:", stray)
+        sys.exit(3)
+"""
+
+
+def stray_modules(src: Path) -> list[str]:
+    """Kiln modules loaded from anywhere but the bundle's sources."""
+    return sorted(n for n, m in list(sys.modules.items())
+                  if n.split(".")[0] == "kiln" and not (getattr(m, "__file__", None) or str(src)).startswith(str(src)))
+
+
 def rebuild_weights(run: Run, entry: dict) -> dict:
     """The weights file left behind at bundling, made again from the zoo's seeded code with the bundle's Kiln
     sources and no TVM (a shim makes `import tvm` fail, as on the GPU machine); the tool checks the CRC-32
@@ -308,11 +335,12 @@ def rebuild_weights(run: Run, entry: dict) -> dict:
     shim.mkdir()
     (shim / "__init__.py").write_text('raise ImportError("no TVM here (gpu_check shim)")\n')
     src = run.bundle / run.manifest.get("src", "src")
+    (shim.parent / "launch.py").write_text(LAUNCH)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shim.parent), str(src), *sys.path[1:]])}
     t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "kiln.rebuild_weights", entry["zoo"], "--target",
+    done = subprocess.run([sys.executable, str(shim.parent / "launch.py"), str(src), entry["zoo"], "--target",
                           run.manifest["target"], "--artifact", str(art), "-o", str(out)], check=False,
-                         capture_output=True, text=True, timeout=180, env=env)
+                         capture_output=True, text=True, timeout=180, env=env, cwd=shim.parent)
     result = {"ok": done.returncode == 0 and out.is_file(), "seconds": round(time.perf_counter() - t0, 1),
               "output": (done.stdout + done.stderr)[-600:],
               "mib": round(out.stat().st_size / 2**20, 1) if out.is_file() else None}
@@ -342,7 +370,7 @@ def torch_anchor(name: str, dtype: str) -> Check:
         x = torch.randn(1, 3, 224, 224, device="cuda", dtype=dt).to(memory_format=torch.channels_last)
 
         def time_fn(f) -> dict:
-            with torch.inference_mode():
+            with torch.no_grad():  # not inference_mode: torch.compile's CUDA graphs are made under no_grad
                 for _ in range(10):
                     f(x)
                 torch.cuda.synchronize()
@@ -361,7 +389,7 @@ def torch_anchor(name: str, dtype: str) -> Check:
         result = {"eager": time_fn(net)}
         t0 = time.perf_counter()
         compiled = torch.compile(net, mode="reduce-overhead")
-        with torch.inference_mode():
+        with torch.no_grad():
             compiled(x)
             compiled(x)
             torch.cuda.synchronize()

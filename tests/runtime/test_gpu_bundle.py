@@ -36,7 +36,7 @@ def _build(out: Path, models: list[str], budget: int, wheel_dir: Path) -> dict:
 
 def _dry_run(bundle: Path, out: Path) -> tuple[int, dict]:
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--bundle", str(bundle), "--out",
-                           str(out), "--dry-run"], capture_output=True, text=True, timeout=300)
+                           str(out), "--dry-run"], check=False, capture_output=True, text=True, timeout=300)
     return done.returncode, json.loads((out / "gpu_check.json").read_text())
 
 
