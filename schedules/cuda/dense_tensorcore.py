@@ -1,0 +1,412 @@
+"""Dense, matmul and batch matmul of float16 or bfloat16 on CUDA tensor cores (sm_80 and later), summed in float32,
+the epilogue fused in: each warp runs `mma.sync.aligned.m16n8k16` on fragments that `ldmatrix` reads from shared
+memory, which `cp.async` fills `stages - 1` k-chunks ahead of the math (a software pipeline).
+
+A thread block computes a `block_m × block_n` tile of the output, each of its warps a `warp_m × warp_n` part of
+it in float32 accumulator registers. Per `chunk_k` step the block copies the A tile (block_m × chunk_k) and the
+B tile into shared memory with `cp.async` of `vector` elements per thread; rows are padded by PAD elements, so
+the eight 16-byte rows one `ldmatrix` phase reads fall in eight different bank groups. After the reduction the
+accumulators go through shared memory (float32) to the epilogue (round to the output dtype, bias, activation),
+which every thread of the block writes out with vector stores.
+
+Shapes: m, n and k must be multiples of a block tile and a k-chunk of the space (64 × 64 × 32 at the smallest);
+other shapes are not claimed (`applies` is false) and cuda.dense_tiled schedules them, unpadded.
+"""
+
+from __future__ import annotations
+
+import math
+
+from kiln.ir.ops.dense import DENSE, MATMUL
+from kiln.schedules.space import Config, Space
+from kiln.schedules.template import Template
+from kiln.schedules.workload import Group, Workload
+
+from kiln.errors import InvalidConfig
+
+from .threads import WARP, epilogue_group, prepare
+
+VERSION = 1
+NAME = "cuda.dense_tensorcore"
+DTYPES = ("float16", "bfloat16")
+BLOCK_TILES = ((64, 128), (128, 64), (128, 128), (128, 256), (256, 128))  # (block_m, block_n)
+WARP_TILES = ((32, 64), (64, 32), (64, 64))  # (warp_m, warp_n): 64 or 128 float32 accumulators per thread
+CHUNKS = (32, 64)  # chunk_k: two or four mma k-steps per stage (one step leaves the inner pipeline nothing)
+STAGES = (2, 3, 4)
+VECTORS = (4, 8)  # elements per cp.async: 8 or 16 bytes
+MAX_WARPS = 8  # 256 threads × 255 registers fit one SM's 64 K registers, so every config launches
+PAD = 8  # elements (16 bytes) of padding after each shared row: keeps cp.async's 16-byte alignment
+SHARED_BYTES = 163 * 1024  # dynamic shared memory a block may opt into on sm_80 (227 KiB on sm_90)
+MMA = 16  # the m, n (two n8 halves) and k of one tensorized step
+OUT_VECTOR = 4  # float32 elements per thread per epilogue step: one 16-byte shared read
+
+
+def workload(group: Group, info=None) -> Workload:
+    gemm = group.anchor
+    shape = tuple(int(d) for d in gemm.type.shape)
+    x = gemm.args[0].type
+    return Workload.of(f"{NAME}@{VERSION}", group, batch=math.prod(shape[:-2]), m=shape[-2], n=shape[-1],
+                       k=int(x.shape[-1]), dtype=str(x.dtype), b_layout="nk" if gemm.op is DENSE else "kn")
+
+
+def warps(cfg: Config) -> int:
+    return (cfg["block_m"] // cfg["warp_m"]) * (cfg["block_n"] // cfg["warp_n"])
+
+
+def shared_bytes(wl: Workload, cfg: Config) -> int:
+    """The larger of the pipeline's A and B stages (2-byte elements, padded rows) and the float32 output tile:
+    the output tile reuses the stages' memory once the reduction is done (TVM merges dynamic shared buffers
+    whose lifetimes do not overlap)."""
+    bm, bn, bk = cfg["block_m"], cfg["block_n"], cfg["chunk_k"]
+    b_tile = bn * (bk + PAD) if wl["b_layout"] == "nk" else bk * (bn + PAD)
+    stages = cfg["stages"] * (bm * (bk + PAD) + b_tile) * 2
+    return max(stages, bm * bn * 4)
+
+
+def check(wl: Workload, cfg: Config) -> None:
+    bm, bn, bk, wm, wn = cfg["block_m"], cfg["block_n"], cfg["chunk_k"], cfg["warp_m"], cfg["warp_n"]
+    if wl["m"] % bm or wl["n"] % bn:
+        raise InvalidConfig(f"{NAME}: block tile {bm}x{bn} does not divide the {wl['m']}x{wl['n']} output")
+    if wl["k"] % bk or wl["k"] // bk < cfg["stages"]:
+        raise InvalidConfig(f"{NAME}: chunk_k={bk} must divide k={wl['k']} at least stages={cfg['stages']} times")
+    if bm % wm or bn % wn or not 1 <= warps(cfg) <= MAX_WARPS:
+        raise InvalidConfig(f"{NAME}: warp tile {wm}x{wn} must divide {bm}x{bn} into 1..{MAX_WARPS} warps")
+    threads = warps(cfg) * WARP
+    if (bm * bk) % (threads * cfg["vector"]) or (bn * bk) % (threads * cfg["vector"]):
+        raise InvalidConfig(f"{NAME}: {threads} threads × vector={cfg['vector']} do not evenly copy the tiles")
+    if (bm * bn) % (threads * OUT_VECTOR):
+        raise InvalidConfig(f"{NAME}: {threads} threads do not evenly write the {bm}x{bn} tile")
+    if shared_bytes(wl, cfg) > SHARED_BYTES:
+        raise InvalidConfig(f"{NAME}: tiles need {shared_bytes(wl, cfg)} bytes of shared memory")
+
+
+def space(wl: Workload, info=None) -> Space:
+    """Every config that passes `check`: one branch per (block tile, warp tile, chunk_k, stages) that fits,
+    with the vector widths that copy its tiles evenly."""
+    branches = []
+    for bm, bn in BLOCK_TILES:
+        for wm, wn in WARP_TILES:
+            for bk in CHUNKS:
+                for stages in STAGES:
+                    tile = {"block_m": bm, "block_n": bn, "warp_m": wm, "warp_n": wn, "chunk_k": bk,
+                            "stages": stages}
+                    vectors = [v for v in VECTORS if _passes(wl, {**tile, "vector": v})]
+                    if vectors:
+                        branches.append(Space.of(**tile, vector=vectors))
+    if not branches:
+        raise InvalidConfig(f"{NAME}: no tile of the space fits {wl.summary()}")
+    return Space.union(*branches)
+
+
+def _passes(wl: Workload, cfg: Config) -> bool:
+    try:
+        check(wl, cfg)
+    except InvalidConfig:
+        return False
+    return True
+
+
+def default(wl: Workload, info=None) -> Config:
+    """128 × 128 blocks of four 64 × 64 warps, 32-deep chunks in three stages, 16-byte copies: the tile CUTLASS
+    and TVM's MetaSchedule tensor-core rules start from on A100/H100; smaller where the shape asks for it."""
+    for bm, bn, wm, wn in ((128, 128, 64, 64), (128, 64, 64, 32), (64, 128, 32, 64), (64, 128, 32, 64)):
+        for bk, stages in ((32, 3), (32, 2)):
+            cfg = {"block_m": bm, "block_n": bn, "warp_m": wm, "warp_n": wn, "chunk_k": bk, "stages": stages,
+                   "vector": 8}
+            if _passes(wl, cfg):
+                return cfg
+    return next(iter(space(wl)))
+
+
+def applies(group: Group) -> bool:
+    """A float16 or bfloat16 dense or matmul with a 2-D or batched output, summed in float32, with no producer
+    fused before it and elementwise/broadcast ops after, whose m, n and k some tile of the space divides."""
+    if not epilogue_group(group, (DENSE, MATMUL)) or group.calls[0] is not group.anchor:
+        return False
+    gemm = group.anchor
+    x, w = (a.type for a in gemm.args[:2])
+    if str(x.dtype) not in DTYPES or str(w.dtype) != str(x.dtype) or len(gemm.type.shape) < 2:
+        return False
+    if (gemm.attrs.out_dtype or "float32") != "float32" and gemm.attrs.out_dtype != str(x.dtype):
+        return False  # out_dtype float32, or none: the sum is float32 either way (accumulate.py)
+    if gemm.op is MATMUL and (x.ndim < 2 or w.ndim < 2):
+        return False
+    try:
+        space(workload(group))
+    except InvalidConfig:
+        return False
+    return True
+
+
+def schedule(sch, wl: Workload, cfg: Config) -> list[str]:
+    """Blockize the GEMM into 16 × 16 × 16 steps, tile them over blocks and warps, stage A and B through shared
+    memory (cp.async) and warp fragments (ldmatrix), tensorize the math (mma.sync), and write the accumulators
+    through shared memory into the group's output block."""
+    check(wl, cfg)
+    intrin = _intrinsics(wl["dtype"], wl["b_layout"], cfg["vector"])
+    bm, bn, bk, wm, wn = cfg["block_m"], cfg["block_n"], cfg["chunk_k"], cfg["warp_m"], cfg["warp_n"]
+    n_warps = warps(cfg)
+    gemm, out = prepare(sch)
+    has_epilogue = not sch.get(out).same_as(sch.get(gemm))
+
+    *batch, i, j, k = sch.get_loops(gemm)
+    i, i_mma = sch.split(i, factors=[None, MMA])
+    j, j_mma = sch.split(j, factors=[None, MMA])
+    k, k_mma = sch.split(k, factors=[None, MMA])
+    sch.reorder(i, j, k, i_mma, j_mma, k_mma)
+    step = gemm  # one 16 × 16 × 16 step, the block mma.sync replaces
+    tile = sch.blockize(i_mma)
+    i_block, i_warp, i_step = sch.split(i, factors=[None, bm // wm, wm // MMA])
+    j_block, j_warp, j_step = sch.split(j, factors=[None, bn // wn, wn // MMA])
+    k_chunk, k_step = sch.split(k, factors=[None, bk // MMA])
+    sch.reorder(i_block, j_block, i_warp, j_warp, k_chunk, k_step, i_step, j_step)
+    bx, ty = sch.fuse(i_block, j_block), sch.fuse(i_warp, j_warp)
+    if batch:
+        sch.bind(sch.fuse(*batch) if len(batch) > 1 else batch[0], "blockIdx.y")
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(ty, "threadIdx.y")
+
+    for operand in (0, 1):  # global → shared, cp.async, vector elements per thread
+        copy = sch.cache_read(tile, operand, "shared.dyn")
+        sch.compute_at(copy, k_chunk)
+        rows, cols = sch.get_loops(copy)[-2:]
+        cols, lanes = sch.split(cols, factors=[None, cfg["vector"]])
+        vector = sch.blockize(lanes)
+        sch.tensorize(vector, intrin["copy"])
+        sch.storage_align(vector, 0, axis=-2, factor=32, offset=PAD)
+        _, t_y, t_x = sch.split(sch.fuse(rows, cols), factors=[None, n_warps, WARP])
+        sch.bind(t_y, "threadIdx.y")
+        sch.bind(t_x, "threadIdx.x")
+
+    fragments = [sch.cache_read(tile, operand, "warp") for operand in (0, 1)]  # shared → registers, ldmatrix
+    for fragment in fragments:
+        sch.compute_at(fragment, k_step)
+    staged = sch.cache_write(tile, 0, "shared.dyn")  # accumulators → shared, for the epilogue
+    acc = sch.cache_write(tile, 0, "warp")
+    sch.reverse_compute_at(acc, ty)
+    rows, cols = sch.get_loops(acc)[-2:]
+    r_out, r_in = sch.split(rows, factors=[None, MMA])
+    c_out, c_in = sch.split(cols, factors=[None, MMA])
+    sch.reorder(r_out, c_out, r_in, c_in)
+
+    epilogue = out if has_epilogue else staged
+    if has_epilogue:
+        sch.compute_inline(staged)  # the output block reads the float32 tile from shared memory
+    sch.reverse_compute_at(epilogue, bx)
+    _, t_y, t_x, lanes = sch.split(sch.fuse(*sch.get_loops(epilogue)[-2:]),
+                                   factors=[None, n_warps, WARP, OUT_VECTOR])
+    sch.bind(t_y, "threadIdx.y")
+    sch.bind(t_x, "threadIdx.x")
+    sch.vectorize(lanes)
+
+    init = sch.decompose_reduction(tile, k_chunk)
+    loads = []
+    for fragment in fragments:
+        rows, cols = sch.get_loops(fragment)[-2:]
+        r_out, r_in = sch.split(rows, factors=[None, MMA])
+        c_out, c_in = sch.split(cols, factors=[None, MMA])
+        sch.reorder(r_out, c_out, r_in, c_in)
+        loads.append(r_in)
+    from tvm.s_tir.tensor_intrin.cuda import shared_16x16_to_ldmatrix_32x8_layout as ldmatrix_layout
+
+    def fragment_layout(r, c):
+        return (r // MMA, c // MMA, *ldmatrix_layout(r % MMA, c % MMA))
+
+    sch.transform_layout(fragments[0], ("write", 0), fragment_layout)
+    sch.transform_layout(fragments[1], ("write", 0), fragment_layout)
+    sch.transform_layout(acc, ("read", 0), fragment_layout)
+    sch.tensorize(loads[0], intrin["load_a"])
+    sch.tensorize(loads[1], intrin["load_b"])
+    sch.tensorize(sch.get_loops(step)[-3], intrin["mma"])
+    sch.tensorize(sch.get_loops(sch.get_child_blocks(init)[0])[-2], intrin["fill"])
+    sch.tensorize(sch.get_loops(acc)[-2], intrin["store"])
+
+    # the outer pipeline's five statements: copy A, copy B, and the inner pipeline's prologue, body, epilogue
+    stages = cfg["stages"]
+    sch.annotate(k_chunk, "software_pipeline_stage", [0, 0, stages - 1, stages - 1, stages - 1])
+    sch.annotate(k_chunk, "software_pipeline_order", [0, 1, 2, 3, 4])
+    sch.annotate(k_chunk, "software_pipeline_async_stages", [0])
+    # the inner one loads the next k-step's fragments while the mma of this one runs
+    sch.annotate(k_step, "software_pipeline_stage", [0, 0, 1])
+    sch.annotate(k_step, "software_pipeline_order", [0, 1, 2])
+    return [f"dense_tensorcore.cuda(block={bm}x{bn},warp={wm}x{wn},k={bk},stages={stages},"
+            f"vector={cfg['vector']},{wl['dtype']})"]
+
+
+# --- tensor intrinsics ---------------------------------------------------------------------------------------
+# TVM 0.27 registers ldmatrix and mma.sync for float16 only; the bfloat16 ones below follow its float16
+# definitions (s_tir/tensor_intrin/cuda.py) with the dtype changed. cp.async is tensorized explicitly, so the
+# copies are asynchronous without the `tirx.use_async_copy` pass option.
+
+def _intrinsics(dtype: str, b_layout: str, vector: int) -> dict[str, str]:
+    from tvm.s_tir.tensor_intrin import cuda as tc
+
+    trans_b = b_layout == "nk"  # B stored [n, k]: mma's "col" operand as it is
+    names = {"copy": _register_copy(dtype, vector), "fill": tc.MMA_fill_16x16_f32_INTRIN,
+             "store": tc.MMA_store_16x16_f32_shared_dyn_INTRIN_SIMPLE}
+    if dtype == "float16":
+        names["load_a"] = tc.LDMATRIX_f16_A_DYN_INTRIN
+        names["load_b"] = tc.LDMATRIX_f16_B_TRANS_DYN_INTRIN if trans_b else tc.LDMATRIX_f16_B_DYN_INTRIN
+        names["mma"] = tc.MMA_f16f16f32_TRANS_B_INTRIN if trans_b else tc.MMA_f16f16f32_INTRIN
+    else:
+        names["load_a"] = _register_ldmatrix(dtype, "A", False)
+        names["load_b"] = _register_ldmatrix(dtype, "B", trans_b)
+        names["mma"] = _register_mma(dtype, trans_b)
+    return names
+
+
+def _register(name: str, make) -> str:
+    from tvm.s_tir import TensorIntrin
+
+    if TensorIntrin.get(name, allow_missing=True) is None:
+        TensorIntrin.register(name, *make())
+    return name
+
+
+def _register_copy(dtype: str, lanes: int) -> str:
+    """`lanes` elements global → shared.dyn by one cp.async (16 bytes: .cg, bypassing L1; 8 bytes: .ca)."""
+    from tvm.script import tirx as T
+
+    nbytes = lanes * 2
+
+    def make():
+        @T.prim_func(s_tir=True)
+        def desc(g: T.handle, s: T.handle) -> None:
+            G = T.match_buffer(g, (lanes,), dtype, offset_factor=1)
+            S = T.match_buffer(s, (lanes,), dtype, offset_factor=1, scope="shared.dyn")
+            with T.sblock("root"):
+                T.reads(G[0:lanes])
+                T.writes(S[0:lanes])
+                for i in T.serial(lanes):
+                    with T.sblock("copy"):
+                        vi = T.axis.remap("S", [i])
+                        S[vi] = G[vi]
+
+        @T.prim_func(s_tir=True)
+        def impl(g: T.handle, s: T.handle) -> None:
+            G = T.match_buffer(g, (lanes,), dtype, offset_factor=1)
+            S = T.match_buffer(s, (lanes,), dtype, offset_factor=1, scope="shared.dyn")
+            with T.sblock("root"):
+                T.reads(G[0:lanes])
+                T.writes(S[0:lanes])
+                T.evaluate(T.s_tir.cp_async_raw.legacy(S.data, S.elem_offset, G.data, G.elem_offset, nbytes,
+                                                       dtype=dtype))
+
+        return desc, impl
+
+    return _register(f"kiln_cp_async_{dtype}_x{lanes}", make)
+
+
+def _register_ldmatrix(dtype: str, operand: str, transposed: bool) -> str:
+    """ldmatrix.x4 of a 16 × 16 tile of 2-byte elements from shared.dyn into the mma fragment layout.
+    A is [m, k]; B is [n, k] (`transposed`) or [k, n]."""
+    from tvm.s_tir.tensor_intrin.cuda import shared_16x16_to_ldmatrix_32x8_layout as layout
+    from tvm.script import tirx as T
+
+    local = MMA * MMA // WARP
+    ldmatrix_transposes = operand == "B" and not transposed
+    if operand == "B" and transposed:  # rows are n: matrices 0, 1 are rows 0-7 (k 0-7, 8-15), 2, 3 rows 8-15
+        def offset(tx, stride):
+            return stride * 8 * (tx // 16) + stride * (tx % 8) + 8 * ((tx % 16) // 8)
+    else:
+        def offset(tx, stride):
+            return stride * (tx % 16) + 8 * (tx // 16)
+
+    def make():
+        @T.prim_func(s_tir=True)
+        def desc(warp_handle: T.handle, shared_handle: T.handle) -> None:
+            shared = T.match_buffer(shared_handle, (MMA, MMA), dtype, align=64, offset_factor=MMA,
+                                    scope="shared.dyn")
+            warp = T.match_buffer(warp_handle, (WARP, local), dtype, align=64, offset_factor=MMA, scope="warp")
+            with T.sblock("root"):
+                T.reads(shared[0:MMA, 0:MMA])
+                T.writes(warp[0:WARP, 0:local])
+                for ax0, ax1 in T.grid(MMA, MMA):
+                    with T.sblock("shared_warp"):
+                        v0, v1 = T.axis.remap("SS", [ax0, ax1])
+                        T.reads(shared[v0, v1])
+                        thread_id, local_id = T.meta_var(layout(v0, v1))
+                        T.writes(warp[thread_id, local_id])
+                        warp[thread_id, local_id] = shared[v0, v1]
+
+        @T.prim_func(s_tir=True)
+        def impl(warp_handle: T.handle, shared_handle: T.handle) -> None:
+            s0 = T.int32()
+            s1 = T.int32()
+            shared = T.match_buffer(shared_handle, (MMA, MMA), dtype, align=64, offset_factor=MMA,
+                                    scope="shared.dyn", strides=[s0, s1])
+            warp = T.match_buffer(warp_handle, (WARP, local), dtype, align=64, offset_factor=MMA, scope="warp")
+            with T.sblock("root"):
+                T.reads(shared[0:MMA, 0:MMA])
+                T.writes(warp[0:WARP, 0:local])
+                for tx in T.thread_binding(0, WARP, "threadIdx.x"):
+                    T.evaluate(T.ptx_legacy.ldmatrix(ldmatrix_transposes, 4, ".b16", warp.data,
+                                                     warp.elem_offset + local * tx, shared.access_ptr("r"),
+                                                     offset(tx, s0), dtype=dtype))
+
+        return desc, impl
+
+    kind = "b_trans" if operand == "B" and transposed else operand.lower()
+    return _register(f"kiln_ldmatrix_{dtype}_{kind}_dyn", make)
+
+
+def _register_mma(dtype: str, trans_b: bool) -> str:
+    """Two mma.sync.aligned.m16n8k16.row.col.f32 (the two n8 halves of a 16 × 16 × 16 step), float32 sums."""
+    from tvm.s_tir.tensor_intrin.cuda import shared_16x16_to_ldmatrix_32x8_layout as layout
+    from tvm.script import tirx as T
+    from tvm.tirx import Cast
+
+    local, local_out = MMA * MMA // WARP, MMA * MMA // WARP
+    short = {"float16": "fp16", "bfloat16": "bf16"}[dtype]
+
+    def make():
+        @T.prim_func(s_tir=True)
+        def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+            A = T.match_buffer(a, (WARP, local), dtype, align=64, offset_factor=MMA, scope="warp")
+            B = T.match_buffer(b, (WARP, local), dtype, align=64, offset_factor=MMA, scope="warp")
+            C = T.match_buffer(c, (WARP, local_out), "float32", align=64, offset_factor=MMA, scope="warp")
+            with T.sblock("root"):
+                T.reads(C[0:WARP, 0:local_out], A[0:WARP, 0:local], B[0:WARP, 0:local])
+                T.writes(C[0:WARP, 0:local_out])
+                for i, j, k in T.grid(MMA, MMA, MMA):
+                    with T.sblock("C"):
+                        vi, vj, vk = T.axis.remap("SSR", [i, j, k])
+                        b_row, b_col = T.meta_var((vj, vk) if trans_b else (vk, vj))
+                        thread_c, local_c = T.meta_var(layout(vi, vj))
+                        thread_a, local_a = T.meta_var(layout(vi, vk))
+                        thread_b, local_b = T.meta_var(layout(b_row, b_col))
+                        T.reads(C[thread_c, local_c], A[thread_a, local_a], B[thread_b, local_b])
+                        T.writes(C[thread_c, local_c])
+                        C[thread_c, local_c] += Cast("float32", A[thread_a, local_a]) * Cast(
+                            "float32", B[thread_b, local_b])
+
+        @T.prim_func(s_tir=True)
+        def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+            A = T.match_buffer(a, (WARP, local), dtype, align=64, offset_factor=MMA, scope="warp")
+            B = T.match_buffer(b, (WARP, local), dtype, align=64, offset_factor=MMA, scope="warp")
+            C = T.match_buffer(c, (WARP, local_out), "float32", align=64, offset_factor=MMA, scope="warp")
+            with T.sblock("root"):
+                T.reads(C[0:WARP, 0:local_out], A[0:WARP, 0:local], B[0:WARP, 0:local])
+                T.writes(C[0:WARP, 0:local_out])
+                for tx in T.thread_binding(0, WARP, "threadIdx.x"):
+                    T.evaluate(T.ptx_legacy.mma("m16n8k16", "row", "col", short, short, "fp32",
+                                                A.data, A.elem_offset + tx * local, B.data,
+                                                B.elem_offset + tx * local, C.data,
+                                                C.elem_offset + tx * local_out, False, dtype="float32"))
+                    T.evaluate(T.ptx_legacy.mma("m16n8k16", "row", "col", short, short, "fp32",
+                                                A.data, A.elem_offset + tx * local, B.data,
+                                                B.elem_offset + tx * local + local // 2, C.data,
+                                                C.elem_offset + tx * local_out + local_out // 2, False,
+                                                dtype="float32"))
+
+        return desc, impl
+
+    return _register(f"kiln_mma_{dtype}_f32{'_trans_b' if trans_b else ''}", make)
+
+
+TEMPLATE = Template(
+    NAME, VERSION, "cuda",
+    applies=applies, workload=workload, space=space, default=default, schedule=schedule, priority=10,
+    doc=("tensor cores: mma.sync m16n8k16 on ldmatrix fragments, A and B tiles through padded shared memory by "
+         "cp.async in a stages-deep software pipeline, float32 sums, the epilogue from a shared float32 tile"),
+)
