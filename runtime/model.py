@@ -403,6 +403,8 @@ class Model:
         context held until the block ends and after one real run (on `feeds`, zeros by default), so every
         buffer holds what a run leaves there. For timing one kernel where the model runs it, between the
         kernels before and after it: the autotuner's in-model timing (autotune/context.py)."""
+        if self._cuda is not None:
+            raise ArtifactError("kernel_sequence times kernels on the CPU; CUDA artifacts run as one launch sequence")
         checked = self._check(tuple(feeds or [np.zeros(t.shape, t.dtype) for t in self.inputs]), {})
         ctx = self._acquire()
         try:

@@ -185,7 +185,8 @@ def test_executor_on_host_memory_matches_numpy(cpu_artifact, graphs):
 
 def test_device_input_is_bound_without_a_graph_and_copied_with_one(cpu_artifact):
     path, onnx_model = cpu_artifact
-    x = np.ascontiguousarray(np.random.default_rng(5).standard_normal((4, 64)).astype(np.float32))
+    x = runtime_model.aligned_empty((4, 64), "float32")  # 64-byte aligned: may be bound in place
+    x[:] = np.random.default_rng(5).standard_normal((4, 64))
     want = reference(onnx_model, x)
     for graphs in (False, True):
         m, api = _fake_model(path, graphs)
@@ -203,6 +204,13 @@ def test_device_input_is_bound_without_a_graph_and_copied_with_one(cpu_artifact)
             (again,) = m.run(x)  # a NumPy input later: the table points back at the planned buffer
             np.testing.assert_allclose(again, want, rtol=1e-5, atol=1e-5)
             assert ctx.table["data"][m._input_values[0]] == ctx.staging_at[0]
+            raw = np.empty(4 * 64 + 2, np.float32)
+            off = raw[1:] if raw[1:].ctypes.data % cuda.DEVICE_ALIGN else raw[2:]  # misaligned for a vector load
+            off = off[:256].reshape(4, 64)
+            off[:] = x
+            (again,) = m.run(HostTensor(off))  # a misaligned device input is copied, never bound
+            np.testing.assert_allclose(again, want, rtol=1e-5, atol=1e-5)
+            assert api.copies.count(D2D) == 1 and ctx.table["data"][m._input_values[0]] == ctx.staging_at[0]
 
 
 def test_device_inputs_are_checked_like_numpy_ones(cpu_artifact):
