@@ -173,9 +173,12 @@ def packed_imports_with_binary(executable, source: str, fatbin: bytes) -> bytes:
     out, replaced = [], 0
     for kind, payload in modules:
         if kind == "cuda":
-            fmt, fmap, code = split_cuda_module(payload, len(source.encode()))
-            if fmt != "cuda" or code != source.encode():
-                raise CodegenError(f"the CUDA module holds {fmt!r} code, not the source that was compiled")
+            # "cuda": the source (no CUDA runtime in this process). Where TVM's CUDA runtime is loaded, it has
+            # compiled the source already (NVRTC, for the local GPU); ours replaces that too.
+            fmt = _read_str(payload, 0)[0].decode()
+            fmt, fmap, code = split_cuda_module(payload, len(source.encode()) if fmt == "cuda" else None)
+            if fmt == "cuda" and code != source.encode():
+                raise CodegenError("the CUDA module holds other source than the source that was compiled")
             payload, replaced = cuda_module_bytes(DEVICE_FORMAT, fmap, fatbin), replaced + 1
         out.append((kind, payload))
     if replaced != 1:
