@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -142,6 +143,14 @@ class FakeCuda:
 
     def graph_destroy(self, graph: int) -> None:
         del self.graphs[graph]
+
+    def time_ms(self, stream: int, fn, repeat: int) -> list[float]:
+        out = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1e3)
+        return out
 
 
 class HostTensor:

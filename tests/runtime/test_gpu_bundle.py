@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+import types
 import zipfile
 from pathlib import Path
 
@@ -97,3 +98,25 @@ def test_weights_that_do_not_fit_are_rebuilt_without_tvm(tmp_path):
     rebuilt = results["checks"]["model.squeezenet"]["weights_rebuilt"]
     assert rc == 0 and rebuilt["ok"], rebuilt["output"]
     assert not (bundle / "models" / "squeezenet" / "squeezenet.weights").exists()  # a dry run writes elsewhere
+
+
+def test_model_check_runs_its_gpu_path_on_a_fake_device(bundle, tmp_path):
+    """gpu_check's model check as it runs on the GPU (not a dry run), with kiln.load handing out the CPU build of
+    the same model on host memory through the fake CUDA API: the script's own logic, comparisons and timing
+    bookkeeping run here; only the device is pretended."""
+    import kiln
+    from kiln.config import Options
+
+    from .test_cuda_runtime import _fake_model
+
+    gpu_check, gpu_bundle = _bench("gpu_check"), _bench("gpu_bundle")
+    cpu = kiln.compile(gpu_bundle.tiny_cnn(), tmp_path / "tiny_cpu.so", Options(target="x86-avx2")).path
+    run = gpu_check.Run(bundle, tmp_path / "out", dry_run=False)
+    run.manifest = json.loads((bundle / "manifest.json").read_text())
+    run.kiln_runtime = types.SimpleNamespace(load=lambda path, cuda_graphs=None: _fake_model(
+        cpu, graphs=cuda_graphs is not False)[0])
+    (entry,) = run.manifest["models"]
+    result = gpu_check.model_check(entry)(run)
+    assert result["ok"] and result["match"] and result["no_graph_match"], result
+    assert result["outputs"]["softmax0"]["max_abs_err"] < 1e-5
+    assert len(result["graph_launch"]["blocks_ms"]) == gpu_check.BLOCKS and 3 <= result["launches_per_block"]
