@@ -207,10 +207,9 @@ def schedule(sch, wl: Workload, cfg: Config) -> list[str]:
         c_out, c_in = sch.split(cols, factors=[None, MMA])
         sch.reorder(r_out, c_out, r_in, c_in)
         loads.append(r_in)
-    from tvm.s_tir.tensor_intrin.cuda import shared_16x16_to_ldmatrix_32x8_layout as ldmatrix_layout
-
-    def fragment_layout(r, c):
-        return (r // MMA, c // MMA, *ldmatrix_layout(r % MMA, c % MMA))
+    def fragment_layout(*index):  # (*batch, row, col): batch dims (unit in a block) kept in front
+        *batch, r, c = index
+        return (*batch, r // MMA, c // MMA, *ldmatrix_layout(r % MMA, c % MMA))
 
     sch.transform_layout(fragments[0], ("write", 0), fragment_layout)
     sch.transform_layout(fragments[1], ("write", 0), fragment_layout)
@@ -229,30 +228,36 @@ def schedule(sch, wl: Workload, cfg: Config) -> list[str]:
     # the inner one loads the next k-step's fragments while the mma of this one runs
     sch.annotate(k_step, "software_pipeline_stage", [0, 0, 1])
     sch.annotate(k_step, "software_pipeline_order", [0, 1, 2])
-    return [f"dense_tensorcore.cuda(block={bm}x{bn},warp={wm}x{wn},k={bk},stages={stages},"
-            f"vector={cfg['vector']},{wl['dtype']})"]
+    steps = (f"dense_tensorcore.cuda(block={bm}x{bn},warp={wm}x{wn},k={bk},stages={stages},"
+             f"vector={cfg['vector']},{wl['dtype']})")
+    return [steps]
 
 
 # --- tensor intrinsics ---------------------------------------------------------------------------------------
-# TVM 0.27 registers ldmatrix and mma.sync for float16 only; the bfloat16 ones below follow its float16
-# definitions (s_tir/tensor_intrin/cuda.py) with the dtype changed. cp.async is tensorized explicitly, so the
-# copies are asynchronous without the `tirx.use_async_copy` pass option.
+# Kiln's own, after TVM 0.27's float16 ones (s_tir/tensor_intrin/cuda.py) with the dtype a parameter (TVM has no
+# bfloat16 ldmatrix or mma.sync). Importing that module parses ~150 TVMScript functions for every target (minutes
+# on a loaded CI machine); these are the dozen this template uses, registered on first use. cp.async is
+# tensorized explicitly, so the copies are asynchronous without the `tirx.use_async_copy` pass option.
+
+def ldmatrix_layout(i, j):
+    """(thread, register) of element (i, j) of a 16 × 16 tile in an mma.sync m16n8k16 fragment."""
+    return 4 * (i % 8) + (j % 8) // 2, 4 * (j // 8) + (i // 8) * 2 + (j % 2)
+
+
+def _fragment_element(thread, local):
+    """The inverse of ldmatrix_layout for the accumulator tile: (row, column) of a thread's register."""
+    return 8 * (local % 4 // 2) + thread // 4, 8 * (local // 4) + (thread % 4) * 2 + (local % 2)
+
+
+SHORT = {"float16": "fp16", "bfloat16": "bf16"}
+LOCAL = MMA * MMA // WARP  # elements of a 16 × 16 tile per thread: 8
+
 
 def _intrinsics(dtype: str, b_layout: str, vector: int) -> dict[str, str]:
-    from tvm.s_tir.tensor_intrin import cuda as tc
-
     trans_b = b_layout == "nk"  # B stored [n, k]: mma's "col" operand as it is
-    names = {"copy": _register_copy(dtype, vector), "fill": tc.MMA_fill_16x16_f32_INTRIN,
-             "store": tc.MMA_store_16x16_f32_shared_dyn_INTRIN_SIMPLE}
-    if dtype == "float16":
-        names["load_a"] = tc.LDMATRIX_f16_A_DYN_INTRIN
-        names["load_b"] = tc.LDMATRIX_f16_B_TRANS_DYN_INTRIN if trans_b else tc.LDMATRIX_f16_B_DYN_INTRIN
-        names["mma"] = tc.MMA_f16f16f32_TRANS_B_INTRIN if trans_b else tc.MMA_f16f16f32_INTRIN
-    else:
-        names["load_a"] = _register_ldmatrix(dtype, "A", False)
-        names["load_b"] = _register_ldmatrix(dtype, "B", trans_b)
-        names["mma"] = _register_mma(dtype, trans_b)
-    return names
+    return {"copy": _register_copy(dtype, vector), "load_a": _register_ldmatrix(dtype, "A", False),
+            "load_b": _register_ldmatrix(dtype, "B", trans_b), "mma": _register_mma(dtype, trans_b),
+            "fill": _register_fill(), "store": _register_store()}
 
 
 def _register(name: str, make) -> str:
@@ -299,11 +304,9 @@ def _register_copy(dtype: str, lanes: int) -> str:
 
 def _register_ldmatrix(dtype: str, operand: str, transposed: bool) -> str:
     """ldmatrix.x4 of a 16 × 16 tile of 2-byte elements from shared.dyn into the mma fragment layout.
-    A is [m, k]; B is [n, k] (`transposed`) or [k, n]."""
-    from tvm.s_tir.tensor_intrin.cuda import shared_16x16_to_ldmatrix_32x8_layout as layout
+    A is [m, k]; B is [n, k] (`transposed`) or [k, n] (ldmatrix .trans)."""
     from tvm.script import tirx as T
 
-    local = MMA * MMA // WARP
     ldmatrix_transposes = operand == "B" and not transposed
     if operand == "B" and transposed:  # rows are n: matrices 0, 1 are rows 0-7 (k 0-7, 8-15), 2, 3 rows 8-15
         def offset(tx, stride):
@@ -317,15 +320,15 @@ def _register_ldmatrix(dtype: str, operand: str, transposed: bool) -> str:
         def desc(warp_handle: T.handle, shared_handle: T.handle) -> None:
             shared = T.match_buffer(shared_handle, (MMA, MMA), dtype, align=64, offset_factor=MMA,
                                     scope="shared.dyn")
-            warp = T.match_buffer(warp_handle, (WARP, local), dtype, align=64, offset_factor=MMA, scope="warp")
+            warp = T.match_buffer(warp_handle, (WARP, LOCAL), dtype, align=64, offset_factor=MMA, scope="warp")
             with T.sblock("root"):
                 T.reads(shared[0:MMA, 0:MMA])
-                T.writes(warp[0:WARP, 0:local])
+                T.writes(warp[0:WARP, 0:LOCAL])
                 for ax0, ax1 in T.grid(MMA, MMA):
                     with T.sblock("shared_warp"):
                         v0, v1 = T.axis.remap("SS", [ax0, ax1])
                         T.reads(shared[v0, v1])
-                        thread_id, local_id = T.meta_var(layout(v0, v1))
+                        thread_id, local_id = T.meta_var(ldmatrix_layout(v0, v1))
                         T.writes(warp[thread_id, local_id])
                         warp[thread_id, local_id] = shared[v0, v1]
 
@@ -335,13 +338,13 @@ def _register_ldmatrix(dtype: str, operand: str, transposed: bool) -> str:
             s1 = T.int32()
             shared = T.match_buffer(shared_handle, (MMA, MMA), dtype, align=64, offset_factor=MMA,
                                     scope="shared.dyn", strides=[s0, s1])
-            warp = T.match_buffer(warp_handle, (WARP, local), dtype, align=64, offset_factor=MMA, scope="warp")
+            warp = T.match_buffer(warp_handle, (WARP, LOCAL), dtype, align=64, offset_factor=MMA, scope="warp")
             with T.sblock("root"):
                 T.reads(shared[0:MMA, 0:MMA])
-                T.writes(warp[0:WARP, 0:local])
+                T.writes(warp[0:WARP, 0:LOCAL])
                 for tx in T.thread_binding(0, WARP, "threadIdx.x"):
                     T.evaluate(T.ptx_legacy.ldmatrix(ldmatrix_transposes, 4, ".b16", warp.data,
-                                                     warp.elem_offset + local * tx, shared.access_ptr("r"),
+                                                     warp.elem_offset + LOCAL * tx, shared.access_ptr("r"),
                                                      offset(tx, s0), dtype=dtype))
 
         return desc, impl
@@ -352,29 +355,27 @@ def _register_ldmatrix(dtype: str, operand: str, transposed: bool) -> str:
 
 def _register_mma(dtype: str, trans_b: bool) -> str:
     """Two mma.sync.aligned.m16n8k16.row.col.f32 (the two n8 halves of a 16 × 16 × 16 step), float32 sums."""
-    from tvm.s_tir.tensor_intrin.cuda import shared_16x16_to_ldmatrix_32x8_layout as layout
     from tvm.script import tirx as T
     from tvm.tirx import Cast
 
-    local, local_out = MMA * MMA // WARP, MMA * MMA // WARP
-    short = {"float16": "fp16", "bfloat16": "bf16"}[dtype]
+    short = SHORT[dtype]
 
     def make():
         @T.prim_func(s_tir=True)
         def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-            A = T.match_buffer(a, (WARP, local), dtype, align=64, offset_factor=MMA, scope="warp")
-            B = T.match_buffer(b, (WARP, local), dtype, align=64, offset_factor=MMA, scope="warp")
-            C = T.match_buffer(c, (WARP, local_out), "float32", align=64, offset_factor=MMA, scope="warp")
+            A = T.match_buffer(a, (WARP, LOCAL), dtype, align=64, offset_factor=MMA, scope="warp")
+            B = T.match_buffer(b, (WARP, LOCAL), dtype, align=64, offset_factor=MMA, scope="warp")
+            C = T.match_buffer(c, (WARP, LOCAL), "float32", align=64, offset_factor=MMA, scope="warp")
             with T.sblock("root"):
-                T.reads(C[0:WARP, 0:local_out], A[0:WARP, 0:local], B[0:WARP, 0:local])
-                T.writes(C[0:WARP, 0:local_out])
+                T.reads(C[0:WARP, 0:LOCAL], A[0:WARP, 0:LOCAL], B[0:WARP, 0:LOCAL])
+                T.writes(C[0:WARP, 0:LOCAL])
                 for i, j, k in T.grid(MMA, MMA, MMA):
                     with T.sblock("C"):
                         vi, vj, vk = T.axis.remap("SSR", [i, j, k])
                         b_row, b_col = T.meta_var((vj, vk) if trans_b else (vk, vj))
-                        thread_c, local_c = T.meta_var(layout(vi, vj))
-                        thread_a, local_a = T.meta_var(layout(vi, vk))
-                        thread_b, local_b = T.meta_var(layout(b_row, b_col))
+                        thread_c, local_c = T.meta_var(ldmatrix_layout(vi, vj))
+                        thread_a, local_a = T.meta_var(ldmatrix_layout(vi, vk))
+                        thread_b, local_b = T.meta_var(ldmatrix_layout(b_row, b_col))
                         T.reads(C[thread_c, local_c], A[thread_a, local_a], B[thread_b, local_b])
                         T.writes(C[thread_c, local_c])
                         C[thread_c, local_c] += Cast("float32", A[thread_a, local_a]) * Cast(
@@ -382,26 +383,103 @@ def _register_mma(dtype: str, trans_b: bool) -> str:
 
         @T.prim_func(s_tir=True)
         def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-            A = T.match_buffer(a, (WARP, local), dtype, align=64, offset_factor=MMA, scope="warp")
-            B = T.match_buffer(b, (WARP, local), dtype, align=64, offset_factor=MMA, scope="warp")
-            C = T.match_buffer(c, (WARP, local_out), "float32", align=64, offset_factor=MMA, scope="warp")
+            A = T.match_buffer(a, (WARP, LOCAL), dtype, align=64, offset_factor=MMA, scope="warp")
+            B = T.match_buffer(b, (WARP, LOCAL), dtype, align=64, offset_factor=MMA, scope="warp")
+            C = T.match_buffer(c, (WARP, LOCAL), "float32", align=64, offset_factor=MMA, scope="warp")
             with T.sblock("root"):
-                T.reads(C[0:WARP, 0:local_out], A[0:WARP, 0:local], B[0:WARP, 0:local])
-                T.writes(C[0:WARP, 0:local_out])
+                T.reads(C[0:WARP, 0:LOCAL], A[0:WARP, 0:LOCAL], B[0:WARP, 0:LOCAL])
+                T.writes(C[0:WARP, 0:LOCAL])
                 for tx in T.thread_binding(0, WARP, "threadIdx.x"):
                     T.evaluate(T.ptx_legacy.mma("m16n8k16", "row", "col", short, short, "fp32",
-                                                A.data, A.elem_offset + tx * local, B.data,
-                                                B.elem_offset + tx * local, C.data,
-                                                C.elem_offset + tx * local_out, False, dtype="float32"))
+                                                A.data, A.elem_offset + tx * LOCAL, B.data,
+                                                B.elem_offset + tx * LOCAL, C.data,
+                                                C.elem_offset + tx * LOCAL, False, dtype="float32"))
                     T.evaluate(T.ptx_legacy.mma("m16n8k16", "row", "col", short, short, "fp32",
-                                                A.data, A.elem_offset + tx * local, B.data,
-                                                B.elem_offset + tx * local + local // 2, C.data,
-                                                C.elem_offset + tx * local_out + local_out // 2, False,
+                                                A.data, A.elem_offset + tx * LOCAL, B.data,
+                                                B.elem_offset + tx * LOCAL + LOCAL // 2, C.data,
+                                                C.elem_offset + tx * LOCAL + LOCAL // 2, False,
                                                 dtype="float32"))
 
         return desc, impl
 
     return _register(f"kiln_mma_{dtype}_f32{'_trans_b' if trans_b else ''}", make)
+
+
+def _register_fill() -> str:
+    """Zero a 16 × 16 float32 accumulator tile."""
+    from tvm.script import tirx as T
+    from tvm.tirx import FloatImm
+
+    zero = FloatImm("float32", 0.0)
+
+    def make():
+        @T.prim_func(s_tir=True)
+        def desc(a: T.handle) -> None:
+            C = T.match_buffer(a, [WARP, LOCAL], dtype="float32", scope="warp")
+            with T.sblock("root"):
+                T.reads()
+                T.writes(C[0:WARP, 0:LOCAL])
+                for i0, i1 in T.grid(MMA, MMA):
+                    with T.sblock("C_warp"):
+                        i, j = T.axis.remap("SS", [i0, i1])
+                        thread_id, local_id = T.meta_var(ldmatrix_layout(i, j))
+                        T.reads()
+                        T.writes(C[thread_id, local_id])
+                        C[thread_id, local_id] = zero
+
+        @T.prim_func(s_tir=True)
+        def impl(a: T.handle) -> None:
+            C = T.match_buffer(a, [WARP, LOCAL], dtype="float32", scope="warp", offset_factor=1)
+            with T.sblock("root"):
+                T.reads()
+                T.writes(C[0:WARP, 0:LOCAL])
+                for tx in T.thread_binding(0, WARP, "threadIdx.x"):
+                    T.evaluate(T.cuda.mma_fill_legacy(LOCAL, C.data, C.elem_offset, dtype="float32"))
+
+        return desc, impl
+
+    return _register("kiln_mma_fill_f32", make)
+
+
+def _register_store() -> str:
+    """A 16 × 16 float32 accumulator tile to shared.dyn, one element per register (plain stores: the padded
+    output tile needs no swizzle to match)."""
+    from tvm.script import tirx as T
+
+    def make():
+        @T.prim_func(s_tir=True)
+        def desc(a: T.handle, c: T.handle) -> None:
+            C_warp = T.match_buffer(a, [WARP, LOCAL], dtype="float32", scope="warp")
+            C = T.match_buffer(c, [MMA, MMA], dtype="float32", scope="shared.dyn")
+            with T.sblock("root"):
+                T.reads(C_warp[0:WARP, 0:LOCAL])
+                T.writes(C[0:MMA, 0:MMA])
+                for i0, i1 in T.grid(MMA, MMA):
+                    with T.sblock("C_warp"):
+                        v0, v1 = T.axis.remap("SS", [i0, i1])
+                        thread_id, local_id = T.meta_var(ldmatrix_layout(v0, v1))
+                        T.reads(C_warp[thread_id, local_id])
+                        T.writes(C[v0, v1])
+                        C[v0, v1] = C_warp[thread_id, local_id]
+
+        @T.prim_func(s_tir=True)
+        def impl(a: T.handle, c: T.handle) -> None:
+            s0 = T.int32()
+            s1 = T.int32()
+            C_warp = T.match_buffer(a, [WARP, LOCAL], dtype="float32", scope="warp", offset_factor=1)
+            C = T.match_buffer(c, [MMA, MMA], dtype="float32", scope="shared.dyn", offset_factor=1,
+                               strides=[s0, s1])
+            with T.sblock("root"):
+                T.reads(C_warp[0:WARP, 0:LOCAL])
+                T.writes(C[0:MMA, 0:MMA])
+                for tx in T.thread_binding(0, WARP, "threadIdx.x"):
+                    for local_id in T.serial(LOCAL):
+                        row, col = T.meta_var(_fragment_element(tx, local_id))
+                        C[row, col] = C_warp[tx, local_id]
+
+        return desc, impl
+
+    return _register("kiln_mma_store_f32_shared_dyn", make)
 
 
 TEMPLATE = Template(
