@@ -39,6 +39,7 @@ PAD = 8  # elements (16 bytes) of padding after each shared row: keeps cp.async'
 SHARED_BYTES = 163 * 1024  # dynamic shared memory a block may opt into on sm_80 (227 KiB on sm_90)
 MMA = 16  # the m, n (two n8 halves) and k of one tensorized step
 OUT_VECTOR = 4  # float32 elements per thread per epilogue step: one 16-byte shared read
+OUT_PAD = 4  # float32 elements of padding after each row of the output tile (keeps 16-byte rows)
 
 
 def workload(group: Group, info=None) -> Workload:
@@ -60,7 +61,7 @@ def shared_bytes(wl: Workload, cfg: Config) -> int:
     bm, bn, bk = cfg["block_m"], cfg["block_n"], cfg["chunk_k"]
     b_tile = bn * (bk + PAD) if wl["b_layout"] == "nk" else bk * (bn + PAD)
     stages = cfg["stages"] * (bm * (bk + PAD) + b_tile) * 2
-    return max(stages, bm * bn * 4)
+    return max(stages, bm * (bn + OUT_PAD) * 4)
 
 
 def check(wl: Workload, cfg: Config) -> None:
@@ -218,7 +219,10 @@ def schedule(sch, wl: Workload, cfg: Config) -> list[str]:
     sch.tensorize(loads[1], intrin["load_b"])
     sch.tensorize(sch.get_loops(step)[-3], intrin["mma"])
     sch.tensorize(sch.get_loops(sch.get_child_blocks(init)[0])[-2], intrin["fill"])
-    sch.tensorize(sch.get_loops(acc)[-2], intrin["store"])
+    store = sch.blockize(sch.get_loops(acc)[-2])
+    sch.tensorize(store, intrin["store"])
+    # rows of the float32 tile OUT_PAD apart: the 8 rows one store instruction writes hit 8 bank groups
+    sch.storage_align(store, 0, axis=-2, factor=32, offset=OUT_PAD)
 
     # the outer pipeline's five statements: copy A, copy B, and the inner pipeline's prologue, body, epilogue
     stages = cfg["stages"]
