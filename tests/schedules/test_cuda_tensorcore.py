@@ -167,6 +167,21 @@ def test_default_config_compiles_to_tensor_core_ptx(target_name, arch, dtype, tm
     assert regs <= 255 and spill_stores == spill_loads == 0
 
 
+def test_bfloat16_kernel_is_the_float16_kernel_with_its_types_renamed():
+    """TVM 0.27 defines ldmatrix and mma.sync for float16 only; the template's bfloat16 intrinsics must give the
+    very same kernel with nv_bfloat16 for half and .bf16 for .f16, index for index."""
+    import tvm
+
+    target = resolve_target(SM80)
+    kernels = {}
+    for dtype in ("float16", "bfloat16"):
+        g = lower(_dense(256, 256, 256, dtype, epilogue=False), target)
+        source = device_source(tvm.compile(tvm.IRModule({"main": g.prim_func}), target=target))
+        kernels[dtype] = source[source.index('extern "C" __global__'):]
+    assert "nv_bfloat16" in kernels["bfloat16"] and "bf16.bf16.f32" in kernels["bfloat16"]
+    assert kernels["bfloat16"].replace("nv_bfloat16", "half").replace("bf16", "f16") == kernels["float16"]
+
+
 def test_matmul_reads_b_through_transposing_ldmatrix(tmp_path):
     """matmul's B is [k, n]: ldmatrix .trans gives mma its column-major operand; 8-byte copies use cp.async.ca;
     the batch goes to blockIdx.y."""
