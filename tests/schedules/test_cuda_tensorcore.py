@@ -239,3 +239,28 @@ def test_dense_tiled_space_is_unchanged_for_float16_it_still_takes():
     template, wl = task_of(fn, resolve_target(SM80))
     assert template is dense_tiled.TEMPLATE
     assert dense_tiled.default(wl) in dense_tiled.space(wl)
+
+
+def test_gpu_gemm_bench_builds_a_bundle_the_gpu_side_can_read(tmp_path):
+    """bench/gpu_gemm.py --build: a library and PTX per point and a manifest; the GPU side's compile callback
+    answers the library's CUDA source with that PTX (no compiler there)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("gpu_gemm", Path(__file__).parents[2] / "bench" / "gpu_gemm.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    manifest = bench.build(tmp_path, SM90, bench.POINTS[:1])
+    (point,) = manifest["points"]
+    assert point["config"] == dense_tensorcore.default(task_of(_dense(4096, 4096, 4096, "float16", False),
+                                                               resolve_target(SM90))[1])
+    assert point["ptxas"]["registers"] <= 255 and point["ptxas"]["spill_store_bytes"] == 0
+    assert bench.check_bundle(tmp_path) == {"ok": True, "points": [point["name"]], "missing": [],
+                                            "ptx_lacking": {}}
+    ptx = (tmp_path / point["ptx"]).read_text()
+    assert re.search(r"^\.target sm_90\b", ptx, re.MULTILINE)
+    bench._PTX.update({name: ptx for name in ptx_kernels(ptx)})
+    source = f'extern "C" __global__ void __launch_bounds__(128) {point["function"]}_kernel(half* x) {{}}'
+    assert bench._compile_callback(source, None) == ptx.encode()
+    with pytest.raises(RuntimeError, match="no bundled PTX"):
+        bench._compile_callback('extern "C" __global__ void other_kernel(half* x) {}', None)
