@@ -128,6 +128,7 @@ def _runtime_libs() -> Path | None:
 # --- there: load, check, time ---------------------------------------------------------------------------------
 
 _PTX: dict[str, str] = {}  # kernel name → the PTX holding it, for every library loaded so far
+_previous_callback = None  # the callback registered before ours (Kiln's, under gpu_check): restored after run()
 
 
 def _kernel_names(text: str, pattern: str) -> list[str]:
@@ -138,6 +139,8 @@ def _compile_callback(code: str, target) -> bytes:
     """TVM's CUDA runtime compiling a module's CUDA source: the PTX built beside it instead."""
     names = _kernel_names(code, r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(')
     ptx = {_PTX.get(n) for n in names}
+    if ptx == {None} and _previous_callback is not None:
+        return _previous_callback(code, target)  # not one of ours
     if not names or None in ptx or len(ptx) != 1:
         raise RuntimeError(f"no bundled PTX holds the kernels {names}")
     return ptx.pop().encode()
@@ -168,8 +171,18 @@ def load_runtime(bundle: Path, manifest: dict):
     else:
         raise FileNotFoundError(f"TVM's runtime libraries {RUNTIME_LIBS} are in neither {bundle}/tvm_lib, "
                                 "KILN_TVM_RUNTIME_DIR nor an installed apache-tvm")
+    global _previous_callback
+    previous = tvm_ffi.get_global_func("tvm_callback_cuda_compile", allow_missing=True)
+    if previous is not None and _previous_callback is None:
+        _previous_callback = previous
     tvm_ffi.register_global_func("tvm_callback_cuda_compile", _compile_callback, override=True)
     return tvm_ffi
+
+
+def restore_callback(tvm_ffi) -> None:
+    """Give the compile callback back to whoever held it before load_runtime (Kiln's loader, under gpu_check)."""
+    if _previous_callback is not None:
+        tvm_ffi.register_global_func("tvm_callback_cuda_compile", _previous_callback, override=True)
 
 
 def _time_ms(torch, fn) -> dict:
@@ -198,6 +211,13 @@ def run(bundle_dir, out_dir=None, log=print) -> dict:
     bundle = Path(bundle_dir)
     manifest = json.loads((bundle / "gemm.json").read_text())
     tvm_ffi = load_runtime(bundle, manifest)
+    try:
+        return _run(torch, tvm_ffi, bundle, manifest, out_dir, log)
+    finally:
+        restore_callback(tvm_ffi)
+
+
+def _run(torch, tvm_ffi, bundle: Path, manifest: dict, out_dir, log) -> dict:
     torch.manual_seed(0)
     results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                      "cublas": {}, "points": {}}
