@@ -13,13 +13,20 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-
 from kiln.ir import Call, Constant, Expr, Function, IRModule, TensorType, Tuple, Var
 from kiln.ir.op import OpDef, OpPattern
 from kiln.ir.ops.conv import CONV1D, CONV1D_TRANSPOSE, CONV2D, CONV2D_TRANSPOSE, CONV3D, CONV3D_TRANSPOSE
 from kiln.ir.ops.dense import DENSE, EINSUM, MATMUL
 from kiln.ir.ops.elementwise import CAST, DEQUANTIZE, OPS, QUANTIZE
-from kiln.ir.ops.norm import GROUP_NORM, INSTANCE_NORM, LAYER_NORM, LP_NORMALIZE, LRN, MEAN_VARIANCE_NORM, RMS_NORM
+from kiln.ir.ops.norm import (
+    GROUP_NORM,
+    INSTANCE_NORM,
+    LAYER_NORM,
+    LP_NORMALIZE,
+    LRN,
+    MEAN_VARIANCE_NORM,
+    RMS_NORM,
+)
 from kiln.ir.ops.pool import AVG_POOL, GLOBAL_AVG_POOL, GLOBAL_LP_POOL, GLOBAL_MAX_POOL, LP_POOL, MAX_POOL
 from kiln.ir.ops.reduce import REDUCE_OPS
 from kiln.ir.ops.softmax import LOG_SOFTMAX, SOFTMAX
