@@ -264,3 +264,34 @@ def test_gpu_gemm_bench_builds_a_bundle_the_gpu_side_can_read(tmp_path):
     assert bench._compile_callback(source, None) == ptx.encode()
     with pytest.raises(RuntimeError, match="no bundled PTX"):
         bench._compile_callback('extern "C" __global__ void other_kernel(half* x) {}', None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("b_layout", ["nk", "kn"])
+def test_kiln_intrinsics_give_the_kernel_tvms_float16_intrinsics_give(b_layout, monkeypatch):
+    """The template registers its own ldmatrix / mma.sync / fill / store intrinsics (importing TVM's parses
+    minutes of TVMScript); with TVM's registered float16 ones in their place the CUDA source is the same."""
+    import tvm
+
+    target = resolve_target(SM80)
+    fn = _dense(256, 256, 256, "float16") if b_layout == "nk" else _matmul((256, 256), (256, 256), "float16")
+
+    def source():
+        g = lower(fn, target)
+        return device_source(tvm.compile(tvm.IRModule({"main": g.prim_func}), target=target))
+
+    ours = source()
+    from tvm.s_tir.tensor_intrin import cuda as tvm_intrin
+
+    kiln_intrinsics = dense_tensorcore._intrinsics
+
+    def tvms(dtype, layout, vector):
+        nk = layout == "nk"
+        return {**kiln_intrinsics(dtype, layout, vector), "load_a": tvm_intrin.LDMATRIX_f16_A_DYN_INTRIN,
+                "load_b": tvm_intrin.LDMATRIX_f16_B_TRANS_DYN_INTRIN if nk else tvm_intrin.LDMATRIX_f16_B_DYN_INTRIN,
+                "mma": tvm_intrin.MMA_f16f16f32_TRANS_B_INTRIN if nk else tvm_intrin.MMA_f16f16f32_INTRIN,
+                "fill": tvm_intrin.MMA_fill_16x16_f32_INTRIN,
+                "store": tvm_intrin.MMA_store_16x16_f32_shared_dyn_INTRIN_SIMPLE}
+
+    monkeypatch.setattr(dense_tensorcore, "_intrinsics", tvms)
+    assert source() == ours
