@@ -88,6 +88,18 @@ def test_float16_and_bfloat16_gemms_take_the_template(name):
     assert find(Group(TAKEN[name]), "cuda") is dense_tensorcore.TEMPLATE
 
 
+def test_every_taken_gemm_compiles_to_one_tensor_core_kernel():
+    """Batched, broadcast-B and 3-D-x GEMMs and fused epilogues too: one kernel each, no fallback."""
+    target = resolve_target(SM80)
+    funcs = {name: lower(fn, target) for name, fn in TAKEN.items()}
+    assert {g.template for g in funcs.values()} == {dense_tensorcore.TEMPLATE.key}
+    ptx = _compile(funcs, target)
+    for name in funcs:
+        body = ptx[ptx.index(f".entry {name}_kernel("):]
+        body = body[:body.index("\n}")]
+        assert "mma.sync.aligned.m16n8k16" in body and "cp.async" in body and "ldmatrix" in body, name
+
+
 @pytest.mark.parametrize("name", NOT_TAKEN)
 def test_other_gemms_keep_their_templates(name):
     """float32 kernels stay on dense_tiled (unchanged), and so do half-precision shapes no tile divides."""
