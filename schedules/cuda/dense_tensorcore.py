@@ -298,7 +298,9 @@ def _register_copy(dtype: str, lanes: int) -> str:
             with T.sblock("root"):
                 T.reads(G[0:lanes])
                 T.writes(S[0:lanes])
-                T.evaluate(T.s_tir.cp_async_raw.legacy(S.data, S.elem_offset, G.data, G.elem_offset, nbytes,
+                # access_ptr("w"): ThreadSync must see the write to shared memory, or the barrier before the
+                # next chunk's copies into a stage other warps still read (a write-after-read race) goes
+                T.evaluate(T.s_tir.cp_async_raw.legacy(S.access_ptr("w"), 0, G.access_ptr("r"), 0, nbytes,
                                                        dtype=dtype))
 
         return desc, impl

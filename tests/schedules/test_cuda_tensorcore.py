@@ -194,6 +194,54 @@ def test_bfloat16_kernel_is_the_float16_kernel_with_its_types_renamed():
     assert kernels["bfloat16"].replace("nv_bfloat16", "half").replace("bf16", "f16") == kernels["float16"]
 
 
+def _events(text: str) -> list[str]:
+    """ldmatrix reads, cp.async copies and barriers of CUDA source, in text order."""
+    found = [(m.start(), "read") for m in re.finditer(r"ldmatrix\.sync", text)]
+    found += [(m.start(), "copy") for m in re.finditer(r"ptx_cp_async\w*\(\(", text)]
+    found += [(m.start(), "sync") for m in re.finditer(r"__syncthreads\(\)", text)]
+    return [kind for _, kind in sorted(found)]
+
+
+def _block(text: str, start: int) -> str:
+    """The text from `start` (just after an opening brace) to its closing brace."""
+    depth, at = 1, start
+    while depth:
+        depth += {"{": 1, "}": -1}.get(text[at], 0)
+        at += 1
+    return text[start:at]
+
+
+def _copy_after_read(kinds: list[str], cyclic: bool) -> bool:
+    """Some copy has a read before it (cyclically: also from the end of a loop body) with no barrier between."""
+    last = None
+    for kind in kinds + kinds if cyclic else kinds:
+        if kind == "copy" and last == "read":
+            return True
+        if kind != "copy":
+            last = kind
+    return False
+
+
+@pytest.mark.parametrize("stages", [2, 3, 4])
+def test_a_barrier_separates_fragment_reads_from_the_next_copies_into_shared(stages):
+    """cp.async into the pipeline stage warps read with ldmatrix an iteration before: every copy issued after an
+    ldmatrix, in the kernel and around the k loop, has a __syncthreads between them (a write-after-read race
+    otherwise)."""
+    import tvm
+
+    target = resolve_target(SM80)
+    fn = _dense(512, 256, 256, "float16")
+    _, wl = task_of(fn, target)
+    g = lower(fn, target, {wl.key: {**dense_tensorcore.default(wl), "stages": stages}})
+    source = device_source(tvm.compile(tvm.IRModule({"main": g.prim_func}), target=target))
+    kernel = source[source.index('extern "C" __global__'):]
+    bodies = (_block(kernel, m.end()) for m in re.finditer(r"for \(int \w+[^{]*\{", kernel))
+    loop = _events(next(b for b in bodies if "ptx_cp_async" in b and "ldmatrix" in b))  # the k loop
+    assert loop.count("copy") >= 2 and "read" in loop, loop
+    assert not _copy_after_read(loop, cyclic=True), f"stages={stages}: k loop {loop}"
+    assert not _copy_after_read(_events(kernel), cyclic=False), f"stages={stages}"
+
+
 def test_matmul_reads_b_through_transposing_ldmatrix(tmp_path):
     """matmul's B is [k, n]: ldmatrix .trans gives mma its column-major operand; 8-byte copies use cp.async.ca;
     the batch goes to blockIdx.y."""
