@@ -9,8 +9,10 @@ the eight 16-byte rows one `ldmatrix` phase reads fall in eight different bank g
 accumulators go through shared memory (float32) to the epilogue (round to the output dtype, bias, activation),
 which every thread of the block writes out with vector stores.
 
-Shapes: m, n and k must be multiples of a block tile and a k-chunk of the space (64 × 64 × 32 at the smallest);
-other shapes are not claimed (`applies` is false) and cuda.dense_tiled schedules them, unpadded.
+Shapes: m × n must be a multiple of a block tile of the space (64 × 128 or 128 × 64 at the smallest) and k of a
+32-deep chunk at least twice (k ≥ 64); other shapes are not claimed (`applies` is false, nothing is padded) and
+cuda.dense_tiled schedules them. The target's arch is not checked (TargetInfo does not carry it): mma.sync
+m16n8k16 on bfloat16 and cp.async need sm_80 or later, as the cuda-sm80 and cuda-sm90 presets are.
 """
 
 from __future__ import annotations
