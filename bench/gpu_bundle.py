@@ -9,6 +9,11 @@ inputs and ONNX Runtime's outputs, and manifest.json (every file with its size a
 weights would push the bundle past the budget is built with external weights, left behind and made again there
 from the seeded zoo code (`python -m kiln.rebuild_weights`, no TVM needed; manifest `"weights": "rebuild"`). The GPU machine has no TVM and no network, and one run carries at most 64 MiB: there,
 `python3 bench/gpu_check.py --bundle gpu_bundle --out $OUT` (carry: ["gpu_bundle"]).
+
+It also carries one round of batch tuning (`--tune resnet50:256`: autotune/batch.py, the candidates built for
+the target with their inputs' seeds and sampled references); bench/gpu_tune.py measures it there and leaves
+$OUT/tune/<model>/results.jsonl, which `kiln tune zoo:<model> --target cuda-sm90 --batch-import DIR` turns into
+records once copied into the batch folder here.
 """
 
 from __future__ import annotations
@@ -159,7 +164,38 @@ def git_commit() -> str:
     return done.stdout.strip()
 
 
-def build(out: Path, target: str, models: list[str], wheel_cache: Path | None, budget: int) -> dict:
+def build_tune_batch(model: str, size: int, dest: Path, target: str, room: int) -> dict:
+    """One round of batch tuning (autotune/batch.py) for the model's tasks on `target`: candidates built
+    here, measured there by the batch's own runtime-only worker (bench/gpu_tune.py); its log starts empty, or
+    from tuning_logs/<arch>/<model>.jsonl when earlier rounds came home. Shrunk until it fits in `room`."""
+    from kiln.autotune.batch import export_batch
+    from kiln.autotune.tune import TuneOptions
+    from kiln.config import Options
+    from kiln.driver import model_tasks
+
+    from kiln import zoo
+
+    tasks = model_tasks(zoo.resolve(f"zoo:{model}"), Options(target=target))
+    arch = str(tasks[0].target.attrs.get("arch", "gpu"))
+    log = ROOT / "tuning_logs" / arch / f"{model}.jsonl"
+    while True:
+        start = time.perf_counter()
+        manifest = export_batch(tasks, log, dest, TuneOptions(tuner="xgb"), size=size)
+        if folder_bytes(dest) <= room or size <= 16:
+            break
+        shutil.rmtree(dest)
+        size //= 2
+    if folder_bytes(dest) > room:
+        raise RuntimeError(f"a tuning batch of {size} candidates is {folder_bytes(dest) / 2**20:.1f} MiB, "
+                           f"{room / 2**20:.1f} MiB left")
+    print(f"  tune batch {model}: {len(manifest['candidates'])} candidates of {len(manifest['tasks'])} tasks, "
+          f"{folder_bytes(dest) / 2**20:.1f} MiB, built in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return {"model": model, "folder": str(dest.relative_to(dest.parent.parent)), "log": str(log.relative_to(ROOT)),
+            "candidates": len(manifest["candidates"]), "tasks": len(manifest["tasks"]), "batch": manifest["batch"]}
+
+
+def build(out: Path, target: str, models: list[str], wheel_cache: Path | None, budget: int,
+          tune_batches: tuple[str, ...] = ()) -> dict:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -191,10 +227,20 @@ def build(out: Path, target: str, models: list[str], wheel_cache: Path | None, b
         entries.append(entry)
         print(f"  {name}: {folder_bytes(dest) / 2**20:.1f} MiB, {entry['kernels']} kernels, "
               f"compiled in {entry['compile_s']} s", file=sys.stderr)
+    tune = []
+    for spec in tune_batches:
+        model, _, size = spec.partition(":")
+        try:
+            tune.append(build_tune_batch(model, int(size or 256), out / "tune" / model, target,
+                                         budget - folder_bytes(out)))
+        except Exception as err:  # noqa: BLE001  (the models stay in the bundle without it)
+            skipped.append({"name": f"tune:{model}", "why": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"})
+            print(f"  tune batch {model}: not built: {skipped[-1]['why']}", file=sys.stderr)
+            shutil.rmtree(out / "tune" / model, ignore_errors=True)
     manifest = {"format": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "kiln_commit": git_commit(), "target": target, "tvm_lib": "tvm_lib", "src": "src",
                 "ffi_wheel": f"wheels/{wheel.name}" if wheel is not None else None,
-                "models": entries, "skipped": skipped, "files": manifest_files(out)}
+                "models": entries, "tune": tune, "skipped": skipped, "files": manifest_files(out)}
     manifest["total_bytes"] = sum(f["bytes"] for f in manifest["files"].values())
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
@@ -208,9 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wheel-cache", type=Path, default=WHEEL_CACHE)
     ap.add_argument("--no-wheel", action="store_true", help="leave the tvm_ffi wheel out (tests)")
     ap.add_argument("--budget-mib", type=float, default=BUDGET_BYTES / 2**20)
+    ap.add_argument("--tune", nargs="*", default=["resnet50:256"], help="MODEL:N tuning batches (bench/gpu_tune.py "
+                    "measures them there; `kiln tune --batch-import` brings the results home)")
     args = ap.parse_args(argv)
     manifest = build(args.out, args.target, args.models, None if args.no_wheel else args.wheel_cache,
-                     int(args.budget_mib * 2**20))
+                     int(args.budget_mib * 2**20), tuple(args.tune))
     print(f"{args.out}: {manifest['total_bytes'] / 2**20:.1f} MiB, models "
           f"{[m['name'] for m in manifest['models']]}, left out {[s['name'] for s in manifest['skipped']]}, "
           f"ffi wheel {'yes' if manifest['ffi_wheel'] else 'MISSING'}")

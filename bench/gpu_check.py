@@ -42,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 TIME_LIMIT_S = 330  # the whole script, under 6 minutes; anchors and plug-ins are skipped once it runs out
 RTOL, ATOL = 1e-3, 1e-4
 REPEAT, BLOCKS = 50, 5  # timings: the median of BLOCKS blocks' medians of REPEAT launches
-PLUGINS = ("gpu_gemm", "gpu_fp16")  # bench/<name>.py, each with CHECKS = [(name, fn)], when present
+PLUGINS = ("gpu_gemm", "gpu_fp16", "gpu_tune")  # bench/<name>.py, each with CHECKS = [(name, fn)], when present
 
 
 class Run:

@@ -26,11 +26,11 @@ def _bench(name: str):
     return mod
 
 
-def _build(out: Path, models: list[str], budget: int, wheel_dir: Path) -> dict:
+def _build(out: Path, models: list[str], budget: int, wheel_dir: Path, tune: tuple[str, ...] = ()) -> dict:
     wheel = wheel_dir / "apache_tvm_ffi-0.1.14.post1-cp312-cp312-manylinux_2_28_x86_64.whl"
     with zipfile.ZipFile(wheel, "w") as z:  # a stand-in: the test never downloads
         z.writestr("tvm_ffi/__init__.py", "")
-    manifest = _bench("gpu_bundle").build(out, "cuda-sm90", models, wheel_dir, budget)
+    manifest = _bench("gpu_bundle").build(out, "cuda-sm90", models, wheel_dir, budget, tune)
     assert [m["name"] for m in manifest["models"]] == models, manifest["skipped"]
     return manifest
 
@@ -44,8 +44,20 @@ def _dry_run(bundle: Path, out: Path) -> tuple[int, dict]:
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundle") / "gpu_bundle"
-    _build(out, ["tiny_cnn"], 60 << 20, tmp_path_factory.mktemp("wheels"))
+    _build(out, ["tiny_cnn"], 60 << 20, tmp_path_factory.mktemp("wheels"), ("squeezenet:6",))
     return out
+
+
+def test_bundle_carries_a_tuning_batch_its_worker_can_measure_there(bundle, tmp_path):
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    (tune,) = manifest["tune"]
+    assert tune["model"] == "squeezenet" and tune["candidates"] == 6 and tune["log"].startswith("tuning_logs/sm_90/")
+    folder = bundle / tune["folder"]
+    batch = json.loads((folder / "manifest.json").read_text())
+    assert batch["device"] == "cuda" and batch["arch"] == "sm_90" and len(batch["candidates"]) == 6
+    assert f"{tune['folder']}/device_worker.py" in manifest["files"]
+    rc, results = _dry_run(bundle, tmp_path / "out")
+    assert results["checks"]["tune_batches"]["ok"] is True
 
 
 def test_bundle_holds_what_a_runtime_only_machine_needs(bundle):
