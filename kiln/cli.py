@@ -479,7 +479,8 @@ def tune(
     out.print(_tune_summary(result))
     if result.kept:
         out.print(f"whole model: default {result.default_ms:.3f} ms, tuned {result.tuned_ms:.3f} ms "
-                  f"({result.default_ms / result.tuned_ms:.2f}x); kept {result.kept}"
+                  f"({result.default_ms / result.tuned_ms:.2f}x, faster in {result.rounds_won[0]} of "
+                  f"{result.rounds_won[1]} rounds); kept {result.kept}"
                   + (f" → {output}" if output else ""), soft_wrap=True)
     for p in result.curves:
         out.print(f"curve: {p}", soft_wrap=True)

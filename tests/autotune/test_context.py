@@ -96,3 +96,16 @@ def test_tune_model_times_in_the_model_and_keeps_the_faster_artifact(tmp_path):
     assert read_records([log], result.tune.states[0].task.target)
     assert result.kept in ("tuned", "default")
     assert (tmp_path / "best.so").stat().st_size > 0
+
+
+def test_the_tuned_model_is_kept_only_when_it_wins_most_paired_rounds():
+    from kiln.tuning import keep_tuned
+
+    default = np.repeat([10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0], 3)
+    # faster in 3 of 7 rounds, yet a lower median over all samples (13 of 21 below): noise, not a gain
+    lucky = np.array([9.0, 9.0, 9.0] * 3 + [9.0, 10.5, 10.5] * 4)
+    assert float(np.median(lucky)) < float(np.median(default)) and keep_tuned(default, lucky, 7) == ("default", 3)
+    steady = np.repeat([9.5, 9.4, 9.6, 9.5, 10.2, 9.3, 9.5], 3)  # faster in 6 of 7
+    assert keep_tuned(default, steady, 7) == ("tuned", 6)
+    slower = np.repeat([10.5] * 7, 3)
+    assert keep_tuned(default, slower, 7) == ("default", 0)
