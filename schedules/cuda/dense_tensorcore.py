@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-from kiln.ir.ops.dense import DENSE, MATMUL
+from kiln.ir.ops.dense import DENSE, DENSE_PACKED, MATMUL
 from kiln.schedules.space import Config, Space
 from kiln.schedules.template import Template
 from kiln.schedules.workload import Group, Workload
@@ -48,8 +48,15 @@ def workload(group: Group, info=None) -> Workload:
     gemm = group.anchor
     shape = tuple(int(d) for d in gemm.type.shape)
     x = gemm.args[0].type
+    packed = {"block": gemm.attrs.block} if gemm.op is DENSE_PACKED else {}
     return Workload.of(f"{NAME}@{VERSION}", group, batch=math.prod(shape[:-2]), m=shape[-2], n=shape[-1],
-                       k=int(x.shape[-1]), dtype=str(x.dtype), b_layout="nk" if gemm.op is DENSE else "kn")
+                       k=int(x.shape[-1]), dtype=str(x.dtype), b_layout=_b_layout(gemm), **packed)
+
+
+def _b_layout(gemm) -> str:
+    """How B is stored: "nk" (dense's w), "kn" (matmul's b), or "packed" (dense_packed's [n / block, k, block]:
+    each 16 columns a [k, 16] tile, read as "kn")."""
+    return {DENSE: "nk", MATMUL: "kn"}.get(gemm.op, "packed")
 
 
 def warps(cfg: Config) -> int:
@@ -61,7 +68,9 @@ def shared_bytes(wl: Workload, cfg: Config) -> int:
     the output tile reuses the stages' memory once the reduction is done (TVM merges dynamic shared buffers
     whose lifetimes do not overlap)."""
     bm, bn, bk = cfg["block_m"], cfg["block_n"], cfg["chunk_k"]
-    b_tile = bn * (bk + PAD) if wl["b_layout"] == "nk" else bk * (bn + PAD)
+    b_tile = {"nk": bn * (bk + PAD), "kn": bk * (bn + PAD)}.get(wl["b_layout"], 0)
+    if wl["b_layout"] == "packed":  # [bn / block, bk, block + PAD]
+        b_tile = bn // wl["block"] * bk * (wl["block"] + PAD)
     stages = cfg["stages"] * (bm * (bk + PAD) + b_tile) * 2
     return max(stages, bm * (bn + OUT_PAD) * 4)
 
@@ -72,6 +81,8 @@ def check(wl: Workload, cfg: Config) -> None:
         raise InvalidConfig(f"{NAME}: block tile {bm}x{bn} does not divide the {wl['m']}x{wl['n']} output")
     if wl["k"] % bk or wl["k"] // bk < cfg["stages"]:
         raise InvalidConfig(f"{NAME}: chunk_k={bk} must divide k={wl['k']} at least stages={cfg['stages']} times")
+    if wl["b_layout"] == "packed" and (wl["block"] % MMA or bn % wl["block"]):
+        raise InvalidConfig(f"{NAME}: packed block {wl['block']} must be a multiple of {MMA} dividing {bn}")
     if bm % wm or bn % wn or not 1 <= warps(cfg) <= MAX_WARPS:
         raise InvalidConfig(f"{NAME}: warp tile {wm}x{wn} must divide {bm}x{bn} into 1..{MAX_WARPS} warps")
     threads = warps(cfg) * WARP
@@ -124,7 +135,7 @@ def default(wl: Workload, info=None) -> Config:
 def applies(group: Group) -> bool:
     """A float16 or bfloat16 dense or matmul with a 2-D or batched output, summed in float32, with no producer
     fused before it and elementwise/broadcast ops after, whose m, n and k some tile of the space divides."""
-    if not epilogue_group(group, (DENSE, MATMUL)) or group.calls[0] is not group.anchor:
+    if not epilogue_group(group, (DENSE, DENSE_PACKED, MATMUL)) or group.calls[0] is not group.anchor:
         return False
     gemm = group.anchor
     x, w = (a.type for a in gemm.args[:2])
@@ -172,12 +183,14 @@ def schedule(sch, wl: Workload, cfg: Config) -> list[str]:
     for operand in (0, 1):  # global → shared, cp.async, vector elements per thread
         copy = sch.cache_read(tile, operand, "shared.dyn")
         sch.compute_at(copy, k_chunk)
-        rows, cols = sch.get_loops(copy)[-2:]
+        loops = sch.get_loops(copy)
+        at = next(i for i, loop in enumerate(loops) if sch.get(loop).same_as(sch.get(k_chunk)))
+        *rows, cols = loops[at + 1:]  # two loops, or three for packed B: [n / block, k, block]
         cols, lanes = sch.split(cols, factors=[None, cfg["vector"]])
         vector = sch.blockize(lanes)
         sch.tensorize(vector, intrin["copy"])
         sch.storage_align(vector, 0, axis=-2, factor=32, offset=PAD)
-        _, t_y, t_x = sch.split(sch.fuse(rows, cols), factors=[None, n_warps, WARP])
+        _, t_y, t_x = sch.split(sch.fuse(*rows, cols), factors=[None, n_warps, WARP])
         sch.bind(t_y, "threadIdx.y")
         sch.bind(t_x, "threadIdx.x")
 
@@ -260,7 +273,7 @@ LOCAL = MMA * MMA // WARP  # elements of a 16 × 16 tile per thread: 8
 
 
 def _intrinsics(dtype: str, b_layout: str, vector: int) -> dict[str, str]:
-    trans_b = b_layout == "nk"  # B stored [n, k]: mma's "col" operand as it is
+    trans_b = b_layout == "nk"  # B stored [n, k]: mma's "col" operand as it is; kn and packed: ldmatrix .trans
     return {"copy": _register_copy(dtype, vector), "load_a": _register_ldmatrix(dtype, "A", False),
             "load_b": _register_ldmatrix(dtype, "B", trans_b), "mma": _register_mma(dtype, trans_b),
             "fill": _register_fill(), "store": _register_store()}

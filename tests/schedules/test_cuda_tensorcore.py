@@ -14,7 +14,7 @@ import pytest
 from kiln.codegen.cuda import compile_ptx, device_source, ptx_kernels
 from kiln.codegen.target import resolve_target
 from kiln.ir import Call
-from kiln.ir.ops.dense import DENSE, MATMUL, DenseAttrs
+from kiln.ir.ops.dense import DENSE, DENSE_PACKED, MATMUL, DenseAttrs, PackedDenseAttrs
 from kiln.ir.ops.elementwise import ADD, RELU
 from kiln.schedules.cuda import dense_tensorcore, dense_tiled
 from kiln.schedules.dispatch import task_of
@@ -74,12 +74,17 @@ TAKEN = {
     "matmul_f16_batched": _matmul((4, 128, 256), (4, 256, 192), "float16"),
     "matmul_bf16_broadcast_b": _matmul((2, 64, 128), (128, 256), "bfloat16"),
     "dense_f16_3d_x": op_group(DENSE, [((2, 128, 64), "float16"), ((128, 64), "float16")], DenseAttrs()),
+    # what alter_layout makes of a transformer's dense layers: w packed [n / 16, k, 16], read as [k, 16] tiles
+    "dense_packed_f16": op_group(DENSE_PACKED, [((1, 128, 256), "float16"), ((16, 256, 16), "float16")],
+                                 PackedDenseAttrs(16)),
 }
 NOT_TAKEN = {  # (group, the template that takes it)
     "dense_f32": (_dense(256, 512, 384, "float32"), "cuda.dense_tiled"),
     "dense_f16_m_not_a_tile": (_dense(100, 512, 384, "float16"), "cuda.dense_tiled"),
     "dense_f16_k_not_a_chunk": (_dense(128, 80, 128, "float16"), "cuda.dense_tiled"),
     "matmul_f16_vector": (_matmul((256,), (256, 128), "float16"), "cuda.generic"),
+    "dense_packed_f16_block_8": (op_group(DENSE_PACKED, [((128, 256), "float16"), ((32, 256, 8), "float16")],
+                                          PackedDenseAttrs(8)), "cuda.dense_tiled"),  # 8 columns: no 16 x 16 tile
 }
 
 
@@ -110,7 +115,8 @@ def test_other_gemms_keep_their_templates(name):
 def test_space_holds_exactly_the_configs_check_accepts():
     """The branches encode check(): every knob combination that passes it is in the space, no other; the
     shared memory of each fits the sm_80 limit."""
-    for fn in (_dense(256, 128, 512, "float16"), _matmul((4, 128, 256), (4, 256, 192), "bfloat16")):
+    for fn in (_dense(256, 128, 512, "float16"), _matmul((4, 128, 256), (4, 256, 192), "bfloat16"),
+               TAKEN["dense_packed_f16"]):
         _, wl = task_of(fn, resolve_target(SM80))
         space = dense_tensorcore.space(wl)
         accepted = []
@@ -263,7 +269,9 @@ def test_random_configs_compile_to_ptx(seed):
     target = resolve_target(SM80)
     rng = random.Random(seed)
     funcs, drawn = {}, {}
-    for i, fn in enumerate((_dense(256, 256, 512, "float16"), _matmul((2, 256, 128), (2, 128, 256), "bfloat16"))):
+    groups = (_dense(256, 256, 512, "float16"), _matmul((2, 256, 128), (2, 128, 256), "bfloat16"),
+              TAKEN["dense_packed_f16"])
+    for i, fn in enumerate(groups):
         _, wl = task_of(fn, target)
         cfg = drawn[f"g{i}"] = dense_tensorcore.space(wl).sample(rng)
         g = lower(fn, target, {wl.key: cfg})
