@@ -12,7 +12,9 @@ TVM's runtime libraries into `tvm_lib/` and the apache-tvm-ffi wheel, if cached 
 gets the file built here. Each point is checked against torch.matmul (relative Frobenius error, and against a
 float32 product) and timed with CUDA events against cuBLAS on the same inputs; TFLOP/s = 2·m·n·k / time.
 
-bench/gpu_check.py runs it as a plug-in (`CHECKS`, bundle folder `<bundle>/gemm`); `run(bundle_dir, out_dir)`
+bench/gpu_check.py runs it as a plug-in (`CHECKS`) on `<bundle>/gemm`, built with
+`python bench/gpu_gemm.py --build gpu_bundle/gemm --kernels-only` (gpu_check has loaded TVM's runtime and tvm_ffi
+from the bundle by then); `run(bundle_dir, out_dir)`
 is the same bench for any caller. Nothing here imports Kiln on the GPU machine: only tvm_ffi, torch and the
 bundled TVM runtime libraries.
 """
@@ -51,8 +53,9 @@ WARMUP, REPEAT, BLOCKS = 5, 20, 5  # the median of BLOCKS blocks' per-launch tim
 
 # --- here: build ---------------------------------------------------------------------------------------------
 
-def build(out: Path, target_name: str, points=POINTS) -> dict:
-    """Every point's library and PTX into `out`, and gemm.json listing them."""
+def build(out: Path, target_name: str, points=POINTS, runtime: bool = True) -> dict:
+    """Every point's library and PTX into `out`, and gemm.json listing them; with `runtime`, TVM's runtime
+    libraries and the tvm_ffi wheel too (without: inside a gpu_bundle, whose own copies gpu_check loads)."""
     import tvm
     from kiln.codegen.cuda import compile_ptx, device_source
     from kiln.codegen.lower import lower_group
@@ -86,12 +89,12 @@ def build(out: Path, target_name: str, points=POINTS) -> dict:
                         "schedule": lowered.schedule, "ptxas": ptxas_usage(out / f"{name}.ptx", target_name),
                         "build_s": round(time.monotonic() - started, 1)})
         print(f"{name}: {lowered.schedule} {entries[-1]['ptxas']} in {entries[-1]['build_s']} s", flush=True)
-    libs = _runtime_libs()
+    libs = _runtime_libs() if runtime else None
     if libs is not None:
         (out / "tvm_lib").mkdir(exist_ok=True)
         for lib in RUNTIME_LIBS:
             shutil.copy2(libs / lib, out / "tvm_lib" / lib)
-    wheels = sorted(WHEEL_CACHE.glob("apache_tvm_ffi-*cp312*.whl")) if WHEEL_CACHE.is_dir() else []
+    wheels = sorted(WHEEL_CACHE.glob("apache_tvm_ffi-*cp312*.whl")) if runtime and WHEEL_CACHE.is_dir() else []
     if wheels:
         (out / "wheels").mkdir(exist_ok=True)
         shutil.copy2(wheels[-1], out / "wheels" / wheels[-1].name)
@@ -310,13 +313,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--build", type=Path, help="build the kernels into this folder (here, with TVM and nvcc)")
     ap.add_argument("--target", default="cuda-sm90", help="cuda-sm90 (H100/H200) or cuda-sm80")
     ap.add_argument("--only", nargs="*", help="build only these points (names from POINTS)")
+    ap.add_argument("--kernels-only", action="store_true",
+                    help="leave out TVM's runtime and the tvm_ffi wheel (building into gpu_bundle/gemm: 8 MB less)")
     ap.add_argument("--bundle", type=Path, help="run the bench on the kernels in this folder (on the GPU)")
     ap.add_argument("--out", type=Path, default=None, help="where gemm.json goes (default $OUT)")
     ap.add_argument("--dry-run", action="store_true", help="check the bundle's files without a GPU")
     args = ap.parse_args(argv)
     if args.build:
         points = [p for p in POINTS if not args.only or p[0] in args.only]
-        build(args.build, args.target, points)
+        build(args.build, args.target, points, runtime=not args.kernels_only)
         print(json.dumps(check_bundle(args.build)))
         return 0
     if args.bundle is None:
