@@ -31,13 +31,16 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 BUDGET_BYTES = 60 << 20
+EMBED_BYTES = 6 << 20  # weights up to this travel inside the artifact (SqueezeNet's 5 MB: one model that way)
 FFI_WHEEL = "apache-tvm-ffi==0.1.14.post1"  # the tvm_ffi this repository's apache-tvm 0.27 runs with
 WHEEL_CACHE = Path.home() / ".cache" / "kiln" / "gpu_bundle"
 RUNTIME_LIBS = ("libtvm_runtime.so", "libtvm_runtime_extra.so", "libtvm_runtime_cuda.so")
 LEFT_OUT_PACKAGES = {"kiln.tests"}
 # In priority order. ResNet-18's fp32 weights alone are 47 MB, ResNet-50's 102 MB: they travel as code.
-DEFAULT_MODELS = ["tiny_cnn", "squeezenet", "mobilenet_v2", "resnet18", "resnet50"]
+DEFAULT_MODELS = ["tiny_cnn", "squeezenet", "mobilenet_v2", "resnet18", "resnet50", "bert_layer",
+                  "mobilenet_v2@fp16", "resnet50@fp16", "bert_layer@fp16"]
 TORCHVISION = {"mobilenet_v2": "mobilenet_v2", "resnet18": "resnet18", "resnet50": "resnet50"}
+COSINE = 0.999  # a half-precision build against ONNX Runtime's float32 outputs, per output (issue 15)
 
 
 def tiny_cnn():
@@ -123,9 +126,16 @@ def copy_runtime_libs(dest: Path) -> None:
         shutil.copy2(lib / name, dest / name)
 
 
-def build_model(name: str, dest: Path, target: str, external: bool) -> dict:
-    """Compile `name` for `target` into dest/, with its inputs and ONNX Runtime's outputs; `external`: its
-    weights file is left out, to be rebuilt there."""
+def split_spec(spec: str) -> tuple[str, str]:
+    """"resnet50@fp16" → ("resnet50", "fp16"); a plain name is fp32."""
+    name, _, precision = spec.partition("@")
+    return name, precision or "fp32"
+
+
+def build_model(spec: str, dest: Path, target: str, external: bool) -> dict:
+    """Compile `spec` (a model, `@fp16`/`@bf16` for half precision) for `target` into dest/, with its inputs and
+    ONNX Runtime's (float32) outputs; `external`: its weights file is left out, to be rebuilt there."""
+    name, precision = split_spec(spec)
     import onnxruntime as ort
 
     import kiln
@@ -135,7 +145,7 @@ def build_model(name: str, dest: Path, target: str, external: bool) -> dict:
     model = onnx_model(name)
     dest.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    report = kiln.compile(model, dest / f"{name}.so", Options(target=target),
+    report = kiln.compile(model, dest / f"{name}.so", Options(target=target, precision=precision),
                           weights="external" if external else "embedded")
     compile_s = time.perf_counter() - t0
     if external:
@@ -146,8 +156,10 @@ def build_model(name: str, dest: Path, target: str, external: bool) -> dict:
     outs = sess.run(names, feeds)
     np.savez(dest / "inputs.npz", **feeds)
     np.savez(dest / "reference.npz", **dict(zip(names, outs)))
-    return {"name": name, "artifact": f"models/{name}/{report.path.name}", "inputs": f"models/{name}/inputs.npz",
-            "reference": f"models/{name}/reference.npz", "input_names": list(feeds), "output_names": names,
+    folder = dest.name
+    return {"name": folder, "model": name, "precision": precision,
+            "artifact": f"models/{folder}/{report.path.name}", "inputs": f"models/{folder}/inputs.npz",
+            "reference": f"models/{folder}/reference.npz", "input_names": list(feeds), "output_names": names,
             "torchvision": TORCHVISION.get(name), "kernels": report.kernels, "compile_s": round(compile_s, 1),
             "weights": "rebuild" if external else "embedded", "zoo": f"zoo:{name}" if name != "tiny_cnn" else None,
             "weights_mib": round(weights_bytes(model) / 2**20, 1)}
@@ -195,7 +207,7 @@ def build_tune_batch(model: str, size: int, dest: Path, target: str, room: int) 
 
 
 def build(out: Path, target: str, models: list[str], wheel_cache: Path | None, budget: int,
-          tune_batches: tuple[str, ...] = ()) -> dict:
+          tune_batches: tuple[str, ...] = (), with_gemm: bool = False) -> dict:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -207,9 +219,13 @@ def build(out: Path, target: str, models: list[str], wheel_cache: Path | None, b
         shutil.copy2(wheel, out / "wheels" / wheel.name)
     entries, skipped = [], []
     for name in models:
-        dest = out / "models" / name
-        # weights that would not fit stay behind when the zoo can make them again there (seeded code)
-        external = name != "tiny_cnn" and folder_bytes(out) + weights_bytes(onnx_model(name)) + (2 << 20) > budget
+        dest = out / "models" / name.replace("@", "_")
+        model_name, precision = split_spec(name)
+        half = 2 if precision in ("fp16", "bf16") else 1
+        # weights over EMBED_BYTES, or that would not fit, stay behind: the zoo makes them again there (seeded
+        # code, seconds), which leaves the carry for what cannot be remade (a round of tuning candidates)
+        w = weights_bytes(onnx_model(model_name)) // half
+        external = model_name != "tiny_cnn" and (w > EMBED_BYTES or folder_bytes(out) + w + (2 << 20) > budget)
         try:
             entry = build_model(name, dest, target, external)
         except Exception as err:  # noqa: BLE001  (one model that fails to build leaves the others in the bundle)
@@ -227,6 +243,17 @@ def build(out: Path, target: str, models: list[str], wheel_cache: Path | None, b
         entries.append(entry)
         print(f"  {name}: {folder_bytes(dest) / 2**20:.1f} MiB, {entry['kernels']} kernels, "
               f"compiled in {entry['compile_s']} s", file=sys.stderr)
+    gemm = None
+    if with_gemm:  # the tensor-core GEMM bench's kernels (bench/gpu_gemm.py), timed there against cuBLAS
+        try:
+            sys.path.insert(0, str(ROOT / "bench"))
+            import gpu_gemm
+
+            gemm = gpu_gemm.build(out / "gemm", target, runtime=False)
+            print(f"  gemm: {folder_bytes(out / 'gemm') / 2**20:.1f} MiB", file=sys.stderr)
+        except Exception as err:  # noqa: BLE001  (the models stay in the bundle without it)
+            skipped.append({"name": "gemm", "why": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"})
+            shutil.rmtree(out / "gemm", ignore_errors=True)
     tune = []
     for spec in tune_batches:
         model, _, size = spec.partition(":")
@@ -240,7 +267,8 @@ def build(out: Path, target: str, models: list[str], wheel_cache: Path | None, b
     manifest = {"format": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "kiln_commit": git_commit(), "target": target, "tvm_lib": "tvm_lib", "src": "src",
                 "ffi_wheel": f"wheels/{wheel.name}" if wheel is not None else None,
-                "models": entries, "tune": tune, "skipped": skipped, "files": manifest_files(out)}
+                "models": entries, "gemm": "gemm" if gemm is not None else None, "tune": tune, "skipped": skipped,
+                "files": manifest_files(out)}
     manifest["total_bytes"] = sum(f["bytes"] for f in manifest["files"].values())
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
@@ -254,11 +282,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wheel-cache", type=Path, default=WHEEL_CACHE)
     ap.add_argument("--no-wheel", action="store_true", help="leave the tvm_ffi wheel out (tests)")
     ap.add_argument("--budget-mib", type=float, default=BUDGET_BYTES / 2**20)
+    ap.add_argument("--no-gemm", action="store_true", help="leave out the tensor-core GEMM bench's kernels")
     ap.add_argument("--tune", nargs="*", default=["resnet50:256"], help="MODEL:N tuning batches (bench/gpu_tune.py "
                     "measures them there; `kiln tune --batch-import` brings the results home)")
     args = ap.parse_args(argv)
     manifest = build(args.out, args.target, args.models, None if args.no_wheel else args.wheel_cache,
-                     int(args.budget_mib * 2**20), tuple(args.tune))
+                     int(args.budget_mib * 2**20), tuple(args.tune), with_gemm=not args.no_gemm)
     print(f"{args.out}: {manifest['total_bytes'] / 2**20:.1f} MiB, models "
           f"{[m['name'] for m in manifest['models']]}, left out {[s['name'] for s in manifest['skipped']]}, "
           f"ffi wheel {'yes' if manifest['ffi_wheel'] else 'MISSING'}")
