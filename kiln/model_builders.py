@@ -171,6 +171,20 @@ def efficientnet_lite0(batch: int = 1, size: int = 224, seed: int = 0) -> onnx.M
     return g.model([_image_input(batch, size)], [(g.classifier(x, 1280), TensorProto.FLOAT, [batch, 1000])])
 
 
+def small_cnn(seed: int = 0, name: str = "small_cnn") -> onnx.ModelProto:
+    """Two 3x3 convs with relu and 2x2 max pools, then a classifier, on a 3x16x16 image: kilobytes of weights,
+    for tests and for a first check that an executor runs at all."""
+    g = GraphBuilder(name, seed)
+    x = "data"
+    for cin, cout in ((3, 8), (8, 16)):
+        x = g.op("Relu", [g.op("Conv", [x, g.weight((cout, cin, 3, 3), cin * 9, "conv.w")], kernel_shape=[3, 3],
+                               pads=[1] * 4)])
+        x = g.op("MaxPool", [x], kernel_shape=[2, 2], strides=[2, 2])
+    y = g.op("Softmax", [g.classifier(x, 16, 10)], axis=1)
+    return g.model([helper.make_tensor_value_info("data", TensorProto.FLOAT, [1, 3, 16, 16])],
+                   [(y, TensorProto.FLOAT, [1, 10])])
+
+
 def resnet18(batch: int = 1, size: int = 224, seed: int = 0) -> onnx.ModelProto:
     g = GraphBuilder("resnet18", seed)
     x = g.conv_bn("input", 3, 64, 7, 2)

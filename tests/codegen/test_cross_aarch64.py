@@ -162,7 +162,7 @@ def test_missing_cross_compiler_is_a_clear_error(tmp_path, monkeypatch):
 @needs_qemu
 @pytest.mark.parametrize("builder,kwargs", [
     (model_builders.mobilenet_v2, {"size": 32}),
-    (model_builders.resnet18, {"size": 32}),
+    pytest.param(model_builders.resnet18, {"size": 32}, marks=pytest.mark.slow),
     (model_builders.bert_layer, {"seq": 16, "hidden": 64, "heads": 4, "ffn": 128}),
 ], ids=["mobilenet_v2", "resnet18", "bert_layer"])
 def test_built_models_under_qemu_match_onnxruntime(builder, kwargs, tmp_path):

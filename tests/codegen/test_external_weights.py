@@ -43,7 +43,7 @@ def squeezenet_sm90(tmp_path_factory):
     return compiled(tmp_path_factory, "squeezenet_sm90", zoo.zoo_model("squeezenet"), "cuda-sm90")
 
 
-@pytest.mark.parametrize("which", ["squeezenet_cpu", "resnet18_cpu"])
+@pytest.mark.parametrize("which", ["squeezenet_cpu", pytest.param("resnet18_cpu", marks=pytest.mark.slow)])
 def test_rebuilt_weights_equal_the_compiled_ones(which, request):
     model, path = request.getfixturevalue(which)
     written = path.with_suffix(".weights").read_bytes()

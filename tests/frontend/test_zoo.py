@@ -12,7 +12,8 @@ from kiln.ir.visitor import calls
 from ..tolerances import assert_close
 
 
-@pytest.mark.parametrize("name", zoo.WHEEL_MODELS)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("vgg19", "zfnet512") else n
+                                  for n in zoo.WHEEL_MODELS])  # the two largest (548 and 350 MB of weights): -m slow
 def test_zoo_model_matches_onnxruntime(name):
     model = zoo.zoo_model(name, random_weights=True, seed=0)
     feeds = zoo.feeds(model, seed=0)

@@ -19,20 +19,13 @@ from onnx import TensorProto, helper
 
 import kiln
 from kiln.errors import ArtifactError, InputError
+from kiln import model_builders
 from kiln.model_builders import GraphBuilder
 from kiln.runtime.artifact import SEAL, validate_metadata
 
 
 def small_cnn(seed: int):
-    g = GraphBuilder("small_cnn", seed)
-    x = "data"
-    for cin, cout in ((3, 8), (8, 16)):
-        x = g.op("Relu", [g.op("Conv", [x, g.weight((cout, cin, 3, 3), cin * 9, "conv.w")], kernel_shape=[3, 3],
-                               pads=[1] * 4)])
-        x = g.op("MaxPool", [x], kernel_shape=[2, 2], strides=[2, 2])
-    y = g.op("Softmax", [g.classifier(x, 16, 10)], axis=1)
-    return g.model([helper.make_tensor_value_info("data", TensorProto.FLOAT, [1, 3, 16, 16])],
-                   [(y, TensorProto.FLOAT, [1, 10])])
+    return model_builders.small_cnn(seed)
 
 
 @pytest.fixture(scope="module")

@@ -263,6 +263,7 @@ def test_matmul_reads_b_through_transposing_ldmatrix(tmp_path):
     assert "%ctaid.y" in ptx
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", range(2))
 def test_random_configs_compile_to_ptx(seed):
     """Configs drawn from the space (not only the default) build, for each dtype and B layout."""

@@ -51,7 +51,7 @@ def _draws(task, n: int, seed: int):
     return [space.at(i) for i in sorted(picks)]
 
 
-@pytest.fixture(scope="module", params=["x86-avx512", "x86-avx2"])
+@pytest.fixture(scope="module", params=[pytest.param("x86-avx512", marks=pytest.mark.slow), "x86-avx2"])  # avx512: -m slow
 def small_tasks(request):
     from kiln.codegen.target import resolve_target
 
