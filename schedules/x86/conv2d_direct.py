@@ -42,10 +42,16 @@ def _tiles(n: int, upto: int) -> list[int]:
     return [d for d in divisors(n, upto) if d > 1]
 
 
+def _width_tiles(n: int, lanes: int) -> list[int]:
+    """Vectorized width tiles: one vector or less, or whole vectors. A width between (28 of 16 lanes) is a
+    vector type LLVM legalizes badly: on a 136-channel 28×28 grouped 1x1 conv, 9.0 ms against 0.59 ms at 14."""
+    return [d for d in _tiles(n, 2 * lanes) if d <= lanes or d % lanes == 0]
+
+
 def space(wl: Workload, info=None) -> Space:
     """The direct tiles, and the generic schedule (the only choice when no tile fits, or nothing is summed)."""
     generic_ = Space.of(direct=False)
-    tile_oc, tile_ow = _tiles(wl["out_channels"], 16), _tiles(wl["out_w"], 2 * wl["lanes"])
+    tile_oc, tile_ow = _tiles(wl["out_channels"], 16), _width_tiles(wl["out_w"], wl["lanes"])
     if not tile_oc or not tile_ow or wl["reduction"] == 1:
         return generic_
     return Space.union(Space.of(direct=True, tile_oc=tile_oc, tile_ow=tile_ow), generic_)

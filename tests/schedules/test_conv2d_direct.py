@@ -113,3 +113,15 @@ def test_claims_convs_with_producers_and_elementwise_epilogues():
     assert conv2d_direct.applies(Group(group(ps, Call(RELU, (conv,)))))  # the transpose inlined into the input
     blocked = Call(LAYOUT_TRANSFORM, (conv,), LayoutTransformAttrs(0, 4))
     assert not conv2d_direct.applies(Group(group(ps, blocked)))  # a 5-D output: not the conv's loops
+
+
+@pytest.mark.parametrize("target_name, lanes", [("x86-avx512", 16), ("x86-avx2", 8)])
+def test_width_tiles_are_one_vector_or_whole_vectors(target_name, lanes):
+    """A width tile between one vector and two (28 of 16 lanes) is a vector type LLVM handles badly (15x slower
+    on a grouped 1x1 conv): the space holds none."""
+    for ow in (7, 14, 28, 56, 24, 32):
+        wl, info = _workload(target_name, 3, 24, ow)
+        widths = {c["tile_ow"] for c in conv2d_direct.space(wl, info) if c.get("direct")}
+        assert widths and all(w <= lanes or w % lanes == 0 for w in widths), (ow, widths)
+    wl, info = _workload(target_name, 3, 24, 32)  # whole vectors stay: 2 of 16 lanes, 2 and 4 of 8
+    assert 2 * lanes in {c["tile_ow"] for c in conv2d_direct.space(wl, info) if c.get("direct")}
