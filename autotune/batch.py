@@ -213,13 +213,15 @@ def _write_data(folder: Path, task: Task, cfg: dict, seed: int, k: int) -> tuple
     fn = task.group_for(cfg)
     rng = np.random.default_rng(seed)
     arrays, specs = [], []
+    drawn = None  # the task's own random inputs, made once, for the inputs no seed can stand for
     for i, p in enumerate(fn.params):
         shape, dtype = [int(d) for d in p.type.shape], str(p.type.dtype)
         if dtype in ("float32", "float16", "float64", "bfloat16"):
             arrays.append(_as_dtype(device_worker.synth(shape, dtype, seed * 1000 + i), dtype))
             specs.append({"name": f"in{i}", "dtype": dtype, "shape": shape, "synth": seed * 1000 + i})
         else:
-            arrays.append(task.inputs(cfg, seed)[i])
+            drawn = task.inputs(cfg, seed) if drawn is None else drawn
+            arrays.append(drawn[i])
             specs.append({"name": f"in{i}", "dtype": dtype, "shape": shape})
     if task.template.valid_inputs is not None:
         fixed = task.template.valid_inputs(fn, dict(enumerate(arrays)), rng)

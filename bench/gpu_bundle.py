@@ -34,7 +34,6 @@ BUDGET_BYTES = 60 << 20
 EMBED_BYTES = 6 << 20  # weights up to this travel inside the artifact (SqueezeNet's 5 MB: one model that way)
 FFI_WHEEL = "apache-tvm-ffi==0.1.14.post1"  # the tvm_ffi this repository's apache-tvm 0.27 runs with
 WHEEL_CACHE = Path.home() / ".cache" / "kiln" / "gpu_bundle"
-RUNTIME_LIBS = ("libtvm_runtime.so", "libtvm_runtime_extra.so", "libtvm_runtime_cuda.so")
 LEFT_OUT_PACKAGES = {"kiln.tests"}
 # In priority order. ResNet-18's fp32 weights alone are 47 MB, ResNet-50's 102 MB: they travel as code.
 DEFAULT_MODELS = ["tiny_cnn", "squeezenet", "mobilenet_v2", "resnet18", "resnet50", "bert_layer",
@@ -105,7 +104,7 @@ def weights_bytes(model) -> int:
 
 
 def copy_runtime_libs(dest: Path) -> None:
-    from kiln.runtime.cuda import runtime_dir
+    from kiln.runtime.cuda import RUNTIME_LIBS, runtime_dir
 
     lib = runtime_dir()
     if lib is None:
