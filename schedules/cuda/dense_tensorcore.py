@@ -287,31 +287,33 @@ def _register(name: str, make) -> str:
     return name
 
 
-def _register_copy(dtype: str, lanes: int) -> str:
-    """`lanes` elements global → shared.dyn by one cp.async (16 bytes: .cg, bypassing L1; 8 bytes: .ca)."""
+def _register_copy(dtype: str, lanes: int, unit_dims: int = 0) -> str:
+    """`lanes` elements global → shared.dyn by one cp.async (16 bytes: .cg, bypassing L1; 8 bytes: .ca).
+    `unit_dims`: the source is read as [lanes, 1, ...] (a 1 × 1 conv's weights [oc, ic, 1, 1], conv2d_tensorcore)."""
     from tvm.script import tirx as T
 
     nbytes = lanes * 2
+    shape = (lanes,) + (1,) * unit_dims
 
     def make():
         @T.prim_func(s_tir=True)
         def desc(g: T.handle, s: T.handle) -> None:
-            G = T.match_buffer(g, (lanes,), dtype, offset_factor=1)
+            G = T.match_buffer(g, shape, dtype, offset_factor=1)
             S = T.match_buffer(s, (lanes,), dtype, offset_factor=1, scope="shared.dyn")
             with T.sblock("root"):
-                T.reads(G[0:lanes])
+                T.reads(G[0:lanes] if unit_dims == 0 else G[0:lanes, 0:1, 0:1])
                 T.writes(S[0:lanes])
                 for i in T.serial(lanes):
                     with T.sblock("copy"):
                         vi = T.axis.remap("S", [i])
-                        S[vi] = G[vi]
+                        S[vi] = G[vi] if unit_dims == 0 else G[vi, 0, 0]
 
         @T.prim_func(s_tir=True)
         def impl(g: T.handle, s: T.handle) -> None:
-            G = T.match_buffer(g, (lanes,), dtype, offset_factor=1)
+            G = T.match_buffer(g, shape, dtype, offset_factor=1)
             S = T.match_buffer(s, (lanes,), dtype, offset_factor=1, scope="shared.dyn")
             with T.sblock("root"):
-                T.reads(G[0:lanes])
+                T.reads(G[0:lanes] if unit_dims == 0 else G[0:lanes, 0:1, 0:1])
                 T.writes(S[0:lanes])
                 # access_ptr("w"): ThreadSync must see the write to shared memory, or the barrier before the
                 # next chunk's copies into a stage other warps still read (a write-after-read race) goes
@@ -320,7 +322,7 @@ def _register_copy(dtype: str, lanes: int) -> str:
 
         return desc, impl
 
-    return _register(f"kiln_cp_async_{dtype}_x{lanes}", make)
+    return _register(f"kiln_cp_async_{dtype}_x{lanes}" + (f"_unit{unit_dims}" if unit_dims else ""), make)
 
 
 def _register_ldmatrix(dtype: str, operand: str, transposed: bool) -> str:
