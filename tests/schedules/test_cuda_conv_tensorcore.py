@@ -8,6 +8,7 @@ m padded to the block tile), built for the CPU and checked against NumPy."""
 import random
 import re
 import shutil
+import subprocess
 from collections import Counter
 
 import numpy as np
@@ -159,12 +160,13 @@ def _entry(ptx: str, name: str) -> str:
 
 @needs_nvcc
 @pytest.mark.parametrize("target_name, arch", [(SM80, "sm_80"), (SM90, "sm_90")])
-def test_resnet_convs_compile_to_tensor_core_ptx(target_name, arch):
+def test_resnet_convs_compile_to_tensor_core_ptx(target_name, arch, tmp_path):
     """The three ResNet shapes (and a residual-add group) at their default configs, in one tvm.compile and one
     nvcc run: each kernel runs mma.sync m16n8k16 with float32 sums on ldmatrix.x4 fragments in a cp.async
     commit/wait pipeline; the 1 × 1 kernels' weight tiles are copied by 16-byte cp.async, the 3 × 3 kernels' by
     plain loads (their rows cross (ic, kh, kw), see the template's docstring); none reads a
-    materialised im2col buffer (the kernels take only the group's inputs)."""
+    materialised im2col buffer (the kernels take only the group's inputs); ptxas fits each in 255 registers
+    without spilling."""
     import tvm
 
     target = resolve_target(target_name)
@@ -187,6 +189,37 @@ def test_resnet_convs_compile_to_tensor_core_ptx(target_name, arch):
         assert "cp.async.cg.shared.global" in _entry(ptx, name), name
     for name in ("k0", "k2"):  # 3 x 3: weights by plain loads (see the template's docstring)
         assert "cp.async.cg" not in _entry(ptx, name) and "cp.async.ca" not in _entry(ptx, name), name
+    path = tmp_path / "k.ptx"
+    path.write_text(ptx)
+    out = subprocess.run(["ptxas", "-v", f"-arch={arch}", str(path), "-o", str(tmp_path / "k.cubin")],
+                         capture_output=True, text=True, check=True).stderr
+    registers = [int(r) for r in re.findall(r"Used (\d+) registers", out)]
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
+    assert len(registers) == len(funcs) and max(registers) <= 255, out
+    assert all(stores == loads == "0" for stores, loads in spills), out
+
+
+@needs_nvcc
+@pytest.mark.parametrize("stages", [2, 3, 4])
+def test_a_barrier_separates_fragment_reads_from_the_next_cp_async_copies(stages):
+    """dense_tensorcore's write-after-read check on the 1 × 1 kernel, whose B tile comes by cp.async: every copy
+    issued after an ldmatrix, in the k loop (cyclically) and in the kernel, has a __syncthreads between."""
+    import tvm
+
+    from tests.schedules.test_cuda_tensorcore import _block, _copy_after_read, _events
+
+    target = resolve_target(SM80)
+    fn = _conv((1, 256, 28, 28), (128, 256, 1, 1), padding=(0, 0, 0, 0))
+    _, wl = task_of(fn, target)
+    g = lower(fn, target, {wl.key: {**conv2d_tensorcore.default(wl), "stages": stages}})
+    assert g.config_source == "given"
+    source = device_source(tvm.compile(tvm.IRModule({"main": g.prim_func}), target=target))
+    kernel = source[source.index('extern "C" __global__'):]
+    bodies = (_block(kernel, m.end()) for m in re.finditer(r"for \(int \w+[^{]*\{", kernel))
+    loop = _events(next(b for b in bodies if "ptx_cp_async" in b and "ldmatrix" in b))
+    assert loop.count("copy") >= 1 and "read" in loop, loop
+    assert not _copy_after_read(loop, cyclic=True), f"stages={stages}: k loop {loop}"
+    assert not _copy_after_read(_events(kernel), cyclic=False), f"stages={stages}"
 
 
 @needs_nvcc
@@ -251,3 +284,20 @@ def test_resnet50_fp16_puts_its_convs_on_the_template():
     for task in tasks:
         g = lower(task.group, target)
         assert g.template == conv2d_tensorcore.TEMPLATE.key, task.workload.summary()
+
+
+@needs_nvcc
+@pytest.mark.slow
+def test_resnet50_fp16_compiles_for_sm90_with_tensor_core_convs(tmp_path):
+    """The whole `kiln compile zoo:resnet50 --target cuda-sm90 --precision fp16` (about 45 s here): 52 kernels
+    on conv2d_tensorcore, each with mma.sync in the artifact's PTX."""
+    import kiln
+    from kiln import zoo
+    from kiln.config import Options
+
+    report = kiln.compile(zoo.zoo_model("resnet50"), tmp_path / "m.so", Options(target=SM90, precision="fp16"))
+    ptx = (tmp_path / "m.ptx").read_text()
+    convs = [s["kernel"] for s in report.steps if s["template"] == conv2d_tensorcore.TEMPLATE.key]
+    assert len(convs) == 52, [(s["kernel"], s["template"]) for s in report.steps]
+    for name in convs:
+        assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in _entry(ptx, name), name
