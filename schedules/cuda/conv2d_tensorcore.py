@@ -27,7 +27,17 @@ from kiln.schedules.workload import Group, Workload
 
 from kiln.errors import InvalidConfig
 
-from .dense_tensorcore import DTYPES, MMA, OUT_PAD, PAD, SHARED_BYTES, _intrinsics, _register_copy, ldmatrix_layout
+from .dense_tensorcore import (
+    DTYPES,
+    OUT_PAD,
+    PAD,
+    SHARED_BYTES,
+    _intrinsics,
+    _register_copy,
+    stage_fragments,
+    tensorize_and_pipeline,
+    tile_gemm,
+)
 from .threads import WARP, epilogue_group, prepare
 
 VERSION = 1
@@ -156,100 +166,44 @@ def schedule(sch, wl: Workload, cfg: Config) -> list[str]:
     A and B tiles through shared memory, ldmatrix fragments, mma.sync, and the float32 tile to the output."""
     check(wl, cfg)
     intrin = _intrinsics(wl["dtype"], "nk", 8)  # its copy is not used: A is gathered, B has its own below
-    bm, bn, bk, wm, wn = cfg["block_m"], cfg["block_n"], cfg["chunk_k"], cfg["warp_m"], cfg["warp_n"]
     n_warps = warps(cfg)
     conv, out = as_gemm(sch, wl, cfg)
-
-    gemm = conv
-    i, j, k = sch.get_loops(gemm)
-    i, i_mma = sch.split(i, factors=[None, MMA])
-    j, j_mma = sch.split(j, factors=[None, MMA])
-    k, k_mma = sch.split(k, factors=[None, MMA])
-    sch.reorder(i, j, k, i_mma, j_mma, k_mma)
-    step = gemm
-    tile = sch.blockize(i_mma)
-    i_block, i_warp, i_step = sch.split(i, factors=[None, bm // wm, wm // MMA])
-    j_block, j_warp, j_step = sch.split(j, factors=[None, bn // wn, wn // MMA])
-    k_chunk, k_step = sch.split(k, factors=[None, bk // MMA])
-    sch.reorder(i_block, j_block, i_warp, j_warp, k_chunk, k_step, i_step, j_step)
-    bx, ty = sch.fuse(i_block, j_block), sch.fuse(i_warp, j_warp)
-    sch.bind(bx, "blockIdx.x")
-    sch.bind(ty, "threadIdx.y")
+    tiles = tile_gemm(sch, conv, cfg)
 
     async_b = wl["kh"] * wl["kw"] == 1
     for operand in (0, 1):
-        copy = sch.cache_read(tile, operand, "shared.dyn")
+        copy = sch.cache_read(tiles.tile, operand, "shared.dyn")
         _inline_producers(sch, copy)  # the gather (or the weight rows) straight into the shared copy
-        sch.compute_at(copy, k_chunk)
+        sch.compute_at(copy, tiles.k_chunk)
         loops = sch.get_loops(copy)
-        at = next(i for i, loop in enumerate(loops) if sch.get(loop).same_as(sch.get(k_chunk)))
+        at = next(i for i, loop in enumerate(loops) if sch.get(loop).same_as(sch.get(tiles.k_chunk)))
         rows, cols = loops[at + 1:]
-        lanes_n = cfg["vector"] if operand == 1 else 1
-        cols, lanes = sch.split(cols, factors=[None, lanes_n])
-        if operand == 1 and async_b:
+        if operand == 1 and async_b:  # w[oc, k, 0, 0]: `vector` weights in a row are one 8- or 16-byte run
+            cols, lanes = sch.split(cols, factors=[None, cfg["vector"]])
             vector = sch.blockize(lanes)
-            sch.tensorize(vector, _register_copy(wl["dtype"], cfg["vector"], unit_dims=2))  # w[oc, k, 0, 0]
+            sch.tensorize(vector, _register_copy(wl["dtype"], cfg["vector"], unit_dims=2))
             sch.storage_align(vector, 0, axis=-2, factor=32, offset=PAD)
-        else:
+        else:  # one element per thread and step: the im2col gather, or weights across (ic, kh, kw)
             sch.storage_align(copy, 0, axis=-2, factor=32, offset=PAD)
-            if lanes_n > 1:
-                sch.vectorize(lanes)
         _, t_y, t_x = sch.split(sch.fuse(rows, cols), factors=[None, n_warps, WARP])
         sch.bind(t_y, "threadIdx.y")
         sch.bind(t_x, "threadIdx.x")
 
-    fragments = [sch.cache_read(tile, operand, "warp") for operand in (0, 1)]
-    for fragment in fragments:
-        sch.compute_at(fragment, k_step)
-    staged = sch.cache_write(tile, 0, "shared.dyn")
-    acc = sch.cache_write(tile, 0, "warp")
-    sch.reverse_compute_at(acc, ty)
-    rows, cols = sch.get_loops(acc)[-2:]
-    r_out, r_in = sch.split(rows, factors=[None, MMA])
-    c_out, c_in = sch.split(cols, factors=[None, MMA])
-    sch.reorder(r_out, c_out, r_in, c_in)
-
+    fragments, staged, acc = stage_fragments(sch, tiles)
     for block in _consumers_between(sch, staged, out):
         sch.compute_inline(block)  # pad_einsum's copy out of the padded C, when m was padded
     sch.compute_inline(staged)  # the output block reads the float32 tile from shared memory
-    sch.reverse_compute_at(out, bx)
+    sch.reverse_compute_at(out, tiles.bx)
     r, c = sch.get_loops(out)[-2:]
-    sch.reorder(c, r)  # threads along m: consecutive output pixels
+    sch.reorder(c, r)  # threads along m: consecutive output pixels of a channel, coalesced NCHW stores
     _, t_y, t_x = sch.split(sch.fuse(c, r), factors=[None, n_warps, WARP])
     sch.bind(t_y, "threadIdx.y")
     sch.bind(t_x, "threadIdx.x")
-
-    init = sch.decompose_reduction(tile, k_chunk)
-    loads = []
-    for fragment in fragments:
-        rows, cols = sch.get_loops(fragment)[-2:]
-        r_out, r_in = sch.split(rows, factors=[None, MMA])
-        c_out, c_in = sch.split(cols, factors=[None, MMA])
-        sch.reorder(r_out, c_out, r_in, c_in)
-        loads.append(r_in)
-
-    def fragment_layout(r, c):
-        return (r // MMA, c // MMA, *ldmatrix_layout(r % MMA, c % MMA))
-
-    sch.transform_layout(fragments[0], ("write", 0), fragment_layout)
-    sch.transform_layout(fragments[1], ("write", 0), fragment_layout)
-    sch.transform_layout(acc, ("read", 0), fragment_layout)
-    sch.tensorize(loads[0], intrin["load_a"])
-    sch.tensorize(loads[1], intrin["load_b"])
-    sch.tensorize(sch.get_loops(step)[-3], intrin["mma"])
-    sch.tensorize(sch.get_loops(sch.get_child_blocks(init)[0])[-2], intrin["fill"])
-    store = sch.blockize(sch.get_loops(acc)[-2])
-    sch.tensorize(store, intrin["store"])
-    sch.storage_align(store, 0, axis=-2, factor=32, offset=OUT_PAD)
-
-    stages = cfg["stages"]
-    sch.annotate(k_chunk, "software_pipeline_stage", [0, 0, stages - 1, stages - 1, stages - 1])
-    sch.annotate(k_chunk, "software_pipeline_order", [0, 1, 2, 3, 4])
-    sch.annotate(k_chunk, "software_pipeline_async_stages", [0])
-    sch.annotate(k_step, "software_pipeline_stage", [0, 0, 1])
-    sch.annotate(k_step, "software_pipeline_order", [0, 1, 2])
-    return [f"conv2d_tensorcore.cuda(block={bm}x{bn},warp={wm}x{wn},k={bk},stages={stages},"
-            f"vector={cfg['vector']},b={'cp.async' if async_b else 'loads'},{wl['dtype']})"]
+    tensorize_and_pipeline(sch, tiles, fragments, acc, intrin, cfg["stages"])
+    bm, bn, bk, wm, wn = cfg["block_m"], cfg["block_n"], cfg["chunk_k"], cfg["warp_m"], cfg["warp_n"]
+    steps = (f"conv2d_tensorcore.cuda(block={bm}x{bn},warp={wm}x{wn},k={bk},stages={cfg['stages']},"
+             f"vector={cfg['vector']},b={'cp.async' if async_b else 'loads'},{wl['dtype']})")
+    return [steps]
 
 
 def as_gemm(sch, wl: Workload, cfg: Config):

@@ -18,6 +18,8 @@ m16n8k16 on bfloat16 and cp.async need sm_80 or later, as the cuda-sm80 and cuda
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 from kiln.ir.ops.dense import DENSE, DENSE_PACKED, MATMUL
 from kiln.schedules.space import Config, Space
@@ -158,11 +160,59 @@ def schedule(sch, wl: Workload, cfg: Config) -> list[str]:
     through shared memory into the group's output block."""
     check(wl, cfg)
     intrin = _intrinsics(wl["dtype"], wl["b_layout"], cfg["vector"])
-    bm, bn, bk, wm, wn = cfg["block_m"], cfg["block_n"], cfg["chunk_k"], cfg["warp_m"], cfg["warp_n"]
     n_warps = warps(cfg)
     gemm, out = prepare(sch)
     has_epilogue = not sch.get(out).same_as(sch.get(gemm))
+    tiles = tile_gemm(sch, gemm, cfg)
 
+    for operand in (0, 1):  # global → shared, cp.async, vector elements per thread
+        copy = sch.cache_read(tiles.tile, operand, "shared.dyn")
+        sch.compute_at(copy, tiles.k_chunk)
+        loops = sch.get_loops(copy)
+        at = next(i for i, loop in enumerate(loops) if sch.get(loop).same_as(sch.get(tiles.k_chunk)))
+        *rows, cols = loops[at + 1:]  # two loops, or three for packed B: [n / block, k, block]
+        cols, lanes = sch.split(cols, factors=[None, cfg["vector"]])
+        vector = sch.blockize(lanes)
+        sch.tensorize(vector, intrin["copy"])
+        sch.storage_align(vector, 0, axis=-2, factor=32, offset=PAD)
+        _, t_y, t_x = sch.split(sch.fuse(*rows, cols), factors=[None, n_warps, WARP])
+        sch.bind(t_y, "threadIdx.y")
+        sch.bind(t_x, "threadIdx.x")
+
+    fragments, staged, acc = stage_fragments(sch, tiles)
+    epilogue = out if has_epilogue else staged
+    if has_epilogue:
+        sch.compute_inline(staged)  # the output block reads the float32 tile from shared memory
+    sch.reverse_compute_at(epilogue, tiles.bx)
+    _, t_y, t_x, lanes = sch.split(sch.fuse(*sch.get_loops(epilogue)[-2:]),
+                                   factors=[None, n_warps, WARP, OUT_VECTOR])
+    sch.bind(t_y, "threadIdx.y")
+    sch.bind(t_x, "threadIdx.x")
+    sch.vectorize(lanes)
+    tensorize_and_pipeline(sch, tiles, fragments, acc, intrin, cfg["stages"])
+    bm, bn, bk, wm, wn = cfg["block_m"], cfg["block_n"], cfg["chunk_k"], cfg["warp_m"], cfg["warp_n"]
+    steps = (f"dense_tensorcore.cuda(block={bm}x{bn},warp={wm}x{wn},k={bk},stages={cfg['stages']},"
+             f"vector={cfg['vector']},{wl['dtype']})")
+    return [steps]
+
+
+# --- schedule steps conv2d_tensorcore shares ------------------------------------------------------------------
+
+@dataclass
+class Tiles:
+    """The loops and blocks of a GEMM tiled by `tile_gemm`."""
+    tile: Any  # the block of one 16 × 16 × 16 step's loops (what shared and warp copies are cached for)
+    step: Any  # the 16 × 16 × 16 step itself, mma.sync replaces it
+    bx: Any  # blockIdx.x: the block tiles
+    ty: Any  # threadIdx.y: the warps
+    k_chunk: Any  # the outer pipeline: chunk_k at a time
+    k_step: Any  # the inner pipeline: 16 at a time
+
+
+def tile_gemm(sch, gemm, cfg: Config) -> Tiles:
+    """Blockize the GEMM block (loops *batch, i, j, k) into 16 × 16 × 16 steps, tiled over blocks (blockIdx.x,
+    batch on blockIdx.y) and warps (threadIdx.y), k in chunk_k chunks of 16-deep steps."""
+    bm, bn, bk, wm, wn = cfg["block_m"], cfg["block_n"], cfg["chunk_k"], cfg["warp_m"], cfg["warp_n"]
     *batch, i, j, k = sch.get_loops(gemm)
     i, i_mma = sch.split(i, factors=[None, MMA])
     j, j_mma = sch.split(j, factors=[None, MMA])
@@ -179,43 +229,29 @@ def schedule(sch, wl: Workload, cfg: Config) -> list[str]:
         sch.bind(sch.fuse(*batch) if len(batch) > 1 else batch[0], "blockIdx.y")
     sch.bind(bx, "blockIdx.x")
     sch.bind(ty, "threadIdx.y")
+    return Tiles(tile, step, bx, ty, k_chunk, k_step)
 
-    for operand in (0, 1):  # global → shared, cp.async, vector elements per thread
-        copy = sch.cache_read(tile, operand, "shared.dyn")
-        sch.compute_at(copy, k_chunk)
-        loops = sch.get_loops(copy)
-        at = next(i for i, loop in enumerate(loops) if sch.get(loop).same_as(sch.get(k_chunk)))
-        *rows, cols = loops[at + 1:]  # two loops, or three for packed B: [n / block, k, block]
-        cols, lanes = sch.split(cols, factors=[None, cfg["vector"]])
-        vector = sch.blockize(lanes)
-        sch.tensorize(vector, intrin["copy"])
-        sch.storage_align(vector, 0, axis=-2, factor=32, offset=PAD)
-        _, t_y, t_x = sch.split(sch.fuse(*rows, cols), factors=[None, n_warps, WARP])
-        sch.bind(t_y, "threadIdx.y")
-        sch.bind(t_x, "threadIdx.x")
 
-    fragments = [sch.cache_read(tile, operand, "warp") for operand in (0, 1)]  # shared → registers, ldmatrix
+def stage_fragments(sch, tiles: Tiles):
+    """Warp fragments of A and B (shared → registers, per k step) and the accumulators' way out: warp registers
+    → a float32 tile in shared.dyn; (fragments, staged, acc). The staged block is what the epilogue reads."""
+    fragments = [sch.cache_read(tiles.tile, operand, "warp") for operand in (0, 1)]  # shared → registers, ldmatrix
     for fragment in fragments:
-        sch.compute_at(fragment, k_step)
-    staged = sch.cache_write(tile, 0, "shared.dyn")  # accumulators → shared, for the epilogue
-    acc = sch.cache_write(tile, 0, "warp")
-    sch.reverse_compute_at(acc, ty)
+        sch.compute_at(fragment, tiles.k_step)
+    staged = sch.cache_write(tiles.tile, 0, "shared.dyn")  # accumulators → shared, for the epilogue
+    acc = sch.cache_write(tiles.tile, 0, "warp")
+    sch.reverse_compute_at(acc, tiles.ty)
     rows, cols = sch.get_loops(acc)[-2:]
     r_out, r_in = sch.split(rows, factors=[None, MMA])
     c_out, c_in = sch.split(cols, factors=[None, MMA])
     sch.reorder(r_out, c_out, r_in, c_in)
+    return fragments, staged, acc
 
-    epilogue = out if has_epilogue else staged
-    if has_epilogue:
-        sch.compute_inline(staged)  # the output block reads the float32 tile from shared memory
-    sch.reverse_compute_at(epilogue, bx)
-    _, t_y, t_x, lanes = sch.split(sch.fuse(*sch.get_loops(epilogue)[-2:]),
-                                   factors=[None, n_warps, WARP, OUT_VECTOR])
-    sch.bind(t_y, "threadIdx.y")
-    sch.bind(t_x, "threadIdx.x")
-    sch.vectorize(lanes)
 
-    init = sch.decompose_reduction(tile, k_chunk)
+def tensorize_and_pipeline(sch, tiles: Tiles, fragments, acc, intrin: dict[str, str], stages: int) -> None:
+    """Zero the accumulators, lay the fragments out for ldmatrix/mma.sync and tensorize loads, math, fill and
+    store; then the two software pipelines (chunks `stages` deep with the copies async, k steps 2 deep)."""
+    init = sch.decompose_reduction(tiles.tile, tiles.k_chunk)
     loads = []
     for fragment in fragments:
         rows, cols = sch.get_loops(fragment)[-2:]
@@ -232,7 +268,7 @@ def schedule(sch, wl: Workload, cfg: Config) -> list[str]:
     sch.transform_layout(acc, ("read", 0), fragment_layout)
     sch.tensorize(loads[0], intrin["load_a"])
     sch.tensorize(loads[1], intrin["load_b"])
-    sch.tensorize(sch.get_loops(step)[-3], intrin["mma"])
+    sch.tensorize(sch.get_loops(tiles.step)[-3], intrin["mma"])
     sch.tensorize(sch.get_loops(sch.get_child_blocks(init)[0])[-2], intrin["fill"])
     store = sch.blockize(sch.get_loops(acc)[-2])
     sch.tensorize(store, intrin["store"])
@@ -240,16 +276,12 @@ def schedule(sch, wl: Workload, cfg: Config) -> list[str]:
     sch.storage_align(store, 0, axis=-2, factor=32, offset=OUT_PAD)
 
     # the outer pipeline's five statements: copy A, copy B, and the inner pipeline's prologue, body, epilogue
-    stages = cfg["stages"]
-    sch.annotate(k_chunk, "software_pipeline_stage", [0, 0, stages - 1, stages - 1, stages - 1])
-    sch.annotate(k_chunk, "software_pipeline_order", [0, 1, 2, 3, 4])
-    sch.annotate(k_chunk, "software_pipeline_async_stages", [0])
+    sch.annotate(tiles.k_chunk, "software_pipeline_stage", [0, 0, stages - 1, stages - 1, stages - 1])
+    sch.annotate(tiles.k_chunk, "software_pipeline_order", [0, 1, 2, 3, 4])
+    sch.annotate(tiles.k_chunk, "software_pipeline_async_stages", [0])
     # the inner one loads the next k-step's fragments while the mma of this one runs
-    sch.annotate(k_step, "software_pipeline_stage", [0, 0, 1])
-    sch.annotate(k_step, "software_pipeline_order", [0, 1, 2])
-    steps = (f"dense_tensorcore.cuda(block={bm}x{bn},warp={wm}x{wn},k={bk},stages={stages},"
-             f"vector={cfg['vector']},{wl['dtype']})")
-    return [steps]
+    sch.annotate(tiles.k_step, "software_pipeline_stage", [0, 0, 1])
+    sch.annotate(tiles.k_step, "software_pipeline_order", [0, 1, 2])
 
 
 # --- tensor intrinsics ---------------------------------------------------------------------------------------

@@ -261,12 +261,13 @@ def test_resnet50_fp16_puts_its_convs_on_the_template():
     """`kiln compile zoo:resnet50 --target cuda-sm90 --precision fp16`, up to the kernels: 52 of its 53 convs
     (all but the 3-channel 7 × 7 stem, k = 147) are conv2d_tensorcore groups, and each distinct one lowers
     on it (no fallback: the test suite turns the fallback warning into an error)."""
-    from kiln import zoo
     from kiln.autotune.tasks import extract_tasks
-    from kiln.config import Options
-    from kiln.driver import optimize, prepare
     from kiln.frontend import from_onnx
     from kiln.ir.visitor import post_order
+
+    from kiln import zoo
+    from kiln.config import Options
+    from kiln.driver import optimize, prepare
 
     options = Options(target=SM90, precision="fp16")
     target = resolve_target(options.target)
