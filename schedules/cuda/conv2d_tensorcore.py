@@ -216,19 +216,32 @@ def as_gemm(sch, wl: Workload, cfg: Config):
     c_back = sch.reindex(conv, ("write", 0))
     sch.reindex(conv, ("read", 0))  # A: the padded input's im2col gather, inlined into the shared copy
     sch.reindex(conv, ("read", 1))  # B: the weights as [oc, k]
-    if len(sch.get(conv).reads[0].source.shape) == 6:
-        sch.transform_layout(conv, ("read", 0),
-                             lambda n, y, x, c, r, s: ((n * oh + y) * ow + x, (c * kh + r) * kw + s))
-    else:  # a 1 × 1 kernel: TOPI's index has no kh, kw terms, so neither has the reindexed buffer
-        sch.transform_layout(conv, ("read", 0), lambda n, y, x, c: ((n * oh + y) * ow + x, c))
-    sch.transform_layout(conv, ("read", 1), lambda f, c, r, s: (f, (c * kh + r) * kw + s))
-    sch.transform_layout(conv, ("write", 0), lambda n, f, y, x: ((n * oh + y) * ow + x, f))
+    block = sch.get(conv)
+    axes = [iv.var for iv in block.iter_vars]  # n, f, y, x, c, r, s
+    for kind, index, dims in (("read", 0, "mk"), ("read", 1, "fk"), ("write", 0, "mf")):
+        region = (block.reads if kind == "read" else block.writes)[index].region
+        present = [next(i for i, v in enumerate(axes) if r.min.same_as(v)) for r in region]
+        sch.transform_layout(conv, (kind, index), _gemm_index(present, dims, oh, ow, kh, kw))
     sch.transform_block_layout(conv, lambda n, f, y, x, c, r, s: ((n * oh + y) * ow + x, f, (c * kh + r) * kw + s))
     sch.compute_inline(c_back)  # the output block reads C[m, f]
     sch.transform_block_layout(out, lambda n, f, y, x: ((n * oh + y) * ow + x, f))
     if gemm_dims(wl)[0] % cfg["block_m"]:
         sch.pad_einsum(conv, [cfg["block_m"], 1, 1])  # rows m.. gather zeros; the output block stops at m
     return conv, out
+
+
+def _gemm_index(present, dims: str, oh: int, ow: int, kh: int, kw: int):
+    """An index map from the conv's axes in `present` (positions in n, f, y, x, c, r, s: a reindexed buffer has
+    only the block axes its access uses, so a 1 × 1 kernel's input has no r, s) to the GEMM's `dims`: m is
+    (n, y, x) fused, f the output channel, k (c, r, s) fused; an absent axis counts as 0."""
+    present = list(present)
+
+    def index(*values):
+        v = dict.fromkeys(range(7), 0) | dict(zip(present, values))
+        gemm = {"m": (v[0] * oh + v[2]) * ow + v[3], "f": v[1], "k": (v[4] * kh + v[5]) * kw + v[6]}
+        return tuple(gemm[d] for d in dims)
+
+    return index
 
 
 def _inline_producers(sch, block) -> None:

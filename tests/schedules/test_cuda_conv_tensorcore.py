@@ -31,11 +31,13 @@ needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None or shutil.which("pt
                                 reason="nvcc and ptxas (the CUDA toolkit) are not on PATH")
 
 
-def _conv(x_shape, w_shape, strides=(1, 1), padding=(1, 1, 1, 1), dtype="float16", groups=1, residual=False):
+def _conv(x_shape, w_shape, strides=(1, 1), padding=(1, 1, 1, 1), dtype="float16", groups=1, residual=False,
+          dilation=(1, 1)):
     """conv + bias (+ a residual input) + relu: a ResNet group."""
-    attrs = ConvAttrs(strides, padding, (1, 1), groups)
+    attrs = ConvAttrs(strides, padding, dilation, groups)
     out_shape = (x_shape[0], w_shape[0], *(conv_output_size(x_shape[2 + i], w_shape[2 + i], strides[i],
-                                                             padding[i] + padding[i + 2], 1) for i in (0, 1)))
+                                                             padding[i] + padding[i + 2], dilation[i])
+                                           for i in (0, 1)))
     shapes = [(x_shape, dtype), (w_shape, dtype), ((w_shape[0], 1, 1), dtype)]
     ps = params(*shapes, (out_shape, dtype)) if residual else params(*shapes)
     y = Call(ADD, (Call(CONV2D, (ps[0], ps[1]), attrs), ps[2]), ADD.attrs_type())
@@ -113,6 +115,9 @@ CPU_CASES = {  # batch 2 (m runs across images), m padded (200, 162 and 49 rows 
     "1x1_batch2": ((2, 64, 9, 9), (64, 64, 1, 1), (1, 1), (0, 0, 0, 0)),
     "3x3_stride2_odd": ((1, 32, 13, 13), (64, 32, 3, 3), (2, 2), (1, 1, 1, 1)),
     "3x3_asymmetric_pad": ((1, 32, 8, 8), (64, 32, 3, 3), (1, 1), (0, 1, 2, 0)),
+    "1x3": ((1, 32, 9, 9), (64, 32, 1, 3), (1, 1), (0, 1, 0, 1)),  # kh = 1: the input's reindex has no r axis
+    "3x1_stride_2x1": ((1, 32, 9, 9), (64, 32, 3, 1), (2, 1), (1, 0, 1, 0)),
+    "3x3_dilation2": ((1, 32, 9, 9), (64, 32, 3, 3), (1, 1), (2, 2, 2, 2), (2, 2)),
 }
 
 
@@ -125,8 +130,9 @@ def test_gemm_form_of_the_conv_matches_numpy_on_the_cpu(name):
     from kiln.codegen.lower import to_te
     from tvm import s_tir, te
 
-    x_shape, w_shape, strides, padding = CPU_CASES[name]
-    fn = _conv(x_shape, w_shape, strides, padding)
+    x_shape, w_shape, strides, padding, *dilation = CPU_CASES[name]
+    dilation = tuple(dilation[0]) if dilation else (1, 1)
+    fn = _conv(x_shape, w_shape, strides, padding, dilation=dilation)
     _, wl = task_of(fn, resolve_target(SM80))
     cfg = conv2d_tensorcore.default(wl)
     m = conv2d_tensorcore.gemm_dims(wl)[0]
@@ -145,7 +151,7 @@ def test_gemm_form_of_the_conv_matches_numpy_on_the_cpu(name):
     b = rng.standard_normal((w_shape[0], 1, 1)).astype("float16")
     got = tvm.runtime.empty([int(d) for d in fn.body.type.shape], "float16")
     ex["main"](*(tvm.runtime.tensor(a) for a in (x, w, b)), got)
-    want = conv_reference(x.astype("float32"), w.astype("float32"), ConvAttrs(strides, padding, (1, 1), 1))
+    want = conv_reference(x.astype("float32"), w.astype("float32"), ConvAttrs(strides, padding, dilation, 1))
     want = np.maximum(want + b.astype("float32"), 0)
     assert got.shape == want.shape
     np.testing.assert_allclose(got.numpy().astype("float32"), want, rtol=2e-3, atol=2e-2)
@@ -161,7 +167,7 @@ def _entry(ptx: str, name: str) -> str:
 @needs_nvcc
 @pytest.mark.parametrize("target_name, arch", [(SM80, "sm_80"), (SM90, "sm_90")])
 def test_resnet_convs_compile_to_tensor_core_ptx(target_name, arch, tmp_path):
-    """The three ResNet shapes (and a residual-add group) at their default configs, in one tvm.compile and one
+    """The three ResNet shapes (and a residual-add group, a dilated 1 × 3) at their default configs, in one tvm.compile and one
     nvcc run: each kernel runs mma.sync m16n8k16 with float32 sums on ldmatrix.x4 fragments in a cp.async
     commit/wait pipeline; the 1 × 1 kernels' weight tiles are copied by 16-byte cp.async, the 3 × 3 kernels' by
     plain loads (their rows cross (ic, kh, kw), see the template's docstring); none reads a
@@ -172,6 +178,7 @@ def test_resnet_convs_compile_to_tensor_core_ptx(target_name, arch, tmp_path):
     target = resolve_target(target_name)
     fns = {f"k{i}": _resnet(name) for i, name in enumerate(RESNET)}
     fns["k_residual"] = _resnet("1x1_256to64_56", residual=True)
+    fns["k_1x3_dilated"] = _conv((1, 64, 28, 28), (64, 64, 1, 3), padding=(0, 2, 0, 2), dilation=(1, 2))
     funcs = {name: lower(fn, target) for name, fn in fns.items()}
     assert {g.template for g in funcs.values()} == {conv2d_tensorcore.TEMPLATE.key}
     mod = tvm.IRModule({name: g.prim_func.with_attr("global_symbol", name) for name, g in funcs.items()})
@@ -187,7 +194,7 @@ def test_resnet_convs_compile_to_tensor_core_ptx(target_name, arch, tmp_path):
         assert len(re.findall(r"\.param \.u64 \w+_param_\d+", body)) == len(fn.params) + 1, name  # inputs and the output, no workspace
     for name in ("k1", "k_residual"):  # 1 x 1: weights by 16-byte cp.async
         assert "cp.async.cg.shared.global" in _entry(ptx, name), name
-    for name in ("k0", "k2"):  # 3 x 3: weights by plain loads (see the template's docstring)
+    for name in ("k0", "k2", "k_1x3_dilated"):  # 3 x 3, 1 x 3: weights by plain loads (see the template's docstring)
         assert "cp.async.cg" not in _entry(ptx, name) and "cp.async.ca" not in _entry(ptx, name), name
     path = tmp_path / "k.ptx"
     path.write_text(ptx)
