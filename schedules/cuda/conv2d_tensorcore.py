@@ -9,13 +9,15 @@ the weight tensor read as [oc, ic·kh·kw], the memory order it already has. Per
 `cp.async` (`vector` elements per copy) when the kernel is 1 × 1, where a row of the tile is a run of one weight
 row; for larger kernels the tile's rows cross (ic, kh, kw) boundaries, which no tensorizable copy region
 expresses (TVM matches cp.async on a rectangle of the source buffer), so they are plain loads, one element
-each, in the same pipeline. The A gather is always plain loads (2-byte elements along k are not contiguous in NCHW).
+each, in the same pipeline. The A gather is always plain loads (2-byte elements along k are not contiguous in
+NCHW).
 
-m is padded to a whole number of block tiles (`pad_einsum`: the padding rows gather zeros, their outputs are
-not stored), so ResNet's 28 × 28 and 7 × 7 planes take the template; n (output channels) must be a multiple of
-block_n and k of chunk_k at least `stages` times: a 3-channel stem (k = 147) stays on cuda.conv2d_direct.
-The accumulators go through shared memory (float32) to the group's output block, whose threads walk the tile
-along m (consecutive output pixels, coalesced NCHW stores). Nothing here has run on a GPU yet.
+m is padded to a whole number of block tiles and k to whole chunks (`pad_einsum`: padding rows and columns
+gather zeros, padding rows are not stored), so ResNet's 28 × 28 and 7 × 7 planes and its 3-channel stem
+(k = 147) take the template; a 1 × 1 kernel's k must be whole chunks (its cp.async weight rows would run past
+it), and n (output channels) a multiple of block_n. The accumulators go through shared memory (float32) to the
+group's output block, whose threads walk the tile along m (consecutive output pixels, coalesced NCHW stores).
+Nothing here has run on a GPU yet.
 """
 
 from __future__ import annotations
@@ -88,8 +90,10 @@ def check(wl: Workload, cfg: Config) -> None:
     bm, bn, bk, wm, wn = cfg["block_m"], cfg["block_n"], cfg["chunk_k"], cfg["warp_m"], cfg["warp_n"]
     if n % bn:
         raise InvalidConfig(f"{NAME}: block_n={bn} does not divide {n} output channels")
-    if k % bk or k // bk < cfg["stages"]:
-        raise InvalidConfig(f"{NAME}: chunk_k={bk} must divide k={k} at least stages={cfg['stages']} times")
+    if wl["kh"] * wl["kw"] == 1 and k % bk:  # the cp.async weight rows must not run past k
+        raise InvalidConfig(f"{NAME}: chunk_k={bk} must divide a 1 x 1 conv's k={k}")
+    if -(-k // bk) < cfg["stages"]:
+        raise InvalidConfig(f"{NAME}: k={k} has fewer chunks of {bk} than stages={cfg['stages']}")
     if bm % wm or bn % wn or not 1 <= warps(cfg) <= MAX_WARPS:
         raise InvalidConfig(f"{NAME}: warp tile {wm}x{wn} must divide {bm}x{bn} into 1..{MAX_WARPS} warps")
     threads = warps(cfg) * WARP
@@ -225,8 +229,10 @@ def as_gemm(sch, wl: Workload, cfg: Config):
     sch.transform_block_layout(conv, lambda n, f, y, x, c, r, s: ((n * oh + y) * ow + x, f, (c * kh + r) * kw + s))
     sch.compute_inline(c_back)  # the output block reads C[m, f]
     sch.transform_block_layout(out, lambda n, f, y, x: ((n * oh + y) * ow + x, f))
-    if gemm_dims(wl)[0] % cfg["block_m"]:
-        sch.pad_einsum(conv, [cfg["block_m"], 1, 1])  # rows m.. gather zeros; the output block stops at m
+    m, _, k = gemm_dims(wl)
+    pads = [cfg["block_m"] if m % cfg["block_m"] else 1, 1, cfg["chunk_k"] if k % cfg["chunk_k"] else 1]
+    if pads != [1, 1, 1]:  # rows past m and columns past k gather zeros; the output block stops at m
+        sch.pad_einsum(conv, pads)
     return conv, out
 
 

@@ -1,7 +1,7 @@
 """cuda.conv2d_tensorcore, compiled for sm_80 and sm_90 through the local nvcc (no GPU here, so nothing runs on
 one): float16/bfloat16 NCHW convs with groups 1 take the template, float32 and depthwise ones do not; ResNet-50's
 conv shapes compile to PTX with mma.sync fed by ldmatrix in a cp.async pipeline; configs drawn from the knob
-space build; ResNet-50 at --precision fp16 puts every non-depthwise conv but the 3-channel stem on it. The only
+space build; ResNet-50 at --precision fp16 puts every conv on it. The only
 numeric evidence available here: the template's GEMM form of the conv (the im2col index map, the padded input,
 m padded to the block tile), built for the CPU and checked against NumPy."""
 
@@ -50,6 +50,7 @@ RESNET = {  # ResNet-50's shapes, batch 1
     "3x3_64ch_56": ((1, 64, 56, 56), (64, 64, 3, 3), (1, 1), (1, 1, 1, 1)),
     "1x1_256to64_56": ((1, 256, 56, 56), (64, 256, 1, 1), (1, 1), (0, 0, 0, 0)),
     "3x3_128ch_stride2_to_28": ((1, 128, 56, 56), (128, 128, 3, 3), (2, 2), (1, 1, 1, 1)),  # m = 784: padded
+    "7x7_stem": ((1, 3, 224, 224), (64, 3, 7, 7), (2, 2), (3, 3, 3, 3)),  # k = 147: padded
 }
 
 
@@ -69,11 +70,21 @@ def test_half_precision_convs_take_the_template(name, dtype):
 @pytest.mark.parametrize("fn, why", [
     (_resnet("3x3_64ch_56", "float32"), "float32"),
     (_conv((1, 64, 56, 56), (64, 1, 3, 3), groups=64), "depthwise"),
-    (_conv((1, 3, 224, 224), (64, 3, 7, 7), (2, 2), (3, 3, 3, 3)), "stem: k = 147 has no 32-deep chunk"),
     (_conv((1, 64, 14, 14), (24, 64, 1, 1), padding=(0, 0, 0, 0)), "24 output channels: no block_n divides"),
+    (_conv((1, 24, 14, 14), (64, 24, 1, 1), padding=(0, 0, 0, 0)), "1 x 1, k = 24: cp.async rows past k"),
 ])
 def test_other_convs_stay_on_conv2d_direct(fn, why):
     assert find(Group(fn), "cuda") is conv2d_direct.TEMPLATE, why
+
+
+def test_stem_takes_the_template_with_k_padded():
+    """ResNet's 7 x 7 stem on 3 channels: k = 147 is padded to whole chunks (the gather and the weight rows read
+    zeros past it), its weights by plain loads."""
+    fn = _conv((1, 3, 224, 224), (64, 3, 7, 7), (2, 2), (3, 3, 3, 3))
+    assert find(Group(fn), "cuda") is conv2d_tensorcore.TEMPLATE
+    _, wl = task_of(fn, resolve_target(SM80))
+    assert conv2d_tensorcore.gemm_dims(wl) == (112 * 112, 64, 147)
+    assert {cfg["vector"] for cfg in conv2d_tensorcore.space(wl)} == {1}
 
 
 def test_residual_add_group_takes_the_template():
@@ -104,8 +115,12 @@ def test_check_rejects_tiles_that_do_not_divide_n_or_k():
     with pytest.raises(InvalidConfig, match="block_n=128"):  # 64 output channels
         conv2d_tensorcore.check(wl, {**cfg, "block_n": 128, "warp_n": 64})
     _, wl = task_of(_conv((1, 64, 56, 56), (64, 64, 1, 1), padding=(0, 0, 0, 0)), resolve_target(SM80))
-    with pytest.raises(InvalidConfig, match="chunk_k=64"):  # k = 64: one chunk of 64, fewer than 2 stages
+    with pytest.raises(InvalidConfig, match="fewer chunks"):  # k = 64: one chunk of 64, fewer than 2 stages
         conv2d_tensorcore.check(wl, {**conv2d_tensorcore.default(wl), "chunk_k": 64, "stages": 2})
+    _, wl = task_of(_conv((1, 96, 28, 28), (64, 96, 1, 1), padding=(0, 0, 0, 0)), resolve_target(SM80))
+    with pytest.raises(InvalidConfig, match="must divide a 1 x 1"):  # k = 96: cp.async rows would pass it
+        conv2d_tensorcore.check(wl, {**conv2d_tensorcore.default(wl), "chunk_k": 64, "stages": 2})
+    conv2d_tensorcore.check(wl, {**conv2d_tensorcore.default(wl), "chunk_k": 32, "stages": 3})
 
 
 # --- the index math, on the CPU -------------------------------------------------------------------------------
@@ -118,6 +133,7 @@ CPU_CASES = {  # batch 2 (m runs across images), m padded (200, 162 and 49 rows 
     "1x3": ((1, 32, 9, 9), (64, 32, 1, 3), (1, 1), (0, 1, 0, 1)),  # kh = 1: the input's reindex has no r axis
     "3x1_stride_2x1": ((1, 32, 9, 9), (64, 32, 3, 1), (2, 1), (1, 0, 1, 0)),
     "3x3_dilation2": ((1, 32, 9, 9), (64, 32, 3, 3), (1, 1), (2, 2, 2, 2), (2, 2)),
+    "7x7_stem_k147": ((1, 3, 20, 20), (64, 3, 7, 7), (2, 2), (3, 3, 3, 3)),  # k padded to a chunk, too
 }
 
 
@@ -140,8 +156,11 @@ def test_gemm_form_of_the_conv_matches_numpy_on_the_cpu(name):
     placeholders, out = to_te(fn)
     sch = s_tir.Schedule(te.create_prim_func([*placeholders, out]))
     conv, _ = conv2d_tensorcore.as_gemm(sch, wl, cfg)
+    k = conv2d_tensorcore.gemm_dims(wl)[2]
     assert [int(d) for d in sch.get(conv).writes[0].source.shape] == [-(-m // cfg["block_m"]) * cfg["block_m"],
                                                                        w_shape[0]]
+    assert [int(d) for d in sch.get(conv).reads[1].source.shape] == [w_shape[0],
+                                                                      -(-k // cfg["chunk_k"]) * cfg["chunk_k"]]
     while producers := sch.get_producers(conv):  # the gather, as the shared-memory copy inlines it
         for p in producers:
             sch.compute_inline(p)
@@ -167,7 +186,7 @@ def _entry(ptx: str, name: str) -> str:
 @needs_nvcc
 @pytest.mark.parametrize("target_name, arch", [(SM80, "sm_80"), (SM90, "sm_90")])
 def test_resnet_convs_compile_to_tensor_core_ptx(target_name, arch, tmp_path):
-    """The three ResNet shapes (and a residual-add group, a dilated 1 × 3) at their default configs, in one tvm.compile and one
+    """The ResNet shapes (and a residual-add group, a dilated 1 × 3) at their default configs, in one tvm.compile and one
     nvcc run: each kernel runs mma.sync m16n8k16 with float32 sums on ldmatrix.x4 fragments in a cp.async
     commit/wait pipeline; the 1 × 1 kernels' weight tiles are copied by 16-byte cp.async, the 3 × 3 kernels' by
     plain loads (their rows cross (ic, kh, kw), see the template's docstring); none reads a
@@ -194,7 +213,7 @@ def test_resnet_convs_compile_to_tensor_core_ptx(target_name, arch, tmp_path):
         assert len(re.findall(r"\.param \.u64 \w+_param_\d+", body)) == len(fn.params) + 1, name  # inputs and the output, no workspace
     for name in ("k1", "k_residual"):  # 1 x 1: weights by 16-byte cp.async
         assert "cp.async.cg.shared.global" in _entry(ptx, name), name
-    for name in ("k0", "k2", "k_1x3_dilated"):  # 3 x 3, 1 x 3: weights by plain loads (see the template's docstring)
+    for name in ("k0", "k2", "k3", "k_1x3_dilated"):  # 3 x 3, 7 x 7, 1 x 3: weights by plain loads (see the template's docstring)
         assert "cp.async.cg" not in _entry(ptx, name) and "cp.async.ca" not in _entry(ptx, name), name
     path = tmp_path / "k.ptx"
     path.write_text(ptx)
@@ -242,7 +261,7 @@ def test_bfloat16_conv_compiles_to_bf16_mma():
 
 @needs_nvcc
 def test_16_sampled_configs_compile(tmp_path):
-    """16 configs drawn from the spaces of the three ResNet shapes (not only the defaults) lower as given and
+    """16 configs drawn from the spaces of the ResNet shapes (not only the defaults) lower as given and
     build in one nvcc run."""
     import tvm
 
@@ -265,9 +284,9 @@ def test_16_sampled_configs_compile(tmp_path):
 # --- a whole model --------------------------------------------------------------------------------------------
 
 def test_resnet50_fp16_puts_its_convs_on_the_template():
-    """`kiln compile zoo:resnet50 --target cuda-sm90 --precision fp16`, up to the kernels: 52 of its 53 convs
-    (all but the 3-channel 7 × 7 stem, k = 147) are conv2d_tensorcore groups, and each distinct one lowers
-    on it (no fallback: the test suite turns the fallback warning into an error)."""
+    """`kiln compile zoo:resnet50 --target cuda-sm90 --precision fp16`, up to the kernels: all 53 convs (the
+    3-channel 7 × 7 stem with k padded) are conv2d_tensorcore groups, and each distinct one lowers on it (no
+    fallback: the test suite turns the fallback warning into an error)."""
     from kiln.autotune.tasks import extract_tasks
     from kiln.frontend import from_onnx
     from kiln.ir.visitor import post_order
@@ -286,7 +305,7 @@ def test_resnet50_fp16_puts_its_convs_on_the_template():
             if g.anchor is not None and g.anchor.op is CONV2D:
                 assert g.anchor.attrs.groups == 1 and str(g.anchor.type.dtype) == "float16"
                 templates[find(g, "cuda").name] += 1
-    assert templates == {"cuda.conv2d_tensorcore": 52, "cuda.conv2d_direct": 1}
+    assert templates == {"cuda.conv2d_tensorcore": 53}
     tasks = [t for t in extract_tasks(mod, target) if t.template is conv2d_tensorcore.TEMPLATE]
     assert len(tasks) > 10
     for task in tasks:
@@ -297,7 +316,7 @@ def test_resnet50_fp16_puts_its_convs_on_the_template():
 @needs_nvcc
 @pytest.mark.slow
 def test_resnet50_fp16_compiles_for_sm90_with_tensor_core_convs(tmp_path):
-    """The whole `kiln compile zoo:resnet50 --target cuda-sm90 --precision fp16` (about 45 s here): 52 kernels
+    """The whole `kiln compile zoo:resnet50 --target cuda-sm90 --precision fp16` (about 45 s here): 53 kernels
     on conv2d_tensorcore, each with mma.sync in the artifact's PTX."""
     import kiln
     from kiln import zoo
@@ -306,6 +325,6 @@ def test_resnet50_fp16_compiles_for_sm90_with_tensor_core_convs(tmp_path):
     report = kiln.compile(zoo.zoo_model("resnet50"), tmp_path / "m.so", Options(target=SM90, precision="fp16"))
     ptx = (tmp_path / "m.ptx").read_text()
     convs = [s["kernel"] for s in report.steps if s["template"] == conv2d_tensorcore.TEMPLATE.key]
-    assert len(convs) == 52, [(s["kernel"], s["template"]) for s in report.steps]
+    assert len(convs) == 53, [(s["kernel"], s["template"]) for s in report.steps]
     for name in convs:
         assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in _entry(ptx, name), name
