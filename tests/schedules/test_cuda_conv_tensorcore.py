@@ -5,6 +5,7 @@ space build; ResNet-50 at --precision fp16 puts every conv on it. The only
 numeric evidence available here: the template's GEMM form of the conv (the im2col index map, the padded input,
 m padded to the block tile), built for the CPU and checked against NumPy."""
 
+import itertools
 import random
 import re
 import shutil
@@ -97,13 +98,25 @@ def test_residual_add_group_takes_the_template():
 # --- the knob space -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", RESNET)
-def test_space_holds_more_than_16_configs_that_check_accepts(name):
+def test_space_holds_more_than_16_configs_exactly_those_check_accepts(name):
     _, wl = task_of(_resnet(name), resolve_target(SM80))
     space = conv2d_tensorcore.space(wl)
     assert len(space) > 16, len(space)
-    for cfg in space:
-        conv2d_tensorcore.check(wl, cfg)
+    accepted = 0
+    for (bm, bn), (wm, wn), bk, stages, vector in itertools.product(
+            conv2d_tensorcore.BLOCK_TILES, conv2d_tensorcore.WARP_TILES, conv2d_tensorcore.CHUNKS,
+            conv2d_tensorcore.STAGES, (1, *conv2d_tensorcore.VECTORS)):
+        cfg = {"block_m": bm, "block_n": bn, "warp_m": wm, "warp_n": wn, "chunk_k": bk, "stages": stages,
+               "vector": vector}
+        try:
+            conv2d_tensorcore.check(wl, cfg)
+        except InvalidConfig:
+            assert cfg not in space, cfg
+            continue
+        accepted += 1
+        assert cfg in space, cfg
         assert conv2d_tensorcore.shared_bytes(wl, cfg) <= conv2d_tensorcore.SHARED_BYTES
+    assert accepted == len(space)
     assert conv2d_tensorcore.default(wl) in space
 
 
