@@ -202,24 +202,35 @@ def read_records(paths: str | os.PathLike | Iterable[str | os.PathLike], target=
     return kept
 
 
-def best_records(records: Iterable[Record]) -> dict[str, Record]:
+def best_records(records: Iterable[Record], decisions: bool = True) -> dict[str, Record]:
     """The lowest-cost record per workload key; failed records never win, ties keep the first. Where a key has
     verified records (the tuner's final A/B of its best against the default, timed interleaved in one
-    process), only those count: a search's single lucky measurement must not outrank them."""
+    process), only those count: a search's single lucky measurement must not outrank them. Above both, the
+    last end-to-end decision for a key (`kiln tune` timing the whole model tuned against default, and keeping
+    the default when the tuned one was not reliably faster) stands: kernels that each won alone can lose
+    together, and a log applied later must not bring back the model its own A/B refused. `decisions=False`
+    gives the search's bests regardless (what the next A/B compares)."""
     records = list(records)
     verified = {r.key for r in records if r.extra.get("verified")}
     best: dict[str, Record] = {}
+    decided: dict[str, Record] = {}
     for r in records:
+        if r.extra.get("end_to_end"):
+            if r.error is None:
+                decided[r.key] = r  # the last decision stands
+            continue
         if r.key in verified and not r.extra.get("verified"):
             continue
         if r.error is None and r.costs_s and (r.key not in best or r.cost_s < best[r.key].cost_s):
             best[r.key] = r
+    if decisions:
+        best.update(decided)
     return best
 
 
-def best_configs(records: Iterable[Record]) -> dict[str, Config]:
-    """The config of the lowest-cost record per workload key: what `kiln.compile` is handed."""
-    return {key: dict(r.config) for key, r in best_records(records).items()}
+def best_configs(records: Iterable[Record], decisions: bool = True) -> dict[str, Config]:
+    """The config of the best record per workload key (`best_records`): what `kiln.compile` is handed."""
+    return {key: dict(r.config) for key, r in best_records(records, decisions).items()}
 
 
 def config_id(config: Mapping) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 import kiln
-from kiln.autotune.records import best_configs, read_records
+from kiln.autotune.records import Record, RecordWriter, best_configs, config_id, read_records
 from kiln.autotune.runner import LocalRunner
 from kiln.autotune.tune import TuneEvent, TuneOptions, TuneResult, tune
 from kiln.codegen.target import resolve_target
@@ -83,7 +83,7 @@ def _end_to_end(proto, plain: Path, log_path, options: Options, result: ModelTun
     from kiln.zoo import feeds as random_feeds
 
     target = resolve_target(options.target)
-    tuned_configs = best_configs(read_records([log_path], target))
+    tuned_configs = best_configs(read_records([log_path], target), decisions=False)
     tuned = kiln.compile(proto, tmp / "tuned.so", Options(**{**vars(options), "configs": tuned_configs})).path
     feeds = random_feeds(proto, seed=0)
     models = {"default": kiln.load(plain), "tuned": kiln.load(tuned)}
@@ -102,9 +102,28 @@ def _end_to_end(proto, plain: Path, log_path, options: Options, result: ModelTun
         log.warning("the tuned model (%.3f ms, faster in %d of %d rounds) is not reliably faster than the default "
                     "(%.3f ms) end to end: the default is kept", result.tuned_ms, wins, END_TO_END_ROUNDS,
                     result.default_ms)
+    _record_decision(log_path, result, tuned_configs)
     if output is not None:
         src = tuned if result.kept == "tuned" else plain
         Path(output).write_bytes(Path(src).read_bytes())
+
+
+def _record_decision(log_path, result: ModelTuneResult, tuned_configs: dict) -> None:
+    """One record per task of the config the end-to-end A/B kept (the default's when it kept the default), so
+    that `kiln compile --tuning-log` (and a shipped log) applies what the A/B chose, not each kernel's lone
+    best. Marked `replay: skip`: a resumed search does not count it as a trial."""
+    writer = RecordWriter(log_path)
+    try:
+        for s in result.tune.states:
+            default = s.task.default()
+            config = tuned_configs.get(s.task.key, default) if result.kept == "tuned" else default
+            cost = s.best_cost_s if config_id(config) != config_id(default) else s.default_cost_s
+            writer.write(Record.measured(s.task.template, s.task.workload, s.task.target, config,
+                                         [cost] if math.isfinite(cost) else [], None,
+                                         end_to_end=result.kept, replay="skip", default_ms=round(result.default_ms, 4),
+                                         tuned_ms=round(result.tuned_ms, 4), rounds_won=list(result.rounds_won)))
+    finally:
+        writer.close()
 
 
 def keep_tuned(default_ms: np.ndarray, tuned_ms: np.ndarray, rounds: int) -> tuple[str, int]:

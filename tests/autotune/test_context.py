@@ -10,7 +10,7 @@ import onnx
 import pytest
 from kiln.autotune.builder import LocalBuilder, MeasureInput
 from kiln.autotune.context import ModelContext
-from kiln.autotune.records import read_records
+from kiln.autotune.records import best_configs, read_records
 from kiln.autotune.runner import LocalRunner
 from kiln.autotune.tune import TuneOptions
 from onnx import helper
@@ -93,9 +93,19 @@ def test_tune_model_times_in_the_model_and_keeps_the_faster_artifact(tmp_path):
     log = tmp_path / "log.jsonl"
     result = tune_model(three_convs(), log, TuneOptions(trials=8, tuner="random", batch=2, verify_rounds=1),
                         Options(target=TARGET), output=tmp_path / "best.so", repeat=5)
-    assert read_records([log], result.tune.states[0].task.target)
+    target = result.tune.states[0].task.target
+    records = read_records([log], target)
     assert result.kept in ("tuned", "default")
     assert (tmp_path / "best.so").stat().st_size > 0
+    # the decision is in the log, one record per task: applying the log gives the artifact that was kept
+    decided = {r.key: r.config for r in records if r.extra.get("end_to_end")}
+    assert {r.extra["end_to_end"] for r in records if r.extra.get("end_to_end")} == {result.kept}
+    assert set(decided) == {s.task.key for s in result.tune.states}
+    if result.kept == "default":
+        assert decided == {s.task.key: s.task.default() for s in result.tune.states}
+        assert best_configs(records) == decided
+    else:
+        assert best_configs(records) == best_configs(records, decisions=False)
 
 
 def test_the_tuned_model_is_kept_only_when_it_wins_most_paired_rounds():

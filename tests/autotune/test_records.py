@@ -273,3 +273,19 @@ def test_measured_configs_include_failures_and_only_that_key():
     assert config_id({"b": 1, "a": True}) == '{"a":true,"b":1}'
     assert measured_configs(records, "x86.none@1:0") == set()
 
+
+
+def test_the_last_end_to_end_decision_outranks_faster_kernels():
+    """`kiln tune` records the config its whole-model A/B kept for each task: a log applied later gives that,
+    not each kernel's lone best; the A/B itself still compares against the search's best."""
+    search = [tile_record(1, costs_s=(3e-3,)), tile_record(2, costs_s=(1e-3,))]
+    template = tile_template()
+    wl = Workload.of(template.key, Group(add_group(16)), lanes=16)
+    decide = lambda tile, kept: Record.measured(template, wl, AVX512, {"tile": tile}, [3e-3], cpu=CPU,  # noqa: E731
+                                                end_to_end=kept, replay="skip")
+    key = search[0].key
+    assert best_configs(search) == {key: {"tile": 2}}
+    assert best_configs([*search, decide(1, "default")]) == {key: {"tile": 1}}
+    assert best_configs([*search, decide(1, "default")], decisions=False) == {key: {"tile": 2}}
+    # a later run that kept its tuned model decides again
+    assert best_configs([*search, decide(1, "default"), decide(2, "tuned")]) == {key: {"tile": 2}}
