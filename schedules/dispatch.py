@@ -41,7 +41,7 @@ def task_of(fn: Function, target) -> tuple[Template, Workload]:
     """The template that schedules this group on `target`, and the group's workload under it."""
     info = target_info(target)
     group = Group(fn)
-    template = find(group, info.kind)
+    template = find(group, info)
     return template, template.workload(group, info)
 
 

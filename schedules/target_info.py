@@ -33,6 +33,7 @@ class TargetInfo:
     l1d_bytes: int
     l2_bytes: int
     features: tuple[str, ...] = ()
+    sm: int = 0  # CUDA compute capability x 10 (80 for sm_80, 90 for sm_90; TVM fills in sm_50); 0 for CPUs
 
     def lanes(self, dtype_bits: int = 32) -> int:
         return max(1, self.vector_bits // dtype_bits)
@@ -79,4 +80,8 @@ def _info(text: str) -> TargetInfo:
     bits = 512 if "avx512f" in features else 256 if "avx2" in features else 128
     registers = 32 if bits == 512 or arch == "aarch64" else 16
     l1d, l2 = CACHES.get(cpu, GENERIC_CACHES)
-    return TargetInfo(kind, arch, cpu, bits, registers, cores, l1d, l2, tuple(features))
+    sm = 0
+    if kind == "cuda":
+        digits = str(target.attrs.get("arch", "") or "").removeprefix("sm_").rstrip("a")
+        sm = int(digits) if digits.isdigit() else 0
+    return TargetInfo(kind, arch, cpu, bits, registers, cores, l1d, l2, tuple(features), sm)

@@ -40,6 +40,9 @@ class Template:
     default: Callable[..., Config]  # (wl, info[, fixed]) -> a config inside space(wl, info)
     schedule: Callable[[Any, Workload, Config], list[str]]  # (s_tir.Schedule, wl, cfg) -> steps applied
     priority: int = 0
+    # whether the target's hardware has what the schedule emits (tensor-core instructions need sm_80); a
+    # template that does not is skipped for the next one, never lowered into code the device cannot run
+    supports: Callable[[TargetInfo], bool] = field(default=lambda info: True)
     graph_knobs: Callable[[Group], Mapping[str, Any]] = field(default=lambda group: {})
     # (group fn, {knob: value}) -> the group as the graph would have it with those knobs (a conv rewritten to
     # another algorithm), for measuring a config whose graph knobs differ from the model's; None: no graph knobs
@@ -76,9 +79,13 @@ def template_named(name: str) -> Template:
     raise ScheduleError(f"no schedule template named {bare!r}")
 
 
-def find(group: Group, kind: str) -> Template:
+def find(group: Group, target: str | TargetInfo) -> Template:
+    """The first template (by priority) that applies to the group; given a TargetInfo rather than a kind, only
+    among those the target's hardware supports."""
+    info = target if isinstance(target, TargetInfo) else None
+    kind = info.kind if info is not None else target
     for t in _registry(kind):
-        if t.applies(group):
+        if (info is None or t.supports(info)) and t.applies(group):
             return t
     raise ScheduleError(f"no {kind} template applies to the group {' + '.join(group.ops)}")
 

@@ -31,6 +31,7 @@ from kiln.errors import InvalidConfig
 
 from .dense_tensorcore import (
     DTYPES,
+    MIN_SM,
     OUT_PAD,
     PAD,
     SHARED_BYTES,
@@ -272,6 +273,7 @@ def _consumers_between(sch, block, out):
 TEMPLATE = Template(
     NAME, VERSION, "cuda",
     applies=applies, workload=workload, space=space, default=default, schedule=schedule, priority=10,
+    supports=lambda info: info.sm >= MIN_SM,
     doc=("conv2d as an implicit GEMM on tensor cores: im2col rows gathered into shared memory per k-chunk, "
          "weights as [oc, ic·kh·kw], mma.sync on ldmatrix fragments, float32 sums, the epilogue on store"),
 )

@@ -32,6 +32,7 @@ from .threads import WARP, epilogue_group, prepare
 
 VERSION = 1
 NAME = "cuda.dense_tensorcore"
+MIN_SM = 80  # mma.sync m16n8k16 on f16/bf16 and cp.async: Ampere and later (sm_75 has neither)
 DTYPES = ("float16", "bfloat16")
 BLOCK_TILES = ((64, 128), (128, 64), (128, 128), (128, 256), (256, 128))  # (block_m, block_n)
 WARP_TILES = ((32, 64), (64, 32), (64, 64))  # (warp_m, warp_n): 64 or 128 float32 accumulators per thread
@@ -540,6 +541,7 @@ def _register_store() -> str:
 TEMPLATE = Template(
     NAME, VERSION, "cuda",
     applies=applies, workload=workload, space=space, default=default, schedule=schedule, priority=10,
+    supports=lambda info: info.sm >= MIN_SM,
     doc=("tensor cores: mma.sync m16n8k16 on ldmatrix fragments, A and B tiles through padded shared memory by "
          "cp.async in a stages-deep software pipeline, float32 sums, the epilogue from a shared float32 tile"),
 )

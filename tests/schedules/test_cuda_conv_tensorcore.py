@@ -341,3 +341,15 @@ def test_resnet50_fp16_compiles_for_sm90_with_tensor_core_convs(tmp_path):
     assert len(convs) == 53, [(s["kernel"], s["template"]) for s in report.steps]
     for name in convs:
         assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in _entry(ptx, name), name
+
+
+
+@pytest.mark.parametrize("arch,tensor_cores", [("sm_75", False), ("sm_80", True), ("sm_90", True)])
+def test_conv_tensor_cores_need_sm80(arch, tensor_cores):
+    """An sm_75 target (no m16n8k16 f16 mma, no cp.async) keeps fp16 convs on conv2d_direct."""
+    from kiln.schedules.dispatch import task_of
+    from tvm.target import Target
+
+    target = Target({"kind": "cuda", "arch": arch, "host": {"kind": "llvm"}})
+    want = conv2d_tensorcore.TEMPLATE if tensor_cores else conv2d_direct.TEMPLATE
+    assert task_of(_resnet("3x3_64ch_56"), target)[0] is want

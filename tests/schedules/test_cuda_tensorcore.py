@@ -364,3 +364,20 @@ def test_kiln_intrinsics_give_the_kernel_tvms_float16_intrinsics_give(b_layout, 
 
     monkeypatch.setattr(dense_tensorcore, "_intrinsics", tvms)
     assert source() == ours
+
+
+
+@pytest.mark.parametrize("arch,sm,tensor_cores", [("sm_75", 75, False), ("sm_80", 80, True), ("sm_90", 90, True)])
+def test_tensor_core_templates_need_sm80(arch, sm, tensor_cores):
+    """mma.sync m16n8k16 on f16/bf16 and cp.async exist from sm_80: on an sm_75 target the same fp16 group goes
+    to the tiled template (code a Turing GPU can run)."""
+    from kiln.schedules.target_info import target_info
+    from tvm.target import Target
+
+    target = Target({"kind": "cuda", "arch": arch, "host": {"kind": "llvm"}})
+    assert target_info(target).sm == sm
+    want = dense_tensorcore.TEMPLATE if tensor_cores else dense_tiled.TEMPLATE
+    assert task_of(TAKEN["dense_f16_bias_relu"], target)[0] is want
+    no_arch = Target({"kind": "cuda", "host": {"kind": "llvm"}})  # TVM fills in sm_50: no tensor cores
+    assert target_info(no_arch).sm < dense_tensorcore.MIN_SM
+    assert task_of(TAKEN["dense_f16_bias_relu"], no_arch)[0] is dense_tiled.TEMPLATE
