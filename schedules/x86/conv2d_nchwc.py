@@ -59,7 +59,8 @@ def space(out_w: int, oc_blocks: int, depthwise: bool = False) -> dict[str, list
 
 
 def default(
-    out_w: int, oc_blocks: int, lanes: int, depthwise: bool = False, block: int | None = None
+    out_w: int, oc_blocks: int, lanes: int, depthwise: bool = False, block: int | None = None,
+    pointwise: bool = False,
 ) -> Config:
     """A register tile for the shape: measured rules, not a search (the tuner searches `space`)."""
     regs = registers(lanes)
@@ -74,6 +75,12 @@ def default(
     for toc in (3, 2):
         if oc_blocks % toc == 0:
             fits = [d for d in divisors(out_w, budget // toc) if d >= 4]
+            prime = out_w >= 11 and not [d for d in divisors(out_w) if 4 <= d < out_w]  # 7 × 1 was not measured
+            if not fits and pointwise and prime and out_w > budget // toc:
+                # a prime width (SqueezeNet's 13): a guarded partial tile of a 1x1 conv beats 13 columns × 1
+                # block (its 1000-class 512→1008 conv 1.35 → 0.81 ms, the model 4.84 → 4.47 ms); under a
+                # kh × kw window the guard costs more than it saves (an AlexNet 13-wide conv 2.1 → 3.7 ms)
+                fits = [t for t in (4, 8, 12, 16) if t <= budget // toc]
             if fits:
                 return Config(tile_ow=max(fits), tile_oc=toc)
     tile_ow = max(divisors(out_w, regs))
@@ -288,7 +295,7 @@ def _conv_default(wl: Workload, info, fixed: dict | None = None) -> dict:
         m = 2 if algo == choose.WINOGRAD2 else 4
         return {ALGORITHM: algo, "tile_p": winograd.default(_winograd_tiles(wl, m), lanes, m).tile_p}
     ocb = wl["oc"] // wl["out_block"]
-    cfg = default(wl["out_w"], ocb, lanes, False, block=wl["out_block"])
+    cfg = default(wl["out_w"], ocb, lanes, False, block=wl["out_block"], pointwise=(wl["kh"], wl["kw"]) == (1, 1))
     if algo == choose.IM2COL:  # the conv reads the gathered columns, not the input: split by channel
         return {ALGORITHM: algo, "tile_ow": cfg.tile_ow, "tile_oc": cfg.tile_oc, "unroll_kw": cfg.unroll_kw,
                 "rows_outer": False}

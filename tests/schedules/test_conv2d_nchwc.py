@@ -176,3 +176,19 @@ def test_k_chunk_only_for_large_weight_slabs():
     assert conv2d_nchwc.k_chunk(cfg, 2048 * 512 * 4, 32, 128) == 8  # ResNet-50's 2048→512 1x1: 256 KB per tile
     assert conv2d_nchwc.k_chunk(cfg, 256 * 1024 * 4, 64, 16) == 0  # 256→1024: 32 KB per tile
     assert conv2d_nchwc.k_chunk(conv2d_nchwc.Config(7, 2, rows_outer=True), 2048 * 512 * 4, 32, 128) == 0
+
+
+@pytest.mark.parametrize("lanes", [16, 8])
+def test_a_prime_width_takes_a_partial_tile_only_in_a_pointwise_conv(lanes):
+    """SqueezeNet's 13-wide 1x1 convs: two or three channel blocks × a guarded partial row (4 or 8 columns),
+    not 13 columns × one block; under a 3x3 window the guard cost more than it saved, so 13 × 1 stays."""
+    budget = min(conv2d_nchwc.registers(lanes), 21)
+    for ocb, toc in [(63, 3), (16, 2)]:
+        cfg = conv2d_nchwc.default(13, ocb, lanes, pointwise=True)
+        assert cfg.tile_oc == toc and cfg.tile_ow in (4, 8, 12) and cfg.tile_ow * toc <= budget, cfg
+        assert cfg.tile_ow in conv2d_nchwc.space(13, ocb)["tile_ow"]
+        windowed = conv2d_nchwc.default(13, ocb, lanes)
+        assert windowed.tile_ow * windowed.tile_oc <= conv2d_nchwc.registers(lanes)
+        assert windowed.tile_ow % 13 == 0 or windowed.tile_ow == 13 or windowed.tile_oc == 1, windowed
+    for ow in (14, 28, 56, 7):  # a width with a divisor of 4 or more (or one that fits whole) keeps its rule
+        assert conv2d_nchwc.default(ow, 16, lanes, pointwise=True) == conv2d_nchwc.default(ow, 16, lanes), ow
