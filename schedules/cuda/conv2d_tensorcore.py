@@ -37,9 +37,11 @@ from .dense_tensorcore import (
     SHARED_BYTES,
     _intrinsics,
     _register_copy,
+    passes,
     stage_fragments,
     tensorize_and_pipeline,
     tile_gemm,
+    tile_space,
 )
 from .threads import WARP, epilogue_group, prepare
 
@@ -108,27 +110,7 @@ def check(wl: Workload, cfg: Config) -> None:
 
 def space(wl: Workload, info=None) -> Space:
     """Every config that passes `check`, one branch per (block tile, warp tile, chunk_k, stages)."""
-    branches = []
-    for bm, bn in BLOCK_TILES:
-        for wm, wn in WARP_TILES:
-            for bk in CHUNKS:
-                for stages in STAGES:
-                    tile = {"block_m": bm, "block_n": bn, "warp_m": wm, "warp_n": wn, "chunk_k": bk,
-                            "stages": stages}
-                    widths = [v for v in vectors(wl) if _passes(wl, {**tile, "vector": v})]
-                    if widths:
-                        branches.append(Space.of(**tile, vector=widths))
-    if not branches:
-        raise InvalidConfig(f"{NAME}: no tile of the space fits {wl.summary()}")
-    return Space.union(*branches)
-
-
-def _passes(wl: Workload, cfg: Config) -> bool:
-    try:
-        check(wl, cfg)
-    except InvalidConfig:
-        return False
-    return True
+    return tile_space(NAME, wl, (BLOCK_TILES, WARP_TILES, CHUNKS, STAGES), vectors(wl), check)
 
 
 def default(wl: Workload, info=None) -> Config:
@@ -142,7 +124,7 @@ def default(wl: Workload, info=None) -> Config:
         for bk, stages in ((32, 3), (32, 2)):
             cfg = {"block_m": bm, "block_n": bn, "warp_m": wm, "warp_n": wn, "chunk_k": bk, "stages": stages,
                    "vector": max(vectors(wl))}
-            if _passes(wl, cfg):
+            if passes(check, wl, cfg):
                 return cfg
     return next(iter(space(wl)))
 

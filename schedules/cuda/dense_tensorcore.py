@@ -100,24 +100,31 @@ def check(wl: Workload, cfg: Config) -> None:
 def space(wl: Workload, info=None) -> Space:
     """Every config that passes `check`: one branch per (block tile, warp tile, chunk_k, stages) that fits,
     with the vector widths that copy its tiles evenly."""
+    return tile_space(NAME, wl, (BLOCK_TILES, WARP_TILES, CHUNKS, STAGES), VECTORS, check)
+
+
+def tile_space(name: str, wl: Workload, tiles, widths, check_) -> Space:
+    """The tensor-core templates' space: every (block tile, warp tile, chunk_k, stages) of `tiles` with the
+    copy widths of `widths` that `check_` accepts, one branch per tile; InvalidConfig when none fits."""
+    block_tiles, warp_tiles, chunks, stages_ = tiles
     branches = []
-    for bm, bn in BLOCK_TILES:
-        for wm, wn in WARP_TILES:
-            for bk in CHUNKS:
-                for stages in STAGES:
+    for bm, bn in block_tiles:
+        for wm, wn in warp_tiles:
+            for bk in chunks:
+                for stages in stages_:
                     tile = {"block_m": bm, "block_n": bn, "warp_m": wm, "warp_n": wn, "chunk_k": bk,
                             "stages": stages}
-                    vectors = [v for v in VECTORS if _passes(wl, {**tile, "vector": v})]
+                    vectors = [v for v in widths if passes(check_, wl, {**tile, "vector": v})]
                     if vectors:
                         branches.append(Space.of(**tile, vector=vectors))
     if not branches:
-        raise InvalidConfig(f"{NAME}: no tile of the space fits {wl.summary()}")
+        raise InvalidConfig(f"{name}: no tile of the space fits {wl.summary()}")
     return Space.union(*branches)
 
 
-def _passes(wl: Workload, cfg: Config) -> bool:
+def passes(check_, wl: Workload, cfg: Config) -> bool:
     try:
-        check(wl, cfg)
+        check_(wl, cfg)
     except InvalidConfig:
         return False
     return True
@@ -130,7 +137,7 @@ def default(wl: Workload, info=None) -> Config:
         for bk, stages in ((32, 3), (32, 2)):
             cfg = {"block_m": bm, "block_n": bn, "warp_m": wm, "warp_n": wn, "chunk_k": bk, "stages": stages,
                    "vector": 8}
-            if _passes(wl, cfg):
+            if passes(check, wl, cfg):
                 return cfg
     return next(iter(space(wl)))
 
