@@ -91,16 +91,15 @@ def space(wl: Workload, info=None) -> Space:
 
 
 def _flat_default(wl: Workload) -> Config | None:
-    """The most accumulators up to half the registers, then the most vectors (each broadcast weight is reused
-    across the vectors, each input vector across the channels)."""
-    best = None
-    for branch in _flat_space(wl):
-        for cfg in branch:
-            n = cfg["tile_oc"] * cfg["tile_v"]
-            key = (n <= wl["registers"] // 2, n if n <= wl["registers"] // 2 else -n, cfg["tile_v"])
-            if best is None or key > best[0]:
-                best = (key, cfg)
-    return None if best is None else best[1]
+    """The most accumulators up to half the registers (fewest above), then the most vectors (each broadcast
+    weight is reused across the vectors, each input vector across the channels)."""
+    half = wl["registers"] // 2
+
+    def rank(cfg: Config) -> tuple:
+        n = cfg["tile_oc"] * cfg["tile_v"]
+        return (n <= half, n if n <= half else -n, cfg["tile_v"])
+
+    return max((cfg for branch in _flat_space(wl) for cfg in branch), key=rank, default=None)
 
 
 def default(wl: Workload, info=None) -> Config:
@@ -120,6 +119,17 @@ def _prepare(sch, wl: Workload):
     return prepare(sch, conv_name, pad_names=("pad_temp",) if wl["padded"] else (), parallel_loops=2)
 
 
+def _prepare_local(sch, wl: Workload):
+    """`_prepare`, with the conv accumulating into a tile-sized local buffer (registers, once unrolled) instead
+    of the full output; (conv, output block)."""
+    conv_block, out_block = _prepare(sch, wl)
+    copy = sch.cache_write(conv_block, 0, "local")
+    if sch.get(out_block).same_as(sch.get(conv_block)):
+        return conv_block, copy  # no epilogue: the copy out of the accumulators is the output stage
+    sch.compute_inline(copy)
+    return conv_block, out_block
+
+
 def schedule(sch, wl: Workload, cfg: Config) -> list[str]:
     """The conv (n, oc, oh, ow | rc, ry, rx) computed per tile of the output's loops."""
     cfg = space(wl).check(cfg)
@@ -127,14 +137,8 @@ def schedule(sch, wl: Workload, cfg: Config) -> list[str]:
         return generic.schedule(sch, wl, {})
     if cfg.get("flat"):
         return _schedule_flat(sch, wl, cfg)
-    conv_block, out_block = _prepare(sch, wl)
+    conv_block, out_block = _prepare_local(sch, wl)
     steps = []
-    # accumulate into a tile-sized local buffer (registers, once unrolled) instead of the full output
-    copy = sch.cache_write(conv_block, 0, "local")
-    if sch.get(out_block).same_as(sch.get(conv_block)):
-        out_block = copy  # no epilogue: the copy out of the accumulators is the output stage
-    else:
-        sch.compute_inline(copy)
     n, oc, oh, ow = sch.get_loops(out_block)[:4]
     oco, oci = sch.split(oc, factors=[None, cfg["tile_oc"]])
     owo, owi = sch.split(ow, factors=[None, cfg["tile_ow"]])
@@ -157,13 +161,8 @@ def schedule(sch, wl: Workload, cfg: Config) -> list[str]:
 
 def _schedule_flat(sch, wl: Workload, cfg: Config) -> list[str]:
     """The conv and the output as (n, c, plane) blocks; a tile_oc × tile_v-vector accumulator tile per step."""
-    conv_block, out_block = _prepare(sch, wl)
+    conv_block, out_block = _prepare_local(sch, wl)
     ow = wl["out_w"]
-    copy = sch.cache_write(conv_block, 0, "local")
-    if sch.get(out_block).same_as(sch.get(conv_block)):
-        out_block = copy
-    else:
-        sch.compute_inline(copy)
     sch.transform_layout(conv_block, ("write", 0), lambda n, c, h, w: (n, c, h * ow + w))
     sch.transform_block_layout(conv_block, lambda n, c, h, w, rc, ry, rx: (n, c, h * ow + w, rc, ry, rx))
     sch.transform_block_layout(out_block, lambda n, c, h, w: (n, c, h * ow + w))
