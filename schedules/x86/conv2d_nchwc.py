@@ -72,14 +72,14 @@ def default(
     # per FMA (ResNet-50's and MobileNetV2's convs 7-20% faster each). A block narrower than the vector
     # registers (8 channels on AVX-512) may use all 24 registers; a full one stops at 21.
     budget = regs if block is not None and block < lanes else min(regs, 21)
+    # a prime width (SqueezeNet's 13): a guarded partial tile of a 1x1 conv beats 13 columns × 1 block (its
+    # 1000-class 512→1008 conv 1.35 → 0.81 ms, the model 4.84 → 4.47 ms); under a kh × kw window the guard costs
+    # more than it saves (an AlexNet 13-wide conv 2.1 → 3.7 ms); 7 × 1 was not measured
+    partial = pointwise and out_w >= 11 and not [d for d in divisors(out_w) if 4 <= d < out_w]
     for toc in (3, 2):
         if oc_blocks % toc == 0:
             fits = [d for d in divisors(out_w, budget // toc) if d >= 4]
-            prime = out_w >= 11 and not [d for d in divisors(out_w) if 4 <= d < out_w]  # 7 × 1 was not measured
-            if not fits and pointwise and prime and out_w > budget // toc:
-                # a prime width (SqueezeNet's 13): a guarded partial tile of a 1x1 conv beats 13 columns × 1
-                # block (its 1000-class 512→1008 conv 1.35 → 0.81 ms, the model 4.84 → 4.47 ms); under a
-                # kh × kw window the guard costs more than it saves (an AlexNet 13-wide conv 2.1 → 3.7 ms)
+            if not fits and partial and out_w > budget // toc:
                 fits = [t for t in (4, 8, 12, 16) if t <= budget // toc]
             if fits:
                 return Config(tile_ow=max(fits), tile_oc=toc)
