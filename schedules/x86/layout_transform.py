@@ -18,8 +18,8 @@ mode "tile": a `tile_w` piece of the row and the block loop both unrolled, the r
 
 from __future__ import annotations
 
-from kiln.ir.op import OpPattern
 from kiln.ir.ops.blocked import LAYOUT_TRANSFORM
+from kiln.ir.ops.transform import RESHAPE, TRANSPOSE
 from kiln.schedules.loops import divisors
 from kiln.schedules.space import Config, Space
 from kiln.schedules.template import Template
@@ -32,11 +32,16 @@ NAME = "x86.layout_transform"
 MAX_TILE_W = 16  # the unrolled row piece: 16 x a 16-lane block is 256 moves, enough straight-line code
 
 
+MOVES = (RESHAPE, TRANSPOSE, LAYOUT_TRANSFORM)  # what may ride along: data movement only (a resize before the
+# transform keeps its own template, x86/resize.py)
+
+
 def applies(group: Group) -> bool:
-    """Injective ops ending in one layout_transform between NCHW and a blocked layout (or two block sizes)."""
+    """Reshapes and transposes ending in one layout_transform between NCHW and a blocked layout (or two block
+    sizes)."""
     if not group.calls or group.calls[-1].op is not LAYOUT_TRANSFORM:
         return False
-    if not all(c.op.pattern <= OpPattern.INJECTIVE for c in group.calls):
+    if not all(c.op in MOVES for c in group.calls):
         return False
     a = group.calls[-1].attrs
     shape = group.output[0]

@@ -84,3 +84,7 @@ def test_claims_only_pure_transform_groups():
     assert task_of(transform_group((1, 8, 4, 4), attrs, shuffle=2), target)[0] is layout_transform.TEMPLATE
     # an op after the transform: the generic schedule's group, not a transpose of rows
     assert task_of(transform_group((1, 8, 4, 4), attrs, relu_after=True), target)[0].name == "x86.generic"
+    # an op before it that is not data movement: not a transpose either (a resize keeps x86/resize.py)
+    ps = params(((1, 8, 4, 4), "float32"))
+    fn = group(ps, Call(LAYOUT_TRANSFORM, (Call(RELU, (ps[0],)),), attrs))
+    assert task_of(fn, target)[0].name == "x86.generic"
