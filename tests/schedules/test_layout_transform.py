@@ -17,10 +17,10 @@ from ..groups import group, lower, params, run_lowered
 AVX2 = "x86-avx2"  # runs on any x86 host; the template does not depend on lanes
 
 
-def transform_group(shape, attrs, shuffle: int = 0, relu_after: bool = False):
+def transform_group(shape, attrs, shuffle: int = 0, dtype: str = "float32", relu_after: bool = False):
     """layout_transform(x), optionally after ShuffleNet's channel shuffle in `shuffle` groups (reshape,
     transpose, reshape), optionally followed by a relu."""
-    ps = params((shape, "float32"))
+    ps = params((shape, dtype))
     x = ps[0]
     if shuffle:
         n, c, h, w = shape
@@ -44,14 +44,16 @@ CASES = [  # (input shape, attrs, shuffle groups)
     ((1, 2, 9, 10, 16), LayoutTransformAttrs(16, 0), 0),  # out of blocks
     ((1, 3, 5, 6, 8), LayoutTransformAttrs(8, 0, channels=20), 0),  # out of blocks, padded channels dropped
     ((1, 2, 4, 6, 16), LayoutTransformAttrs(16, 8), 0),  # from one block size to another
+    ((2, 16, 3, 5), LayoutTransformAttrs(0, 8), 2),  # a batch of two
 ]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("shape, attrs, shuffle", CASES)
-def test_every_config_matches_the_reference(shape, attrs, shuffle):
+def test_every_config_matches_the_reference(shape, attrs, shuffle, dtype):
     target = resolve_target(AVX2)
-    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    fn = transform_group(shape, attrs, shuffle)
+    x = np.random.default_rng(0).standard_normal(shape).astype(dtype)
+    fn = transform_group(shape, attrs, shuffle, dtype)
     template, wl = task_of(fn, target)
     assert template is layout_transform.TEMPLATE
     space = template.space(wl, target_info(target))
@@ -68,7 +70,7 @@ def test_space_follows_the_direction_and_the_row():
     into = task_of(transform_group((1, 16, 4, 14), LayoutTransformAttrs(0, 16)), target)[1]
     out = task_of(transform_group((1, 1, 4, 14, 16), LayoutTransformAttrs(16, 0)), target)[1]
     padded = task_of(transform_group((1, 3, 4, 14, 8), LayoutTransformAttrs(8, 0, channels=20)), target)[1]
-    modes = lambda wl: {(c["mode"], c.get("tile_w")) for c in layout_transform.space(wl)}  # noqa: E731
+    modes = lambda wl: {(c["mode"], c.get("tile_w")) for c in layout_transform.space(wl)}
     assert modes(into) == {("vector", None), ("unroll", None), ("tile", 1), ("tile", 2), ("tile", 7),
                            ("tile", 14)}
     assert {m for m, _ in modes(out)} == {"vector", "unroll", "tile"}

@@ -8,12 +8,13 @@ import numpy as np
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from kiln.codegen.target import resolve_target
+from kiln.ir import Call
 from kiln.ir.ops.pool import AVG_POOL, LP_POOL, MAX_POOL, PoolAttrs
 from kiln.schedules.dispatch import task_of
 from kiln.schedules.target_info import target_info
 from kiln.schedules.x86 import pool_nchw
 
-from ..groups import lower, run_lowered
+from ..groups import group, lower, params, run_lowered
 from ..tolerances import assert_close
 from .test_pool_nchwc import pool_group
 
@@ -67,3 +68,19 @@ def test_leaves_lp_pools_to_the_generic_schedule():
 def test_leaves_one_column_outputs_to_the_generic_schedule():
     fn = pool_group(AVG_POOL, (1, 4, 7, 7), PoolAttrs((7, 7), (1, 1), (0,) * 4, (1, 1)))
     assert task_of(fn, resolve_target(AVX2))[0].name == "x86.generic"
+
+
+def test_float16_batches_at_every_config():
+    """Two images in float16: average sums in float32 and rounds once, as the op's compute says."""
+    attrs = PoolAttrs((3, 3), (2, 2), (1,) * 4, (1, 1))
+    x = np.random.default_rng(3).standard_normal((2, 3, 12, 12)).astype(np.float16)
+    target = resolve_target(AVX2)
+    for op in (AVG_POOL, MAX_POOL):
+        ps = params((x.shape, "float16"))
+        fn = group(ps, Call(op, (ps[0],), attrs))
+        template, wl = task_of(fn, target)
+        assert template is pool_nchw.TEMPLATE
+        want = op.evaluate([x], attrs)
+        for cfg in template.space(wl, target_info(target)):
+            g = lower(fn, target, {wl.key: cfg})
+            assert_close(run_lowered(g, target, [x]), want, rtol=1e-3, atol=1e-3, what=f"{op.name} {cfg}")
