@@ -181,3 +181,26 @@ def test_bool_max_and_min_of_nothing_are_any_and_all(kind):
     some = np.array([[[True, False]], [[False, False]]])
     np.testing.assert_array_equal(compiled(op, [some], rd.ReduceAttrs(axes=(2,), keepdims=False)),
                                   some.any(axis=2) if kind == "max" else some.all(axis=2))
+
+
+# --- Power by a constant 2 or 3: multiplies, not a libm call per element ----------------------------------------
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("exponent", [2.0, 3.0])
+def test_power_by_small_integer_constant(dtype, exponent):
+    from kiln.ir import Call, Constant
+    from tests.groups import group, params
+
+    edges = [0.0, -0.0, 1.0, -1.0, np.inf, -np.inf, np.nan, 3e38, -3e38, 1e-30, -2.5, 7.0]
+    x = np.concatenate([np.array(edges, dtype), rng.standard_normal(50).astype(dtype) * 10])
+    ps = params(x)
+    fn = group(ps, Call(ew.POWER, (ps[0], Constant(np.array(exponent, dtype)))))
+    g = lower(fn, TARGET)
+    with np.errstate(all="ignore"):
+        want = np.power(x, np.array(exponent, dtype))
+    got = run_lowered(g, TARGET, [x])
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.signbit(got), np.signbit(want))  # (-0)^3 is -0, (-0)^2 is +0
+    np.testing.assert_allclose(got, want, rtol=4 * np.finfo(dtype).eps, atol=0)  # x*x*x rounds twice
+    asm = tvm.compile(tvm.IRModule({"main": lower(fn, AVX512).prim_func}), target=AVX512).mod.inspect_source("asm")
+    assert not re.search(r"call\w*\s+\S*pow", asm)  # powf was one scalar call per element
