@@ -204,3 +204,31 @@ def test_power_by_small_integer_constant(dtype, exponent):
     np.testing.assert_allclose(got, want, rtol=4 * np.finfo(dtype).eps, atol=0)  # x*x*x rounds twice
     asm = tvm.compile(tvm.IRModule({"main": lower(fn, AVX512).prim_func}), target=AVX512).mod.inspect_source("asm")
     assert not re.search(r"call\w*\s+\S*pow", asm)  # powf was one scalar call per element
+
+
+# --- LRN: beta 0.75 as square roots, the window written out; infinities stay in their window ------------------
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("size, beta", [(5, 0.75), (4, 0.75), (1, 0.5), (3, 1.0), (5, 0.6), (17, 0.75)])
+def test_lrn_matches_the_reference(dtype, size, beta):
+    from kiln.ir.ops.norm import LRN, LRNAttrs
+
+    x = (rng.standard_normal((2, 19, 5, 6)) * 3).astype(dtype)
+    x[0, 0, 0, :4] = [np.inf, -np.inf, np.nan, 0]
+    attrs = LRNAttrs(size, 1e-3, beta, 2.0 if beta == 0.6 else 1.0)
+    got = compiled(LRN, [x], attrs)
+    with np.errstate(all="ignore"):
+        want = LRN.evaluate([x], attrs)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    assert np.isfinite(want[0, size:, 0, :3]).all()  # channels whose window misses the inf (a running sum's
+    # difference had made them NaN in the reference)
+    ok = ~np.isnan(want)
+    tol = 1e-3 if dtype == "float16" else 4 * np.finfo(dtype).eps
+    np.testing.assert_allclose(got[ok], want[ok], rtol=tol, atol=0)
+
+
+def test_lrn_calls_no_pow():
+    from kiln.ir.ops.norm import LRN, LRNAttrs
+
+    asm = assembly(LRN, [np.zeros((1, 8, 5, 5), np.float32)], LRNAttrs(5, 1e-4, 0.75, 1.0))
+    assert not re.search(r"call\w*\s+\S*pow", asm)  # powf was a scalar libm call per element
