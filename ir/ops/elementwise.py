@@ -344,7 +344,10 @@ def _te_unary() -> dict[str, object]:
     from tvm import te, tirx as tir
 
     def sigmoid(x):
-        return 1 / (1 + te.exp(-x))
+        # float32 through float_math.exp, which vectorizes: te.exp is a scalar expf call per element, and a
+        # sigmoid is often a conv's epilogue (SiLU, squeeze-excite gates). Its flush of e^x below 1e-38 to 0
+        # only meets 1 + e^-x, where it vanishes anyway
+        return 1 / (1 + float_math.exp(-x))
 
     # LLVM has no sinh/cosh intrinsic on x86. exp(|x| - ln 2) is e^|x| / 2 without overflowing before the result
     # does (cosh(89) = 2.2e38 is a float32); sinh near 0 takes its series, where the exp difference cancels.

@@ -232,3 +232,19 @@ def test_lrn_calls_no_pow():
 
     asm = assembly(LRN, [np.zeros((1, 8, 5, 5), np.float32)], LRNAttrs(5, 1e-4, 0.75, 1.0))
     assert not re.search(r"call\w*\s+\S*pow", asm)  # powf was a scalar libm call per element
+
+
+# --- sigmoid: float32 through the vectorized exp --------------------------------------------------------------
+
+def test_sigmoid_float32_within_two_ulp_and_no_expf():
+    x = np.concatenate([np.array([0, -0.0, np.inf, -np.inf, np.nan, 100, -100, 88.7, -88.7, 87, -87, 1e-8, -1e-8,
+                                  20, -20, 17, -17], np.float32),
+                        (rng.standard_normal(2000) * 10).astype(np.float32)])
+    got = compiled(ew.SIGMOID, [x])
+    with np.errstate(all="ignore"):
+        want = 1 / (1 + np.exp(-x.astype(np.float64)))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    ok = ~np.isnan(want)
+    # below -88.7 float32's e^-x overflows (in libm's expf too): 0 where the exact value is a denormal
+    np.testing.assert_allclose(got[ok], want[ok], rtol=2 * np.finfo(np.float32).eps, atol=np.finfo(np.float32).tiny)
+    assert not re.search(r"call\w*\s+\S*exp", assembly(ew.SIGMOID, [x]))  # was a scalar expf call per element
