@@ -18,6 +18,7 @@ _LN2_HI, _LN2_LO = 0.693359375, -2.12194440e-4
 _EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
 # 2^n stays a normal float32: n in [-126, 127] (n = 127 up to 127.5 ln 2); above ln(FLT_MAX) exp is inf
 _EXP_MIN, _EXP_MAX, _EXP_OVERFLOW = -87.33654475, 88.376, 88.72283935546875
+_EXP_MIN_SUBNORMAL = -103.97208  # ln(2^-150): below it e^x rounds to 0 even as a denormal
 
 # erf(x) = x P(x²) / Q(x²) on [-4, 4], ±1 outside (to float32 precision): the rational fit Eigen uses
 _ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
@@ -187,9 +188,13 @@ def _nan_reducer(kind: str, from_lowest: bool):
     return te.comm_reducer(combine, identity, name=f"nan_{kind}{'_from_lowest' if from_lowest else ''}")
 
 
-def exp(x):
+def exp(x, subnormal: bool = False):
     """exp(x) for a float32 TE expression; 0 below -87.3 (where float32 exp is denormal), inf above ln(FLT_MAX),
-    NaN for NaN. Other dtypes: te.exp."""
+    NaN for NaN. Other dtypes: te.exp.
+
+    `subnormal`: down to -103.97, where e^x is a denormal float32, scale by 2^(n + 64) and then by 2^-64, so the
+    result rounds once into the denormal range as expf's does (the Exp op: NumPy and ONNX Runtime keep those
+    values; inside softmax, tanh or sigmoid they vanish and the cheaper flush stays)."""
     from tvm import te
     from tvm import tirx as tir
 
@@ -203,10 +208,14 @@ def exp(x):
         def with_n(n):
             def with_r(r):
                 poly = _horner(_EXP_POLY, r, const) * (r * r) + r + const(1.0)
-                two_n = tir.reinterpret("float32", (n.astype("int32") + tir.const(127, "int32"))
-                                        << tir.const(23, "int32"))
-                return tir.Select(xv < const(_EXP_MIN), const(0.0),
-                                  tir.Select(const(_EXP_OVERFLOW) < xv, const(float("inf")), poly * two_n))
+                if not subnormal:
+                    return tir.Select(xv < const(_EXP_MIN), const(0.0), tir.Select(
+                        const(_EXP_OVERFLOW) < xv, const(float("inf")), poly * _pow2(n)))
+                # each 2^k built only for exponents it can hold: the unselected lanes stay plain numbers
+                normal = poly * _pow2(te.max(n, const(-126.0)))
+                tiny = poly * _pow2(te.min(n, const(-127.0)) + const(64.0)) * const(2.0 ** -64)
+                return tir.Select(xv < const(_EXP_MIN_SUBNORMAL), const(0.0), tir.Select(
+                    const(_EXP_OVERFLOW) < xv, const(float("inf")), tir.Select(n < const(-126.0), tiny, normal)))
 
             # n comes from x clamped the plain way, so it is finite even for a NaN (a NaN converted to int32 is
             # poison in LLVM); r uses x itself, so a NaN flows through the polynomial into the result. Up to
@@ -214,10 +223,17 @@ def exp(x):
             # few ulp.
             return _let(tir.Var("r", "float32"), xv - n * const(_LN2_HI) - n * const(_LN2_LO), with_r)
 
-        xn = te.min(te.max(xv, const(_EXP_MIN)), const(_EXP_MAX))
+        xn = te.min(te.max(xv, const(_EXP_MIN_SUBNORMAL if subnormal else _EXP_MIN)), const(_EXP_MAX))
         return _let(tir.Var("n", "float32"), te.floor(xn * const(_LOG2E) + const(0.5)), with_n)
 
     return _let(tir.Var("x", "float32"), x, of)
+
+
+def _pow2(n):
+    """2^n for a float32 TE expression holding an integer in [-126, 127], from its exponent bits."""
+    from tvm import tirx as tir
+
+    return tir.reinterpret("float32", (n.astype("int32") + tir.const(127, "int32")) << tir.const(23, "int32"))
 
 
 def erf(x):

@@ -248,3 +248,23 @@ def test_sigmoid_float32_within_two_ulp_and_no_expf():
     # below -88.7 float32's e^-x overflows (in libm's expf too): 0 where the exact value is a denormal
     np.testing.assert_allclose(got[ok], want[ok], rtol=2 * np.finfo(np.float32).eps, atol=np.finfo(np.float32).tiny)
     assert not re.search(r"call\w*\s+\S*exp", assembly(ew.SIGMOID, [x]))  # was a scalar expf call per element
+
+
+# --- Exp: vectorized, denormal results kept ---------------------------------------------------------------------
+
+def test_exp_float32_keeps_denormals_and_calls_no_expf():
+    x = np.concatenate([np.array([0, -0.0, np.inf, -np.inf, np.nan, 88.72, 88.73, -87.3, -87.4, -100, -103.9,
+                                  -103.98, -104, -150], np.float32),
+                        np.linspace(-110, 90, 20001, dtype=np.float32)])
+    got = compiled(ew.EXP, [x])
+    with np.errstate(all="ignore"):
+        want = np.exp(x.astype(np.float64))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    normal = np.isfinite(want) & (want >= np.finfo(np.float32).tiny) & (want < np.finfo(np.float32).max)
+    ulps = np.abs(got[normal] - want[normal]) / np.spacing(want[normal].astype(np.float32))
+    assert ulps.max() <= 5  # 2 below 88.38; up to 5 above, where n stays 127 and r grows (float_math.exp)
+    tiny = want < np.finfo(np.float32).tiny
+    assert np.abs(got[tiny] - want[tiny]).max() <= 2 * 2.0 ** -149  # rounded into the denormals, not flushed
+    assert (got[(x > -103) & (x < -87.4)] > 0).all()
+    assert np.isposinf(got[x > 88.73]).all()
+    assert not re.search(r"call\w*\s+\S*exp", assembly(ew.EXP, [x]))  # was a scalar expf call per element
