@@ -118,11 +118,15 @@ def model_tasks(model, options: Options | None = None) -> list[Task]:
 SHIPPED_LOGS = Path(kiln.tuning_logs.__path__[0])
 
 
+def _cores(n) -> int | None:
+    return None if n is None else int(n)
+
+
 def tuned_configs(options: Options, target) -> dict[str, dict]:
     """Workload key -> config: the best record per workload from the logs that ship with Kiln for the target's
     CPU (tuning_logs/<LLVM cpu name>/), then from `options.tuning_logs`, then `options.configs`, later ones
     winning. Records for another target, template version or knob space are skipped with a warning; shipped
-    logs of other CPUs with one note."""
+    logs of other CPUs, and shipped records measured at another core count, with one note."""
     from kiln.autotune.records import best_configs, read_records
 
     configs: dict[str, dict] = {}
@@ -133,7 +137,15 @@ def tuned_configs(options: Options, target) -> dict[str, dict]:
         if folder.name != cpu:
             log.info("shipped tuning logs for %s not applied: the target's CPU is %s", folder.name, cpu)
             continue
-        configs.update(best_configs(read_records([folder], target)))
+        records = read_records([folder], target)
+        cores = _cores(target.attrs.get("num-cores"))
+        fit = [r for r in records if _cores(r.target.get("num-cores")) == cores]
+        if len(fit) < len(records):
+            # a config's parallel split was measured at that core count: 4 tasks keep 2 cores busy, not 32
+            others = sorted({str(r.target.get("num-cores")) for r in records} - {str(cores)})
+            log.info("%d shipped tuning records for %s were measured on %s cores, this target has %s: not applied "
+                     "(`kiln tune` measures this machine)", len(records) - len(fit), cpu, "/".join(others), cores)
+        configs.update(best_configs(fit))
         log.info("%d tuned configs from the shipped logs for %s", len(configs), cpu)
     if options.tuning_logs:
         configs.update(best_configs(read_records(list(options.tuning_logs), target)))

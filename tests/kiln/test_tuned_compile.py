@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 from kiln.autotune.records import Record, RecordWriter, read_records
-from kiln.codegen.target import resolve_target
+from kiln.codegen.target import PRESETS, resolve_target
 from onnx import helper
 
 import kiln
@@ -95,6 +95,25 @@ def test_shipped_logs_apply_only_to_their_cpu(two_convs, tmp_path, monkeypatch):
     assert driver.tuned_configs(Options(target=TARGET), resolve_target(TARGET)) == {conv1.key: cfg}
     assert driver.tuned_configs(Options(target="x86-avx2"), resolve_target("x86-avx2")) == {}
     assert len(read_records(tmp_path / "shipped" / "skylake-avx512", resolve_target(TARGET))) == 1
+
+
+def test_shipped_logs_apply_only_at_their_core_count(two_convs, tmp_path, monkeypatch, caplog):
+    """A config's parallel split was measured at the log's core count (4 tasks keep 2 cores busy, not 32)."""
+    import logging
+
+    conv1 = next(t for t in _conv_tasks(two_convs) if t.workload["kh"] == 1)
+    cfg = next(c for c in conv1.space() if c != conv1.default())
+    two = {**PRESETS[TARGET], "num-cores": 2}
+    with RecordWriter(tmp_path / "shipped" / "skylake-avx512" / "m.jsonl") as w:
+        w.write(Record.measured(conv1.template, conv1.workload, resolve_target(two), cfg, [1e-4]))
+    monkeypatch.setattr(driver, "SHIPPED_LOGS", tmp_path / "shipped")
+    assert driver.tuned_configs(Options(), resolve_target(two)) == {conv1.key: cfg}
+    with caplog.at_level(logging.INFO, logger="kiln.driver"):
+        assert driver.tuned_configs(Options(), resolve_target({**two, "num-cores": 16})) == {}
+    assert any("measured on 2 cores, this target has 16" in r.message for r in caplog.records)
+    # a log the user names still applies: they chose it
+    assert driver.tuned_configs(Options(tuning_logs=(tmp_path / "shipped",)), resolve_target(
+        {**two, "num-cores": 16})) == {conv1.key: cfg}
 
 
 def test_kiln_tasks_lists_what_compile_builds(two_convs, tmp_path):
