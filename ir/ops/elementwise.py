@@ -391,7 +391,8 @@ def _te_unary() -> dict[str, object]:
     return {
         "nn.relu": float_math.relu,  # NaN stays NaN, in the one maxps that te.max(x, 0) took
         "negative": lambda x: -x,
-        "abs": te.abs, "exp": lambda x: float_math.exp(x, subnormal=True), "log": te.log, "sqrt": te.sqrt, "sigmoid": sigmoid, "tanh": tanh,
+        "abs": te.abs, "exp": lambda x: float_math.exp(x, subnormal=True), "log": te.log, "sqrt": te.sqrt,
+        "sigmoid": sigmoid, "tanh": tanh,
         "erf": float_math.erf, "sin": te.sin, "cos": te.cos, "tan": te.tan, "asin": te.asin, "acos": te.acos,
         "atan": te.atan, "sinh": sinh, "cosh": cosh, "asinh": te.asinh, "acosh": te.acosh,
         "atanh": te.atanh, "floor": te.floor, "ceil": te.ceil, "round": tir.nearbyint,

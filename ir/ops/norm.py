@@ -258,8 +258,7 @@ def lrn_compute(x, a: LRNAttrs):
             return total
     else:
         k = te.reduce_axis((0, a.size), name="lrn_k")
-        sums = te.compute(x.shape, lambda *i: te.sum(square(i, i[1] - lo + k), axis=k), name="lrn_sum")
-        window = sums
+        window = te.compute(x.shape, lambda *i: te.sum(square(i, i[1] - lo + k), axis=k), name="lrn_sum")
     scale, bias = tir.const(a.alpha / a.size, acc), tir.const(a.bias, acc)
 
     def power(b):

@@ -1,5 +1,6 @@
-"""Layout transforms between NCHW and NCHW[b]c, with whatever injective ops feed them inlined (ShuffleNet's
-channel shuffle, reshape + transpose + reshape, rides along): a transpose of each row's `b × W` tile.
+"""Layout transforms between NCHW and NCHW[b]c, with the reshapes and transposes that feed them inlined
+(ShuffleNet's channel shuffle, reshape + transpose + reshape, rides along): a transpose of each row's `b × W`
+tile.
 
 One side of that transpose is always strided. The generic schedule vectorizes the output's innermost loop, and
 TVM scalarizes a strided vector load into one extract, load and insert per lane: 3 Gelem/s here, where a plain
@@ -30,10 +31,8 @@ from kiln.errors import InvalidConfig
 VERSION = 1
 NAME = "x86.layout_transform"
 MAX_TILE_W = 16  # the unrolled row piece: 16 x a 16-lane block is 256 moves, enough straight-line code
-
-
-MOVES = (RESHAPE, TRANSPOSE, LAYOUT_TRANSFORM)  # what may ride along: data movement only (a resize before the
-# transform keeps its own template, x86/resize.py)
+# what may ride along: data movement only (a resize before the transform keeps its own template, x86/resize.py)
+MOVES = (RESHAPE, TRANSPOSE, LAYOUT_TRANSFORM)
 
 
 def applies(group: Group) -> bool:
@@ -72,7 +71,8 @@ def space(wl: Workload, info=None) -> Space:
 
 
 def default(wl: Workload, info=None) -> Config:
-    """Unrolled: never slower than "vector" in the measurements above, up to 4x faster."""
+    """Unrolled: on ShuffleNet's 8 transform shapes 1.0-3.7x faster than "vector" with AVX-512 code, and with AVX2
+    code 1.2-2.4x faster on 7 of them, 3% slower on one."""
     if wl["into_blocks"]:
         return {"mode": "unroll"}
     tile = max(_tiles(wl["width"]))
@@ -121,6 +121,6 @@ def schedule(sch, wl: Workload, cfg: Config) -> list[str]:
 TEMPLATE = Template(
     NAME, VERSION, "llvm",
     applies=applies, workload=workload, space=space, default=default, schedule=schedule,
-    doc="NCHW <-> NCHW[b]c transforms (injective producers inlined): rows in parallel, the b x W transpose "
+    doc="NCHW <-> NCHW[b]c transforms (reshapes and transposes inlined): rows in parallel, the b x W transpose "
         "unrolled for LLVM's SLP vectorizer, the loop nest a knob",
 )
