@@ -25,6 +25,7 @@ from kiln.runtime.artifact import META_SYMBOL, WEIGHTS_SUFFIX, WEIGHTS_SYMBOL, W
 
 from .cuda import DeviceCode, fpack_imports, packed_imports_with_binary
 from .entry import ENTRY_SYMBOL, entry_source
+from .pool import POOL_SYMBOL
 
 _BLOBS_C = r'''
 #include <tvm/ffi/c_api.h>
@@ -50,7 +51,8 @@ def write_artifact(path: Path, executable, meta: dict, weights: bytes, cc: str =
     import tvm_ffi
 
     path = Path(path)
-    meta = {**meta, "entry": ENTRY_SYMBOL, "sealed": True}  # a loader refuses this artifact without its seal
+    # a loader refuses this artifact without its seal; `pool`: the parallel-loop pool it installs (codegen/pool.py)
+    meta = {**meta, "entry": ENTRY_SYMBOL, "pool": POOL_SYMBOL, "sealed": True}
     if weights_file:
         meta.update(format=max(meta["format"], 3), weights_file=path.with_suffix(WEIGHTS_SUFFIX).name)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,13 +14,15 @@ summed in isolation, 2.85 ms in sequence), so `kiln profile` reports both.
 
 from __future__ import annotations
 
+from .pool import POOL_SOURCE
+
 ENTRY_SYMBOL = "kiln_run"
 DLTENSOR_BYTES = 48  # data, device, ndim, dtype, shape, strides, byte_offset on a 64-bit target
 
 
 def entry_source(steps: list[dict], n_values: int) -> str:
     kernels = sorted({s["kernel"] for s in steps})
-    lines = ["#include <tvm/ffi/c_api.h>", "#include <dlpack/dlpack.h>", "#include <time.h>", ""]
+    lines = [POOL_SOURCE, "#include <tvm/ffi/c_api.h>", "#include <dlpack/dlpack.h>", "#include <time.h>", ""]
     lines += [f"extern int __tvm_ffi_{k}(void*, const TVMFFIAny*, int32_t, TVMFFIAny*);" for k in kernels]
     lines += [
         "",

@@ -276,9 +276,9 @@ def validate_metadata(meta: dict, path: Path) -> None:
             raise bad(f"steps[{i}]", "lacks a kernel name or its args")
         for k, a in enumerate(step["args"]):
             count(a, f"steps[{i}].args[{k}]", len(meta["values"]))
-    entry = meta.get("entry")
-    if entry is not None and not isinstance(entry, str):
-        raise bad("entry", "is not a string")
+    for key in ("entry", "pool"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise bad(key, "is not a string")
     wfile = meta.get("weights_file")
     if wfile is not None and (not isinstance(wfile, str) or not wfile or Path(wfile).name != wfile or fmt < 3):
         raise bad("weights_file", f"is {wfile!r}, expected a file name beside the artifact (format ≥ 3)")

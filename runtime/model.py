@@ -27,7 +27,7 @@ from .artifact import (ALIGN, META_SYMBOL, WEIGHTS_SYMBOL, WEIGHTS_VIEW_SYMBOL, 
 from .cpu import host_arch, missing_features
 from .cuda import (CudaExecutor, bundle_dir, device_inputs, load_bundle_runtime, load_cuda_runtime,
                    ptx_for_source)
-from .threads import load_tvm_runtime, run_kernels, set_num_threads, usable_cpus
+from .threads import OwnPool, load_tvm_runtime, pool_limit, run_kernels, set_num_threads, usable_cpus
 from .timing import time_ms
 
 log = logging.getLogger(__name__)
@@ -141,8 +141,8 @@ class Model:
             load_tvm_runtime()
         import tvm_ffi
 
-        if num_threads is not None:
-            set_num_threads(num_threads)
+        if num_threads is not None and num_threads < 1:
+            raise InputError(f"num_threads must be ≥ 1, got {num_threads}")
         self.num_threads = num_threads
         try:
             self._lib = self._open(tvm_ffi, data)
@@ -178,6 +178,11 @@ class Model:
         self._input_values = {v["index"]: i for i, v in enumerate(meta["values"]) if v["kind"] == "input"}
         self._output_values = {v["index"]: i for i, v in enumerate(meta["values"]) if v["kind"] == "output"}
         self.device = "cuda" if meta.get("target", {}).get("kind") == "cuda" else "cpu"
+        self._parallel: OwnPool | None = None
+        if self.device == "cpu" and meta.get("pool") and os.environ.get("KILN_THREAD_POOL", "kiln") != "tvm":
+            self._parallel = OwnPool(self._function(meta["pool"], "thread pool"), num_threads or pool_limit())
+        elif num_threads is not None:
+            set_num_threads(num_threads)
         self._cuda = None
         if self.device == "cuda":
             if self._entry is None:
@@ -287,7 +292,7 @@ class Model:
         checked = self._check(args, named)
         ctx = self._acquire()
         try:
-            run_kernels(lambda: self._execute(ctx, checked, None), self.num_threads)
+            run_kernels(lambda: self._execute(ctx, checked, None), self.num_threads, self._parallel)
             return [o.copy() for o in ctx.outputs]
         finally:
             self._release(ctx)
@@ -310,7 +315,7 @@ class Model:
         outs = check_outputs(self.outputs, outputs)
         ctx = self._acquire()
         try:
-            run_kernels(lambda: self._execute(ctx, checked, outs), self.num_threads)
+            run_kernels(lambda: self._execute(ctx, checked, outs), self.num_threads, self._parallel)
             for k, (o, mine) in enumerate(zip(outs, ctx.outputs)):
                 if ctx.out_bound[k] == ctx.out_at[k]:
                     np.copyto(o, mine)

@@ -8,7 +8,8 @@
 // The kernels expect libtvm_runtime and libtvm_ffi, which do not exist for the target here. This file stands
 // in for the few symbols they use: the error and bytes functions they link against (exported with -rdynamic),
 // and the backend function-pointer slots the library holds (filled in after dlopen, as TVM's loader does).
-// Parallel loops run serially, as one task.
+// Parallel loops run on the artifact's own pool (codegen/pool.py) with KILN_HARNESS_THREADS threads (default 2),
+// or serially, as one task, in a library without one.
 #include <dlfcn.h>
 #include <dlpack/dlpack.h>
 #include <stdint.h>
@@ -30,6 +31,14 @@ void TVMFFIErrorSetRaisedFromCStrParts(const char* kind, const char** parts, int
 
 void TVMFFIErrorSetRaisedFromCStr(const char* kind, const char* message) {
   TVMFFIErrorSetRaisedFromCStrParts(kind, &message, 1);
+}
+
+// The pool moves an error raised on a worker to the caller's thread; here the message is in `raised` already.
+void TVMFFIErrorMoveFromRaised(TVMFFIObjectHandle* result) { *result = NULL; }
+void TVMFFIErrorSetRaised(TVMFFIObjectHandle error) { (void)error; }
+int TVMFFIObjectDecRef(TVMFFIObjectHandle obj) {
+  (void)obj;
+  return 0;
 }
 
 // The blob functions return bytes through this; keep a view of the blob (it lives as long as the library).
@@ -108,6 +117,15 @@ static void* open_library(const char* path) {
   for (size_t i = 0; i < sizeof slots / sizeof *slots; ++i) {
     void** slot = (void**)dlsym(lib, slots[i].name);
     if (slot) *slot = slots[i].fn;
+  }
+  TVMFFISafeCallType pool = (TVMFFISafeCallType)dlsym(lib, "__tvm_ffi_kiln_pool");
+  if (pool) {
+    const char* env = getenv("KILN_HARNESS_THREADS");
+    TVMFFIAny threads = {.type_index = kTVMFFIInt, .v_int64 = env ? atoi(env) : 2}, ret = {0};
+    if (pool(NULL, &threads, 1, &ret) != 0) {
+      fprintf(stderr, "kiln-harness: installing the thread pool failed: %s\n", raised);
+      return NULL;
+    }
   }
   return lib;
 }

@@ -11,6 +11,10 @@ keep that bounded:
 - a thread that runs while another run is in flight (any Model) uses one worker, since two callers each
   driving a pool of every core would put twice as many spinning workers as cores on the machine; it grows its
   pool back after a streak of runs alone (each resize starts new worker threads, a few hundred µs).
+
+Artifacts built since the pool of codegen/pool.py run their parallel loops on it instead (`OwnPool`): one pool
+per Model, usable from any thread, so neither rule's bookkeeping of TVM's pools applies; a run while another is in
+flight still runs on its caller alone.
 """
 
 from __future__ import annotations
@@ -166,9 +170,42 @@ class _Lanes:
         return future.result()
 
 
-def run_kernels(fn: Callable[[], T], requested: int | None = None) -> T:
-    """Run `fn` (which calls compiled kernels) on this thread if it may own a TVM pool, else on a lane."""
+class OwnPool:
+    """A Model's parallel-loop pool, compiled into its artifact (codegen/pool.py) and installed at load in place
+    of TVM's. `threads`: the caller and its workers."""
+
+    def __init__(self, fn, threads: int):
+        self._fn = fn
+        self.threads = threads
+        self._caps = threading.local()  # the cap last set from each thread (the pool keeps it per thread)
+        fn(threads)
+
+    def cap(self, n: int) -> None:
+        """Launches from the calling thread use at most n threads (0: the pool's all)."""
+        if getattr(self._caps, "n", 0) != n:
+            self._fn(-1, -1, -1, n)
+            self._caps.n = n
+
+
+def _run_pooled(fn: Callable[[], T], pool: OwnPool) -> T:
+    global _running
+    with _LOCK:
+        concurrent = _running > 0
+        _running += 1
+    try:
+        pool.cap(1 if concurrent else getattr(_THREAD, "full", 0))  # set_num_threads caps this thread's runs
+        return fn()
+    finally:
+        with _LOCK:
+            _running -= 1
+
+
+def run_kernels(fn: Callable[[], T], requested: int | None = None, pool: OwnPool | None = None) -> T:
+    """Run `fn` (which calls compiled kernels): with the Model's own `pool`, on this thread; otherwise on this
+    thread if it may own a TVM pool, else on a lane."""
     global _pool_owners, _lanes
+    if pool is not None:
+        return _run_pooled(fn, pool)
     if getattr(_THREAD, "owner", False):
         return _sized(fn, requested)
     with _LOCK:

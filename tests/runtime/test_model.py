@@ -250,9 +250,11 @@ def test_an_artifact_copied_while_loaded_elsewhere_loads_its_own_code(artifacts,
     assert np.array_equal(second.run(x)[0], kiln.load(artifacts[1]).run(x)[0])
 
 
-def test_callers_on_ever_new_threads_leave_a_bounded_number_of_workers(artifacts):
+@pytest.mark.parametrize("pool", ["kiln", "tvm"])
+def test_callers_on_ever_new_threads_leave_a_bounded_number_of_workers(artifacts, pool):
     """TVM keeps a worker pool per calling thread until the process exits: 50 short-lived callers left 150
-    spinning workers behind. Past MAX_POOL_OWNERS threads, runs go to long-lived lanes instead."""
+    spinning workers behind. Past MAX_POOL_OWNERS threads, runs go to long-lived lanes instead. The artifact's
+    own pool (codegen/pool.py) is one per Model, whichever thread calls: no lanes at all."""
     script = f"""
 import os, threading
 import numpy as np
@@ -272,13 +274,19 @@ names = [t.name for t in threading.enumerate()]
 print(len(wrong), len(os.listdir("/proc/self/task")), sum(n.startswith("kiln-lane") for n in names),
       threads.usable_cpus(), threads.pool_limit())
 """
-    proc = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "KILN_THREAD_POOL": pool}
+    proc = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=300,
+                          env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     wrong, tasks, lanes, cpus, workers = map(int, proc.stdout.split())
     assert wrong == 0
-    assert lanes == cpus
-    # the main thread, 2 pool owners and the lanes, each with its workers; 40 callers would leave 40 pools
-    assert tasks <= 1 + (2 + lanes) * (workers + 1) + 2, tasks
+    if pool == "tvm":
+        assert lanes == cpus
+        # the main thread, 2 pool owners and the lanes, each with its workers; 40 callers would leave 40 pools
+        assert tasks <= 1 + (2 + lanes) * (workers + 1) + 2, tasks
+    else:
+        assert lanes == 0
+        assert tasks <= 1 + workers + 2, tasks  # the main thread and the Model's pool
 
 
 def test_a_run_on_a_lane_raises_in_its_caller(artifacts):
