@@ -14,6 +14,7 @@ from kiln.ir.visitor import post_order
 from kiln.runtime.artifact import EMBEDDED_FORMAT
 
 from .lower import LoweredGroup, lower_group
+from .pool import loop_gcd
 from .weights import kernel_calls, layout
 
 
@@ -103,7 +104,7 @@ def build(mod: IRModule, target, on_progress: Callable[[int, int], None] | None 
         steps.append({"kernel": symbol, "args": [*args, index_of[id(c)]], "ops": group.ops, "name": c.span or symbol,
                       "schedule": group.schedule, "flops": _group_flops(c.op), "template": group.template,
                       "workload": group.workload, "config": group.config or {},
-                      "config_source": group.config_source})
+                      "config_source": group.config_source, "loop_gcd": loop_gcd(group.prim_func)})
         if on_progress:
             on_progress(i + 1, len(calls) + 1)
     lower_s = time.perf_counter() - start

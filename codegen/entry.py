@@ -69,7 +69,9 @@ def entry_source(steps: list[dict], n_values: int) -> str:
     for k, s in enumerate(steps, 1):
         args = ", ".join(f"T({i})" for i in s["args"])
         lines += ["  {", f"    TVMFFIAny a[{len(s['args'])}] = {{{args}}};", "    unused.type_index = 0;",
+                  f"    kiln_loop_gcd = {int(s.get('loop_gcd', 0))};",
                   f"    rc = __tvm_ffi_{s['kernel']}(0, a, {len(s['args'])}, &unused);",
-                  "    if (rc != 0) return rc;", f"    stamp(stamps, {k});", "  }"]
-    lines += ["  ret->type_index = 0;", "  return 0;", "}", ""]
+                  "    if (rc != 0) { kiln_loop_gcd = 0; return rc; }", f"    stamp(stamps, {k});", "  }"]
+    lines += ["  kiln_loop_gcd = 0;  /* kernels called one by one (profiles) split as TVM does */",
+              "  ret->type_index = 0;", "  return 0;", "}", ""]
     return "\n".join(lines)

@@ -8,16 +8,17 @@ slice: with one busy process on the second of 2 cores, ShuffleNet (93 kernels) t
 ONNX Runtime's 15 ms.
 
 This pool is compiled into each artifact and installed by the runtime at load (`kiln_pool`). A launch gives each
-thread a home block of chunks, TVM's static split by default (one chunk per thread). Each thread claims the
-chunks of its own block first, so consecutive kernels give a thread the same part of the data (what it wrote is
-still in its cache: claiming from one shared counter instead made ShuffleNet's memory-bound kernels 25% slower),
-then claims what other blocks have left. The caller waits only for chunks that were claimed: a worker that wakes
-late finds its block taken and touches nothing. So a worker that is not scheduled costs nothing, and a kernel
-runs at least at one core's speed, as ONNX Runtime's pool does by revoking work its workers have not started.
-With that busy process, ShuffleNet took 16 ms (ONNX Runtime 16 ms). More chunks per thread would also rebalance a
-worker slowed mid-chunk, but TVM's lambda splits its loop by ceil(extent / chunks), which leaves blocks uneven
-when the extent is small: BERT's dense layers and MobileNetV2 ran 5-10% slower with 2 or 4 (`kiln_pool`'s
-second argument sets it, for such experiments).
+thread a home block of the loop (TVM's static split) and cuts each block into k equal chunks, where k ≤ 4 and
+k * threads divides every parallel extent of the kernel (the entry sets `kiln_loop_gcd` before each kernel;
+k = 1 when it does not divide, since TVM's lambda splits by ceil(extent / chunks) and would leave chunks uneven).
+Each thread claims the chunks of its own block first, so consecutive kernels give a thread the same part of the
+data (what it wrote is still in its cache: claiming from one shared counter instead made ShuffleNet's
+memory-bound kernels 25% slower), then claims what other blocks have left. The caller waits only for chunks
+that were claimed: a worker that wakes late finds its block taken and touches nothing, and a thread slowed
+mid-loop (a vCPU shared with another guest) is helped with the rest of its block. With that busy process,
+ShuffleNet took 11-16 ms (ONNX Runtime 13-16 ms). On this loaded 2-vCPU VM, k ≤ 4 against one chunk a thread, the
+same Model alternating in one process (per-round medians): MobileNetV2 0.91-0.98x, BERT layer 0.93-0.99x,
+ResNet-50 0.90-1.00x, SqueezeNet and ShuffleNet 0.99-1.02x; k ≤ 8 and 16 were no better.
 
 A launch while another is in flight on the same pool (two runs of one Model on two threads), or from inside a
 worker, runs inline on its caller. Workers spin for a while after each job (launches within a run follow each
@@ -26,6 +27,8 @@ is unloaded and forgets them in a forked child.
 """
 
 from __future__ import annotations
+
+import math
 
 POOL_SYMBOL = "kiln_pool"  # kiln_pool(threads[, chunks_per_thread, spin_us, cap]) -> the previous threads
 
@@ -70,13 +73,16 @@ static pthread_t workers[KILN_MAX_WORKERS];
 static uint64_t worker_seen[KILN_MAX_WORKERS];
 static int n_started;                  /* worker threads running (under pool_lock) */
 static atomic_int pool_threads = 1;    /* threads a launch uses, the caller included */
-static atomic_int chunks_per_thread = 1;
+static atomic_int chunks_per_thread = 4;  /* at most; see kiln_loop_gcd */
 static atomic_int spin_us = 1000;
 static atomic_int sleepers;
 static atomic_int quitting;
 static atomic_flag busy = ATOMIC_FLAG_INIT;  /* a launch is in flight */
 static __thread int in_worker;
 static __thread int thread_cap;        /* threads this caller's launches may use; 0: no cap */
+/* Set by the entry before each kernel: the gcd of the kernel's parallel loop extents (0: unknown). A launch
+   splits each thread's block into k chunks only where k * threads divides it, so every chunk is the same size. */
+static __thread int kiln_loop_gcd;
 
 /* One claim counter per home block, each on its own cache line: generation << 32 | next unclaimed chunk. */
 typedef struct { _Atomic uint64_t word; char pad[56]; } KilnCounter;
@@ -224,7 +230,13 @@ static int kiln_launch(KilnLambda f, void* cdata, int num_task) {
     atomic_flag_clear_explicit(&busy, memory_order_release);
     return run_inline(f, cdata);
   }
-  int per_home = atomic_load_explicit(&chunks_per_thread, memory_order_relaxed);
+  int per_home = 1;
+  for (int k = atomic_load_explicit(&chunks_per_thread, memory_order_relaxed); k > 1; k--) {
+    if (kiln_loop_gcd > 0 && kiln_loop_gcd % (k * (n_workers + 1)) == 0) {
+      per_home = k;
+      break;
+    }
+  }
   int n = (n_workers + 1) * per_home;
   uint64_t gen = atomic_load_explicit(&job.gen, memory_order_relaxed) + 1;
   for (int h = 0; h <= n_workers; h++) atomic_store_explicit(&homes[h].word, gen << 32, memory_order_relaxed);
@@ -309,3 +321,31 @@ int __tvm_ffi_kiln_pool(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny*
   return 0;
 }
 """
+
+
+def loop_gcd(prim_func) -> int:
+    """The gcd of the constant extents of a kernel's parallel loops (0 if it has none, or one is not constant):
+    the entry hands it to the pool before the kernel runs, so a launch splits only into equal chunks."""
+    from tvm import tirx
+
+    extents: list[int] = []
+    stack = [prim_func.body]
+    while stack:
+        node = stack.pop()
+        if node is None:
+            continue
+        if isinstance(node, tirx.For):
+            if node.kind == tirx.ForKind.PARALLEL:
+                if not isinstance(node.extent, tirx.IntImm):
+                    return 0
+                extents.append(int(node.extent))
+            stack.append(node.body)
+        elif hasattr(node, "seq"):
+            stack.extend(node.seq)
+        elif hasattr(node, "block"):  # a block's realize: its body and its init
+            stack.extend([node.block.body, getattr(node.block, "init", None)])
+        elif hasattr(node, "then_case"):
+            stack.extend([node.then_case, node.else_case])
+        elif hasattr(node, "body"):
+            stack.append(node.body)
+    return math.gcd(*extents) if extents else 0

@@ -154,3 +154,42 @@ def test_unloading_a_model_stops_its_workers(chain):
     """)
     before, after = map(int, out.split())
     assert after <= before + 1, (before, after)  # 15 Models with a worker each: none left behind
+
+
+def test_loops_split_into_more_chunks_answer_the_same(chain):
+    """The entry tells the pool each kernel's parallel extents (their gcd); a launch splits a thread's block
+    into k equal chunks where k * threads divides that, so a thread slowed mid-loop can be helped."""
+    m = kiln.load(chain, num_threads=2)
+    assert all(step["loop_gcd"] > 0 for step in m.meta["steps"])
+    x = x_input()
+    m._parallel._fn(-1, 1)  # at most one chunk a thread: TVM's static split
+    want = m.run(x)[0]
+    for k in (2, 3, 4, 8):
+        m._parallel._fn(-1, k)
+        for _ in range(5):
+            assert np.array_equal(m.run(x)[0], want), k
+
+
+def test_loop_gcd_is_the_gcd_of_the_printed_parallel_extents(monkeypatch, tmp_path):
+    import math
+    import re
+
+    from kiln.codegen import build as build_module
+    from kiln.codegen.pool import loop_gcd
+
+    seen = []
+    lower = build_module.lower_group
+
+    def recording(fn, symbol, target, configs=None):
+        group = lower(fn, symbol, target, configs)
+        extents = [int(e) for e in re.findall(r"T\.parallel\((\d+)\)", group.prim_func.script())]
+        seen.append((symbol, loop_gcd(group.prim_func), math.gcd(*extents) if extents else 0))
+        return group
+
+    monkeypatch.setattr(build_module, "lower_group", recording)
+    from kiln.zoo import resolve
+
+    kiln.compile(resolve("zoo:squeezenet"), tmp_path / "squeezenet.so")
+    assert len(seen) > 20
+    assert [(s, got) for s, got, want in seen if got != want] == []
+    assert sum(got > 0 for _, got, _ in seen) > 20
