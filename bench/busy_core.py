@@ -3,7 +3,7 @@ or a shared CI host. Kiln with its own pool (codegen/pool.py), Kiln with TVM's p
 ONNX Runtime, 2 threads each, timed in alternating blocks in one process, first on quiet cores, then with a
 spinning process pinned to the core TVM pinned its worker to.
 
-    python bench/busy_core.py [--models shufflenet mobilenet_v2 resnet50] [--runs 5] [--blocks 3]
+    python bench/busy_core.py [--models shufflenet mobilenet_v2 resnet50] [--runs 5] [--blocks 5]
 
 Needs two usable cores. Ratios are comparable only within one run.
 """
@@ -34,13 +34,16 @@ def tvm_worker_core() -> int | None:
 
 
 def blocks_ms(engines: dict, runs: int, blocks: int) -> dict[str, float]:
+    """Median ms per run of each engine over `blocks` alternating blocks, after one untimed round (the first
+    block after a compile or a change of load ran up to 2x slow for every engine)."""
     times: dict[str, list[float]] = {name: [] for name in engines}
-    for _ in range(blocks):
+    for b in range(blocks + 1):
         for name, fn in engines.items():
             t = time.perf_counter()
             for _ in range(runs):
                 fn()
-            times[name].append((time.perf_counter() - t) / runs * 1e3)
+            if b:
+                times[name].append((time.perf_counter() - t) / runs * 1e3)
             time.sleep(0.3)  # two spinning pools distort each other: let one go quiet first
     return {name: float(np.median(v)) for name, v in times.items()}
 
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["shufflenet", "mobilenet_v2", "resnet50"])
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--blocks", type=int, default=3)
+    ap.add_argument("--blocks", type=int, default=5)
     args = ap.parse_args(argv)
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:

@@ -39,6 +39,7 @@ POOL_SOURCE = r"""
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <time.h>
 #include <unistd.h>
 #include <tvm/ffi/c_api.h>
@@ -149,10 +150,33 @@ static void work(uint64_t gen, int home) {
   }
 }
 
+static cpu_set_t caller_cpus;  /* where the caller may run, when the workers started */
+
+/* Worker i stays on the (i+1)-th core the caller may use, as TVM's do (KILN_POOL_PIN=0: not): a worker that moves
+   finds its block's data in the other core's cache. Unpinned, against pinned, same process, 9 alternating blocks
+   on the loaded VM: ResNet-50 1.085 vs 1.059x ORT, BERT layer 0.888 vs 0.806x, ShuffleNet 1.074 vs 1.040x,
+   MobileNetV2 0.891 vs 0.878x. The caller stays free, so it never shares a core with a worker for long, and a
+   worker whose core is busy costs nothing (its block is taken). */
+static void pin(int index) {
+  int seen_cpus = 0;
+  for (int cpu = 0; cpu < CPU_SETSIZE; cpu++) {
+    if (!CPU_ISSET(cpu, &caller_cpus)) continue;
+    if (seen_cpus++ == index + 1) {
+      cpu_set_t one;
+      CPU_ZERO(&one);
+      CPU_SET(cpu, &one);
+      sched_setaffinity(0, sizeof one, &one);
+      return;
+    }
+  }
+}
+
 static void* worker_main(void* arg) {
   int index = (int)(intptr_t)arg;
   uint64_t seen = worker_seen[index];
   in_worker = 1;
+  const char* pin_env = getenv("KILN_POOL_PIN");
+  if (!pin_env || pin_env[0] != '0') pin(index);
   for (;;) {
     uint64_t g = atomic_load_explicit(&job.gen, memory_order_acquire);
     if (g == seen && !atomic_load_explicit(&quitting, memory_order_relaxed)) {
@@ -196,6 +220,8 @@ static int start_workers(int want) {
     pthread_atfork(0, 0, forget_workers);
     atfork_done = 1;
   }
+  CPU_ZERO(&caller_cpus);
+  sched_getaffinity(0, sizeof caller_cpus, &caller_cpus);
   sigset_t all, old;
   sigfillset(&all);
   sigprocmask(SIG_SETMASK, &all, &old);  /* signals are for the caller's threads, never a worker */
