@@ -17,7 +17,7 @@ import kiln
 from kiln.model_builders import GraphBuilder
 
 
-def conv_chain(n: int = 24, c: int = 32, size: int = 28):
+def conv_chain(n: int = 12, c: int = 32, size: int = 28):
     """n 3x3 convs with relu, each a kernel with a parallel loop: many short launches, as in ShuffleNet."""
     g = GraphBuilder("conv_chain", 0)
     x = g.op("Conv", ["data", g.weight((c, 3, 3, 3), 27, "w")], kernel_shape=[3, 3], pads=[1] * 4)
@@ -187,9 +187,9 @@ def test_loop_gcd_is_the_gcd_of_the_printed_parallel_extents(monkeypatch, tmp_pa
         return group
 
     monkeypatch.setattr(build_module, "lower_group", recording)
-    from kiln.zoo import resolve
+    from kiln.model_builders import small_cnn
 
-    kiln.compile(resolve("zoo:squeezenet"), tmp_path / "squeezenet.so")
-    assert len(seen) > 20
+    kiln.compile(small_cnn(0), tmp_path / "small_cnn.so")  # convs, pools, a dense layer, softmax
+    assert len(seen) >= 5
     assert [(s, got) for s, got, want in seen if got != want] == []
-    assert sum(got > 0 for _, got, _ in seen) > 20
+    assert sum(got > 0 for _, got, _ in seen) >= 3
