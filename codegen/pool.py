@@ -64,8 +64,11 @@ typedef struct { void* sync_handle; int32_t num_task; } KilnParallelEnv;
 typedef int (*KilnLambda)(int task_id, KilnParallelEnv* penv, void* cdata);
 typedef int (*KilnLaunch)(KilnLambda flambda, void* cdata, int num_task);
 
-/* Defined (weak) by TVM's generated code when any kernel has a parallel loop; absent otherwise. */
+/* Defined (weak) by TVM's generated code when any kernel has a parallel loop; absent otherwise. A kernel that
+   synchronizes its parallel tasks (a barrier) needs TVM's pool, where every task runs at once: this pool would run
+   them one after another and such a kernel would read what its other tasks have not written yet. */
 extern void* __TVMBackendParallelLaunch __attribute__((weak));
+extern void* __TVMBackendParallelBarrier __attribute__((weak));
 
 static KilnLaunch tvm_launch;  /* TVM's pool, as the loader set it */
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -309,7 +312,7 @@ static void __attribute__((destructor)) stop_workers(void) {
 /* kiln_pool(threads[, chunks_per_thread, spin_us, cap]): threads >= 1 installs this pool with that many
    threads; 0 puts TVM's back; -1 leaves both. cap > 0 limits launches from the calling thread, 0 lifts that,
    -1 leaves it. Returns the thread count before the call (0: TVM's pool was installed, -1: no kernel has a
-   parallel loop). */
+   parallel loop, -2: a kernel uses a barrier, so TVM's pool stays). */
 int __tvm_ffi_kiln_pool(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* ret) {
   if (n < 1 || n > 4) {
     TVMFFIErrorSetRaisedFromCStr("ValueError", "kiln_pool takes threads[, chunks_per_thread, spin_us, cap]");
@@ -323,7 +326,9 @@ int __tvm_ffi_kiln_pool(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny*
   }
   int64_t threads = args[0].v_int64;
   int previous = -1;
-  if (&__TVMBackendParallelLaunch != 0) {
+  if (&__TVMBackendParallelBarrier != 0) {
+    previous = -2;  /* a kernel synchronizes its tasks: TVM's pool stays */
+  } else if (&__TVMBackendParallelLaunch != 0) {
     pthread_mutex_lock(&pool_lock);
     int installed = __TVMBackendParallelLaunch == (void*)kiln_launch;
     previous = installed ? atomic_load(&pool_threads) : 0;

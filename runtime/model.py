@@ -181,7 +181,9 @@ class Model:
         self._parallel: OwnPool | None = None
         if self.device == "cpu" and meta.get("pool") and os.environ.get("KILN_THREAD_POOL", "kiln") != "tvm":
             self._parallel = OwnPool(self._function(meta["pool"], "thread pool"), num_threads or pool_limit())
-        elif num_threads is not None:
+            if not self._parallel.installed:
+                self._parallel = None
+        if self._parallel is None and num_threads is not None:
             set_num_threads(num_threads)
         self._cuda = None
         if self.device == "cuda":

@@ -178,7 +178,7 @@ class OwnPool:
         self._fn = fn
         self.threads = threads
         self._caps = threading.local()  # the cap last set from each thread (the pool keeps it per thread)
-        fn(threads)
+        self.installed = fn(threads) != -2  # -2: a kernel synchronizes its tasks, so TVM's pool runs it
 
     def cap(self, n: int) -> None:
         """Launches from the calling thread use at most n threads (0: the pool's all)."""

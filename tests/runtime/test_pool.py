@@ -3,6 +3,7 @@ is not scheduled, and threads that end with the Model and do not survive a fork.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -193,3 +194,32 @@ def test_loop_gcd_is_the_gcd_of_the_printed_parallel_extents(monkeypatch, tmp_pa
     assert len(seen) >= 5
     assert [(s, got) for s, got, want in seen if got != want] == []
     assert sum(got > 0 for _, got, _ in seen) >= 3
+
+
+class _Any(ctypes.Structure):
+    _fields_ = [("type_index", ctypes.c_int32), ("zero_padding", ctypes.c_uint32), ("v_int64", ctypes.c_int64)]
+
+
+@pytest.mark.parametrize("barrier", [False, True])
+def test_kernels_that_synchronize_their_tasks_keep_tvms_pool(tmp_path, barrier):
+    """A kernel with a parallel barrier needs all its tasks running at once; this pool would run them in turn."""
+    import tvm_ffi
+
+    from kiln.codegen.pool import POOL_SOURCE
+    from kiln.runtime.threads import load_tvm_runtime
+
+    load_tvm_runtime()  # the pool's TVM-FFI error functions
+    source = POOL_SOURCE + "\nvoid* __TVMBackendParallelLaunch = (void*)1;\n"
+    if barrier:
+        source += "void* __TVMBackendParallelBarrier = (void*)1;\n"
+    (tmp_path / "pool.c").write_text(source)
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-I", tvm_ffi.libinfo.find_include_path(),
+                    str(tmp_path / "pool.c"), "-o", str(tmp_path / "pool.so")], check=True)
+    lib = ctypes.CDLL(str(tmp_path / "pool.so"))
+    args, ret = (_Any * 1)(_Any(1, 0, 2)), _Any()  # kiln_pool(2); type index 1: an int
+    assert lib.__tvm_ffi_kiln_pool(None, args, 1, ctypes.byref(ret)) == 0
+    slot = ctypes.c_void_p.in_dll(lib, "__TVMBackendParallelLaunch").value
+    if barrier:
+        assert (ret.v_int64, slot) == (-2, 1)  # not installed: TVM's pool stays
+    else:
+        assert ret.v_int64 == 0 and slot != 1  # installed in place of "TVM's"
