@@ -65,6 +65,7 @@ def test_every_template_is_exercised(small_tasks):
             "x86.batch_matmul", "x86.softmax", "x86.layer_norm", "x86.generic"} <= names, names
 
 
+@pytest.mark.slow  # 35 s on AVX2 alone; each template's own random-config tests stay in the default run
 def test_random_configs_build_and_match_the_reference(small_tasks):
     _, target, tasks = small_tasks
     checked = 0
