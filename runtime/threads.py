@@ -19,13 +19,14 @@ flight still runs on its caller alone.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.util
 import logging
 import os
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import TypeVar
 
@@ -128,18 +129,25 @@ def _size_pool(concurrent: bool, requested: int | None) -> None:
         _config_pool(full)
 
 
-def _sized(fn: Callable[[], T], requested: int | None) -> T:
+@contextlib.contextmanager
+def _in_flight() -> Iterator[bool]:
+    """Counts this run as in flight while the block runs; yields whether another run already was."""
     global _running
     with _LOCK:
         concurrent = _running > 0
         _running += 1
     try:
-        if concurrent or requested is not None or getattr(_THREAD, "size", None) is not None:
-            _size_pool(concurrent, requested)
-        return fn()
+        yield concurrent
     finally:
         with _LOCK:
             _running -= 1
+
+
+def _sized(fn: Callable[[], T], requested: int | None) -> T:
+    with _in_flight() as concurrent:
+        if concurrent or requested is not None or getattr(_THREAD, "size", None) is not None:
+            _size_pool(concurrent, requested)
+        return fn()
 
 
 class _Lanes:
@@ -188,16 +196,9 @@ class OwnPool:
 
 
 def _run_pooled(fn: Callable[[], T], pool: OwnPool) -> T:
-    global _running
-    with _LOCK:
-        concurrent = _running > 0
-        _running += 1
-    try:
+    with _in_flight() as concurrent:
         pool.cap(1 if concurrent else getattr(_THREAD, "full", 0))  # set_num_threads caps this thread's runs
         return fn()
-    finally:
-        with _LOCK:
-            _running -= 1
 
 
 def run_kernels(fn: Callable[[], T], requested: int | None = None, pool: OwnPool | None = None) -> T:

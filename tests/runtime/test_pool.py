@@ -15,6 +15,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import kiln
+from kiln.config import Options
 from kiln.model_builders import GraphBuilder
 
 
@@ -29,9 +30,12 @@ def conv_chain(n: int = 12, c: int = 32, size: int = 28):
                    [(x, TensorProto.FLOAT, [1, c, size, size])])
 
 
+TARGET = "x86-avx2"  # preset, so the schedules (and their parallel loops) are the same on every host
+
+
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory) -> Path:
-    return kiln.compile(conv_chain(), tmp_path_factory.mktemp("pool") / "chain.so").path
+    return kiln.compile(conv_chain(), tmp_path_factory.mktemp("pool") / "chain.so", Options(target=TARGET)).path
 
 
 def x_input() -> np.ndarray:
@@ -190,7 +194,7 @@ def test_loop_gcd_is_the_gcd_of_the_printed_parallel_extents(monkeypatch, tmp_pa
     monkeypatch.setattr(build_module, "lower_group", recording)
     from kiln.model_builders import small_cnn
 
-    kiln.compile(small_cnn(0), tmp_path / "small_cnn.so")  # convs, pools, a dense layer, softmax
+    kiln.compile(small_cnn(0), tmp_path / "small_cnn.so", Options(target=TARGET))  # convs, pools, dense, softmax
     assert len(seen) >= 5
     assert [(s, got) for s, got, want in seen if got != want] == []
     assert sum(got > 0 for _, got, _ in seen) >= 3
