@@ -227,3 +227,60 @@ def test_kernels_that_synchronize_their_tasks_keep_tvms_pool(tmp_path, barrier):
         assert (ret.v_int64, slot) == (-2, 1)  # not installed: TVM's pool stays
     else:
         assert ret.v_int64 == 0 and slot != 1  # installed in place of "TVM's"
+
+
+ERROR_HARNESS = r"""
+#include <string.h>
+void* __TVMBackendParallelLaunch = (void*)1;  /* "TVM's pool": replaced by kiln_pool(2) before any launch */
+static int fail_task, slow_task;
+static atomic_int failed;
+static int lambda(int task, KilnParallelEnv* env, void* cdata) {
+  if (task == slow_task) {  /* holds the caller (up to 5 s) until the failing task ran, so a worker runs it */
+    for (int i = 0; i < 5000 && !atomic_load(&failed); i++) usleep(1000);
+  }
+  if (task == fail_task) {
+    char msg[64];
+    snprintf(msg, sizeof msg, "task %d failed on %s", task, in_worker ? "a worker" : "the caller");
+    TVMFFIErrorSetRaisedFromCStr("RuntimeError", msg);
+    atomic_store(&failed, 1);
+    return -1;
+  }
+  return 0;
+}
+/* run_parallel(fail_task, slow_task): one launch of two tasks through the installed pool */
+int __tvm_ffi_run_parallel(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* ret) {
+  fail_task = (int)args[0].v_int64;
+  slow_task = (int)args[1].v_int64;
+  atomic_store(&failed, 0);
+  if (((KilnLaunch)__TVMBackendParallelLaunch)(lambda, 0, 0) != 0) return -1;  /* raised on this thread */
+  ret->type_index = kTVMFFINone;
+  ret->zero_padding = 0;
+  ret->v_int64 = 0;
+  return 0;
+}
+"""
+
+
+def test_an_error_raised_in_a_worker_reaches_the_caller(tmp_path):
+    """TVM-FFI errors are per thread: a task that fails on a worker must surface as the caller's exception
+    (its message intact), and the pool must run the next launch as usual."""
+    import tvm_ffi
+
+    from kiln.codegen.pool import POOL_SOURCE
+    from kiln.runtime.threads import load_tvm_runtime
+
+    load_tvm_runtime()
+    (tmp_path / "pool.c").write_text(POOL_SOURCE + "#include <stdio.h>\n" + ERROR_HARNESS)
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-I", tvm_ffi.libinfo.find_include_path(),
+                    str(tmp_path / "pool.c"), "-o", str(tmp_path / "pool.so")], check=True)
+    lib = tvm_ffi.load_module(str(tmp_path / "pool.so"))
+    assert lib["kiln_pool"](2) == 0  # installed in place of "TVM's", 2 threads
+    run = lib["run_parallel"]
+    with pytest.raises(RuntimeError, match="task 1 failed on a worker"):
+        run(1, 0)  # the caller sleeps in task 0; the worker runs task 1 and fails
+    with pytest.raises(RuntimeError, match="task 0 failed on the caller"):
+        run(0, -1)
+    for _ in range(20):
+        run(-1, -1)  # no error left behind: later launches succeed
+    with pytest.raises(RuntimeError, match="task 1 failed on a worker"):
+        run(1, 0)
