@@ -110,7 +110,7 @@ def test_corrupted_weights_are_detected(small_cnn, tmp_path):
 
 
 def _artifact_with_meta(tmp_path, change):
-    mod = run(from_onnx(model_builders.resnet18(size=32)), O2)
+    mod = run(from_onnx(model_builders.small_cnn(0)), O2)
     target = resolve_target("native")
     result = build(mod, target)
     result.meta.update({"cpu_features": [], "cpu": "test"})
@@ -198,8 +198,8 @@ def test_reloading_a_recompiled_artifact_runs_the_new_kernels(tmp_path):
     """glibc's dlopen hands back the library already loaded under a path even when the file was replaced; the
     second load must still run the second model (here its output shape differs too)."""
     path = tmp_path / "m.so"
-    first = model_builders.mobilenet_v2(size=32)
-    second = model_builders.resnet18(size=32)
+    first = model_builders.small_cnn(0)
+    second = _one_conv(first.graph.input[0])
     kiln.compile(first, path)
     feeds = model_builders.random_feeds(first, seed=0)
     a = kiln.load(path)
@@ -208,6 +208,19 @@ def test_reloading_a_recompiled_artifact_runs_the_new_kernels(tmp_path):
     b = kiln.load(path)
     assert_close(b.run(**feeds)[0], ort_run(second, feeds)[0], rtol=1e-3, atol=1e-4)
     assert_close(a.run(**feeds)[0], want_a, rtol=0, atol=0)  # the first model, still loaded, is unchanged
+
+
+def _one_conv(data):
+    """A conv with relu on the same input as `data` (NCHW), its own output shape: a second, different model."""
+    import onnx
+
+    from kiln.model_builders import GraphBuilder
+
+    g = GraphBuilder("one_conv", seed=1)
+    n, c, h, w = (d.dim_value for d in data.type.tensor_type.shape.dim)
+    y = g.op("Relu", [g.op("Conv", [data.name, g.weight((4, c, 3, 3), c * 9, "w")], kernel_shape=[3, 3],
+                           pads=[1] * 4)])
+    return g.model([data], [(y, onnx.TensorProto.FLOAT, [n, 4, h, w])])
 
 
 def fire_modules(size: int = 16, channels: int = 32):

@@ -39,6 +39,12 @@ def resnet18_cpu(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def cnn_cpu(tmp_path_factory):
+    """Kilobytes of weights: enough for the file's format, quick to compile."""
+    return compiled(tmp_path_factory, "small_cnn", model_builders.small_cnn(0), CPU)
+
+
+@pytest.fixture(scope="module")
 def squeezenet_sm90(tmp_path_factory):
     return compiled(tmp_path_factory, "squeezenet_sm90", zoo.zoo_model("squeezenet"), "cuda-sm90")
 
@@ -51,8 +57,8 @@ def test_rebuilt_weights_equal_the_compiled_ones(which, request):
     assert rebuild(model, Options(target=CPU)).blob == written
 
 
-def test_meta_records_the_file_and_the_library_embeds_no_weights(resnet18_cpu):
-    _, path = resnet18_cpu
+def test_meta_records_the_file_and_the_library_embeds_no_weights(cnn_cpu):
+    _, path = cnn_cpu
     written = path.with_suffix(".weights").read_bytes()
     meta = read_meta(path)
     assert (meta["format"], meta["weights_file"]) == (3, "m.weights")
@@ -64,16 +70,16 @@ def test_meta_records_the_file_and_the_library_embeds_no_weights(resnet18_cpu):
     assert "__tvm_ffi_kiln_weights_view" not in symbols  # a loader that ignores the file fails on the size
 
 
-def test_loads_and_runs_with_the_file(resnet18_cpu, tmp_path):
-    model, path = resnet18_cpu
+def test_loads_and_runs_with_the_file(cnn_cpu, tmp_path):
+    model, path = cnn_cpu
     embedded = tmp_path / "embedded.so"
     kiln.compile(model, embedded, Options(target=CPU))
     feeds = model_builders.random_feeds(model, seed=2)
     np.testing.assert_array_equal(kiln.load(path).run(**feeds)[0], kiln.load(embedded).run(**feeds)[0])
 
 
-def test_missing_or_foreign_weights_file_is_refused(resnet18_cpu, tmp_path):
-    _, path = resnet18_cpu
+def test_missing_or_foreign_weights_file_is_refused(cnn_cpu, tmp_path):
+    _, path = cnn_cpu
     meta = read_meta(path)
     copy = tmp_path / "m.so"
     copy.write_bytes(path.read_bytes())
@@ -88,8 +94,8 @@ def test_missing_or_foreign_weights_file_is_refused(resnet18_cpu, tmp_path):
     assert read_weights_file(copy, meta) == good
 
 
-def test_weights_file_must_be_a_name_beside(resnet18_cpu, tmp_path):
-    meta = read_meta(resnet18_cpu[1])
+def test_weights_file_must_be_a_name_beside(cnn_cpu, tmp_path):
+    meta = read_meta(cnn_cpu[1])
     for bad in ("../m.weights", "", 7):
         with pytest.raises(ArtifactError, match="weights_file"):
             validate_metadata({**meta, "weights_file": bad}, tmp_path / "m.so")
@@ -145,7 +151,7 @@ def test_cli_writes_the_weights_file(tmp_path):
     from kiln.cli import app
 
     model = tmp_path / "m.onnx"
-    model.write_bytes(model_builders.resnet18(size=32).SerializeToString())
+    model.write_bytes(model_builders.small_cnn(0).SerializeToString())
     result = CliRunner().invoke(app, ["compile", str(model), "--target", CPU, "-o", str(tmp_path / "m.so"),
                                       "--weights", "external"])
     assert result.exit_code == 0, result.output

@@ -247,7 +247,7 @@ def test_random_configs_compile_to_ptx(target, template, seed):
 # --- whole models -------------------------------------------------------------------------------------------
 
 def test_small_cnn_compiles_to_a_cuda_artifact_with_ptx(tmp_path):
-    model = model_builders.resnet18(size=32)
+    model = model_builders.small_cnn(0)
     report = kiln.compile(model, tmp_path / "m.so", Options(target="cuda-sm80"))
     ptx = (tmp_path / "m.ptx").read_text()
     assert re.search(r"^\.target sm_80\b", ptx, re.MULTILINE)

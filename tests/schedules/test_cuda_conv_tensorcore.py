@@ -273,22 +273,22 @@ def test_bfloat16_conv_compiles_to_bf16_mma():
 
 
 @needs_nvcc
-def test_16_sampled_configs_compile(tmp_path):
-    """16 configs drawn from the spaces of the ResNet shapes (not only the defaults) lower as given and
+def test_sampled_configs_compile(tmp_path):
+    """8 configs drawn from the spaces of the ResNet shapes (not only the defaults) lower as given and
     build in one nvcc run."""
     import tvm
 
     target = resolve_target(SM80)
     rng = random.Random(0)
     funcs, drawn = {}, {}
-    for i in range(16):
+    for i in range(8):
         fn = _resnet(list(RESNET)[i % len(RESNET)])
         _, wl = task_of(fn, target)
         cfg = drawn[f"g{i}"] = conv2d_tensorcore.space(wl).sample(rng)
         g = lower(fn, target, {wl.key: cfg})
         assert (g.template, g.config_source, g.config) == (conv2d_tensorcore.TEMPLATE.key, "given", cfg)
         funcs[f"g{i}"] = g.prim_func.with_attr("global_symbol", f"g{i}")
-    assert len({str(c) for c in drawn.values()}) > 8
+    assert len({str(c) for c in drawn.values()}) > 4
     ptx = compile_ptx(device_source(tvm.compile(tvm.IRModule(funcs), target=target)), target)
     assert sorted(ptx_kernels(ptx)) == sorted(f"{name}_kernel" for name in funcs), drawn
     assert ptx.count("mma.sync.aligned.m16n8k16") >= len(funcs)

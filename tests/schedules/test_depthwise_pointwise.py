@@ -63,7 +63,7 @@ def test_depthwise_stays_alone(case):
     assert all(n_convs(g) <= 1 for g in fused_groups(model))
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(
     c=st.sampled_from([8, 16, 24, 48]),
     co=st.sampled_from([8, 16, 40]),

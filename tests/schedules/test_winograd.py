@@ -53,7 +53,7 @@ def run_winograd(x, w, pad, m, ib, ob, cfg, epilogue=True):
     return y.numpy(), np.maximum(want - 0.25, 0.0) if epilogue else want
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(
     m=st.sampled_from([2, 4]),
     cb=st.integers(1, 2),
