@@ -1,6 +1,9 @@
 """Softmax along the last axis on x86: rows in parallel; per row a vectorized max pass, one vectorized pass
-that computes exp(x - max) once into a row buffer while summing it, and a vectorized division. Reads the four
-stages of `ir/ops/softmax.py`'s compute by name (its other axes are TOPI's compute: the generic schedule)."""
+that computes exp(x - max) once into a row buffer while summing it, and a vectorized scaling by the sum's
+reciprocal. Both reductions keep `lanes` partials and combine them in halves (`rows.combine_as_tree`). Reads
+the four stages of `ir/ops/softmax.py`'s compute by name (its other axes are TOPI's compute: the generic
+schedule). BERT's 12 × 128 rows of 128: 0.098-0.114 ms before the reciprocal, the tree and four-vector lanes,
+0.078-0.089 ms after (interleaved builds, one process, AVX-512 on 2 cores)."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from kiln.schedules.workload import Group, Workload
 
 from . import rows as row_passes
 
-VERSION = 1
+VERSION = 2  # 2: partials combined as a tree, up to 4 vectors of them (`lanes`), the quotient as a product
 STAGES = ("softmax_max", "softmax_exp", "softmax_sum", "softmax_norm")
 
 
@@ -25,13 +28,18 @@ def workload(group: Group, info: TargetInfo) -> Workload:
 
 
 def space(wl: Workload, info: TargetInfo) -> Space:
-    """`lanes`, the vector width of every row pass, divides the row; `store_exp` keeps exp(x - max) in a row
-    buffer (else it is recomputed for the sum and the division)."""
-    return Space.of(lanes=row_passes.row_lanes(wl["n"], wl["lanes"]), store_exp=(True, False))
+    """`lanes`, the width of every row pass, divides the row: up to four vectors, which the reductions keep as
+    that many independent partials (a chain a quarter as long); `store_exp` keeps exp(x - max) in a row buffer
+    (else it is recomputed for the sum and the division)."""
+    return Space.of(lanes=row_passes.row_lanes(wl["n"], 4 * wl["lanes"]), store_exp=(True, False))
 
 
 def default(wl: Workload, info: TargetInfo) -> Config:
-    return {"lanes": max(row_passes.row_lanes(wl["n"], wl["lanes"])), "store_exp": True}
+    """Four vectors where they divide the row: BERT's 128-wide rows 0.88-0.89x the time of one (with the tree,
+    interleaved builds on AVX-512); else the widest divisor up to one vector."""
+    v = wl["lanes"]
+    wide = [w for w in (4 * v, 2 * v) if wl["n"] % w == 0]
+    return {"lanes": wide[0] if wide else max(row_passes.row_lanes(wl["n"], v)), "store_exp": True}
 
 
 def schedule(sch, wl: Workload, cfg: Config) -> list[str]:
@@ -41,13 +49,15 @@ def schedule(sch, wl: Workload, cfg: Config) -> list[str]:
     total_part = row_passes.split_reduction(sch, total, lanes)
     rows = row_passes.parallel_rows(sch, out, len(sch.get_loops(out)) - 1)
     row_passes.vectorize_row(sch, out, lanes)
+    top_tree = row_passes.combine_as_tree(sch, top) if top_part is not None else []
+    total_tree = row_passes.combine_as_tree(sch, total) if total_part is not None else []
     if not store_exp:
         sch.compute_inline(exp)
-    for b in (total, total_part, exp if store_exp else None, top, top_part):
+    for b in (total, *total_tree, total_part, exp if store_exp else None, top, *top_tree, top_part):
         if b is not None:
             sch.compute_at(b, rows)
-    row_passes.vectorize_partials(sch, top_part)
-    row_passes.vectorize_partials(sch, total_part)
+    for b in (top_part, *top_tree, total_part, *total_tree):
+        row_passes.vectorize_partials(sch, b)
     if store_exp:
         sch.set_scope(exp, 0, "local")
         row_passes.vectorize_row(sch, exp, lanes)
