@@ -291,13 +291,13 @@ class Model:
         """
         if self._cuda is not None:
             return self._run_cuda(args, named, lambda ctx, checked: ctx.run(checked))
+        # a large output is written by the kernels straight into the array returned: copying it out of the
+        # context afterwards was a second pass over it (a 1x1 conv + ReLU with 8 MB out: 2.7 -> 2.0 ms a run,
+        # with 21 MB out: 4.9 -> 2.8 ms; interleaved, one process)
         checked = self._check(args, named)
-        ctx = self._acquire()
-        try:
-            run_kernels(lambda: self._execute(ctx, checked, None), self.num_threads, self._parallel)
-            return [o.copy() for o in ctx.outputs]
-        finally:
-            self._release(ctx)
+        fresh = [aligned_empty(t.shape, t.np_dtype) if t.nbytes >= ZERO_COPY_MIN_BYTES
+                 else np.empty(t.shape, t.np_dtype) for t in self.outputs]
+        return self._run_into(fresh, checked)
 
     __call__ = run
 
@@ -314,14 +314,16 @@ class Model:
                 np.copyto(o, got)
             return list(outputs)
         checked = self._check(args, named)
-        outs = check_outputs(self.outputs, outputs)
+        return self._run_into(check_outputs(self.outputs, outputs), checked)
+
+    def _run_into(self, outs: list[np.ndarray], checked: list[np.ndarray]) -> list[np.ndarray]:
         ctx = self._acquire()
         try:
             run_kernels(lambda: self._execute(ctx, checked, outs), self.num_threads, self._parallel)
             for k, (o, mine) in enumerate(zip(outs, ctx.outputs)):
                 if ctx.out_bound[k] == ctx.out_at[k]:
                     np.copyto(o, mine)
-            return list(outputs)
+            return list(outs)
         finally:
             self._release(ctx)
 

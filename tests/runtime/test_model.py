@@ -379,3 +379,30 @@ def test_bfloat16_tensors_load_and_run(tmp_path):
     np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
     with pytest.raises(ArtifactError, match="bfloat16"):
         m.profile(1)
+
+
+def test_large_outputs_are_fresh_arrays_the_kernels_wrote(tmp_path):
+    """run() hands the kernels a new array for each large output (no copy out of the context): each run's
+    arrays are its own, and a later run, or one on another thread, never changes them."""
+    g = GraphBuilder("wide", 0)
+    y = g.op("Relu", [g.op("Conv", ["x", g.weight((16, 8, 1, 1), 8, "w")], kernel_shape=[1, 1])])
+    model = g.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 64, 64])],
+                    [(y, TensorProto.FLOAT, [1, 16, 64, 64])])  # 256 KB out: over the in-place threshold
+    m = kiln.load(kiln.compile(model, tmp_path / "wide.so").path)
+    xs = [np.random.default_rng(s).standard_normal((1, 8, 64, 64)).astype(np.float32) for s in range(4)]
+    from onnx import numpy_helper
+
+    weights = numpy_helper.to_array(next(t for t in model.graph.initializer if t.dims[:2] == [16, 8]))[:, :, 0, 0]
+    want = [np.maximum(np.einsum("oc,chw->ohw", weights, x[0]), 0)[None] for x in xs]
+    got = [m.run(x)[0] for x in xs]
+    assert len({a.ctypes.data for a in got}) == len(got)  # four arrays, not one reused
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    kept = [a.copy() for a in got]
+    threads = [threading.Thread(target=lambda: [m.run(x) for x in xs for _ in range(5)]) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(got, kept):
+        np.testing.assert_array_equal(a, b)
