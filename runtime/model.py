@@ -301,6 +301,17 @@ class Model:
 
     __call__ = run
 
+    def empty_inputs(self) -> list[np.ndarray]:
+        """One uninitialized array per input, aligned for the kernels: fill them and pass them to `run`, and the
+        kernels read them where they are. Any C-contiguous array works, but a large one that is not 64-byte
+        aligned (NumPy's own allocations usually are not) is copied first: with a 21 MB input, 5.5 against 3.1 ms
+        a run.
+
+        >>> x, = m.empty_inputs()  # doctest: +SKIP
+        >>> for frame in video: x[...] = frame; y = m.run(x)  # doctest: +SKIP
+        """
+        return [aligned_empty(t.shape, t.np_dtype) for t in self.inputs]
+
     def run_into(self, outputs: Sequence[np.ndarray], *args: np.ndarray, **named: np.ndarray) -> list[np.ndarray]:
         """Run the model, writing its outputs into `outputs` (one C-contiguous, writable array per output, of its
         shape and dtype) instead of new arrays: for hot loops. Large aligned buffers are written in place by the

@@ -406,3 +406,23 @@ def test_large_outputs_are_fresh_arrays_the_kernels_wrote(tmp_path):
         t.join()
     for a, b in zip(got, kept):
         np.testing.assert_array_equal(a, b)
+
+
+def test_empty_inputs_are_aligned_and_read_in_place(tmp_path):
+    from kiln.runtime.artifact import ALIGN
+
+    g = GraphBuilder("wide_in", 0)
+    y = g.op("Relu", [g.op("Conv", ["x", g.weight((4, 16, 1, 1), 16, "w")], kernel_shape=[1, 1])])
+    model = g.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 64, 64])],
+                    [(y, TensorProto.FLOAT, [1, 4, 64, 64])])  # 256 KB in: over the in-place threshold
+    m = kiln.load(kiln.compile(model, tmp_path / "wide_in.so").path)
+    x, = m.empty_inputs()
+    assert (x.shape, x.dtype, x.ctypes.data % ALIGN, x.flags.c_contiguous) == ((1, 16, 64, 64), np.float32, 0, True)
+    x[...] = np.random.default_rng(0).standard_normal(x.shape)
+    want = m.run(x.copy(order="C"))[0]  # NumPy's own allocation: staged unless it happens to be aligned
+    np.testing.assert_array_equal(m.run(x)[0], want)
+    ctx = m._acquire()
+    try:
+        assert x.ctypes.data in ctx.bound  # the kernels read the caller's array: no staging copy
+    finally:
+        m._release(ctx)
