@@ -1,5 +1,5 @@
 """Loading and running compiled artifacts. Imports neither the compiler nor anything of Kiln's but errors."""
 
-from .model import Model, load, set_num_threads
+from .model import Model, aligned_empty, load, set_num_threads
 
-__all__ = ["Model", "load", "set_num_threads"]
+__all__ = ["Model", "aligned_empty", "load", "set_num_threads"]

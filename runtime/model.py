@@ -54,7 +54,9 @@ def _open_private_copy(tvm_ffi, data: memoryview, name: str):
 
 
 def aligned_empty(shape: Sequence[int], dtype: str | np.dtype) -> np.ndarray:
-    dt = tensor_dtype(dtype) if isinstance(dtype, str) else dtype
+    """An uninitialized C-contiguous array whose data starts on a 64-byte boundary: as an input of 64 KB or
+    more, the kernels read it in place (NumPy's own large arrays are seldom aligned so, and are copied)."""
+    dt = tensor_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
     n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
     raw = np.empty(n + ALIGN, dtype=np.uint8)
     start = (-raw.ctypes.data) % ALIGN

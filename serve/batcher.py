@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kiln.runtime import aligned_empty
+
 log = logging.getLogger(__name__)
 
 
@@ -172,11 +174,13 @@ class Batcher:
         try:
             merged = []
             for i, first in enumerate(batch[0].inputs):
-                buf = np.zeros((bucket, *first.shape[1:]), first.dtype)  # padding rows stay zero
+                # aligned, so the kernels read the batch where it is rather than from a staged copy
+                buf = aligned_empty((bucket, *first.shape[1:]), first.dtype)
                 at = 0
                 for r in batch:
                     buf[at:at + r.rows] = r.inputs[i]
                     at += r.rows
+                buf[at:] = 0  # padding rows
                 merged.append(buf)
             t0 = time.perf_counter()
             outputs = self._run_bucket(bucket, merged)
