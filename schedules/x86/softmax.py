@@ -2,8 +2,9 @@
 that computes exp(x - max) once into a row buffer while summing it, and a vectorized scaling by the sum's
 reciprocal. Both reductions keep `lanes` partials and combine them in halves (`rows.combine_as_tree`). Reads
 the four stages of `ir/ops/softmax.py`'s compute by name (its other axes are TOPI's compute: the generic
-schedule). BERT's 12 × 128 rows of 128: 0.098-0.114 ms before the reciprocal, the tree and four-vector lanes,
-0.078-0.089 ms after (interleaved builds, one process, AVX-512 on 2 cores)."""
+schedule). On BERT's 12 × 128 rows of 128 (interleaved builds in one process, AVX-512, 2 cores) the reciprocal
+took the kernel to 0.74-0.90x its time, the tree a further 0.88x, four vectors of lanes a further 0.88-0.89x;
+inside the BERT layer it went from 0.213 to 0.122 ms."""
 
 from __future__ import annotations
 
