@@ -381,13 +381,18 @@ def test_bfloat16_tensors_load_and_run(tmp_path):
         m.profile(1)
 
 
+def pointwise_conv(cin: int, cout: int, size: int):
+    """A 1x1 conv with ReLU on float32[1, cin, size, size]: tensors as large as wanted, compiled in a second."""
+    g = GraphBuilder("pointwise", 0)
+    y = g.op("Relu", [g.op("Conv", ["x", g.weight((cout, cin, 1, 1), cin, "w")], kernel_shape=[1, 1])])
+    return g.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, size, size])],
+                   [(y, TensorProto.FLOAT, [1, cout, size, size])])
+
+
 def test_large_outputs_are_fresh_arrays_the_kernels_wrote(tmp_path):
     """run() hands the kernels a new array for each large output (no copy out of the context): each run's
     arrays are its own, and a later run, or one on another thread, never changes them."""
-    g = GraphBuilder("wide", 0)
-    y = g.op("Relu", [g.op("Conv", ["x", g.weight((16, 8, 1, 1), 8, "w")], kernel_shape=[1, 1])])
-    model = g.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 64, 64])],
-                    [(y, TensorProto.FLOAT, [1, 16, 64, 64])])  # 256 KB out: over the in-place threshold
+    model = pointwise_conv(8, 16, 64)  # 256 KB out: over the in-place threshold
     m = kiln.load(kiln.compile(model, tmp_path / "wide.so").path)
     xs = [np.random.default_rng(s).standard_normal((1, 8, 64, 64)).astype(np.float32) for s in range(4)]
     from onnx import numpy_helper
@@ -411,10 +416,7 @@ def test_large_outputs_are_fresh_arrays_the_kernels_wrote(tmp_path):
 def test_empty_inputs_are_aligned_and_read_in_place(tmp_path):
     from kiln.runtime.artifact import ALIGN
 
-    g = GraphBuilder("wide_in", 0)
-    y = g.op("Relu", [g.op("Conv", ["x", g.weight((4, 16, 1, 1), 16, "w")], kernel_shape=[1, 1])])
-    model = g.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 64, 64])],
-                    [(y, TensorProto.FLOAT, [1, 4, 64, 64])])  # 256 KB in: over the in-place threshold
+    model = pointwise_conv(16, 4, 64)  # 256 KB in: over the in-place threshold
     m = kiln.load(kiln.compile(model, tmp_path / "wide_in.so").path)
     x, = m.empty_inputs()
     assert (x.shape, x.dtype, x.ctypes.data % ALIGN, x.flags.c_contiguous) == ((1, 16, 64, 64), np.float32, 0, True)
