@@ -86,9 +86,14 @@ def schedule(sch, wl: Workload, cfg: Config) -> list[str]:
             k += 1
     if wl["rows"]:  # before fusing: compute_at cannot invert a fused loop's bindings
         rows = sch.get_sblock(ROWS)
-        sch.compute_at(rows, loops[k - 1])
-        _, vec = sch.split(sch.get_loops(rows)[-1], factors=[None, cfg["rows_tile"]])
-        sch.vectorize(vec)
+        # unit loops kept: with an input row of width 1 the buffer's own inner loop would vanish, and the split
+        # below would cut the output's loop under it instead
+        sch.compute_at(rows, loops[k - 1], preserve_unit_loops=True)
+        inner = sch.get_loops(rows)[-1]
+        extent = sch.get(inner).extent  # a constant, or an expression of the loops above (a layout transform)
+        if getattr(extent, "value", None) != 1:
+            _, vec = sch.split(inner, factors=[None, cfg["rows_tile"]])
+            sch.vectorize(vec)
     outer = sch.fuse(*loops[:k]) if k > 1 else loops[0]
     if len(loops) > 1:
         sch.parallel(outer)

@@ -62,6 +62,15 @@ def test_modes_match_reference(mode, coordinate_mode, scales):
         assert "rows+" in how, how  # outer axes first into a row buffer, then the innermost
 
 
+@pytest.mark.parametrize("mode", ["linear", "cubic"])
+def test_input_rows_of_width_one(mode):
+    # a 1x1 map upsampled (after a global pool): the row buffer has no inner loop of its own; the template used
+    # to split the output's loop in its place and fall back to the generic schedule (found by fuzzing)
+    for shape in [(1, 3, 1, 1), (2, 5, 3, 1)]:
+        x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+        assert "rows+" in _check(x, _attrs(x.shape, (1, 1, 2, 2), mode=mode))
+
+
 @pytest.mark.parametrize("nearest_mode", NEAREST_MODES)
 @pytest.mark.parametrize("coordinate_mode", ["half_pixel", "asymmetric", "align_corners"])
 def test_nearest_rounding(nearest_mode, coordinate_mode):
