@@ -171,7 +171,13 @@ class LoadedVersion:
         return TO_DATATYPE[t.dtype]
 
     def _warm_up(self) -> None:
-        """Run every bucket on one seeded sample (padded); outputs must be finite and agree across buckets."""
+        """Run every bucket on one seeded sample; outputs must be finite, agree across buckets and, where requests
+        are batched, not depend on the other rows of the batch.
+
+        Dynamic batching puts strangers' requests into one batch. A model that mixes rows (a mean over dim 0, a
+        reshape that folds the batch into the features) would then answer one request with another's data, and
+        each bucket alone would look fine. So each bucket above 1 runs twice, the sample in row 0 and different
+        random rows after it, and row 0's outputs must not move."""
         rng = np.random.default_rng(0)
         sample = [rng.standard_normal((1, *t.sample_shape)).astype(t.dtype) if t.dtype.startswith("float")
                   else np.zeros((1, *t.sample_shape), t.dtype) for t in self.inputs]
@@ -179,23 +185,32 @@ class LoadedVersion:
         if not self.batched:
             sample = [s[0] for s in sample]  # the "sample shape" is the whole shape
         for b in self.models:
-            padded = [np.concatenate([s, np.zeros((b - 1, *s.shape[1:]), s.dtype)]) for s in sample] \
-                if self.batched else sample
-            try:
-                outs = [o[:1] if self.batched else o for o in self._run_bucket(b, padded)]
-            except Exception as err:  # noqa: BLE001  (whatever the runtime raises, this version cannot serve)
-                raise LoadError(f"{self.path}/model_b{b}.so: warm-up run failed: {err}") from None
+            runs = []
+            for _ in range(2 if self.batched and b > 1 else 1):
+                padded = [np.concatenate([s, _filler(rng, t, b - 1)]) for s, t in zip(sample, self.inputs)] \
+                    if self.batched else sample
+                try:
+                    runs.append([o[:1] if self.batched else o for o in self._run_bucket(b, padded)])
+                except Exception as err:  # noqa: BLE001  (whatever the runtime raises, this version cannot serve)
+                    raise LoadError(f"{self.path}/model_b{b}.so: warm-up run failed: {err}") from None
+            outs = runs[0]
             for t, o in zip(self.outputs, outs):
                 if o.dtype.kind == "f" and not np.all(np.isfinite(o)):
                     raise LoadError(f"{self.path}/model_b{b}.so: warm-up output '{t.name}' is not finite")
+            for t, o, other in zip(self.outputs, outs, runs[-1]):
+                if not _agree(o, other):
+                    raise LoadError(f"{self.path}/model_b{b}.so: warm-up output '{t.name}' for one request changed "
+                                    f"with the other requests in its batch (max abs diff {_max_diff(o, other):.3g}): "
+                                    f"the model mixes the batch dimension, so batching would answer a request with "
+                                    f"another's data; serve it with batch-1 artifacts only")
             if reference is None:
                 reference = outs
                 continue
             for t, o, r in zip(self.outputs, outs, reference):
-                if not np.allclose(o, r, rtol=WARMUP_RTOL, atol=WARMUP_ATOL):
+                if not _agree(o, r):
                     raise LoadError(f"{self.path}/model_b{b}.so: warm-up output '{t.name}' differs from the "
-                                    f"batch-{min(self.models)} artifact (max abs diff "
-                                    f"{float(np.max(np.abs(o - r))):.3g}); the buckets are not one model")
+                                    f"batch-{min(self.models)} artifact (max abs diff {_max_diff(o, r):.3g}); the "
+                                    f"buckets are not one model")
 
     def _run_bucket(self, bucket: int, inputs: list[np.ndarray]) -> list[np.ndarray]:
         return self.models[bucket].run(*inputs)
@@ -584,3 +599,21 @@ class ModelRepository:
             if self.models[name].serving:
                 self.unload(name)
 
+
+def _filler(rng: np.random.Generator, t: Tensor, rows: int) -> np.ndarray:
+    """Rows to fill a warm-up batch with: random floats; 0s and 1s for integer and bool inputs (valid token ids,
+    masks and indices for any model that takes such inputs at all)."""
+    shape = (rows, *t.sample_shape)
+    if t.dtype.startswith("float"):
+        return rng.standard_normal(shape).astype(t.dtype)
+    return rng.integers(0, 2, shape).astype(t.dtype)
+
+
+def _agree(a: np.ndarray, b: np.ndarray) -> bool:
+    if a.dtype.kind in "fc":
+        return bool(np.allclose(a, b, rtol=WARMUP_RTOL, atol=WARMUP_ATOL, equal_nan=True))
+    return bool(np.array_equal(a, b))
+
+
+def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0

@@ -73,6 +73,27 @@ def test_buckets_that_disagree_fail_warm_up(built, tmp_path, serve_repo):
     assert _infer(client, _x())[0] == "1"
 
 
+def test_a_model_that_mixes_the_batch_fails_warm_up(tmp_path):
+    # y = x - mean over the batch: each bucket is self-consistent and a zero-padded batch-1 request even gives
+    # the right answer, but a batch of strangers' requests would see each other's data
+    from kiln.repo_builder import add_version
+    from kiln.model_builders import GraphBuilder
+    from kiln.serve.protocol import LoadFailed
+    from kiln.serve.repository import ModelRepository
+    from onnx import TensorProto, helper
+
+    g = GraphBuilder("mixer")
+    y = g.op("Sub", ["x", g.op("ReduceSum", ["x", g.const(np.array([0], np.int64))], keepdims=1)])
+    model = g.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                    [(y, TensorProto.FLOAT, ["N", 8])])
+    add_version(model, tmp_path, "mixer", max_batch=2, buckets=(1, 2))
+    repo = ModelRepository(tmp_path)
+    with pytest.raises(LoadFailed, match="model_b2.so: warm-up output 'sub0' for one request changed with the other "
+                                         "requests in its batch"):
+        repo.load("mixer")
+    repo.close()
+
+
 def test_watcher_brings_a_new_version_live(built, tmp_path, serve_repo):
     root = make_repo(built, tmp_path)
     url, _ = serve_repo(root, poll_s=0.05)
