@@ -647,8 +647,8 @@ def _pad_source(j, n: int, mode: str):
     if mode == "wrap":
         return tir.floormod(j, n)
     if n == 1:  # reflect of a single element: itself
-        return tir.const(0, "int64")
-    j = j.astype("int64")
+        return tir.const(0, str(j.ty))
+    # in j's own index type: an int64 index here met int32 ones where a resize's tables were inlined into it
     m = tir.floormod(j, 2 * (n - 1))
     return tir.Select(m < n, m, 2 * (n - 1) - m)
 

@@ -1,0 +1,170 @@
+"""Differential fuzzing: random graphs (kiln.random_models) compiled by Kiln and checked against ONNX Runtime.
+
+    python bench/fuzz_models.py --seeds 0:200 [--minutes 30] [--target native|x86-avx2|both] [--keep DIR]
+    python bench/fuzz_models.py --seeds 17                  # one seed again, in this process, with the traceback
+
+Each case compiles and runs in a worker process, so a segfault or a hang costs that case (reported as a crash or
+a hang) and not the run. Outcomes: ok; mismatch (a silent wrong answer: the worst kind); crash; error (a Kiln exception that is
+not a clear refusal); unsupported (a KilnError naming what is not supported: acceptable); invalid (ONNX
+Runtime itself refuses the graph: the generator's fault, not Kiln's). Failing models are written to --keep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+TARGETS = ("native", "x86-avx2")
+
+
+def check(seed: int, target: str) -> tuple[str, str]:
+    """(outcome, detail) for one seed on one target."""
+    import numpy as np
+    import onnxruntime as ort
+
+    import kiln
+    from kiln.config import Options
+    from kiln.errors import KilnError, UnsupportedError
+    from kiln.random_models import random_model
+
+    model, ops = random_model(seed)
+    x = np.random.default_rng(seed).standard_normal([d.dim_value for d in model.graph.input[0].type.tensor_type
+                                                     .shape.dim]).astype(np.float32)
+    try:
+        want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    except Exception as err:  # noqa: BLE001
+        return "invalid", f"onnxruntime: {str(err).splitlines()[0][:200]}"
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            report = kiln.compile(model, Path(tmp) / "m.so", Options(target=target, shipped_logs=False))
+            got = kiln.load(report.path).run(x)
+        except UnsupportedError as err:
+            return "unsupported", str(err).splitlines()[0][:200]
+        except KilnError as err:
+            return "error", f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+    got = got if isinstance(got, (list, tuple)) else [got]
+    for k, (g, w) in enumerate(zip(got, want)):
+        if g.shape != w.shape:
+            return "mismatch", f"output {k}: shape {g.shape} != {w.shape} ({' '.join(ops)})"
+        scale = max(1.0, float(np.abs(w).max()) if w.size else 1.0)
+        bad = ~np.isclose(g, w, rtol=1e-3, atol=1e-4 * scale) & ~(np.isnan(g) & np.isnan(w))
+        if bad.any():
+            i = np.unravel_index(int(np.argmax(bad)), bad.shape)
+            return "mismatch", (f"output {k}: {int(bad.sum())}/{bad.size} differ, first at {tuple(map(int, i))}: "
+                                f"{g[i]} vs {w[i]} ({' '.join(ops)})")
+    return "ok", " ".join(ops)
+
+
+def _run_case(args: tuple[int, str]) -> tuple[int, str, str, str]:
+    seed, target = args
+    try:
+        outcome, detail = check(seed, target)
+    except Exception as err:  # noqa: BLE001  (anything not a KilnError is a Kiln bug: report, go on)
+        outcome, detail = "error", f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+    return seed, target, outcome, detail
+
+
+def _worker(conn) -> None:
+    while True:
+        case = conn.recv()
+        if case is None:
+            return
+        conn.send(_run_case(case))
+
+
+class Worker:
+    """One case at a time in a child process; a case that kills it or outlives `timeout_s` costs only itself."""
+
+    def __init__(self):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker, args=(child,), daemon=True)
+        self.proc.start()
+
+    def run(self, case: tuple[int, str], timeout_s: float) -> tuple[int, str, str, str] | None:
+        self.conn.send(case)
+        try:
+            if self.conn.poll(timeout_s):
+                return self.conn.recv()
+        except EOFError:
+            pass
+        return None
+
+    def kill(self) -> str:
+        alive = self.proc.is_alive()
+        self.proc.kill()
+        self.proc.join()
+        return "hang" if alive else f"crash (exit {self.proc.exitcode})"
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.proc.join(5)
+
+
+def _seeds(spec: str) -> list[int]:
+    if ":" in spec:
+        a, b = spec.split(":")
+        return list(range(int(a), int(b)))
+    return [int(s) for s in spec.split(",")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", default="0:100", help="A:B (a range) or a comma-separated list")
+    ap.add_argument("--target", default="both", choices=[*TARGETS, "both"])
+    ap.add_argument("--minutes", type=float, default=None, help="stop starting new cases after this long")
+    ap.add_argument("--keep", type=Path, default=Path("fuzz_failures"), help="write failing models here")
+    ap.add_argument("--timeout", type=float, default=120.0, help="seconds a case may take before it counts as a hang")
+    ap.add_argument("-v", "--verbose", action="store_true", help="a line for every case, not only failures")
+    args = ap.parse_args(argv)
+    seeds = _seeds(args.seeds)
+    targets = TARGETS if args.target == "both" else (args.target,)
+    cases = [(s, t) for s in seeds for t in targets]
+    if len(cases) == 1:  # one case: in this process, so a failure shows its whole traceback
+        seed, target = cases[0]
+        try:
+            print(*check(seed, target))
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+        return 0
+    deadline = time.monotonic() + args.minutes * 60 if args.minutes else None
+    counts: collections.Counter = collections.Counter()
+    failures = []
+    worker = Worker()
+    for case in cases:
+        if deadline is not None and time.monotonic() > deadline:
+            break
+        t0 = time.monotonic()
+        result = worker.run(case, args.timeout)
+        if result is None:  # the worker died, or the case hung: a new worker for the next case
+            result = (*case, worker.kill(), "")
+            worker = Worker()
+        seed, target, outcome, detail = result
+        outcome_kind = outcome.split()[0]
+        counts[outcome_kind] += 1
+        if outcome_kind not in ("ok", "unsupported", "invalid"):
+            failures.append((seed, target, outcome, detail))
+        if args.verbose or outcome_kind not in ("ok", "unsupported", "invalid"):
+            print(f"seed {seed} {target}: {outcome} ({time.monotonic() - t0:.1f} s): {detail}", flush=True)
+        elif sum(counts.values()) % 100 == 0:
+            print(f"{sum(counts.values())} cases, last seed {seed}: " +
+                  ", ".join(f"{k} {v}" for k, v in counts.most_common()), flush=True)
+    worker.close()
+    if failures:
+        from kiln.random_models import random_model
+        args.keep.mkdir(parents=True, exist_ok=True)
+        for seed, *_ in failures:
+            (args.keep / f"seed{seed}.onnx").write_bytes(random_model(seed)[0].SerializeToString())
+    print(f"{sum(counts.values())} cases: " + ", ".join(f"{k} {v}" for k, v in counts.most_common()))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
