@@ -148,7 +148,7 @@ def _row(sch, rest, row_threads: int, strict: bool = True) -> str | None:
     _, tx = sch.split(last, factors=[None, threads])
     sch.bind(tx, "threadIdx.x")
     for r in reversed(reductions):
-        sch.set_scope(r, 0, "shared")  # one value per row, read by every thread of the block
+        _set_scope(sch, r, "shared")  # one value per row, read by every thread of the block
         if row is not None:
             sch.compute_at(r, row)
         n_red = n_reduction_axes(sch, r)
@@ -181,9 +181,16 @@ def _per_thread(sch, rest, threads: int, strict: bool) -> str | None:
     _, tx = bind_spread(sch, spatial, threads)
     for r in reversed(reductions):
         sch.compute_at(r, tx)
-        sch.set_scope(r, 0, "local")
+        _set_scope(sch, r, "local")
     name = "per_thread" if strict else "per_thread_recompute"
     return f"{name}(threads={min(threads, _numel(sch, out))})"
+
+
+def _set_scope(sch, block, scope: str) -> None:
+    """Every buffer the block writes: an arg-max reduction writes two (index and value), and one left global
+    would be an allocation a CUDA kernel cannot make."""
+    for i in range(len(sch.get(block).writes)):
+        sch.set_scope(block, i, scope)
 
 
 def _one_reduction(sch, block, threads: int) -> None:

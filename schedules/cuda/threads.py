@@ -38,10 +38,12 @@ def bind_spread(sch, loops, threads: int):
 
 def cooperative_fetch(sch, block, at_loop, threads: int, vector: int = 1) -> None:
     """Compute a shared-memory copy `block` under `at_loop`, its elements spread over the block's threads."""
-    sch.compute_at(block, at_loop)
+    sch.compute_at(block, at_loop, preserve_unit_loops=True)  # a tile of one row keeps its loops to bind
     loops = sch.get_loops(block)
     at = sch.get(at_loop)
     inner = loops[next(i for i, loop in enumerate(loops) if sch.get(loop).same_as(at)) + 1:]
+    if not inner:  # a tile of one element
+        inner = [sch.add_unit_loop(block)]
     fused = sch.fuse(*inner) if len(inner) > 1 else inner[0]
     if vector > 1 and extent(sch, fused) % (threads * vector) == 0:
         _, tx, vec = sch.split(fused, factors=[None, threads, vector])

@@ -18,6 +18,7 @@ from kiln.ir.ops.dense import DENSE, DENSE_PACKED, MATMUL, DenseAttrs, PackedDen
 from kiln.ir.ops.elementwise import ADD, MULTIPLY, RELU, SIGMOID
 from kiln.ir.ops.norm import LAYER_NORM, LayerNormAttrs
 from kiln.ir.ops.pool import MAX_POOL, PoolAttrs
+from kiln.ir.ops.reduce import ARGMAX, ArgReduceAttrs
 from kiln.ir.ops.softmax import SOFTMAX, SoftmaxAttrs
 from kiln.passes import O2, run
 from kiln.schedules.cuda import conv2d_direct, dense_tiled, generic
@@ -88,6 +89,12 @@ GROUPS = {  # name: (group, template, the schedule steps' start)
     "max_pool": (op_group(MAX_POOL, [((1, 64, 56, 56), "float32")],
                           PoolAttrs((3, 3), (2, 2), (1, 1, 1, 1), (1, 1))), "generic", "per_thread"),
     "elementwise": (_elementwise((2, 3, 33, 35)), "generic", "injective"),
+    # found by fuzzing (bench/fuzz_models.py): an arg-max writes an index and a value, and both must be local;
+    # a matmul whose A tile is one row per block left the shared copy no loop to bind
+    "argmax": (op_group(ARGMAX, [((300, 9), "float32")], ArgReduceAttrs(axis=1, keepdims=False)), "generic",
+               "per_thread"),
+    "matmul_one_row_batches": (op_group(MATMUL, [((2, 1, 5, 12), "float32"), ((12, 8), "float32")], DenseAttrs()),
+                               "dense_tiled", "dense_tiled.cuda"),
     # not claimed by a template: the generic schedule takes them
     "matmul_vector": (op_group(MATMUL, [((32,), "float32"), ((32, 300), "float32")], DenseAttrs()), "generic",
                       "per_thread"),
