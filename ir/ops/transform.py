@@ -614,7 +614,7 @@ def take_compute(x, i, a: AxisAttrs):
     k = len(i.shape)
 
     def f(*idx):
-        j = i(*idx[a.axis:a.axis + k]).astype("int64")
+        j = _index(i(*idx[a.axis:a.axis + k]), n)
         j = tir.Select(j < 0, j + n, j)
         return x(*idx[:a.axis], j, *idx[a.axis + k:])
 
@@ -672,10 +672,17 @@ def _pad_any(x, a: PadAttrs):
     return te.compute(out, f, name="pad")
 
 
+def _index(j, n):
+    """An index read from a tensor, in the type of the loop indices around it (int32) wherever the axis allows:
+    an int64 index met int32 ones where a concat before a gather was inlined into it, which CUDA's lowering
+    refuses (an index in range of an axis this short fits either type)."""
+    return j.astype("int32" if int(n) < 2 ** 31 else "int64")
+
+
 def _normalized(j, n):
     from tvm import tirx as tir
 
-    j = j.astype("int64")
+    j = _index(j, n)
     return tir.Select(j < 0, j + n, j)
 
 

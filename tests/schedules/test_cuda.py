@@ -282,6 +282,17 @@ def _check_model(result) -> None:
     assert len(ptx_kernels(ptx)) == len(kernels)
 
 
+def test_gather_after_concat_compiles(tmp_path):
+    # found by fuzzing: the gather's int64 index inlined into the concat's int32 bounds failed CUDA's lowering
+    from onnx import TensorProto, helper
+
+    g = model_builders.GraphBuilder("concat_gather")
+    y = g.op("Concat", ["x", g.op("Erf", ["x"])], axis=1)
+    y = g.op("Gather", [y, g.const(np.array([3, -1], np.int64))], axis=1)
+    model = g.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 6])], [(y, TensorProto.FLOAT, [4, 2])])
+    kiln.compile(model, tmp_path / "m.so", Options(target="cuda-sm80"))
+
+
 def test_small_bert_layer_builds_on_templates():
     _check_model(_build(model_builders.bert_layer, seq=16, hidden=64, heads=4, ffn=128))
 
