@@ -27,10 +27,15 @@ def schedule(sch, wl: Workload, cfg) -> list[str]:
         return ["empty"]
     out = blocks[-1]
     reductions = [b for b in blocks[:-1] if n_reduction_axes(sch, b)]
+    staged = _inputs_of_tuple_reductions(sch, [*reductions, out])
     for b in blocks[:-1]:
-        if b not in reductions:
+        if b not in reductions and sch.get(b).name_hint not in staged:
             _try(lambda b=b: sch.compute_inline(b))
     lanes = wl["lanes"]
+    for b in sch.get_child_blocks(sch.get_sblock("root")):
+        if sch.get(b).name_hint in staged:  # computed once, in parallel and vectorized, before the reduction
+            _try(lambda b=b: _vectorize(sch, sch.get_loops(b)[-1], lanes, steps))
+            _try(lambda b=b: _parallel_outer(sch, sch.get_loops(b), steps))
     if n_reduction_axes(sch, out):
         _schedule_reduction(sch, out, lanes, steps, parallel=True)
         return steps
@@ -54,6 +59,18 @@ def schedule(sch, wl: Workload, cfg) -> list[str]:
     for b in rest:
         _schedule_reduction(sch, b, lanes, steps, parallel=True)
     return steps
+
+
+def _inputs_of_tuple_reductions(sch, blocks) -> set[str]:
+    """Names of the blocks an arg-max or arg-min reads. Their combiner refers to the value it compares several
+    times, so a producer inlined into it is copied into the update several times over, nested producers
+    multiplicatively: erf(erf(x)) under an arg-min kept LLVM busy for minutes (found by fuzzing). Such a
+    producer stays a stage of its own."""
+    names = set()
+    for b in blocks:
+        if len(sch.get(b).writes) > 1:
+            names |= {sch.get(p).name_hint for p in sch.get_producers(b)}
+    return names
 
 
 def _try(step) -> bool:

@@ -99,6 +99,23 @@ def test_arg_reductions_with_ties_and_nan(op, axis, keepdims, last, target):
     check(op, attrs, RNG.integers(-3, 3, (5, 7, 11)).astype(np.int32), target=target, vector=False)
 
 
+def test_arg_reduction_of_nested_math_keeps_its_input_a_stage(target):
+    # found by fuzzing: erf(erf(x)) inlined into an arg-min's combiner, which names its value several times,
+    # kept LLVM compiling for minutes; the input is now computed once, as a stage of its own
+    from kiln.ir import Call
+    from kiln.ir.ops.elementwise import ERF
+    from tests.groups import group, lower, params, run_lowered
+
+    x = RNG.standard_normal((3, 7, 9)).astype(np.float32)
+    ps = params(x)
+    inner = Call(ERF, (Call(ERF, (ps[0],), ERF.attrs_type()),), ERF.attrs_type())
+    attrs = rd.ArgReduceAttrs(axis=2, keepdims=False)
+    g = lower(group(ps, Call(rd.ARGMIN, (inner,), attrs)), target)
+    assert len(g.prim_func.script()) < 8000  # 22 KB with the input inlined into the combiner
+    from kiln.ir.ops.elementwise import _erf  # the reference's erf
+    np.testing.assert_array_equal(run_lowered(g, target, [x]), np.argmin(_erf(_erf(x)), axis=2))
+
+
 def test_hardmax(target):
     x = RNG.integers(0, 3, (3, 5, 7)).astype(np.float32)
     x[0, 1, 2] = np.nan
