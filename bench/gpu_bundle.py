@@ -10,7 +10,8 @@ weights would push the bundle past the budget is built with external weights, le
 from the seeded zoo code (`python -m kiln.rebuild_weights`, no TVM needed; manifest `"weights": "rebuild"`). The GPU machine has no TVM and no network, and one run carries at most 64 MiB: there,
 `python3 bench/gpu_check.py --bundle gpu_bundle --out $OUT` (carry: ["gpu_bundle"]).
 
-It also carries one round of batch tuning (`--tune resnet50:256`: autotune/batch.py, the candidates built for
+It carries random graphs too (`--fuzz 60`: bench/gpu_fuzz.py, compiled here, checked there against ONNX
+Runtime's outputs), and one round of batch tuning (`--tune resnet50:256`: autotune/batch.py, the candidates built for
 the target with their inputs' seeds and sampled references); bench/gpu_tune.py measures it there and leaves
 $OUT/tune/<model>/results.jsonl, which `kiln tune zoo:<model> --target cuda-sm90 --batch-import DIR` turns into
 records once copied into the batch folder here.
@@ -195,7 +196,7 @@ def build_tune_batch(model: str, size: int, dest: Path, target: str, room: int) 
 
 
 def build(out: Path, target: str, models: list[str], wheel_cache: Path | None, budget: int,
-          tune_batches: tuple[str, ...] = (), with_gemm: bool = False) -> dict:
+          tune_batches: tuple[str, ...] = (), with_gemm: bool = False, fuzz_seeds: int = 0) -> dict:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -242,6 +243,19 @@ def build(out: Path, target: str, models: list[str], wheel_cache: Path | None, b
         except Exception as err:  # noqa: BLE001  (the models stay in the bundle without it)
             skipped.append({"name": "gemm", "why": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"})
             shutil.rmtree(out / "gemm", ignore_errors=True)
+    fuzz = None
+    if fuzz_seeds:  # random graphs (bench/gpu_fuzz.py): a few MiB, checked there against ONNX Runtime's outputs
+        try:
+            sys.path.insert(0, str(ROOT / "bench"))
+            import gpu_fuzz
+
+            room = min(gpu_fuzz.BUDGET_BYTES, budget - folder_bytes(out) - (8 << 20))  # the tune batch's share
+            fuzz = gpu_fuzz.build(out / "fuzz", target, range(fuzz_seeds), max(room, 0))
+            print(f"  fuzz: {len(fuzz['cases'])} random graphs, {fuzz['bytes'] / 2**20:.1f} MiB; not built: "
+                  f"{[c['seed'] for c in fuzz['not_built']]}", file=sys.stderr)
+        except Exception as err:  # noqa: BLE001  (the models stay in the bundle without it)
+            skipped.append({"name": "fuzz", "why": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"})
+            shutil.rmtree(out / "fuzz", ignore_errors=True)
     tune = []
     for spec in tune_batches:
         model, _, size = spec.partition(":")
@@ -256,6 +270,7 @@ def build(out: Path, target: str, models: list[str], wheel_cache: Path | None, b
                 "kiln_commit": git_commit(), "target": target, "tvm_lib": "tvm_lib", "src": "src",
                 "ffi_wheel": f"wheels/{wheel.name}" if wheel is not None else None,
                 "models": entries, "gemm": "gemm" if gemm is not None else None, "tune": tune, "skipped": skipped,
+                "fuzz": {"cases": len(fuzz["cases"]), "not_built": fuzz["not_built"]} if fuzz else None,
                 "files": manifest_files(out)}
     manifest["total_bytes"] = sum(f["bytes"] for f in manifest["files"].values())
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -271,11 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-wheel", action="store_true", help="leave the tvm_ffi wheel out (tests)")
     ap.add_argument("--budget-mib", type=float, default=BUDGET_BYTES / 2**20)
     ap.add_argument("--no-gemm", action="store_true", help="leave out the tensor-core GEMM bench's kernels")
+    ap.add_argument("--fuzz", type=int, default=60, help="random graphs (bench/gpu_fuzz.py) from seeds 0..N-1, "
+                    "as many as fit 2 MiB")
     ap.add_argument("--tune", nargs="*", default=["resnet50:256"], help="MODEL:N tuning batches (bench/gpu_tune.py "
                     "measures them there; `kiln tune --batch-import` brings the results home)")
     args = ap.parse_args(argv)
     manifest = build(args.out, args.target, args.models, None if args.no_wheel else args.wheel_cache,
-                     int(args.budget_mib * 2**20), tuple(args.tune), with_gemm=not args.no_gemm)
+                     int(args.budget_mib * 2**20), tuple(args.tune), with_gemm=not args.no_gemm, fuzz_seeds=args.fuzz)
     print(f"{args.out}: {manifest['total_bytes'] / 2**20:.1f} MiB, models "
           f"{[m['name'] for m in manifest['models']]}, left out {[s['name'] for s in manifest['skipped']]}, "
           f"ffi wheel {'yes' if manifest['ffi_wheel'] else 'MISSING'}")

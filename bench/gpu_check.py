@@ -43,7 +43,7 @@ TIME_LIMIT_S = 330  # the whole script, under 6 minutes; anchors and plug-ins ar
 RTOL, ATOL = 1e-3, 1e-4  # float32 builds against ONNX Runtime
 COSINE = 0.999  # fp16/bf16 builds against the same float32 outputs, per output
 REPEAT, BLOCKS = 50, 5  # timings: the median of BLOCKS blocks' medians of REPEAT launches
-PLUGINS = ("gpu_gemm", "gpu_fp16", "gpu_tune")  # bench/<name>.py, each with CHECKS = [(name, fn)], when present
+PLUGINS = ("gpu_gemm", "gpu_fp16", "gpu_fuzz", "gpu_tune")  # bench/<name>.py, each with CHECKS = [(name, fn)], when present
 
 
 class Run:

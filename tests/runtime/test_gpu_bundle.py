@@ -26,11 +26,12 @@ def _bench(name: str):
     return mod
 
 
-def _build(out: Path, models: list[str], budget: int, wheel_dir: Path, tune: tuple[str, ...] = ()) -> dict:
+def _build(out: Path, models: list[str], budget: int, wheel_dir: Path, tune: tuple[str, ...] = (),
+           fuzz: int = 0) -> dict:
     wheel = wheel_dir / "apache_tvm_ffi-0.1.14.post1-cp312-cp312-manylinux_2_28_x86_64.whl"
     with zipfile.ZipFile(wheel, "w") as z:  # a stand-in: the test never downloads
         z.writestr("tvm_ffi/__init__.py", "")
-    manifest = _bench("gpu_bundle").build(out, "cuda-sm90", models, wheel_dir, budget, tune)
+    manifest = _bench("gpu_bundle").build(out, "cuda-sm90", models, wheel_dir, budget, tune, fuzz_seeds=fuzz)
     assert [m["name"] for m in manifest["models"]] == models, manifest["skipped"]
     return manifest
 
@@ -44,7 +45,7 @@ def _dry_run(bundle: Path, out: Path) -> tuple[int, dict]:
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundle") / "gpu_bundle"
-    _build(out, ["tiny_cnn"], 60 << 20, tmp_path_factory.mktemp("wheels"), ("squeezenet:6",))
+    _build(out, ["tiny_cnn"], 60 << 20, tmp_path_factory.mktemp("wheels"), ("squeezenet:6",), fuzz=3)
     return out
 
 
@@ -86,6 +87,7 @@ def test_dry_run_checks_the_bundle_here(bundle, tmp_path):
     assert "no CUDA driver" in checks["model.tiny_cnn"]["load"]  # refused for the driver, not anything else
     assert checks["model.tiny_cnn"]["inputs"] == {"data": [1, 3, 16, 16]}
     assert (tmp_path / "gpu_check.log").read_text().count("--- ") >= 5
+    assert checks["fuzz"]["ok"] and checks["fuzz"]["cases"] == 3 and "no CUDA driver" in checks["fuzz"]["load"]
 
 
 def test_dry_run_reports_a_damaged_bundle(bundle, tmp_path):
@@ -132,3 +134,30 @@ def test_model_check_runs_its_gpu_path_on_a_fake_device(bundle, tmp_path):
     assert result["ok"] and result["match"] and result["no_graph_match"], result
     assert result["outputs"]["softmax0"]["max_abs_err"] < 1e-5
     assert len(result["graph_launch"]["blocks_ms"]) == gpu_check.BLOCKS and 3 <= result["launches_per_block"]
+
+
+def test_fuzz_check_runs_its_gpu_path_on_cpu_builds(bundle, tmp_path):
+    """The fuzz plug-in as it runs on the GPU, with each case's artifact swapped for a CPU build of the same
+    graph: every case passes; a wrong answer slipped into one case is reported with its seed."""
+    import numpy as np
+
+    import kiln
+    from kiln.config import Options
+    from kiln.random_models import random_model
+
+    gpu_check, gpu_fuzz = _bench("gpu_check"), _bench("gpu_fuzz")
+    cases = json.loads((bundle / "fuzz" / "fuzz.json").read_text())["cases"]
+    cpu = {c["artifact"]: kiln.load(kiln.compile(random_model(c["seed"])[0], tmp_path / c["artifact"],
+                                                 Options(target="x86-avx2", shipped_logs=False)).path)
+           for c in cases}
+    run = gpu_check.Run(bundle, tmp_path / "out", dry_run=False)
+    run.kiln_runtime = types.SimpleNamespace(load=lambda path: cpu[Path(path).name])
+    result = gpu_fuzz.fuzz(run)
+    assert result["ok"] and result["passed"] == len(cases) == 3 and not result["failures"], result
+
+    wrong = cases[1]["artifact"]
+    right = cpu[wrong]
+    cpu[wrong] = types.SimpleNamespace(run=lambda x: [np.asarray(y) + 1 for y in right.run(x)] if isinstance(
+        right.run(x), (list, tuple)) else np.asarray(right.run(x)) + 1)
+    result = gpu_fuzz.fuzz(run)
+    assert not result["ok"] and [f["seed"] for f in result["failures"]] == [cases[1]["seed"]], result
