@@ -1,6 +1,7 @@
 """Differential fuzzing: random graphs (kiln.random_models) compiled by Kiln and checked against ONNX Runtime.
 
     python bench/fuzz_models.py --seeds 0:200 [--minutes 30] [--target native|x86-avx2|both] [--keep DIR]
+                                [--precision fp32|fp16|bf16]
     python bench/fuzz_models.py --seeds 17                  # one seed again, in this process, with the traceback
 
 Each case compiles and runs in a worker process, so a segfault or a hang costs that case (reported as a crash or
@@ -22,8 +23,12 @@ from pathlib import Path
 TARGETS = ("native", "x86-avx2")
 
 
-def check(seed: int, target: str) -> tuple[str, str]:
-    """(outcome, detail) for one seed on one target."""
+COSINE = 0.999  # a float16/bfloat16 build's float outputs against float32 ONNX Runtime, per output
+
+
+def check(seed: int, target: str, precision: str = "fp32") -> tuple[str, str]:
+    """(outcome, detail) for one seed on one target. At half precision the float outputs must agree in cosine;
+    a graph with an arg-max or arg-min is only built and run there (rounding may move the index it picks)."""
     import numpy as np
     import onnxruntime as ort
 
@@ -41,7 +46,8 @@ def check(seed: int, target: str) -> tuple[str, str]:
         return "invalid", f"onnxruntime: {str(err).splitlines()[0][:200]}"
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            report = kiln.compile(model, Path(tmp) / "m.so", Options(target=target, shipped_logs=False))
+            report = kiln.compile(model, Path(tmp) / "m.so", Options(target=target, shipped_logs=False,
+                                                                     precision=precision))
             got = kiln.load(report.path).run(x)
         except UnsupportedError as err:
             return "unsupported", str(err).splitlines()[0][:200]
@@ -51,6 +57,14 @@ def check(seed: int, target: str) -> tuple[str, str]:
     for k, (g, w) in enumerate(zip(got, want)):
         if g.shape != w.shape:
             return "mismatch", f"output {k}: shape {g.shape} != {w.shape} ({' '.join(ops)})"
+        if precision != "fp32":
+            if {"ArgMax", "ArgMin"} & set(ops) or g.dtype.kind != "f" or not np.any(w):
+                continue
+            g64, w64 = g.astype(np.float64).ravel(), w.astype(np.float64).ravel()
+            cos = float(g64 @ w64 / (np.linalg.norm(g64) * np.linalg.norm(w64) or 1.0))
+            if not cos >= COSINE:
+                return "mismatch", f"output {k}: cosine {cos:.5f} < {COSINE} ({' '.join(ops)})"
+            continue
         scale = max(1.0, float(np.abs(w).max()) if w.size else 1.0)
         bad = ~np.isclose(g, w, rtol=1e-3, atol=1e-4 * scale) & ~(np.isnan(g) & np.isnan(w))
         if bad.any():
@@ -60,10 +74,10 @@ def check(seed: int, target: str) -> tuple[str, str]:
     return "ok", " ".join(ops)
 
 
-def _run_case(args: tuple[int, str]) -> tuple[int, str, str, str]:
-    seed, target = args
+def _run_case(args: tuple[int, str, str]) -> tuple[int, str, str, str]:
+    seed, target, precision = args
     try:
-        outcome, detail = check(seed, target)
+        outcome, detail = check(seed, target, precision)
     except Exception as err:  # noqa: BLE001  (anything not a KilnError is a Kiln bug: report, go on)
         outcome, detail = "error", f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
     return seed, target, outcome, detail
@@ -88,7 +102,7 @@ class Worker:
         self.proc = ctx.Process(target=_worker, args=(child,), daemon=True)
         self.proc.start()
 
-    def run(self, case: tuple[int, str], timeout_s: float) -> tuple[int, str, str, str] | None:
+    def run(self, case: tuple[int, str, str], timeout_s: float) -> tuple[int, str, str, str] | None:
         self.conn.send(case)
         try:
             if self.conn.poll(timeout_s):
@@ -121,16 +135,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", default="both", choices=[*TARGETS, "both"])
     ap.add_argument("--minutes", type=float, default=None, help="stop starting new cases after this long")
     ap.add_argument("--keep", type=Path, default=Path("fuzz_failures"), help="write failing models here")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
+                    help="compile at this precision; half precision is compared by cosine")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds a case may take before it counts as a hang")
     ap.add_argument("-v", "--verbose", action="store_true", help="a line for every case, not only failures")
     args = ap.parse_args(argv)
     seeds = _seeds(args.seeds)
     targets = TARGETS if args.target == "both" else (args.target,)
-    cases = [(s, t) for s in seeds for t in targets]
+    cases = [(s, t, args.precision) for s in seeds for t in targets]
     if len(cases) == 1:  # one case: in this process, so a failure shows its whole traceback
-        seed, target = cases[0]
         try:
-            print(*check(seed, target))
+            print(*check(*cases[0]))
         except Exception:  # noqa: BLE001
             traceback.print_exc()
         return 0
@@ -144,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.monotonic()
         result = worker.run(case, args.timeout)
         if result is None:  # the worker died, or the case hung: a new worker for the next case
-            result = (*case, worker.kill(), "")
+            result = (*case[:2], worker.kill(), "")
             worker = Worker()
         seed, target, outcome, detail = result
         outcome_kind = outcome.split()[0]

@@ -54,7 +54,12 @@ def to_te(fn: Function):
             if not isinstance(op, OpDef) or op.compute is None:
                 raise CodegenError(f"{e.op_name} has no compute yet (node '{e.span}')")
             args = [env[id(a)] for a in e.args]
-            env[id(e)] = op.compute(args, e.attrs) if op.variadic else op.compute(*args, e.attrs)
+            env[id(e)] = out = op.compute(args, e.attrs) if op.variadic else op.compute(*args, e.attrs)
+            if isinstance(e.type, TensorType) and str(out.dtype) != e.type.dtype:
+                # a kernel writing float32 into a planned float16 buffer would overrun it; TVM's argument check
+                # only catches it at run time, for the group's output
+                raise CodegenError(f"{e.op_name} (node '{e.span}'): its compute gives {out.dtype} where its type "
+                                   f"says {e.type.dtype}")
         elif isinstance(e, (Tuple, TupleGetItem, Var)):
             raise CodegenError(f"{type(e).__name__} inside a fused group is not supported yet")
     return placeholders, env[id(fn.body)]

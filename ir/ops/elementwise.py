@@ -402,7 +402,8 @@ def _te_unary() -> dict[str, object]:
         "softplus": softplus,
         "softsign": lambda x: x / (1 + te.abs(x)),
         "nn.mish": mish,
-        "nn.hard_swish": lambda x: x * float_math.clamp(x / 6 + 0.5, 0, 1),
+        # typed constants: a Python float (0.5) would make a float16 or bfloat16 expression float32 in TVM 0.27
+        "nn.hard_swish": lambda x: x * float_math.clamp(x / 6 + tir.const(0.5, float_math._dtype(x)), 0, 1),
         "copy": lambda x: x,
         "logical_not": lambda x: tir.Not(x),
         "bitwise_not": lambda x: ~x,

@@ -268,7 +268,10 @@ def _arg_compute(kind: str):
             else:
                 rest = list(i)
                 idx = [k if ax == a.axis else rest.pop(0) for ax in range(nd)]
-            return reducer((k.var.astype("int64"), x[tuple(idx)]), axis=k)
+            v = x[tuple(idx)]
+            if str(x.dtype) in ("float16", "bfloat16"):  # compared in float32, exactly: TVM's bfloat16 lowering
+                v = v.astype("float32")                    # does not rewrite the reduction's value binding
+            return reducer((k.var.astype("int64"), v), axis=k)
 
         both = te.compute(shape, body, name=f"arg{kind}")
         return te.compute(shape, lambda *i: both[0](*i), name=f"arg{kind}_index")
