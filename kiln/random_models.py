@@ -345,7 +345,10 @@ class _Builder:
         if len(v.shape) < 2:
             return None
         axis = len(v.shape) - 1
-        idx = self.op(self.pick(["ArgMax", "ArgMin"]), [v.name], axis=axis, keepdims=0)
+        # a ramp along the axis first: saturated values (erf and tanh give ±1 exactly) tie, and a 1-ulp
+        # difference from ONNX Runtime's erf would then move the index; 1e-3 apart, rounding cannot
+        ramp = self.g.const((np.arange(v.shape[axis]) * 1e-3).astype(np.float32), "ramp")
+        idx = self.op(self.pick(["ArgMax", "ArgMin"]), [self.op("Add", [v.name, ramp])], axis=axis, keepdims=0)
         table = self.const((v.shape[axis], 4), base="table")
         return Value(self.op("Gather", [table, idx], axis=0), (*v.shape[:axis], 4))
 

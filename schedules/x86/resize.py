@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from kiln.ir.op import OpPattern
 from kiln.ir.ops.image import RESIZE, _resized
+from kiln.ir.ops.transform import GATHER_ELEMENTS, GATHER_ND, TAKE
 from kiln.schedules.space import Config, Space
 from kiln.schedules.template import Template
 from kiln.schedules.workload import Group, Workload
@@ -24,8 +25,12 @@ PARALLEL_MIN_ROWS = 64  # outer iterations enough to keep every core of a small 
 
 def applies(group: Group) -> bool:
     """One resize with elementwise or injective producers and epilogues (a layout_transform into NCHW[b]c after
-    it, a reshape): no reduction, no conv, no second resize."""
-    return len(group.find(RESIZE)) == 1 and all(c.op.pattern <= OpPattern.INJECTIVE for c in group.calls)
+    it, a reshape): no reduction, no conv, no second resize. With a row buffer, no gather either: the buffer is
+    computed at the output's loops, and rows picked by data TVM cannot bound (found by fuzzing)."""
+    resizes = group.find(RESIZE)
+    if len(resizes) != 1 or not all(c.op.pattern <= OpPattern.INJECTIVE for c in group.calls):
+        return False
+    return not (_has_rows(resizes[0]) and any(group.find(op) for op in (TAKE, GATHER_ELEMENTS, GATHER_ND)))
 
 
 def _has_rows(call) -> bool:

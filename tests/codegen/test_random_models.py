@@ -40,7 +40,7 @@ def test_the_same_seed_builds_the_same_graph():
     assert random_model(124)[0].SerializeToString() != a.SerializeToString()
 
 
-@pytest.mark.parametrize("seed", [10, 147, 272, 183, 186, 4, 2, 7])  # 41 ONNX op types among them
+@pytest.mark.parametrize("seed", [88, 147, 176, 180, 6, 94, 4, 47])  # 40 ONNX op types among them
 def test_random_models_match_onnxruntime(seed, tmp_path):
     _check(seed, "native", tmp_path)
 

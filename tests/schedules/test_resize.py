@@ -193,3 +193,23 @@ def test_prologue_and_epilogue_fuse_around_the_template():
     g = lower(fn, target)
     assert g.template == resize.TEMPLATE.key and g.schedule.startswith("resize(rows+"), g.schedule
     assert_close(run_lowered(g, target, [x, b]), np.maximum(_resize(np.exp(x), attrs) + b, 0), rtol=1e-5, atol=1e-5)
+
+
+def test_a_gather_after_a_bilinear_resize_leaves_it_to_the_generic_schedule(tmp_path):
+    # found by fuzzing: the row buffer is computed at the output's loops, and a gather's rows (data, negative
+    # indices) cannot be bounded there; the template used to fail on it and warn (an error in these tests)
+    import onnxruntime as ort
+    from onnx import TensorProto
+
+    from kiln.model_builders import GraphBuilder
+
+    g = GraphBuilder("resize_gather")
+    y = g.op("Resize", ["x", "", g.const(np.array([1, 1, 2, 2], np.float32))], mode="linear")
+    y = g.op("Gather", [y, g.const(np.array([-1, 3, -6, 0], np.int64))], axis=1)
+    y = g.op("Unsqueeze", [g.op("Squeeze", [y, g.const(np.array([0], np.int64))]), g.const(np.array([2], np.int64))])
+    y = g.op("Sub", [y, g.const(np.linspace(-1, 1, 14, dtype=np.float32).reshape(1, 1, 1, 14))])
+    model = g.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 5, 7])],
+                    [(y, TensorProto.FLOAT, [4, 10, 1, 14])])
+    x = np.random.default_rng(0).standard_normal((1, 6, 5, 7)).astype(np.float32)
+    got = kiln.load(kiln.compile(model, tmp_path / "m.so").path).run(x)[0]
+    assert_close(got, ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0], rtol=1e-5, atol=1e-5)
