@@ -10,7 +10,7 @@ weights would push the bundle past the budget is built with external weights, le
 from the seeded zoo code (`python -m kiln.rebuild_weights`, no TVM needed; manifest `"weights": "rebuild"`). The GPU machine has no TVM and no network, and one run carries at most 64 MiB: there,
 `python3 bench/gpu_check.py --bundle gpu_bundle --out $OUT` (carry: ["gpu_bundle"]).
 
-It carries random graphs too (`--fuzz 60`: bench/gpu_fuzz.py, compiled here, checked there against ONNX
+It carries random graphs too (`--fuzz 400`: bench/gpu_fuzz.py, compiled here, checked there against ONNX
 Runtime's outputs), and one round of batch tuning (`--tune resnet50:256`: autotune/batch.py, the candidates built for
 the target with their inputs' seeds and sampled references); bench/gpu_tune.py measures it there and leaves
 $OUT/tune/<model>/results.jsonl, which `kiln tune zoo:<model> --target cuda-sm90 --batch-import DIR` turns into
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-wheel", action="store_true", help="leave the tvm_ffi wheel out (tests)")
     ap.add_argument("--budget-mib", type=float, default=BUDGET_BYTES / 2**20)
     ap.add_argument("--no-gemm", action="store_true", help="leave out the tensor-core GEMM bench's kernels")
-    ap.add_argument("--fuzz", type=int, default=60, help="random graphs (bench/gpu_fuzz.py) from seeds 0..N-1, "
+    ap.add_argument("--fuzz", type=int, default=400, help="random graphs (bench/gpu_fuzz.py) from seeds 0..N-1, "
                     "as many as fit 2 MiB")
     ap.add_argument("--tune", nargs="*", default=["resnet50:256"], help="MODEL:N tuning batches (bench/gpu_tune.py "
                     "measures them there; `kiln tune --batch-import` brings the results home)")
