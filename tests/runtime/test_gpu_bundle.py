@@ -45,7 +45,7 @@ def _dry_run(bundle: Path, out: Path) -> tuple[int, dict]:
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundle") / "gpu_bundle"
-    _build(out, ["tiny_cnn"], 60 << 20, tmp_path_factory.mktemp("wheels"), ("squeezenet:6",), fuzz=3)
+    _build(out, ["tiny_cnn"], 60 << 20, tmp_path_factory.mktemp("wheels"), ("squeezenet:6",), fuzz=6)
     return out
 
 
@@ -87,7 +87,7 @@ def test_dry_run_checks_the_bundle_here(bundle, tmp_path):
     assert "no CUDA driver" in checks["model.tiny_cnn"]["load"]  # refused for the driver, not anything else
     assert checks["model.tiny_cnn"]["inputs"] == {"data": [1, 3, 16, 16]}
     assert (tmp_path / "gpu_check.log").read_text().count("--- ") >= 5
-    assert checks["fuzz"]["ok"] and checks["fuzz"]["cases"] == 3 and "no CUDA driver" in checks["fuzz"]["load"]
+    assert checks["fuzz"]["ok"] and checks["fuzz"]["cases"] >= 2 and "no CUDA driver" in checks["fuzz"]["load"]
 
 
 def test_dry_run_reports_a_damaged_bundle(bundle, tmp_path):
@@ -153,7 +153,8 @@ def test_fuzz_check_runs_its_gpu_path_on_cpu_builds(bundle, tmp_path):
     run = gpu_check.Run(bundle, tmp_path / "out", dry_run=False)
     run.kiln_runtime = types.SimpleNamespace(load=lambda path: cpu[Path(path).name])
     result = gpu_fuzz.fuzz(run)
-    assert result["ok"] and result["passed"] == len(cases) == 3 and not result["failures"], result
+    assert len(cases) >= 2  # of seeds 0-5, those within gpu_fuzz.CASE_BYTES
+    assert result["ok"] and result["passed"] == len(cases) and not result["failures"], result
 
     wrong = cases[1]["artifact"]
     right = cpu[wrong]
