@@ -202,12 +202,18 @@ class _Builder:
         axis = int(self.rng.integers(-len(v.shape), len(v.shape)))
         return Value(self.op(self.pick(["Softmax", "LogSoftmax"]), [v.name], axis=axis), v.shape)
 
-    def slice(self, v: Value, _earlier) -> Value | None:
-        dims = [i for i, d in enumerate(v.shape) if d >= 3]
+    def axis_of_at_least(self, v: Value, n: int) -> tuple[int, int] | None:
+        """A random axis of v with extent ≥ n, and that extent."""
+        dims = [i for i, d in enumerate(v.shape) if d >= n]
         if not dims:
             return None
         axis = self.pick(dims)
-        d = v.shape[axis]
+        return axis, v.shape[axis]
+
+    def slice(self, v: Value, _earlier) -> Value | None:
+        if (found := self.axis_of_at_least(v, 3)) is None:
+            return None
+        axis, d = found
         step = self.pick([1, 1, 2, -1])
         if step > 0:
             start = int(self.rng.integers(0, d - 1))
@@ -228,11 +234,9 @@ class _Builder:
         return Value(self.op("Concat", parts, axis=axis), shape)
 
     def split(self, v: Value, _earlier) -> Value | None:
-        dims = [i for i, d in enumerate(v.shape) if d >= 2]
-        if not dims:
+        if (found := self.axis_of_at_least(v, 2)) is None:
             return None
-        axis = self.pick(dims)
-        d = v.shape[axis]
+        axis, d = found
         first = int(self.rng.integers(1, d))
         a, b = self.op("Split", [v.name, self.g.const(np.array([first, d - first], np.int64), "split")], n_out=2,
                        axis=axis)
