@@ -213,3 +213,22 @@ def test_a_gather_after_a_bilinear_resize_leaves_it_to_the_generic_schedule(tmp_
     x = np.random.default_rng(0).standard_normal((1, 6, 5, 7)).astype(np.float32)
     got = kiln.load(kiln.compile(model, tmp_path / "m.so").path).run(x)[0]
     assert_close(got, ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_reflect_pad_after_a_constant_pad_keeps_the_resize_template(tmp_path):
+    # found by fuzzing: the reflect pad's index was int64 and the resize tables' int32; inlining both into one
+    # kernel failed the template (a warning, an error in these tests) and the group fell back
+    import onnxruntime as ort
+    from onnx import TensorProto
+
+    from kiln.model_builders import GraphBuilder
+
+    g = GraphBuilder("resize_pads")
+    y = g.op("Resize", ["x", "", g.const(np.array([1, 1, 2, 2], np.float32))], mode="linear")
+    y = g.op("Pad", [y, g.const(np.array([0, 0, 1, 2, 0, 0, 2, 1], np.int64))], mode="constant")
+    y = g.op("Pad", [y, g.const(np.array([0, 0, 1, 2, 0, 0, 2, 1], np.int64))], mode="reflect")
+    model = g.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 7])],
+                    [(y, TensorProto.FLOAT, [1, 4, 18, 20])])
+    x = np.random.default_rng(0).standard_normal((1, 4, 6, 7)).astype(np.float32)
+    got = kiln.load(kiln.compile(model, tmp_path / "m.so").path).run(x)[0]
+    assert_close(got, ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0], rtol=1e-5, atol=1e-5)
