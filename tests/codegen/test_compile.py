@@ -272,3 +272,31 @@ def test_grouped_conv_compiles_blocked_and_matches(tmp_path):
     convs = [s["schedule"] for s in m.meta["steps"] if s["ops"][0] == "nn.conv2d_nchwc"]
     assert len(convs) == 3 and all(s.startswith("nchwc(") for s in convs), convs
     assert_close(m.run(**feeds)[0], ort_run(model, feeds)[0], rtol=1e-3, atol=1e-4)
+
+
+def test_lowering_refuses_a_compute_whose_dtype_is_not_its_type():
+    # a kernel writing float64 (or float32) into a buffer planned for float32 (or float16) would overrun it;
+    # TVM's own argument check catches that only at run time and only for a group's output
+    from kiln.codegen.lower import lower_group
+    from kiln.codegen.target import resolve_target
+    from kiln.errors import CodegenError
+    from kiln.ir import Call
+    from kiln.ir.ops.elementwise import RELU
+
+    from ..groups import group, params
+
+    ps = params(((4, 8), "float32"))
+    fn = group(ps, Call(RELU, (ps[0],), RELU.attrs_type()))
+    right = RELU.compute
+    object.__setattr__(RELU, "compute", lambda x, a: _as_f64(x))
+    try:
+        with pytest.raises(CodegenError, match=r"nn.relu .*gives float64 where its type says float32"):
+            lower_group(fn, "main", resolve_target("x86-avx2"))
+    finally:
+        object.__setattr__(RELU, "compute", right)
+
+
+def _as_f64(x):
+    from tvm import te
+
+    return te.compute(x.shape, lambda *i: x(*i).astype("float64"), name="wrong")
