@@ -160,8 +160,10 @@ def schedule(sch, wl: Workload, cfg: Config) -> list[str]:
     spatial = loops[2:-3]
     rco, rci = sch.split(rc, factors=[None, cfg["tile_ic"]])
     sch.reorder(rco, rci, ry, rx, *spatial)
-    data_shared = sch.cache_read(conv, 0, "shared")
-    weight_shared = sch.cache_read(conv, 1, "shared")
+    # for the conv only: an epilogue that reads the same input keeps reading it from global memory
+    # (one that read the shared copy outside its tile loop failed compute_at; found by fuzzing)
+    data_shared = sch.cache_read(conv, 0, "shared", consumer_blocks=[conv])
+    weight_shared = sch.cache_read(conv, 1, "shared", consumer_blocks=[conv])
     if pad:  # padding happens while the window is copied to shared memory
         sch.compute_inline(pad[0])
     cooperative_fetch(sch, data_shared, rco, threads(cfg))

@@ -134,8 +134,10 @@ def schedule(sch, wl: Workload, cfg: Config) -> list[str]:
     k, spatial = loops[-1], loops[2:-1]
     ko, ki = sch.split(k, factors=[None, cfg["tile_k"]])
     sch.reorder(ko, ki, *spatial)
-    a_shared = sch.cache_read(gemm, 0, "shared")
-    b_shared = sch.cache_read(gemm, 1, "shared")
+    # for the gemm only: an epilogue that reads the same input keeps reading it from global memory
+    # (one that read the shared copy outside its tile loop failed compute_at; found by fuzzing)
+    a_shared = sch.cache_read(gemm, 0, "shared", consumer_blocks=[gemm])
+    b_shared = sch.cache_read(gemm, 1, "shared", consumer_blocks=[gemm])
     cooperative_fetch(sch, a_shared, ko, threads(cfg))
     cooperative_fetch(sch, b_shared, ko, threads(cfg))
     sch.decompose_reduction(gemm, ko)

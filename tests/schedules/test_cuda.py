@@ -63,6 +63,13 @@ def _dense(m, k, n):
     return group(ps, Call(ADD, (Call(DENSE, (ps[0], ps[1]), DenseAttrs()), ps[2]), ADD.attrs_type()))
 
 
+def _dense_times_input(m, k):
+    """(x @ Wᵀ) * x: an epilogue that reads the GEMM's own input, which must keep its global copy (found by
+    fuzzing: it was sent to the shared tile, outside the tile's loop)."""
+    ps = params(((m, k), "float32"), ((k, k), "float32"))
+    return group(ps, Call(MULTIPLY, (Call(DENSE, (ps[0], ps[1]), DenseAttrs()), ps[0]), MULTIPLY.attrs_type()))
+
+
 def _elementwise(shape):
     ps = params((shape, "float32"), (shape, "float32"))
     return group(ps, Call(ADD, (Call(MULTIPLY, (Call(SIGMOID, (ps[0],), SIGMOID.attrs_type()), ps[1]),
@@ -93,6 +100,7 @@ GROUPS = {  # name: (group, template, the schedule steps' start)
     # a matmul whose A tile is one row per block left the shared copy no loop to bind
     "argmax": (op_group(ARGMAX, [((300, 9), "float32")], ArgReduceAttrs(axis=1, keepdims=False)), "generic",
                "per_thread"),
+    "dense_epilogue_reads_a": (_dense_times_input(128, 64), "dense_tiled", "dense_tiled.cuda"),
     "matmul_one_row_batches": (op_group(MATMUL, [((2, 1, 5, 12), "float32"), ((12, 8), "float32")], DenseAttrs()),
                                "dense_tiled", "dense_tiled.cuda"),
     # not claimed by a template: the generic schedule takes them
