@@ -13,13 +13,16 @@ shapes), each in at most 64 KB, so dozens travel in one run for a few seconds of
 from __future__ import annotations
 
 import json
+import sys
 import time
 import traceback
 from pathlib import Path
 
 import numpy as np
 
-RTOL, ATOL = 1e-3, 1e-4  # as bench/fuzz_models.py: atol scaled by the output's largest magnitude
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fuzz_models import compare  # noqa: E402  (the CPU fuzzer's comparison, one tolerance for both)
+
 DEFAULT_SEEDS = range(400)
 BUDGET_BYTES = 2 << 20
 CASE_BYTES = 64 << 10  # larger cases (most of it inputs and outputs) are passed over: more graphs per MiB
@@ -33,14 +36,13 @@ def build(dest: Path, target: str, seeds=DEFAULT_SEEDS, budget_bytes: int = BUDG
 
     import kiln
     from kiln.config import Options
-    from kiln.random_models import random_model
+    from kiln.random_models import random_input, random_model
 
     dest.mkdir(parents=True, exist_ok=True)
     cases, not_built, used = [], [], 0
     for seed in seeds:
         model, ops = random_model(seed)
-        shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
-        x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+        x = random_input(model, seed)
         try:
             sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
             names = [o.name for o in sess.get_outputs()]
@@ -67,21 +69,6 @@ def build(dest: Path, target: str, seeds=DEFAULT_SEEDS, budget_bytes: int = BUDG
     manifest = {"target": target, "cases": cases, "not_built": not_built, "bytes": used}
     (dest / "fuzz.json").write_text(json.dumps(manifest, indent=1))
     return manifest
-
-
-def compare(got: list[np.ndarray], want: list[np.ndarray]) -> str | None:
-    """None when every output matches; otherwise what differs first."""
-    if len(got) != len(want):
-        return f"{len(got)} outputs, expected {len(want)}"
-    for k, (g, w) in enumerate(zip(got, want)):
-        if g.shape != w.shape:
-            return f"output {k}: shape {g.shape}, expected {w.shape}"
-        scale = max(1.0, float(np.abs(w).max()) if w.size else 1.0)
-        bad = ~np.isclose(g, w, rtol=RTOL, atol=ATOL * scale) & ~(np.isnan(g) & np.isnan(w))
-        if bad.any():
-            i = tuple(int(j) for j in np.unravel_index(int(np.argmax(bad)), bad.shape))
-            return f"output {k}: {int(bad.sum())}/{bad.size} differ, first at {i}: {g[i]} vs {w[i]}"
-    return None
 
 
 def fuzz(run) -> dict:

@@ -427,3 +427,9 @@ def random_model(seed: int, max_steps: int = 8) -> tuple[onnx.ModelProto, list[s
         outputs.append((e.name, TensorProto.FLOAT, list(e.shape)))
     model = b.g.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))], outputs, opset=OPSET)
     return model, b.ops
+
+
+def random_input(model: onnx.ModelProto, seed: int) -> np.ndarray:
+    """The input a seed's graph is checked on: N(0, 1), seeded like the graph."""
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)

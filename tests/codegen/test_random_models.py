@@ -9,17 +9,12 @@ import pytest
 
 import kiln
 from kiln.config import Options
-from kiln.random_models import random_model
-
-
-def _input(model, seed):
-    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+from kiln.random_models import random_input, random_model
 
 
 def _check(seed: int, target: str, tmp_path) -> None:
     model, ops = random_model(seed)
-    x = _input(model, seed)
+    x = random_input(model, seed)
     try:
         want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     except Exception:  # noqa: BLE001  (a graph ONNX Runtime refuses says nothing about Kiln)
