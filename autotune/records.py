@@ -14,6 +14,7 @@ since the record was made, another CPU when asked for one. Nothing in a log ever
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -284,8 +285,26 @@ def _why_skip(text: str, wanted, target, cpu, lookup, digests) -> Record | str:
     except Exception as err:  # noqa: BLE001  (a workload the template no longer reads: its dims changed)
         return f"{r.template} cannot make a space of this workload now ({type(err).__name__}: {err})"
     if digest != r.space_hash:
-        return f"the space of {r.template} for {r.key} changed (hash {r.space_hash}, now {digest})"
+        upgraded = _upgrade(template, r, target, digest)
+        if upgraded is None:
+            return f"the space of {r.template} for {r.key} changed (hash {r.space_hash}, now {digest})"
+        r = upgraded
     return r
+
+
+def _upgrade(template: Template, r: Record, target, digest: str) -> Record | None:
+    """A record made before the template gained knobs (`Template.added_knobs`), as a record of today's space:
+    its config completed with the added knobs' old values, which build the very kernel it timed."""
+    if not template.added_knobs:
+        return None
+    t = target if target is not None else _tvm_target(r.target)
+    space = template.space(r.workload, target_info(t))
+    if space.without(template.added_knobs).digest() != r.space_hash:
+        return None
+    config = space.upgrade(r.config, template.added_knobs)
+    if config is None:
+        return None
+    return dataclasses.replace(r, config=config, space_hash=digest)
 
 
 def _space_digest(template: Template, r: Record, target, digests: dict) -> str:

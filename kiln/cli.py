@@ -440,6 +440,8 @@ def tune(
                                                 "worker, to measure on a device reached in short runs"),
     batch_import: Optional[Path] = typer.Option(None, "--batch-import", help="append a measured batch folder's "
                                                 "results to the log as records"),
+    task: Optional[list[str]] = typer.Option(None, "--task", help="tune only the tasks whose workload key "
+                                             "contains this (repeatable); the others keep the log's configs"),
 ) -> None:
     """Autotune a model's kernels: search each task's knob space, measure here or on a device over TVM RPC, log
     every measurement; `kiln compile --tuning-log` applies the log."""
@@ -475,7 +477,7 @@ def tune(
     err.print(f"tuning {model} for {options.target} on {cpu_name()}; log {log_path}", soft_wrap=True)
     with Live(Table(), console=err, refresh_per_second=2, transient=False) as live:
         result = tune_model(z.resolve(model), log_path, opts, options, runner=runner, output=output, plot_dir=plot,
-                            on_round=lambda e: live.update(_tune_table(e)), timing=timing)
+                            on_round=lambda e: live.update(_tune_table(e)), timing=timing, only=tuple(task or ()))
     out.print(_tune_summary(result))
     if result.kept:
         out.print(f"whole model: default {result.default_ms:.3f} ms, tuned {result.tuned_ms:.3f} ms "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,9 +47,11 @@ class ModelTuneResult:
 def tune_model(model, log_path: str | Path, tune_options: TuneOptions | None = None, options: Options | None = None,
                *, runner=None, output: str | Path | None = None, plot_dir: str | Path | None = None,
                on_round: Callable[[TuneEvent], None] | None = None, repeat: int = 20,
-               timing: str = "model") -> ModelTuneResult:
+               timing: str = "model", only: Sequence[str] = ()) -> ModelTuneResult:
     """`timing="model"` (local runs): candidates are timed inside the model compiled with the default configs
-    (autotune/context.py); `"alone"`: each kernel alone, caches flushed. A given `runner` is used as it is."""
+    (autotune/context.py); `"alone"`: each kernel alone, caches flushed. A given `runner` is used as it is.
+    `only`: tune just the tasks whose workload key contains one of these strings (a template whose space grew
+    re-searched without re-searching the rest); the others keep what the log says, in the end-to-end A/B too."""
     import onnx
 
     if timing not in ("model", "alone"):
@@ -58,6 +60,10 @@ def tune_model(model, log_path: str | Path, tune_options: TuneOptions | None = N
     tune_options = tune_options or TuneOptions()
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load(model)
     tasks = model_tasks(proto, options)
+    if only:
+        tasks = [t for t in tasks if any(o in t.key for o in only)]
+        if not tasks:
+            raise KilnError(f"no task's workload key contains any of {list(only)}")
     local = runner is None or isinstance(runner, LocalRunner)  # a remote device's model is not timed here
     with tempfile.TemporaryDirectory(prefix="kiln-tune-") as tmp:
         plain = None

@@ -13,7 +13,7 @@ import itertools
 import json
 import math
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,6 +118,22 @@ class Space:
             raise InvalidConfig(f"config {dict(cfg)} is not in the space: {self.describe()}")
         b = self._branch_of(cfg)
         return {n: cfg[n] for n, _ in b}
+
+    def without(self, names: Iterable[str]) -> Space:
+        """The space as it was before knobs `names` were added to it: each branch with them removed."""
+        names = set(names)
+        return Space(tuple(tuple((n, v) for n, v in b if n not in names) for b in self.branches))
+
+    def upgrade(self, cfg: Mapping, added: Mapping[str, Any]) -> Config | None:
+        """A config of `self.without(added)` as a config of this space: each added knob that its branch now
+        holds set to the value in `added` (the one that builds the kernel the old config built); None if
+        it is no point here."""
+        for b in self.branches:
+            names = {n for n, _ in b}
+            full = {**dict(cfg), **{n: v for n, v in added.items() if n in names and n not in cfg}}
+            if _in_branch(b, full):
+                return {n: full[n] for n, _ in b}
+        return None
 
     def digest(self) -> str:
         """A hash of every knob and value: a record made over another space is not replayed."""

@@ -50,6 +50,10 @@ class Template:
     # (group fn, {param index: array}) -> the same with inputs that only some values are valid for replaced
     # (Winograd's transformed weights: a random U is no conv's weights, so no reference could check it)
     valid_inputs: Callable[[Any, dict, Any], dict] | None = None
+    # knobs added to the space since records were written, each with the value that builds the kernel those
+    # records timed (Winograd's tile_k: 1): a record made over the space without them still applies, completed
+    # with these values, instead of being skipped as made over another space (autotune/records.py)
+    added_knobs: Mapping[str, Any] = field(default_factory=dict)
     doc: str = ""
 
     @property

@@ -280,7 +280,8 @@ def _conv_space(wl: Workload, info) -> Space:
                                      unroll_kw=unroll, rows_outer=[False, True]))
         else:
             m = 2 if algo == choose.WINOGRAD2 else 4
-            branches.append(Space.of(algorithm=algo, tile_p=winograd.space(_winograd_tiles(wl, m))["tile_p"]))
+            knobs = winograd.space(_winograd_tiles(wl, m), ocb)
+            branches.append(Space.of(algorithm=algo, tile_p=knobs["tile_p"], tile_k=knobs["tile_k"]))
     return Space.union(*branches)
 
 
@@ -293,7 +294,9 @@ def _conv_default(wl: Workload, info, fixed: dict | None = None) -> dict:
     lanes = wl["lanes"]
     if algo in (choose.WINOGRAD2, choose.WINOGRAD4):
         m = 2 if algo == choose.WINOGRAD2 else 4
-        return {ALGORITHM: algo, "tile_p": winograd.default(_winograd_tiles(wl, m), lanes, m).tile_p}
+        ocb = wl["oc"] // wl["out_block"]
+        cfg = winograd.default(_winograd_tiles(wl, m), lanes, m, ocb)
+        return {ALGORITHM: algo, "tile_p": cfg.tile_p, "tile_k": cfg.tile_k}
     ocb = wl["oc"] // wl["out_block"]
     cfg = default(wl["out_w"], ocb, lanes, False, block=wl["out_block"], pointwise=(wl["kh"], wl["kw"]) == (1, 1))
     if algo == choose.IM2COL:  # the conv reads the gathered columns, not the input: split by channel
@@ -312,7 +315,8 @@ def _conv_schedule(sch, wl: Workload, cfg: dict) -> list[str]:
     if not algo.startswith(actual):
         raise InvalidConfig(f"config for {algo}, but the group was laid out for {actual}")
     if actual == "winograd":
-        return winograd.schedule(sch, winograd.Config(tile_p=cfg["tile_p"], m=int(algo[-1])))
+        return winograd.schedule(sch, winograd.Config(tile_p=cfg["tile_p"], m=int(algo[-1]),
+                                                     tile_k=cfg.get("tile_k", 1)))
     conv, out = prepare(sch, "conv2d_nchwc", pad_names=("im2col",) if actual == "im2col" else ("pad",))
     steps = schedule(sch, conv, out, Config(tile_ow=cfg["tile_ow"], tile_oc=cfg["tile_oc"],
                                             unroll_kw=cfg["unroll_kw"], rows_outer=cfg["rows_outer"],
@@ -387,7 +391,7 @@ TEMPLATE = Template(
     "x86.conv2d_nchwc", VERSION, "llvm",
     applies=_conv_applies, workload=_conv_workload, space=_conv_space, default=_conv_default,
     schedule=_conv_schedule, graph_knobs=_graph_algorithm, regroup=_conv_regroup, valid_inputs=_conv_valid_inputs,
-    priority=10,
+    priority=10, added_knobs={"tile_k": 1},
     doc="conv2d on NCHW[b]c: direct register tiles, im2col, or Winograd F(2x2)/F(4x4, 3x3)",
 )
 

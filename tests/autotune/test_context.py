@@ -119,3 +119,17 @@ def test_the_tuned_model_is_kept_only_when_it_wins_most_paired_rounds():
     assert keep_tuned(default, steady, 7) == ("tuned", 6)
     slower = np.repeat([10.5] * 7, 3)
     assert keep_tuned(default, slower, 7) == ("default", 0)
+
+
+def test_tune_model_only_searches_the_named_tasks_and_keeps_the_others_from_the_log(tmp_path):
+    """`kiln tune --task KEY`: a template whose space grew is re-searched for its tasks alone; the rest of the
+    model keeps what the log says (here: nothing, so its defaults), and only the named tasks get decisions."""
+    tasks = model_tasks(three_convs(), Options(target=TARGET))
+    conv3 = next(t for t in tasks if t.count == 2)
+    log = tmp_path / "log.jsonl"
+    result = tune_model(three_convs(), log, TuneOptions(trials=3, tuner="random", batch=1, verify_rounds=0),
+                        Options(target=TARGET), repeat=3, only=(conv3.key.split(":")[1],))
+    assert [s.task.key for s in result.tune.states] == [conv3.key]
+    assert {r.key for r in read_records([log], conv3.target)} == {conv3.key}
+    with pytest.raises(kiln.errors.KilnError, match="no task's workload key"):
+        tune_model(three_convs(), log, TuneOptions(trials=1), Options(target=TARGET), only=("nothing-like-it",))

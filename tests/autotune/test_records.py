@@ -181,6 +181,43 @@ def test_a_changed_space_of_a_constructed_template_is_skipped(tmp_path, caplog):
     assert all("x86.test_tile is version 2 now" in m for m in warned[2:])
 
 
+def test_a_record_made_before_a_knob_was_added_applies_with_the_knobs_old_value(tmp_path, caplog):
+    """A template that gained a knob (declared in `added_knobs` with the value that builds the old kernel)
+    still reads records made over its old space, completed with that value; any other change still skips."""
+    grown = dataclasses.replace(tile_template(), space=lambda wl, info: Space.union(
+        Space.of(tile=[1, 2, 4], vectors=[1, 2, 4]), Space.of(tile=[8])), added_knobs={"vectors": 1})
+    old = dataclasses.replace(tile_template(), space=lambda wl, info: Space.union(
+        Space.of(tile=[1, 2, 4]), Space.of(tile=[8])))
+    wl = Workload.of(old.key, Group(add_group()), lanes=16)
+    path = tmp_path / "model.jsonl"
+    write(path, [Record.measured(old, wl, AVX512, {"tile": t}, (1e-3,), cpu=CPU) for t in (2, 8)])
+    got = read_records(path, AVX512, templates={"x86.test_tile": grown})
+    space = grown.space(wl, None)
+    assert [r.config for r in got] == [{"tile": 2, "vectors": 1}, {"tile": 8}]
+    assert all(r.config in space and r.space_hash == space.digest() for r in got)
+    assert warnings_of(caplog) == []
+    # without the declaration, or with the space changed in another way too, the records are skipped
+    assert read_records(path, AVX512, templates={"x86.test_tile": dataclasses.replace(grown, added_knobs={})}) == []
+    other = dataclasses.replace(grown, space=lambda wl, info: Space.of(tile=[1, 2], vectors=[1, 2]))
+    assert read_records(path, AVX512, templates={"x86.test_tile": other}) == []
+
+
+def test_shipped_winograd_records_from_before_tile_k_apply_as_tile_k_1():
+    """The conv template's Winograd branch gained `tile_k`; the ResNet-50 log's older Winograd records (and any
+    user's) read back as the kernels they timed, not skipped as made over another space."""
+    from pathlib import Path
+
+    import kiln.tuning_logs
+
+    log = Path(kiln.tuning_logs.__path__[0]) / "emeraldrapids" / "squeezenet.jsonl"
+    raw = [d for d in map(json.loads, log.read_text().splitlines())
+           if d["config"].get("algorithm", "").startswith("winograd")]
+    assert raw and all("tile_k" not in d["config"] for d in raw)
+    got = [r for r in read_records(log, resolve_target(raw[0]["target"])) if r.config.get("algorithm", "")
+           .startswith("winograd")]
+    assert len(got) == len(raw) and all(r.config["tile_k"] == 1 for r in got)
+
+
 def test_a_truncated_last_line_is_skipped_quietly_and_the_next_run_appends_cleanly(tmp_path, caplog):
     path = tmp_path / "model.jsonl"
     records = [tile_record(t) for t in (1, 2, 4)]

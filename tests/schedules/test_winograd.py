@@ -57,7 +57,7 @@ def run_winograd(x, w, pad, m, ib, ob, cfg, epilogue=True):
 @given(
     m=st.sampled_from([2, 4]),
     cb=st.integers(1, 2),
-    ocb=st.integers(1, 2),
+    ocb=st.integers(1, 4),
     b=st.sampled_from([4, 8, 16]),
     h=st.integers(1, 13),
     w=st.integers(1, 13),
@@ -67,6 +67,7 @@ def run_winograd(x, w, pad, m, ib, ob, cfg, epilogue=True):
 )
 @example(m=4, cb=2, ocb=2, b=16, h=14, w=14, pad=(1, 1, 1, 1), seed=0, epilogue=True)
 @example(m=2, cb=1, ocb=1, b=8, h=7, w=7, pad=(1, 1, 1, 1), seed=1, epilogue=False)  # partial last tiles
+@example(m=2, cb=1, ocb=4, b=4, h=7, w=7, pad=(1, 1, 1, 1), seed=5, epilogue=True)  # 4 vectors, partial tiles
 def test_winograd_template_matches_reference(m, cb, ocb, b, h, w, pad, seed, epilogue):
     if h + pad[0] + pad[2] < 3 or w + pad[1] + pad[3] < 3:
         return
@@ -75,7 +76,8 @@ def test_winograd_template_matches_reference(m, cb, ocb, b, h, w, pad, seed, epi
     wt = (rng.standard_normal((ocb * b, cb * b, 3, 3)) * 0.3).astype(np.float32)
     oh, ow = h + pad[0] + pad[2] - 2, w + pad[1] + pad[3] - 2
     tiles = -(-oh // m) * -(-ow // m)
-    cfg = winograd.Config(tile_p=random.Random(seed).choice(winograd.space(tiles)["tile_p"]), m=m)
+    knobs, pick = winograd.space(tiles, ocb), random.Random(seed)
+    cfg = winograd.Config(tile_p=pick.choice(knobs["tile_p"]), m=m, tile_k=pick.choice(knobs["tile_k"]))
     got, want = run_winograd(x, wt, pad, m, b, b, cfg, epilogue)
     tol = 1e-4 if m == 2 else 5e-4  # F(4x4) loses about a decimal digit
     assert_close(got, want.astype(np.float32), rtol=tol, atol=tol)
@@ -88,3 +90,16 @@ def test_op_reference_matches_direct_conv():
     a = WinogradAttrs(ConvAttrs((1, 1), (1, 1, 1, 1), (1, 1)), 4, 8)
     got = CONV2D_WINOGRAD.evaluate([block_array(x, 8), transform_weight(w, 4, 8)], a)
     assert_close(got, block_array(conv_reference(x, w, a.conv), 8), rtol=1e-4, atol=1e-4)
+
+
+def test_default_register_tile_holds_several_output_vectors():
+    """AVX-512: 6 tiles x 4 vectors of output channels (24 accumulators); AVX2: 6 x 2; a single output block
+    keeps the old tile of up to 24 tiles x 1 vector."""
+    assert winograd.default(49, 16, 4, oc_blocks=8) == winograd.Config(tile_p=6, m=4, tile_k=4)
+    assert winograd.default(49, 8, 2, oc_blocks=8) == winograd.Config(tile_p=6, m=2, tile_k=2)
+    assert winograd.default(16, 16, 2, oc_blocks=6) == winograd.Config(tile_p=6, m=2, tile_k=2)
+    assert winograd.default(49, 16, 4, oc_blocks=1) == winograd.Config(tile_p=7, m=4, tile_k=1)
+    for tiles, ocb in ((49, 8), (16, 6), (4, 4), (196, 3)):
+        cfg = winograd.default(tiles, 16, 4, ocb)
+        knobs = winograd.space(tiles, ocb)
+        assert cfg.tile_p in knobs["tile_p"] and cfg.tile_k in knobs["tile_k"]
