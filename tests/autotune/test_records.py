@@ -202,14 +202,16 @@ def test_a_record_made_before_a_knob_was_added_applies_with_the_knobs_old_value(
     assert read_records(path, AVX512, templates={"x86.test_tile": other}) == []
 
 
-def test_shipped_winograd_records_from_before_tile_k_apply_as_tile_k_1():
-    """The conv template's Winograd branch gained `tile_k`; the ResNet-50 log's older Winograd records (and any
-    user's) read back as the kernels they timed, not skipped as made over another space."""
+def test_winograd_records_from_before_tile_k_apply_as_tile_k_1(tmp_path):
+    """The conv template's Winograd branch gained `tile_k`; a log written before (the ResNet-50 run of
+    2026-11-30 kept in docs/, and any user's) reads back as the kernels it timed, not skipped as made over
+    another space."""
+    import gzip
     from pathlib import Path
 
-    import kiln.tuning_logs
-
-    log = Path(kiln.tuning_logs.__path__[0]) / "emeraldrapids" / "squeezenet.jsonl"
+    src = Path(__file__).parents[2] / "docs" / "tuning-runs" / "2026-11-30-in-model" / "resnet50.jsonl.gz"
+    log = tmp_path / "resnet50.jsonl"
+    log.write_text(gzip.decompress(src.read_bytes()).decode())
     raw = [d for d in map(json.loads, log.read_text().splitlines())
            if d["config"].get("algorithm", "").startswith("winograd")]
     assert raw and all("tile_k" not in d["config"] for d in raw)
