@@ -67,6 +67,9 @@ def check(seed: int, target: str, precision: str = "fp32") -> tuple[str, str]:
             report = kiln.compile(model, Path(tmp) / "m.so", Options(target=target, shipped_logs=False,
                                                                      precision=precision))
             got = kiln.load(report.path).run(x)
+            fell = [s for s in report.steps if str(s.get("config_source", "")).startswith("fallback")]
+            if fell:  # a template raised and the group got the generic schedule: a template bug, though it runs
+                return "fallback", f"{'+'.join(fell[0]['ops'])}: {fell[0]['config_source'][:200]}"
         except UnsupportedError as err:
             return "unsupported", str(err).splitlines()[0][:200]
         except KilnError as err:

@@ -30,17 +30,37 @@ def group_ops(fn: Function) -> list[str]:
     return [e.op.name for e in post_order(fn.body) if isinstance(e, Call) and isinstance(e.op, OpDef)]
 
 
-def to_te(fn: Function):
-    """(placeholders, output tensor) of a primitive function."""
+BF16 = "bfloat16"
+WIDENED = "_bf16_as_f32"  # the name suffix of the stages that widen a bfloat16 value (inlined before scheduling)
+
+
+def to_te(fn: Function, widen_bf16: bool = False):
+    """(placeholders, output tensor) of a primitive function.
+
+    `widen_bf16` (LLVM targets): bfloat16 values are stored in bfloat16 but computed in float32, converted at
+    the edges by integer arithmetic on their bits (a load widened by a shift, a store rounded to nearest even),
+    so no bfloat16 arithmetic and no bfloat16 cast reaches TVM. TVM 0.27's own bfloat16 legalization for LLVM
+    does the same conversions but failed on 40 of 471 random graphs (a Let bound twice, a vector store of the
+    wrong width, a buffer used before its declaration, a segfault); the arithmetic is what it would have
+    produced: float32, rounded to bfloat16 where the graph stores or casts a value."""
     from tvm import te, tirx as tir
 
     env: dict[int, object] = {}
     placeholders = []
+
+    def widened(t):
+        if not widen_bf16 or str(t.dtype) != BF16:
+            return t
+        return te.compute(t.shape, lambda *i: _from_bf16(t(*i)), name=f"{t.op.name}{WIDENED}")
+
+    def rounded(t, name):
+        return te.compute(t.shape, lambda *i: _to_bf16(t(*i).astype("float32")), name=name)
+
     for i, p in enumerate(fn.params):
         if not isinstance(p.type, TensorType):
             raise CodegenError(f"group parameter %{p.name} is {p.type}; kernels take tensors")
         t = te.placeholder(tuple(int(d) for d in p.type.shape), p.type.dtype, name=f"p{i}")
-        env[id(p)] = t
+        env[id(p)] = widened(t)
         placeholders.append(t)
     for e in post_order(fn.body):
         if id(e) in env:
@@ -48,26 +68,76 @@ def to_te(fn: Function):
         if isinstance(e, Constant):
             if e.value.ndim != 0:
                 raise CodegenError("a non-scalar constant inside a group; fusion passes weights as params")
-            env[id(e)] = _scalar_tensor(e, te, tir)
+            dtype = "float32" if widen_bf16 and e.type.dtype == BF16 else e.type.dtype
+            env[id(e)] = _scalar_tensor(e, te, tir, dtype)
         elif isinstance(e, Call):
             op = e.op
             if not isinstance(op, OpDef) or op.compute is None:
                 raise CodegenError(f"{e.op_name} has no compute yet (node '{e.span}')")
             args = [env[id(a)] for a in e.args]
-            env[id(e)] = out = op.compute(args, e.attrs) if op.variadic else op.compute(*args, e.attrs)
-            if isinstance(e.type, TensorType) and str(out.dtype) != e.type.dtype:
+            want = e.type.dtype if isinstance(e.type, TensorType) else None
+            if widen_bf16 and op.name == "cast" and want == BF16:
+                out = rounded(args[0], "cast")  # the graph's own rounding, kept
+            else:
+                out = op.compute(args, e.attrs) if op.variadic else op.compute(*args, e.attrs)
+            if widen_bf16 and want == BF16 and str(out.dtype) == "float32":
+                # computed from widened inputs: float32 until the group's output, rounded there
+                out = rounded(out, f"{out.op.name}_bf16") if e is fn.body else out
+            elif want is not None and str(out.dtype) != want:
                 # a kernel writing float32 into a planned float16 buffer would overrun it; TVM's argument check
                 # only catches it at run time, for the group's output
                 raise CodegenError(f"{e.op_name} (node '{e.span}'): its compute gives {out.dtype} where its type "
-                                   f"says {e.type.dtype}")
+                                   f"says {want}")
+            env[id(e)] = out if e is fn.body else widened(out)
         elif isinstance(e, (Tuple, TupleGetItem, Var)):
             raise CodegenError(f"{type(e).__name__} inside a fused group is not supported yet")
     return placeholders, env[id(fn.body)]
 
 
-def _scalar_tensor(c: Constant, te, tir):
+def _holds_bf16(fn: Function) -> bool:
+    return any(isinstance(e, (Var, Call)) and isinstance(e.type, TensorType) and e.type.dtype == BF16
+               for e in [*fn.params, *post_order(fn.body)])
+
+
+def _inline_widening(prim):
+    """The bfloat16 → float32 stages of `to_te` inlined into their readers before a template sees the group,
+    which then has the blocks it has at any other precision (a widened weight left as a block of its own sat
+    where the fused depthwise + 1x1 template expects the depthwise row, and was recomputed every row: 28x
+    slower)."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(prim)
+    for b in sch.get_child_blocks(sch.get_sblock("root")):
+        if sch.get(b).name_hint.endswith(WIDENED):
+            sch.compute_inline(b)
+    return sch.mod["main"]
+
+
+def _from_bf16(x):
+    """bfloat16 → float32: its 16 bits are the float32's high half."""
+    from tvm import tirx as tir
+
+    bits = tir.reinterpret("uint16", x).astype("uint32") << tir.const(16, "uint32")
+    return tir.reinterpret("float32", bits)
+
+
+def _to_bf16(x):
+    """float32 → bfloat16, rounded to nearest even (NaN stays a quiet NaN), in integer arithmetic on the bits,
+    which are bound once (a Let), so an operand holding Lets of its own (hard swish's clip) is not repeated."""
+    from tvm import tirx as tir
+
+    u32 = "uint32"
+    bits = tir.Var("bits", u32)
+    one, half, sixteen = tir.const(1, u32), tir.const(0x7FFF, u32), tir.const(16, u32)
+    nearest = (bits + half + ((bits >> sixteen) & one)) >> sixteen
+    nan = (bits & tir.const(0x7FFFFFFF, u32)) > tir.const(0x7F800000, u32)
+    value = tir.Select(nan, tir.const(0x7FC0, u32), nearest).astype("uint16")
+    return tir.Let(bits, tir.reinterpret(u32, x), tir.reinterpret(BF16, value))
+
+
+def _scalar_tensor(c: Constant, te, tir, dtype: str | None = None):
     value = c.value.item()
-    return te.compute((), lambda: tir.const(value, c.type.dtype), name="scalar")
+    return te.compute((), lambda: tir.const(value, dtype or c.type.dtype), name="scalar")
 
 
 def lower_group(fn: Function, symbol: str, target, configs: Mapping[str, dict] | None = None) -> LoweredGroup:
@@ -78,8 +148,10 @@ def lower_group(fn: Function, symbol: str, target, configs: Mapping[str, dict] |
 
     ops = group_ops(fn)
     try:
-        placeholders, out = to_te(fn)
+        widen = target.kind.name == "llvm" and _holds_bf16(fn)
+        placeholders, out = to_te(fn, widen_bf16=widen)
         prim = te.create_prim_func([*placeholders, out]).with_attr("global_symbol", symbol)
+        prim = _inline_widening(prim) if widen else prim
         s = schedule_group(prim, fn, target, configs)
     except CodegenError:
         raise
