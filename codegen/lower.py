@@ -4,7 +4,7 @@ the group, its ops and the target."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from kiln.errors import CodegenError
@@ -31,30 +31,35 @@ def group_ops(fn: Function) -> list[str]:
 
 
 BF16 = "bfloat16"
-WIDENED = "_bf16_as_f32"  # the name suffix of the stages that widen a bfloat16 value (inlined before scheduling)
+WIDENED_ON_CPU = frozenset({BF16, "float16"})  # half-precision dtypes an LLVM target computes in float32
+WIDENED = "_as_f32"  # the name suffix of the stages that widen a bfloat16 value (inlined before scheduling)
 
 
-def to_te(fn: Function, widen_bf16: bool = False):
+def to_te(fn: Function, widen: Collection[str] = ()):
     """(placeholders, output tensor) of a primitive function.
 
-    `widen_bf16` (LLVM targets): bfloat16 values are stored in bfloat16 but computed in float32, converted at
-    the edges by integer arithmetic on their bits (a load widened by a shift, a store rounded to nearest even),
-    so no bfloat16 arithmetic and no bfloat16 cast reaches TVM. TVM 0.27's own bfloat16 legalization for LLVM
-    does the same conversions but failed on 40 of 471 random graphs (a Let bound twice, a vector store of the
-    wrong width, a buffer used before its declaration, a segfault); the arithmetic is what it would have
-    produced: float32, rounded to bfloat16 where the graph stores or casts a value."""
+    `widen` (LLVM targets: float16 and bfloat16): values of these dtypes are stored in them but computed in
+    float32, widened where they are read and rounded once where the group stores them or the graph casts to
+    them. bfloat16 goes by integer arithmetic on the bits (a shift up; round to nearest even down), so no
+    bfloat16 arithmetic and no bfloat16 cast reaches TVM: TVM 0.27's own bfloat16 legalization for LLVM does
+    the same conversions but failed on 40 of 471 random graphs (a Let bound twice, a vector store of the wrong
+    width, a buffer used before its declaration, a segfault). float16 goes by casts, which LLVM lowers to the
+    CPU's conversion instructions; computed in float16 it ran ResNet-50 2.5x slower than float32, widened 2.0x."""
     from tvm import te, tirx as tir
 
     env: dict[int, object] = {}
     placeholders = []
 
     def widened(t):
-        if not widen_bf16 or str(t.dtype) != BF16:
+        dtype = str(t.dtype)
+        if dtype not in widen:
             return t
-        return te.compute(t.shape, lambda *i: _from_bf16(t(*i)), name=f"{t.op.name}{WIDENED}")
+        up = _from_bf16 if dtype == BF16 else (lambda v: v.astype("float32"))
+        return te.compute(t.shape, lambda *i: up(t(*i)), name=f"{t.op.name}{WIDENED}")
 
-    def rounded(t, name):
-        return te.compute(t.shape, lambda *i: _to_bf16(t(*i).astype("float32")), name=name)
+    def rounded(t, dtype, name):
+        down = _to_bf16 if dtype == BF16 else (lambda v: v.astype(dtype))
+        return te.compute(t.shape, lambda *i: down(t(*i).astype("float32")), name=name)
 
     for i, p in enumerate(fn.params):
         if not isinstance(p.type, TensorType):
@@ -68,7 +73,7 @@ def to_te(fn: Function, widen_bf16: bool = False):
         if isinstance(e, Constant):
             if e.value.ndim != 0:
                 raise CodegenError("a non-scalar constant inside a group; fusion passes weights as params")
-            dtype = "float32" if widen_bf16 and e.type.dtype == BF16 else e.type.dtype
+            dtype = "float32" if e.type.dtype in widen else e.type.dtype
             env[id(e)] = _scalar_tensor(e, te, tir, dtype)
         elif isinstance(e, Call):
             op = e.op
@@ -76,13 +81,13 @@ def to_te(fn: Function, widen_bf16: bool = False):
                 raise CodegenError(f"{e.op_name} has no compute yet (node '{e.span}')")
             args = [env[id(a)] for a in e.args]
             want = e.type.dtype if isinstance(e.type, TensorType) else None
-            if widen_bf16 and op.name == "cast" and want == BF16:
-                out = rounded(args[0], "cast")  # the graph's own rounding, kept
+            if op.name == "cast" and want in widen:
+                out = rounded(args[0], want, "cast")  # the graph's own rounding, kept
             else:
                 out = op.compute(args, e.attrs) if op.variadic else op.compute(*args, e.attrs)
-            if widen_bf16 and want == BF16 and str(out.dtype) == "float32":
+            if want in widen and str(out.dtype) == "float32":
                 # computed from widened inputs: float32 until the group's output, rounded there
-                out = rounded(out, f"{out.op.name}_bf16") if e is fn.body else out
+                out = rounded(out, want, f"{out.op.name}_{want}") if e is fn.body else out
             elif want is not None and str(out.dtype) != want:
                 # a kernel writing float32 into a planned float16 buffer would overrun it; TVM's argument check
                 # only catches it at run time, for the group's output
@@ -94,9 +99,9 @@ def to_te(fn: Function, widen_bf16: bool = False):
     return placeholders, env[id(fn.body)]
 
 
-def _holds_bf16(fn: Function) -> bool:
-    return any(isinstance(e, (Var, Call)) and isinstance(e.type, TensorType) and e.type.dtype == BF16
-               for e in [*fn.params, *post_order(fn.body)])
+def _dtypes(fn: Function) -> frozenset[str]:
+    return frozenset(e.type.dtype for e in [*fn.params, *post_order(fn.body)]
+                     if isinstance(e, (Var, Call)) and isinstance(e.type, TensorType))
 
 
 def _inline_widening(prim):
@@ -148,8 +153,8 @@ def lower_group(fn: Function, symbol: str, target, configs: Mapping[str, dict] |
 
     ops = group_ops(fn)
     try:
-        widen = target.kind.name == "llvm" and _holds_bf16(fn)
-        placeholders, out = to_te(fn, widen_bf16=widen)
+        widen = WIDENED_ON_CPU & _dtypes(fn) if target.kind.name == "llvm" else frozenset()
+        placeholders, out = to_te(fn, widen)
         prim = te.create_prim_func([*placeholders, out]).with_attr("global_symbol", symbol)
         prim = _inline_widening(prim) if widen else prim
         s = schedule_group(prim, fn, target, configs)
