@@ -32,7 +32,7 @@ def group_ops(fn: Function) -> list[str]:
 
 BF16 = "bfloat16"
 WIDENED_ON_CPU = frozenset({BF16, "float16"})  # half-precision dtypes an LLVM target computes in float32
-WIDENED = "_as_f32"  # the name suffix of the stages that widen a bfloat16 value (inlined before scheduling)
+WIDENED = "_as_f32"  # the name suffix of the stages that widen a half-precision value (inlined before scheduling)
 
 
 def to_te(fn: Function, widen: Collection[str] = ()):
@@ -105,7 +105,7 @@ def _dtypes(fn: Function) -> frozenset[str]:
 
 
 def _inline_widening(prim):
-    """The bfloat16 → float32 stages of `to_te` inlined into their readers before a template sees the group,
+    """The half → float32 stages of `to_te` inlined into their readers before a template sees the group,
     which then has the blocks it has at any other precision (a widened weight left as a block of its own sat
     where the fused depthwise + 1x1 template expects the depthwise row, and was recomputed every row: 28x
     slower)."""
