@@ -433,3 +433,21 @@ def random_input(model: onnx.ModelProto, seed: int) -> np.ndarray:
     """The input a seed's graph is checked on: N(0, 1), seeded like the graph."""
     shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+HALF_COSINE = 0.999  # a float16/bfloat16 build's float outputs against float32 ONNX Runtime, per output
+
+
+def half_precision_mismatch(got: list, want: list, ops: list[str]) -> str | None:
+    """None when a float16/bfloat16 build's outputs agree with float32 ONNX Runtime's (cosine per float output;
+    an arg-max's index is not compared, as rounding may move it); otherwise what differs first."""
+    for k, (g, w) in enumerate(zip(got, want)):
+        if g.shape != w.shape:
+            return f"output {k}: shape {g.shape} != {w.shape}"
+        if {"ArgMax", "ArgMin"} & set(ops) or g.dtype.kind != "f" or not np.any(w):
+            continue
+        g64, w64 = g.astype(np.float64).ravel(), w.astype(np.float64).ravel()
+        cos = float(g64 @ w64 / (np.linalg.norm(g64) * np.linalg.norm(w64) or 1.0))
+        if not cos >= HALF_COSINE:
+            return f"output {k}: cosine {cos:.5f} < {HALF_COSINE}"
+    return None
