@@ -65,7 +65,8 @@ class Report:
         covered = self.suite_ops & self.supported_ops
         return {"cases": len(self.results), "pass": c[PASS], "fail": c[FAIL], "unsupported": c[UNSUPPORTED],
                 "pass_rate_of_supported": round(self.pass_rate, 4), "suite_ops": len(self.suite_ops),
-                "ops_covered": len(covered)}
+                "ops_covered": len(covered),
+                "pass_nearer_float32": sum(r.status == PASS and r.detail.startswith(NEARER) for r in self.results)}
 
 
 def _op_of(case, op_names: Iterable[str]) -> str:
@@ -107,6 +108,63 @@ def compare(got: list, want: list, rtol: float, atol: float) -> str | None:
     return None
 
 
+HALF = ("float16", "bfloat16")
+NEARER = "nearer a float32 evaluation than the expected data"
+
+
+def _nearer_than_expected(model: onnx.ModelProto, feeds: list, got: list, want: list) -> bool:
+    """A half-precision case whose expected data ONNX's reference made by rounding every intermediate to the
+    case's dtype, while Kiln rounds once at the end of a fused group: the two may sit a few steps apart with
+    Kiln's the better answer (the Attention cases: 1-2 steps off the data, yet nearer the true value). Such a
+    result passes when, for every output, it is within two steps of the expected data and its largest error
+    against the same graph evaluated in float32 is no larger than the expected data's."""
+    if len(got) != len(want) or not any(w.dtype.name in HALF for w in want):
+        return False
+    exact = _in_float32(model, feeds)
+    if exact is None or len(exact) != len(want):
+        return False
+    for g, w, e in zip(got, want, exact):
+        g, w64, e = np.asarray(g).astype(np.float64), w.astype(np.float64), np.asarray(e).astype(np.float64)
+        if g.shape != w64.shape or e.shape != w64.shape:
+            return False
+        if w.dtype.name not in HALF:
+            if not np.allclose(g, w64, rtol=1e-3, atol=1e-7, equal_nan=True):
+                return False
+            continue
+        step = 2.0**-10 if w.dtype.name == "float16" else 2.0**-7
+        if not np.allclose(g, w64, rtol=2 * step, atol=1e-7, equal_nan=True):
+            return False
+        with np.errstate(invalid="ignore"):
+            if np.nanmax(np.abs(g - e), initial=0.0) > np.nanmax(np.abs(w64 - e), initial=0.0):
+                return False
+    return True
+
+
+def _in_float32(model: onnx.ModelProto, feeds: list) -> list | None:
+    """The graph through ONNX's reference evaluator with its half-precision inputs, outputs and casts retyped to
+    float32: the yardstick for `_nearer_than_expected`."""
+    from onnx.reference import ReferenceEvaluator
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    halves = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+    for vi in [*m.graph.input, *m.graph.output]:
+        if vi.type.tensor_type.elem_type in halves:
+            vi.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    for node in m.graph.node:  # an expanded function casts its constants to the inputs' dtype
+        for a in node.attribute:
+            if node.op_type == "Cast" and a.name == "to" and a.i in halves:
+                a.i = onnx.TensorProto.FLOAT
+    inits = {t.name for t in m.graph.initializer}
+    names = [vi.name for vi in m.graph.input if vi.name not in inits]
+    try:
+        with np.errstate(all="ignore"):
+            return ReferenceEvaluator(m).run(None, {n: (x.astype(np.float32) if x.dtype.name in HALF else x)
+                                                    for n, x in zip(names, feeds)})
+    except Exception:  # the reference cannot run the retyped graph: no yardstick, the case stays failed
+        return None
+
+
 def run_case(case, op: str, executor=interpret, timeout_s: int = 60, prepare=None) -> CaseResult:
     """One case through Kiln with `executor`; `prepare(model)` (a rep with `.run(inputs)`) replaces Kiln."""
     start = time.perf_counter()
@@ -114,13 +172,17 @@ def run_case(case, op: str, executor=interpret, timeout_s: int = 60, prepare=Non
     signal.alarm(timeout_s)
     try:
         rep = prepare(case.model) if prepare else KilnRep(case.model, executor)
-        detail = None
+        detail = note = None
         for inputs, outputs in case.data_sets:
-            got = rep.run([as_array(x) for x in inputs])
+            feeds = [as_array(x) for x in inputs]
+            got = rep.run(feeds)
             detail = compare(list(got), list(outputs), case.rtol or 1e-3, case.atol or 1e-7)
+            if detail and _nearer_than_expected(case.model, feeds, list(got), [as_array(w) for w in outputs]):
+                note, detail = f"{NEARER}; {detail}", None
             if detail:
                 break
         status = FAIL if detail else PASS
+        detail = detail or note
     except (UnsupportedError, CodegenError) as err:
         # a CodegenError here is an op with no compute or schedule yet: unsupported by the compiled path
         status, detail = UNSUPPORTED, str(err).splitlines()[0] if str(err) else "unsupported"
@@ -166,6 +228,11 @@ def to_markdown(report: Report, title: str = "ONNX node-test conformance (refere
         f"- ONNX ops in the suite: {s['suite_ops']}; with a Kiln converter: {s['ops_covered']}",
         f"- cases: {s['cases']}: {s['pass']} pass, {s['fail']} fail, {s['unsupported']} unsupported",
         f"- pass rate among cases of supported ops (pass / (pass + fail)): {100 * s['pass_rate_of_supported']:.1f}%",
+        f"- of the passes, {s['pass_nearer_float32']} are half-precision cases off the expected data by more than "
+        "its tolerance but within two steps of it and no farther than it from the graph evaluated in float32 "
+        "(ONNX's reference rounds every intermediate; Kiln rounds once per fused group)"
+        + (": " + ", ".join(r.name for r in report.results if r.status == PASS and r.detail.startswith(NEARER))
+           if s["pass_nearer_float32"] else ""),
         "",
         "| op | converter | pass | fail | unsupported | first problem |",
         "|---|---|---:|---:|---:|---|",

@@ -47,7 +47,8 @@ def _in_float(fn: Callable) -> Callable:
 
 
 def _logsumexp(x, axis, keepdims):
-    m = np.max(x, axis=axis, keepdims=True) if x.size else np.zeros_like(x)
+    # an empty reduction has no max; its shape is still the reduced one (log(0) = -inf follows)
+    m = np.max(x, axis=axis, keepdims=True) if x.size else np.zeros(np.sum(x, axis=axis, keepdims=True).shape, x.dtype)
     m = np.where(np.isfinite(m), m, 0)
     out = np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True)) + m
     return out if keepdims else np.squeeze(out, axis=axis)

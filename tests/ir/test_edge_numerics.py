@@ -183,6 +183,19 @@ def test_bool_max_and_min_of_nothing_are_any_and_all(kind):
                                   some.any(axis=2) if kind == "max" else some.all(axis=2))
 
 
+@pytest.mark.parametrize("keepdims", [True, False])
+def test_log_sum_exp_of_nothing_is_minus_inf_in_the_reduced_shape(keepdims):
+    """ONNX's test_reduce_log_sum_exp_empty_set: the reference once returned the input's empty shape."""
+    from kiln.ir.ops import reduce as rd
+
+    x = np.empty((2, 0, 4), np.float32)
+    attrs = rd.ReduceAttrs(axes=(1,), keepdims=keepdims)
+    want = np.full((2, 1, 4) if keepdims else (2, 4), -np.inf, np.float32)
+    with np.errstate(divide="ignore"):
+        np.testing.assert_array_equal(rd.REDUCE_OPS["log_sum_exp"].reference(x, attrs), want)
+    np.testing.assert_array_equal(compiled(rd.REDUCE_OPS["log_sum_exp"], [x], attrs), want)
+
+
 # --- Power by a constant 2 or 3: multiplies, not a libm call per element ----------------------------------------
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
