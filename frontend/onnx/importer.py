@@ -23,6 +23,7 @@ from kiln.ir.types import normalize_dtype
 
 from . import converters  # noqa: F401  (registers every converter)
 from .converters.sequence import SeqValue
+from .functions import expand_functions
 from .registry import CONVERTERS, DEFAULT_DOMAIN, Node
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def from_onnx(
     `input_shapes` fixes the shapes of named inputs (symbolic dims bound at import); `bind` turns named
     graph inputs into constants with the given values (shape tensors that must be known at compile time).
     """
-    proto = load_onnx(model)
+    proto = expand_functions(load_onnx(model))
     return _Importer(proto, dict(input_shapes or {}), dict(bind or {})).run()
 
 
