@@ -112,7 +112,8 @@ def build(mod: IRModule, target, on_progress: Callable[[int, int], None] | None 
     try:
         executable = tvm.compile(tvm.IRModule(funcs), target=target)
     except Exception as err:  # TVM's own errors: surface them as a user-facing build failure
-        raise CodegenError(f"tvm.compile failed for target {target.kind.name}: {str(err).splitlines()[0]}") from err
+        raise CodegenError(f"tvm.compile failed for target {target.kind.name}: {str(err).splitlines()[0]}"
+                           f"{_failing_kernel(funcs, steps, target)}") from err
     compile_s = time.perf_counter() - start
     if on_progress:
         on_progress(len(calls) + 1, len(calls) + 1)
@@ -123,3 +124,17 @@ def build(mod: IRModule, target, on_progress: Callable[[int, int], None] | None 
     for key in ("inputs", "outputs"):
         meta[key] = [{"name": v["name"], "shape": v["shape"], "dtype": v["dtype"]} for v in meta[key]]
     return BuildResult(executable, meta, weights.blob, lowered, lower_s, compile_s)
+
+
+def _failing_kernel(funcs: dict, steps: list[dict], target) -> str:
+    """Which kernel TVM refuses, found by compiling each alone (only after the whole module failed): the layer
+    name and ops, so the error points at the model instead of at TVM's internals."""
+    import tvm
+
+    for step in steps:
+        try:
+            tvm.compile(tvm.IRModule({step["kernel"]: funcs[step["kernel"]]}), target=target)
+        except Exception as err:  # the first kernel that fails alone is the one to report
+            return (f"\n  in kernel {step['kernel']} (layer '{step['name']}': {'+'.join(step['ops'])}, schedule "
+                    f"{step['schedule'] or '-'}): {str(err).splitlines()[0]}")
+    return ""

@@ -36,6 +36,7 @@ from kiln.ir.ops.blocked import (
     pack_conv_weight,
 )
 from kiln.ir.ops.conv import CONV2D
+from kiln.ir.ops.elementwise import DEQUANTIZE, QUANTIZE
 from kiln.ir.ops.pool import AVG_POOL, GLOBAL_AVG_POOL, MAX_POOL
 from kiln.ir.ops.transform import CONCATENATE
 from kiln.ir.ops.winograd import CONV2D_WINOGRAD, WinogradAttrs
@@ -49,8 +50,14 @@ DEFAULT_BLOCK = 16
 FINITE_OPS = frozenset({
     "add", "subtract", "multiply", "maximum", "minimum", "nn.relu", "clip", "sigmoid", "tanh",
     "nn.hard_swish",
-    "nn.hard_sigmoid", "nn.leaky_relu", "negative", "abs",
+    "nn.hard_sigmoid", "nn.leaky_relu", "negative", "abs", "qnn.quantize", "qnn.dequantize",
 })
+
+
+def _per_tensor_quant(call: Call) -> bool:
+    """A quantize or dequantize whose scale and zero point are single values: elementwise whatever the layout,
+    so a QDQ model's activations stay blocked between convs (their `axis` then means nothing)."""
+    return call.op in (QUANTIZE, DEQUANTIZE) and all(a.ttype.size == 1 for a in call.args[1:])
 
 
 def block_for(channels: int, block: int) -> int | None:
@@ -147,7 +154,8 @@ class _Rewriter:
                 dataclasses.replace(call.attrs, axis=1),
                 call.span,
             ), b
-        if op.pattern in (OpPattern.ELEMWISE, OpPattern.BROADCAST) and not hasattr(call.attrs, "axis"):
+        if op.pattern in (OpPattern.ELEMWISE, OpPattern.BROADCAST) and (
+                not hasattr(call.attrs, "axis") or _per_tensor_quant(call)):
             return self.elementwise(call)
         return None
 

@@ -37,7 +37,7 @@ def expand_functions(model: onnx.ModelProto) -> onnx.ModelProto:
             break
         _give_default_attributes(out)
         try:
-            out = onnx.inliner.inline_local_functions(out, convert_version=True)
+            out = _inline(out)
         except Exception as err:  # onnx's C++ inliner reports a malformed function as a bare error
             from kiln.errors import ModelError
 
@@ -45,6 +45,20 @@ def expand_functions(model: onnx.ModelProto) -> onnx.ModelProto:
         if not added:
             break
     return out
+
+
+def _inline(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnx's inliner; a function written for another opset than the model's is version-converted, which needs
+    every value's type, so shape inference runs first then."""
+    mine = _opsets(model).get(DEFAULT_DOMAIN)
+    other = any(o.domain in ("", "ai.onnx") and o.version != mine for f in model.functions for o in f.opset_import)
+    if not other:
+        return onnx.inliner.inline_local_functions(model)
+    try:
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # inference stops short: the inliner says which value it missed
+        pass
+    return onnx.inliner.inline_local_functions(model, convert_version=True)
 
 
 def _give_default_attributes(model: onnx.ModelProto) -> None:

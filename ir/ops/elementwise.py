@@ -632,6 +632,9 @@ def isnan_compute(x, attrs):
     return te.compute(x.shape, lambda *i: float_math.is_nan(x[i]), name="isnan")
 
 
+_NARROW_INTS = ("int8", "uint8", "int16", "uint16")
+
+
 def _q_index(p, x, axis: int, i):
     """The element of a per-tensor (scalar or 1-element) or per-axis (1-D) quantization parameter at x[i]."""
     if len(p.shape) == 0:
@@ -644,16 +647,23 @@ def _q_index(p, x, axis: int, i):
 @define_compute(QUANTIZE)
 def quantize_compute(x, scale, zero, a: QuantAttrs):
     """As the reference: x / scale in x's dtype rounded half to even; then in float64 plus the zero point,
-    saturated."""
+    saturated. The saturation is min/max, not float_math.clamp: clamp's Let, once a second quantize of the same
+    fused group has the first inlined in its value, made tvm.compile fail ("Let cannot bind the same var to two
+    different values") on every Q→DQ→Q→DQ chain, i.e. on QDQ models from ONNX Runtime's quantizer. A NaN, which
+    ONNX leaves undefined here, saturates to the high bound (255 for uint8) instead of casting a NaN to an integer."""
     from tvm import te, tirx as tir
 
     info = np.iinfo(a.out_dtype)
     work = str(x.dtype) if str(x.dtype).startswith(("float", "bfloat")) else "float64"
+    # the rounded quotient plus an 8- or 16-bit zero point is exact in float32 below 2^24, and beyond that it
+    # saturates either way: float64 (half the lanes) only for wider outputs or narrower inputs
+    acc = "float32" if work == "float32" and a.out_dtype in _NARROW_INTS else "float64"
 
     def f(*i):
-        q = tir.nearbyint(x[i].astype(work) / _q_index(scale, x, a.axis, i).astype(work)).astype("float64")
-        q = q + _q_index(zero, x, a.axis, i).astype("float64")
-        return float_math.clamp(q, float(info.min), float(info.max)).astype(a.out_dtype)
+        q = tir.nearbyint(x[i].astype(work) / _q_index(scale, x, a.axis, i).astype(work)).astype(acc)
+        q = q + _q_index(zero, x, a.axis, i).astype(acc)
+        lo, hi = tir.const(float(info.min), acc), tir.const(float(info.max), acc)
+        return tir.max(tir.min(q, hi), lo).astype(a.out_dtype)
 
     return te.compute(x.shape, f, name="quantize")
 
@@ -662,8 +672,12 @@ def quantize_compute(x, scale, zero, a: QuantAttrs):
 def dequantize_compute(x, scale, zero, a: QuantAttrs):
     from tvm import te
 
+    # (q - zero) of 8- or 16-bit values is exact in float32, and so one float32 multiply rounds the exact
+    # product as the float64 one cast back does: the same bits at twice the lanes
+    acc = "float32" if str(scale.dtype) == "float32" and str(x.dtype) in _NARROW_INTS else "float64"
+
     def f(*i):
-        d = x[i].astype("float64") - _q_index(zero, x, a.axis, i).astype("float64")
-        return (d * _q_index(scale, x, a.axis, i).astype("float64")).astype(scale.dtype)
+        d = x[i].astype(acc) - _q_index(zero, x, a.axis, i).astype(acc)
+        return (d * _q_index(scale, x, a.axis, i).astype(acc)).astype(scale.dtype)
 
     return te.compute(x.shape, f, name="dequantize")

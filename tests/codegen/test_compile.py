@@ -300,3 +300,22 @@ def _as_f64(x):
     from tvm import te
 
     return te.compute(x.shape, lambda *i: x(*i).astype("float64"), name="wrong")
+
+
+def test_a_kernel_tvm_refuses_is_named_in_the_error(tmp_path, monkeypatch):
+    """When tvm.compile fails on the module, each kernel is compiled alone to name the failing one (its layer
+    and ops), so the error points at the model, not only at TVM's internals."""
+    import tvm
+
+    from kiln.errors import CodegenError
+
+    real = tvm.compile
+
+    def refuses_k1(mod, *a, **k):
+        if any(gv.name_hint == "kiln_k1" for gv in mod.get_global_vars()):
+            raise RuntimeError("Check failed: injected")
+        return real(mod, *a, **k)
+
+    monkeypatch.setattr(tvm, "compile", refuses_k1)
+    with pytest.raises(CodegenError, match=r"(?s)injected.*in kernel kiln_k1 \(layer '[^']+': \S+"):
+        kiln.compile(model_builders.resnet18(size=32), tmp_path / "m.so")

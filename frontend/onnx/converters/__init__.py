@@ -1,3 +1,3 @@
 """Importing this package registers every ONNX converter, one module per op family."""
 
-from . import attention, control_flow, elementwise, nn, recurrent, reduce, sequence, tensor  # noqa: F401
+from . import attention, control_flow, elementwise, nn, quantized, recurrent, reduce, sequence, tensor  # noqa: F401
