@@ -31,8 +31,8 @@ def expand_functions(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    for _ in range(_ROUNDS):
-        added = _stand_in_functions(out)
+    for _ in range(_ROUNDS):  # until no function is left (an inlined body may hold more function ops)
+        _stand_in_functions(out)
         if not out.functions:
             break
         _give_default_attributes(out)
@@ -42,8 +42,6 @@ def expand_functions(model: onnx.ModelProto) -> onnx.ModelProto:
             from kiln.errors import ModelError
 
             raise ModelError(f"the model's functions cannot be inlined: {str(err).splitlines()[0]}") from None
-        if not added:
-            break
     return out
 
 

@@ -105,3 +105,15 @@ def test_function_body_with_an_unsupported_op_is_reported_by_that_op():
     model = make_model([node], [tensor("x", [4])], [tensor("y", [4])], opset=22)
     with pytest.raises(UnsupportedError, match="RandomUniformLike"):
         from_onnx(model)
+
+
+def test_function_op_inside_a_local_function_is_expanded_too():
+    """A second round: the local function's body, once inlined, holds DynamicQuantizeLinear (no converter)."""
+    body = [helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"]),
+            helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+    f = helper.make_function("custom", "FakeQuant", ["x"], ["y"], body, opset_imports=[helper.make_opsetid("", 21)])
+    model = _with_functions([helper.make_node("FakeQuant", ["x"], ["y"], domain="custom")], [tensor("x", [4, 8])],
+                            [tensor("y", [4, 8])], [f], opset=21)
+    out = expand_functions(model)
+    assert not out.functions and "DynamicQuantizeLinear" not in {n.op_type for n in out.graph.node}
+    check(model, {"x": rand(np.random.default_rng(3), 4, 8)}, rtol=0, atol=0)
