@@ -1,13 +1,15 @@
 """Differential fuzzing: random graphs (kiln.random_models) compiled by Kiln and checked against ONNX Runtime.
 
     python bench/fuzz_models.py --seeds 0:200 [--minutes 30] [--target native|x86-avx2|both] [--keep DIR]
-                                [--precision fp32|fp16|bf16]
+                                [--precision fp32|fp16|bf16] [--qdq]
     python bench/fuzz_models.py --seeds 17                  # one seed again, in this process, with the traceback
 
 Each case compiles and runs in a worker process, so a segfault or a hang costs that case (reported as a crash or
 a hang) and not the run. Outcomes: ok; mismatch (a silent wrong answer: the worst kind); crash; error (a Kiln exception that is
 not a clear refusal); unsupported (a KilnError naming what is not supported: acceptable); invalid (ONNX
 Runtime itself refuses the graph: the generator's fault, not Kiln's). Failing models are written to --keep.
+`--qdq` quantizes each seed's graph as ONNX Runtime's QDQ format does (QuantizeLinear/DequantizeLinear pairs,
+int8 conv weights); those outputs are compared by cosine, since a rounding error apart can cross a step.
 """
 
 from __future__ import annotations
@@ -44,17 +46,18 @@ def compare(got: list, want: list) -> str | None:
     return None
 
 
-def check(seed: int, target: str, precision: str = "fp32") -> tuple[str, str]:
-    """(outcome, detail) for one seed on one target. At half precision the float outputs must agree in cosine;
-    a graph with an arg-max or arg-min is only built and run there (rounding may move the index it picks)."""
+def check(seed: int, target: str, precision: str = "fp32", qdq: bool = False) -> tuple[str, str]:
+    """(outcome, detail) for one seed on one target. At half precision, and for QDQ graphs, the float outputs
+    must agree in cosine; a graph with an arg-max or arg-min is only built and run there (rounding may move the
+    index it picks)."""
     import onnxruntime as ort
 
     import kiln
     from kiln.config import Options
     from kiln.errors import KilnError, UnsupportedError
-    from kiln.random_models import half_precision_mismatch, random_input, random_model
+    from kiln.random_models import QDQ_COSINE, half_precision_mismatch, random_input, random_model
 
-    model, ops = random_model(seed)
+    model, ops = random_model(seed, qdq=qdq)
     x = random_input(model, seed)
     try:
         want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
@@ -73,6 +76,9 @@ def check(seed: int, target: str, precision: str = "fp32") -> tuple[str, str]:
         except KilnError as err:
             return "error", f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
     got = got if isinstance(got, (list, tuple)) else [got]
+    if qdq:
+        problem = half_precision_mismatch(got, want, ops, QDQ_COSINE if precision == "fp32" else 0.98)
+        return ("mismatch", f"{problem} ({' '.join(ops)})") if problem else ("ok", " ".join(ops))
     if precision == "fp32":
         problem = compare(got, want)
         return ("mismatch", f"{problem} ({' '.join(ops)})") if problem else ("ok", " ".join(ops))
@@ -82,10 +88,10 @@ def check(seed: int, target: str, precision: str = "fp32") -> tuple[str, str]:
     return "ok", " ".join(ops)
 
 
-def _run_case(args: tuple[int, str, str]) -> tuple[int, str, str, str]:
-    seed, target, precision = args
+def _run_case(args: tuple[int, str, str, bool]) -> tuple[int, str, str, str]:
+    seed, target, precision, qdq = args
     try:
-        outcome, detail = check(seed, target, precision)
+        outcome, detail = check(seed, target, precision, qdq)
     except Exception as err:  # noqa: BLE001  (anything not a KilnError is a Kiln bug: report, go on)
         outcome, detail = "error", f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
     return seed, target, outcome, detail
@@ -110,7 +116,7 @@ class Worker:
         self.proc = ctx.Process(target=_worker, args=(child,), daemon=True)
         self.proc.start()
 
-    def run(self, case: tuple[int, str, str], timeout_s: float) -> tuple[int, str, str, str] | None:
+    def run(self, case: tuple[int, str, str, bool], timeout_s: float) -> tuple[int, str, str, str] | None:
         self.conn.send(case)
         try:
             if self.conn.poll(timeout_s):
@@ -145,12 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", type=Path, default=Path("fuzz_failures"), help="write failing models here")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
                     help="compile at this precision; half precision is compared by cosine")
+    ap.add_argument("--qdq", action="store_true", help="quantize each graph with QDQ pairs (ONNX Runtime's format)")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds a case may take before it counts as a hang")
     ap.add_argument("-v", "--verbose", action="store_true", help="a line for every case, not only failures")
     args = ap.parse_args(argv)
     seeds = _seeds(args.seeds)
     targets = TARGETS if args.target == "both" else (args.target,)
-    cases = [(s, t, args.precision) for s in seeds for t in targets]
+    cases = [(s, t, args.precision, args.qdq) for s in seeds for t in targets]
     if len(cases) == 1:  # one case: in this process, so a failure shows its whole traceback
         try:
             print(*check(*cases[0]))
@@ -184,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         from kiln.random_models import random_model
         args.keep.mkdir(parents=True, exist_ok=True)
         for seed, *_ in failures:
-            (args.keep / f"seed{seed}.onnx").write_bytes(random_model(seed)[0].SerializeToString())
+            (args.keep / f"seed{seed}.onnx").write_bytes(random_model(seed, qdq=args.qdq)[0].SerializeToString())
     print(f"{sum(counts.values())} cases: " + ", ".join(f"{k} {v}" for k, v in counts.most_common()))
     return 1 if failures else 0
 

@@ -77,6 +77,7 @@ def build(mod: IRModule, target, on_progress: Callable[[int, int], None] | None 
     planned = iter(plan.assignment)
     views = set(plan.views)
     steps, funcs, lowered = [], {}, []
+    groups: dict[str, Function] = {}  # kernel symbol -> its fused group, to rebuild one TVM refuses
     start = time.perf_counter()
     for i, c in enumerate(calls):
         if not isinstance(c.op, Function):
@@ -99,6 +100,7 @@ def build(mod: IRModule, target, on_progress: Callable[[int, int], None] | None 
             args.append(index_of[id(a)])
         symbol = f"kiln_k{i}"
         group = lower_group(c.op, symbol, target, configs)
+        groups[symbol] = c.op
         lowered.append(group)
         funcs[symbol] = group.prim_func
         steps.append({"kernel": symbol, "args": [*args, index_of[id(c)]], "ops": group.ops, "name": c.span or symbol,
@@ -112,8 +114,14 @@ def build(mod: IRModule, target, on_progress: Callable[[int, int], None] | None 
     try:
         executable = tvm.compile(tvm.IRModule(funcs), target=target)
     except Exception as err:  # TVM's own errors: surface them as a user-facing build failure
-        raise CodegenError(f"tvm.compile failed for target {target.kind.name}: {str(err).splitlines()[0]}"
-                           f"{_failing_kernel(funcs, steps, target)}") from err
+        if not _rebuild_without_lets(funcs, steps, lowered, groups, target, configs):
+            raise CodegenError(f"tvm.compile failed for target {target.kind.name}: {str(err).splitlines()[0]}"
+                               f"{_failing_kernel(funcs, steps, target)}") from err
+        try:
+            executable = tvm.compile(tvm.IRModule(funcs), target=target)
+        except Exception as err2:
+            raise CodegenError(f"tvm.compile failed for target {target.kind.name}: {str(err2).splitlines()[0]}"
+                               f"{_failing_kernel(funcs, steps, target)}") from err2
     compile_s = time.perf_counter() - start
     if on_progress:
         on_progress(len(calls) + 1, len(calls) + 1)
@@ -138,3 +146,31 @@ def _failing_kernel(funcs: dict, steps: list[dict], target) -> str:
             return (f"\n  in kernel {step['kernel']} (layer '{step['name']}': {'+'.join(step['ops'])}, schedule "
                     f"{step['schedule'] or '-'}): {str(err).splitlines()[0]}")
     return ""
+
+
+LET_BOUND_TWICE = "Let cannot bind the same var to two different values"
+
+
+def _rebuild_without_lets(funcs: dict, steps: list[dict], lowered: list, groups: dict, target, configs) -> bool:
+    """Kernels that fail alone with TVM's "Let bound twice" (see float_math.without_lets) rebuilt with every
+    bound value written out; True when any was rebuilt."""
+    import tvm
+
+    from kiln.ir.ops.float_math import without_lets
+
+    rebuilt = False
+    for k, step in enumerate(steps):
+        symbol = step["kernel"]
+        try:
+            tvm.compile(tvm.IRModule({symbol: funcs[symbol]}), target=target)
+            continue
+        except Exception as err:  # only this one TVM bug has a way around it here
+            if LET_BOUND_TWICE not in str(err):
+                continue
+        with without_lets():
+            group = lower_group(groups[symbol], symbol, target, configs)
+        funcs[symbol] = group.prim_func
+        lowered[k] = group
+        step["loop_gcd"] = loop_gcd(group.prim_func)
+        rebuilt = True
+    return rebuilt

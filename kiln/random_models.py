@@ -398,10 +398,16 @@ TOKEN_STEPS = ["matmul", "matmul", "attention", "attention", "layer_norm", "soft
                "flatten_gemm", "unsqueeze_squeeze", "tile_expand", "argmax_gather"]
 
 
-def random_model(seed: int, max_steps: int = 8) -> tuple[onnx.ModelProto, list[str]]:
+def random_model(seed: int, max_steps: int = 8, qdq: bool = False) -> tuple[onnx.ModelProto, list[str]]:
     """One random graph (ONNX model; one float32 input, an NCHW image or an [N, T, D] sequence) and the ONNX ops
-    it was built from, in order."""
+    it was built from, in order.
+
+    With `qdq`, the same graph as without, quantized as ONNX Runtime's QDQ format does it: a QuantizeLinear →
+    DequantizeLinear pair after about half the steps, and about half the conv weights stored as int8 with a
+    per-channel DequantizeLinear. Those choices come from a second generator, so a seed's graph is the same
+    either way apart from the pairs."""
     b = _Builder(seed)
+    q = np.random.default_rng([seed, 0x0D0]) if qdq else None
     n = int(b.pick([1, 1, 1, 2]))
     tokens = b.rng.random() < 0.3  # a sequence [N, T, D], transformer-style, instead of an image
     if tokens:
@@ -412,14 +418,20 @@ def random_model(seed: int, max_steps: int = 8) -> tuple[onnx.ModelProto, list[s
     earlier = [v]
     steps = int(b.rng.integers(2, max_steps + 1))
     tries = 0
-    while len(b.ops) < steps and tries < 4 * max_steps:
+    paired = 0  # ops of QDQ pairs: not steps
+    while len(b.ops) - paired < steps and tries < 4 * max_steps:
         tries += 1
         step = b.pick(TOKEN_STEPS if tokens else STEPS)
         nxt = getattr(b, step)(v, earlier)
         if nxt is None or _size(nxt.shape) == 0 or len(nxt.shape) == 0 or _size(nxt.shape) > MAX_ELEMENTS:
             continue
         v = nxt
+        if q is not None and q.random() < 0.5:
+            v = _qdq_pair(b, v, q)
+            paired += 2
         earlier.append(v)
+    if q is not None:
+        _int8_conv_weights(b, q)
     outputs = [(v.name, TensorProto.FLOAT, list(v.shape))]
     side = [e for e in earlier[1:-1] if e.name != v.name]
     if side and b.rng.random() < 0.3:  # an intermediate as a second output: the plan must not reuse its buffer
@@ -429,6 +441,35 @@ def random_model(seed: int, max_steps: int = 8) -> tuple[onnx.ModelProto, list[s
     return model, b.ops
 
 
+def _qdq_pair(b: _Builder, v: Value, q: np.random.Generator) -> Value:
+    """x → QuantizeLinear → DequantizeLinear, per tensor, uint8 around 128 or int8 around 0 (values beyond the
+    range saturate, as they would in a calibrated model's outliers)."""
+    scale = b.g.const(np.float32(q.choice([0.02, 0.05, 0.1])), "q.s")
+    zero = b.g.const(np.uint8(128) if q.random() < 0.5 else np.int8(0), "q.z")
+    return Value(b.op("DequantizeLinear", [b.op("QuantizeLinear", [v.name, scale, zero]), scale, zero]), v.shape)
+
+
+def _int8_conv_weights(b: _Builder, q: np.random.Generator) -> None:
+    """About half the convs read their weights as int8 with per-output-channel scales through DequantizeLinear
+    (axis 0), which folds at import; the int8 rounding is part of the model, so ONNX Runtime sees the same."""
+    inits = {t.name: t for t in b.g.inits}
+    for node in [n for n in b.g.nodes if n.op_type == "Conv"]:
+        w = inits.get(node.input[1])
+        if w is None or q.random() >= 0.5:
+            continue
+        value = onnx.numpy_helper.to_array(w)
+        scale = (np.abs(value).reshape(value.shape[0], -1).max(axis=1) / 127).astype(np.float32)
+        scale[scale == 0] = 1.0
+        ints = np.clip(np.rint(value / scale.reshape(-1, 1, 1, 1)), -127, 127).astype(np.int8)
+        names = [b.g.const(ints, "wq"), b.g.const(scale, "wq.s"), b.g.const(np.zeros_like(scale, np.int8), "wq.z")]
+        out = b.g.fresh("wq.dq")
+        b.g.nodes.insert(0, helper.make_node("DequantizeLinear", names, [out], axis=0, name=out))
+        b.ops.append("DequantizeLinear")
+        node.input[1] = out
+        if not any(w.name in n.input for n in b.g.nodes):
+            b.g.inits.remove(w)
+
+
 def random_input(model: onnx.ModelProto, seed: int) -> np.ndarray:
     """The input a seed's graph is checked on: N(0, 1), seeded like the graph."""
     shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
@@ -436,11 +477,14 @@ def random_input(model: onnx.ModelProto, seed: int) -> np.ndarray:
 
 
 HALF_COSINE = 0.999  # a float16/bfloat16 build's float outputs against float32 ONNX Runtime, per output
+QDQ_COSINE = 0.99  # a QDQ graph's outputs against ONNX Runtime's: a value computed a rounding error apart may
+                   # land on the other side of a quantization step, and a conv after it spreads that step
 
 
-def half_precision_mismatch(got: list, want: list, ops: list[str]) -> str | None:
+def half_precision_mismatch(got: list, want: list, ops: list[str], cosine: float = HALF_COSINE) -> str | None:
     """None when a float16/bfloat16 build's outputs agree with float32 ONNX Runtime's (cosine per float output;
-    an arg-max's index is not compared, as rounding may move it); otherwise what differs first."""
+    an arg-max's index is not compared, as rounding may move it); otherwise what differs first. A QDQ graph's
+    outputs are compared the same way, at `QDQ_COSINE`."""
     for k, (g, w) in enumerate(zip(got, want)):
         if g.shape != w.shape:
             return f"output {k}: shape {g.shape} != {w.shape}"
@@ -448,6 +492,6 @@ def half_precision_mismatch(got: list, want: list, ops: list[str]) -> str | None
             continue
         g64, w64 = g.astype(np.float64).ravel(), w.astype(np.float64).ravel()
         cos = float(g64 @ w64 / (np.linalg.norm(g64) * np.linalg.norm(w64) or 1.0))
-        if not cos >= HALF_COSINE:
-            return f"output {k}: cosine {cos:.5f} < {HALF_COSINE}"
+        if not cos >= cosine:
+            return f"output {k}: cosine {cos:.5f} < {cosine}"
     return None
