@@ -151,14 +151,35 @@ def convert_instance_norm(node: Node):
 @converter("LayerNormalization")
 def convert_layer_norm(node: Node):
     x = node.input(0)
-    if any(o for o in node.proto.output[1:]):
-        raise node.unsupported("the Mean and InvStdDev outputs")
     axis = _norm_axes(node, [node.attr_int("axis", -1)], x.ttype.ndim)[0]
     scale = node.input(1)
     bias = node.input(2, required=False)
     if bias is None:
         bias = Constant(np.zeros(scale.ttype.shape, scale.ttype.dtype))
-    return node.make(nm.LAYER_NORM, x, scale, bias, axis=axis, epsilon=node.attr_float("epsilon", 1e-5))
+    eps = node.attr_float("epsilon", 1e-5)
+    y = node.make(nm.LAYER_NORM, x, scale, bias, axis=axis, epsilon=eps)
+    if not any(o for o in node.proto.output[1:]):
+        return y
+    return [y, *_layer_norm_statistics(node, x, axis, eps)]
+
+
+def _layer_norm_statistics(node: Node, x: Expr, axis: int, eps: float) -> list[Expr]:
+    """LayerNormalization's optional Mean and InvStdDev outputs (what training keeps for the backward pass), in
+    the stash type, over the normalized axes kept as 1s: computed beside the fused layer norm, which they do
+    not change."""
+    from kiln.ir.ops import reduce as rd
+
+    stash = node.attr_int("stash_type", 1)
+    if stash != 1:
+        raise node.unsupported(f"Mean/InvStdDev with stash_type {stash} (only float32)")
+    xf = x if x.ttype.dtype == "float32" else node.make(ew.CAST, x, dtype="float32")
+    axes = tuple(range(axis, x.ttype.ndim))
+    mean_op = rd.REDUCE_OPS["mean"]
+    mean = node.make(mean_op, xf, axes=axes, keepdims=True)
+    d = node.make(ew.SUBTRACT, xf, mean)
+    var = node.make(mean_op, node.make(ew.MULTIPLY, d, d), axes=axes, keepdims=True)
+    std = node.make(ew.SQRT, node.make(ew.ADD, var, Constant(np.array(eps, np.float32))))
+    return [mean, node.make(ew.OPS["reciprocal"], std)]
 
 
 @converter("GroupNormalization")
