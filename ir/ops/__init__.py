@@ -1,3 +1,5 @@
 """Importing this package registers every op. Each module owns a family of ops and their handles."""
 
-from . import blocked, conv, dense, elementwise, image, norm, pool, reduce, softmax, transform, winograd  # noqa: F401
+from . import (  # noqa: F401
+    blocked, conv, dense, elementwise, grid_sample, image, norm, pool, reduce, softmax, transform, winograd,
+)

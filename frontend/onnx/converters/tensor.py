@@ -361,6 +361,19 @@ def convert_reverse_sequence(node: Node):
                      time_axis=node.attr_int("time_axis", 0))
 
 
+@converter("GridSample")
+def convert_grid_sample(node: Node):
+    from kiln.ir.ops import grid_sample as gs
+
+    mode = node.attr_string("mode", "linear" if node.opset >= 20 else "bilinear")
+    mode = {"bilinear": "linear", "bicubic": "cubic"}.get(mode, mode)
+    padding = node.attr_string("padding_mode", "zeros")
+    if mode not in gs.MODES or padding not in gs.PADDINGS:
+        raise node.invalid(f"mode {mode!r} / padding_mode {padding!r} (GridSample takes {gs.MODES} and {gs.PADDINGS})")
+    return node.make(gs.GRID_SAMPLE, node.input(0), node.input(1), mode=mode, padding_mode=padding,
+                     align_corners=bool(node.attr_int("align_corners", 0)))
+
+
 @converter("Resize", "Upsample")
 def convert_resize(node: Node):
     x = node.input(0)
