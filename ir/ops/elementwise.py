@@ -646,8 +646,8 @@ def _q_index(p, x, axis: int, i):
 
 @define_compute(QUANTIZE)
 def quantize_compute(x, scale, zero, a: QuantAttrs):
-    """As the reference: x / scale in x's dtype rounded half to even; then in float64 plus the zero point,
-    saturated. The saturation is min/max, not float_math.clamp: clamp's Let, once a second quantize of the same
+    """As the reference: x / scale in x's dtype rounded half to even; then plus the zero point, saturated (in
+    float64 as the reference does, or in float32 where that gives the same result). The saturation is min/max, not float_math.clamp: clamp's Let, once a second quantize of the same
     fused group has the first inlined in its value, made tvm.compile fail ("Let cannot bind the same var to two
     different values") on every Q→DQ→Q→DQ chain, i.e. on QDQ models from ONNX Runtime's quantizer. A NaN, which
     ONNX leaves undefined here, saturates to the high bound (255 for uint8) instead of casting a NaN to an integer."""
