@@ -16,6 +16,7 @@ import onnx
 import onnx.inliner
 from onnx import defs
 
+from . import contrib_quant
 from .registry import CONVERTERS, DEFAULT_DOMAIN
 
 log = logging.getLogger(__name__)
@@ -108,10 +109,13 @@ def _schema(op_type: str, opset: int, domain: str):
 
 
 def _wants_expansion(node: onnx.NodeProto, opsets: dict[str, int]):
-    """The schema to expand `node` by, or None when Kiln converts it (or nobody can)."""
+    """The schema to expand `node` by (or contrib_quant for ONNX Runtime's quantized contrib ops), or None when
+    Kiln converts it (or nobody can)."""
     domain = _domain(node)
     if (domain, node.op_type) in CONVERTERS or domain == PRIVATE_DOMAIN or domain not in opsets:
         return None
+    if domain == contrib_quant.DOMAIN:
+        return contrib_quant if node.op_type in contrib_quant.BODIES else None
     s = _schema(node.op_type, opsets[domain], domain)
     if s is None or not (s.has_function or s.has_context_dependent_function):
         return None
@@ -125,6 +129,8 @@ def _expandable(model: onnx.ModelProto) -> bool:
 
 def _function_of(schema, node: onnx.NodeProto, opset: int, types: dict) -> onnx.FunctionProto | None:
     """The schema's function body for this node at the model's opset (the newest version not after it)."""
+    if schema is contrib_quant:
+        return contrib_quant.body(node, opset)
     if schema.has_function:
         versions = [v for v in schema.function_opset_versions if v <= opset]
         if versions:
@@ -167,10 +173,10 @@ def _stand_in_functions(model: onnx.ModelProto) -> int:
     pending = [(g, n, s) for g, n in _all_nodes(model.graph) if (s := _wants_expansion(n, opsets)) is not None]
     if not pending:
         return 0
-    types = _value_types(model) if any(not s.has_function for _, _, s in pending) else {}
+    types = _value_types(model) if any(s is not contrib_quant and not s.has_function for _, _, s in pending) else {}
     added = 0
     for _graph, node, schema in pending:
-        opset = opsets[_domain(node)]
+        opset = opsets.get(DEFAULT_DOMAIN, 0) if schema is contrib_quant else opsets[_domain(node)]
         body = _function_of(schema, node, opset, types)
         if body is None:
             continue
@@ -182,7 +188,7 @@ def _stand_in_functions(model: onnx.ModelProto) -> int:
             f.opset_import.append(onnx.helper.make_opsetid(DEFAULT_DOMAIN, opsets.get(DEFAULT_DOMAIN, opset)))
         model.functions.append(f)
         given = {a.name for a in node.attribute}
-        for attr in schema.attributes.values():  # the body refers to them; the inliner knows no defaults
+        for attr in (schema.attributes.values() if schema is not contrib_quant else ()):  # the body refers to them; the inliner knows no defaults
             if attr.name not in given and attr.default_value.type != onnx.AttributeProto.UNDEFINED:
                 node.attribute.append(attr.default_value)
         log.info("expanding %s '%s' by its ONNX function body", node.op_type, node.name)
