@@ -12,9 +12,6 @@ round, and keeps the NaN: the constant-bound forms below cost nothing (docs/arch
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-
 # Cephes expf: exp(x) = 2^n * exp(r), n = round(x / ln 2), r = x - n ln 2 in two parts (C1 exact in float32)
 _LOG2E = 1.44269504088896341
 _LN2_HI, _LN2_LO = 0.693359375, -2.12194440e-4
@@ -72,28 +69,11 @@ def _reads_bfloat16(v) -> bool:
     return False
 
 
-_LETS = contextvars.ContextVar("kiln_float_math_lets", default=True)
-
-
-@contextlib.contextmanager
-def without_lets():
-    """Computes built inside write every bound value out at each use instead of in a Let. TVM 0.27's
-    VectorizeLoop, when it cannot vectorize a loop (an index like (i // 7 + j) % 84 from an inlined reshape)
-    and falls back to a scalar loop, visits the body's Lets a second time and fails ("Let cannot bind the same
-    var to two different values"); codegen/build.py rebuilds such a kernel in here. LLVM's CSE merges the
-    copies again, so the cost is compile time only."""
-    token = _LETS.set(False)
-    try:
-        yield
-    finally:
-        _LETS.reset(token)
-
-
 def _let(var, v, body):
-    """Let var = v in body(var); body(v) when v reads bfloat16 (see bind), or inside `without_lets`."""
+    """Let var = v in body(var); body(v) when v reads bfloat16 (see bind)."""
     from tvm import tirx as tir
 
-    return body(v) if not _LETS.get() or _reads_bfloat16(v) else tir.Let(var, v, body(var))
+    return body(v) if _reads_bfloat16(v) else tir.Let(var, v, body(var))
 
 
 def bind(v, body):
