@@ -355,7 +355,7 @@ def profile(
         row += [f"{k['in_sequence_ms']:.3f}"] if in_seq else []
         table.add_row(*row, f"{100 * k[key] / total:.1f}%", f"{k['gflops']:.1f}")
     out.print(table)
-    overhead = result["run_ms"] - result["kernels_ms"]
+    overhead = result.get("overhead_ms", result["run_ms"] - result["kernels_ms"])
     out.print(f"run {result['run_ms']:.3f} ms; kernels {result['kernels_ms']:.3f} ms; executor overhead "
               f"{overhead:.3f} ms ({100 * overhead / result['run_ms']:.1f}%)", soft_wrap=True)
     if in_seq:

@@ -379,8 +379,8 @@ class Model:
         self._entry(ctx.table_tensor)  # every kernel, in native code
 
     def profile(self, repeat: int = 20) -> dict:
-        """Per-kernel median times (each kernel called `repeat` times on the current buffers) and the whole
-        run's median, so `run_ms - sum(kernel_ms)` is the executor's own overhead."""
+        """Per-kernel median times (each kernel called `repeat` times on the current buffers), the whole run's
+        and the kernels-only median, and `overhead_ms`, what the executor adds to the kernels (paired)."""
         if self._cuda is not None:
             raise ArtifactError("per-kernel profiles of CUDA artifacts are not implemented (issue 15); time whole "
                                 "runs with CUDA events: bench/gpu_check.py")
@@ -389,35 +389,42 @@ class Model:
         ctx = self._acquire()
         try:
             self._execute(ctx, feeds, None)
-            kernels = []
+            kernel_rows = []
             for (fn, fargs), step in zip(ctx.steps, self.meta["steps"]):
                 ms = float(np.median(time_ms(lambda fn=fn, fargs=fargs: fn(*fargs), repeat)))
-                kernels.append({"kernel": step["kernel"], "name": step.get("name", ""), "ops": step.get("ops", []),
-                                "ms": ms, "gflops": step.get("flops", 0) / (ms * 1e6) if ms > 0 else 0.0,
-                                "schedule": step.get("schedule", ""), "template": step.get("template", ""),
-                                "workload": step.get("workload", ""), "config": step.get("config", {}),
-                                "config_source": step.get("config_source", "")})
+                kernel_rows.append({"kernel": step["kernel"], "name": step.get("name", ""),
+                                    "ops": step.get("ops", []), "ms": ms,
+                                    "gflops": step.get("flops", 0) / (ms * 1e6) if ms > 0 else 0.0,
+                                    "schedule": step.get("schedule", ""), "template": step.get("template", ""),
+                                    "workload": step.get("workload", ""), "config": step.get("config", {}),
+                                    "config_source": step.get("config_source", "")})
 
-            def median_ms(fn) -> float:
-                return float(np.median(time_ms(fn, repeat)))
-
-            # Interleaved, so both medians see the same machine: the whole run, and the kernels alone (the native
-            # entry, or the loop over kernels); their difference is what the executor adds (checks, copies, calls).
+            # The whole run and the kernels alone (the native entry, or the loop over kernels), call by call in
+            # turn, so each pair sees the same moment of the machine: the median of the pairs' differences is what
+            # the executor adds (checks, copies, calls). Two medians taken one after the other read 3.4 ms and
+            # -7.6 ms on a loaded VM where the pairs give a few tenths.
             def whole_run() -> None:
                 self._execute(ctx, self._check(tuple(feeds), {}), None)
                 [o.copy() for o in ctx.outputs]
 
-            run_ms = median_ms(whole_run)
             if self._entry is not None:
-                kernels_only = median_ms(lambda: self._entry(ctx.table_tensor))
+                def kernels() -> None:
+                    self._entry(ctx.table_tensor)
             else:
-                kernels_only = median_ms(lambda: [fn(*fargs) for fn, fargs in ctx.steps])
-            for k, ms in zip(kernels, self._in_sequence_ms(ctx, repeat)):
+                def kernels() -> None:
+                    for fn, fargs in ctx.steps:
+                        fn(*fargs)
+            whole_run(), kernels()
+            pairs = np.array([(time_ms(whole_run, 1, 0)[0], time_ms(kernels, 1, 0)[0])
+                              for _ in range(max(repeat, 10))])
+            run_ms, kernels_only = float(np.median(pairs[:, 0])), float(np.median(pairs[:, 1]))
+            overhead_ms = float(np.median(pairs[:, 0] - pairs[:, 1]))
+            for k, ms in zip(kernel_rows, self._in_sequence_ms(ctx, repeat)):
                 k["in_sequence_ms"] = ms
         finally:
             self._release(ctx)
-        return {"run_ms": run_ms, "kernels_ms": kernels_only, "kernels": kernels,
-                "sum_of_isolated_kernels_ms": sum(k["ms"] for k in kernels)}
+        return {"run_ms": run_ms, "kernels_ms": kernels_only, "overhead_ms": overhead_ms, "kernels": kernel_rows,
+                "sum_of_isolated_kernels_ms": sum(k["ms"] for k in kernel_rows)}
 
     @contextlib.contextmanager
     def kernel_sequence(self, feeds: Sequence[np.ndarray] | None = None):

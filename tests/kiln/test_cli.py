@@ -93,6 +93,7 @@ def test_compile_run_profile(tmp_path):
     # the entry stamps the clock between kernels: each kernel's time inside a run, bounded by the whole run
     seq = [k["in_sequence_ms"] for k in prof["kernels"]]
     assert all(t > 0 for t in seq) and sum(seq) <= prof["kernels_ms"] * 1.5
+    assert abs(prof["overhead_ms"]) < prof["run_ms"]  # paired whole-run minus kernels-only differences
     assert json.loads((tmp_path / "trace.json").read_text())["traceEvents"][0]["ph"] == "X"
 
 
