@@ -120,7 +120,21 @@ def _with_defaults(f: onnx.FunctionProto, **defaults) -> onnx.FunctionProto:
     return f
 
 
+def _qdq_alias(op: str) -> Callable[[onnx.NodeProto], onnx.FunctionProto]:
+    """com.microsoft's QuantizeLinear / DequantizeLinear (ONNX Runtime's quantizer writes them for 16-bit types
+    and for opsets before the standard ops had an axis): the standard op, per axis where the node says so."""
+    def build(node: onnx.NodeProto) -> onnx.FunctionProto:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        return _parse(f'''
+{op} (x, scale, zero_point) => (y) {{
+    y = {op} <axis: int = {axis}> (x, scale, zero_point)
+}}''')
+    return build
+
+
 BODIES: dict[str, Callable[[onnx.NodeProto], onnx.FunctionProto | None]] = {
+    "QuantizeLinear": _qdq_alias("QuantizeLinear"),
+    "DequantizeLinear": _qdq_alias("DequantizeLinear"),
     "QLinearAdd": lambda node: _binary("QLinearAdd", "Add"),
     "QLinearMul": lambda node: _binary("QLinearMul", "Mul"),
     "QLinearSigmoid": lambda node: _unary("QLinearSigmoid", "Sigmoid(x)"),

@@ -119,3 +119,19 @@ def test_onnx_runtime_static_quantization_of_a_mobilenet(tmp_path, fmt):
     got = kiln.load(kiln.compile(qm, tmp_path / "q.so").path).run(**x)[0]
     assert np.argmax(got) == np.argmax(want)
     assert np.abs(got - want).max() <= 0.1 * np.abs(want).max()
+
+
+def test_microsoft_quantize_dequantize_16_bit(tmp_path):
+    """ONNX Runtime's quantizer writes com.microsoft QuantizeLinear/DequantizeLinear for uint16 activations."""
+    inits = [c("s", np.float32(0.001)), c("z", np.uint16(30000))]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], domain="com.microsoft"),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], domain="com.microsoft")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 50])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 50])], inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    m.ir_version = 8
+    x = (rng.standard_normal((4, 50)) * 20).astype(np.float32)
+    want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = kiln.load(kiln.compile(m, tmp_path / "m.so").path).run(x)[0]
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(run_module(from_onnx(m), x=x)[0], want)
