@@ -166,16 +166,16 @@ def _value_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     return types
 
 
-def _stand_in_functions(model: onnx.ModelProto) -> int:
+def _stand_in_functions(model: onnx.ModelProto) -> None:
     """Point every node that wants expansion at a local function holding its body (one per node: a
-    context-dependent body depends on the node's input types); returns how many."""
+    context-dependent body depends on the node's input types)."""
     opsets = _opsets(model)
-    pending = [(g, n, s) for g, n in _all_nodes(model.graph) if (s := _wants_expansion(n, opsets)) is not None]
+    pending = [(n, s) for _, n in _all_nodes(model.graph) if (s := _wants_expansion(n, opsets)) is not None]
     if not pending:
-        return 0
-    types = _value_types(model) if any(s is not contrib_quant and not s.has_function for _, _, s in pending) else {}
+        return
+    types = _value_types(model) if any(s is not contrib_quant and not s.has_function for _, s in pending) else {}
     added = 0
-    for _graph, node, schema in pending:
+    for node, schema in pending:
         opset = opsets.get(DEFAULT_DOMAIN, 0) if schema is contrib_quant else opsets[_domain(node)]
         body = _function_of(schema, node, opset, types)
         if body is None:
@@ -188,7 +188,9 @@ def _stand_in_functions(model: onnx.ModelProto) -> int:
             f.opset_import.append(onnx.helper.make_opsetid(DEFAULT_DOMAIN, opsets.get(DEFAULT_DOMAIN, opset)))
         model.functions.append(f)
         given = {a.name for a in node.attribute}
-        for attr in (schema.attributes.values() if schema is not contrib_quant else ()):  # the body refers to them; the inliner knows no defaults
+        # the body refers to the schema's attributes, and the inliner knows no defaults (contrib bodies carry
+        # theirs as attribute_proto, which _give_default_attributes reads)
+        for attr in (schema.attributes.values() if schema is not contrib_quant else ()):
             if attr.name not in given and attr.default_value.type != onnx.AttributeProto.UNDEFINED:
                 node.attribute.append(attr.default_value)
         log.info("expanding %s '%s' by its ONNX function body", node.op_type, node.name)
@@ -196,7 +198,6 @@ def _stand_in_functions(model: onnx.ModelProto) -> int:
         added += 1
     if added and not any(o.domain == PRIVATE_DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(PRIVATE_DOMAIN, 1))
-    return added
 
 
 def expandable_op_types() -> set[str]:

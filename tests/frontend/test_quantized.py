@@ -72,8 +72,8 @@ def test_qlinear_conv_matches_onnx_runtime(tmp_path, per_channel):
 
 def test_qlinear_matmul_and_conv_integer(tmp_path):
     a = rng.integers(-128, 128, (4, 9), dtype=np.int8)
-    inits = [const("as", np.float32(0.03)), const("az", np.int8(3)), const("b", rng.integers(-128, 128, (9, 5), np.int8)),
-             const("bs", rng.uniform(0.001, 0.01, 5).astype(np.float32)), const("bz", np.zeros(5, np.int8)),
+    inits = [const("as", np.float32(0.03)), const("az", np.int8(3)),
+             const("b", rng.integers(-128, 128, (9, 5), np.int8)), const("bs", rng.uniform(0.001, 0.01, 5).astype(np.float32)), const("bz", np.zeros(5, np.int8)),
              const("ys", np.float32(0.01)), const("yz", np.int8(-4))]
     node = helper.make_node("QLinearMatMul", ["a", "as", "az", "b", "bs", "bz", "ys", "yz"], ["y"])
     model = make_model([node], [tensor("a", [4, 9], TensorProto.INT8)], [tensor("y", [4, 5], TensorProto.INT8)],
