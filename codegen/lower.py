@@ -48,6 +48,7 @@ def to_te(fn: Function, widen: Collection[str] = ()):
     from tvm import te, tirx as tir
 
     env: dict[int, object] = {}
+    raw: dict[int, object] = {}  # each parameter's placeholder as stored (a bitcast reads the bits, not a widening)
     placeholders = []
 
     def widened(t):
@@ -66,6 +67,7 @@ def to_te(fn: Function, widen: Collection[str] = ()):
             raise CodegenError(f"group parameter %{p.name} is {p.type}; kernels take tensors")
         t = te.placeholder(tuple(int(d) for d in p.type.shape), p.type.dtype, name=f"p{i}")
         env[id(p)] = widened(t)
+        raw[id(p)] = t
         placeholders.append(t)
     for e in post_order(fn.body):
         if id(e) in env:
@@ -80,6 +82,8 @@ def to_te(fn: Function, widen: Collection[str] = ()):
             if not isinstance(op, OpDef) or op.compute is None:
                 raise CodegenError(f"{e.op_name} has no compute yet (node '{e.span}')")
             args = [env[id(a)] for a in e.args]
+            if op.name == "bitcast" and id(e.args[0]) in raw:  # opaque, so always a group's parameter
+                args = [raw[id(e.args[0])]]
             want = e.type.dtype if isinstance(e.type, TensorType) else None
             if op.name == "cast" and want in widen:
                 out = rounded(args[0], want, "cast")  # the graph's own rounding, kept

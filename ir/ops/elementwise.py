@@ -259,6 +259,29 @@ def _cast(x: np.ndarray, a: CastAttrs) -> np.ndarray:
 CAST = register_op(OpDef("cast", CastAttrs, _cast_type, _cast, OpPattern.ELEMWISE, flops=lambda x, a: 0))
 
 
+def _np_dtype(dtype: str) -> np.dtype:
+    if dtype == "bfloat16":  # NumPy knows it only through ml_dtypes
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(dtype)
+
+
+def _bitcast_type(x: TensorType, a: CastAttrs) -> TensorType:
+    if _np_dtype(x.dtype).itemsize != _np_dtype(a.dtype).itemsize:
+        raise TypeCheckError(f"bitcast: {x.dtype} and {a.dtype} differ in size (only same-size bitcasts)")
+    return TensorType(x.shape, a.dtype)
+
+
+def _bitcast(x: np.ndarray, a: CastAttrs) -> np.ndarray:
+    return np.ascontiguousarray(x).view(_np_dtype(a.dtype)).reshape(x.shape)
+
+
+# ONNX BitCast (opset 26): the same bits read as another type of the same size. Opaque: a kernel of its own reads
+# its input straight from memory, where a fused one could see a half-precision value widened to float32
+BITCAST = register_op(OpDef("bitcast", CastAttrs, _bitcast_type, _bitcast, OpPattern.OPAQUE, flops=lambda x, a: 0))
+
+
 def _where_type(c: TensorType, x: TensorType, y: TensorType, attrs) -> TensorType:
     if c.dtype != "bool":
         raise TypeCheckError(f"where: condition must be bool, got {c}")
@@ -579,6 +602,17 @@ def cast_compute(x, a: CastAttrs):
     from tvm import te
 
     return te.compute(x.shape, lambda *i: x[i].astype(a.dtype), name="cast")
+
+
+@define_compute(BITCAST)
+def bitcast_compute(x, a: CastAttrs):
+    """tir.reinterpret; a bool is one byte holding 0 or 1, so to and from it the bits are those of a cast."""
+    from tvm import te
+    from tvm import tirx as tir
+
+    if "bool" in (str(x.dtype), a.dtype):
+        return te.compute(x.shape, lambda *i: x[i].astype(a.dtype), name="bitcast")
+    return te.compute(x.shape, lambda *i: tir.reinterpret(a.dtype, x[i]), name="bitcast")
 
 
 @define_compute(WHERE)

@@ -186,6 +186,15 @@ def convert_cast(node: Node):
     return node.make(ew.CAST, node.input(0), dtype=to)
 
 
+@converter("BitCast")
+def convert_bitcast(node: Node):
+    to = onnx_dtype(node, node.attr_int("to"))
+    x = node.input(0)
+    if "string" in (to, x.ttype.dtype):
+        raise node.unsupported("bit casts to or from strings")
+    return x if x.ttype.dtype == to else node.make(ew.BITCAST, x, dtype=to)
+
+
 @converter("CastLike")
 def convert_castlike(node: Node):
     to = node.input(1).ttype.dtype
