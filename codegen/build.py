@@ -112,14 +112,15 @@ def build(mod: IRModule, target, on_progress: Callable[[int, int], None] | None 
     try:
         executable = tvm.compile(tvm.IRModule(funcs), target=target)
     except Exception as err:  # TVM's own errors: surface them as a user-facing build failure
-        if not _serialize_let_failures(funcs, steps, target):
+        where = _triage(funcs, steps, target)
+        if where is not None:
             raise CodegenError(f"tvm.compile failed for target {target.kind.name}: {str(err).splitlines()[0]}"
-                               f"{_failing_kernel(funcs, steps, target)}") from err
-        try:
+                               f"{where}") from err
+        try:  # every kernel TVM refused has serial loops now
             executable = tvm.compile(tvm.IRModule(funcs), target=target)
         except Exception as err2:
-            raise CodegenError(f"tvm.compile failed for target {target.kind.name}: {str(err2).splitlines()[0]}"
-                               f"{_failing_kernel(funcs, steps, target)}") from err2
+            raise CodegenError(f"tvm.compile failed for target {target.kind.name}: "
+                               f"{str(err2).splitlines()[0]}") from err2
     compile_s = time.perf_counter() - start
     if on_progress:
         on_progress(len(calls) + 1, len(calls) + 1)
@@ -132,32 +133,18 @@ def build(mod: IRModule, target, on_progress: Callable[[int, int], None] | None 
     return BuildResult(executable, meta, weights.blob, lowered, lower_s, compile_s)
 
 
-def _failing_kernel(funcs: dict, steps: list[dict], target) -> str:
-    """Which kernel TVM refuses, found by compiling each alone (only after the whole module failed): the layer
-    name and ops, so the error points at the model instead of at TVM's internals."""
-    import tvm
-
-    for step in steps:
-        try:
-            tvm.compile(tvm.IRModule({step["kernel"]: funcs[step["kernel"]]}), target=target)
-        except Exception as err:  # the first kernel that fails alone is the one to report
-            return (f"\n  in kernel {step['kernel']} (layer '{step['name']}': {'+'.join(step['ops'])}, schedule "
-                    f"{step['schedule'] or '-'}): {str(err).splitlines()[0]}")
-    return ""
-
-
 LET_BOUND_TWICE = "Let cannot bind the same var to two different values"
 
 
-def _serialize_let_failures(funcs: dict, steps: list[dict], target) -> bool:
-    """Kernels that fail alone with TVM's "Let bound twice" get their vector loops made serial; True when any
-    did. TVM 0.27's VectorizeLoop, when it cannot vectorize a loop (an index like (i // 7 + j) % 84 from an
-    inlined reshape, a concat's select) and falls back to a scalar loop, visits the body's Lets a second time
-    and fails. A serial loop is what that fallback would have produced; writing the Lets out instead (each
-    bound value at every use) took one fused group from 2 s to 74 s to compile."""
+def _triage(funcs: dict, steps: list[dict], target) -> str | None:
+    """After the whole module failed, each kernel compiled alone. One that fails with TVM's "Let bound twice"
+    gets its vector loops made serial: TVM 0.27's VectorizeLoop, when it cannot vectorize a loop (an index like
+    (i // 7 + j) % 84 from an inlined reshape, a concat's select) and falls back to a scalar loop, visits the
+    body's Lets a second time and fails; a serial loop is what that fallback would have produced (writing the
+    Lets out instead took one fused group from 2 s to 74 s to compile). Any other failure is returned as the
+    layer, ops and schedule to name in the error (None when every kernel builds now)."""
     import tvm
 
-    rebuilt = False
     for step in steps:
         symbol = step["kernel"]
         try:
@@ -165,9 +152,8 @@ def _serialize_let_failures(funcs: dict, steps: list[dict], target) -> bool:
             continue
         except Exception as err:  # only this one TVM bug has a way around it here
             if LET_BOUND_TWICE not in str(err):
-                continue
-        serial = tvm.tirx.transform.VectorizeLoop(False)(tvm.IRModule({symbol: funcs[symbol]}))
-        funcs[symbol] = serial[symbol]
+                return (f"\n  in kernel {symbol} (layer '{step['name']}': {'+'.join(step['ops'])}, schedule "
+                        f"{step['schedule'] or '-'}): {str(err).splitlines()[0]}")
+        funcs[symbol] = tvm.tirx.transform.VectorizeLoop(False)(tvm.IRModule({symbol: funcs[symbol]}))[symbol]
         step["schedule"] = f"{step['schedule']}+serial(vectorizer bug)"
-        rebuilt = True
-    return rebuilt
+    return None

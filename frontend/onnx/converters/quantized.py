@@ -44,7 +44,7 @@ def _centered(node: Node, x: Expr, zero: Expr | None, axis: int | None) -> Expr:
 
 def _along(node: Node, p: Expr, ndim: int, axis: int | None, what: str) -> Expr:
     """A scalar or 1-element parameter as a scalar; a 1-D one shaped to broadcast along `axis` of an ndim-D
-    tensor."""
+    tensor (axis None: only a single value is accepted)."""
     shape = _static_shape(node, p)
     size = int(np.prod(shape, dtype=np.int64))
     if size == 1:
@@ -83,12 +83,6 @@ def _requantize(node: Node, acc: Expr, scale: Expr, y_scale: Expr, y_zero: Expr 
     return node.make(ew.CAST, y, dtype=out_dtype)
 
 
-def _scalar_scale(node: Node, s: Expr, what: str) -> Expr:
-    if int(np.prod(_static_shape(node, s), dtype=np.int64)) != 1:
-        raise node.unsupported(f"a per-axis {what}")
-    return reshape(node, s, ())
-
-
 @converter("QLinearMatMul")
 def convert_qlinear_matmul(node: Node):
     a = _int8_operand(node, node.input(0), "a")
@@ -102,7 +96,7 @@ def convert_qlinear_matmul(node: Node):
     scale = node.make(ew.MULTIPLY, _along(node, a_scale, nd, -2 if nd >= 2 else None, "a_scale"),
                       _along(node, b_scale, nd, -1, "b_scale"))
     out = y_zero.ttype.dtype if y_zero is not None else a.ttype.dtype
-    return _requantize(node, acc, scale, _scalar_scale(node, y_scale, "y_scale"), y_zero, out)
+    return _requantize(node, acc, scale, _along(node, y_scale, 0, None, "y_scale"), y_zero, out)
 
 
 def _int_conv(node: Node, x32: Expr, w32: Expr, kernel_from: Expr) -> Expr:
@@ -138,6 +132,6 @@ def convert_qlinear_conv(node: Node):
         if bias.ttype.dtype != "int32":
             raise node.invalid(f"B must be int32, got {bias.ttype.dtype}")
         acc = node.make(ew.ADD, acc, _along(node, bias, nd, 1, "bias"))
-    scale = node.make(ew.MULTIPLY, _scalar_scale(node, x_scale, "x_scale"), _along(node, w_scale, nd, 1, "w_scale"))
+    scale = node.make(ew.MULTIPLY, _along(node, x_scale, 0, None, "x_scale"), _along(node, w_scale, nd, 1, "w_scale"))
     out = y_zero.ttype.dtype if y_zero is not None else x.ttype.dtype
-    return _requantize(node, acc, scale, _scalar_scale(node, y_scale, "y_scale"), y_zero, out)
+    return _requantize(node, acc, scale, _along(node, y_scale, 0, None, "y_scale"), y_zero, out)
