@@ -13,6 +13,8 @@ from kiln.schedules.target_info import vector_lanes  # noqa: F401  (re-exported)
 
 PRESETS = {
     "x86-avx512": {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "skylake-avx512"},
+    # AVX-512 VNNI: quantized (QDQ) convs run on vpdpbusd (passes/realize_qdq.py, schedules/x86/qconv2d_nchwc.py)
+    "x86-avx512-vnni": {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "cascadelake"},
     "x86-avx2": {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"},
     "aarch64": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
     "cuda-sm80": {"kind": "cuda", "arch": "sm_80", "host": {"kind": "llvm"}},  # Ampere: A100

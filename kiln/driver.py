@@ -102,7 +102,8 @@ def prepare(mod: IRModule, target, options: Options) -> IRModule:
     """Target facts the passes need travel as module attrs, so passes stay functions of the IR alone."""
     cpu = target.kind.name == "llvm"
     return mod.with_attrs(layout_block=vector_lanes(target, 32) if cpu else 0,
-                          fuse_depthwise=cpu and options.fuse_depthwise, precision=options.precision)
+                          fuse_depthwise=cpu and options.fuse_depthwise, precision=options.precision,
+                          int8_dot=cpu and "avx512vnni" in target_info(target).features)
 
 
 def model_tasks(model, options: Options | None = None) -> list[Task]:

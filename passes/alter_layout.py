@@ -38,6 +38,7 @@ from kiln.ir.ops.blocked import (
 from kiln.ir.ops.conv import CONV2D
 from kiln.ir.ops.elementwise import DEQUANTIZE, QUANTIZE
 from kiln.ir.ops.pool import AVG_POOL, GLOBAL_AVG_POOL, MAX_POOL
+from kiln.ir.ops.qconv import QCONV2D, QCONV2D_NCHWC, QConvNCHWcAttrs, pack_qconv_weight
 from kiln.ir.ops.transform import CONCATENATE
 from kiln.ir.ops.winograd import CONV2D_WINOGRAD, WinogradAttrs
 from kiln.ir.ops.winograd import supports as winograd_supports
@@ -130,6 +131,8 @@ class _Rewriter:
         op = call.op
         if op is CONV2D:
             return self.conv(call)
+        if op is QCONV2D:
+            return self.qconv(call)
         args = call.args
         if not any(id(a) in self.blocked for a in args):
             return None
@@ -219,6 +222,33 @@ class _Rewriter:
         attrs = ConvNCHWcAttrs(a, ob, "im2col" if algo == "im2col" and not depthwise else "direct")
         return Call(CONV2D_NCHWC, (x_blocked, packed), attrs, call.span), ob
 
+    def qconv(self, call: Call) -> tuple[Expr, int] | None:
+        """A uint8 × int8 conv (passes/realize_qdq.py): blocked like a float one, its input blocks a multiple of
+        the 4 channels one lane's dot product sums (block_for never gives fewer)."""
+        x, w = call.args
+        c, oc = x.ttype.shape[1], w.ttype.shape[0]
+        if id(x) in self.blocked:
+            xe, ib = self.blocked[id(x)]
+            c_in = xe.ttype.shape[1] * ib
+        else:
+            xe, ib, c_in = None, block_for(c, self.block), c
+        ob = block_for(oc, self.block)
+        if (ob is None or ob < self.block) and _pads_cheaply(oc, self.block):
+            ob = self.block
+        if ob is None or ib is None or ib % 4:
+            return None
+        oc_out = -(-oc // ob) * ob
+        weights = w.value
+        if (oc_out, c_in) != (oc, c):
+            weights = np.zeros((oc_out, c_in) + w.value.shape[2:], w.value.dtype)
+            weights[:oc, :c] = w.value  # zero weights for padded input channels: whatever they hold adds 0
+        if oc_out != oc:
+            self.pending_logical = oc
+        x_blocked = xe if xe is not None else self.as_blocked(x, ib)
+        attrs = QConvNCHWcAttrs(call.attrs.conv, call.attrs.x_zero_point, ob)
+        packed = Constant(pack_qconv_weight(weights, ib, ob), name=w.name)
+        return Call(QCONV2D_NCHWC, (x_blocked, packed), attrs, call.span), ob
+
     def grouped_conv(self, call: Call) -> tuple[Expr, int] | None:
         """Grouped (not depthwise): blocked when every group is whole blocks of the full vector width on both
         sides and the input is stored unpadded; it stays NCHW otherwise (choose.candidates says the same)."""
@@ -246,7 +276,7 @@ class _Rewriter:
         channels = plain_shape[1]
         new = []
         padded = {self.logical.get(id(a), 0) for a in blocked}
-        if padded != {0} and (len(padded) > 1 or call.op.name not in FINITE_OPS):
+        if padded != {0} and (len(padded) > 1 or not _keeps_finite(call)):
             return None  # padding lanes hold zeros; only ops that keep them finite may run on them
         stored = self.blocked[id(full[0])][0].ttype.shape[1] * b
         for a in call.args:
@@ -263,6 +293,14 @@ class _Rewriter:
             else:
                 return None
         return self.keep_padding((Call(call.op, tuple(new), call.attrs, call.span), b), full[0])
+
+
+def _keeps_finite(call: Call) -> bool:
+    """A FINITE_OPS op, or a cast of integers to float (a quantized conv's sum on its way to float32)."""
+    if call.op.name in FINITE_OPS:
+        return True
+    return (call.op.name == "cast" and str(call.args[0].ttype.dtype).startswith(("int", "uint"))
+            and str(call.ttype.dtype) == "float32")
 
 
 def _per_channel(shape: tuple, full: tuple) -> bool:

@@ -17,6 +17,7 @@ from .materialize_outputs import materialize_outputs
 from .mixed_precision import convert_precision
 from .pack_dense_weights import pack_dense_weights
 from .plan_memory import plan_memory
+from .realize_qdq import realize_qdq
 from .simplify_inference import simplify_inference
 
 Pass = Callable[[IRModule], IRModule]
@@ -32,6 +33,7 @@ O2: list[Pass] = [
     eliminate_common_subexpr,
     eliminate_dead_code,
     simplify_inference,  # CSE can expose reshape-of-reshape chains
+    realize_qdq,  # after the folds (the dequantized weights are constants); before layout, which blocks it
     convert_precision,  # --precision fp16/bf16: after the folds, so folded weights (conv * batch-norm scale)
                         # round to half once; before packing, layout and fusion, which then see the half
                         # graph, and fuse each cast into the kernel beside it. fp32 and tf32: no change

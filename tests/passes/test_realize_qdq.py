@@ -1,0 +1,126 @@
+"""QDQ convs on their integers (passes/realize_qdq.py, ir/ops/qconv.py, schedules/x86/qconv2d_nchwc.py): the
+int8 weights recovered from the folded float ones, the rewrite's arithmetic against float64, the blocked
+kernel against its reference, and compiled models against ONNX Runtime on a host with AVX-512 VNNI."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import kiln
+from kiln.codegen.target import required_cpu_features, resolve_target
+from kiln.frontend import from_onnx
+from kiln.ir import run_module
+from kiln.ir.ops.blocked import block_array
+from kiln.ir.ops.conv import ConvAttrs, conv_reference
+from kiln.ir.ops.qconv import (
+    QCONV2D_NCHWC, QConvAttrs, QConvNCHWcAttrs, _qconv_reference, pack_qconv_weight, unpack_qconv_weight,
+)
+from kiln.passes.realize_qdq import int8_weights
+
+from ..frontend.unrolled import make_model, tensor
+
+VNNI = "x86-avx512-vnni"
+HOST_VNNI = "avx512vnni" in required_cpu_features(resolve_target("native"))
+needs_vnni = pytest.mark.skipif(not HOST_VNNI, reason="this host has no AVX-512 VNNI to run the kernels on")
+rng = np.random.default_rng(7)
+
+
+def test_int8_weights_found_per_tensor_and_per_channel_else_none():
+    q = rng.integers(-127, 128, (8, 4, 3, 3)).astype(np.int8)
+    q[:, 0, 0, 0] = 127  # every channel reaches the range's end, as symmetric max-abs quantization makes it
+    per_channel = rng.uniform(0.001, 0.1, 8)
+    for scale in (np.full(8, 0.0123), per_channel):
+        w = (q.astype(np.float32) * scale.astype(np.float32)[:, None, None, None]).astype(np.float32)
+        wq, s = int8_weights(w)
+        np.testing.assert_array_equal(wq, q)
+        np.testing.assert_allclose(s, scale, rtol=1e-6)
+    q2 = q.copy()
+    q2[:, 0, 0, 0] = -128  # the range's other end
+    wq, _ = int8_weights(q2.astype(np.float32) * np.float32(0.5))
+    np.testing.assert_array_equal(wq, q2)
+    assert int8_weights(rng.standard_normal((8, 4, 3, 3)).astype(np.float32)) is None  # a float model's
+
+
+def test_packed_weights_round_trip_and_blocked_reference_matches_plain():
+    w = rng.integers(-128, 128, (32, 16, 3, 3)).astype(np.int8)
+    np.testing.assert_array_equal(unpack_qconv_weight(pack_qconv_weight(w, 8, 16)), w)
+    x = rng.integers(0, 256, (1, 16, 9, 9)).astype(np.uint8)
+    conv = ConvAttrs((2, 2), (1, 1, 1, 1), (1, 1))
+    plain = _qconv_reference(x, w, QConvAttrs(conv, 37))
+    blocked = QCONV2D_NCHWC.reference(block_array(x, 8), pack_qconv_weight(w, 8, 16), QConvNCHWcAttrs(conv, 37, 16))
+    np.testing.assert_array_equal(blocked, block_array(plain, 16))
+    # the padding holds the zero point: centred, it is a zero-padded conv of x - zp
+    centred = conv_reference(x.astype(np.int64) - 37, w.astype(np.int64), ConvAttrs((2, 2), (1, 1, 1, 1), (1, 1)))
+    wsum = w.astype(np.int64).sum(axis=(1, 2, 3)).reshape(1, -1, 1, 1)
+    np.testing.assert_array_equal(plain.astype(np.int64) - 37 * wsum, centred)
+
+
+def qdq_conv_model(c=16, oc=32, k=3, stride=1, zp=131, per_channel=True, requantize=True, oc2=24):
+    """input → Q → DQ → Conv(DQ(int8 W)) + bias [→ Q → DQ] → Relu → Q → DQ → 1x1 Conv(DQ(int8 W2)) → output:
+    ONNX Runtime's QDQ format, with a zero point that is not 0 and padding that must hold it."""
+    w = rng.integers(-127, 128, (oc, c, k, k)).astype(np.int8)
+    ws = (rng.uniform(0.002, 0.01, oc) if per_channel else np.array(0.004)).astype(np.float32)
+    w2 = rng.integers(-127, 128, (oc2, oc, 1, 1)).astype(np.int8)
+    ws2 = rng.uniform(0.002, 0.01, oc2).astype(np.float32)
+    inits = [numpy_helper.from_array(v, n) for n, v in [
+        ("xs", np.float32(0.03)), ("xz", np.uint8(zp)), ("w", w), ("ws", ws), ("wz", np.zeros(ws.shape, np.int8)),
+        ("b", rng.standard_normal(oc).astype(np.float32)), ("ys", np.float32(0.2)), ("yz", np.uint8(0)),
+        ("w2", w2), ("ws2", ws2), ("wz2", np.zeros(oc2, np.int8))]]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=0),
+             helper.make_node("Conv", ["xd", "wd", "b"], ["y"], pads=[k // 2] * 4, strides=[stride] * 2),
+             helper.make_node("Relu", ["y"], ["r"]),
+             helper.make_node("QuantizeLinear", ["r", "ys", "yz"], ["rq"]),
+             helper.make_node("DequantizeLinear", ["rq", "ys", "yz"], ["rd"]),
+             helper.make_node("DequantizeLinear", ["w2", "ws2", "wz2"], ["w2d"], axis=0),
+             helper.make_node("Conv", ["rd", "w2d"], ["out"])]
+    outputs = [tensor("out", None), tensor("y", None)]
+    if not requantize:
+        outputs = outputs[1:]
+    return make_model(nodes, [tensor("x", [1, c, 14, 14])], outputs, inits, opset=21)
+
+
+def test_compiles_to_vnni_kernels_for_a_vnni_target(tmp_path):
+    """Cross-compiled for a VNNI CPU (any build host): both convs take the int8 template."""
+    report = kiln.compile(qdq_conv_model(), tmp_path / "m.so", kiln.Options(target=VNNI))
+    templates = [s["template"] for s in report.steps]
+    assert sum(t.startswith("x86.qconv2d_nchwc") for t in templates) == 2, templates
+    plain = kiln.compile(qdq_conv_model(), tmp_path / "p.so", kiln.Options(target="x86-avx512"))
+    assert not any(s["template"].startswith("x86.qconv2d") for s in plain.steps)  # no VNNI: float convs
+
+
+@needs_vnni
+@pytest.mark.parametrize("zp,stride,per_channel", [(131, 1, True), (0, 2, True), (77, 1, False)])
+def test_int8_conv_equals_the_float64_sum(tmp_path, zp, stride, per_channel):
+    """The conv's float output `y` (before any rounding to int8) is the exact sum times the scales."""
+    model = qdq_conv_model(zp=zp, stride=stride, per_channel=per_channel, requantize=False)
+    x = rng.standard_normal((1, 16, 14, 14)).astype(np.float32) * 2
+    m = kiln.load(kiln.compile(model, tmp_path / "m.so", kiln.Options(target=VNNI)).path)
+    (y,) = m.run(x=x)
+    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    xq = np.clip(np.rint(x / init["xs"]) + zp, 0, 255)
+    wd = init["w"].astype(np.float64) * init["ws"].astype(np.float64).reshape(-1, 1, 1, 1)
+    want = conv_reference((xq - zp) * np.float64(init["xs"]), wd, ConvAttrs((stride,) * 2, (1,) * 4, (1, 1)))
+    want += init["b"].reshape(1, -1, 1, 1)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_vnni
+def test_quantized_chain_matches_onnx_runtime(tmp_path):
+    """Two realized convs with a requantization between them, against ONNX Runtime's own int8 kernels: one
+    quantization step apart at most, where the exact value sits next to a .5."""
+    model = qdq_conv_model()
+    x = rng.standard_normal((1, 16, 14, 14)).astype(np.float32) * 2
+    out, y = kiln.load(kiln.compile(model, tmp_path / "m.so", kiln.Options(target=VNNI)).path).run(x=x)
+    o = ort.SessionOptions()
+    o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    want_out, want_y = ort.InferenceSession(model.SerializeToString(), o, providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})
+    # ONNX Runtime rounds the float bias to int32 in steps of xs·ws (its QLinearConv): half a step apart at most
+    np.testing.assert_allclose(y, want_y, rtol=0, atol=0.5 * 0.03 * 0.01 + 1e-5)
+    interpreted = run_module(from_onnx(model), x=x)[0]  # the float path, rounding where ONNX does
+    step = 0.2 * 0.01 * 24  # output scale bound: a flip of one requantized value moves `out` by ys·|w2|·ws2
+    assert np.abs(out - interpreted).max() <= step
+    assert np.abs(out - want_out).max() <= step
