@@ -468,6 +468,22 @@ def _int8_conv_weights(b: _Builder, q: np.random.Generator) -> None:
         node.input[1] = out
         if not any(w.name in n.input for n in b.g.nodes):
             b.g.inits.remove(w)
+        if q.random() < 0.75:  # its input through a uint8 pair too, as ONNX Runtime's quantizer writes a conv
+            _uint8_input_pair(b, node, q)
+
+
+def _uint8_input_pair(b: _Builder, node: onnx.NodeProto, q: np.random.Generator) -> None:
+    """QuantizeLinear → DequantizeLinear on the conv's data input, uint8 with any zero point (the padding of a
+    conv run on the integers must hold it): what passes/realize_qdq.py runs as an int8 conv."""
+    scale = b.g.const(np.float32(q.choice([0.02, 0.05, 0.1])), "qx.s")
+    zero = b.g.const(np.uint8(q.integers(0, 256)), "qx.z")
+    quantized, dequantized = b.g.fresh("qx.q"), b.g.fresh("qx.dq")
+    at = list(b.g.nodes).index(node)
+    b.g.nodes.insert(at, helper.make_node("DequantizeLinear", [quantized, scale, zero], [dequantized],
+                                          name=dequantized))
+    b.g.nodes.insert(at, helper.make_node("QuantizeLinear", [node.input[0], scale, zero], [quantized], name=quantized))
+    b.ops += ["QuantizeLinear", "DequantizeLinear"]
+    node.input[0] = dequantized
 
 
 def random_input(model: onnx.ModelProto, seed: int) -> np.ndarray:
