@@ -16,6 +16,9 @@ taken as int8 exactly when, per output channel, W / s rounds to integers in [-12
 `int8_weights`), and W_q · s gives W back to float32 rounding. Weights that are not (a float model's, a
 batch norm folded after quantizing, uint8 weights with a zero point) keep the float conv.
 
+The quantize after each such conv (and after a depthwise conv of a dequantized input, which stays float)
+multiplies by 1/scale instead of dividing: `QuantAttrs.reciprocal`, which says why that is no loss here.
+
 Only where the driver says the target multiplies bytes natively (`mod.attrs["int8_dot"]`: AVX-512 VNNI) and
 the model computes in float32: elsewhere an int32 conv would be slower than the float one.
 """
@@ -25,8 +28,11 @@ from __future__ import annotations
 import numpy as np
 
 from kiln.ir import Call, Constant, Expr, IRModule
+import dataclasses
+
+from kiln.ir.op import OpPattern
 from kiln.ir.ops.conv import CONV2D
-from kiln.ir.ops.elementwise import CAST, DEQUANTIZE, MULTIPLY, SUBTRACT, CastAttrs
+from kiln.ir.ops.elementwise import CAST, DEQUANTIZE, MULTIPLY, QUANTIZE, SUBTRACT, CastAttrs
 from kiln.ir.ops.qconv import DOT, QCONV2D, QConvAttrs
 from kiln.ir.visitor import rewrite_calls
 
@@ -45,23 +51,31 @@ def int8_weights(w: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     o = w.shape[0]
     flat = w.astype(np.float64).reshape(o, -1)
     peak = np.abs(flat).max(axis=1)
-    live = peak > 0
-    if not live.any():
-        return np.zeros(w.shape, np.int8), np.ones(o)
     ks = np.concatenate([[127.0, 128.0], np.arange(126.0, 0.0, -1.0)])
-    unit = flat[live, :_SAMPLE] / peak[live, None]  # W / max|W|: times k, integers when s = max|W| / k
-    q = unit[None] * ks[:, None, None]
+    q = (flat[:, :_SAMPLE] / np.where(peak > 0, peak, 1.0)[:, None])[None] * ks[:, None, None]
     fits = (np.abs(q - np.rint(q)) <= _TOLERANCE).all(axis=2)  # [k, channel]
-    if not fits.any(axis=0).all():
+    fits[1] &= flat.max(axis=1) < peak  # 128 steps reach only -128: the peak must be negative
+    fits[:, peak == 0] = False
+    k = np.zeros(o)
+    k[peak == 0] = 1.0
+    out = np.zeros(flat.shape)
+    for _ in range(len(ks)):  # each channel's first k that fits its sample, then the next if all of it does not
+        todo = np.flatnonzero(k == 0)
+        if todo.size == 0:
+            break
+        left = fits[:, todo]
+        if not left.any(axis=0).all():
+            return None  # a channel no scale fits: not int8 weights
+        first = left.argmax(axis=0)
+        trial = flat[todo] / (peak[todo] / ks[first])[:, None]
+        r = np.rint(trial)
+        ok = (np.abs(trial - r) <= _TOLERANCE).all(axis=1) & (r.min(axis=1) >= -128) & (r.max(axis=1) <= 127)
+        k[todo[ok]] = ks[first[ok]]
+        out[todo[ok]] = r[ok]
+        fits[first[~ok], todo[~ok]] = False
+    if (k == 0).any():
         return None
-    k = np.ones(o)
-    k[live] = ks[fits.argmax(axis=0)]
-    scale = np.where(live, peak / k, 1.0)
-    q = flat / scale[:, None]
-    r = np.rint(q)
-    if np.abs(q - r).max() > _TOLERANCE or r.min() < -128 or r.max() > 127:
-        return None
-    return r.astype(np.int8).reshape(w.shape), scale
+    return out.astype(np.int8).reshape(w.shape), np.where(peak > 0, peak / k, 1.0)
 
 
 def _scalar(e: Expr) -> float | None:
@@ -92,7 +106,34 @@ def _realize(call: Call) -> Expr | None:
     return Call(MULTIPLY, (out, Constant(scale)), None, call.span)
 
 
+def _requantizes_conv(call: Call, hops: int = 8) -> bool:
+    """A per-tensor quantize of a conv's output, through its elementwise epilogue (bias, activation, residual)."""
+    if call.op is not QUANTIZE or _scalar(call.args[1]) is None:
+        return False
+    todo, seen = [call.args[0]], 0
+    while todo and seen < hops:
+        e = todo.pop()
+        seen += 1
+        if not isinstance(e, Call) or not hasattr(e.op, "pattern"):
+            continue
+        if e.op in (QCONV2D, CONV2D):
+            return True
+        if e.op.pattern in (OpPattern.ELEMWISE, OpPattern.BROADCAST) and e.op is not DEQUANTIZE:
+            todo += [a for a in e.args if isinstance(a, Call)]
+    return False
+
+
+def _reciprocal(call: Call) -> Expr | None:
+    if not _requantizes_conv(call) or call.attrs.reciprocal:
+        return None
+    return Call(QUANTIZE, call.args, dataclasses.replace(call.attrs, reciprocal=True), call.span)
+
+
 def realize_qdq(mod: IRModule) -> IRModule:
+    """Convs on integers, then their requantizations by a multiply (QuantAttrs.reciprocal)."""
     if not mod.attrs.get("int8_dot") or mod.attrs.get("precision", "fp32") not in ("fp32", "tf32", None):
         return mod
-    return rewrite_calls(mod, _realize)
+    realized = rewrite_calls(mod, _realize)
+    if realized is mod:
+        return mod
+    return rewrite_calls(realized, _reciprocal)

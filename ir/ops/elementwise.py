@@ -320,6 +320,11 @@ class QuantAttrs:
 
     axis: int = 1
     out_dtype: str = "uint8"
+    # multiply by 1/scale instead of dividing (a division costs about ten multiplies in a vector): not the
+    # spec's rounding where x / scale lands within an ulp of a .5. passes/realize_qdq.py sets it on the
+    # requantization of a conv's output in a quantized model, where no such tie is the spec's to decide: the
+    # int8 conv's sum is exact, not the float sum ONNX's reference rounds
+    reciprocal: bool = False
 
 
 def _q_param(p: np.ndarray, x: np.ndarray, axis: int) -> np.ndarray:
@@ -341,7 +346,8 @@ def _quantize(x, scale, zero, a: QuantAttrs) -> np.ndarray:
     25.4999991, not the 25.5 that rounds (half to even) to 26 (DynamicQuantizeLinear's expanded test)."""
     info = np.iinfo(a.out_dtype)
     work = x.dtype if x.dtype.kind == "f" else np.float64  # an int32 x divides in float64, as NumPy promotes
-    q = np.rint(x.astype(work) / _q_param(scale, x, a.axis).astype(work)).astype(np.float64)
+    s = _q_param(scale, x, a.axis).astype(work)
+    q = np.rint(x.astype(work) * (np.asarray(1, work) / s) if a.reciprocal else x.astype(work) / s).astype(np.float64)
     q = q + _q_param(zero, x, a.axis)
     return np.clip(q, info.min, info.max).astype(a.out_dtype)
 
@@ -694,7 +700,11 @@ def quantize_compute(x, scale, zero, a: QuantAttrs):
     acc = "float32" if work == "float32" and a.out_dtype in _NARROW_INTS else "float64"
 
     def f(*i):
-        q = tir.nearbyint(x[i].astype(work) / _q_index(scale, x, a.axis, i).astype(work)).astype(acc)
+        s = _q_index(scale, x, a.axis, i).astype(work)
+        if a.reciprocal:  # 1/s is loop-invariant for a per-tensor scale: LLVM computes it once
+            q = tir.nearbyint(x[i].astype(work) * (tir.const(1.0, work) / s)).astype(acc)
+        else:
+            q = tir.nearbyint(x[i].astype(work) / s).astype(acc)
         q = q + _q_index(zero, x, a.axis, i).astype(acc)
         lo, hi = tir.const(float(info.min), acc), tir.const(float(info.max), acc)
         return tir.max(tir.min(q, hi), lo).astype(a.out_dtype)

@@ -27,19 +27,21 @@ rng = np.random.default_rng(7)
 
 
 def test_int8_weights_found_per_tensor_and_per_channel_else_none():
+    for shape in [(8, 4, 3, 3), (96, 16, 1, 1), (4, 200, 1, 1)]:
+        q = rng.integers(-127, 128, shape).astype(np.int8)
+        q[:2] //= 3  # channels far from the range's ends: a per-tensor scale leaves them there
+        for scale in (np.full(shape[0], 0.0123), rng.uniform(0.001, 0.1, shape[0])):
+            w = (q.astype(np.float32) * scale.astype(np.float32)[:, None, None, None]).astype(np.float32)
+            wq, s = int8_weights(w)
+            # any int8 grid that gives W back is as good as the one it was made on
+            np.testing.assert_allclose(wq * s[:, None, None, None], w, rtol=1e-6, atol=0)
     q = rng.integers(-127, 128, (8, 4, 3, 3)).astype(np.int8)
-    q[:, 0, 0, 0] = 127  # every channel reaches the range's end, as symmetric max-abs quantization makes it
-    per_channel = rng.uniform(0.001, 0.1, 8)
-    for scale in (np.full(8, 0.0123), per_channel):
-        w = (q.astype(np.float32) * scale.astype(np.float32)[:, None, None, None]).astype(np.float32)
-        wq, s = int8_weights(w)
-        np.testing.assert_array_equal(wq, q)
-        np.testing.assert_allclose(s, scale, rtol=1e-6)
-    q2 = q.copy()
-    q2[:, 0, 0, 0] = -128  # the range's other end
-    wq, _ = int8_weights(q2.astype(np.float32) * np.float32(0.5))
-    np.testing.assert_array_equal(wq, q2)
+    q[:, 0, 0, 0] = -128  # the range's other end
+    q[:, 0, 0, 1] = 64  # and its positive peak half that: 128 steps would put it at 128
+    wq, _ = int8_weights(q.astype(np.float32) * np.float32(0.5))
+    np.testing.assert_array_equal(wq, q)
     assert int8_weights(rng.standard_normal((8, 4, 3, 3)).astype(np.float32)) is None  # a float model's
+    assert int8_weights(np.zeros((4, 4, 1, 1), np.float32))[0].sum() == 0
 
 
 def test_packed_weights_round_trip_and_blocked_reference_matches_plain():
