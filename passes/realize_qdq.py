@@ -16,6 +16,9 @@ taken as int8 exactly when, per output channel, W / s rounds to integers in [-12
 `int8_weights`), and W_q · s gives W back to float32 rounding. Weights that are not (a float model's, a
 batch norm folded after quantizing, uint8 weights with a zero point) keep the float conv.
 
+A conv that cannot run on integers (depthwise, grouped) but reads a dequantize of zero point 0 reads the bytes
+instead, with the scale folded into its weights (`_bytes_in`).
+
 The quantize after each such conv (and after a depthwise conv of a dequantized input, which stays float)
 multiplies by 1/scale instead of dividing: `QuantAttrs.reciprocal`, which says why that is no loss here.
 
@@ -83,17 +86,19 @@ def _scalar(e: Expr) -> float | None:
 
 
 def _realize(call: Call) -> Expr | None:
-    if call.op is not CONV2D or call.attrs.groups != 1 or str(call.ttype.dtype) != "float32":
+    if call.op is not CONV2D or str(call.ttype.dtype) != "float32":
         return None
     x, w = call.args
     if not (isinstance(x, Call) and x.op is DEQUANTIZE and isinstance(w, Constant) and w.value.ndim == 4):
         return None
     xq, sx, zx = x.args
-    if str(xq.ttype.dtype) != "uint8" or _scalar(sx) is None or _scalar(zx) is None or xq.ttype.shape[1] % DOT:
+    if _scalar(sx) is None or _scalar(zx) is None or str(xq.ttype.dtype) not in ("uint8", "int8"):
         return None
+    if str(xq.ttype.dtype) != "uint8" or call.attrs.groups != 1 or xq.ttype.shape[1] % DOT:
+        return _bytes_in(call, xq, _scalar(sx), _scalar(zx))
     found = int8_weights(w.value)
     if found is None:
-        return None
+        return _bytes_in(call, xq, _scalar(sx), _scalar(zx))
     wq, sw = found
     zp = int(_scalar(zx))
     out = Call(QCONV2D, (xq, Constant(wq, name=w.name)), QConvAttrs(call.attrs, zp), call.span)
@@ -104,6 +109,18 @@ def _realize(call: Call) -> Expr | None:
     out = Call(CAST, (out,), CastAttrs("float32"), call.span)
     scale = (_scalar(sx) * sw).astype(np.float32).reshape(channel)
     return Call(MULTIPLY, (out, Constant(scale)), None, call.span)
+
+
+def _bytes_in(call: Call, xq: Expr, sx: float, zx: float) -> Expr | None:
+    """A conv that stays float (depthwise, grouped, or float weights) of a zero-point-0 dequantize: it reads
+    the bytes and takes the scale into its weights, conv(x_q, W · sx), so the quantize before it is where its
+    producer's kernel ends and the tensor between them is a quarter the size. (A zero point other than 0
+    would have to be the padding's value; post-ReLU activations, which depthwise convs read, have 0.)"""
+    if zx != 0:
+        return None
+    w = call.args[1]
+    scaled = Constant((w.value.astype(np.float64) * sx).astype(np.float32), name=w.name)
+    return Call(CONV2D, (xq, scaled), dataclasses.replace(call.attrs, out_dtype="float32"), call.span)
 
 
 def _requantizes_conv(call: Call, hops: int = 8) -> bool:

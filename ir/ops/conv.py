@@ -46,6 +46,12 @@ def conv_output_size(size: int, k: int, stride: int, pad_total: int, dilation: i
     return (size + pad_total - ((k - 1) * dilation + 1)) // stride + 1
 
 
+def _bytes_times_floats(x: TensorType, w: TensorType, a: ConvAttrs) -> bool:
+    """8-bit data with float weights summed in the weights' dtype: a dequantize of zero point 0 folded into the
+    conv after it (its scale into the weights; passes/realize_qdq.py), so the conv reads the bytes."""
+    return str(x.dtype) in ("uint8", "int8") and str(w.dtype) == "float32" and a.out_dtype == "float32"
+
+
 def _conv_type(nd: int, op: str):
     def rule(x: TensorType, w: TensorType, a: ConvAttrs) -> TensorType:
         _check_attrs(a, nd, op)
@@ -57,7 +63,7 @@ def _conv_type(nd: int, op: str):
                                  f"expects {w.shape[1] * a.groups}")
         if o % a.groups:
             raise TypeCheckError(f"{op}: {o} output channels do not divide into {a.groups} groups")
-        if x.dtype != w.dtype:
+        if x.dtype != w.dtype and not _bytes_times_floats(x, w, a):
             raise TypeCheckError(f"{op}: input {x} and weight {w} differ in dtype")
         out = tuple(conv_output_size(sp[i], ks[i], a.strides[i], a.padding[i] + a.padding[i + nd], a.dilation[i])
                     for i in range(nd))
