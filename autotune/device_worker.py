@@ -47,6 +47,11 @@ TOLERANCES = {
     "float16": (1e-2, 1e-2),
     "bfloat16": (2e-2, 2e-2),
 }
+# 8- and 16-bit integer outputs are quantized values: a float sum taken in another order than the reference's
+# rounds a value next to a .5 to the other side, one step off (seen on 1 of 401,408 elements of a QDQ
+# MobileNetV2's depthwise conv). One step on at most 1 in 1,000 elements passes; anything more is wrong.
+QUANTIZED = ("uint8", "int8", "uint16", "int16")
+QUANTIZED_FLIPS = 1e-3
 
 
 def compare(got: np.ndarray, want: np.ndarray, dtype: str | None = None) -> str | None:
@@ -55,6 +60,13 @@ def compare(got: np.ndarray, want: np.ndarray, dtype: str | None = None) -> str 
         return f"wrong result: shape {got.shape}, reference {want.shape}"
     rtol, atol = TOLERANCES.get(dtype or str(want.dtype), (0.0, 0.0))
     g, w = got.astype(np.float64), want.astype(np.float64)
+    if (dtype or str(want.dtype)) in QUANTIZED:
+        off = np.abs(g - w)
+        n_off = np.count_nonzero(off)
+        if off.max(initial=0) <= 1 and n_off <= QUANTIZED_FLIPS * off.size:
+            return None
+        return (f"wrong result: max abs err {float(off.max()):.3g} at {np.unravel_index(int(off.argmax()), off.shape)}, "
+                f"{n_off} of {off.size} elements off (one step on at most {QUANTIZED_FLIPS:g} of them allowed)")
     finite = w[np.isfinite(w)]
     if atol and finite.size:  # absolute error scales with the outputs: Winograd F(4x4) over 64 channels of
         # unit-variance data gives sums of about 7 and errors of 2e-4 (a correct kernel, not a wrong one)
