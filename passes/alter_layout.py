@@ -51,7 +51,7 @@ DEFAULT_BLOCK = 16
 FINITE_OPS = frozenset({
     "add", "subtract", "multiply", "maximum", "minimum", "nn.relu", "clip", "sigmoid", "tanh",
     "nn.hard_swish",
-    "nn.hard_sigmoid", "nn.leaky_relu", "negative", "abs", "qnn.quantize", "qnn.dequantize",
+    "nn.hard_sigmoid", "nn.leaky_relu", "negative", "abs", "qnn.quantize", "qnn.dequantize", "qnn.requantize",
 })
 
 

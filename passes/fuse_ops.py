@@ -75,8 +75,10 @@ def _build_graph(body: Expr) -> list[_Node]:
                 continue
             if isinstance(e, Call):
                 edge = consumer.pattern
-                if edge == OpPattern.BROADCAST and isinstance(a.type, TensorType) and a.type == e.type:
-                    edge = OpPattern.ELEMWISE  # the broadcast is trivial along this input
+                if (edge == OpPattern.BROADCAST and isinstance(a.type, TensorType) and isinstance(e.type, TensorType)
+                        and a.type.shape == e.type.shape):
+                    edge = OpPattern.ELEMWISE  # the broadcast is trivial along this input (whatever the dtypes:
+                    # qnn.requantize takes a conv's int32 sum to uint8 with per-channel constants)
             elif isinstance(e, Tuple):
                 edge = OpPattern.OPAQUE if not isinstance(a.type, TensorType) else OpPattern.INJECTIVE
             else:

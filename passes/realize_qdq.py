@@ -30,14 +30,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from kiln.ir import Call, Constant, Expr, IRModule
+from kiln.ir import Call, Constant, Expr, Function, IRModule
 import dataclasses
 
 from kiln.ir.op import OpPattern
 from kiln.ir.ops.conv import CONV2D
-from kiln.ir.ops.elementwise import CAST, DEQUANTIZE, MULTIPLY, QUANTIZE, SUBTRACT, CastAttrs
-from kiln.ir.ops.qconv import DOT, QCONV2D, QConvAttrs
-from kiln.ir.visitor import rewrite_calls
+from kiln.ir.ops.elementwise import ADD, CAST, DEQUANTIZE, MULTIPLY, QUANTIZE, RELU, SUBTRACT, CastAttrs
+from kiln.ir.ops.qconv import DOT, QCONV2D, REQUANTIZE, QConvAttrs, RequantizeAttrs
+from kiln.ir.visitor import children, post_order, rewrite_calls, with_children
 
 _TOLERANCE = 1e-4  # how far from an integer W / s may be: float32 rounding of q · s and of max|W| is ~1e-5 at 127
 _SAMPLE = 64  # elements per channel that screen the candidate scales before the whole channel is checked
@@ -146,11 +146,95 @@ def _reciprocal(call: Call) -> Expr | None:
     return Call(QUANTIZE, call.args, dataclasses.replace(call.attrs, reciprocal=True), call.span)
 
 
+def _channel_constant(e: Expr, channels: int) -> np.ndarray | None:
+    """A constant that broadcasts per channel (or as one value) against an NCHW tensor, as [1, C, 1, 1]."""
+    if not isinstance(e, Constant):
+        return None
+    v = e.value.astype(np.float64)
+    if v.size == 1:
+        return np.full((1, channels, 1, 1), float(v.reshape(())))
+    if v.ndim <= 4 and v.shape[-3:] == (channels, 1, 1) and all(d == 1 for d in v.shape[:-3]):
+        return v.reshape(1, channels, 1, 1)
+    return None
+
+
+class _Requantizer:
+    """quantize(relu?(conv · s [+ b])) as one qnn.requantize of the conv's sum: q = clip(rint(acc · A + B)),
+    A = s / sy and B = (b - c · s) / sy + zy per channel (c: the zero-point correction). A ReLU becomes the
+    clip's lower bound, zy. The epilogue shrinks from about a dozen vector ops (subtract, convert, multiply,
+    add, multiply, round, add, clip) to five; only where every value on the way has this one consumer, else
+    the conv would be computed twice."""
+
+    def __init__(self, body: Expr):
+        self.uses: dict[int, int] = {}
+        for e in post_order(body):
+            for c in children(e):
+                self.uses[id(c)] = self.uses.get(id(c), 0) + 1
+
+    def single(self, e: Expr) -> bool:
+        return self.uses.get(id(e), 0) == 1
+
+    def rewrite(self, mod: IRModule) -> IRModule:
+        """Matched on the graph as it was (its use counts), rebuilt over the rewritten inputs."""
+        memo: dict[int, Expr] = {}
+        fn = mod.main
+        for node in post_order(fn.body):
+            found = self.match(node) if isinstance(node, Call) else None
+            if found is None:
+                memo[id(node)] = with_children(node, tuple(memo[id(c)] for c in children(node))) \
+                    if children(node) else node
+            else:
+                x, a, b, attrs = found
+                memo[id(node)] = Call(REQUANTIZE, (memo[id(x)], a, b), attrs, node.span)
+        body = memo[id(fn.body)]
+        return mod if body is fn.body else mod.with_main(Function(fn.params, body, fn.attrs))
+
+    def match(self, call: Call) -> tuple | None:
+        if call.op is not QUANTIZE or str(call.ttype.dtype) not in ("uint8", "int8") or call.ttype.ndim != 4:
+            return None
+        sy, zy = _scalar(call.args[1]), _scalar(call.args[2])
+        if sy is None or zy is None or sy == 0:
+            return None
+        v, low, channels = call.args[0], None, call.ttype.shape[1]
+        if isinstance(v, Call) and v.op is RELU and self.single(v):
+            v, low = v.args[0], int(zy)
+        bias = np.zeros((1, channels, 1, 1))
+        if isinstance(v, Call) and v.op is ADD and self.single(v):
+            for i in (0, 1):
+                b = _channel_constant(v.args[1 - i], channels)
+                if b is not None and isinstance(v.args[i], Call) and self.single(v.args[i]):
+                    v, bias = v.args[i], b
+                    break
+        inv = np.float64(np.float32(1) / np.float32(sy))  # the reciprocal the quantize would multiply by
+        if isinstance(v, Call) and v.op is MULTIPLY and isinstance(v.args[0], Call) and v.args[0].op is CAST:
+            scale, x = _channel_constant(v.args[1], channels), v.args[0].args[0]
+            correction = np.zeros((1, channels, 1, 1))
+            if isinstance(x, Call) and x.op is SUBTRACT and self.single(x):
+                c = _channel_constant(x.args[1], channels)
+                if c is None:
+                    return None
+                x, correction = x.args[0], c
+            if scale is None or not (isinstance(x, Call) and x.op is QCONV2D) or not self.single(v.args[0]):
+                return None
+            a = scale * inv
+            b = bias * inv + zy - correction * a
+        elif isinstance(v, Call) and v.op is CONV2D and str(v.ttype.dtype) == "float32":
+            x, a, b = v, np.full((1, channels, 1, 1), inv), bias * inv + zy
+        else:
+            return None
+        if not self.single(x):
+            return None
+        return x, Constant(a.astype(np.float32)), Constant(b.astype(np.float32)), \
+            RequantizeAttrs(str(call.ttype.dtype), low)
+
+
 def realize_qdq(mod: IRModule) -> IRModule:
-    """Convs on integers, then their requantizations by a multiply (QuantAttrs.reciprocal)."""
+    """Convs on integers, then each conv's requantization as one qnn.requantize where it can be, else by a
+    multiply (QuantAttrs.reciprocal)."""
     if not mod.attrs.get("int8_dot") or mod.attrs.get("precision", "fp32") not in ("fp32", "tf32", None):
         return mod
     realized = rewrite_calls(mod, _realize)
     if realized is mod:
         return mod
+    realized = _Requantizer(realized.main.body).rewrite(realized)
     return rewrite_calls(realized, _reciprocal)

@@ -158,3 +158,59 @@ def _qconv_nchwc_compute(x, w, a: QConvNCHWcAttrs):
     return te.compute(out.shape, lambda n, oc, oh, ow, ob: te.sum(
         xp[n, rco, oh * sh + ry * dh, ow * sw + rx * dw, rq * DOT + rd].astype("int32")
         * w[oc, rco, ry, rx, rq, ob, rd].astype("int32"), axis=[rco, ry, rx, rq, rd]), name="qconv2d_nchwc")
+
+
+# --- the requantization a realized conv ends with ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RequantizeAttrs:
+    out_dtype: str = "uint8"
+    low: int | None = None  # the clip's lower bound (a ReLU before the quantize raises it to the zero point)
+
+
+def _requantize_type(x: TensorType, a: TensorType, b: TensorType, attrs: RequantizeAttrs) -> TensorType:
+    from ..types import broadcast_shapes
+
+    if attrs.out_dtype not in ("uint8", "int8"):
+        raise TypeCheckError(f"qnn.requantize: output dtype {attrs.out_dtype} not supported")
+    if str(a.dtype) != "float32" or str(b.dtype) != "float32":
+        raise TypeCheckError(f"qnn.requantize: multiplier and offset must be float32, got {a} and {b}")
+    if broadcast_shapes(x.shape, a.shape, b.shape, what="qnn.requantize") != tuple(x.shape):
+        raise TypeCheckError(f"qnn.requantize: {a} and {b} must broadcast to the data {x}")
+    return TensorType(x.shape, attrs.out_dtype)
+
+
+def _bounds(attrs: RequantizeAttrs) -> tuple[int, int]:
+    info = np.iinfo(attrs.out_dtype)
+    return max(int(info.min), attrs.low if attrs.low is not None else int(info.min)), int(info.max)
+
+
+def _requantize_reference(x: np.ndarray, a: np.ndarray, b: np.ndarray, attrs: RequantizeAttrs) -> np.ndarray:
+    lo, hi = _bounds(attrs)
+    v = x.astype(np.float32) * a + b  # float32 throughout, as the kernel computes it
+    return np.clip(np.rint(v), lo, hi).astype(attrs.out_dtype)
+
+
+REQUANTIZE = register_op(OpDef("qnn.requantize", RequantizeAttrs, _requantize_type, _requantize_reference,
+                               OpPattern.BROADCAST, flops=lambda x, a, b, attrs: 4 * x.size))
+
+
+@define_compute(REQUANTIZE)
+def _requantize_compute(x, a, b, attrs: RequantizeAttrs):
+    from tvm import te
+    from tvm import tirx as tir
+
+    lo, hi = _bounds(attrs)
+    rank = len(x.shape)
+
+    def at(t, i):
+        skip = rank - len(t.shape)
+        return t[tuple(0 if int(d) == 1 else i[skip + k] for k, d in enumerate(t.shape))]
+
+    def f(*i):
+        v = tir.nearbyint(x[i].astype("float32") * at(a, i) + at(b, i))
+        return tir.max(tir.min(v, tir.const(float(hi), "float32")), tir.const(float(lo), "float32")).astype(
+            attrs.out_dtype)
+
+    return te.compute(x.shape, f, name="requantize")
