@@ -16,6 +16,10 @@ taken as int8 exactly when, per output channel, W / s rounds to integers in [-12
 `int8_weights`), and W_q · s gives W back to float32 rounding. Weights that are not (a float model's, a
 batch norm folded after quantizing, uint8 weights with a zero point) keep the float conv.
 
+QLinearConv and ConvInteger (the QOperator format), which the frontend writes as an int32 conv of cast(x) - zx
+and folded weights, take the same kernel when x is uint8 and the weights int8 (`_realize_integer`); their
+float64 requantization after it stays as the spec computes it.
+
 A conv that cannot run on integers (depthwise, grouped) but reads a dequantize of zero point 0 reads the bytes
 instead, with the scale folded into its weights (`_bytes_in`).
 
@@ -85,7 +89,32 @@ def _scalar(e: Expr) -> float | None:
     return float(e.value.reshape(())) if isinstance(e, Constant) and e.value.size == 1 else None
 
 
+def _realize_integer(call: Call) -> Expr | None:
+    """An int32 conv of a centred uint8 input and int8-valued weights (QLinearConv, ConvInteger as the frontend
+    writes them: cast(x) - zx, weights w - zw folded): qnn.conv2d on the bytes less zx·ΣW[o], the same int32."""
+    x, w = call.args
+    if call.attrs.groups != 1 or not isinstance(w, Constant) or w.value.ndim != 4:
+        return None
+    zp = 0
+    if isinstance(x, Call) and x.op is SUBTRACT and _scalar(x.args[1]) is not None:
+        x, zp = x.args[0], int(_scalar(x.args[1]))
+    if not (isinstance(x, Call) and x.op is CAST and str(x.args[0].ttype.dtype) == "uint8"):
+        return None
+    xq = x.args[0]
+    if xq.ttype.shape[1] % DOT or not 0 <= zp <= 255 or w.value.min() < -128 or w.value.max() > 127:
+        return None
+    wq = w.value.astype(np.int8)
+    out = Call(QCONV2D, (xq, Constant(wq, name=w.name)), QConvAttrs(dataclasses.replace(call.attrs, out_dtype=None),
+                                                                    zp), call.span)
+    if zp:
+        wsum = wq.astype(np.int64).reshape(wq.shape[0], -1).sum(axis=1)
+        out = Call(SUBTRACT, (out, Constant((zp * wsum).astype(np.int32).reshape(1, -1, 1, 1))), None, call.span)
+    return out
+
+
 def _realize(call: Call) -> Expr | None:
+    if call.op is CONV2D and str(call.ttype.dtype) == "int32":
+        return _realize_integer(call)
     if call.op is not CONV2D or str(call.ttype.dtype) != "float32":
         return None
     x, w = call.args
