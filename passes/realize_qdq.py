@@ -20,6 +20,9 @@ QLinearConv and ConvInteger (the QOperator format), which the frontend writes as
 and folded weights, take the same kernel when x is uint8 and the weights int8 (`_realize_integer`); their
 float64 requantization after it stays as the spec computes it.
 
+MatMul and Gemm (nn.dense with constant weights) of a per-tensor uint8 dequantize run the same way on a packed
+int8 dense (`_realize_dense`, `schedules/x86/qdense_packed.py`).
+
 A conv that cannot run on integers (depthwise, grouped) but reads a dequantize of zero point 0 reads the bytes
 instead, with the scale folded into its weights (`_bytes_in`).
 
@@ -40,7 +43,9 @@ import dataclasses
 from kiln.ir.op import OpPattern
 from kiln.ir.ops.conv import CONV2D
 from kiln.ir.ops.elementwise import ADD, CAST, DEQUANTIZE, MULTIPLY, QUANTIZE, RELU, SUBTRACT, CastAttrs
+from kiln.ir.ops.dense import DENSE
 from kiln.ir.ops.qconv import DOT, QCONV2D, REQUANTIZE, QConvAttrs, RequantizeAttrs
+from kiln.ir.ops.qdense import QDENSE_PACKED, QDenseAttrs, pack_qdense_weight
 from kiln.ir.visitor import children, post_order, rewrite_calls, with_children
 
 _TOLERANCE = 1e-4  # how far from an integer W / s may be: float32 rounding of q · s and of max|W| is ~1e-5 at 127
@@ -112,7 +117,36 @@ def _realize_integer(call: Call) -> Expr | None:
     return out
 
 
+def _realize_dense(call: Call) -> Expr | None:
+    """dense(dequantize(x_q), W) → qnn.dense_packed(x_q, W_q) less zx · ΣW_q[n], times sx · sw[n] (per unit,
+    along the last axis), as for convs. The weights are packed here: the float dense's packing pass never
+    sees this op."""
+    x, w = call.args
+    if not (isinstance(x, Call) and x.op is DEQUANTIZE and isinstance(w, Constant) and w.value.ndim == 2):
+        return None
+    xq, sx, zx = x.args
+    units, k = w.value.shape
+    block = next((b for b in (16, 8, 4) if units % b == 0), None)
+    if (str(xq.ttype.dtype) != "uint8" or _scalar(sx) is None or _scalar(zx) is None or k % DOT or block is None
+            or str(call.ttype.dtype) != "float32"):
+        return None
+    found = int8_weights(w.value)
+    if found is None:
+        return None
+    wq, sw = found
+    zp = int(_scalar(zx))
+    out = Call(QDENSE_PACKED, (xq, Constant(pack_qdense_weight(wq, block), name=w.name)), QDenseAttrs(block),
+               call.span)
+    if zp:
+        wsum = wq.astype(np.int64).sum(axis=1)
+        out = Call(SUBTRACT, (out, Constant((zp * wsum).astype(np.int32))), None, call.span)
+    out = Call(CAST, (out,), CastAttrs("float32"), call.span)
+    return Call(MULTIPLY, (out, Constant((_scalar(sx) * sw).astype(np.float32))), None, call.span)
+
+
 def _realize(call: Call) -> Expr | None:
+    if call.op is DENSE:
+        return _realize_dense(call)
     if call.op is CONV2D and str(call.ttype.dtype) == "int32":
         return _realize_integer(call)
     if call.op is not CONV2D or str(call.ttype.dtype) != "float32":
@@ -162,7 +196,7 @@ def _requantizes_conv(call: Call, hops: int = 8) -> bool:
         seen += 1
         if not isinstance(e, Call) or not hasattr(e.op, "pattern"):
             continue
-        if e.op in (QCONV2D, CONV2D):
+        if e.op in (QCONV2D, CONV2D, QDENSE_PACKED):
             return True
         if e.op.pattern in (OpPattern.ELEMWISE, OpPattern.BROADCAST) and e.op is not DEQUANTIZE:
             todo += [a for a in e.args if isinstance(a, Call)]

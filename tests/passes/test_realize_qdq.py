@@ -158,3 +158,40 @@ def test_requantized_chain_matches_onnx_runtime_and_the_float_path(tmp_path):
     for other in (want, interpreted):
         steps = np.abs(out - other) / 0.5
         assert steps.max() <= 1 and np.mean(steps > 0) < 0.01, (steps.max(), np.mean(steps > 0))
+
+
+def qdq_matmul_model(k=32, n=48, zp=117):
+    """input [2, 8, k] → Q → DQ → MatMul(DQ(int8 W [k, n], per-tensor)) → Add(bias) → output, and its
+    requantization as a second output."""
+    w = rng.integers(-127, 128, (k, n)).astype(np.int8)
+    inits = [numpy_helper.from_array(v, name) for name, v in [
+        ("xs", np.float32(0.04)), ("xz", np.uint8(zp)), ("w", w), ("ws", np.float32(0.003)), ("wz", np.int8(0)),
+        ("b", rng.standard_normal(n).astype(np.float32)), ("ys", np.float32(0.1)), ("yz", np.uint8(128))]]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"]),
+             helper.make_node("MatMul", ["xd", "wd"], ["m"]),
+             helper.make_node("Add", ["m", "b"], ["y"]),
+             helper.make_node("QuantizeLinear", ["y", "ys", "yz"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["out"])]
+    return make_model(nodes, [tensor("x", [2, 8, k])], [tensor("y", None), tensor("out", None)], inits, opset=21)
+
+
+def test_matmul_compiles_to_the_vnni_dense(tmp_path):
+    report = kiln.compile(qdq_matmul_model(), tmp_path / "m.so", kiln.Options(target=VNNI))
+    assert any(s["template"].startswith("x86.qdense_packed") for s in report.steps), report.steps
+
+
+@needs_vnni
+def test_int8_matmul_equals_the_float64_sum_and_onnx_runtime(tmp_path):
+    model = qdq_matmul_model()
+    x = rng.standard_normal((2, 8, 32)).astype(np.float32) * 2
+    y, out = kiln.load(kiln.compile(model, tmp_path / "m.so", kiln.Options(target=VNNI)).path).run(x=x)
+    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    xq = np.clip(np.rint(x / init["xs"]) + 117, 0, 255)
+    want = ((xq - 117) * np.float64(init["xs"])) @ (init["w"] * np.float64(init["ws"])) + init["b"]
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    want_y, want_out = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})
+    np.testing.assert_allclose(y, want_y, rtol=0, atol=0.5 * 0.04 * 0.003 + 1e-5)  # ORT's int32 bias rounding
+    assert np.abs(out - want_out).max() <= 0.1 + 1e-6 and np.mean(out != want_out) < 0.02
