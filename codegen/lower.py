@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from kiln.errors import CodegenError
 from kiln.ir import Call, Constant, Function, TensorType, Tuple, TupleGetItem, Var
 from kiln.ir.op import OpDef
+from kiln.ir.ops import float_math
 from kiln.ir.visitor import post_order
 
 
@@ -158,7 +159,8 @@ def lower_group(fn: Function, symbol: str, target, configs: Mapping[str, dict] |
     ops = group_ops(fn)
     try:
         widen = WIDENED_ON_CPU & _dtypes(fn) if target.kind.name == "llvm" else frozenset()
-        placeholders, out = to_te(fn, widen)
+        with float_math.lowering_for(target.kind.name):
+            placeholders, out = to_te(fn, widen)
         prim = te.create_prim_func([*placeholders, out]).with_attr("global_symbol", symbol)
         prim = _inline_widening(prim) if widen else prim
         s = schedule_group(prim, fn, target, configs)

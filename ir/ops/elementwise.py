@@ -424,7 +424,7 @@ def _te_unary() -> dict[str, object]:
         "sigmoid": sigmoid, "tanh": tanh,
         "erf": float_math.erf, "sin": te.sin, "cos": te.cos, "tan": te.tan, "asin": te.asin, "acos": te.acos,
         "atan": te.atan, "sinh": sinh, "cosh": cosh, "asinh": te.asinh, "acosh": te.acosh,
-        "atanh": te.atanh, "floor": te.floor, "ceil": te.ceil, "round": tir.nearbyint,
+        "atanh": te.atanh, "floor": te.floor, "ceil": te.ceil, "round": float_math.round_half_even,
         "sign": lambda x: tir.Select(x > 0, tir.const(1, x.dtype), tir.Select(x < 0, tir.const(-1, x.dtype),
                                                                                 x)),  # ±0 or NaN: itself
         "reciprocal": lambda x: tir.const(1, x.dtype) / x,
@@ -702,9 +702,9 @@ def quantize_compute(x, scale, zero, a: QuantAttrs):
     def f(*i):
         s = _q_index(scale, x, a.axis, i).astype(work)
         if a.reciprocal:  # 1/s is loop-invariant for a per-tensor scale: LLVM computes it once
-            q = tir.nearbyint(x[i].astype(work) * (tir.const(1.0, work) / s)).astype(acc)
+            q = float_math.round_half_even(x[i].astype(work) * (tir.const(1.0, work) / s)).astype(acc)
         else:
-            q = tir.nearbyint(x[i].astype(work) / s).astype(acc)
+            q = float_math.round_half_even(x[i].astype(work) / s).astype(acc)
         q = q + _q_index(zero, x, a.axis, i).astype(acc)
         lo, hi = tir.const(float(info.min), acc), tir.const(float(info.max), acc)
         return tir.max(tir.min(q, hi), lo).astype(a.out_dtype)

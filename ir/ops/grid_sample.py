@@ -177,7 +177,7 @@ def grid_sample_compute(x, grid, a: GridSampleAttrs):
         else:
             c = ((g + c32(1)) * d - c32(1)) / c32(2)
         if a.mode == "nearest":
-            c = tir.nearbyint(c)
+            c = float_math.round_half_even(c)
         out = tir.Or(c.astype(f64) < tir.const(lo[ax], f64), tir.const(hi[ax], f64) < c.astype(f64))
         if a.padding_mode == "border" and a.mode != "cubic":  # see _grid_sample
             c = tir.Select(out, tir.max(tir.min(c, c32(dims[ax] - 1)), c32(0)), c)

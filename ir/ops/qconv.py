@@ -21,6 +21,7 @@ from kiln.errors import TypeCheckError
 
 from ..op import OpDef, OpPattern, define_compute, register_op
 from ..types import TensorType
+from . import float_math
 from .blocked import block_array, pad_nchwc, unblock_array
 from .conv import ConvAttrs, conv_output_size, conv_reference
 
@@ -209,7 +210,7 @@ def _requantize_compute(x, a, b, attrs: RequantizeAttrs):
         return t[tuple(0 if int(d) == 1 else i[skip + k] for k, d in enumerate(t.shape))]
 
     def f(*i):
-        v = tir.nearbyint(x[i].astype("float32") * at(a, i) + at(b, i))
+        v = float_math.round_half_even(x[i].astype("float32") * at(a, i) + at(b, i))
         return tir.max(tir.min(v, tir.const(float(hi), "float32")), tir.const(float(lo), "float32")).astype(
             attrs.out_dtype)
 
