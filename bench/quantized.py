@@ -27,6 +27,7 @@ MODELS = ["mobilenet_v2", "resnet50", "squeezenet", "resnet18"]
 def quantize(name: str, out_dir: Path, per_channel: bool) -> tuple[Path, Path]:
     """(float model, its QDQ quantization), written under out_dir."""
     import onnx
+    from onnx import helper
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -34,6 +35,11 @@ def quantize(name: str, out_dir: Path, per_channel: bool) -> tuple[Path, Path]:
 
     proto = zoo.resolve(f"zoo:{name}")
     proto = proto if isinstance(proto, onnx.ModelProto) else onnx.load(proto)
+    if proto.ir_version < 4:  # initializers must be graph inputs too for ONNX's version converter (opset 9 zoo)
+        listed = {i.name for i in proto.graph.input}
+        proto.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                                 for t in proto.graph.initializer if t.name not in listed)
+        proto = onnx.version_converter.convert_version(proto, 13)
     fp32, pre, q = out_dir / f"{name}.onnx", out_dir / f"{name}.pre.onnx", out_dir / f"{name}.qdq.onnx"
     onnx.save(proto, fp32)
     quant_pre_process(str(fp32), str(pre))

@@ -125,3 +125,26 @@ def test_reductions_are_nan_when_any_element_is(fn, want, where):
     out = tvm.runtime.empty((x.shape[0],), "float32")
     ex(tvm.runtime.tensor(x), out)
     np.testing.assert_array_equal(out.numpy(), want(x, axis=1), err_msg=f"{fn.__name__}, NaN at {where}")
+
+
+@pytest.mark.parametrize("llvm", [True, False])
+def test_round_half_even_ties_and_vector_code(llvm):
+    """Ties go to even on both paths; on LLVM targets the int32 → float → round loop (a requantization) stays
+    one vector loop: no gathers of the int32 input and no byte-by-byte stores, which tir.nearbyint produced."""
+    import tvm
+    from tvm import s_tir, te
+
+    x = (np.arange(-64, 64, dtype=np.int32) * 3).reshape(8, 16)  # times 0.5: every odd value a .5 tie
+    X = te.placeholder(x.shape, "int32", name="x")
+    with float_math.lowering_for("llvm" if llvm else "cuda"):
+        Y = te.compute(x.shape, lambda i, j: float_math.round_half_even(
+            X[i, j].astype("float32") * tvm.tirx.const(0.5, "float32")).astype("int8"), name="y")
+    sch = s_tir.Schedule(te.create_prim_func([X, Y]))
+    sch.vectorize(sch.get_loops(sch.get_sblock("y"))[-1])
+    ex = tvm.compile(sch.mod, target=resolve_target(None))
+    out = tvm.runtime.empty(x.shape, "int8")
+    ex(tvm.runtime.tensor(x), out)
+    np.testing.assert_array_equal(out.numpy(), np.rint(x * 0.5).astype(np.int8))
+    if llvm:
+        asm = tvm.compile(sch.mod, target=resolve_target("x86-avx512")).mod.inspect_source("asm")
+        assert "gather" not in asm and "vpextrb" not in asm and re.search(r"vrndscaleps|vcvtps2dq", asm)
