@@ -195,3 +195,24 @@ def test_int8_matmul_equals_the_float64_sum_and_onnx_runtime(tmp_path):
         None, {"x": x})
     np.testing.assert_allclose(y, want_y, rtol=0, atol=0.5 * 0.04 * 0.003 + 1e-5)  # ORT's int32 bias rounding
     assert np.abs(out - want_out).max() <= 0.1 + 1e-6 and np.mean(out != want_out) < 0.02
+
+
+@needs_vnni
+def test_int8_tasks_tune_with_the_reference_check():
+    """Every config of the int8 conv's and matmul's spaces builds and passes the tuner's reference check (the
+    requantized uint8 output one step off on at most 1 in 1,000 values) on a VNNI host."""
+    from kiln.autotune.builder import LocalBuilder, MeasureInput
+    from kiln.autotune.runner import LocalRunner
+    from kiln.driver import model_tasks
+
+    tasks = [t for m in (qdq_conv_model(expose_y=False, out_q=True), qdq_matmul_model())
+             for t in model_tasks(m, kiln.Options(target=VNNI))
+             if t.template.name in ("x86.qconv2d_nchwc", "x86.qdense_packed")]
+    assert {t.template.name for t in tasks} == {"x86.qconv2d_nchwc", "x86.qdense_packed"}
+    inputs = [MeasureInput(t, cfg, check=True) for t in tasks for cfg in list(t.space())[::2]]
+    with LocalBuilder(workers=2) as builder:
+        builds = builder.build(inputs)
+        assert [b.error for b in builds] == [None] * len(inputs)
+        results = LocalRunner(repeat=2, timeout_s=30).run(inputs, builds)
+    assert [r.error for r in results] == [None] * len(inputs), [(i.config, r.error) for i, r in zip(inputs, results)
+                                                                if r.error]
