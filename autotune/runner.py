@@ -30,6 +30,8 @@ import numpy as np
 from kiln.autotune.builder import ENTRY, BuildResult, MeasureInput
 from kiln.autotune.device_worker import TOLERANCES, compare  # noqa: F401  (one definition, TVM-free)
 from kiln.autotune.measure import COLD_FLUSH_BYTES
+from kiln.ir import Call, Constant
+from kiln.ir.ops.elementwise import DEQUANTIZE
 from kiln.schedules.target_info import target_info
 from kiln.schedules.workload import Group
 
@@ -329,7 +331,7 @@ def measure_library(
         out = tvm.runtime.tensor(_poison(shape, dtype), dev)  # a kernel that leaves outputs unwritten fails
         module[ENTRY](*args, out)  # also a warm-up: the first call in a child starts TVM's thread pool
         if reference is not None:
-            error = compare(out.numpy(), reference)
+            error = compare(out.numpy(), reference, step=output_step(task.group_for(config)))
             if error is not None:
                 return [], error
         if context is not None and task.key in context:
@@ -339,6 +341,14 @@ def measure_library(
     except Exception as err:  # noqa: BLE001  (a runtime error in the candidate: its result)
         return [], f"run: {type(err).__name__}: {_short(err)}"
     return [float(c) for c in costs], None
+
+
+def output_step(group) -> float | None:
+    """The quantization step of a group whose output is a dequantize by one constant scale, else None."""
+    body = group.body
+    if isinstance(body, Call) and body.op is DEQUANTIZE and isinstance(body.args[1], Constant):
+        return float(np.abs(body.args[1].value).max())
+    return None
 
 
 def device_kind(target) -> str:

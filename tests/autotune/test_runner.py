@@ -113,6 +113,19 @@ def test_compare_lets_a_quantized_output_flip_one_step_rarely():
     assert compare(got.astype(np.uint8), want.astype(np.uint8)).startswith("wrong result: max abs err 2")
 
 
+def test_compare_lets_a_dequantized_output_flip_one_step_rarely():
+    want = np.linspace(-3, 3, 4000).astype(np.float32)
+    got = want.copy()
+    got[[5, 900]] += 0.0342  # one step of 0.0342, 2 of 4,000 values
+    assert compare(got, want).startswith("wrong result")  # a float output: no flips allowed
+    assert compare(got, want, step=0.0342) is None
+    got[100:110] += 0.0342  # 12 of 4,000
+    assert compare(got, want, step=0.0342).startswith("wrong result")
+    got = want.copy()
+    got[7] += 0.07  # two steps
+    assert compare(got, want, step=0.0342).startswith("wrong result")
+
+
 def test_compare_uses_the_dtype_tolerance():
     want = np.linspace(-1, 1, 12, dtype="float32").reshape(3, 4)
     assert compare(want * (1 + 5e-4), want) is None  # inside rtol 1e-3
