@@ -24,7 +24,7 @@ import numpy as np
 MODELS = ["mobilenet_v2", "resnet50", "squeezenet", "resnet18"]
 
 
-def quantize(name: str, out_dir: Path, per_channel: bool) -> tuple[Path, Path]:
+def quantize(name: str, out_dir: Path, per_channel: bool, signed: bool = False) -> tuple[Path, Path]:
     """(float model, its QDQ quantization), written under out_dir."""
     import onnx
     from onnx import helper
@@ -51,8 +51,9 @@ def quantize(name: str, out_dir: Path, per_channel: bool) -> tuple[Path, Path]:
         def get_next(self):
             return next(self.it, None)
 
-    quantize_static(str(pre), str(q), Feeds(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, per_channel=per_channel)
+    quantize_static(str(pre), str(q), Feeds(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QInt8 if signed else QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    per_channel=per_channel)
     return fp32, q
 
 
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--per-channel", action="store_true", help="per-channel weight scales")
+    ap.add_argument("--int8-activations", action="store_true", help="signed (int8) activations, not uint8")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -85,13 +87,14 @@ def main(argv: list[str] | None = None) -> int:
 
     vnni = "avx512vnni" in required_cpu_features(resolve_target("native"))
     print(f"{cpu_name()}, {args.threads} threads; int8 convs {'on (AVX-512 VNNI)' if vnni else 'off (no VNNI)'}; "
-          f"{'per-channel' if args.per_channel else 'per-tensor'} weight scales; {args.rounds} rounds")
+          f"{'per-channel' if args.per_channel else 'per-tensor'} weight scales, "
+          f"{'int8' if args.int8_activations else 'uint8'} activations; {args.rounds} rounds")
     print(f"{'model':14s} {'ORT int8':>9s} {'Kiln int8':>10s} {'ratio':>6s} {'ORT fp32':>9s} {'Kiln fp32':>10s} "
           f"{'top-1':>6s} {'max |diff|':>10s}")
     work = Path(tempfile.mkdtemp(prefix="kiln-quantized-"))
     failed = False
     for name in args.only or MODELS:
-        fp32, q = quantize(name, work, args.per_channel)
+        fp32, q = quantize(name, work, args.per_channel, args.int8_activations)
         feeds = zoo.feeds(onnx.load(fp32), seed=0)
         o = ort.SessionOptions()
         o.intra_op_num_threads, o.inter_op_num_threads = args.threads, 1

@@ -291,11 +291,49 @@ class _Requantizer:
             RequantizeAttrs(str(call.ttype.dtype), low)
 
 
+def _unsigned_activations(mod: IRModule) -> IRModule:
+    """int8 activations as uint8: a per-tensor quantize to int8 whose every reader is a dequantize with its scale
+    and zero point becomes a quantize to uint8 with zero point z + 128, and its readers dequantize that. The
+    bytes are the old ones plus 128, clip(rint(x / s) + z + 128, 0, 255) = q + 128, and every dequantized value
+    is the same; VNNI multiplies unsigned by signed bytes, so symmetric (int8) activations take the int8 kernels
+    too. A quantized value that is a model output keeps its type."""
+    readers: dict[int, list] = {}
+    for e in post_order(mod.main.body):
+        for c in children(e):
+            readers.setdefault(id(c), []).append(e)
+
+    def same(dq: Expr, q: Call) -> bool:
+        return (isinstance(dq, Call) and dq.op is DEQUANTIZE and dq.args[0] is q
+                and _scalar(dq.args[1]) == _scalar(q.args[1]) and _scalar(dq.args[2]) == _scalar(q.args[2]))
+
+    flip = {id(e) for e in post_order(mod.main.body)
+            if isinstance(e, Call) and e.op is QUANTIZE and str(e.ttype.dtype) == "int8"
+            and _scalar(e.args[1]) is not None and _scalar(e.args[2]) is not None and e is not mod.main.body
+            and readers.get(id(e)) and all(same(r, e) for r in readers[id(e)])}
+    if not flip:
+        return mod
+    memo: dict[int, Expr] = {}
+    fn = mod.main
+    for node in post_order(fn.body):
+        kids = tuple(memo[id(c)] for c in children(node))
+        if id(node) in flip:
+            zero = Constant(np.uint8(int(_scalar(node.args[2])) + 128))
+            memo[id(node)] = Call(QUANTIZE, (kids[0], kids[1], zero),
+                                  dataclasses.replace(node.attrs, out_dtype="uint8"), node.span)
+        elif isinstance(node, Call) and node.op is DEQUANTIZE and id(node.args[0]) in flip:
+            memo[id(node)] = Call(DEQUANTIZE, (kids[0], kids[1], memo[id(node.args[0])].args[2]), node.attrs,
+                                  node.span)
+        else:
+            memo[id(node)] = with_children(node, kids) if kids else node
+    return mod.with_main(Function(fn.params, memo[id(fn.body)], fn.attrs))
+
+
 def realize_qdq(mod: IRModule) -> IRModule:
-    """Convs on integers, then each conv's requantization as one qnn.requantize where it can be, else by a
-    multiply (QuantAttrs.reciprocal)."""
+    """int8 activations as uint8, convs and matmuls on integers, then each conv's requantization as one
+    qnn.requantize where it can be, else by a multiply (QuantAttrs.reciprocal)."""
     if not mod.attrs.get("int8_dot") or mod.attrs.get("precision", "fp32") not in ("fp32", "tf32", None):
         return mod
+    mod = _unsigned_activations(mod)
     realized = rewrite_calls(mod, _realize)
     if realized is mod:
         return mod

@@ -59,7 +59,7 @@ def test_packed_weights_round_trip_and_blocked_reference_matches_plain():
 
 
 def qdq_conv_model(c=16, oc=32, k=3, stride=1, zp=131, per_channel=True, requantize=True, oc2=24, expose_y=True,
-                   out_q=False):
+                   out_q=False, signed=False):
     """input → Q → DQ → Conv(DQ(int8 W)) + bias [→ Q → DQ] → Relu → Q → DQ → 1x1 Conv(DQ(int8 W2)) → output:
     ONNX Runtime's QDQ format, with a zero point that is not 0 and padding that must hold it."""
     w = rng.integers(-127, 128, (oc, c, k, k)).astype(np.int8)
@@ -67,8 +67,9 @@ def qdq_conv_model(c=16, oc=32, k=3, stride=1, zp=131, per_channel=True, requant
     w2 = rng.integers(-127, 128, (oc2, oc, 1, 1)).astype(np.int8)
     ws2 = rng.uniform(0.002, 0.01, oc2).astype(np.float32)
     inits = [numpy_helper.from_array(v, n) for n, v in [
-        ("xs", np.float32(0.03)), ("xz", np.uint8(zp)), ("w", w), ("ws", ws), ("wz", np.zeros(ws.shape, np.int8)),
-        ("b", rng.standard_normal(oc).astype(np.float32)), ("ys", np.float32(0.2)), ("yz", np.uint8(0)),
+        ("xs", np.float32(0.03)), ("xz", np.int8(zp) if signed else np.uint8(zp)), ("w", w), ("ws", ws), ("wz", np.zeros(ws.shape, np.int8)),
+        ("b", rng.standard_normal(oc).astype(np.float32)), ("ys", np.float32(0.2)),
+        ("yz", np.int8(-128) if signed else np.uint8(0)),
         ("w2", w2), ("ws2", ws2), ("wz2", np.zeros(oc2, np.int8))]]
     nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
              helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
@@ -216,3 +217,18 @@ def test_int8_tasks_tune_with_the_reference_check():
         results = LocalRunner(repeat=2, timeout_s=30).run(inputs, builds)
     assert [r.error for r in results] == [None] * len(inputs), [(i.config, r.error) for i, r in zip(inputs, results)
                                                                 if r.error]
+
+
+@needs_vnni
+@pytest.mark.parametrize("zp", [0, -7])
+def test_int8_activations_run_as_uint8(tmp_path, zp):
+    """Signed (int8) activation pairs become uint8 ones with zero point + 128: the same values, the VNNI
+    kernels, the same output as the float path of Kiln's interpreter."""
+    model = qdq_conv_model(zp=zp, signed=True, expose_y=False, out_q=True)
+    report = kiln.compile(model, tmp_path / "m.so", kiln.Options(target=VNNI))
+    assert sum("qnn.conv2d_nchwc" in s["ops"] for s in report.steps) == 2, [s["ops"] for s in report.steps]
+    x = rng.standard_normal((1, 16, 14, 14)).astype(np.float32) * 2
+    (out,) = kiln.load(report.path).run(x=x)
+    (interpreted,) = run_module(from_onnx(model), x=x)
+    steps = np.abs(out - interpreted) / 0.5
+    assert steps.max() <= 1 and np.mean(steps > 0) < 0.01
