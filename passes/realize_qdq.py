@@ -44,6 +44,7 @@ from kiln.ir.op import OpPattern
 from kiln.ir.ops.conv import CONV2D
 from kiln.ir.ops.elementwise import ADD, CAST, DEQUANTIZE, MULTIPLY, QUANTIZE, RELU, SUBTRACT, CastAttrs
 from kiln.ir.ops.dense import DENSE
+from kiln.ir.ops.transform import RESHAPE, ReshapeAttrs
 from kiln.ir.ops.qconv import DOT, QCONV2D, REQUANTIZE, QConvAttrs, RequantizeAttrs
 from kiln.ir.ops.qdense import QDENSE_PACKED, QDenseAttrs, pack_qdense_weight
 from kiln.ir.visitor import children, post_order, rewrite_calls, with_children
@@ -117,6 +118,34 @@ def _realize_integer(call: Call) -> Expr | None:
     return out
 
 
+def _realize_integer_dense(call: Call) -> Expr | None:
+    """MatMulInteger / QLinearMatMul as the frontend writes them, an int32 dense of cast(x_q) - zx with folded
+    int8-valued weights: qnn.dense_packed on the bytes less zx · ΣW[n], the same int32. zx may be computed at
+    run time (DynamicQuantizeLinear's zero point, in ONNX Runtime's `quantize_dynamic` models): a dense pads
+    nothing, so only the correction reads it."""
+    x, w = call.args
+    if not isinstance(w, Constant) or w.value.ndim != 2 or w.value.min() < -128 or w.value.max() > 127:
+        return None
+    zx = None
+    if isinstance(x, Call) and x.op is SUBTRACT and x.args[1].ttype.size == 1 and x.args[1].ttype.dtype == "int32":
+        x, zx = x.args[0], x.args[1]
+    if not (isinstance(x, Call) and x.op is CAST and str(x.args[0].ttype.dtype) == "uint8"):
+        return None
+    xq = x.args[0]
+    units, k = w.value.shape
+    block = next((b for b in (16, 8, 4) if units % b == 0), None)
+    if k % DOT or block is None:
+        return None
+    wq = w.value.astype(np.int8)
+    out = Call(QDENSE_PACKED, (xq, Constant(pack_qdense_weight(wq, block), name=w.name)), QDenseAttrs(block),
+               call.span)
+    if zx is not None:
+        wsum = Constant(wq.astype(np.int64).sum(axis=1).astype(np.int32))
+        zx = zx if zx.ttype.ndim == 0 else Call(RESHAPE, (zx,), ReshapeAttrs(()), call.span)
+        out = Call(SUBTRACT, (out, Call(MULTIPLY, (zx, wsum), None, call.span)), None, call.span)
+    return out
+
+
 def _realize_dense(call: Call) -> Expr | None:
     """dense(dequantize(x_q), W) → qnn.dense_packed(x_q, W_q) less zx · ΣW_q[n], times sx · sw[n] (per unit,
     along the last axis), as for convs. The weights are packed here: the float dense's packing pass never
@@ -145,6 +174,8 @@ def _realize_dense(call: Call) -> Expr | None:
 
 
 def _realize(call: Call) -> Expr | None:
+    if call.op is DENSE and str(call.ttype.dtype) == "int32":
+        return _realize_integer_dense(call)
     if call.op is DENSE:
         return _realize_dense(call)
     if call.op is CONV2D and str(call.ttype.dtype) == "int32":

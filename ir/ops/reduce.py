@@ -156,7 +156,8 @@ def _reduce_compute(kind: str):
                 # > 0, not != 0: an empty reduction leaves int8's identity (-128 for max, 127 for min), which
                 # must read False for max (any) and True for min (all)
                 return te.compute(r.shape, lambda *i: r(*i) > tir.const(0, "int8"), name=f"reduce_{kind}_bool")
-            return _nan_reduce(x, axes, a.keepdims, reducer)
+            whole = _whole_in_parts(x, axes, a.keepdims, reducer)
+            return whole if whole is not None else _nan_reduce(x, axes, a.keepdims, reducer)
         if kind in ("sum", "prod"):
             return {"sum": topi.sum, "prod": topi.prod}[kind](x, axes, a.keepdims)
         if kind == "l1":
@@ -203,6 +204,40 @@ def _log_sum_exp(x, axes: list[int], keepdims: bool, acc: str):
 
     return te.compute(total.shape, lambda *i: (te.log(total(*i)) + shift(full(i))).astype(x.dtype),
                       name="reduce_log_sum_exp")
+
+
+PARTS, LANES = 16, 16  # a whole-tensor max/min in parts × lanes partial results
+
+
+def _whole_in_parts(x, axes: list[int], keepdims: bool, reducer):
+    """A max or min over every element of a large tensor (DynamicQuantizeLinear's range, in ONNX Runtime's
+    `quantize_dynamic` models) in two stages: PARTS × LANES partial results over contiguous stretches, which
+    the schedule runs in parallel and vectorized, then one small reduction of those. The NaN-keeping reducers
+    are not ones TVM's rfactor knows, so as one stage it ran as a scalar loop on one core (1.47 ms for a
+    128 × 3072 activation). None where the tensor is not whole-reduced or not large and divisible enough."""
+    from tvm import te
+
+    shape = [int(d) for d in x.shape]
+    total = 1
+    for d in shape:
+        total *= d
+    if sorted(axes) != list(range(len(shape))) or total < 64 * PARTS * LANES or total % (PARTS * LANES):
+        return None
+    per = total // (PARTS * LANES)
+    j = te.reduce_axis((0, per), name="j")
+
+    def element(f):
+        idx = []
+        for d in reversed(shape):
+            idx.append(f % d)
+            f = f // d
+        return x[tuple(reversed(idx))]
+
+    partial = te.compute((PARTS, LANES), lambda p, lane: reducer(element((p * per + j) * LANES + lane), axis=[j]),
+                         name="reduce_part")
+    rp, rl = te.reduce_axis((0, PARTS), name="rp"), te.reduce_axis((0, LANES), name="rl")
+    out_shape = [1] * len(shape) if keepdims else []
+    return te.compute(out_shape, lambda *i: reducer(partial[rp, rl], axis=[rp, rl]), name="reduce")
 
 
 def _nan_reduce(x, axes: list[int], keepdims: bool, reducer, elem=None):

@@ -37,6 +37,8 @@ def schedule(sch, wl: Workload, cfg) -> list[str]:
             _try(lambda b=b: _vectorize(sch, sch.get_loops(b)[-1], lanes, steps))
             _try(lambda b=b: _parallel_outer(sch, sch.get_loops(b), steps))
     if n_reduction_axes(sch, out):
+        for b in reductions:  # a reduction of partial results (reduce.py's whole-tensor max/min): the parts first
+            _try(lambda b=b: _schedule_reduction(sch, b, lanes, steps, parallel=True))
         _schedule_reduction(sch, out, lanes, steps, parallel=True)
         return steps
     loops = sch.get_loops(out)

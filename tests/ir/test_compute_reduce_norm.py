@@ -67,6 +67,20 @@ def test_reductions_over_everything_and_of_integers(target):
     check(rd.REDUCE_OPS["log_sum"], rd.ReduceAttrs((0,), False), np.abs(X), target=target)
 
 
+@pytest.mark.parametrize("kind", ["max", "min"])
+@pytest.mark.parametrize("keepdims", [True, False])
+def test_whole_tensor_max_and_min_run_in_parallel_parts(kind, keepdims, target):
+    """A max/min over every element of a large tensor (DynamicQuantizeLinear's range) in 16 × 16 parallel,
+    vectorized partial results; a NaN anywhere still gives NaN, and ±inf ends win."""
+    x = RNG.standard_normal((2, 64, 192)).astype(np.float32)
+    how = check(rd.REDUCE_OPS[kind], rd.ReduceAttrs(None, keepdims), x, target=target)
+    assert "parallel" in how and "reduction_vectorized" in how, how
+    x[1, 63, 191] = np.inf if kind == "max" else -np.inf  # the very last element
+    check(rd.REDUCE_OPS[kind], rd.ReduceAttrs(None, keepdims), x, target=target)
+    x[0, 5, 7] = np.nan
+    check(rd.REDUCE_OPS[kind], rd.ReduceAttrs(None, keepdims), x, target=target)
+
+
 def test_reductions_vectorize_the_reduction_itself(target):
     """A plain sum is the group's output: its reduction loop runs outside a vector of output elements."""
     how = check(rd.SUM, rd.ReduceAttrs((1,), False), X, target=target)

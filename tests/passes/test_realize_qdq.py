@@ -232,3 +232,29 @@ def test_int8_activations_run_as_uint8(tmp_path, zp):
     (interpreted,) = run_module(from_onnx(model), x=x)
     steps = np.abs(out - interpreted) / 0.5
     assert steps.max() <= 1 and np.mean(steps > 0) < 0.01
+
+
+@needs_vnni
+def test_dynamic_quantization_runs_matmul_integer_on_vnni(tmp_path):
+    """ONNX Runtime's `quantize_dynamic` (DynamicQuantizeLinear, whose zero point is computed at run time, then
+    MatMulInteger): the int8 dense with the run-time zero point's correction, equal to the int32 path."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    w1 = rng.standard_normal((64, 128)).astype(np.float32) * 0.1
+    w2 = rng.standard_normal((128, 32)).astype(np.float32) * 0.1
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    model = make_model(nodes, [tensor("x", [4, 16, 64])], [tensor("y", None)],
+                       [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")], opset=17)
+    import onnx
+    onnx.save(model, tmp_path / "f.onnx")
+    quantize_dynamic(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), weight_type=QuantType.QInt8)
+    q = onnx.load(tmp_path / "q.onnx")
+    report = kiln.compile(q, tmp_path / "m.so", kiln.Options(target=VNNI))
+    assert sum(s["template"].startswith("x86.qdense_packed") for s in report.steps) == 2
+    x = rng.standard_normal((4, 16, 64)).astype(np.float32)
+    (got,) = kiln.load(report.path).run(x=x)
+    (interpreted,) = run_module(from_onnx(q), x=x)  # the int32 path, as the spec computes it
+    (want,) = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(got, interpreted, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-3)
