@@ -403,8 +403,8 @@ def random_model(seed: int, max_steps: int = 8, qdq: bool = False) -> tuple[onnx
     it was built from, in order.
 
     With `qdq`, the same graph as without, quantized as ONNX Runtime's QDQ format does it: a QuantizeLinear →
-    DequantizeLinear pair after about half the steps, and about half the conv weights stored as int8 with a
-    per-channel DequantizeLinear. Those choices come from a second generator, so a seed's graph is the same
+    DequantizeLinear pair after about half the steps, and about half the conv, MatMul and Gemm weights stored as
+    int8 with a per-channel DequantizeLinear (most of those with a uint8 pair on their input). Those choices come from a second generator, so a seed's graph is the same
     either way apart from the pairs."""
     b = _Builder(seed)
     q = np.random.default_rng([seed, 0x0D0]) if qdq else None
@@ -450,20 +450,29 @@ def _qdq_pair(b: _Builder, v: Value, q: np.random.Generator) -> Value:
 
 
 def _int8_conv_weights(b: _Builder, q: np.random.Generator) -> None:
-    """About half the convs read their weights as int8 with per-output-channel scales through DequantizeLinear
-    (axis 0), which folds at import; the int8 rounding is part of the model, so ONNX Runtime sees the same."""
+    """About half the convs, MatMuls and Gemms read their weights as int8 with per-output-channel scales through
+    DequantizeLinear (folded at import), and most of those their input through a uint8 pair, as ONNX Runtime's
+    QDQ format writes them; the int8 rounding is part of the model, so ONNX Runtime sees the same."""
     inits = {t.name: t for t in b.g.inits}
-    for node in [n for n in b.g.nodes if n.op_type == "Conv"]:
+    for node in [n for n in b.g.nodes if n.op_type in ("Conv", "MatMul", "Gemm")]:
         w = inits.get(node.input[1])
         if w is None or q.random() >= 0.5:
             continue
         value = onnx.numpy_helper.to_array(w)
-        scale = (np.abs(value).reshape(value.shape[0], -1).max(axis=1) / 127).astype(np.float32)
+        if value.ndim != (4 if node.op_type == "Conv" else 2):
+            continue
+        # the output channel: Conv's axis 0, MatMul's [k, n] axis 1, Gemm's axis 1 or (transB) 0
+        trans = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+        axis = 0 if node.op_type == "Conv" or trans else 1
+        rows = np.moveaxis(value, axis, 0).reshape(value.shape[axis], -1)
+        scale = (np.abs(rows).max(axis=1) / 127).astype(np.float32)
         scale[scale == 0] = 1.0
-        ints = np.clip(np.rint(value / scale.reshape(-1, 1, 1, 1)), -127, 127).astype(np.int8)
+        shape = [1] * value.ndim
+        shape[axis] = -1
+        ints = np.clip(np.rint(value / scale.reshape(shape)), -127, 127).astype(np.int8)
         names = [b.g.const(ints, "wq"), b.g.const(scale, "wq.s"), b.g.const(np.zeros_like(scale, np.int8), "wq.z")]
         out = b.g.fresh("wq.dq")
-        b.g.nodes.insert(0, helper.make_node("DequantizeLinear", names, [out], axis=0, name=out))
+        b.g.nodes.insert(0, helper.make_node("DequantizeLinear", names, [out], axis=axis, name=out))
         b.ops.append("DequantizeLinear")
         node.input[1] = out
         if not any(w.name in n.input for n in b.g.nodes):
