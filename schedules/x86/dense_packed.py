@@ -63,13 +63,17 @@ def applies(group: Group) -> bool:
     return tiled_anchor(group, DENSE_PACKED)
 
 
-def workload(group: Group, info: TargetInfo) -> Workload:
-    """`rows` is the output's second-to-last dim (tiles stay within one index of the `batches` dims before it)."""
+def tile_dims(group: Group) -> dict:
+    """`rows` is the output's second-to-last dim (tiles stay within one index of the `batches` dims before it);
+    shared with the int8 dense."""
     anchor = group.anchor
     out, block = group.output[0], anchor.attrs.block
-    return Workload.of(f"x86.dense_packed@{VERSION}", group, rows=out[-2], n_blocks=out[-1] // block,
-                       k=int(anchor.args[0].type.shape[-1]), block=block, batches=math.prod(out[:-2]),
-                       lanes=info.lanes(32))
+    return dict(rows=out[-2], n_blocks=out[-1] // block, k=int(anchor.args[0].type.shape[-1]), block=block,
+                batches=math.prod(out[:-2]))
+
+
+def workload(group: Group, info: TargetInfo) -> Workload:
+    return Workload.of(f"x86.dense_packed@{VERSION}", group, **tile_dims(group), lanes=info.lanes(32))
 
 
 def space(wl: Workload, info: TargetInfo) -> Space:

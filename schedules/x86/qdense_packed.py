@@ -3,8 +3,6 @@ vpdpbusd of 4 input bytes against a vector of `block` units × 4 weight bytes in
 
 from __future__ import annotations
 
-import math
-
 from kiln.ir.ops.qdense import QDENSE_PACKED
 from kiln.schedules.loops import divisors
 from kiln.schedules.space import Config, Space
@@ -14,7 +12,7 @@ from kiln.schedules.workload import Group, Workload
 
 from kiln.errors import InvalidConfig
 
-from .dense_packed import inline_around, register_tile, tiled_anchor
+from .dense_packed import inline_around, register_tile, tile_dims, tiled_anchor
 from .qconv2d_nchwc import intrinsic
 
 VERSION = 1
@@ -25,10 +23,7 @@ def _applies(group: Group) -> bool:
 
 
 def _workload(group: Group, info: TargetInfo) -> Workload:
-    anchor = group.anchor
-    out, block = group.output[0], anchor.attrs.block
-    return Workload.of(f"x86.qdense_packed@{VERSION}", group, rows=out[-2], n_blocks=out[-1] // block,
-                       k=int(anchor.args[0].type.shape[-1]), block=block, batches=math.prod(out[:-2]))
+    return Workload.of(f"x86.qdense_packed@{VERSION}", group, **tile_dims(group))
 
 
 def _space(wl: Workload, info: TargetInfo) -> Space:
