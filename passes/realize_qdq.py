@@ -16,18 +16,16 @@ taken as int8 exactly when, per output channel, W / s rounds to integers in [-12
 `int8_weights`), and W_q · s gives W back to float32 rounding. Weights that are not (a float model's, a
 batch norm folded after quantizing, uint8 weights with a zero point) keep the float conv.
 
-QLinearConv and ConvInteger (the QOperator format), which the frontend writes as an int32 conv of cast(x) - zx
-and folded weights, take the same kernel when x is uint8 and the weights int8 (`_realize_integer`); their
-float64 requantization after it stays as the spec computes it.
-
-MatMul and Gemm (nn.dense with constant weights) of a per-tensor uint8 dequantize run the same way on a packed
-int8 dense (`_realize_dense`, `schedules/x86/qdense_packed.py`).
-
-A conv that cannot run on integers (depthwise, grouped) but reads a dequantize of zero point 0 reads the bytes
-instead, with the scale folded into its weights (`_bytes_in`).
-
-The quantize after each such conv (and after a depthwise conv of a dequantized input, which stays float)
-multiplies by 1/scale instead of dividing: `QuantAttrs.reciprocal`, which says why that is no loss here.
+The same, in order of the pass:
+- int8 activation pairs become uint8 ones with zero point + 128, the same values (`_unsigned_activations`);
+- MatMul and Gemm (nn.dense with constant weights) of a uint8 dequantize take a packed int8 dense
+  (`_realize_dense`); QLinearConv/ConvInteger and MatMulInteger, which the frontend writes as int32 ops of
+  cast(x) - zx, take the same kernels, zx read at run time where DynamicQuantizeLinear computes it
+  (`_realize_integer`, `_realize_integer_dense`); their float64 requantization stays as the spec computes it;
+- a conv that cannot run on integers (depthwise, grouped) but reads a dequantize of zero point 0 reads the
+  bytes, with the scale folded into its weights (`_bytes_in`);
+- quantize(relu?(conv · s + b)) becomes one qnn.requantize (`_Requantizer`); any other quantize of a conv's
+  output multiplies by 1/scale instead of dividing (`QuantAttrs.reciprocal`, which says why that is no loss).
 
 Only where the driver says the target multiplies bytes natively (`mod.attrs["int8_dot"]`: AVX-512 VNNI) and
 the model computes in float32: elsewhere an int32 conv would be slower than the float one.
@@ -35,18 +33,18 @@ the model computes in float32: elsewhere an int32 conv would be slower than the 
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from kiln.ir import Call, Constant, Expr, Function, IRModule
-import dataclasses
-
 from kiln.ir.op import OpPattern
 from kiln.ir.ops.conv import CONV2D
-from kiln.ir.ops.elementwise import ADD, CAST, DEQUANTIZE, MULTIPLY, QUANTIZE, RELU, SUBTRACT, CastAttrs
 from kiln.ir.ops.dense import DENSE
-from kiln.ir.ops.transform import RESHAPE, ReshapeAttrs
+from kiln.ir.ops.elementwise import ADD, CAST, DEQUANTIZE, MULTIPLY, QUANTIZE, RELU, SUBTRACT, CastAttrs
 from kiln.ir.ops.qconv import DOT, QCONV2D, REQUANTIZE, QConvAttrs, RequantizeAttrs
 from kiln.ir.ops.qdense import QDENSE_PACKED, QDenseAttrs, pack_qdense_weight
+from kiln.ir.ops.transform import RESHAPE, ReshapeAttrs
 from kiln.ir.visitor import children, post_order, rewrite_calls, with_children
 
 _TOLERANCE = 1e-4  # how far from an integer W / s may be: float32 rounding of q · s and of max|W| is ~1e-5 at 127
