@@ -207,6 +207,10 @@ def compile(
             picks[c.algorithm] = picks.get(c.algorithm, 0) + 1
         out.print(f"convs: {', '.join(f'{n} {a}' for a, n in sorted(picks.items()))}; "
                   f"{report.layout_transforms} layout transforms (--explain for each conv's choice)", soft_wrap=True)
+    int8 = {op: sum(op in s.get("ops", ()) for s in report.steps) for op in ("qnn.conv2d_nchwc", "qnn.dense_packed")}
+    if any(int8.values()):  # passes/realize_qdq.py: a quantized model's convs and matmuls on VNNI
+        out.print(f"int8 kernels (VNNI): {int8['qnn.conv2d_nchwc']} convs, {int8['qnn.dense_packed']} matmuls",
+                  soft_wrap=True)
     tuned = sum(1 for s in report.steps if s.get("config_source") == "given")
     if tuned:
         out.print(f"{tuned} of {report.kernels} kernels use tuned configs", soft_wrap=True)
