@@ -258,3 +258,27 @@ def test_dynamic_quantization_runs_matmul_integer_on_vnni(tmp_path):
     (want,) = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     np.testing.assert_allclose(got, interpreted, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-3)
+
+
+@needs_vnni
+def test_depthwise_conv_reads_the_bytes_of_a_zero_point_0_activation(tmp_path):
+    """A depthwise conv stays float, but of a zero-point-0 dequantize it reads the uint8 tensor with the scale in
+    its weights: the quantize before it ends the producer's kernel, with a quarter of the bytes."""
+    c = 32
+    w = rng.standard_normal((c, 1, 3, 3)).astype(np.float32)
+    inits = [numpy_helper.from_array(v, n) for n, v in [("xs", np.float32(0.05)), ("xz", np.uint8(0)), ("w", w),
+                                                        ("b", rng.standard_normal(c).astype(np.float32))]]
+    nodes = [helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("QuantizeLinear", ["r", "xs", "xz"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+             helper.make_node("Conv", ["xd", "w", "b"], ["y"], pads=[1] * 4, group=c)]
+    model = make_model(nodes, [tensor("x", [1, c, 15, 15])], [tensor("y", None)], inits, opset=21)
+    report = kiln.compile(model, tmp_path / "m.so", kiln.Options(target=VNNI))
+    conv = [s for s in report.steps if "nn.conv2d_nchwc" in s["ops"]]
+    assert len(conv) == 1 and "qnn.dequantize" not in conv[0]["ops"], [s["ops"] for s in report.steps]
+    x = rng.standard_normal((1, c, 15, 15)).astype(np.float32) * 3
+    (y,) = kiln.load(report.path).run(x=x)
+    xq = np.clip(np.rint(np.maximum(x, 0) / np.float32(0.05)), 0, 255) * 0.05
+    want = conv_reference(xq, w.astype(np.float64), ConvAttrs((1, 1), (1, 1, 1, 1), (1, 1), c))
+    want += numpy_helper.to_array(inits[3]).reshape(1, -1, 1, 1)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
