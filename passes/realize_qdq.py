@@ -93,18 +93,28 @@ def _scalar(e: Expr) -> float | None:
     return float(e.value.reshape(())) if isinstance(e, Constant) and e.value.size == 1 else None
 
 
+def _centred_bytes(x: Expr) -> tuple[Expr, Expr | None] | None:
+    """(x_q, zx) of cast(x_q, int32) - zx with x_q uint8 and zx one int32 value (None: no zero point), as the
+    frontend writes the operand of an integer conv or matmul; else None."""
+    zx = None
+    if isinstance(x, Call) and x.op is SUBTRACT and x.args[1].ttype.size == 1 and x.args[1].ttype.dtype == "int32":
+        x, zx = x.args[0], x.args[1]
+    if not (isinstance(x, Call) and x.op is CAST and str(x.args[0].ttype.dtype) == "uint8"):
+        return None
+    return x.args[0], zx
+
+
 def _realize_integer(call: Call) -> Expr | None:
     """An int32 conv of a centred uint8 input and int8-valued weights (QLinearConv, ConvInteger as the frontend
     writes them: cast(x) - zx, weights w - zw folded): qnn.conv2d on the bytes less zx·ΣW[o], the same int32."""
     x, w = call.args
     if call.attrs.groups != 1 or not isinstance(w, Constant) or w.value.ndim != 4:
         return None
-    zp = 0
-    if isinstance(x, Call) and x.op is SUBTRACT and _scalar(x.args[1]) is not None:
-        x, zp = x.args[0], int(_scalar(x.args[1]))
-    if not (isinstance(x, Call) and x.op is CAST and str(x.args[0].ttype.dtype) == "uint8"):
-        return None
-    xq = x.args[0]
+    centred = _centred_bytes(x)
+    if centred is None or (centred[1] is not None and _scalar(centred[1]) is None):
+        return None  # the padding must hold the zero point: a constant
+    xq, zx = centred
+    zp = int(_scalar(zx)) if zx is not None else 0
     if xq.ttype.shape[1] % DOT or not 0 <= zp <= 255 or w.value.min() < -128 or w.value.max() > 127:
         return None
     wq = w.value.astype(np.int8)
@@ -124,12 +134,10 @@ def _realize_integer_dense(call: Call) -> Expr | None:
     x, w = call.args
     if not isinstance(w, Constant) or w.value.ndim != 2 or w.value.min() < -128 or w.value.max() > 127:
         return None
-    zx = None
-    if isinstance(x, Call) and x.op is SUBTRACT and x.args[1].ttype.size == 1 and x.args[1].ttype.dtype == "int32":
-        x, zx = x.args[0], x.args[1]
-    if not (isinstance(x, Call) and x.op is CAST and str(x.args[0].ttype.dtype) == "uint8"):
+    centred = _centred_bytes(x)
+    if centred is None:
         return None
-    xq = x.args[0]
+    xq, zx = centred
     units, k = w.value.shape
     block = next((b for b in (16, 8, 4) if units % b == 0), None)
     if k % DOT or block is None:
