@@ -12,6 +12,7 @@ _LAZY = {
     "Model": ("kiln.runtime", "Model"),
     "load": ("kiln.runtime", "load"),
     "Options": ("kiln.config", "Options"),
+    "calibrate": ("kiln.calibrate", "calibrate"),
     "from_onnx": ("kiln.frontend", "from_onnx"),
 }
 

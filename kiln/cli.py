@@ -179,7 +179,12 @@ def compile(
                                 "it (model.weights) that `python -m kiln.rebuild_weights` can make again elsewhere"),
     precision: str = typer.Option("fp32", "--precision", help="fp32, tf32 (CUDA matmuls on TF32 tensor cores; "
                                   "fp32 elsewhere), fp16 or bf16 (half weights and compute; inputs and outputs "
-                                  "stay float32)"),
+                                  "stay float32), int8 (convs and matmuls on int8, calibrated: --calibration)"),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="--precision int8: a table from `kiln "
+                                               "calibrate` (.json), or sample inputs to calibrate on now (.npy, "
+                                               ".npz or a folder of them; see kiln calibrate)"),
+    calibration_method: str = typer.Option("percentile", "--calibration-method",
+                                           help="percentile, entropy or minmax (with --calibration SAMPLES)"),
 ) -> None:
     """Compile a model into one shared library."""
     import kiln
@@ -189,10 +194,28 @@ def compile(
     _refuse_overwrite(output, force)
     options = Options.from_env(target=target, opt_level=opt_level, dump_dir=dump_ir,
                                input_shapes=parse_input_shapes(input_shape), measure=measure,
-                               tuning_logs=tuple(tuning_log or ()), precision=precision)
+                               tuning_logs=tuple(tuning_log or ()))
+    source = z.resolve(model)
+    cal = None
+    if calibration is not None and precision != "int8":
+        raise KilnError("--calibration is for --precision int8")
+    if precision == "int8":
+        if calibration is None:
+            raise KilnError("--precision int8 needs --calibration: sample inputs (.npy, .npz or a folder) or a table "
+                            "that `kiln calibrate` wrote")
+        if calibration.suffix == ".json":
+            from kiln.calibrate import CalibrationTable
+
+            table = CalibrationTable.load(calibration)
+        else:
+            cal = _calibrate(source, calibration, options, calibration_method)
+            table = cal.table
+        options = options.with_(precision="int8", calibration=table)
+    else:
+        options = options.with_(precision=precision)
     progress, on_progress = progress_bar("compiling kernels")
     with progress:
-        report = kiln.compile(z.resolve(model), output, options, on_progress=on_progress, weights=weights)
+        report = kiln.compile(source, output, options, on_progress=on_progress, weights=weights)
     out.print(report.fusion, soft_wrap=True)
     out.print(f"wrote {report.path} ({report.path.stat().st_size / 1e6:.1f} MB): {report.kernels} kernels; "
               f"activation memory {report.planned_bytes / 1e6:.1f} MB planned vs {report.naive_bytes / 1e6:.1f} MB "
@@ -211,6 +234,12 @@ def compile(
     if any(int8.values()):  # passes/realize_qdq.py: a quantized model's convs and matmuls on VNNI
         out.print(f"int8 kernels (VNNI): {int8['qnn.conv2d_nchwc']} convs, {int8['qnn.dense_packed']} matmuls",
                   soft_wrap=True)
+    if cal is not None:  # the int8 build against the float32 one, on the samples it was calibrated on
+        from kiln.calibrate import agreement
+
+        m = kiln.load(report.path)
+        for a in agreement([t.name for t in m.outputs], cal.outputs, [m.run(*s) for s in cal.samples]):
+            out.print(f"int8 against float32 on the {len(cal.samples)} calibration samples: {a}", soft_wrap=True)
     tuned = sum(1 for s in report.steps if s.get("config_source") == "given")
     if tuned:
         out.print(f"{tuned} of {report.kernels} kernels use tuned configs", soft_wrap=True)
@@ -218,6 +247,47 @@ def compile(
         if report.conv_choices:
             out.print(explain_table(report))
         out.print(kernels_table(report.steps))
+
+
+def _calibrate(source, data: Path, options, method: str):
+    from kiln.calibrate import calibrate
+
+    with err.status(f"calibrating on {data} ({method})"):
+        cal = calibrate(source, data, options, method=method)
+    err.print(f"calibrated {len(cal.table)} tensors on {cal.table.samples} samples ({method}) in {cal.seconds:.1f} s")
+    return cal
+
+
+@app.command()
+def calibrate(
+    model: str = typer.Argument(..., help="an .onnx file, or zoo:<name>"),
+    data: Path = typer.Option(..., "--data", help="sample inputs: x.npy (samples stacked on a new first axis or "
+                              "along a batch-1 model's batch axis), x.npz (an array per input name), or a folder "
+                              "of them"),
+    output: Path = typer.Option(..., "-o", "--output", help="the calibration table to write (.json)"),
+    method: str = typer.Option("percentile", "--method", help="percentile (99.99th of |x|), entropy (TensorRT's "
+                               "KL divergence) or minmax (ONNX Runtime's default)"),
+    target: str = typer.Option("native", "--target", help="as kiln compile: the graph it calibrates is that "
+                               "target's"),
+    input_shape: Optional[list[str]] = typer.Option(None, "--input-shape", help="name=d0,d1,... (repeatable)"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing table"),
+) -> None:
+    """Measure the activation ranges that `kiln compile --precision int8 --calibration TABLE` quantizes with."""
+    from kiln import zoo as z
+    from kiln.config import Options, parse_input_shapes
+
+    _refuse_overwrite(output, force)
+    options = Options.from_env(target=target, input_shapes=parse_input_shapes(input_shape))
+    cal = _calibrate(z.resolve(model), data, options, method)
+    cal.table.save(output)
+    table = Table(title=f"{len(cal.table)} activation ranges ({method})")
+    for col in ("tensor (read by)", "seen min", "seen max", "quantized over"):
+        table.add_column(col)
+    for k, (lo, hi) in cal.table.ranges.items():
+        seen = cal.table.observed.get(k, (lo, hi))
+        table.add_row(k, f"{seen[0]:.4g}", f"{seen[1]:.4g}", f"[{lo:.4g}, {hi:.4g}]")
+    out.print(table)
+    out.print(f"wrote {output}: `kiln compile {model} --precision int8 --calibration {output}`", soft_wrap=True)
 
 
 def kernels_table(steps: list[dict]) -> Table:

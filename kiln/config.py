@@ -32,12 +32,20 @@ class Options:
     # fp32 | tf32 | fp16 | bf16: the compute precision of a float32 model (passes/mixed_precision.py). tf32 keeps
     # float32 storage; only CUDA matmul templates read it (TF32 tensor cores); on CPU it is fp32
     precision: str = "fp32"
+    # --precision int8: tensor key -> (lo, hi) range (kiln/calibrate.py's CalibrationTable is one); convs and
+    # matmuls whose activation input has a range compute in int8 (passes/quantize.py), the rest in float32
+    calibration: Mapping[str, tuple[float, float]] | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.opt_level <= 3:
             raise KilnError(f"opt level must be 0..3, got {self.opt_level}")
-        if self.precision not in ("fp32", "tf32", "fp16", "bf16"):
-            raise KilnError(f"precision must be fp32, tf32, fp16 or bf16, got {self.precision!r}")
+        if self.precision not in ("fp32", "tf32", "fp16", "bf16", "int8"):
+            raise KilnError(f"precision must be fp32, tf32, fp16, bf16 or int8, got {self.precision!r}")
+        if self.precision == "int8" and self.calibration is None:
+            raise KilnError("precision int8 needs a calibration: the ranges of the activations it quantizes "
+                            "(kiln calibrate MODEL --data SAMPLES, or kiln compile --calibration SAMPLES)")
+        if self.precision == "int8" and self.opt_level < 2:
+            raise KilnError(f"precision int8 needs opt level 2 or 3 (the quantization passes), got {self.opt_level}")
 
     @classmethod
     def from_env(cls, **given: Any) -> Options:

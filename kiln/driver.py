@@ -56,7 +56,7 @@ class CompileReport:
 WEIGHTS_MODES = ("embedded", "external")
 
 
-def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLike, options: Options | None = None,
+def compile(model: str | os.PathLike | onnx.ModelProto | IRModule, output: str | os.PathLike, options: Options | None = None,
             on_progress: Callable[[int, int], None] | None = None, *, weights: str = "embedded") -> CompileReport:
     """Compile an ONNX model into one shared library. `weights="external"` writes them beside it instead
     (`model.so` → `model.weights`), a file that `python -m kiln.rebuild_weights` can make again elsewhere.
@@ -68,7 +68,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
     if weights not in WEIGHTS_MODES:
         raise KilnError(f"weights must be {' or '.join(WEIGHTS_MODES)}, got {weights!r}")
     t0 = time.perf_counter()
-    mod = from_onnx(model, input_shapes=options.input_shapes)
+    mod = model if isinstance(model, IRModule) else from_onnx(model, input_shapes=options.input_shapes)
     t1 = time.perf_counter()
     target = resolve_target(options.target)
     mod = prepare(mod, target, options)
@@ -101,9 +101,14 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
 def prepare(mod: IRModule, target, options: Options) -> IRModule:
     """Target facts the passes need travel as module attrs, so passes stay functions of the IR alone."""
     cpu = target.kind.name == "llvm"
+    int8_dot = cpu and "avx512vnni" in target_info(target).features
+    if options.precision == "int8" and not int8_dot:
+        log.warning("precision int8: the target has no int8 dot product (AVX-512 VNNI), so the quantized convs "
+                    "and matmuls compute in float32 on dequantized values: int8's rounding without its speed")
     return mod.with_attrs(layout_block=vector_lanes(target, 32) if cpu else 0,
                           fuse_depthwise=cpu and options.fuse_depthwise, precision=options.precision,
-                          int8_dot=cpu and "avx512vnni" in target_info(target).features)
+                          int8_dot=int8_dot,
+                          calibration=dict(options.calibration) if options.precision == "int8" else None)
 
 
 def model_tasks(model, options: Options | None = None) -> list[Task]:

@@ -37,7 +37,7 @@ Pass = Callable[[IRModule], IRModule]
 
 # The CLI's names → the IR dtype values are stored and computed in. tf32 stores float32: it only tells CUDA
 # matmul templates that TF32 tensor cores may round their inputs (mod.attrs["precision"]); on CPU it is fp32.
-PRECISIONS = {"fp32": "float32", "tf32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+PRECISIONS = {"fp32": "float32", "tf32": "float32", "int8": "float32", "fp16": "float16", "bf16": "bfloat16"}
 HALF = ("float16", "bfloat16")
 
 # Ops that always compute in half: the heavy ones, whose kernels sum in float32 and round once, so half costs

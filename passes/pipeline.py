@@ -17,6 +17,7 @@ from .materialize_outputs import materialize_outputs
 from .mixed_precision import convert_precision
 from .pack_dense_weights import pack_dense_weights
 from .plan_memory import plan_memory
+from .quantize import quantize
 from .realize_qdq import realize_qdq
 from .simplify_inference import simplify_inference
 
@@ -33,6 +34,8 @@ O2: list[Pass] = [
     eliminate_common_subexpr,
     eliminate_dead_code,
     simplify_inference,  # CSE can expose reshape-of-reshape chains
+    quantize,  # --precision int8: a QDQ pair where the calibration measured a range; realize_qdq reads it as
+               # it reads an imported QDQ model. After the folds, so the weights it rounds are final
     realize_qdq,  # after the folds (the dequantized weights are constants); before layout, which blocks it
     convert_precision,  # --precision fp16/bf16: after the folds, so folded weights (conv * batch-norm scale)
                         # round to half once; before packing, layout and fusion, which then see the half

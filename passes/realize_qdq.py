@@ -368,7 +368,7 @@ def _unsigned_activations(mod: IRModule) -> IRModule:
 def realize_qdq(mod: IRModule) -> IRModule:
     """int8 activations as uint8, convs and matmuls on integers, then each conv's requantization as one
     qnn.requantize where it can be, else by a multiply (QuantAttrs.reciprocal)."""
-    if not mod.attrs.get("int8_dot") or mod.attrs.get("precision", "fp32") not in ("fp32", "tf32", None):
+    if not mod.attrs.get("int8_dot") or mod.attrs.get("precision", "fp32") not in ("fp32", "tf32", "int8", None):
         return mod
     mod = _unsigned_activations(mod)
     realized = rewrite_calls(mod, _realize)

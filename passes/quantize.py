@@ -1,0 +1,128 @@
+"""Post-training int8 quantization of a float model: put a quantize/dequantize pair on the activation input of
+each conv and matmul whose range a calibration measured, and round its weights to int8 per output channel.
+
+The result is the graph ONNX Runtime's `quantize_static` writes (QDQ, uint8 activations, int8 symmetric
+per-channel weights), so `realize_qdq`, which runs next, turns it into integer kernels exactly as it does an
+imported QDQ model; everything else stays float32. Only where an integer kernel follows is anything quantized:
+a conv whose input channels are not a multiple of 4 (an RGB stem) or a matmul whose weights are not constant
+keeps float32, which costs no speed and keeps its accuracy. A depthwise conv reads bytes only when the zero
+point is 0, so its input is quantized only where the calibration saw no negative value (after a ReLU or
+ReLU6); its weights stay float32, since it computes in float32 anyway.
+
+The calibration itself (running the model on samples, choosing ranges) is `kiln/calibrate.py`; it observes
+the tensors `calibration_points` names, in the graph as it stands at this pass, and hands back a table keyed
+by the same names, carried to this pass as `mod.attrs["calibration"]`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from kiln.ir import Call, Constant, Expr, Function, IRModule
+from kiln.ir.ops.conv import CONV2D
+from kiln.ir.ops.dense import DENSE
+from kiln.ir.ops.elementwise import DEQUANTIZE, QUANTIZE, QuantAttrs
+from kiln.ir.visitor import children, post_order, with_children
+
+DOT = 4  # the integer kernels' reduction step (qnn.conv2d, qnn.dense_packed): input channels must divide by it
+
+
+@dataclass(frozen=True)
+class Point:
+    """One tensor the calibration observes: the activation input of the conv or matmul `consumer`."""
+
+    key: str  # stable across imports of the same model: the consumer's node name, with an ordinal if repeated
+    consumer: Call
+    kind: str  # "conv", "depthwise" or "dense"
+
+    @property
+    def tensor(self) -> Expr:
+        return self.consumer.args[0]
+
+
+def _kind(call: Call) -> str | None:
+    if call.op is CONV2D and str(call.ttype.dtype) == "float32" and isinstance(call.args[1], Constant):
+        x, a = call.args[0].ttype, call.attrs
+        if a.groups == 1:
+            return "conv" if x.shape[1] % DOT == 0 else None
+        return "depthwise" if a.groups == x.shape[1] else None
+    if call.op is DENSE and str(call.ttype.dtype) == "float32" and isinstance(call.args[1], Constant):
+        units, k = call.args[1].value.shape
+        return "dense" if k % DOT == 0 and units % DOT == 0 else None  # qnn.dense_packed's blocks
+    return None
+
+
+def calibration_points(mod: IRModule) -> list[Point]:
+    """The convs and matmuls that could run on integers, in graph order, each with a key naming it."""
+    points, seen = [], {}
+    for e in post_order(mod.main.body):
+        if not isinstance(e, Call):
+            continue
+        kind = _kind(e)
+        if kind is None or str(e.args[0].ttype.dtype) != "float32":
+            continue
+        name = e.span or e.op_name
+        seen[name] = seen.get(name, 0) + 1
+        points.append(Point(name if seen[name] == 1 else f"{name}#{seen[name]}", e, kind))
+    return points
+
+
+def activation_qparams(lo: float, hi: float) -> tuple[np.float32, np.uint8]:
+    """uint8 affine parameters covering [lo, hi] widened to hold 0 (zero padding and ReLU's zeros must be exact
+    codes), as ONNX Runtime computes them."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = (hi - lo) / 255.0
+    if not np.isfinite(scale) or scale <= 0:
+        return np.float32(1.0), np.uint8(0)
+    zp = int(np.clip(np.rint(-lo / scale), 0, 255))
+    return np.float32(scale), np.uint8(zp)
+
+
+def int8_per_channel(w: np.ndarray) -> np.ndarray:
+    """W rounded to int8 · max|W[o]| / 127 per output channel (axis 0), in float32: the values an int8 kernel
+    with that scale computes with. A channel of zeros stays zeros."""
+    flat = w.reshape(w.shape[0], -1).astype(np.float64)
+    scale = np.abs(flat).max(axis=1) / 127.0
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32).astype(np.float64)
+    q = np.clip(np.rint(flat / scale[:, None]), -127, 127)
+    return (q * scale[:, None]).astype(np.float32).reshape(w.shape)
+
+
+def quantize(mod: IRModule) -> IRModule:
+    """The pipeline's step: a no-op unless the driver put a calibration table in mod.attrs["calibration"]."""
+    table: Mapping[str, tuple[float, float]] | None = mod.attrs.get("calibration")
+    if not table:
+        return mod
+    chosen: dict[int, tuple[Point, tuple[float, float]]] = {}
+    for p in calibration_points(mod):
+        rng = table.get(p.key)
+        if rng is None or not all(np.isfinite(rng)):
+            continue
+        if p.kind == "depthwise" and rng[0] < 0:
+            continue  # a zero point above 0: the float conv would dequantize bytes for nothing
+        chosen[id(p.consumer)] = (p, rng)
+    if not chosen:
+        return mod
+    pairs: dict[int, Expr] = {}  # one pair per tensor, shared by its readers (the branches of a residual block)
+    memo: dict[int, Expr] = {}  # consumers are found by identity in the graph as given, so rebuild by hand
+    for node in post_order(mod.main.body):
+        kids = children(node)
+        new = with_children(node, tuple(memo[id(c)] for c in kids)) if kids else node
+        hit = chosen.get(id(node))
+        if hit is not None:
+            p, (lo, hi) = hit
+            x, w = new.args
+            if id(x) not in pairs:
+                scale, zp = activation_qparams(lo, hi)
+                s, z = Constant(np.asarray(scale)), Constant(np.asarray(zp))
+                q = Call(QUANTIZE, (x, s, z), QuantAttrs(out_dtype="uint8"), p.consumer.span)
+                pairs[id(x)] = Call(DEQUANTIZE, (q, s, z), QuantAttrs(out_dtype="uint8"), p.consumer.span)
+            if p.kind != "depthwise":
+                w = Constant(int8_per_channel(w.value), name=w.name)
+            new = Call(new.op, (pairs[id(x)], w), new.attrs, new.span)
+        memo[id(node)] = new
+    main = mod.main
+    return mod.with_main(Function(main.params, memo[id(main.body)], main.attrs))
