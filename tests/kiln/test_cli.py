@@ -122,3 +122,25 @@ def test_compile_explain_and_measure_report_each_conv(tmp_path):
     r = kiln("compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "m2.so"), "--measure")
     assert r.returncode == 0, r.stderr
     assert "measured" in r.stdout and "[" in r.stdout  # measured times are shown next to the estimates
+
+
+def test_calibrate_then_compile_int8_and_compile_from_samples(tmp_path):
+    from tests.passes.test_quantize import residual_net
+
+    onnx.save(residual_net(), tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((4, 3, 12, 12)).astype(np.float32))
+    table = tmp_path / "t.json"
+    r = kiln("calibrate", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "x.npy"), "-o", str(table),
+             "--target", "x86-avx512-vnni")
+    assert r.returncode == 0, r.stderr
+    assert "5 activation ranges (percentile)" in r.stdout and json.loads(table.read_text())["samples"] == 4
+    r = kiln("compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "a.so"), "--precision", "int8",
+             "--calibration", str(table), "--target", "x86-avx512-vnni")
+    assert r.returncode == 0, r.stderr
+    assert "int8 kernels (VNNI): 3 convs, 1 matmuls" in r.stdout
+    r = kiln("compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "b.so"), "--precision", "int8",
+             "--calibration", str(tmp_path / "x.npy"), "--calibration-method", "entropy", "--target", "x86-avx2")
+    assert r.returncode == 0, r.stderr
+    assert "int8 against float32 on the 4 calibration samples" in r.stdout and "top-1 agrees on 4 of 4" in r.stdout
+    r = kiln("compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "c.so"), "--precision", "int8")
+    assert r.returncode == 1 and "--calibration" in r.stderr
