@@ -41,7 +41,9 @@ from kiln.ir import Call, Constant, Expr, Function, IRModule
 from kiln.ir.op import OpPattern
 from kiln.ir.ops.conv import CONV2D
 from kiln.ir.ops.dense import DENSE
-from kiln.ir.ops.elementwise import ADD, CAST, DEQUANTIZE, MULTIPLY, QUANTIZE, RELU, SUBTRACT, CastAttrs
+from kiln.ir.ops.elementwise import (
+    ADD, CAST, CLIP, DEQUANTIZE, MULTIPLY, QUANTIZE, RELU, SUBTRACT, CastAttrs, clip_bounds,
+)
 from kiln.ir.ops.qconv import DOT, QCONV2D, REQUANTIZE, QConvAttrs, RequantizeAttrs
 from kiln.ir.ops.qdense import QDENSE_PACKED, QDenseAttrs, pack_qdense_weight
 from kiln.ir.ops.transform import RESHAPE, ReshapeAttrs
@@ -261,7 +263,7 @@ def _channel_constant(e: Expr, channels: int) -> np.ndarray | None:
 class _Requantizer:
     """quantize(relu?(conv · s [+ b])) as one qnn.requantize of the conv's sum: q = clip(rint(acc · A + B)),
     A = s / sy and B = (b - c · s) / sy + zy per channel (c: the zero-point correction). A ReLU becomes the
-    clip's lower bound, zy. The epilogue shrinks from about a dozen vector ops (subtract, convert, multiply,
+    clip's lower bound, zy; a clip (ReLU6) both bounds, quantized. The epilogue shrinks from about a dozen vector ops (subtract, convert, multiply,
     add, multiply, round, add, clip) to five; only where every value on the way has this one consumer, else
     the conv would be computed twice."""
 
@@ -295,9 +297,16 @@ class _Requantizer:
         sy, zy = _scalar(call.args[1]), _scalar(call.args[2])
         if sy is None or zy is None or sy == 0:
             return None
-        v, low, channels = call.args[0], None, call.ttype.shape[1]
+        v, low, high, channels = call.args[0], None, None, call.ttype.shape[1]
+        inv = np.float64(np.float32(1) / np.float32(sy))  # the reciprocal the quantize would multiply by
         if isinstance(v, Call) and v.op is RELU and self.single(v):
             v, low = v.args[0], int(zy)
+        elif isinstance(v, Call) and v.op is CLIP and self.single(v) and str(v.ttype.dtype) == "float32":
+            # rounding is monotone, so the quantized clip is the clip of the quantized bounds: ReLU6 → [zy, q(6)]
+            lo, hi = clip_bounds(v.attrs, "float32")
+            v = v.args[0]
+            low = int(np.clip(np.rint(lo * inv) + zy, -(2 ** 31), 2 ** 31 - 1))
+            high = int(np.clip(np.rint(hi * inv) + zy, -(2 ** 31), 2 ** 31 - 1))
         bias = np.zeros((1, channels, 1, 1))
         if isinstance(v, Call) and v.op is ADD and self.single(v):
             for i in (0, 1):
@@ -305,7 +314,6 @@ class _Requantizer:
                 if b is not None and isinstance(v.args[i], Call) and self.single(v.args[i]):
                     v, bias = v.args[i], b
                     break
-        inv = np.float64(np.float32(1) / np.float32(sy))  # the reciprocal the quantize would multiply by
         if isinstance(v, Call) and v.op is MULTIPLY and isinstance(v.args[0], Call) and v.args[0].op is CAST:
             scale, x = _channel_constant(v.args[1], channels), v.args[0].args[0]
             correction = np.zeros((1, channels, 1, 1))
@@ -325,7 +333,7 @@ class _Requantizer:
         if not self.single(x):
             return None
         return x, Constant(a.astype(np.float32)), Constant(b.astype(np.float32)), \
-            RequantizeAttrs(str(call.ttype.dtype), low)
+            RequantizeAttrs(str(call.ttype.dtype), low, high)
 
 
 def _unsigned_activations(mod: IRModule) -> IRModule:

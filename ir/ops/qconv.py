@@ -168,6 +168,7 @@ def _qconv_nchwc_compute(x, w, a: QConvNCHWcAttrs):
 class RequantizeAttrs:
     out_dtype: str = "uint8"
     low: int | None = None  # the clip's lower bound (a ReLU before the quantize raises it to the zero point)
+    high: int | None = None  # and its upper one (a ReLU6's 6, quantized)
 
 
 def _requantize_type(x: TensorType, a: TensorType, b: TensorType, attrs: RequantizeAttrs) -> TensorType:
@@ -184,7 +185,8 @@ def _requantize_type(x: TensorType, a: TensorType, b: TensorType, attrs: Requant
 
 def _bounds(attrs: RequantizeAttrs) -> tuple[int, int]:
     info = np.iinfo(attrs.out_dtype)
-    return max(int(info.min), attrs.low if attrs.low is not None else int(info.min)), int(info.max)
+    return (max(int(info.min), attrs.low if attrs.low is not None else int(info.min)),
+            min(int(info.max), attrs.high if attrs.high is not None else int(info.max)))
 
 
 def _requantize_reference(x: np.ndarray, a: np.ndarray, b: np.ndarray, attrs: RequantizeAttrs) -> np.ndarray:

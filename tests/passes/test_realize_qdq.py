@@ -59,7 +59,7 @@ def test_packed_weights_round_trip_and_blocked_reference_matches_plain():
 
 
 def qdq_conv_model(c=16, oc=32, k=3, stride=1, zp=131, per_channel=True, requantize=True, oc2=24, expose_y=True,
-                   out_q=False, signed=False):
+                   out_q=False, signed=False, clip=None):
     """input → Q → DQ → Conv(DQ(int8 W)) + bias [→ Q → DQ] → Relu → Q → DQ → 1x1 Conv(DQ(int8 W2)) → output:
     ONNX Runtime's QDQ format, with a zero point that is not 0 and padding that must hold it."""
     w = rng.integers(-127, 128, (oc, c, k, k)).astype(np.int8)
@@ -75,11 +75,14 @@ def qdq_conv_model(c=16, oc=32, k=3, stride=1, zp=131, per_channel=True, requant
              helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
              helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=0),
              helper.make_node("Conv", ["xd", "wd", "b"], ["y"], pads=[k // 2] * 4, strides=[stride] * 2),
-             helper.make_node("Relu", ["y"], ["r"]),
+             helper.make_node("Relu", ["y"], ["r"]) if clip is None else
+             helper.make_node("Clip", ["y", "lo", "hi"], ["r"]),
              helper.make_node("QuantizeLinear", ["r", "ys", "yz"], ["rq"]),
              helper.make_node("DequantizeLinear", ["rq", "ys", "yz"], ["rd"]),
              helper.make_node("DequantizeLinear", ["w2", "ws2", "wz2"], ["w2d"], axis=0),
              helper.make_node("Conv", ["rd", "w2d"], ["o" if out_q else "out"])]
+    if clip is not None:
+        inits += [numpy_helper.from_array(np.float32(v), n) for n, v in zip(("lo", "hi"), clip)]
     if out_q:  # the second conv requantized too, to uint8 around 100
         inits += [numpy_helper.from_array(np.float32(0.5), "os"), numpy_helper.from_array(np.uint8(100), "oz")]
         nodes += [helper.make_node("QuantizeLinear", ["o", "os", "oz"], ["oq"]),
@@ -145,6 +148,23 @@ def test_requantization_folds_into_one_epilogue_op(tmp_path):
     report = kiln.compile(qdq_conv_model(out_q=True), tmp_path / "y.so", kiln.Options(target=VNNI))
     fused = [s["ops"] for s in report.steps if "qnn.conv2d_nchwc" in s["ops"]]
     assert sum("qnn.requantize" in ops for ops in fused) == 1, fused  # the second conv only: y is an output
+
+
+@pytest.mark.parametrize("clip", [(0.0, 6.0), (0.5, 4.0)])
+def test_a_clip_before_the_quantize_bounds_the_requantization(tmp_path, clip):
+    """A ReLU6 (a clip) between a conv and its quantize becomes the requantization's bounds, the quantized
+    clip values: the kernel ends in one requantize, and its bytes are the interpreter's to one step."""
+    model = qdq_conv_model(expose_y=False, clip=clip)
+    report = kiln.compile(model, tmp_path / "m.so", kiln.Options(target=VNNI))
+    first = next(s["ops"] for s in report.steps if "qnn.conv2d_nchwc" in s["ops"])
+    assert first == ["qnn.conv2d_nchwc", "qnn.requantize"], first
+    if not HOST_VNNI:
+        return
+    x = rng.standard_normal((1, 16, 14, 14)).astype(np.float32) * 2
+    (out,) = kiln.load(report.path).run(x=x)
+    (want,) = run_module(from_onnx(model), x=x)
+    diff = np.abs(out - want)
+    assert diff.max() <= 0.2 * 127 * 0.01 * 1.01 and np.mean(diff > 1e-4) < 0.01  # one step of 0.2, at most
 
 
 @needs_vnni
