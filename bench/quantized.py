@@ -26,7 +26,7 @@ MODELS = ["mobilenet_v2", "resnet50", "squeezenet", "resnet18", "bert_layer"]
 DYNAMIC = {"bert_layer"}  # transformers: `quantize_dynamic`, as ONNX Runtime's docs recommend for them
 
 
-def quantize(name: str, out_dir: Path, per_channel: bool, signed: bool = False) -> tuple[Path, Path]:
+def quantize(name: str, out_dir: Path, per_channel: bool, signed: bool = False, samples: int = 4) -> tuple[Path, Path]:
     """(float model, its QDQ quantization), written under out_dir."""
     import onnx
     from onnx import helper
@@ -53,7 +53,7 @@ def quantize(name: str, out_dir: Path, per_channel: bool, signed: bool = False) 
 
     class Feeds(CalibrationDataReader):
         def __init__(self):
-            self.it = iter([zoo.feeds(proto, seed=s) for s in range(4)])
+            self.it = iter([zoo.feeds(proto, seed=s) for s in range(samples)])
 
         def get_next(self):
             return next(self.it, None)
