@@ -4,8 +4,9 @@ each conv and matmul whose range a calibration measured, and round its weights t
 The result is the graph ONNX Runtime's `quantize_static` writes (QDQ, uint8 activations, int8 symmetric
 per-channel weights), so `realize_qdq`, which runs next, turns it into integer kernels exactly as it does an
 imported QDQ model; everything else stays float32. Only where an integer kernel follows is anything quantized:
-a conv whose input channels are not a multiple of 4 (an RGB stem) or a matmul whose weights are not constant
-keeps float32, which costs no speed and keeps its accuracy. A depthwise conv reads bytes only when the zero
+a matmul whose weights are not constant keeps float32, which costs no speed and keeps its accuracy. A conv
+whose input channels are not a multiple of 4 (an RGB stem) reads its bytes padded with a channel of the zero
+point, against zero weights: the VNNI kernel sums 4 channels a step. A depthwise conv reads bytes only when the zero
 point is 0, so its input is quantized only where the calibration saw no negative value (after a ReLU or
 ReLU6); its weights stay float32, since it computes in float32 anyway.
 
@@ -25,6 +26,7 @@ from kiln.ir import Call, Constant, Expr, Function, IRModule
 from kiln.ir.ops.conv import CONV2D
 from kiln.ir.ops.dense import DENSE
 from kiln.ir.ops.elementwise import DEQUANTIZE, QUANTIZE, QuantAttrs
+from kiln.ir.ops.transform import PAD, PadAttrs
 from kiln.ir.visitor import children, post_order, with_children
 
 DOT = 4  # the integer kernels' reduction step (qnn.conv2d, qnn.dense_packed): input channels must divide by it
@@ -36,7 +38,7 @@ class Point:
 
     key: str  # stable across imports of the same model: the consumer's node name, with an ordinal if repeated
     consumer: Call
-    kind: str  # "conv", "depthwise" or "dense"
+    kind: str  # "conv", "padded" (a conv whose channels are padded to a multiple of 4), "depthwise" or "dense"
 
     @property
     def tensor(self) -> Expr:
@@ -47,7 +49,7 @@ def _kind(call: Call) -> str | None:
     if call.op is CONV2D and str(call.ttype.dtype) == "float32" and isinstance(call.args[1], Constant):
         x, a = call.args[0].ttype, call.attrs
         if a.groups == 1:
-            return "conv" if x.shape[1] % DOT == 0 else None
+            return "conv" if x.shape[1] % DOT == 0 else "padded"
         return "depthwise" if a.groups == x.shape[1] else None
     if call.op is DENSE and str(call.ttype.dtype) == "float32" and isinstance(call.args[1], Constant):
         units, k = call.args[1].value.shape
@@ -120,9 +122,17 @@ def quantize(mod: IRModule) -> IRModule:
                 s, z = Constant(np.asarray(scale)), Constant(np.asarray(zp))
                 q = Call(QUANTIZE, (x, s, z), QuantAttrs(out_dtype="uint8"), p.consumer.span)
                 pairs[id(x)] = Call(DEQUANTIZE, (q, s, z), QuantAttrs(out_dtype="uint8"), p.consumer.span)
+            dq = pairs[id(x)]
+            if p.kind == "padded":  # the bytes padded with channels of the zero point, the weights with zeros
+                q, s, z = dq.args
+                extra = -x.ttype.shape[1] % DOT
+                pads = ((0, 0), (0, extra)) + ((0, 0),) * (x.ttype.ndim - 2)
+                q = Call(PAD, (q,), PadAttrs(pads, value=int(z.value)), p.consumer.span)
+                dq = Call(DEQUANTIZE, (q, s, z), dq.attrs, p.consumer.span)
+                w = Constant(np.pad(w.value, ((0, 0), (0, extra), (0, 0), (0, 0))), name=w.name)
             if p.kind != "depthwise":
                 w = Constant(int8_per_channel(w.value), name=w.name)
-            new = Call(new.op, (pairs[id(x)], w), new.attrs, new.span)
+            new = Call(new.op, (dq, w), new.attrs, new.span)
         memo[id(node)] = new
     main = mod.main
     return mod.with_main(Function(main.params, memo[id(main.body)], main.attrs))

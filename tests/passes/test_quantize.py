@@ -49,14 +49,18 @@ def graph_at_quantize(model, target: str = VNNI):
     return run(mod, LEVELS[2][:LEVELS[2].index(quantize)])
 
 
-def test_points_skip_the_rgb_stem_and_name_each_consumer():
-    points = calibration_points(graph_at_quantize(residual_net()))
-    assert [p.kind for p in points] == ["conv", "depthwise", "conv", "conv", "dense"]
+def test_points_name_each_consumer_and_pad_the_rgb_stem():
+    graph = graph_at_quantize(residual_net())
+    points = calibration_points(graph)
+    assert [p.kind for p in points] == ["padded", "conv", "depthwise", "conv", "conv", "dense"]
     assert len({p.key for p in points}) == len(points)
-    # the stem's conv reads 3 channels: no integer kernel takes it, so it is no point
-    convs = [e for e in post_order(graph_at_quantize(residual_net()).main.body) if isinstance(e, Call)
-             and e.op is CONV2D]
-    assert convs[0].args[0].ttype.shape[1] == 3 and all(p.consumer is not convs[0] for p in points)
+    table = {p.key: (-2.0, 3.0) for p in points}
+    stem = next(e for e in post_order(quantize(graph.with_attrs(calibration=table)).main.body)
+                if isinstance(e, Call) and e.op is CONV2D)
+    x, w = stem.args  # 3 channels of bytes and one of the zero point, against a channel of zero weights
+    assert x.op is DEQUANTIZE and x.args[0].op_name == "pad" and x.ttype.shape[1] == 4
+    assert x.args[0].attrs.value == int(activation_qparams(-2.0, 3.0)[1])
+    assert w.value.shape[1] == 4 and not w.value[:, 3].any()
 
 
 def test_pass_writes_one_pair_per_tensor_and_int8_weights():
@@ -143,7 +147,7 @@ def test_calibrated_int8_model_follows_its_qdq_graph_and_the_float_model(tmp_pat
     samples = [[rng.standard_normal((1, 3, 12, 12)).astype(np.float32)] for _ in range(6)]
     target = VNNI if HOST_VNNI else "x86-avx2"  # without VNNI: the QDQ graph in float, still int8's numbers
     cal = calibrate(model, samples, Options(target=target), method=method)
-    assert cal.table.samples == 6 and len(cal.table) == 5
+    assert cal.table.samples == 6 and len(cal.table) == 6
     lo, hi = cal.table.observed[next(iter(cal.table))]
     assert np.isfinite([lo, hi]).all()
     path = tmp_path / "t.json"
@@ -152,7 +156,7 @@ def test_calibrated_int8_model_follows_its_qdq_graph_and_the_float_model(tmp_pat
     options = Options(target=target, precision="int8", calibration=table)
     report = kiln.compile(model, tmp_path / "q.so", options)
     if HOST_VNNI:
-        assert sum("qnn.conv2d_nchwc" in s["ops"] for s in report.steps) == 3
+        assert sum("qnn.conv2d_nchwc" in s["ops"] for s in report.steps) == 4
         assert sum("qnn.dense_packed" in s["ops"] for s in report.steps) == 1
     m = kiln.load(report.path)
     got = [m.run(*s) for s in samples]
