@@ -64,8 +64,9 @@ def calibration_points(mod: IRModule) -> list[Point]:
         if not isinstance(e, Call):
             continue
         kind = _kind(e)
-        if kind is None or str(e.args[0].ttype.dtype) != "float32":
-            continue
+        x = e.args[0]
+        if kind is None or str(x.ttype.dtype) != "float32" or (isinstance(x, Call) and x.op is DEQUANTIZE):
+            continue  # a QDQ model's conv is quantized already
         name = e.span or e.op_name
         seen[name] = seen.get(name, 0) + 1
         points.append(Point(name if seen[name] == 1 else f"{name}#{seen[name]}", e, kind))

@@ -174,3 +174,10 @@ def test_table_files_are_checked(tmp_path):
         CalibrationTable.load(tmp_path / "x.json")
     with pytest.raises(KilnError, match="cannot read"):
         CalibrationTable.load(tmp_path / "missing.json")
+
+
+def test_a_qdq_models_convs_are_not_quantized_twice():
+    from .test_realize_qdq import qdq_conv_model
+
+    graph = graph_at_quantize(qdq_conv_model(expose_y=False))
+    assert calibration_points(graph) == []
