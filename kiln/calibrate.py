@@ -317,8 +317,10 @@ def agreement(names: Sequence[str], reference: Sequence[Sequence[np.ndarray]],
         sqnr = np.inf if noise == 0 else 10 * np.log10(max(signal, 1e-300) / noise)
         worst = max(float(np.max(np.abs(r - g))) if r.size else 0.0 for r, g in zip(ref, new))
         top1 = None
-        if ref[0].ndim >= 1 and ref[0].shape[-1] > 1 and ref[0].size // ref[0].shape[-1] <= 64:
-            hits = sum(int(np.array_equal(r.argmax(axis=-1), g.argmax(axis=-1))) for r, g in zip(ref, new))
+        classes = [r.squeeze() for r in ref]  # [1, 1000, 1, 1] (SqueezeNet's) is logits too
+        if classes[0].ndim in (1, 2) and classes[0].shape[-1] > 1 and classes[0].size // classes[0].shape[-1] <= 64:
+            hits = sum(int(np.array_equal(c.argmax(axis=-1), g.reshape(c.shape).argmax(axis=-1)))
+                       for c, g in zip(classes, new))
             top1 = (hits, len(ref))
         out.append(Agreement(name, float(sqnr), worst, top1))
     return out
