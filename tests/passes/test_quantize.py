@@ -77,6 +77,11 @@ def test_pass_writes_one_pair_per_tensor_and_int8_weights():
             continue
         assert isinstance(x, Call) and x.op is DEQUANTIZE
         assert int8_weights(w.value) is not None  # what realize_qdq recovers the integer weights from
+    # the block's input, read by its first conv and by its add: the add reads the same pair
+    add = next(e for e in post_order(out.main.body) if isinstance(e, Call) and e.op_name == "add"
+               and any(isinstance(a, Call) and a.op is DEQUANTIZE for a in e.args))
+    assert len([e for e in post_order(out.main.body) if isinstance(e, Call) and e.op is QUANTIZE]) == len(qs)
+    assert add is not None
     assert quantize(graph) is graph  # no table: no change
     unknown = graph.with_attrs(calibration={"nothing": (0.0, 1.0)})
     assert quantize(unknown) is unknown
