@@ -1,7 +1,7 @@
 """Differential fuzzing: random graphs (kiln.random_models) compiled by Kiln and checked against ONNX Runtime.
 
     python bench/fuzz_models.py --seeds 0:200 [--minutes 30] [--target native|x86-avx2|both] [--keep DIR]
-                                [--precision fp32|fp16|bf16] [--qdq]
+                                [--precision fp32|fp16|bf16|int8] [--qdq]
     python bench/fuzz_models.py --seeds 17                  # one seed again, in this process, with the traceback
 
 Each case compiles and runs in a worker process, so a segfault or a hang costs that case (reported as a crash or
@@ -63,10 +63,17 @@ def check(seed: int, target: str, precision: str = "fp32", qdq: bool = False) ->
         want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     except Exception as err:  # noqa: BLE001
         return "invalid", f"onnxruntime: {str(err).splitlines()[0][:200]}"
+    options = Options(target=target, shipped_logs=False, precision="fp32" if precision == "int8" else precision)
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            report = kiln.compile(model, Path(tmp) / "m.so", Options(target=target, shipped_logs=False,
-                                                                     precision=precision))
+            if precision == "int8":  # calibrated on other inputs; the oracle is the QDQ graph it computes
+                from kiln.calibrate import calibrate, quantized_reference
+                from kiln.ir import run_module
+
+                cal = calibrate(model, [[random_input(model, seed + 1 + k)] for k in range(3)], options)
+                options = options.with_(precision="int8", calibration=cal.table)
+                want = run_module(quantized_reference(model, cal.table, options), x)
+            report = kiln.compile(model, Path(tmp) / "m.so", options)
             got = kiln.load(report.path).run(x)
             fell = [s for s in report.steps if str(s.get("config_source", "")).startswith("fallback")]
             if fell:  # a template raised and the group got the generic schedule: a template bug, though it runs
@@ -76,8 +83,8 @@ def check(seed: int, target: str, precision: str = "fp32", qdq: bool = False) ->
         except KilnError as err:
             return "error", f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
     got = got if isinstance(got, (list, tuple)) else [got]
-    if qdq:
-        problem = half_precision_mismatch(got, want, ops, QDQ_COSINE if precision == "fp32" else 0.98)
+    if qdq or precision == "int8":
+        problem = half_precision_mismatch(got, want, ops, QDQ_COSINE if precision in ("fp32", "int8") else 0.98)
         return ("mismatch", f"{problem} ({' '.join(ops)})") if problem else ("ok", " ".join(ops))
     if precision == "fp32":
         problem = compare(got, want)
@@ -149,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", default="both", choices=[*TARGETS, "both"])
     ap.add_argument("--minutes", type=float, default=None, help="stop starting new cases after this long")
     ap.add_argument("--keep", type=Path, default=Path("fuzz_failures"), help="write failing models here")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
-                    help="compile at this precision; half precision is compared by cosine")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8"],
+                    help="compile at this precision; half precision is compared by cosine; int8 calibrates on "
+                         "three other inputs and compares with its QDQ graph run by the NumPy interpreter")
     ap.add_argument("--qdq", action="store_true", help="quantize each graph with QDQ pairs (ONNX Runtime's format)")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds a case may take before it counts as a hang")
     ap.add_argument("-v", "--verbose", action="store_true", help="a line for every case, not only failures")

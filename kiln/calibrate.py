@@ -225,6 +225,28 @@ class _Observer:
         return max(self.lo, -t), min(self.hi, t)
 
 
+def graph_before_quantize(model, options=None):
+    """The model's graph as `passes/quantize.py` sees it in the driver's pipeline (opt level 2)."""
+    from kiln.codegen.target import resolve_target
+    from kiln.config import Options
+    from kiln.driver import prepare
+    from kiln.frontend import from_onnx
+    from kiln.passes import LEVELS, run
+    from kiln.passes.quantize import quantize
+
+    options = (options or Options()).with_(precision="fp32", calibration=None, opt_level=2, dump_dir=None)
+    mod = prepare(from_onnx(model, input_shapes=options.input_shapes), resolve_target(options.target), options)
+    return run(mod, LEVELS[2][:LEVELS[2].index(quantize)], verify=False)
+
+
+def quantized_reference(model, table: Mapping[str, tuple[float, float]], options=None):
+    """The QDQ graph an int8 build computes, for the NumPy interpreter (`kiln.ir.run_module`): what an int8
+    artifact must match, to a quantization step where its exact integer sum and the float one round apart."""
+    from kiln.passes.quantize import quantize
+
+    return quantize(graph_before_quantize(model, options).with_attrs(calibration=dict(table)))
+
+
 def calibrate(model, data: str | Path | Sequence[Sequence[np.ndarray]], options=None, method: str = "percentile",
               percentile: float = PERCENTILE) -> Calibration:
     """Calibrate `model` (an .onnx path or ModelProto) on `data` (a path `load_samples` reads, or samples as
@@ -234,20 +256,14 @@ def calibrate(model, data: str | Path | Sequence[Sequence[np.ndarray]], options=
 
     import kiln
     from kiln.config import Options
-    from kiln.driver import prepare
-    from kiln.codegen.target import resolve_target
-    from kiln.frontend import from_onnx
     from kiln.ir import Function, Tuple
-    from kiln.passes import LEVELS, run
-    from kiln.passes.quantize import calibration_points, quantize
+    from kiln.passes.quantize import calibration_points
 
     if method not in METHODS:
         raise KilnError(f"calibration method must be one of {', '.join(METHODS)}, got {method!r}")
     t0 = time.perf_counter()
     options = (options or Options()).with_(precision="fp32", calibration=None, opt_level=2, dump_dir=None)
-    mod = prepare(from_onnx(model, input_shapes=options.input_shapes), resolve_target(options.target), options)
-    passes = LEVELS[2]
-    graph = run(mod, passes[:passes.index(quantize)], verify=False)
+    graph = graph_before_quantize(model, options)
     samples = load_samples(data, graph.main.params) if isinstance(data, (str, Path)) else [list(s) for s in data]
     if not samples:
         raise InputError("calibration needs at least one sample")
@@ -286,7 +302,7 @@ def calibrate(model, data: str | Path | Sequence[Sequence[np.ndarray]], options=
             log.warning("calibration: %s saw NaN or Inf; its range covers the finite values", p.key)
         ranges[p.key] = tuple(float(v) for v in o.range(method, percentile))
         observed[p.key] = (o.lo, o.hi)
-    table = CalibrationTable(ranges, method, len(samples), str(mod.attrs.get("name", "model")), observed)
+    table = CalibrationTable(ranges, method, len(samples), str(graph.attrs.get("name", "model")), observed)
     return Calibration(table, samples, reference, time.perf_counter() - t0)
 
 
