@@ -98,7 +98,7 @@ def load_samples(path: str | Path, params: Sequence) -> list[list[np.ndarray]]:
     """Calibration inputs from a file or folder, as one list of arrays (in the model's input order) per sample.
 
     - `x.npy`, for a model of one input: one sample of the input's shape, or many stacked along a new first
-      axis, or along the batch axis where the model's batch is 1;
+      axis, or along the batch axis (a model of batch 2 takes rows 0-1, 2-3, ...);
     - `x.npz`: an array per input name, each split the same way;
     - a folder: every .npy/.npz in it, in name order, each read as above.
     Float data of another float dtype is converted; anything else that does not fit names the input."""
@@ -145,14 +145,16 @@ def _split(path: Path, param, arr: np.ndarray) -> list[np.ndarray]:
     def fits(shape) -> bool:
         return len(shape) == len(want) and all(not isinstance(d, int) or d == s for d, s in zip(want, shape))
 
-    if fits(arr.shape) and not (want and want[0] == 1 and arr.shape[0] > 1):
+    if fits(arr.shape):
         return [arr]
     if arr.ndim == len(want) + 1 and fits(arr.shape[1:]):
         return [np.ascontiguousarray(a) for a in arr]
-    if want and want[0] == 1 and fits((1,) + arr.shape[1:]):
-        return [np.ascontiguousarray(arr[i:i + 1]) for i in range(arr.shape[0])]
+    batch = want[0] if want and isinstance(want[0], int) and want[0] > 0 else None
+    if batch and arr.ndim == len(want) and arr.shape[0] % batch == 0 and fits((batch,) + arr.shape[1:]):
+        return [np.ascontiguousarray(arr[i:i + batch]) for i in range(0, arr.shape[0], batch)]
     raise InputError(f"{path}: input '{param.name}' has shape {list(want)}; the data's shape {list(arr.shape)} is "
-                     "neither that, nor samples of it stacked along a new first axis or the batch axis")
+                     "neither that, nor samples of it stacked along a new first axis or, in batches of the "
+                     "model's, along the batch axis")
 
 
 # --- ranges -----------------------------------------------------------------------------------------------------

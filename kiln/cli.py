@@ -287,7 +287,9 @@ def calibrate(
         seen = cal.table.observed.get(k, (lo, hi))
         table.add_row(k, f"{seen[0]:.4g}", f"{seen[1]:.4g}", f"[{lo:.4g}, {hi:.4g}]")
     out.print(table)
-    out.print(f"wrote {output}: `kiln compile {model} --precision int8 --calibration {output}`", soft_wrap=True)
+    shapes = "".join(f" --input-shape {s}" for s in input_shape or ())
+    out.print(f"wrote {output}: `kiln compile {model} --precision int8 --calibration {output}{shapes}`",
+              soft_wrap=True)
 
 
 def kernels_table(steps: list[dict]) -> Table:

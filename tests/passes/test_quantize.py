@@ -126,6 +126,14 @@ def test_samples_from_npy_npz_and_folders(tmp_path):
     for i in range(3):
         np.save(folder / f"{i}.npy", x[i:i + 1])
     assert len(load_samples(folder, params)) == 3
+    batch2 = residual_net()
+    for v in (batch2.graph.input[0], batch2.graph.output[0]):
+        v.type.tensor_type.shape.dim[0].dim_value = 2
+    two = from_onnx(batch2).main.params
+    np.save(tmp_path / "four.npy", x[:4])
+    assert [s[0].shape for s in load_samples(tmp_path / "four.npy", two)] == [(2, 3, 12, 12)] * 2
+    with pytest.raises(InputError, match="in batches of the model's"):
+        load_samples(tmp_path / "batch.npy", two)  # 5 rows do not split in twos
     np.save(tmp_path / "bad.npy", x[:, :2])
     with pytest.raises(InputError, match="input 'data' has shape"):
         load_samples(tmp_path / "bad.npy", params)
