@@ -48,7 +48,10 @@ def _reference(model: str, ort, threads: int):
 
 def compare(model: str, target: str = "native", repeat: int = 20, threads: int = 2,
             on_progress: Callable[[int, int], None] | None = None, tuning_logs: tuple = (),
-            precision: str = "fp32") -> dict:
+            precision: str = "fp32", calibration: str | Path | None = None) -> dict:
+    """`precision="int8"` quantizes with `calibration` (a `kiln calibrate` table, or sample inputs), else with
+    ranges calibrated on 4 seeded random inputs: a speed measurement, whose accuracy says nothing of real data;
+    the result then carries the int8 build's SQNR against ONNX Runtime's float32 outputs."""
     import os
 
     os.environ["TVM_NUM_THREADS"] = str(threads)  # before TVM's thread pool starts
@@ -64,10 +67,25 @@ def compare(model: str, target: str = "native", repeat: int = 20, threads: int =
     from kiln.config import Options
 
     proto, feeds, sess, want = _reference(model, ort, threads)
+    options = Options(target=target, tuning_logs=tuple(tuning_logs))
+    calibrated_on = None
+    if precision == "int8":
+        from kiln.calibrate import CalibrationTable, calibrate
+        from kiln.zoo import feeds as seeded
+
+        if calibration is not None and Path(calibration).suffix == ".json":
+            table, calibrated_on = CalibrationTable.load(calibration), str(calibration)
+        else:
+            names = list(feeds)
+            data = calibration if calibration is not None else [
+                [seeded(proto, seed=s)[n] for n in names] for s in range(1, 5)]
+            table = calibrate(proto, data, options).table
+            calibrated_on = str(calibration) if calibration is not None else "4 seeded random inputs"
+        options = options.with_(precision="int8", calibration=table)
+    else:
+        options = options.with_(precision=precision)
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
-        report = kiln.compile(proto, Path(tmp) / "model.so", Options(target=target, tuning_logs=tuple(tuning_logs),
-                                                                        precision=precision),
-                              on_progress=on_progress)
+        report = kiln.compile(proto, Path(tmp) / "model.so", options, on_progress=on_progress)
         compiled = kiln.load(report.path, num_threads=threads)
         got = compiled.run(**feeds)
         per_block = max(3, -(-repeat // ROUNDS))
@@ -88,7 +106,15 @@ def compare(model: str, target: str = "native", repeat: int = 20, threads: int =
     return {"model": model, "match": match, "compile_s": report.total_s, "kernels": report.kernels, "kiln": kiln_t,
             "onnxruntime": ort_t, "ratio": kiln_t["median_ms"] / ort_t["median_ms"], "max_abs_error": err,
             "ratio_range": [min(rounds), max(rounds)],
-            "threads": threads, "precision": precision}
+            "threads": threads, "precision": precision, "calibrated_on": calibrated_on,
+            "sqnr_db": _sqnr(got, want)}
+
+
+def _sqnr(got, want) -> float:
+    """Of the first output: 10·log10(Σ want² / Σ (want − got)²)."""
+    g, w = np.asarray(got[0], np.float64), np.asarray(want[0], np.float64)
+    noise = float(np.sum((w - g) ** 2))
+    return float("inf") if noise == 0 else float(10 * np.log10(max(float(np.sum(w * w)), 1e-300) / noise))
 
 
 def cpu_name() -> str:

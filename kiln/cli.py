@@ -374,7 +374,9 @@ def bench(
     threads: int = typer.Option(2, "--threads", help="threads for both engines"),
     json_out: bool = typer.Option(False, "--json", help="machine-readable output"),
     tuning_log: Optional[list[Path]] = typer.Option(None, "--tuning-log", help="tuning records to apply (repeatable)"),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, tf32, fp16 or bf16 (see kiln compile)"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, tf32, fp16, bf16 or int8 (see kiln compile)"),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="--precision int8: a table or sample "
+                                               "inputs (see kiln compile); default: 4 seeded random inputs"),
 ) -> None:
     """Compile a model, then time Kiln and ONNX Runtime on it side by side (median, p90, ratio, max abs error)."""
     from kiln.bench import compare
@@ -382,7 +384,7 @@ def bench(
     progress, on_progress = progress_bar("compiling kernels")
     with progress:
         result = compare(model, target=target, repeat=repeat, threads=threads, on_progress=on_progress,
-                         tuning_logs=tuple(tuning_log or ()), precision=precision)
+                         tuning_logs=tuple(tuning_log or ()), precision=precision, calibration=calibration)
     if json_out:
         out.print_json(json.dumps(result))
         return
@@ -393,6 +395,9 @@ def bench(
     lo, hi = result["ratio_range"]
     out.print(f"  kiln / onnxruntime = {result['ratio']:.2f}x (rounds {lo:.2f}-{hi:.2f})   "
               f"max abs error {result['max_abs_error']:.2e}", soft_wrap=True)
+    if result["calibrated_on"]:  # int8 against ONNX Runtime's float32 model
+        out.print(f"  int8 calibrated on {result['calibrated_on']}: SQNR {result['sqnr_db']:.1f} dB against "
+                  "ONNX Runtime's float32 outputs", soft_wrap=True)
 
 
 @app.command()

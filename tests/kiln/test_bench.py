@@ -15,3 +15,15 @@ def test_compare_alternates_engines_and_reports_the_spread(tmp_path):
     lo, hi = r["ratio_range"]
     assert 0 < lo <= hi
     assert r["kiln"]["median_ms"] > 0 and r["onnxruntime"]["median_ms"] > 0
+
+
+def test_int8_compare_calibrates_on_seeded_inputs_and_reports_sqnr(tmp_path, monkeypatch):
+    import kiln.bench
+    from tests.passes.test_quantize import residual_net
+
+    monkeypatch.setattr(kiln.bench, "PAUSE_S", 0.0)
+    path = tmp_path / "net.onnx"
+    onnx.save(residual_net(), path)
+    r = compare(str(path), repeat=3, precision="int8")  # native: int8 kernels where the host has VNNI
+    assert r["calibrated_on"] == "4 seeded random inputs" and r["precision"] == "int8"
+    assert r["sqnr_db"] > 25  # about 40 dB on this net
