@@ -196,23 +196,7 @@ def compile(
                                input_shapes=parse_input_shapes(input_shape), measure=measure,
                                tuning_logs=tuple(tuning_log or ()))
     source = z.resolve(model)
-    cal = None
-    if calibration is not None and precision != "int8":
-        raise KilnError("--calibration is for --precision int8")
-    if precision == "int8":
-        if calibration is None:
-            raise KilnError("--precision int8 needs --calibration: sample inputs (.npy, .npz or a folder) or a table "
-                            "that `kiln calibrate` wrote")
-        if calibration.suffix == ".json":
-            from kiln.calibrate import CalibrationTable
-
-            table = CalibrationTable.load(calibration)
-        else:
-            cal = _calibrate(source, calibration, options, calibration_method)
-            table = cal.table
-        options = options.with_(precision="int8", calibration=table)
-    else:
-        options = options.with_(precision=precision)
+    options, cal = _with_precision(options, source, precision, calibration, calibration_method)
     progress, on_progress = progress_bar("compiling kernels")
     with progress:
         report = kiln.compile(source, output, options, on_progress=on_progress, weights=weights)
@@ -247,6 +231,23 @@ def compile(
         if report.conv_choices:
             out.print(explain_table(report))
         out.print(kernels_table(report.steps))
+
+
+def _with_precision(options, source, precision: str, calibration: Optional[Path], method: str):
+    """(options at `precision`, the Calibration when samples were calibrated on here, else None)."""
+    if calibration is not None and precision != "int8":
+        raise KilnError("--calibration is for --precision int8")
+    if precision != "int8":
+        return options.with_(precision=precision), None
+    if calibration is None:
+        raise KilnError("--precision int8 needs --calibration: sample inputs (.npy, .npz or a folder) or a table "
+                        "that `kiln calibrate` wrote")
+    if calibration.suffix == ".json":
+        from kiln.calibrate import CalibrationTable
+
+        return options.with_(precision="int8", calibration=CalibrationTable.load(calibration)), None
+    cal = _calibrate(source, calibration, options, method)
+    return options.with_(precision="int8", calibration=cal.table), cal
 
 
 def _calibrate(source, data: Path, options, method: str):
@@ -523,6 +524,10 @@ def tune(
                                                 "results to the log as records"),
     task: Optional[list[str]] = typer.Option(None, "--task", help="tune only the tasks whose workload key "
                                              "contains this (repeatable); the others keep the log's configs"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 or int8 (with --calibration): the kernels "
+                                  "of that build are tuned"),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="--precision int8: a table or sample "
+                                               "inputs (see kiln compile)"),
 ) -> None:
     """Autotune a model's kernels: search each task's knob space, measure here or on a device over TVM RPC, log
     every measurement; `kiln compile --tuning-log` applies the log."""
@@ -541,6 +546,7 @@ def tune(
     if (rpc_tracker is None) != (rpc_key is None):
         raise KilnError("--rpc-tracker and --rpc-key go together")
     options = Options.from_env(target=target, input_shapes=parse_input_shapes(input_shape))
+    options = _with_precision(options, z.resolve(model), precision, calibration, "percentile")[0]
     name = model.split(":", 1)[1] if model.startswith("zoo:") else Path(model).stem
     resolved = resolve_target(options.target)
     kind = target_info(resolved).cpu if resolved.kind.name == "llvm" else str(resolved.attrs.get("arch", "gpu"))

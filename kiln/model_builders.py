@@ -302,15 +302,16 @@ BUILDERS: dict[str, Callable[..., onnx.ModelProto]] = {
 }
 
 
-def random_feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
-    """Inputs for a built model: images ~ N(0, 1), masks of ones with a padded tail, token ids in range."""
+def random_feeds(model: onnx.ModelProto, seed: int = 0, shapes=None) -> dict[str, np.ndarray]:
+    """Inputs for a built model: images ~ N(0, 1), masks of ones with a padded tail, token ids in range.
+    `shapes` (name → shape) gives the shape of an input whose dims the model leaves symbolic."""
     rng = np.random.default_rng(seed)
     feeds = {}
     inits = {i.name for i in model.graph.initializer}
     for vi in model.graph.input:
         if vi.name in inits:
             continue
-        shape = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+        shape = list((shapes or {}).get(vi.name) or [d.dim_value for d in vi.type.tensor_type.shape.dim])
         dtype = helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
         if vi.name == "attention_mask":
             m = np.ones(shape, dtype)

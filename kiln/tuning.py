@@ -91,8 +91,9 @@ def _end_to_end(proto, plain: Path, log_path, options: Options, result: ModelTun
     target = resolve_target(options.target)
     tuned_configs = best_configs(read_records([log_path], target), decisions=False)
     tuned = kiln.compile(proto, tmp / "tuned.so", Options(**{**vars(options), "configs": tuned_configs})).path
-    feeds = random_feeds(proto, seed=0)
     models = {"default": kiln.load(plain), "tuned": kiln.load(tuned)}
+    # the shapes the artifact was built for: a symbolic dim bound by --input-shape is not in the proto
+    feeds = random_feeds(proto, seed=0, shapes={t.name: t.shape for t in models["default"].inputs})
     want = models["default"].run(**feeds)
     got = models["tuned"].run(**feeds)
     for g, w in zip(got, want):

@@ -45,10 +45,10 @@ def zoo_model(name: str, random_weights: bool = True, seed: int = 0) -> onnx.Mod
     return calibrate_logits(randomize_weights(model, seed), seed) if random_weights else model
 
 
-def feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
+def feeds(model: onnx.ModelProto, seed: int = 0, shapes=None) -> dict[str, np.ndarray]:
     from kiln.model_builders import random_feeds
 
-    return random_feeds(model, seed)
+    return random_feeds(model, seed, shapes)
 
 
 def resolve(model: str | os.PathLike) -> str | onnx.ModelProto:
