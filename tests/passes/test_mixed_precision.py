@@ -88,7 +88,7 @@ def test_fp32_and_tf32_leave_the_graph_alone(precision):
 
 
 def test_unknown_precision_is_refused():
-    with pytest.raises(KilnError, match="precision must be fp32, tf32, fp16 or bf16"):
+    with pytest.raises(KilnError, match="precision must be fp32, tf32, fp16, bf16 or int8"):
         Options(precision="fp8")
 
 
