@@ -215,8 +215,9 @@ def compile(
         out.print(f"convs: {', '.join(f'{n} {a}' for a, n in sorted(picks.items()))}; "
                   f"{report.layout_transforms} layout transforms (--explain for each conv's choice)", soft_wrap=True)
     int8 = {op: sum(op in s.get("ops", ()) for s in report.steps) for op in ("qnn.conv2d_nchwc", "qnn.dense_packed")}
-    if any(int8.values()):  # passes/realize_qdq.py: a quantized model's convs and matmuls on VNNI
-        out.print(f"int8 kernels (VNNI): {int8['qnn.conv2d_nchwc']} convs, {int8['qnn.dense_packed']} matmuls",
+    if any(int8.values()):  # passes/realize_qdq.py: a quantized model's convs and matmuls on integers
+        how = "AVX2, 7-bit weights" if any("madd" in str(s) for s in report.schedules) else "VNNI"
+        out.print(f"int8 kernels ({how}): {int8['qnn.conv2d_nchwc']} convs, {int8['qnn.dense_packed']} matmuls",
                   soft_wrap=True)
     if cal is not None:  # the int8 build against the float32 one, on the samples it was calibrated on
         from kiln.calibrate import agreement

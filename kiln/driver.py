@@ -101,10 +101,13 @@ def compile(model: str | os.PathLike | onnx.ModelProto | IRModule, output: str |
 def prepare(mod: IRModule, target, options: Options) -> IRModule:
     """Target facts the passes need travel as module attrs, so passes stay functions of the IR alone."""
     cpu = target.kind.name == "llvm"
-    int8_dot = cpu and "avx512vnni" in target_info(target).features
+    from kiln.schedules.x86.qconv2d_nchwc import dot_kind
+
+    int8_dot = dot_kind(target_info(target)) if cpu else None
     if options.precision == "int8" and not int8_dot:
-        log.warning("precision int8: the target has no int8 dot product (AVX-512 VNNI), so the quantized convs "
-                    "and matmuls compute in float32 on dequantized values: int8's rounding without its speed")
+        log.warning("precision int8: the target has no int8 kernels (x86 with AVX2 or AVX-512 VNNI), so the "
+                    "quantized convs and matmuls compute in float32 on dequantized values: int8's rounding "
+                    "without its speed")
     return mod.with_attrs(layout_block=vector_lanes(target, 32) if cpu else 0,
                           fuse_depthwise=cpu and options.fuse_depthwise, precision=options.precision,
                           int8_dot=int8_dot,

@@ -90,13 +90,14 @@ def activation_qparams(lo: float, hi: float) -> tuple[np.float32, np.uint8]:
     return np.float32(scale), np.uint8(zp)
 
 
-def int8_per_channel(w: np.ndarray) -> np.ndarray:
-    """W rounded to int8 · max|W[o]| / 127 per output channel (axis 0), in float32: the values an int8 kernel
-    with that scale computes with. A channel of zeros stays zeros."""
+def int8_per_channel(w: np.ndarray, top: int = 127) -> np.ndarray:
+    """W rounded to integers in [-top, top] · max|W[o]| / top per output channel (axis 0), in float32: the
+    values an int8 kernel with that scale computes with (`top` 63 for 7-bit weights). A channel of zeros stays
+    zeros."""
     flat = w.reshape(w.shape[0], -1).astype(np.float64)
-    scale = np.abs(flat).max(axis=1) / 127.0
+    scale = np.abs(flat).max(axis=1) / float(top)
     scale = np.where(scale > 0, scale, 1.0).astype(np.float32).astype(np.float64)
-    q = np.clip(np.rint(flat / scale[:, None]), -127, 127)
+    q = np.clip(np.rint(flat / scale[:, None]), -top, top)
     return (q * scale[:, None]).astype(np.float32).reshape(w.shape)
 
 
@@ -115,6 +116,7 @@ def quantize(mod: IRModule) -> IRModule:
         chosen[id(p.consumer)] = (p, rng)
     if not chosen:
         return mod
+    top = 63 if mod.attrs.get("int8_dot") == "madd" else 127  # AVX2's kernels take 7-bit weights (reduce_range)
     ranges: dict[int, tuple[float, float]] = {}  # tensor → range, from its first chosen reader
     for p, rng in chosen.values():
         ranges.setdefault(id(p.tensor), rng)
@@ -143,7 +145,7 @@ def quantize(mod: IRModule) -> IRModule:
                 dq = Call(DEQUANTIZE, (q, s, z), dq.attrs, p.consumer.span)
                 w = Constant(np.pad(w.value, ((0, 0), (0, extra), (0, 0), (0, 0))), name=w.name)
             if p.kind != "depthwise":
-                w = Constant(int8_per_channel(w.value), name=w.name)
+                w = Constant(int8_per_channel(w.value, top), name=w.name)
             new = Call(new.op, (dq, w), new.attrs, new.span)
         memo[id(node)] = new
         if id(node) in ranges:

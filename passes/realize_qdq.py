@@ -27,8 +27,9 @@ The same, in order of the pass:
 - quantize(relu?(conv · s + b)) becomes one qnn.requantize (`_Requantizer`); any other quantize of a conv's
   output multiplies by 1/scale instead of dividing (`QuantAttrs.reciprocal`, which says why that is no loss).
 
-Only where the driver says the target multiplies bytes natively (`mod.attrs["int8_dot"]`: AVX-512 VNNI) and
-the model computes in float32: elsewhere an int32 conv would be slower than the float one.
+Only where the driver says the target multiplies bytes (`mod.attrs["int8_dot"]`: "vnni" with AVX-512 VNNI,
+"madd" with AVX2's vpmaddubsw, whose int16 pair sums take only weights |w| ≤ 64: `_WEIGHT_LIMIT`) and the
+model computes in float32: elsewhere an int32 conv would be slower than the float one.
 """
 
 from __future__ import annotations
@@ -53,10 +54,10 @@ _TOLERANCE = 1e-4  # how far from an integer W / s may be: float32 rounding of q
 _SAMPLE = 64  # elements per channel that screen the candidate scales before the whole channel is checked
 
 
-def int8_weights(w: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+def int8_weights(w: np.ndarray, top: int = 127) -> tuple[np.ndarray, np.ndarray] | None:
     """(W_q int8, scale per output channel) with W_q · scale == W to float32 rounding, or None.
 
-    A channel's largest |W| is k · s for some integer k ≤ 128 (127 where symmetric max-abs quantization made
+    A channel's largest |W| is k · s for some integer k ≤ top + 1 (top where symmetric max-abs quantization made
     the scale; less where the scale came from elsewhere, as QAT exports do), so s is found among max|W| / k:
     every k is screened on a sample of the channel at once, and the first that leaves it integral is checked on
     all of it. Per-tensor scales are per-channel ones that happen to be equal. A float model's weights fail the
@@ -64,10 +65,10 @@ def int8_weights(w: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     o = w.shape[0]
     flat = w.astype(np.float64).reshape(o, -1)
     peak = np.abs(flat).max(axis=1)
-    ks = np.concatenate([[127.0, 128.0], np.arange(126.0, 0.0, -1.0)])
+    ks = np.concatenate([[top, top + 1.0], np.arange(top - 1.0, 0.0, -1.0)])  # top 63: 7-bit weights
     q = (flat[:, :_SAMPLE] / np.where(peak > 0, peak, 1.0)[:, None])[None] * ks[:, None, None]
     fits = (np.abs(q - np.rint(q)) <= _TOLERANCE).all(axis=2)  # [k, channel]
-    fits[1] &= flat.max(axis=1) < peak  # 128 steps reach only -128: the peak must be negative
+    fits[1] &= flat.max(axis=1) < peak  # top + 1 steps reach only -(top + 1): the peak must be negative
     fits[:, peak == 0] = False
     k = np.zeros(o)
     k[peak == 0] = 1.0
@@ -117,7 +118,8 @@ def _realize_integer(call: Call) -> Expr | None:
         return None  # the padding must hold the zero point: a constant
     xq, zx = centred
     zp = int(_scalar(zx)) if zx is not None else 0
-    if xq.ttype.shape[1] % DOT or not 0 <= zp <= 255 or w.value.min() < -128 or w.value.max() > 127:
+    if xq.ttype.shape[1] % DOT or not 0 <= zp <= 255 or w.value.min() < -128 or w.value.max() > 127 \
+            or not _fits(w.value):
         return None
     wq = w.value.astype(np.int8)
     out = Call(QCONV2D, (xq, Constant(wq, name=w.name)), QConvAttrs(dataclasses.replace(call.attrs, out_dtype=None),
@@ -141,8 +143,8 @@ def _realize_integer_dense(call: Call) -> Expr | None:
         return None
     xq, zx = centred
     units, k = w.value.shape
-    block = next((b for b in (16, 8, 4) if units % b == 0), None)
-    if k % DOT or block is None:
+    block = next((b for b in _BLOCKS[_dot] if units % b == 0), None)
+    if k % DOT or block is None or not _fits(w.value):
         return None
     wq = w.value.astype(np.int8)
     out = Call(QDENSE_PACKED, (xq, Constant(pack_qdense_weight(wq, block), name=w.name)), QDenseAttrs(block),
@@ -163,12 +165,12 @@ def _realize_dense(call: Call) -> Expr | None:
         return None
     xq, sx, zx = x.args
     units, k = w.value.shape
-    block = next((b for b in (16, 8, 4) if units % b == 0), None)
+    block = next((b for b in _BLOCKS[_dot] if units % b == 0), None)
     if (str(xq.ttype.dtype) != "uint8" or _scalar(sx) is None or _scalar(zx) is None or k % DOT or block is None
             or str(call.ttype.dtype) != "float32"):
         return None
-    found = int8_weights(w.value)
-    if found is None:
+    found = int8_weights(w.value, _TOP[_dot])
+    if found is None or not _fits(found[0]):
         return None
     wq, sw = found
     zp = int(_scalar(zx))
@@ -179,6 +181,16 @@ def _realize_dense(call: Call) -> Expr | None:
         out = Call(SUBTRACT, (out, Constant((zp * wsum).astype(np.int32))), None, call.span)
     out = Call(CAST, (out,), CastAttrs("float32"), call.span)
     return Call(MULTIPLY, (out, Constant((_scalar(sx) * sw).astype(np.float32))), None, call.span)
+
+
+_WEIGHT_LIMIT = {"vnni": 128, "madd": 64}  # the largest |W_q| each kind of kernel multiplies exactly
+_TOP = {"vnni": 127, "madd": 63}  # the grids int8_weights looks for: max|W| = k · s for k ≤ top (+ 1)
+_BLOCKS = {"vnni": (16, 8, 4), "madd": (8, 4)}  # dense unit blocks: vectors of int32 lanes the target has
+_dot = "vnni"  # the kind of the module being realized (set by realize_qdq, read by the rewrites below)
+
+
+def _fits(wq: np.ndarray) -> bool:
+    return _dot == "vnni" or int(np.abs(wq.astype(np.int32)).max(initial=0)) <= _WEIGHT_LIMIT[_dot]
 
 
 def _realize(call: Call) -> Expr | None:
@@ -198,8 +210,8 @@ def _realize(call: Call) -> Expr | None:
         return None
     if str(xq.ttype.dtype) != "uint8" or call.attrs.groups != 1 or xq.ttype.shape[1] % DOT:
         return _bytes_in(call, xq, _scalar(sx), _scalar(zx))
-    found = int8_weights(w.value)
-    if found is None:
+    found = int8_weights(w.value, _TOP[_dot])
+    if found is None or not _fits(found[0]):
         return _bytes_in(call, xq, _scalar(sx), _scalar(zx))
     wq, sw = found
     zp = int(_scalar(zx))
@@ -376,8 +388,10 @@ def _unsigned_activations(mod: IRModule) -> IRModule:
 def realize_qdq(mod: IRModule) -> IRModule:
     """int8 activations as uint8, convs and matmuls on integers, then each conv's requantization as one
     qnn.requantize where it can be, else by a multiply (QuantAttrs.reciprocal)."""
+    global _dot
     if not mod.attrs.get("int8_dot") or mod.attrs.get("precision", "fp32") not in ("fp32", "tf32", "int8", None):
         return mod
+    _dot = "madd" if mod.attrs["int8_dot"] == "madd" else "vnni"
     mod = _unsigned_activations(mod)
     realized = rewrite_calls(mod, _realize)
     if realized is mod:

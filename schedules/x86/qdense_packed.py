@@ -13,7 +13,7 @@ from kiln.schedules.workload import Group, Workload
 from kiln.errors import InvalidConfig
 
 from .dense_packed import inline_around, register_tile, tile_dims, tiled_anchor
-from .qconv2d_nchwc import intrinsic
+from .qconv2d_nchwc import dot_kind, intrinsic
 
 VERSION = 1
 
@@ -23,7 +23,9 @@ def _applies(group: Group) -> bool:
 
 
 def _workload(group: Group, info: TargetInfo) -> Workload:
-    return Workload.of(f"x86.qdense_packed@{VERSION}", group, **tile_dims(group))
+    dot = dot_kind(info)
+    return Workload.of(f"x86.qdense_packed@{VERSION}", group, **tile_dims(group),
+                       **({} if dot == "vnni" else {"dot": dot}))
 
 
 def _space(wl: Workload, info: TargetInfo) -> Space:
@@ -33,7 +35,8 @@ def _space(wl: Workload, info: TargetInfo) -> Space:
 
 def _default(wl: Workload, info: TargetInfo) -> Config:
     # one int32 vector per block of 16 units, as one float vector: the float dense's tile shape
-    tile = register_tile(wl["rows"], wl["n_blocks"], wl["k"], 16, 16, min_tiles=-(-8 // wl["batches"]))
+    lanes = 16 if wl.get("dot", "vnni") == "vnni" else 8  # the register file: AVX-512's, or AVX2's
+    tile = register_tile(wl["rows"], wl["n_blocks"], wl["k"], lanes, lanes, min_tiles=-(-8 // wl["batches"]))
     return {"tile_m": tile["tile_m"], "tile_n": tile["tile_n"], "n_outer": True}
 
 
@@ -63,14 +66,16 @@ def _schedule(sch, wl: Workload, cfg: Config) -> list[str]:
         last = sch.get_loops(b)[-1]
         if not sch.get(last).same_as(sch.get(tile)):
             sch.vectorize(last)
-    sch.tensorize(nb, intrinsic(block))
+    dot = wl.get("dot", "vnni")
+    sch.tensorize(nb, intrinsic(block, dot))
     sch.unroll(mi)
     sch.unroll(nt)
-    return [f"qdense_packed(m={tile_m},n={tile_n}{',n_outer' if cfg['n_outer'] else ''},vnni{block})"]
+    return [f"qdense_packed(m={tile_m},n={tile_n}{',n_outer' if cfg['n_outer'] else ''},{dot}{block})"]
 
 
 TEMPLATE = Template(
     "x86.qdense_packed", VERSION, "llvm", applies=_applies, workload=_workload, space=_space, default=_default,
-    schedule=_schedule, priority=10, supports=lambda info: "avx512vnni" in info.features,
-    doc="uint8 × int8 dense: register tiles of rows × 16-unit vectors, vpdpbusd over 4 k at a time (AVX-512 VNNI)",
+    schedule=_schedule, priority=10, supports=lambda info: dot_kind(info) is not None,
+    doc="uint8 × int8 dense: register tiles of rows × 16-unit vectors, vpdpbusd over 4 k at a time (AVX-512 VNNI; "
+        "else vpmaddubsw + vpmaddwd)",
 )

@@ -59,12 +59,12 @@ def test_packed_weights_round_trip_and_blocked_reference_matches_plain():
 
 
 def qdq_conv_model(c=16, oc=32, k=3, stride=1, zp=131, per_channel=True, requantize=True, oc2=24, expose_y=True,
-                   out_q=False, signed=False, clip=None):
+                   out_q=False, signed=False, clip=None, wmax=127):
     """input → Q → DQ → Conv(DQ(int8 W)) + bias [→ Q → DQ] → Relu → Q → DQ → 1x1 Conv(DQ(int8 W2)) → output:
     ONNX Runtime's QDQ format, with a zero point that is not 0 and padding that must hold it."""
-    w = rng.integers(-127, 128, (oc, c, k, k)).astype(np.int8)
+    w = rng.integers(-wmax, wmax + 1, (oc, c, k, k)).astype(np.int8)
     ws = (rng.uniform(0.002, 0.01, oc) if per_channel else np.array(0.004)).astype(np.float32)
-    w2 = rng.integers(-127, 128, (oc2, oc, 1, 1)).astype(np.int8)
+    w2 = rng.integers(-wmax, wmax + 1, (oc2, oc, 1, 1)).astype(np.int8)
     ws2 = rng.uniform(0.002, 0.01, oc2).astype(np.float32)
     inits = [numpy_helper.from_array(v, n) for n, v in [
         ("xs", np.float32(0.03)), ("xz", np.int8(zp) if signed else np.uint8(zp)), ("w", w), ("ws", ws), ("wz", np.zeros(ws.shape, np.int8)),
@@ -102,6 +102,26 @@ def test_compiles_to_vnni_kernels_for_a_vnni_target(tmp_path):
     assert sum(t.startswith("x86.qconv2d_nchwc") for t in templates) == 2, templates
     plain = kiln.compile(qdq_conv_model(), tmp_path / "p.so", kiln.Options(target="x86-avx512"))
     assert not any(s["template"].startswith("x86.qconv2d") for s in plain.steps)  # no VNNI: float convs
+
+
+def test_without_vnni_7_bit_weights_take_the_madd_kernels(tmp_path):
+    """AVX2 (and AVX-512 without VNNI): vpmaddubsw's int16 pair sums are exact for |w| ≤ 64 only, so a model
+    of 7-bit weights (ONNX Runtime's reduce_range, Kiln's own int8 on such targets) runs on integers and one of
+    full-range weights stays float. The AVX2 build runs here (any x86 host has AVX2) and follows the
+    interpreter of its QDQ graph to one output step."""
+    model = qdq_conv_model(expose_y=False, out_q=True, wmax=63)  # reduce_range: [-64, 63]
+    for target, lanes in (("x86-avx2", 8), ("x86-avx512", 16)):
+        report = kiln.compile(model, tmp_path / f"{target}.so", kiln.Options(target=target))
+        assert [s for s in report.schedules if "madd" in s] and not [s for s in report.schedules if "vnni" in s]
+        assert sum(s["template"].startswith("x86.qconv2d_nchwc") for s in report.steps) == 2
+        assert any(f"madd{lanes}" in s for s in report.schedules), report.schedules
+    full = kiln.compile(qdq_conv_model(expose_y=False, out_q=True), tmp_path / "f.so", kiln.Options(target="x86-avx2"))
+    assert not any(s["template"].startswith("x86.qconv2d") for s in full.steps)
+    x = rng.standard_normal((1, 16, 14, 14)).astype(np.float32) * 2
+    (out,) = kiln.load(tmp_path / "x86-avx2.so").run(x=x)
+    (want,) = run_module(from_onnx(model), x=x)
+    steps = np.abs(out - want) / 0.5
+    assert steps.max() <= 1 and np.mean(steps > 0) < 0.01, (steps.max(), np.mean(steps > 0))
 
 
 @needs_vnni
