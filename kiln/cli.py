@@ -697,17 +697,24 @@ def repo_add(
                                                "default: powers of two up to --max-batch"),
     target: str = typer.Option("native", "--target"),
     opt_level: int = typer.Option(2, "--opt-level"),
+    precision: str = typer.Option("fp32", "--precision", help="as kiln compile; int8 takes a table from `kiln "
+                                  "calibrate` (its ranges do not depend on the batch, so every bucket shares it)"),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="--precision int8: the table (.json)"),
 ) -> None:
     """Compile a model into a new repository version: one artifact per batch bucket, plus config.json."""
     from kiln import zoo as z
     from kiln.config import Options
     from kiln.repo_builder import add_version
 
+    if precision == "int8" and calibration is not None and calibration.suffix != ".json":
+        raise KilnError("kiln repo add --precision int8 takes a calibration table: kiln calibrate MODEL --data "
+                        "SAMPLES --input-shape NAME=1,... -o table.json")
+    options = Options.from_env(target=target, opt_level=opt_level)
+    options = _with_precision(options, z.resolve(model), precision, calibration, "percentile")[0]
     progress, on_progress = progress_bar("compiling buckets")
     with progress:
         added = add_version(z.resolve(model), repository, name, version=version, max_batch=max_batch,
-                            buckets=bucket, options=Options.from_env(target=target, opt_level=opt_level),
-                            on_progress=on_progress)
+                            buckets=bucket, options=options, on_progress=on_progress)
     out.print(f"wrote {added.path}: buckets {list(added.buckets)}; compile {added.compile_s:.1f} s", soft_wrap=True)
 
 

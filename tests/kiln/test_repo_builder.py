@@ -40,3 +40,27 @@ def test_a_fixed_batch_dim_is_refused_before_compiling(tmp_path):
     with pytest.raises(KilnError, match="fixes its batch dim to 1"):
         add_version(_relu_model(1), tmp_path, "relu", max_batch=4)
     assert not (tmp_path / "relu").exists()
+
+
+def test_an_int8_version_shares_one_calibration_table_across_buckets(tmp_path):
+    """Ranges do not depend on the batch: a table calibrated at batch 1 quantizes every bucket's build, each
+    with its int8 kernels, each row the batch-1 build's answer."""
+    import numpy as np
+
+    import kiln
+    from kiln.calibrate import calibrate
+    from kiln.config import Options
+    from tests.passes.test_quantize import residual_net
+
+    model = residual_net()
+    rng = np.random.default_rng(3)
+    cal = calibrate(model, [[rng.standard_normal((1, 3, 12, 12)).astype(np.float32)] for _ in range(3)])
+    for v in (model.graph.input[0], model.graph.output[0]):
+        v.type.tensor_type.shape.dim[0].dim_param = "N"
+    added = add_version(model, tmp_path, "net", max_batch=2, options=Options(precision="int8", calibration=cal.table))
+    x = rng.standard_normal((2, 3, 12, 12)).astype(np.float32)
+    one = kiln.load(added.path / "model_b1.so")
+    two = kiln.load(added.path / "model_b2.so")
+    assert any("qnn." in " ".join(s.get("ops", ())) for s in two.meta["steps"])
+    rows = np.concatenate([one.run(x[i:i + 1])[0] for i in range(2)])
+    np.testing.assert_allclose(two.run(x)[0], rows, rtol=1e-5, atol=1e-5)
