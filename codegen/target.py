@@ -17,6 +17,8 @@ PRESETS = {
     "x86-avx512-vnni": {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "cascadelake"},
     "x86-avx2": {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"},
     "aarch64": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
+    # ARMv8.2 dot product (Cortex-A55/A76 and later, Graviton2+): int8 convs and matmuls on sdot
+    "aarch64-dotprod": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]},
     "cuda-sm80": {"kind": "cuda", "arch": "sm_80", "host": {"kind": "llvm"}},  # Ampere: A100
     "cuda-sm90": {"kind": "cuda", "arch": "sm_90", "host": {"kind": "llvm"}},  # Hopper: H100, H200
 }
@@ -60,9 +62,12 @@ def resolve_target(spec: str | dict | None):
 
 
 def required_cpu_features(target) -> list[str]:
-    """The x86 features the kernels may use, checked against the host at load time."""
+    """The x86 features the kernels may use, or the aarch64 extensions beyond NEON they were built with
+    (dotprod: sdot), checked against the host at load time."""
     from tvm.target import codegen
 
+    if target.kind.name == "llvm" and "aarch64" in str(target.attrs.get("mtriple", "")):
+        return [str(a).lstrip("+") for a in target.attrs.get("mattr", []) if str(a).lstrip("+") in ("dotprod",)]
     if target.kind.name != "llvm" or "x86" not in str(target.attrs.get("mtriple", "x86_64")):
         return []
     out = []

@@ -106,17 +106,18 @@ def quantize(mod: IRModule) -> IRModule:
     table: Mapping[str, tuple[float, float]] | None = mod.attrs.get("calibration")
     if not table:
         return mod
+    top = 63 if mod.attrs.get("int8_dot") == "madd" else 127  # AVX2's kernels take 7-bit weights (reduce_range)
+    signed = mod.attrs.get("int8_dot") == "sdot"  # aarch64's sdot: int8 activations, zero point - 128
     chosen: dict[int, tuple[Point, tuple[float, float]]] = {}
     for p in calibration_points(mod):
         rng = table.get(p.key)
         if rng is None or not all(np.isfinite(rng)):
             continue
-        if p.kind == "depthwise" and rng[0] < 0:
-            continue  # a zero point above 0: the float conv would dequantize bytes for nothing
+        if p.kind == "depthwise" and (rng[0] < 0 or signed):
+            continue  # a zero point other than 0: the float conv would dequantize bytes for nothing
         chosen[id(p.consumer)] = (p, rng)
     if not chosen:
         return mod
-    top = 63 if mod.attrs.get("int8_dot") == "madd" else 127  # AVX2's kernels take 7-bit weights (reduce_range)
     ranges: dict[int, tuple[float, float]] = {}  # tensor → range, from its first chosen reader
     for p, rng in chosen.values():
         ranges.setdefault(id(p.tensor), rng)
@@ -150,8 +151,9 @@ def quantize(mod: IRModule) -> IRModule:
         memo[id(node)] = new
         if id(node) in ranges:
             scale, zp = activation_qparams(*ranges[id(node)])
-            s, z = Constant(np.asarray(scale)), Constant(np.asarray(zp))
-            q = Call(QUANTIZE, (new, s, z), QuantAttrs(out_dtype="uint8"), getattr(node, "span", None))
-            pairs[id(node)] = Call(DEQUANTIZE, (q, s, z), QuantAttrs(out_dtype="uint8"), getattr(node, "span", None))
+            dtype = "int8" if signed else "uint8"
+            s, z = Constant(np.asarray(scale)), Constant(np.asarray(int(zp) - 128 * signed, dtype))
+            q = Call(QUANTIZE, (new, s, z), QuantAttrs(out_dtype=dtype), getattr(node, "span", None))
+            pairs[id(node)] = Call(DEQUANTIZE, (q, s, z), QuantAttrs(out_dtype=dtype), getattr(node, "span", None))
     main = mod.main
     return mod.with_main(Function(main.params, memo[id(main.body)], main.attrs))

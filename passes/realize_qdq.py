@@ -166,7 +166,8 @@ def _realize_dense(call: Call) -> Expr | None:
     xq, sx, zx = x.args
     units, k = w.value.shape
     block = next((b for b in _BLOCKS[_dot] if units % b == 0), None)
-    if (str(xq.ttype.dtype) != "uint8" or _scalar(sx) is None or _scalar(zx) is None or k % DOT or block is None
+    if (str(xq.ttype.dtype) != _ACTIVATIONS[_dot] or _scalar(sx) is None or _scalar(zx) is None or k % DOT
+            or block is None
             or str(call.ttype.dtype) != "float32"):
         return None
     found = int8_weights(w.value, _TOP[_dot])
@@ -183,9 +184,10 @@ def _realize_dense(call: Call) -> Expr | None:
     return Call(MULTIPLY, (out, Constant((_scalar(sx) * sw).astype(np.float32))), None, call.span)
 
 
-_WEIGHT_LIMIT = {"vnni": 128, "madd": 64}  # the largest |W_q| each kind of kernel multiplies exactly
-_TOP = {"vnni": 127, "madd": 63}  # the grids int8_weights looks for: max|W| = k · s for k ≤ top (+ 1)
-_BLOCKS = {"vnni": (16, 8, 4), "madd": (8, 4)}  # dense unit blocks: vectors of int32 lanes the target has
+_WEIGHT_LIMIT = {"vnni": 128, "madd": 64, "sdot": 128}  # the largest |W_q| each kind of kernel multiplies exactly
+_TOP = {"vnni": 127, "madd": 63, "sdot": 127}  # the grids int8_weights looks for: max|W| = k · s for k ≤ top (+ 1)
+_BLOCKS = {"vnni": (16, 8, 4), "madd": (8, 4), "sdot": (4,)}  # dense unit blocks: the target's int32 vectors
+_ACTIVATIONS = {"vnni": "uint8", "madd": "uint8", "sdot": "int8"}  # what each kernel multiplies weights by
 _dot = "vnni"  # the kind of the module being realized (set by realize_qdq, read by the rewrites below)
 
 
@@ -208,7 +210,7 @@ def _realize(call: Call) -> Expr | None:
     xq, sx, zx = x.args
     if _scalar(sx) is None or _scalar(zx) is None or str(xq.ttype.dtype) not in ("uint8", "int8"):
         return None
-    if str(xq.ttype.dtype) != "uint8" or call.attrs.groups != 1 or xq.ttype.shape[1] % DOT:
+    if str(xq.ttype.dtype) != _ACTIVATIONS[_dot] or call.attrs.groups != 1 or xq.ttype.shape[1] % DOT:
         return _bytes_in(call, xq, _scalar(sx), _scalar(zx))
     found = int8_weights(w.value, _TOP[_dot])
     if found is None or not _fits(found[0]):
@@ -348,12 +350,14 @@ class _Requantizer:
             RequantizeAttrs(str(call.ttype.dtype), low, high)
 
 
-def _unsigned_activations(mod: IRModule) -> IRModule:
+def _unsigned_activations(mod: IRModule, to: str = "uint8") -> IRModule:
     """int8 activations as uint8: a per-tensor quantize to int8 whose every reader is a dequantize with its scale
     and zero point becomes a quantize to uint8 with zero point z + 128, and its readers dequantize that. The
     bytes are the old ones plus 128, clip(rint(x / s) + z + 128, 0, 255) = q + 128, and every dequantized value
     is the same; VNNI multiplies unsigned by signed bytes, so symmetric (int8) activations take the int8 kernels
-    too. A quantized value that is a model output keeps its type."""
+    too. A quantized value that is a model output keeps its type. `to="int8"` is the same the other way
+    (aarch64's sdot multiplies signed by signed bytes): uint8 pairs become int8 ones with zero point z - 128."""
+    src, shift = ("int8", 128) if to == "uint8" else ("uint8", -128)
     readers: dict[int, list] = {}
     for e in post_order(mod.main.body):
         for c in children(e):
@@ -364,7 +368,7 @@ def _unsigned_activations(mod: IRModule) -> IRModule:
                 and _scalar(dq.args[1]) == _scalar(q.args[1]) and _scalar(dq.args[2]) == _scalar(q.args[2]))
 
     flip = {id(e) for e in post_order(mod.main.body)
-            if isinstance(e, Call) and e.op is QUANTIZE and str(e.ttype.dtype) == "int8"
+            if isinstance(e, Call) and e.op is QUANTIZE and str(e.ttype.dtype) == src
             and _scalar(e.args[1]) is not None and _scalar(e.args[2]) is not None and e is not mod.main.body
             and readers.get(id(e)) and all(same(r, e) for r in readers[id(e)])}
     if not flip:
@@ -374,9 +378,9 @@ def _unsigned_activations(mod: IRModule) -> IRModule:
     for node in post_order(fn.body):
         kids = tuple(memo[id(c)] for c in children(node))
         if id(node) in flip:
-            zero = Constant(np.uint8(int(_scalar(node.args[2])) + 128))
+            zero = Constant(np.asarray(int(_scalar(node.args[2])) + shift, to))
             memo[id(node)] = Call(QUANTIZE, (kids[0], kids[1], zero),
-                                  dataclasses.replace(node.attrs, out_dtype="uint8"), node.span)
+                                  dataclasses.replace(node.attrs, out_dtype=to), node.span)
         elif isinstance(node, Call) and node.op is DEQUANTIZE and id(node.args[0]) in flip:
             memo[id(node)] = Call(DEQUANTIZE, (kids[0], kids[1], memo[id(node.args[0])].args[2]), node.attrs,
                                   node.span)
@@ -391,8 +395,8 @@ def realize_qdq(mod: IRModule) -> IRModule:
     global _dot
     if not mod.attrs.get("int8_dot") or mod.attrs.get("precision", "fp32") not in ("fp32", "tf32", "int8", None):
         return mod
-    _dot = "madd" if mod.attrs["int8_dot"] == "madd" else "vnni"
-    mod = _unsigned_activations(mod)
+    _dot = mod.attrs["int8_dot"] if mod.attrs["int8_dot"] in _TOP else "vnni"
+    mod = _unsigned_activations(mod, _ACTIVATIONS[_dot])
     realized = rewrite_calls(mod, _realize)
     if realized is mod:
         return mod

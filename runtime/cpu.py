@@ -6,7 +6,7 @@ import platform
 from functools import lru_cache
 
 # LLVM feature names → /proc/cpuinfo flag names where they differ
-_FLAG_NAMES = {"sse4.2": "sse4_2", "avx512vnni": "avx512_vnni"}
+_FLAG_NAMES = {"sse4.2": "sse4_2", "avx512vnni": "avx512_vnni", "dotprod": "asimddp"}
 
 
 @lru_cache(maxsize=1)
@@ -14,7 +14,7 @@ def host_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
+                if line.startswith(("flags", "Features")):  # x86, aarch64
                     return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass

@@ -35,8 +35,9 @@ class QConvAttrs:
 
 
 def _check_operands(op: str, x: TensorType, w: TensorType) -> None:
-    if str(x.dtype) != "uint8" or str(w.dtype) != "int8":
-        raise TypeCheckError(f"{op}: takes uint8 data and int8 weights, got {x} and {w}")
+    """uint8 data (x86: vpdpbusd multiplies unsigned by signed bytes) or int8 (aarch64: sdot, signed by signed)."""
+    if str(x.dtype) not in ("uint8", "int8") or str(w.dtype) != "int8":
+        raise TypeCheckError(f"{op}: takes uint8 or int8 data and int8 weights, got {x} and {w}")
 
 
 def _qconv_type(x: TensorType, w: TensorType, a: QConvAttrs) -> TensorType:
@@ -74,7 +75,7 @@ def _qconv_compute(x, w, a: QConvAttrs):
     from tvm import tirx as tir
 
     c = a.conv
-    out = _qconv_type(TensorType(tuple(int(d) for d in x.shape), "uint8"),
+    out = _qconv_type(TensorType(tuple(int(d) for d in x.shape), str(x.dtype)),
                       TensorType(tuple(int(d) for d in w.shape), "int8"), a)
     n, ch, h, wd = (int(d) for d in x.shape)
     t, left = c.padding[0], c.padding[1]
@@ -82,7 +83,7 @@ def _qconv_compute(x, w, a: QConvAttrs):
 
     def at(i, k, y, z):
         inside = tir.all(y >= t, y < h + t, z >= left, z < wd + left)
-        return tir.if_then_else(inside, x[i, k, y - t, z - left], tir.const(a.x_zero_point, "uint8"))
+        return tir.if_then_else(inside, x[i, k, y - t, z - left], tir.const(a.x_zero_point, x.dtype))
 
     xp = te.compute((n, ch, h + c.padding[0] + c.padding[2], wd + c.padding[1] + c.padding[3]), at, name="pad")
     rc = te.reduce_axis((0, ch), name="rc")
@@ -149,7 +150,7 @@ def _qconv_nchwc_compute(x, w, a: QConvNCHWcAttrs):
     from tvm import te
 
     c = a.conv
-    out = _qconv_nchwc_type(TensorType(tuple(int(d) for d in x.shape), "uint8"),
+    out = _qconv_nchwc_type(TensorType(tuple(int(d) for d in x.shape), str(x.dtype)),
                             TensorType(tuple(int(d) for d in w.shape), "int8"), a)
     xp = pad_nchwc(x, tuple(c.padding), value=a.x_zero_point)
     (sh, sw), (dh, dw) = c.strides, c.dilation

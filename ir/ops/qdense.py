@@ -36,8 +36,8 @@ def unpack_qdense_weight(w: np.ndarray) -> np.ndarray:
 
 
 def _type(x: TensorType, w: TensorType, a: QDenseAttrs) -> TensorType:
-    if str(x.dtype) != "uint8" or str(w.dtype) != "int8":
-        raise TypeCheckError(f"qnn.dense_packed: takes uint8 data and int8 weights, got {x} and {w}")
+    if str(x.dtype) not in ("uint8", "int8") or str(w.dtype) != "int8":
+        raise TypeCheckError(f"qnn.dense_packed: takes uint8 or int8 data and int8 weights, got {x} and {w}")
     if w.ndim != 4 or w.shape[2] != a.block or w.shape[3] != DOT or x.ndim < 1 or x.shape[-1] != w.shape[1] * DOT:
         raise TypeCheckError(f"qnn.dense_packed: x is {x}, packed w is {w}; expected [units/{a.block}, "
                              f"{x.shape[-1] if x.ndim else '?'}/{DOT}, {a.block}, {DOT}]")

@@ -26,8 +26,8 @@ from kiln.schedules.workload import Group, Workload
 from .conv2d_nchwc import prepare
 
 VERSION = 1
-REGISTERS = {"vnni": 32, "madd": 16}  # vector registers: AVX-512's 32 (VNNI hosts), AVX2's 16
-RESERVED = {"vnni": 8, "madd": 6}  # the broadcast, tile_oc weight vectors and, for madd, its ones and products
+REGISTERS = {"vnni": 32, "madd": 16, "sdot": 32}  # vector registers: AVX-512's 32, AVX2's 16, NEON's 32
+RESERVED = {"vnni": 8, "madd": 6, "sdot": 8}  # the broadcast, tile_oc weight vectors (madd: its ones, products)
 MADD_LIMIT = 64  # |w| for which vpmaddubsw's int16 pair sums cannot saturate
 
 
@@ -45,8 +45,11 @@ _MADD = {512: ("llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512")
 
 
 def dot_kind(info) -> str | None:
-    """How this x86 target multiplies bytes: "vnni" (vpdpbusd), "madd" (vpmaddubsw + vpmaddwd, 7-bit
-    weights), or None."""
+    """How this CPU target multiplies bytes: "vnni" (vpdpbusd), "madd" (vpmaddubsw + vpmaddwd, 7-bit
+    weights), "sdot" (aarch64 with the dot-product extension: int8 × int8, so activations are int8 there), or
+    None."""
+    if info.arch == "aarch64":
+        return "sdot" if "dotprod" in info.features else None
     if "avx512vnni" in info.features:
         return "vnni"
     return "madd" if "avx2" in info.features else None
@@ -61,6 +64,8 @@ def intrinsic(lanes: int, dot: str = "vnni") -> str:
     from tvm.script import tirx as T
 
     bits = lanes * 32
+    if dot == "sdot":
+        return _sdot(lanes)
     llvm = T.llvm_lookup_intrinsic_id(f"llvm.x86.avx512.vpdpbusd.{bits}")
     i32, u8, i8 = f"int32x{lanes}", f"uint8x{lanes * DOT}", f"int8x{lanes * DOT}"
     pairs_of, quads_of = (T.llvm_lookup_intrinsic_id(n) for n in _MADD[bits])
@@ -109,6 +114,47 @@ def intrinsic(lanes: int, dot: str = "vnni") -> str:
     name = f"kiln_{dot}_u8i8i32_{lanes}x{DOT}_local"
     TensorIntrin.register(name, desc, impl if dot == "vnni" else madd)
     _INTRINSICS[(lanes, dot)] = name
+    return name
+
+
+def _sdot(lanes: int) -> str:
+    """aarch64's sdot: 4 int32 lanes, each += 4 int8 × int8 products, the input's 4 bytes broadcast."""
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    if lanes != 4:
+        raise ValueError(f"sdot sums into 4 int32 lanes (128-bit NEON), not {lanes}")
+    llvm = T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8")
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (DOT,), "int8", offset_factor=1)
+        B = T.match_buffer(b, (4, DOT), "int8", offset_factor=1)
+        C = T.match_buffer(c, (4,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:4], A[0:DOT], B[0:4, 0:DOT])
+            T.writes(C[0:4])
+            for i, k in T.grid(4, DOT):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (DOT,), "int8", offset_factor=1)
+        B = T.match_buffer(b, (4, DOT), "int8", offset_factor=1)
+        C = T.match_buffer(c, (4,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:4], A[0:DOT], B[0:4, 0:DOT])
+            T.writes(C[0:4])
+            word = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
+            C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
+                llvm, C.vload([0], dtype="int32x4"), T.reinterpret(T.broadcast(word, 4), dtype="int8x16"),
+                B.vload([0, 0], dtype="int8x16"), dtype="int32x4")
+
+    name = f"kiln_sdot_i8i8i32_4x{DOT}_local"
+    TensorIntrin.register(name, desc, impl)
+    _INTRINSICS[(4, "sdot")] = name
     return name
 
 

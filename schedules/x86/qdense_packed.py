@@ -35,7 +35,7 @@ def _space(wl: Workload, info: TargetInfo) -> Space:
 
 def _default(wl: Workload, info: TargetInfo) -> Config:
     # one int32 vector per block of 16 units, as one float vector: the float dense's tile shape
-    lanes = 16 if wl.get("dot", "vnni") == "vnni" else 8  # the register file: AVX-512's, or AVX2's
+    lanes = {"vnni": 16, "madd": 8, "sdot": 4}[wl.get("dot", "vnni")]  # the vector: AVX-512's, AVX2's, NEON's
     tile = register_tile(wl["rows"], wl["n_blocks"], wl["k"], lanes, lanes, min_tiles=-(-8 // wl["batches"]))
     return {"tile_m": tile["tile_m"], "tile_n": tile["tile_n"], "n_outer": True}
 

@@ -188,3 +188,28 @@ def test_full_size_models_under_qemu_match_onnxruntime(name, tmp_path):
     got = QemuModel(path).run(**feeds)
     for g, w in zip(got, ort_run(model, feeds)):
         assert_close(g, w, rtol=1e-3, atol=1e-4, what=name)
+
+
+@needs_cross_gcc
+@needs_qemu
+def test_int8_on_sdot_under_qemu_follows_its_qdq_graph(tmp_path):
+    """aarch64 with the dot-product extension: calibrated int8 convs and the dense run on sdot (int8 × int8,
+    so activations are int8 with the zero point - 128), the artifact records `dotprod` for its load check, and
+    under qemu it computes the QDQ graph the NumPy interpreter runs (int32 sums are exact: the same numbers)."""
+    from kiln.calibrate import calibrate, quantized_reference
+    from kiln.ir import run_module
+    from tests.passes.test_quantize import residual_net
+
+    model = residual_net()
+    rng = np.random.default_rng(5)
+    samples = [[rng.standard_normal((1, 3, 12, 12)).astype(np.float32)] for _ in range(3)]
+    table = calibrate(model, samples).table  # on this host: ranges do not depend on the target
+    options = Options(target="aarch64-dotprod", precision="int8", calibration=table)
+    report = kiln.compile(model, tmp_path / "q_a64.so", options)
+    assert sum("sdot4" in s for s in report.schedules) == 5, report.schedules  # 4 convs (stem padded), 1 dense
+    m = QemuModel(report.path)
+    assert m.meta["cpu_features"] == ["dotprod"]
+    want = run_module(quantized_reference(model, table, options), *samples[0])[0]
+    np.testing.assert_allclose(m.run(*samples[0])[0], want, rtol=1e-5, atol=1e-5)
+    objdump = subprocess.run([OBJDUMP, "-d", str(report.path)], capture_output=True, text=True).stdout
+    assert "sdot" in objdump

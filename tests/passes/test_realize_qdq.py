@@ -59,9 +59,11 @@ def test_packed_weights_round_trip_and_blocked_reference_matches_plain():
 
 
 def qdq_conv_model(c=16, oc=32, k=3, stride=1, zp=131, per_channel=True, requantize=True, oc2=24, expose_y=True,
-                   out_q=False, signed=False, clip=None, wmax=127):
+                   out_q=False, signed=False, clip=None, wmax=127, gen=None):
     """input → Q → DQ → Conv(DQ(int8 W)) + bias [→ Q → DQ] → Relu → Q → DQ → 1x1 Conv(DQ(int8 W2)) → output:
-    ONNX Runtime's QDQ format, with a zero point that is not 0 and padding that must hold it."""
+    ONNX Runtime's QDQ format, with a zero point that is not 0 and padding that must hold it. `gen`: another
+    generator than this module's, for callers elsewhere, so the tests here see the same numbers in any order."""
+    rng = gen or globals()["rng"]
     w = rng.integers(-wmax, wmax + 1, (oc, c, k, k)).astype(np.int8)
     ws = (rng.uniform(0.002, 0.01, oc) if per_channel else np.array(0.004)).astype(np.float32)
     w2 = rng.integers(-wmax, wmax + 1, (oc2, oc, 1, 1)).astype(np.int8)
