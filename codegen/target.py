@@ -1,5 +1,5 @@
-"""Targets: named presets (`x86`, `x86-avx512`, `x86-avx2`, `aarch64`, `aarch64-dotprod`, `cuda-sm80`, `cuda-sm90`, `native`) or a
-raw TVM target dict as JSON. An unknown CPU name is an error here, not LLVM's silent fallback to a generic CPU."""
+"""Targets: named presets (`x86`, `x86-avx512`, `x86-avx2`, `aarch64`, `aarch64-dotprod`, `cuda-sm80`,
+`cuda-sm90`, `native`) or a raw TVM target dict as JSON. An unknown CPU name is an error here, not LLVM's silent fallback to a generic CPU."""
 
 from __future__ import annotations
 
