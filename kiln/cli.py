@@ -164,7 +164,8 @@ def compile(
     model: str = typer.Argument(DEFAULT_MODEL, help="an .onnx file, or zoo:<name>"),
     output: Path = typer.Option(Path("model.so"), "-o", "--output", help="the artifact to write"),
     target: str = typer.Option("native", "--target",
-                               help="native, x86, x86-avx512, x86-avx512-vnni, x86-avx2, aarch64, aarch64-dotprod (cross gcc), or a TVM target dict"),
+                               help="native, x86, x86-avx512, x86-avx512-vnni, x86-avx2, aarch64, "
+                               "aarch64-dotprod (cross gcc), or a TVM target dict"),
     opt_level: int = typer.Option(2, "--opt-level", help="0-3"),
     dump_ir: Optional[Path] = typer.Option(None, "--dump-ir", help="write the IR after every pass here"),
     input_shape: Optional[list[str]] = typer.Option(None, "--input-shape", help="name=d0,d1,... (repeatable)"),

@@ -277,9 +277,9 @@ def _channel_constant(e: Expr, channels: int) -> np.ndarray | None:
 class _Requantizer:
     """quantize(relu?(conv · s [+ b])) as one qnn.requantize of the conv's sum: q = clip(rint(acc · A + B)),
     A = s / sy and B = (b - c · s) / sy + zy per channel (c: the zero-point correction). A ReLU becomes the
-    clip's lower bound, zy; a clip (ReLU6) both bounds, quantized. The epilogue shrinks from about a dozen vector ops (subtract, convert, multiply,
-    add, multiply, round, add, clip) to five; only where every value on the way has this one consumer, else
-    the conv would be computed twice."""
+    clip's lower bound, zy; a clip (ReLU6) both bounds, quantized. The epilogue shrinks from about a dozen
+    vector ops (subtract, convert, multiply, add, multiply, round, add, clip) to five; only where every value
+    on the way has this one consumer, else the conv would be computed twice."""
 
     def __init__(self, body: Expr):
         self.uses: dict[int, int] = {}
