@@ -114,8 +114,8 @@ def _realize_integer(call: Call) -> Expr | None:
     if call.attrs.groups != 1 or not isinstance(w, Constant) or w.value.ndim != 4:
         return None
     centred = _centred_bytes(x)
-    if centred is None or (centred[1] is not None and _scalar(centred[1]) is None):
-        return None  # the padding must hold the zero point: a constant
+    if centred is None or (centred[1] is not None and _scalar(centred[1]) is None) or _ACTIVATIONS[_dot] != "uint8":
+        return None  # the padding must hold the zero point: a constant; sdot's kernels take int8 bytes
     xq, zx = centred
     zp = int(_scalar(zx)) if zx is not None else 0
     if xq.ttype.shape[1] % DOT or not 0 <= zp <= 255 or w.value.min() < -128 or w.value.max() > 127 \
@@ -139,7 +139,7 @@ def _realize_integer_dense(call: Call) -> Expr | None:
     if not isinstance(w, Constant) or w.value.ndim != 2 or w.value.min() < -128 or w.value.max() > 127:
         return None
     centred = _centred_bytes(x)
-    if centred is None:
+    if centred is None or _ACTIVATIONS[_dot] != "uint8":  # sdot's kernels take int8 bytes
         return None
     xq, zx = centred
     units, k = w.value.shape

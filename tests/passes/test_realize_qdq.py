@@ -324,3 +324,31 @@ def test_depthwise_conv_reads_the_bytes_of_a_zero_point_0_activation(tmp_path):
     want = conv_reference(xq, w.astype(np.float64), ConvAttrs((1, 1), (1, 1, 1, 1), (1, 1), c))
     want += numpy_helper.to_array(inits[3]).reshape(1, -1, 1, 1)
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("target", ["x86-avx2", "aarch64-dotprod"])
+def test_matmul_integer_of_7_bit_weights_without_vnni(tmp_path, target):
+    """`quantize_dynamic(..., reduce_range=True)`: on AVX2 the 7-bit MatMulInteger takes the madd dense and
+    equals the int32 path; on sdot, which multiplies int8 bytes, its uint8 operand keeps the int32 path (it
+    had reached the int8 template and failed to compile)."""
+    import shutil
+
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    if target.startswith("aarch64") and shutil.which("aarch64-linux-gnu-gcc") is None:
+        pytest.skip("aarch64-linux-gnu-gcc not installed")
+    gen = np.random.default_rng(4)
+    w = gen.standard_normal((64, 128)).astype(np.float32) * 0.1
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [tensor("x", [4, 16, 64])],
+                       [tensor("y", None)], [numpy_helper.from_array(w, "w")], opset=17)
+    onnx.save(model, tmp_path / "f.onnx")
+    quantize_dynamic(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), weight_type=QuantType.QInt8,
+                     reduce_range=True)
+    q = onnx.load(tmp_path / "q.onnx")
+    report = kiln.compile(q, tmp_path / "m.so", kiln.Options(target=target))
+    dense = [s["template"] for s in report.steps if "dense" in s["template"]]
+    assert dense == (["x86.qdense_packed@1"] if target == "x86-avx2" else ["x86.dense_packed@2"]), dense
+    if target == "x86-avx2":
+        x = gen.standard_normal((4, 16, 64)).astype(np.float32)
+        np.testing.assert_array_equal(kiln.load(report.path).run(x=x)[0], run_module(from_onnx(q), x=x)[0])
