@@ -84,6 +84,6 @@ def schedule_group(prim, fn: Function, target, configs: Mapping[str, Config] | N
         warnings.warn(message, TemplateFallbackWarning, stacklevel=2)
         generic = templates(info.kind)[-1]
         sch = s_tir.Schedule(prim)
-        steps = generic.schedule(sch, wl, {})
+        steps = generic.schedule(sch, generic.workload(group, info), {})  # its own dims (lanes), not the template's
         return Scheduled(sch.mod["main"], "+".join(steps) or "naive", generic.key, wl, cfg, f"fallback: {why}")
     return Scheduled(sch.mod["main"], "+".join(steps) or "naive", template.key, wl, cfg, source)

@@ -352,3 +352,18 @@ def test_matmul_integer_of_7_bit_weights_without_vnni(tmp_path, target):
     if target == "x86-avx2":
         x = gen.standard_normal((4, 16, 64)).astype(np.float32)
         np.testing.assert_array_equal(kiln.load(report.path).run(x=x)[0], run_module(from_onnx(q), x=x)[0])
+
+
+def test_a_failing_int8_template_falls_back_to_the_generic_schedule(tmp_path, monkeypatch):
+    """A template that raises costs speed, not the compile: the generic schedule gets a workload of its own
+    (it had been handed the int8 template's, without the `lanes` it reads, and the compile failed)."""
+    from kiln.errors import TemplateFallbackWarning
+    from kiln.schedules.x86 import qdense_packed
+
+    def broken(sch, wl, cfg):
+        raise RuntimeError("injected")
+
+    monkeypatch.setitem(qdense_packed.TEMPLATE.__dict__, "schedule", broken)
+    with pytest.warns(TemplateFallbackWarning, match="injected"):
+        report = kiln.compile(qdq_matmul_model(), tmp_path / "m.so", kiln.Options(target=VNNI))
+    assert any(str(s["config_source"]).startswith("fallback: RuntimeError: injected") for s in report.steps)
