@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quantized import DYNAMIC, quantize, time_rounds  # noqa: E402  (ONNX Runtime's quantization of a zoo model)
+from quantized import DYNAMIC, int8_kernels, ort_sessions, quantize, time_rounds  # noqa: E402
 
 MODELS = ["mobilenet_v2", "resnet50", "squeezenet", "resnet18", "bert_layer"]
 
@@ -39,17 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
     import onnx
-    import onnxruntime as ort
 
     import kiln
     from kiln import zoo
     from kiln.bench import cpu_name
     from kiln.calibrate import agreement, calibrate
-    from kiln.codegen.target import required_cpu_features, resolve_target
     from kiln.config import Options
 
-    vnni = "avx512vnni" in required_cpu_features(resolve_target("native"))
-    print(f"{cpu_name()}, {args.threads} threads; int8 kernels {'on (AVX-512 VNNI)' if vnni else 'off (no VNNI)'}; "
+    print(f"{cpu_name()}, {args.threads} threads; int8 kernels {int8_kernels()}; "
           f"Kiln calibration: {args.method}, {args.samples} samples; accuracy on {args.held_out} held-out samples "
           f"against ONNX Runtime float32; {args.rounds} rounds")
     print(f"{'model':13s} {'ORT int8 SQNR':>13s} {'top-1':>6s} {'Kiln int8 SQNR':>14s} {'top-1':>6s} "
@@ -62,10 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         names = [i.name for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
         cal = [[zoo.feeds(proto, seed=s)[n] for n in names] for s in range(args.samples)]
         held = [zoo.feeds(proto, seed=1000 + s) for s in range(args.held_out)]
-        o = ort.SessionOptions()
-        o.intra_op_num_threads, o.inter_op_num_threads = args.threads, 1
-        sess = {k: ort.InferenceSession(str(p), o, providers=["CPUExecutionProvider"]) for k, p in
-                (("q", q), ("f", fp32))}
+        sess = ort_sessions({"q": q, "f": fp32}, args.threads)
         t0 = time.perf_counter()
         c = calibrate(str(fp32), cal, method=args.method)
         kiln.compile(str(fp32), work / f"{name}.int8.so", Options(precision="int8", calibration=c.table))

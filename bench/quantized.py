@@ -64,6 +64,26 @@ def quantize(name: str, out_dir: Path, per_channel: bool, signed: bool = False, 
     return fp32, q
 
 
+def int8_kernels() -> str:
+    """Which int8 kernels this host's `native` target gets (what the Kiln int8 column measures)."""
+    from kiln.codegen.target import resolve_target
+    from kiln.schedules.target_info import target_info
+    from kiln.schedules.x86.qconv2d_nchwc import dot_kind
+
+    kind = dot_kind(target_info(resolve_target("native")))
+    return {"vnni": "on (AVX-512 VNNI)", "madd": "on (AVX2 vpmaddubsw: 7-bit weights only)",
+            "sdot": "on (sdot)"}.get(kind, "off")
+
+
+def ort_sessions(models: dict[str, Path], threads: int) -> dict:
+    """name → an ONNX Runtime CPU session of that model, on `threads` intra-op threads (as Kiln gets)."""
+    import onnxruntime as ort
+
+    o = ort.SessionOptions()
+    o.intra_op_num_threads, o.inter_op_num_threads = threads, 1
+    return {k: ort.InferenceSession(str(p), o, providers=["CPUExecutionProvider"]) for k, p in models.items()}
+
+
 def time_rounds(fns: dict, rounds: int, per_block: int = 5) -> dict[str, list[float]]:
     from kiln.runtime.timing import time_ms
 
@@ -85,15 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
     import onnx
-    import onnxruntime as ort
 
     import kiln
     from kiln import zoo
     from kiln.bench import cpu_name
-    from kiln.codegen.target import required_cpu_features, resolve_target
 
-    vnni = "avx512vnni" in required_cpu_features(resolve_target("native"))
-    print(f"{cpu_name()}, {args.threads} threads; int8 convs {'on (AVX-512 VNNI)' if vnni else 'off (no VNNI)'}; "
+    print(f"{cpu_name()}, {args.threads} threads; int8 kernels {int8_kernels()}; "
           f"{'per-channel' if args.per_channel else 'per-tensor'} weight scales, "
           f"{'int8' if args.int8_activations else 'uint8'} activations; {args.rounds} rounds")
     print(f"{'model':14s} {'ORT int8':>9s} {'Kiln int8':>10s} {'ratio':>6s} {'ORT fp32':>9s} {'Kiln fp32':>10s} "
@@ -103,10 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.only or MODELS:
         fp32, q = quantize(name, work, args.per_channel, args.int8_activations)
         feeds = zoo.feeds(onnx.load(fp32), seed=0)
-        o = ort.SessionOptions()
-        o.intra_op_num_threads, o.inter_op_num_threads = args.threads, 1
-        sess = {k: ort.InferenceSession(str(p), o, providers=["CPUExecutionProvider"]) for k, p in
-                (("q", q), ("f", fp32))}
+        sess = ort_sessions({"q": q, "f": fp32}, args.threads)
         mods = {k: kiln.load(kiln.compile(str(p), work / f"{name}.{k}.so").path, num_threads=args.threads)
                 for k, p in (("q", q), ("f", fp32))}
         want, got = sess["q"].run(None, feeds)[0], mods["q"].run(**feeds)[0]

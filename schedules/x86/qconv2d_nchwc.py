@@ -57,23 +57,26 @@ def dot_kind(info) -> str | None:
 
 def intrinsic(lanes: int, dot: str = "vnni") -> str:
     """The name of the tensor intrinsic C[lanes] += sum_k A[k] * B[lanes, k] (k < 4) on local C, registered on
-    first use."""
+    first use: A uint8 for vnni and madd, int8 for sdot (aarch64, 4 lanes only)."""
     if (lanes, dot) in _INTRINSICS:
         return _INTRINSICS[(lanes, dot)]
     from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
+    if dot == "sdot" and lanes != 4:
+        raise ValueError(f"sdot sums into 4 int32 lanes (128-bit NEON), not {lanes}")
     bits = lanes * 32
+    a_dtype = "int8" if dot == "sdot" else "uint8"
+    i32, a8, i8, i16 = f"int32x{lanes}", f"{a_dtype}x{lanes * DOT}", f"int8x{lanes * DOT}", f"int16x{lanes * 2}"
     if dot == "sdot":
-        return _sdot(lanes)
-    llvm = T.llvm_lookup_intrinsic_id(f"llvm.x86.avx512.vpdpbusd.{bits}")
-    i32, u8, i8 = f"int32x{lanes}", f"uint8x{lanes * DOT}", f"int8x{lanes * DOT}"
-    pairs_of, quads_of = (T.llvm_lookup_intrinsic_id(n) for n in _MADD[bits])
-    i16 = f"int16x{lanes * 2}"
+        llvm = T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8")
+    else:
+        llvm = T.llvm_lookup_intrinsic_id(f"llvm.x86.avx512.vpdpbusd.{bits}")
+        pairs_of, quads_of = (T.llvm_lookup_intrinsic_id(n) for n in _MADD[bits])
 
     @T.prim_func(s_tir=True)
     def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (DOT,), "uint8", offset_factor=1)
+        A = T.match_buffer(a, (DOT,), a_dtype, offset_factor=1)
         B = T.match_buffer(b, (lanes, DOT), "int8", offset_factor=1)
         C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
         with T.sblock("root"):
@@ -85,76 +88,38 @@ def intrinsic(lanes: int, dot: str = "vnni") -> str:
                     C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
 
     @T.prim_func(s_tir=True)
-    def madd(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (DOT,), "uint8", offset_factor=1)
+    def dot4(a: T.handle, b: T.handle, c: T.handle) -> None:  # vpdpbusd, sdot: one instruction
+        A = T.match_buffer(a, (DOT,), a_dtype, offset_factor=1)
         B = T.match_buffer(b, (lanes, DOT), "int8", offset_factor=1)
         C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:DOT], B[0:lanes, 0:DOT])
             T.writes(C[0:lanes])
-            word = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
-            pairs = T.call_llvm_pure_intrin(pairs_of, T.reinterpret(T.broadcast(word, lanes), dtype=u8),
-                                            B.vload([0, 0], dtype=i8), dtype=i16)
-            C[T.ramp(T.int32(0), 1, lanes)] = C.vload([0], dtype=i32) + T.call_llvm_pure_intrin(
-                quads_of, pairs, T.broadcast(T.int16(1), lanes * 2), dtype=i32)
-
-    @T.prim_func(s_tir=True)
-    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (DOT,), "uint8", offset_factor=1)
-        B = T.match_buffer(b, (lanes, DOT), "int8", offset_factor=1)
-        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
-        with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:DOT], B[0:lanes, 0:DOT])
-            T.writes(C[0:lanes])
-            word = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+            word = T.reinterpret(A.vload([0], f"{a_dtype}x4"), dtype="int32")
             C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
-                llvm, C.vload([0], dtype=i32), T.reinterpret(T.broadcast(word, lanes), dtype=u8),
+                llvm, C.vload([0], dtype=i32), T.reinterpret(T.broadcast(word, lanes), dtype=a8),
                 B.vload([0, 0], dtype=i8), dtype=i32)
 
-    name = f"kiln_{dot}_u8i8i32_{lanes}x{DOT}_local"
-    TensorIntrin.register(name, desc, impl if dot == "vnni" else madd)
-    _INTRINSICS[(lanes, dot)] = name
-    return name
+    impl = dot4
+    if dot == "madd":  # built only here: its body names the x86 intrinsics
+        @T.prim_func(s_tir=True)
+        def madd(a: T.handle, b: T.handle, c: T.handle) -> None:
+            A = T.match_buffer(a, (DOT,), a_dtype, offset_factor=1)
+            B = T.match_buffer(b, (lanes, DOT), "int8", offset_factor=1)
+            C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
+            with T.sblock("root"):
+                T.reads(C[0:lanes], A[0:DOT], B[0:lanes, 0:DOT])
+                T.writes(C[0:lanes])
+                word = T.reinterpret(A.vload([0], f"{a_dtype}x4"), dtype="int32")
+                pairs = T.call_llvm_pure_intrin(pairs_of, T.reinterpret(T.broadcast(word, lanes), dtype=a8),
+                                                B.vload([0, 0], dtype=i8), dtype=i16)
+                C[T.ramp(T.int32(0), 1, lanes)] = C.vload([0], dtype=i32) + T.call_llvm_pure_intrin(
+                    quads_of, pairs, T.broadcast(T.int16(1), lanes * 2), dtype=i32)
 
-
-def _sdot(lanes: int) -> str:
-    """aarch64's sdot: 4 int32 lanes, each += 4 int8 × int8 products, the input's 4 bytes broadcast."""
-    from tvm.s_tir import TensorIntrin
-    from tvm.script import tirx as T
-
-    if lanes != 4:
-        raise ValueError(f"sdot sums into 4 int32 lanes (128-bit NEON), not {lanes}")
-    llvm = T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8")
-
-    @T.prim_func(s_tir=True)
-    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (DOT,), "int8", offset_factor=1)
-        B = T.match_buffer(b, (4, DOT), "int8", offset_factor=1)
-        C = T.match_buffer(c, (4,), "int32", offset_factor=1, scope="local")
-        with T.sblock("root"):
-            T.reads(C[0:4], A[0:DOT], B[0:4, 0:DOT])
-            T.writes(C[0:4])
-            for i, k in T.grid(4, DOT):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
-
-    @T.prim_func(s_tir=True)
-    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (DOT,), "int8", offset_factor=1)
-        B = T.match_buffer(b, (4, DOT), "int8", offset_factor=1)
-        C = T.match_buffer(c, (4,), "int32", offset_factor=1, scope="local")
-        with T.sblock("root"):
-            T.reads(C[0:4], A[0:DOT], B[0:4, 0:DOT])
-            T.writes(C[0:4])
-            word = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
-            C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
-                llvm, C.vload([0], dtype="int32x4"), T.reinterpret(T.broadcast(word, 4), dtype="int8x16"),
-                B.vload([0, 0], dtype="int8x16"), dtype="int32x4")
-
-    name = f"kiln_sdot_i8i8i32_4x{DOT}_local"
+        impl = madd
+    name = f"kiln_{dot}_{a_dtype[0]}8i8i32_{lanes}x{DOT}_local"
     TensorIntrin.register(name, desc, impl)
-    _INTRINSICS[(4, "sdot")] = name
+    _INTRINSICS[(lanes, dot)] = name
     return name
 
 
