@@ -220,6 +220,9 @@ def compile(
         how = "AVX2, 7-bit weights" if any("madd" in str(s) for s in report.schedules) else "VNNI"
         out.print(f"int8 kernels ({how}): {int8['qnn.conv2d_nchwc']} convs, {int8['qnn.dense_packed']} matmuls",
                   soft_wrap=True)
+    elif options.precision == "int8":
+        err.print("warning: no conv or matmul took an int8 kernel (none had a range in the calibration, or the "
+                  "target has no int8 kernels): the model computes in float32", soft_wrap=True)
     if cal is not None:  # the int8 build against the float32 one, on the samples it was calibrated on
         from kiln.calibrate import agreement
 

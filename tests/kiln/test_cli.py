@@ -143,6 +143,13 @@ def test_calibrate_then_compile_int8_and_compile_from_samples(tmp_path):
     assert "int8 against float32 on the 4 calibration samples" in r.stdout and "top-1 agrees on 4 of 4" in r.stdout
     r = kiln("compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "c.so"), "--precision", "int8")
     assert r.returncode == 1 and "--calibration" in r.stderr
+    g = GraphBuilder("relu")  # nothing to quantize: said, not silent
+    onnx.save(g.model([helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8])],
+                      [(g.op("Relu", ["x"]), onnx.TensorProto.FLOAT, [1, 8])]), tmp_path / "relu.onnx")
+    np.save(tmp_path / "relu.npy", np.ones((2, 8), np.float32))
+    r = kiln("compile", str(tmp_path / "relu.onnx"), "-o", str(tmp_path / "d.so"), "--precision", "int8",
+             "--calibration", str(tmp_path / "relu.npy"))
+    assert r.returncode == 0 and "no conv or matmul took an int8 kernel" in r.stderr, r.stderr
 
 
 def test_tune_an_int8_build_of_a_model_with_a_symbolic_batch(tmp_path):
