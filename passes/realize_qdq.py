@@ -28,13 +28,14 @@ The same, in order of the pass:
   output multiplies by 1/scale instead of dividing (`QuantAttrs.reciprocal`, which says why that is no loss).
 
 Only where the driver says the target multiplies bytes (`mod.attrs["int8_dot"]`: "vnni" with AVX-512 VNNI,
-"madd" with AVX2's vpmaddubsw, whose int16 pair sums take only weights |w| ≤ 64: `_WEIGHT_LIMIT`) and the
+"madd" with AVX2's vpmaddubsw, whose int16 pair sums take only weights |w| ≤ 64: `DotKind.weight_limit`) and the
 model computes in float32: elsewhere an int32 conv would be slower than the float one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -96,6 +97,32 @@ def _scalar(e: Expr) -> float | None:
     return float(e.value.reshape(())) if isinstance(e, Constant) and e.value.size == 1 else None
 
 
+@dataclasses.dataclass(frozen=True)
+class DotKind:
+    """What one kind of integer kernel multiplies: the activations' byte type, the largest |W_q| it multiplies
+    exactly (vpmaddubsw's int16 pair sums take only |w| ≤ 64), the grid int8_weights looks for
+    (max|W| = k · s for k ≤ top, + 1) and the dense unit blocks (the target's int32 vectors). Passed to each
+    rewrite rather than kept in a module global, so two modules realized at once in two threads do not see each
+    other's kind."""
+
+    name: str
+    activations: str
+    weight_limit: int
+    top: int
+    blocks: tuple[int, ...]
+
+    def fits(self, wq: np.ndarray) -> bool:
+        return self.name == "vnni" or int(np.abs(wq.astype(np.int32)).max(initial=0)) <= self.weight_limit
+
+    def block(self, units: int) -> int | None:
+        return next((b for b in self.blocks if units % b == 0), None)
+
+
+DOT_KINDS = {"vnni": DotKind("vnni", "uint8", 128, 127, (16, 8, 4)),
+             "madd": DotKind("madd", "uint8", 64, 63, (8, 4)),
+             "sdot": DotKind("sdot", "int8", 128, 127, (4,))}
+
+
 def _centred_bytes(x: Expr) -> tuple[Expr, Expr | None] | None:
     """(x_q, zx) of cast(x_q, int32) - zx with x_q uint8 and zx one int32 value (None: no zero point), as the
     frontend writes the operand of an integer conv or matmul; else None."""
@@ -107,19 +134,19 @@ def _centred_bytes(x: Expr) -> tuple[Expr, Expr | None] | None:
     return x.args[0], zx
 
 
-def _realize_integer(call: Call) -> Expr | None:
+def _realize_integer(call: Call, kind: DotKind) -> Expr | None:
     """An int32 conv of a centred uint8 input and int8-valued weights (QLinearConv, ConvInteger as the frontend
     writes them: cast(x) - zx, weights w - zw folded): qnn.conv2d on the bytes less zx·ΣW[o], the same int32."""
     x, w = call.args
     if call.attrs.groups != 1 or not isinstance(w, Constant) or w.value.ndim != 4:
         return None
     centred = _centred_bytes(x)
-    if centred is None or (centred[1] is not None and _scalar(centred[1]) is None) or _ACTIVATIONS[_dot] != "uint8":
+    if centred is None or (centred[1] is not None and _scalar(centred[1]) is None) or kind.activations != "uint8":
         return None  # the padding must hold the zero point: a constant; sdot's kernels take int8 bytes
     xq, zx = centred
     zp = int(_scalar(zx)) if zx is not None else 0
     if xq.ttype.shape[1] % DOT or not 0 <= zp <= 255 or w.value.min() < -128 or w.value.max() > 127 \
-            or not _fits(w.value):
+            or not kind.fits(w.value):
         return None
     wq = w.value.astype(np.int8)
     out = Call(QCONV2D, (xq, Constant(wq, name=w.name)), QConvAttrs(dataclasses.replace(call.attrs, out_dtype=None),
@@ -130,7 +157,7 @@ def _realize_integer(call: Call) -> Expr | None:
     return out
 
 
-def _realize_integer_dense(call: Call) -> Expr | None:
+def _realize_integer_dense(call: Call, kind: DotKind) -> Expr | None:
     """MatMulInteger / QLinearMatMul as the frontend writes them, an int32 dense of cast(x_q) - zx with folded
     int8-valued weights: qnn.dense_packed on the bytes less zx · ΣW[n], the same int32. zx may be computed at
     run time (DynamicQuantizeLinear's zero point, in ONNX Runtime's `quantize_dynamic` models): a dense pads
@@ -139,12 +166,12 @@ def _realize_integer_dense(call: Call) -> Expr | None:
     if not isinstance(w, Constant) or w.value.ndim != 2 or w.value.min() < -128 or w.value.max() > 127:
         return None
     centred = _centred_bytes(x)
-    if centred is None or _ACTIVATIONS[_dot] != "uint8":  # sdot's kernels take int8 bytes
+    if centred is None or kind.activations != "uint8":  # sdot's kernels take int8 bytes
         return None
     xq, zx = centred
     units, k = w.value.shape
-    block = next((b for b in _BLOCKS[_dot] if units % b == 0), None)
-    if k % DOT or block is None or not _fits(w.value):
+    block = kind.block(units)
+    if k % DOT or block is None or not kind.fits(w.value):
         return None
     wq = w.value.astype(np.int8)
     out = Call(QDENSE_PACKED, (xq, Constant(pack_qdense_weight(wq, block), name=w.name)), QDenseAttrs(block),
@@ -156,7 +183,7 @@ def _realize_integer_dense(call: Call) -> Expr | None:
     return out
 
 
-def _realize_dense(call: Call) -> Expr | None:
+def _realize_dense(call: Call, kind: DotKind) -> Expr | None:
     """dense(dequantize(x_q), W) → qnn.dense_packed(x_q, W_q) less zx · ΣW_q[n], times sx · sw[n] (per unit,
     along the last axis), as for convs. The weights are packed here: the float dense's packing pass never
     sees this op."""
@@ -165,13 +192,13 @@ def _realize_dense(call: Call) -> Expr | None:
         return None
     xq, sx, zx = x.args
     units, k = w.value.shape
-    block = next((b for b in _BLOCKS[_dot] if units % b == 0), None)
-    if (str(xq.ttype.dtype) != _ACTIVATIONS[_dot] or _scalar(sx) is None or _scalar(zx) is None or k % DOT
+    block = kind.block(units)
+    if (str(xq.ttype.dtype) != kind.activations or _scalar(sx) is None or _scalar(zx) is None or k % DOT
             or block is None
             or str(call.ttype.dtype) != "float32"):
         return None
-    found = int8_weights(w.value, _TOP[_dot])
-    if found is None or not _fits(found[0]):
+    found = int8_weights(w.value, kind.top)
+    if found is None or not kind.fits(found[0]):
         return None
     wq, sw = found
     zp = int(_scalar(zx))
@@ -184,24 +211,13 @@ def _realize_dense(call: Call) -> Expr | None:
     return Call(MULTIPLY, (out, Constant((_scalar(sx) * sw).astype(np.float32))), None, call.span)
 
 
-_WEIGHT_LIMIT = {"vnni": 128, "madd": 64, "sdot": 128}  # the largest |W_q| each kind of kernel multiplies exactly
-_TOP = {"vnni": 127, "madd": 63, "sdot": 127}  # the grids int8_weights looks for: max|W| = k · s for k ≤ top (+ 1)
-_BLOCKS = {"vnni": (16, 8, 4), "madd": (8, 4), "sdot": (4,)}  # dense unit blocks: the target's int32 vectors
-_ACTIVATIONS = {"vnni": "uint8", "madd": "uint8", "sdot": "int8"}  # what each kernel multiplies weights by
-_dot = "vnni"  # the kind of the module being realized (set by realize_qdq, read by the rewrites below)
-
-
-def _fits(wq: np.ndarray) -> bool:
-    return _dot == "vnni" or int(np.abs(wq.astype(np.int32)).max(initial=0)) <= _WEIGHT_LIMIT[_dot]
-
-
-def _realize(call: Call) -> Expr | None:
+def _realize(call: Call, kind: DotKind) -> Expr | None:
     if call.op is DENSE and str(call.ttype.dtype) == "int32":
-        return _realize_integer_dense(call)
+        return _realize_integer_dense(call, kind)
     if call.op is DENSE:
-        return _realize_dense(call)
+        return _realize_dense(call, kind)
     if call.op is CONV2D and str(call.ttype.dtype) == "int32":
-        return _realize_integer(call)
+        return _realize_integer(call, kind)
     if call.op is not CONV2D or str(call.ttype.dtype) != "float32":
         return None
     x, w = call.args
@@ -210,10 +226,10 @@ def _realize(call: Call) -> Expr | None:
     xq, sx, zx = x.args
     if _scalar(sx) is None or _scalar(zx) is None or str(xq.ttype.dtype) not in ("uint8", "int8"):
         return None
-    if str(xq.ttype.dtype) != _ACTIVATIONS[_dot] or call.attrs.groups != 1 or xq.ttype.shape[1] % DOT:
+    if str(xq.ttype.dtype) != kind.activations or call.attrs.groups != 1 or xq.ttype.shape[1] % DOT:
         return _bytes_in(call, xq, _scalar(sx), _scalar(zx))
-    found = int8_weights(w.value, _TOP[_dot])
-    if found is None or not _fits(found[0]):
+    found = int8_weights(w.value, kind.top)
+    if found is None or not kind.fits(found[0]):
         return _bytes_in(call, xq, _scalar(sx), _scalar(zx))
     wq, sw = found
     zp = int(_scalar(zx))
@@ -392,12 +408,11 @@ def _unsigned_activations(mod: IRModule, to: str = "uint8") -> IRModule:
 def realize_qdq(mod: IRModule) -> IRModule:
     """int8 activations as uint8, convs and matmuls on integers, then each conv's requantization as one
     qnn.requantize where it can be, else by a multiply (QuantAttrs.reciprocal)."""
-    global _dot
     if not mod.attrs.get("int8_dot") or mod.attrs.get("precision", "fp32") not in ("fp32", "tf32", "int8", None):
         return mod
-    _dot = mod.attrs["int8_dot"] if mod.attrs["int8_dot"] in _TOP else "vnni"
-    mod = _unsigned_activations(mod, _ACTIVATIONS[_dot])
-    realized = rewrite_calls(mod, _realize)
+    kind = DOT_KINDS.get(mod.attrs["int8_dot"], DOT_KINDS["vnni"])
+    mod = _unsigned_activations(mod, kind.activations)
+    realized = rewrite_calls(mod, functools.partial(_realize, kind=kind))
     if realized is mod:
         return mod
     realized = _Requantizer(realized.main.body).rewrite(realized)

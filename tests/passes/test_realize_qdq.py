@@ -367,3 +367,31 @@ def test_a_failing_int8_template_falls_back_to_the_generic_schedule(tmp_path, mo
     with pytest.warns(TemplateFallbackWarning, match="injected"):
         report = kiln.compile(qdq_matmul_model(), tmp_path / "m.so", kiln.Options(target=VNNI))
     assert any(str(s["config_source"]).startswith("fallback: RuntimeError: injected") for s in report.steps)
+
+
+def test_modules_of_two_kinds_realized_in_two_threads_keep_their_own_kind():
+    """The kind of integer kernel travels with each rewrite: with it in a module global, a server building a VNNI
+    and an AVX2 model at once realized one with the other's weight limit (or, with sdot, its byte type)."""
+    import threading
+
+    from kiln.ir.ops.qconv import QCONV2D
+    from kiln.ir.visitor import post_order
+    from kiln.passes.realize_qdq import realize_qdq
+
+    mod = from_onnx(qdq_conv_model(expose_y=False, out_q=True))  # full-range weights: vnni only, not madd
+    want = {"vnni": 2, "madd": 0}
+    seen: dict[str, set[int]] = {k: set() for k in want}
+    start = threading.Barrier(len(want))
+
+    def realize(kind: str) -> None:
+        start.wait()
+        for _ in range(15):
+            out = realize_qdq(mod.with_attrs(int8_dot=kind))
+            seen[kind].add(sum(1 for n in post_order(out.main.body) if getattr(n, "op", None) is QCONV2D))
+
+    threads = [threading.Thread(target=realize, args=(k,)) for k in want]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == {k: {n} for k, n in want.items()}
