@@ -30,7 +30,11 @@ class ModelContext:
         from kiln.runtime.model import load
 
         self.path = path
-        self.model = load(path, num_threads=threads, max_concurrency=1)
+        # TVM's pool, not the artifact's: a candidate is a TVM library that launches its parallel loops on TVM's
+        # pool, and with the model's kernels on the artifact's pool, whose workers spin for 1 ms after each
+        # kernel, every candidate waited for a core: each timing had about 1 ms added (ResNet-50 on 2 cores,
+        # 2026-12-01: a 0.04 ms pool read 1.04 ms, the model's 58 kernels summed to 64 ms in a 16 ms run)
+        self.model = load(path, num_threads=threads, max_concurrency=1, thread_pool="tvm")
         self._sequence = self.model.kernel_sequence()
         self.steps = self._sequence.__enter__()
         self.positions: dict[str, list[int]] = defaultdict(list)

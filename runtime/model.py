@@ -131,10 +131,14 @@ class Model:
     A CUDA artifact (`device == "cuda"`) runs on GPU 0 (runtime/cuda.py): its plan in device memory, each
     context's launches replayed as a CUDA graph (`cuda_graphs=False` or KILN_CUDA_GRAPHS=0: launched each run);
     inputs are NumPy arrays or DLPack device tensors (torch CUDA tensors), `run_dlpack` leaves outputs there.
+
+    `thread_pool`: "kiln" (the artifact's own pool, codegen/pool.py; the default) or "tvm" (TVM's, as
+    KILN_THREAD_POOL=tvm): the autotuner times candidates, which only know TVM's pool, between the model's
+    kernels, and two pools on the same cores stall each other (autotune/context.py).
     """
 
     def __init__(self, path: str | os.PathLike, num_threads: int | None = None,
-                 max_concurrency: int | None = None, cuda_graphs: bool | None = None):
+                 max_concurrency: int | None = None, cuda_graphs: bool | None = None, thread_pool: str | None = None):
         self.path = Path(path).resolve()
         data, sealed = read_artifact(self.path, expect_arch=host_arch())
         if bundle_dir() is not None:
@@ -181,7 +185,10 @@ class Model:
         self._output_values = {v["index"]: i for i, v in enumerate(meta["values"]) if v["kind"] == "output"}
         self.device = "cuda" if meta.get("target", {}).get("kind") == "cuda" else "cpu"
         self._parallel: OwnPool | None = None
-        if self.device == "cpu" and meta.get("pool") and os.environ.get("KILN_THREAD_POOL", "kiln") != "tvm":
+        thread_pool = thread_pool or os.environ.get("KILN_THREAD_POOL", "kiln")
+        if thread_pool not in ("kiln", "tvm"):
+            raise InputError(f"thread_pool {thread_pool!r}: expected 'kiln' or 'tvm'")
+        if self.device == "cpu" and meta.get("pool") and thread_pool == "kiln":
             self._parallel = OwnPool(self._function(meta["pool"], "thread pool"), num_threads or pool_limit())
             if not self._parallel.installed:
                 self._parallel = None
@@ -535,11 +542,11 @@ def _descriptor_table(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]
 
 
 def load(path: str | os.PathLike, num_threads: int | None = None, max_concurrency: int | None = None,
-         cuda_graphs: bool | None = None) -> Model:
+         cuda_graphs: bool | None = None, thread_pool: str | None = None) -> Model:
     """Load a compiled artifact. The whole file is read and its checksum verified first; the kernels then run
     from a private copy, so the file may be replaced or deleted while the model is loaded.
 
     >>> import kiln  # doctest: +SKIP
     >>> m = kiln.load("model.so"); y = m.run(x)  # doctest: +SKIP
     """
-    return Model(path, num_threads, max_concurrency, cuda_graphs)
+    return Model(path, num_threads, max_concurrency, cuda_graphs, thread_pool)
