@@ -73,7 +73,7 @@ def tune_model(model, log_path: str | Path, tune_options: TuneOptions | None = N
             runner = LocalRunner(context=plain if timing == "model" else None)
         result = ModelTuneResult(tune(tasks, log_path, tune_options, runner=runner, on_round=on_round))
         if plot_dir is not None:
-            result.curves = plot_curves(result.tune, Path(plot_dir))
+            result.curves = plot_curves(result.tune, Path(plot_dir), Path(log_path).name.removesuffix(".jsonl"))
         if plain is not None:
             _end_to_end(proto, plain, log_path, options, result, output, repeat, Path(tmp))
     return result
@@ -145,8 +145,9 @@ def keep_tuned(default_ms: np.ndarray, tuned_ms: np.ndarray, rounds: int) -> tup
     return ("tuned" if faster else "default"), wins
 
 
-def plot_curves(result: TuneResult, folder: Path) -> list[Path]:
-    """One PNG per task (best GFLOPS against trials) and one for the model (estimated run time against trials)."""
+def plot_curves(result: TuneResult, folder: Path, name: str = "") -> list[Path]:
+    """One PNG per task (best GFLOPS against trials) and one for the model (estimated run time against trials),
+    named `<name>-task00.png`, `<name>-model.png`: tuning several models into one folder keeps every curve."""
     try:
         import matplotlib
 
@@ -167,7 +168,7 @@ def plot_curves(result: TuneResult, folder: Path) -> list[Path]:
         ax.set_ylabel("best GFLOPS")
         ax.set_title(f"task {i}: {s.task.workload.template} ×{s.task.count}", fontsize=9)
         fig.tight_layout()
-        path = folder / f"task{i:02d}.png"
+        path = folder / f"{name}{'-' if name else ''}task{i:02d}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)
@@ -176,9 +177,9 @@ def plot_curves(result: TuneResult, folder: Path) -> list[Path]:
         ax.step([t for t, _ in result.model_history], [e * 1e3 for _, e in result.model_history], where="post")
         ax.set_xlabel("trials")
         ax.set_ylabel("kernels summed, ms (estimate)")
-        ax.set_title("model", fontsize=9)
+        ax.set_title(f"{name or 'model'}: kernels summed", fontsize=9)
         fig.tight_layout()
-        path = folder / "model.png"
+        path = folder / f"{name}{'-' if name else ''}model.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)

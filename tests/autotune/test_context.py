@@ -114,9 +114,11 @@ def test_a_candidate_in_the_model_costs_what_its_kernel_costs_not_a_pool_handove
 
 
 def test_tune_model_times_in_the_model_and_keeps_the_faster_artifact(tmp_path):
-    log = tmp_path / "log.jsonl"
+    log = tmp_path / "three_convs.jsonl"
     result = tune_model(three_convs(), log, TuneOptions(trials=8, tuner="random", batch=2, verify_rounds=1),
-                        Options(target=TARGET), output=tmp_path / "best.so", repeat=5)
+                        Options(target=TARGET), output=tmp_path / "best.so", repeat=5, plot_dir=tmp_path / "plots")
+    # curves named for the log's model, so that tuning several models into one folder keeps each one's
+    assert {p.name for p in result.curves} >= {"three_convs-task00.png", "three_convs-model.png"}
     target = result.tune.states[0].task.target
     records = read_records([log], target)
     assert result.kept in ("tuned", "default")
