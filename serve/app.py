@@ -392,6 +392,10 @@ class _Shutdown:
         self.server: uvicorn.Server | None = None  # set once the models have loaded
         self.deadline: float | None = None
         self.closed = threading.Event()  # repo.close() returned
+        # The watchdog timer and close_repository both reach the deadline at the same instant: the first to call
+        # exit_now ends the process, the other waits for it (an RLock, so a second signal arriving in the main
+        # thread while it is already exiting still gets through instead of deadlocking).
+        self._exiting = threading.RLock()
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -429,6 +433,8 @@ class _Shutdown:
                 "queued": queued, "repository_closed": self.closed.is_set()}
 
     def exit_now(self, reason: str) -> None:
+        if not self._exiting.acquire(blocking=False):
+            threading.Event().wait()  # another thread is ending the process; log nothing twice
         log.warning("exiting without finishing the shutdown", extra={"reason": reason,
                                                                     "abandoned": self.in_flight()})
         logging.shutdown()  # flush the log handlers: os._exit skips it
