@@ -23,6 +23,7 @@ from typing import Any
 
 from kiln.ir.ops.dense import DENSE, DENSE_PACKED, MATMUL
 from kiln.schedules.space import Config, Space
+from kiln.schedules.tensor_intrin import register_once
 from kiln.schedules.template import Template
 from kiln.schedules.workload import Group, Workload
 
@@ -320,11 +321,7 @@ def _intrinsics(dtype: str, b_layout: str, vector: int) -> dict[str, str]:
 
 
 def _register(name: str, make) -> str:
-    from tvm.s_tir import TensorIntrin
-
-    if TensorIntrin.get(name, allow_missing=True) is None:
-        TensorIntrin.register(name, *make())
-    return name
+    return register_once(name, make)
 
 
 def _register_copy(dtype: str, lanes: int, unit_dims: int = 0) -> str:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from kiln.ir.ops.qconv import DOT, QCONV2D_NCHWC
 from kiln.schedules.loops import divisors
 from kiln.schedules.space import Space
+from kiln.schedules.tensor_intrin import register_once
 from kiln.schedules.template import Template
 from kiln.schedules.workload import Group, Workload
 
@@ -60,7 +61,6 @@ def intrinsic(lanes: int, dot: str = "vnni") -> str:
     first use: A uint8 for vnni and madd, int8 for sdot (aarch64, 4 lanes only)."""
     if (lanes, dot) in _INTRINSICS:
         return _INTRINSICS[(lanes, dot)]
-    from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
     if dot == "sdot" and lanes != 4:
@@ -117,8 +117,7 @@ def intrinsic(lanes: int, dot: str = "vnni") -> str:
                     quads_of, pairs, T.broadcast(T.int16(1), lanes * 2), dtype=i32)
 
         impl = madd
-    name = f"kiln_{dot}_{a_dtype[0]}8i8i32_{lanes}x{DOT}_local"
-    TensorIntrin.register(name, desc, impl)
+    name = register_once(f"kiln_{dot}_{a_dtype[0]}8i8i32_{lanes}x{DOT}_local", lambda: (desc, impl))
     _INTRINSICS[(lanes, dot)] = name
     return name
 
