@@ -1,5 +1,6 @@
 """The model zoo Kiln can use without a network: the nine ONNX zoo models inside the onnx wheel, plus the
-architectures built in code (`kiln.model_builders`). `zoo:<name>` names one wherever a model path is taken.
+architectures built in code (`kiln.model_builders`). `zoo:<name>` names one wherever a model path is taken;
+`zoo:<name>,batch=N` names it at batch N (the models are batch 1, fixed: see `rebatch`).
 
 The wheel's "light" models carry no trained weights: every weight is a ConstantOfShape node filling one value,
 which makes outputs degenerate. `zoo_model(name, random_weights=True)` swaps each for a seeded random
@@ -33,16 +34,83 @@ def names() -> list[str]:
     return [*WHEEL_MODELS, *sorted(model_builders.BUILDERS)]
 
 
-def zoo_model(name: str, random_weights: bool = True, seed: int = 0) -> onnx.ModelProto:
-    """A zoo model as an onnx.ModelProto (with random weights unless asked otherwise)."""
+def zoo_model(name: str, random_weights: bool = True, seed: int = 0, batch: int = 1) -> onnx.ModelProto:
+    """A zoo model as an onnx.ModelProto (with random weights unless asked otherwise), at `batch`."""
     from kiln import model_builders
 
     if name in model_builders.BUILDERS:
-        return model_builders.BUILDERS[name](seed=seed)
-    if name not in WHEEL_MODELS:
+        model = model_builders.BUILDERS[name](seed=seed)
+    elif name not in WHEEL_MODELS:
         raise KilnError(f"no zoo model {name!r}; known: {', '.join(names())}")
-    model = onnx.load(str(wheel_model_path(name)))
-    return calibrate_logits(randomize_weights(model, seed), seed) if random_weights else model
+    else:
+        model = onnx.load(str(wheel_model_path(name)))
+        model = calibrate_logits(randomize_weights(model, seed), seed) if random_weights else model
+    return model if batch == 1 else rebatch(model, batch)
+
+
+def parse_name(text: str) -> tuple[str, int]:
+    """"resnet50,batch=32" -> ("resnet50", 32); a plain name is batch 1."""
+    name, _, opts = text.partition(",")
+    batch = 1
+    for opt in filter(None, opts.split(",")):
+        key, _, value = opt.partition("=")
+        if key != "batch" or not value.isdigit() or int(value) < 1:
+            raise KilnError(f"zoo:{text}: unknown option {opt!r}; the one option is batch=N (N >= 1)")
+        batch = int(value)
+    return name, batch
+
+
+def rebatch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
+    """The batch-1 model at batch `batch`.
+
+    The zoo's models fix their batch at 1, in the inputs and in the shape constants of their Reshapes
+    (ResNet-50 flattens to [1, 2048], the BERT layer splits heads as [1, 128, 12, 64]). The inputs' first dim
+    becomes `batch` and so does a Reshape constant's leading 1; ONNX's shape inference then has to agree: a
+    tensor it can follow that still has a batch of 1 makes this refuse, naming the node (a model that mixed
+    samples would otherwise compute something else without a word)."""
+    from onnx import shape_inference
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    inits = {i.name: i for i in g.initializer}
+    for vi in [*g.input, *g.output]:
+        if vi.name in inits:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if not dims or dims[0].dim_value != 1:
+            where = "input" if any(vi is x for x in g.input) else "output"
+            raise KilnError(f"cannot rebatch: {where} {vi.name!r} does not start with a batch dim of 1 "
+                            f"(dims {[d.dim_value or d.dim_param for d in dims]})")
+        dims[0].dim_value = batch
+    constants = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
+    for node in g.node:
+        if node.op_type != "Reshape":
+            continue
+        shape_name = node.input[1]
+        if shape_name in inits:
+            tensor = inits[shape_name]
+        elif shape_name in constants:
+            tensor = constants[shape_name].attribute[0].t
+        else:
+            continue  # computed from the input's own shape: follows the batch by itself
+        shape = numpy_helper.to_array(tensor)
+        if shape.size and shape[0] == 1:
+            shape = shape.copy()
+            shape[0] = batch
+            tensor.CopyFrom(numpy_helper.from_array(shape, tensor.name))
+    del g.value_info[:]
+    try:
+        inferred = shape_inference.infer_shapes(out)
+    except Exception as err:  # noqa: BLE001  (onnx raises several types; the message names the node)
+        raise KilnError(f"cannot rebatch to {batch}: {str(err).splitlines()[0][:300]}") from None
+    for vi in inferred.graph.value_info:
+        dims = vi.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value == 1 and len(dims) > 1:
+            producer = next((n for n in g.node if vi.name in n.output), None)
+            raise KilnError(f"cannot rebatch to {batch}: {vi.name!r} (from {producer.op_type if producer else '?'} "
+                            f"node {producer.name if producer else '?'!r}) keeps a batch of 1")
+    return out
 
 
 def feeds(model: onnx.ModelProto, seed: int = 0, shapes=None) -> dict[str, np.ndarray]:
@@ -55,7 +123,8 @@ def resolve(model: str | os.PathLike) -> str | onnx.ModelProto:
     """A CLI model argument: `zoo:name` becomes the model itself, anything else stays a path."""
     text = str(model)
     if text.startswith(PREFIX):
-        return zoo_model(text[len(PREFIX):])
+        name, batch = parse_name(text[len(PREFIX):])
+        return zoo_model(name, batch=batch)
     return text
 
 
