@@ -37,8 +37,10 @@ FFI_WHEEL = "apache-tvm-ffi==0.1.14.post1"  # the tvm_ffi this repository's apac
 WHEEL_CACHE = Path.home() / ".cache" / "kiln" / "gpu_bundle"
 LEFT_OUT_PACKAGES = {"kiln.tests"}
 # In priority order. ResNet-18's fp32 weights alone are 47 MB, ResNet-50's 102 MB: they travel as code.
+# "name,batch=N" is the zoo model at batch N (issue 15's ResNet-50 batch-32 target): its inputs (19 MB at 32)
+# and ONNX Runtime's outputs are made there from the seed, not carried.
 DEFAULT_MODELS = ["tiny_cnn", "squeezenet", "mobilenet_v2", "resnet18", "resnet50", "bert_layer",
-                  "mobilenet_v2@fp16", "resnet50@fp16", "bert_layer@fp16"]
+                  "mobilenet_v2@fp16", "resnet50@fp16", "bert_layer@fp16", "resnet50,batch=32@fp16"]
 TORCHVISION = {"mobilenet_v2": "mobilenet_v2", "resnet18": "resnet18", "resnet50": "resnet50"}
 
 
@@ -50,11 +52,17 @@ def tiny_cnn():
 
 
 def onnx_model(name: str):
+    """A zoo name, "name,batch=N" included (seeded random weights), or tiny_cnn."""
     if name == "tiny_cnn":
         return tiny_cnn()
-    from kiln.zoo import zoo_model
+    from kiln.zoo import resolve
 
-    return zoo_model(name, random_weights=True, seed=0)
+    return resolve(f"zoo:{name}")
+
+
+def folder_name(spec: str) -> str:
+    """"resnet50,batch=32@fp16" → "resnet50_batch32_fp16": a plain name for a folder."""
+    return spec.replace(",", "_").replace("=", "").replace("@", "_")
 
 
 def sha256(path: Path) -> str:
@@ -142,14 +150,18 @@ def build_model(spec: str, dest: Path, target: str, external: bool) -> dict:
     feeds = random_feeds(model, seed=0)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
-    outs = sess.run(names, feeds)
-    np.savez(dest / "inputs.npz", **feeds)
-    np.savez(dest / "reference.npz", **dict(zip(names, outs)))
     folder = dest.name
-    return {"name": folder, "model": name, "precision": precision,
-            "artifact": f"models/{folder}/{report.path.name}", "inputs": f"models/{folder}/inputs.npz",
-            "reference": f"models/{folder}/reference.npz", "input_names": list(feeds), "output_names": names,
-            "torchvision": TORCHVISION.get(name), "kernels": report.kernels, "compile_s": round(compile_s, 1),
+    base, batch = name.partition(",")[0], next(iter(feeds.values())).shape[0]
+    generate = batch > 1  # inputs and references made there (gpu_check.generated_io), from the same seed
+    if not generate:
+        np.savez(dest / "inputs.npz", **feeds)
+        np.savez(dest / "reference.npz", **dict(zip(names, sess.run(names, feeds))))
+    return {"name": folder, "model": name, "precision": precision, "batch": batch,
+            "artifact": f"models/{folder}/{report.path.name}",
+            "inputs": None if generate else f"models/{folder}/inputs.npz",
+            "reference": None if generate else f"models/{folder}/reference.npz",
+            "generate_io": {"seed": 0} if generate else None, "input_names": list(feeds), "output_names": names,
+            "torchvision": TORCHVISION.get(base), "kernels": report.kernels, "compile_s": round(compile_s, 1),
             "weights": "rebuild" if external else "embedded", "zoo": f"zoo:{name}" if name != "tiny_cnn" else None,
             "weights_mib": round(weights_bytes(model) / 2**20, 1)}
 
@@ -208,7 +220,7 @@ def build(out: Path, target: str, models: list[str], wheel_cache: Path | None, b
         shutil.copy2(wheel, out / "wheels" / wheel.name)
     entries, skipped = [], []
     for name in models:
-        dest = out / "models" / name.replace("@", "_")
+        dest = out / "models" / folder_name(name)
         model_name, precision = split_spec(name)
         half = 2 if precision in ("fp16", "bf16") else 1
         # weights over EMBED_BYTES, or that would not fit, stay behind: the zoo makes them again there (seeded

@@ -9,7 +9,8 @@ order: the environment (nvidia-smi, driver, torch), the manifest (every file, it
 wheel installed into a temporary site dir, TVM's runtime libraries from the bundle, then per model kiln.load →
 run → compare with ONNX Runtime's outputs (rtol 1e-3, atol 1e-4), graph against no-graph launch times (CUDA
 events on the model's stream), a torch CUDA tensor as a DLPack input and run_dlpack's outputs; then torch eager
-and torch.compile(mode="reduce-overhead") anchors (torchvision, batch 1, fp32 and fp16, cudnn.benchmark,
+and torch.compile(mode="reduce-overhead") anchors (torchvision, batch 1, fp32 and fp16, and each larger-batch
+model's batch and precision, cudnn.benchmark,
 channels-last) timed with torch.cuda.Event (Kiln's launches are timed with CUDA events recorded on the model's
 own stream, through ctypes). Other checks plug in: a module in bench/ named in PLUGINS that defines
 `CHECKS = [(name, fn)]`, each `fn(run: Run) -> dict` with "ok" (bench/gpu_gemm.py: the tensor-core GEMM bench);
@@ -166,6 +167,10 @@ def manifest(run: Run) -> dict:
         elif p.stat().st_size != want["bytes"] or hashlib.sha256(p.read_bytes()).hexdigest() != want["sha256"]:
             bad.append(f"{rel}: differs from the manifest")
     for entry in m["models"]:
+        if entry.get("generate_io"):  # inputs and references made here from the seed (generated_io)
+            if entry["artifact"] not in m["files"]:
+                bad.append(f"{entry['name']}: its artifact {entry['artifact']} is not in the manifest's files")
+            continue
         for key in ("artifact", "inputs", "reference"):
             if entry[key] not in m["files"]:
                 bad.append(f"{entry['name']}: its {key} {entry[key]} is not in the manifest's files")
@@ -250,11 +255,30 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / denom) if denom else float(np.array_equal(a, b))
 
 
+def generated_io(entry: dict) -> tuple[dict, dict, float]:
+    """(inputs, ONNX Runtime's float32 outputs, seconds) of a bundle entry too large to carry them (ResNet-50 at
+    batch 32: 19 MB of input): the zoo model from the bundle's sources (onnx is there), its seeded inputs, and
+    ONNX Runtime on this machine's CPU."""
+    import onnxruntime as ort
+
+    from kiln.model_builders import random_feeds
+    from kiln.zoo import resolve
+
+    t0 = time.perf_counter()
+    model = resolve(entry["zoo"])
+    feeds = random_feeds(model, seed=entry["generate_io"]["seed"])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    refs = dict(zip(entry["output_names"], sess.run(entry["output_names"], feeds)))
+    return feeds, refs, round(time.perf_counter() - t0, 1)
+
+
 def model_check(entry: dict) -> Check:
     def fn(run: Run) -> dict:
         bundle = run.bundle
-        feeds = dict(np.load(bundle / entry["inputs"]))
-        refs = dict(np.load(bundle / entry["reference"]))
+        if entry.get("generate_io"):
+            feeds, refs, io_s = generated_io(entry)
+        else:
+            feeds, refs, io_s = dict(np.load(bundle / entry["inputs"])), dict(np.load(bundle / entry["reference"])), 0
         xs = [feeds[n] for n in entry["input_names"]]
         art = bundle / entry["artifact"]
         rebuilt = rebuild_weights(run, entry) if entry.get("weights") == "rebuild" else None
@@ -273,7 +297,7 @@ def model_check(entry: dict) -> Check:
             raise Skip("out of time")
         rt = run.kiln_runtime
         cuda = importlib.import_module("kiln.runtime.cuda")
-        result: dict = {"weights_rebuilt": rebuilt}
+        result: dict = {"weights_rebuilt": rebuilt, "batch": entry.get("batch", 1), "generated_io_s": io_s}
         t0 = time.perf_counter()
         m = rt.load(art)
         result["load_s"] = round(time.perf_counter() - t0, 3)
@@ -368,8 +392,8 @@ def rebuild_weights(run: Run, entry: dict) -> dict:
     return result
 
 
-def torch_anchor(name: str, dtype: str) -> Check:
-    """torchvision `name` at batch 1 in `dtype`: eager and torch.compile(mode="reduce-overhead"), channels-last,
+def torch_anchor(name: str, dtype: str, batch: int = 1) -> Check:
+    """torchvision `name` at `batch` in `dtype`: eager and torch.compile(mode="reduce-overhead"), channels-last,
     cudnn.benchmark on, each the median of 5 blocks timed with CUDA events."""
     def fn(run: Run) -> dict:
         if run.dry_run:
@@ -385,7 +409,7 @@ def torch_anchor(name: str, dtype: str) -> Check:
         dt = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
         net = getattr(torchvision.models, name)(weights=None).eval().cuda().to(dt)
         net = net.to(memory_format=torch.channels_last)
-        x = torch.randn(1, 3, 224, 224, device="cuda", dtype=dt).to(memory_format=torch.channels_last)
+        x = torch.randn(batch, 3, 224, 224, device="cuda", dtype=dt).to(memory_format=torch.channels_last)
 
         def time_fn(f) -> dict:
             with torch.no_grad():  # not inference_mode: torch.compile's CUDA graphs are made under no_grad
@@ -453,10 +477,15 @@ def main(argv: list[str] | None = None) -> int:
             continue
         run_check(run, name, fn)
     if not args.no_anchors:
-        names = [e["torchvision"] for e in run.manifest.get("models", []) if e.get("torchvision")]
+        models = run.manifest.get("models", [])
+        names = [e["torchvision"] for e in models if e.get("torchvision") and e.get("batch", 1) == 1]
         for name in dict.fromkeys([*names, "resnet50"]):
             for dtype in ("fp32", "fp16"):
                 run_check(run, f"torch.{name}.{dtype}", torch_anchor(name, dtype))
+        for e in models:  # larger batches: the precision the bundle built them in
+            if e.get("torchvision") and e.get("batch", 1) > 1 and e.get("precision") in ("fp32", "fp16"):
+                run_check(run, f"torch.{e['torchvision']}.b{e['batch']}.{e['precision']}",
+                          torch_anchor(e["torchvision"], e["precision"], e["batch"]))
     failed = [k for k, v in run.results["checks"].items() if v.get("ok") is False]
     run.results["failed"] = failed
     run.save()

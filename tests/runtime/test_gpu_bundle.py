@@ -31,8 +31,9 @@ def _build(out: Path, models: list[str], budget: int, wheel_dir: Path, tune: tup
     wheel = wheel_dir / "apache_tvm_ffi-0.1.14.post1-cp312-cp312-manylinux_2_28_x86_64.whl"
     with zipfile.ZipFile(wheel, "w") as z:  # a stand-in: the test never downloads
         z.writestr("tvm_ffi/__init__.py", "")
-    manifest = _bench("gpu_bundle").build(out, "cuda-sm90", models, wheel_dir, budget, tune, fuzz_seeds=fuzz)
-    assert [m["name"] for m in manifest["models"]] == models, manifest["skipped"]
+    gpu_bundle = _bench("gpu_bundle")
+    manifest = gpu_bundle.build(out, "cuda-sm90", models, wheel_dir, budget, tune, fuzz_seeds=fuzz)
+    assert [m["name"] for m in manifest["models"]] == [gpu_bundle.folder_name(m) for m in models], manifest["skipped"]
     return manifest
 
 
@@ -162,3 +163,33 @@ def test_fuzz_check_runs_its_gpu_path_on_cpu_builds(bundle, tmp_path):
         right.run(x), (list, tuple)) else np.asarray(right.run(x)) + 1)
     result = gpu_fuzz.fuzz(run)
     assert not result["ok"] and [f["seed"] for f in result["failures"]] == [cases[1]["seed"]], result
+
+
+def test_a_model_at_batch_two_carries_no_inputs_and_is_checked_against_outputs_made_there(tmp_path):
+    """"squeezenet,batch=2" (the bundle's ResNet-50 at batch 32 in small): only the artifact travels; the
+    check makes the seeded inputs and ONNX Runtime's outputs where it runs, and compares Kiln's with them.
+    The GPU path runs here on a CPU build of the same model through the fake CUDA API."""
+    import kiln
+    from kiln.config import Options
+    from kiln.zoo import resolve
+
+    from .test_cuda_runtime import _fake_model
+
+    bundle = tmp_path / "gpu_bundle"
+    manifest = _build(bundle, ["squeezenet,batch=2"], 60 << 20, tmp_path)
+    (entry,) = manifest["models"]
+    assert entry["batch"] == 2 and entry["inputs"] is None and entry["name"] == "squeezenet_batch2"
+    assert not any(f.endswith((".npz",)) for f in manifest["files"] if f.startswith("models/"))
+    rc, results = _dry_run(bundle, tmp_path / "out")
+    check = results["checks"]["model.squeezenet_batch2"]
+    assert rc == 0 and results["checks"]["manifest"]["ok"], results["failed"]
+    assert check["ok"] and check["inputs"] == {"data_0": [2, 3, 224, 224]}, check
+
+    gpu_check = _bench("gpu_check")
+    cpu = kiln.compile(resolve("zoo:squeezenet,batch=2"), tmp_path / "sq2_cpu.so", Options(target="x86-avx2")).path
+    run = gpu_check.Run(bundle, tmp_path / "out2", dry_run=False)
+    run.manifest = manifest
+    run.kiln_runtime = types.SimpleNamespace(load=lambda path, cuda_graphs=None: _fake_model(
+        cpu, graphs=cuda_graphs is not False)[0])
+    result = gpu_check.model_check({**entry, "weights": "embedded"})(run)
+    assert result["ok"] and result["match"] and result["batch"] == 2, result
