@@ -297,7 +297,9 @@ def model_check(entry: dict) -> Check:
             raise Skip("out of time")
         rt = run.kiln_runtime
         cuda = importlib.import_module("kiln.runtime.cuda")
-        result: dict = {"weights_rebuilt": rebuilt, "batch": entry.get("batch", 1), "generated_io_s": io_s}
+        result: dict = {"model": entry["model"].partition(",")[0], "precision": entry.get("precision", "fp32"),
+                        "batch": entry.get("batch", 1), "compile_s": entry.get("compile_s"),
+                        "weights_rebuilt": rebuilt, "generated_io_s": io_s}
         t0 = time.perf_counter()
         m = rt.load(art)
         result["load_s"] = round(time.perf_counter() - t0, 3)
@@ -392,9 +394,28 @@ def rebuild_weights(run: Run, entry: dict) -> dict:
     return result
 
 
+def torch_net(torch, name: str, batch: int, dt):
+    """(module, inputs) on the GPU: a torchvision model at `batch` (channels-last), or, for "bert_layer", torch's
+    own BERT-base encoder layer (768 wide, 12 heads, 3072 FFN, GELU, post-norm, as kiln.model_builders builds
+    it) on 128 tokens whose last quarter is padding."""
+    if name == "bert_layer":
+        layer = torch.nn.TransformerEncoderLayer(768, 12, 3072, dropout=0.0, activation="gelu", batch_first=True,
+                                                 layer_norm_eps=1e-12)
+        net = layer.eval().cuda().to(dt)
+        x = torch.randn(batch, 128, 768, device="cuda", dtype=dt)
+        pad = torch.zeros(batch, 128, dtype=torch.bool, device="cuda")
+        pad[:, 96:] = True
+        return (lambda x, pad: net(x, src_key_padding_mask=pad)), net, (x, pad)
+    import torchvision
+
+    net = getattr(torchvision.models, name)(weights=None).eval().cuda().to(dt).to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, 224, 224, device="cuda", dtype=dt).to(memory_format=torch.channels_last)
+    return net, net, (x,)
+
+
 def torch_anchor(name: str, dtype: str, batch: int = 1) -> Check:
-    """torchvision `name` at `batch` in `dtype`: eager and torch.compile(mode="reduce-overhead"), channels-last,
-    cudnn.benchmark on, each the median of 5 blocks timed with CUDA events."""
+    """torch_net(name) at `batch` in `dtype`: eager and torch.compile(mode="reduce-overhead"), cudnn.benchmark on,
+    each the median of 5 blocks timed with CUDA events."""
     def fn(run: Run) -> dict:
         if run.dry_run:
             raise Skip("no GPU in a dry run")
@@ -403,18 +424,14 @@ def torch_anchor(name: str, dtype: str, batch: int = 1) -> Check:
             raise Skip("torch with CUDA is not available")
         if run.left_s() < 60:
             raise Skip(f"out of time ({run.left_s():.0f} s left)")
-        import torchvision
-
         torch.backends.cudnn.benchmark = True
         dt = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
-        net = getattr(torchvision.models, name)(weights=None).eval().cuda().to(dt)
-        net = net.to(memory_format=torch.channels_last)
-        x = torch.randn(batch, 3, 224, 224, device="cuda", dtype=dt).to(memory_format=torch.channels_last)
+        call, _, args = torch_net(torch, name, batch, dt)
 
         def time_fn(f) -> dict:
             with torch.no_grad():  # not inference_mode: torch.compile's CUDA graphs are made under no_grad
                 for _ in range(10):
-                    f(x)
+                    f(*args)
                 torch.cuda.synchronize()
 
                 def block() -> list[float]:
@@ -422,18 +439,18 @@ def torch_anchor(name: str, dtype: str, batch: int = 1) -> Check:
                     end = torch.cuda.Event(enable_timing=True)
                     start.record()
                     for _ in range(REPEAT):
-                        f(x)
+                        f(*args)
                     end.record()
                     end.synchronize()
                     return [start.elapsed_time(end) / REPEAT]
                 return _median_of_blocks(block)
 
-        result = {"eager": time_fn(net)}
+        result = {"eager": time_fn(call)}
         t0 = time.perf_counter()
-        compiled = torch.compile(net, mode="reduce-overhead")
+        compiled = torch.compile(call, mode="reduce-overhead")
         with torch.no_grad():
-            compiled(x)
-            compiled(x)
+            compiled(*args)
+            compiled(*args)
             torch.cuda.synchronize()
         result["compile_s"] = round(time.perf_counter() - t0, 1)
         result["compiled_reduce_overhead"] = time_fn(compiled)
@@ -479,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_anchors:
         models = run.manifest.get("models", [])
         names = [e["torchvision"] for e in models if e.get("torchvision") and e.get("batch", 1) == 1]
+        if any(e["model"].startswith("bert_layer") for e in models):
+            names.append("bert_layer")  # torch's own encoder layer (torch_net)
         for name in dict.fromkeys([*names, "resnet50"]):
             for dtype in ("fp32", "fp16"):
                 run_check(run, f"torch.{name}.{dtype}", torch_anchor(name, dtype))

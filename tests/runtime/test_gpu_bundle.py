@@ -135,6 +135,31 @@ def test_model_check_runs_its_gpu_path_on_a_fake_device(bundle, tmp_path):
     assert result["ok"] and result["match"] and result["no_graph_match"], result
     assert result["outputs"]["softmax0"]["max_abs_err"] < 1e-5
     assert len(result["graph_launch"]["blocks_ms"]) == gpu_check.BLOCKS and 3 <= result["launches_per_block"]
+    # bench/gpu.py's table reads what this check wrote
+    (row,) = _bench("gpu").rows({"checks": {"model.tiny_cnn": result}})
+    assert row["model"] == "tiny_cnn" and row["correct"] and row["kiln_ms"] == result["graph_launch"]["median_ms"]
+
+
+def test_gpu_table_pairs_each_model_with_its_torch_anchor_and_target():
+    gpu = _bench("gpu")
+
+    def model(name, batch, precision, ms, **outputs):
+        return {"model": name, "batch": batch, "precision": precision, "match": True, "compile_s": 30.0,
+                "graph_launch": {"median_ms": ms}, "no_graph_launch": {"median_ms": 2 * ms}, "outputs": outputs}
+
+    def anchor(eager, compiled):
+        return {"eager": {"median_ms": eager}, "compiled_reduce_overhead": {"median_ms": compiled}, "compile_s": 20.0}
+
+    checks = {"model.resnet50_fp16": model("resnet50", 1, "fp16", 0.6, y={"cosine": 0.9996, "max_abs_err": 1e-3}),
+              "model.resnet50_batch32_fp16": model("resnet50", 32, "fp16", 4.0, y={"cosine": 0.9995, "max_abs_err": 0}),
+              "model.resnet18": model("resnet18", 1, "fp32", 0.3, y={"cosine": 1.0, "max_abs_err": 2e-5}),
+              "torch.resnet50.fp16": anchor(7.0, 0.47), "torch.resnet50.b32.fp16": anchor(4.6, 1.51),
+              "torch.resnet18.fp32": anchor(2.0, 0.25)}
+    rows = {(r["model"], r["batch"]): r for r in gpu.rows({"checks": checks})}
+    assert rows[("resnet50", 1)]["met"] is True and abs(rows[("resnet50", 1)]["kiln_over_compile"] - 0.6 / 0.47) < 1e-9
+    assert rows[("resnet50", 32)]["met"] is False and rows[("resnet50", 32)]["faster_than_eager"] is True
+    assert rows[("resnet18", 1)]["target"] is None and rows[("resnet18", 1)]["agreement"].startswith("max abs err")
+    assert "| resnet50 | 32 | fp16 |" in gpu.table(list(rows.values()), markdown=True)
 
 
 def test_fuzz_check_runs_its_gpu_path_on_cpu_builds(bundle, tmp_path):
