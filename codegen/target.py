@@ -8,6 +8,7 @@ import os
 import platform
 import shutil
 
+from kiln.codegen.tvm_import import import_tvm
 from kiln.errors import CodegenError, KilnError
 from kiln.schedules.target_info import vector_lanes  # noqa: F401  (re-exported)
 
@@ -36,6 +37,7 @@ def host_target_dict(num_cores: int | None = None) -> dict:
 
 def resolve_target(spec: str | dict | None):
     """A tvm.target.Target for a preset name, `native`/`x86` (this machine), or a JSON target dict."""
+    import_tvm()  # every compile and tune resolves its target first
     from tvm.target import Target, codegen
 
     if spec is None or spec in ("native", "x86", "host"):

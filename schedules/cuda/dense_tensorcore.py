@@ -23,6 +23,7 @@ from typing import Any
 
 from kiln.ir.ops.dense import DENSE, DENSE_PACKED, MATMUL
 from kiln.schedules.space import Config, Space
+from kiln.codegen.tvm_import import import_tvm
 from kiln.schedules.tensor_intrin import register_once
 from kiln.schedules.template import Template
 from kiln.schedules.workload import Group, Workload
@@ -314,6 +315,7 @@ LOCAL = MMA * MMA // WARP  # elements of a 16 × 16 tile per thread: 8
 
 
 def _intrinsics(dtype: str, b_layout: str, vector: int) -> dict[str, str]:
+    import_tvm()  # the _register_* below import tvm.script
     trans_b = b_layout == "nk"  # B stored [n, k]: mma's "col" operand as it is; kn and packed: ldmatrix .trans
     return {"copy": _register_copy(dtype, vector), "load_a": _register_ldmatrix(dtype, "A", False),
             "load_b": _register_ldmatrix(dtype, "B", trans_b), "mma": _register_mma(dtype, trans_b),

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from kiln.ir.ops.qconv import DOT, QCONV2D_NCHWC
 from kiln.schedules.loops import divisors
 from kiln.schedules.space import Space
+from kiln.codegen.tvm_import import import_tvm
 from kiln.schedules.tensor_intrin import register_once
 from kiln.schedules.template import Template
 from kiln.schedules.workload import Group, Workload
@@ -61,6 +62,7 @@ def intrinsic(lanes: int, dot: str = "vnni") -> str:
     first use: A uint8 for vnni and madd, int8 for sdot (aarch64, 4 lanes only)."""
     if (lanes, dot) in _INTRINSICS:
         return _INTRINSICS[(lanes, dot)]
+    import_tvm()
     from tvm.script import tirx as T
 
     if dot == "sdot" and lanes != 4:

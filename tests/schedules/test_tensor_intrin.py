@@ -35,3 +35,31 @@ def test_two_threads_registering_the_same_intrinsic_first_both_get_it():
     # registered" (a concurrent int8 compile)
     r = subprocess.run([sys.executable, "-c", RACE], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+FIRST_IMPORT = """
+import threading
+from kiln.codegen.target import resolve_target
+from kiln.schedules.x86.qconv2d_nchwc import intrinsic
+errors = []
+start = threading.Barrier(4)
+def first_use(fn):
+    start.wait()
+    try:
+        fn()
+    except Exception as e:
+        errors.append(repr(e))
+calls = [lambda: intrinsic(16, "vnni")] * 2 + [lambda: resolve_target("x86-avx512-vnni")] * 2
+threads = [threading.Thread(target=first_use, args=(c,)) for c in calls]
+for t in threads: t.start()
+for t in threads: t.join()
+assert not errors, errors
+print("ok")
+"""
+
+
+def test_threads_that_first_import_tvm_at_once_all_get_it_whole():
+    # before codegen/tvm_import.py, in every fresh process: "cannot import name 'tirx' from 'tvm.script'"
+    # (TVM's packages import each other in cycles; a second thread saw one half initialized)
+    r = subprocess.run([sys.executable, "-c", FIRST_IMPORT], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
