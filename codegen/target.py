@@ -8,8 +8,8 @@ import os
 import platform
 import shutil
 
-from kiln.codegen.tvm_import import import_tvm
 from kiln.errors import CodegenError, KilnError
+from kiln.ir.tvm_import import import_tvm
 from kiln.schedules.target_info import vector_lanes  # noqa: F401  (re-exported)
 
 PRESETS = {

@@ -18,7 +18,7 @@ _lock = threading.Lock()
 def register_once(name: str, make: Callable[[], tuple]) -> str:
     """Register `make()`'s (description, implementation) under `name` unless it is registered; return `name`.
     `make` runs only when the name is new, under the lock."""
-    from kiln.codegen.tvm_import import import_tvm
+    from kiln.ir.tvm_import import import_tvm
 
     import_tvm()
     from tvm.s_tir import TensorIntrin

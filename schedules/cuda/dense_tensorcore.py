@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kiln.ir.ops.dense import DENSE, DENSE_PACKED, MATMUL
+from kiln.ir.tvm_import import import_tvm
 from kiln.schedules.space import Config, Space
-from kiln.codegen.tvm_import import import_tvm
 from kiln.schedules.tensor_intrin import register_once
 from kiln.schedules.template import Template
 from kiln.schedules.workload import Group, Workload

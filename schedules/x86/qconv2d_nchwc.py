@@ -18,9 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kiln.ir.ops.qconv import DOT, QCONV2D_NCHWC
+from kiln.ir.tvm_import import import_tvm
 from kiln.schedules.loops import divisors
 from kiln.schedules.space import Space
-from kiln.codegen.tvm_import import import_tvm
 from kiln.schedules.tensor_intrin import register_once
 from kiln.schedules.template import Template
 from kiln.schedules.workload import Group, Workload

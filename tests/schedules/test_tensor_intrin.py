@@ -59,7 +59,7 @@ print("ok")
 
 
 def test_threads_that_first_import_tvm_at_once_all_get_it_whole():
-    # before codegen/tvm_import.py, in every fresh process: "cannot import name 'tirx' from 'tvm.script'"
+    # before ir/tvm_import.py, in every fresh process: "cannot import name 'tirx' from 'tvm.script'"
     # (TVM's packages import each other in cycles; a second thread saw one half initialized)
     r = subprocess.run([sys.executable, "-c", FIRST_IMPORT], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
