@@ -190,6 +190,7 @@ def test_fuzz_check_runs_its_gpu_path_on_cpu_builds(bundle, tmp_path):
     assert not result["ok"] and [f["seed"] for f in result["failures"]] == [cases[1]["seed"]], result
 
 
+@pytest.mark.slow  # two SqueezeNet builds and a dry run: 21 s
 def test_a_model_at_batch_two_carries_no_inputs_and_is_checked_against_outputs_made_there(tmp_path):
     """"squeezenet,batch=2" (the bundle's ResNet-50 at batch 32 in small): only the artifact travels; the
     check makes the seeded inputs and ONNX Runtime's outputs where it runs, and compares Kiln's with them.
