@@ -2,7 +2,7 @@
 
 TVM keeps tensor intrinsics in one process-wide table that refuses a second registration of a name. Templates
 register theirs lazily, the first time a schedule needs one, and two models compiled at once in two threads
-(a server loading versions in parallel, a tuner's build pool) reach that first use together: a check and a
+(an application compiling several models from a thread pool) reach that first use together: a check and a
 register without a lock let both threads register, and the second compile failed with "has already been
 registered".
 """
@@ -12,14 +12,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+from kiln.ir.tvm_import import import_tvm
+
 _lock = threading.Lock()
 
 
 def register_once(name: str, make: Callable[[], tuple]) -> str:
     """Register `make()`'s (description, implementation) under `name` unless it is registered; return `name`.
     `make` runs only when the name is new, under the lock."""
-    from kiln.ir.tvm_import import import_tvm
-
     import_tvm()
     from tvm.s_tir import TensorIntrin
 
