@@ -11,6 +11,12 @@ the flattened plane in whole vectors instead of the width: ShuffleNet's grouped 
 vectorize 14 of 16 lanes, which LLVM loads in three pieces (8 + 4 + 2) and reassembles, for every accumulator.
 The flat tile is `tile_oc` channels of one group (they share each input vector) × `tile_v` vectors. A plane
 that is not whole vectors (14×14, 7×7) keeps the width tiles: a tail under a predicate is scalarized.
+
+A grouped conv's tiles can run channel tiles innermost (`oc_inner`): the next tile of the same group reads the
+input slab the last one left in L1, where tiles in channel order walk the whole plane first and read the group's
+input from L2 once per channel tile, which is what bounds a conv that sums only 34 or 68 inputs. A group's
+weights (a few KB) stay cached either way. On ShuffleNet's 136-channel 28×28 grouped 1x1 conv (AMD Zen 5, the
+kernel in sequence): 34 → 21 µs at the default flat tile, against ONNX Runtime's 36 µs node.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from kiln.schedules.workload import Group, Workload
 from kiln.schedules.x86 import generic
 from kiln.schedules.x86.conv2d_nchwc import prepare
 
-VERSION = 2  # 2: the flat pointwise branch (workload gains pointwise, plane, group_channels)
+VERSION = 3  # 2: the flat pointwise branch (workload gains pointwise, plane, group_channels); 3: oc_inner
 NAME = "x86.conv2d_direct"
 MAX_ACCUMULATORS = 8  # accumulator vectors: leaves registers for the input vector and broadcast weights
 
@@ -66,43 +72,61 @@ def _flat_vectors(wl: Workload) -> int:
     return wl["plane"] // wl["lanes"]
 
 
+def _grouped(wl: Workload) -> bool:
+    return wl["groups"] > 1
+
+
 def _flat_space(wl: Workload) -> list[Space]:
     """One branch per channel tile (a group's channels, which share each input vector), with the vector counts
-    whose accumulators fit beside the input vectors and the broadcast weight."""
+    whose accumulators fit beside the input vectors and the broadcast weight; a grouped conv's either order."""
     vectors = _flat_vectors(wl)
     budget = wl["registers"] - 4
+    orders = [False, True] if _grouped(wl) else [False]
     branches = []
     for oc in divisors(wl["group_channels"], 8) if vectors else []:
         tile_v = [v for v in divisors(vectors, 8) if 1 < oc * v <= budget]
         if tile_v:
-            branches.append(Space.of(direct=True, flat=True, tile_oc=[oc], tile_v=tile_v))
+            branches.append(Space.of(direct=True, flat=True, tile_oc=[oc], tile_v=tile_v, oc_inner=orders))
+    return branches
+
+
+def _width_space(wl: Workload) -> list[Space]:
+    """Channel tiles × width tiles; a grouped conv's channel tiles innermost only with tiles of its group."""
+    tile_ow = _width_tiles(wl["out_w"], wl["lanes"])
+    tile_oc = _tiles(wl["out_channels"], 16)
+    if not tile_oc or not tile_ow or wl["reduction"] == 1:
+        return []
+    if not _grouped(wl):
+        return [Space.of(direct=True, tile_oc=tile_oc, tile_ow=tile_ow)]
+    branches = [Space.of(direct=True, tile_oc=tile_oc, tile_ow=tile_ow, oc_inner=[False])]
+    in_group = _tiles(wl["group_channels"], 16)
+    if in_group:
+        branches.append(Space.of(direct=True, tile_oc=in_group, tile_ow=tile_ow, oc_inner=[True]))
     return branches
 
 
 def space(wl: Workload, info=None) -> Space:
     """The direct tiles, the flat tiles of a pointwise conv, and the generic schedule (the only choice when no
     tile fits, or nothing is summed)."""
-    generic_ = Space.of(direct=False)
-    flat = _flat_space(wl)
-    tile_oc, tile_ow = _tiles(wl["out_channels"], 16), _width_tiles(wl["out_w"], wl["lanes"])
-    if not tile_oc or not tile_ow or wl["reduction"] == 1:
-        return Space.union(*flat, generic_)
-    return Space.union(Space.of(direct=True, tile_oc=tile_oc, tile_ow=tile_ow), *flat, generic_)
+    return Space.union(*_width_space(wl), *_flat_space(wl), Space.of(direct=False))
 
 
 def _flat_default(wl: Workload) -> Config | None:
     """The most accumulators up to half the registers (fewest above), then the most vectors (each broadcast
-    weight is reused across the vectors, each input vector across the channels)."""
+    weight is reused across the vectors, each input vector across the channels); channel tiles innermost in a
+    grouped conv."""
     half = wl["registers"] // 2
 
     def rank(cfg: Config) -> tuple:
         n = cfg["tile_oc"] * cfg["tile_v"]
-        return (n <= half, n if n <= half else -n, cfg["tile_v"])
+        return (n <= half, n if n <= half else -n, cfg["tile_v"], cfg["oc_inner"])
 
     return max((cfg for branch in _flat_space(wl) for cfg in branch), key=rank, default=None)
 
 
 def default(wl: Workload, info=None) -> Config:
+    """The flat tile where there is one; else the widest tiles, in channel order (on the width tiles neither
+    order won on ShuffleNet's 14×14 convs: 45 against 46 µs at their best tiles)."""
     flat = _flat_default(wl)
     if flat is not None:
         return flat
@@ -110,7 +134,18 @@ def default(wl: Workload, info=None) -> Config:
     tile_ow = max(_tiles(wl["out_w"], wl["lanes"]), default=1)
     if tile_oc == 1 or tile_ow == 1 or wl["reduction"] == 1:
         return {"direct": False}
-    return {"direct": True, "tile_oc": tile_oc, "tile_ow": tile_ow}
+    cfg = {"direct": True, "tile_oc": tile_oc, "tile_ow": tile_ow}
+    return {**cfg, "oc_inner": False} if _grouped(wl) else cfg
+
+
+def _channel_tiles(sch, oc, wl: Workload, cfg: Config):
+    """The output-channel loop as (outer loops, tile loop): (oc // tile_oc,) in channel order, or (groups,
+    tiles of a group) for channel tiles innermost."""
+    if cfg.get("oc_inner"):
+        g, ocg, oci = sch.split(oc, factors=[wl["groups"], wl["group_channels"] // cfg["tile_oc"], cfg["tile_oc"]])
+        return g, ocg, oci
+    oco, oci = sch.split(oc, factors=[None, cfg["tile_oc"]])
+    return oco, None, oci
 
 
 def _prepare(sch, wl: Workload):
@@ -140,14 +175,15 @@ def schedule(sch, wl: Workload, cfg: Config) -> list[str]:
     conv_block, out_block = _prepare_local(sch, wl)
     steps = []
     n, oc, oh, ow = sch.get_loops(out_block)[:4]
-    oco, oci = sch.split(oc, factors=[None, cfg["tile_oc"]])
+    oco, ocg, oci = _channel_tiles(sch, oc, wl, cfg)
     owo, owi = sch.split(ow, factors=[None, cfg["tile_ow"]])
-    sch.reorder(n, oco, oh, owo, oci, owi)
+    inner = [owo] if ocg is None else [owo, ocg]  # a group's channel tiles under the width tile
+    sch.reorder(n, oco, oh, *inner, oci, owi)
     sch.parallel(sch.fuse(n, oco, oh))
-    steps.append(f"direct(oc={cfg['tile_oc']},ow={cfg['tile_ow']})")
-    sch.compute_at(conv_block, owo)
+    steps.append(f"direct(oc={cfg['tile_oc']},ow={cfg['tile_ow']}{',oc_inner' if ocg is not None else ''})")
+    sch.compute_at(conv_block, inner[-1])
     # under the tile: the two spatial loops, then the reduction loops (unit ones dropped by compute_at)
-    loops = sch.get_loops(conv_block)[2:]
+    loops = sch.get_loops(conv_block)[1 + len(inner):]
     c_oci, c_owi, reduce = loops[0], loops[1], loops[2:]
     sch.reorder(*reduce, c_oci, c_owi)
     sch.unroll(c_oci)
@@ -167,10 +203,11 @@ def _schedule_flat(sch, wl: Workload, cfg: Config) -> list[str]:
     sch.transform_block_layout(conv_block, lambda n, c, h, w, rc, ry, rx: (n, c, h * ow + w, rc, ry, rx))
     sch.transform_block_layout(out_block, lambda n, c, h, w: (n, c, h * ow + w))
     n, oc, p = sch.get_loops(out_block)
-    oco, oci = sch.split(oc, factors=[None, cfg["tile_oc"]])
+    oco, ocg, oci = _channel_tiles(sch, oc, wl, cfg)
     po, pi, pv = sch.split(p, factors=[None, cfg["tile_v"], wl["lanes"]])
-    sch.reorder(n, oco, po, oci, pi, pv)
-    tile = sch.fuse(n, oco, po)
+    outer = [n, oco, po] if ocg is None else [n, oco, po, ocg]  # a group's channel tiles under the plane tile
+    sch.reorder(*outer, oci, pi, pv)
+    tile = sch.fuse(*outer)
     sch.parallel(tile)
     sch.compute_at(conv_block, tile, preserve_unit_loops=True)  # a tile of one channel keeps its loop
     _, c_oc, c_p, *reduce = sch.get_loops(conv_block)[1:]  # under the tile: n (unit), channels, plane, reduction
@@ -182,7 +219,8 @@ def _schedule_flat(sch, wl: Workload, cfg: Config) -> list[str]:
     init = sch.decompose_reduction(conv_block, reduce[0])
     sch.vectorize(sch.get_loops(init)[-1])
     sch.vectorize(sch.get_loops(out_block)[-1])
-    return [f"direct_flat(oc={cfg['tile_oc']},v={cfg['tile_v']}x{wl['lanes']})"]
+    order = ",oc_inner" if ocg is not None else ""
+    return [f"direct_flat(oc={cfg['tile_oc']},v={cfg['tile_v']}x{wl['lanes']}{order})"]
 
 
 TEMPLATE = Template(

@@ -109,8 +109,14 @@ def test_a_candidate_in_the_model_costs_what_its_kernel_costs_not_a_pool_handove
     with ModelContext(str(path), threads=2) as ctx:
         assert ctx.model._parallel is None  # the model's kernels on TVM's pool, as the candidate's are
         model_args = ctx.steps[ctx.positions[task.key][0]][1]
-        costs = ctx.time(task.key, lib[ENTRY], list(model_args), repeat=7)
-    assert float(np.median(costs)) < 0.6e-3, costs
+        # the handover added ~1 ms to every timing; another process spinning its pool on the same 2 cores (a
+        # second pytest worker) can add that to one attempt, never to all of them
+        medians = []
+        for _ in range(5):
+            medians.append(float(np.median(ctx.time(task.key, lib[ENTRY], list(model_args), repeat=7))))
+            if medians[-1] < 0.6e-3:
+                break
+    assert min(medians) < 0.6e-3, medians
 
 
 def test_tune_model_times_in_the_model_and_keeps_the_faster_artifact(tmp_path):
@@ -145,6 +151,18 @@ def test_the_tuned_model_is_kept_only_when_it_wins_most_paired_rounds():
     assert keep_tuned(default, steady, 7) == ("tuned", 6)
     slower = np.repeat([10.5] * 7, 3)
     assert keep_tuned(default, slower, 7) == ("default", 0)
+
+
+def test_ab_blocks_last_long_enough_to_outlast_a_noisy_moment():
+    """A fast model's A/B blocks hold enough runs for BLOCK_S each (2 runs of a 2.5 ms model were a 5 ms block);
+    a slow model's keep `repeat` spread over the rounds."""
+    import time
+
+    from kiln.tuning import BLOCK_S, END_TO_END_ROUNDS, block_runs
+
+    fast = block_runs(lambda: time.sleep(0.01), repeat=20)
+    assert BLOCK_S / 0.02 <= fast <= BLOCK_S / 0.01 + 1
+    assert block_runs(lambda: time.sleep(0.3), repeat=20) == 20 // END_TO_END_ROUNDS
 
 
 def test_tune_model_only_searches_the_named_tasks_and_keeps_the_others_from_the_log(tmp_path):

@@ -169,3 +169,38 @@ def test_flat_default_where_the_plane_is_whole_vectors(target_name, lanes, regis
         if flat:
             assert 34 % cfg["tile_oc"] == 0 and (hw * hw // lanes) % cfg["tile_v"] == 0
             assert 1 < cfg["tile_oc"] * cfg["tile_v"] <= registers // 2, cfg
+
+
+@pytest.mark.parametrize("k,hw", [(1, (7, 10)), (3, (6, 9))])
+def test_channel_tiles_innermost_match_reference(k, hw):
+    """A grouped conv's channel tiles innermost (each a tile of one group, the next group's after them), in the
+    width tiles (a 1x1 whose plane has a tail, a padded 3x3) and the flat ones, with the fused epilogue."""
+    rng = np.random.default_rng(k)
+    c, o, groups = 12, 24, 3
+    x = rng.standard_normal((1, c) + hw).astype(np.float32)
+    w = rng.standard_normal((o, c // groups, k, k)).astype(np.float32)
+    attrs = ConvAttrs((1, 1), (k // 2,) * 4, (1, 1), groups)
+    fn = bias_add_relu_group(x, w, attrs)
+    target = resolve_target(AVX2)
+    template, wl = task_of(fn, target)
+    inner = [cfg for cfg in template.space(wl, target_info(target)) if cfg.get("oc_inner")]
+    assert inner and all((o // groups) % cfg["tile_oc"] == 0 for cfg in inner)
+    want = conv_reference(x, w, attrs)
+    b, r = rng.standard_normal((1, o, 1, 1)).astype(np.float32), rng.standard_normal(want.shape).astype(np.float32)
+    for cfg in inner:
+        g = lower(fn, target, {wl.key: cfg})
+        assert g.schedule.split(")")[0].endswith("oc_inner"), g.schedule
+        assert_close(run_lowered(g, target, [x, w, b, r]), np.maximum(want + b + r, 0), rtol=1e-4, atol=1e-4,
+                     what=f"{cfg}")
+
+
+def test_flat_default_runs_a_groups_channel_tiles_innermost():
+    """ShuffleNet's 136-channel 28×28 grouped 1x1 conv (34 channels a group): the flat default reads each input
+    slab for every channel tile of its group before moving on; an ungrouped conv has no such knob."""
+    info = target_info(resolve_target("x86-avx512"))
+    attrs = ConvAttrs((1, 1), (0,) * 4, (1, 1), 4)
+    fn = op_group(CONV2D, [((1, 136, 28, 28), "float32"), ((136, 34, 1, 1), "float32")], attrs)
+    wl = conv2d_direct.TEMPLATE.workload(Group(fn), info)
+    assert conv2d_direct.default(wl, info)["oc_inner"] is True
+    wl1, _ = _workload("x86-avx512", 16, 32, 28, k=1)
+    assert all("oc_inner" not in cfg for cfg in conv2d_direct.space(wl1, info))
