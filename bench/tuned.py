@@ -2,7 +2,8 @@
 
     python bench/tuned.py [--only resnet50 mobilenet_v2 bert_layer] [--tuning-log FILE ...] [--threads 2]
 
-Tuned means the logs shipped in tuning_logs/<cpu>/ for this machine's CPU (and any --tuning-log); untuned means
+Ratios are medians of per-round ratios (each block of Kiln against the ONNX Runtime block beside it, 9 rounds
+of at least 0.25 s a block), with their quartiles in parentheses. Tuned means the logs shipped in tuning_logs/<cpu>/ for this machine's CPU (and any --tuning-log); untuned means
 every kernel at its template's default config. Ratios are comparable only within one run.
 """
 
@@ -29,9 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.only or MODELS:
         r = compare_tuned(f"zoo:{name}", repeat=args.repeat, threads=args.threads,
                           tuning_logs=tuple(args.tuning_log))
-        m = r["median_ms"]
+        m, q = r["median_ms"], r["ratio_quartiles"]
         print(f"{name:14s} default {m['default']:8.2f} ms  tuned {m['tuned']:8.2f} ms  ort {m['onnxruntime']:8.2f} ms"
-              f"  default/ort {r['default_ratio']:5.2f}x  tuned/ort {r['tuned_ratio']:5.2f}x  "
+              f"  default/ort {r['default_ratio']:5.2f}x ({q['default'][0]:.2f}-{q['default'][1]:.2f})"
+              f"  tuned/ort {r['tuned_ratio']:5.2f}x ({q['tuned'][0]:.2f}-{q['tuned'][1]:.2f})  "
               f"({r['tuned_kernels']}/{r['kernels']} kernels configured by a log)  match {r['match']}", flush=True)
         ok &= r["match"]
         time.sleep(1.0)

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.runtime.timing import interleaved_ms, time_ms
+from kiln.runtime.timing import interleaved_ms, runs_per_block, time_ms
 
 PAUSE_S = 0.5
 ROUNDS = 5
+TUNED_ROUNDS = 9  # compare_tuned: blocks of at least 0.25 s each (runs_per_block), ratios per round
 
 
 def _summary(ms: list[float]) -> dict:
@@ -144,10 +145,17 @@ def compare_tuned(model: str, target: str = "native", repeat: int = 20, threads:
         runs = {name: (lambda m=m: m.run(**feeds)) for name, m in engines.items()}
         runs["onnxruntime"] = lambda: sess.run(None, feeds)
         got = {name: engines[name].run(**feeds) for name in engines}
-        ms = interleaved_ms(runs, max(3, -(-repeat // ROUNDS)), ROUNDS, pause_s=PAUSE_S)
+        per_block = runs_per_block(runs["onnxruntime"], max(3, -(-repeat // TUNED_ROUNDS)))
+        ms = interleaved_ms(runs, per_block, TUNED_ROUNDS, pause_s=PAUSE_S)
     med = {name: float(np.median(v)) for name, v in ms.items()}
+    # each round's ratio to ONNX Runtime's block beside it: what the machine did in that stretch cancels
+    rounds = {name: np.median(v.reshape(TUNED_ROUNDS, -1), axis=1) for name, v in ms.items()}
+    ratios = {name: rounds[name] / rounds["onnxruntime"] for name in ("default", "tuned")}
     match = all(np.allclose(g, w, rtol=1e-3, atol=1e-4) for name in got for g, w in zip(got[name], want))
     return {"model": model, "threads": threads, "match": match, "median_ms": med,
             "tuned_kernels": sum(1 for s in tuned.steps if s.get("config_source") == "given"),
-            "kernels": tuned.kernels, "default_ratio": med["default"] / med["onnxruntime"],
-            "tuned_ratio": med["tuned"] / med["onnxruntime"], "speedup": med["default"] / med["tuned"]}
+            "kernels": tuned.kernels, "default_ratio": float(np.median(ratios["default"])),
+            "tuned_ratio": float(np.median(ratios["tuned"])), "speedup": med["default"] / med["tuned"],
+            "ratio_quartiles": {name: [float(np.percentile(r, 25)), float(np.percentile(r, 75))]
+                                for name, r in ratios.items()},
+            "runs_per_block": per_block, "rounds": TUNED_ROUNDS}

@@ -25,7 +25,7 @@ from kiln.codegen.target import resolve_target
 from kiln.config import Options
 from kiln.driver import model_tasks
 from kiln.errors import KilnError
-from kiln.runtime.timing import interleaved_ms
+from kiln.runtime.timing import interleaved_ms, runs_per_block
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,8 @@ def _end_to_end(proto, plain: Path, log_path, options: Options, result: ModelTun
     got = models["tuned"].run(**feeds)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-3, err_msg="the tuned model's outputs differ")
-    per_block = block_runs(lambda: models["default"].run(**feeds), repeat)
+    per_block = runs_per_block(lambda: models["default"].run(**feeds), max(1, repeat // END_TO_END_ROUNDS),
+                               BLOCK_S, MAX_PER_BLOCK)
     times = interleaved_ms({name: (lambda m=m: m.run(**feeds)) for name, m in models.items()},
                            per_block, rounds=END_TO_END_ROUNDS, warmup=1, pause_s=PAUSE_S)
     result.default_ms = float(np.median(times["default"]))
@@ -136,17 +137,6 @@ def _record_decision(log_path, result: ModelTuneResult, tuned_configs: dict) -> 
                                          tuned_ms=round(result.tuned_ms, 4), rounds_won=list(result.rounds_won)))
     finally:
         writer.close()
-
-
-def block_runs(run: Callable[[], object], repeat: int) -> int:
-    """Runs a block of the A/B: `repeat` spread over the rounds, or enough for BLOCK_S of one run's time."""
-    import time
-
-    run()
-    t0 = time.perf_counter()
-    run()
-    one_s = max(time.perf_counter() - t0, 1e-6)
-    return int(min(MAX_PER_BLOCK, max(1, repeat // END_TO_END_ROUNDS, math.ceil(BLOCK_S / one_s))))
 
 
 def keep_tuned(default_ms: np.ndarray, tuned_ms: np.ndarray, rounds: int) -> tuple[str, int]:

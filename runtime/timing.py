@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 
@@ -18,6 +19,17 @@ def time_ms(fn: Callable[[], object], repeat: int, warmup: int = 1) -> np.ndarra
         fn()
         samples[i] = time.perf_counter() - start
     return samples * 1e3
+
+
+def runs_per_block(fn: Callable[[], object], at_least: int, block_s: float = 0.25, most: int = 500) -> int:
+    """Calls in one timing block: `at_least`, or enough to fill `block_s` at one call's time (after a warm call).
+    A block of a few runs of a fast model (2 runs of 2.5 ms) is shorter than the stretches in which a shared
+    VM's neighbours take the cores, so one such stretch decided whole rounds."""
+    fn()
+    start = time.perf_counter()
+    fn()
+    one_s = max(time.perf_counter() - start, 1e-6)
+    return int(min(most, max(1, at_least, math.ceil(block_s / one_s))))
 
 
 def interleaved_ms(runs: Mapping[str, Callable[[], object]], per_block: int, rounds: int = 5, warmup: int = 2,

@@ -155,14 +155,15 @@ def test_the_tuned_model_is_kept_only_when_it_wins_most_paired_rounds():
 
 def test_ab_blocks_last_long_enough_to_outlast_a_noisy_moment():
     """A fast model's A/B blocks hold enough runs for BLOCK_S each (2 runs of a 2.5 ms model were a 5 ms block);
-    a slow model's keep `repeat` spread over the rounds."""
+    a slow model's keep the runs asked for."""
     import time
 
-    from kiln.tuning import BLOCK_S, END_TO_END_ROUNDS, block_runs
+    from kiln.runtime.timing import runs_per_block
 
-    fast = block_runs(lambda: time.sleep(0.01), repeat=20)
-    assert BLOCK_S / 0.02 <= fast <= BLOCK_S / 0.01 + 1
-    assert block_runs(lambda: time.sleep(0.3), repeat=20) == 20 // END_TO_END_ROUNDS
+    fast = runs_per_block(lambda: time.sleep(0.01), 2, block_s=0.25)
+    assert 0.25 / 0.02 <= fast <= 0.25 / 0.01 + 1
+    assert runs_per_block(lambda: time.sleep(0.3), 2, block_s=0.25) == 2
+    assert runs_per_block(lambda: None, 2, block_s=0.25, most=50) == 50
 
 
 def test_tune_model_only_searches_the_named_tasks_and_keeps_the_others_from_the_log(tmp_path):
