@@ -32,11 +32,7 @@ log = logging.getLogger(__name__)
 PAUSE_S = 0.5  # between timing blocks, so one model's thread pool is idle while the other runs
 END_TO_END_ROUNDS = 7  # alternating blocks of default and tuned in the final A/B
 ROUNDS_TO_KEEP = 5  # the tuned model must win at least this many of them (a one-sided sign test: p = 0.23 by chance)
-# each block of the A/B runs at least this long: at 2 runs a block (20 runs over 7 rounds) a 2.5 ms model's
-# blocks were 5 ms, and on a shared VM ShuffleNet's tuned build, 1.14× faster in a 15-round A/B of 10 runs a
-# block, won only 4 of 7 such rounds and was refused
-BLOCK_S = 0.25
-MAX_PER_BLOCK = 500
+BLOCK_S = 0.25  # each A/B block at least this long: ShuffleNet's tuned build lost rounds of 2 runs (5 ms) to noise
 
 
 @dataclass
@@ -103,8 +99,7 @@ def _end_to_end(proto, plain: Path, log_path, options: Options, result: ModelTun
     got = models["tuned"].run(**feeds)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-3, err_msg="the tuned model's outputs differ")
-    per_block = runs_per_block(lambda: models["default"].run(**feeds), max(1, repeat // END_TO_END_ROUNDS),
-                               BLOCK_S, MAX_PER_BLOCK)
+    per_block = runs_per_block(lambda: models["default"].run(**feeds), repeat // END_TO_END_ROUNDS, BLOCK_S)
     times = interleaved_ms({name: (lambda m=m: m.run(**feeds)) for name, m in models.items()},
                            per_block, rounds=END_TO_END_ROUNDS, warmup=1, pause_s=PAUSE_S)
     result.default_ms = float(np.median(times["default"]))

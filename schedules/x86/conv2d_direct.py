@@ -139,13 +139,16 @@ def default(wl: Workload, info=None) -> Config:
 
 
 def _channel_tiles(sch, oc, wl: Workload, cfg: Config):
-    """The output-channel loop as (outer loops, tile loop): (oc // tile_oc,) in channel order, or (groups,
-    tiles of a group) for channel tiles innermost."""
+    """The output-channel loop split as (outer, a group's tiles, tile): (tiles, None, tile_oc) in channel order,
+    (groups, tiles of a group, tile_oc) for channel tiles innermost."""
     if cfg.get("oc_inner"):
-        g, ocg, oci = sch.split(oc, factors=[wl["groups"], wl["group_channels"] // cfg["tile_oc"], cfg["tile_oc"]])
-        return g, ocg, oci
+        return sch.split(oc, factors=[wl["groups"], wl["group_channels"] // cfg["tile_oc"], cfg["tile_oc"]])
     oco, oci = sch.split(oc, factors=[None, cfg["tile_oc"]])
     return oco, None, oci
+
+
+def _order_tag(cfg: Config) -> str:
+    return ",oc_inner" if cfg.get("oc_inner") else ""
 
 
 def _prepare(sch, wl: Workload):
@@ -180,7 +183,7 @@ def schedule(sch, wl: Workload, cfg: Config) -> list[str]:
     inner = [owo] if ocg is None else [owo, ocg]  # a group's channel tiles under the width tile
     sch.reorder(n, oco, oh, *inner, oci, owi)
     sch.parallel(sch.fuse(n, oco, oh))
-    steps.append(f"direct(oc={cfg['tile_oc']},ow={cfg['tile_ow']}{',oc_inner' if ocg is not None else ''})")
+    steps.append(f"direct(oc={cfg['tile_oc']},ow={cfg['tile_ow']}{_order_tag(cfg)})")
     sch.compute_at(conv_block, inner[-1])
     # under the tile: the two spatial loops, then the reduction loops (unit ones dropped by compute_at)
     loops = sch.get_loops(conv_block)[1 + len(inner):]
@@ -219,8 +222,7 @@ def _schedule_flat(sch, wl: Workload, cfg: Config) -> list[str]:
     init = sch.decompose_reduction(conv_block, reduce[0])
     sch.vectorize(sch.get_loops(init)[-1])
     sch.vectorize(sch.get_loops(out_block)[-1])
-    order = ",oc_inner" if ocg is not None else ""
-    return [f"direct_flat(oc={cfg['tile_oc']},v={cfg['tile_v']}x{wl['lanes']}{order})"]
+    return [f"direct_flat(oc={cfg['tile_oc']},v={cfg['tile_v']}x{wl['lanes']}{_order_tag(cfg)})"]
 
 
 TEMPLATE = Template(
