@@ -46,12 +46,8 @@ def conv_group(mod: IRModule) -> Call:
     )
 
 
-def time_conv(
-    wl: ConvWorkload, algorithm: str, target, layout_block: int, min_ms: float = 60.0, cold: bool = False,
-    configs: dict | None = None,
-) -> tuple[float, str]:
-    """Median milliseconds of the conv's kernel alone, and the schedule it got; `cold` flushes the caches
-    before each call, as a model run sees them; `configs` (workload key -> config) as kiln.compile takes them."""
+def _built_conv(wl: ConvWorkload, algorithm: str, target, layout_block: int, configs: dict | None):
+    """(compiled module, its arguments on the CPU, the lowered group) of the conv's kernel alone."""
     # TVM sizes its pool at the first parallel kernel, to half the CPUs unless told; time with all of them, as
     # the runtime runs models (runtime/model.py)
     os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
@@ -66,11 +62,30 @@ def time_conv(
         tvm.runtime.tensor(rng.standard_normal(a.ttype.shape).astype(a.ttype.dtype), dev) for a in group.args
     ]
     args.append(tvm.runtime.empty(group.ttype.shape, group.ttype.dtype, dev))
+    return lib, args, lowered
+
+
+def time_conv(
+    wl: ConvWorkload, algorithm: str, target, layout_block: int, min_ms: float = 60.0, cold: bool = False,
+    configs: dict | None = None,
+) -> tuple[float, str]:
+    """Median milliseconds of the conv's kernel alone, and the schedule it got; `cold` flushes the caches
+    before each call, as a model run sees them; `configs` (workload key -> config) as kiln.compile takes them."""
+    lib, args, lowered = _built_conv(wl, algorithm, target, layout_block, configs)
+    dev = args[0].device
     if cold:  # in a model, each conv's weights arrive cold: evict them before every timed call
         timer = lib.jit().time_evaluator("conv", dev, number=1, repeat=15, cache_flush_bytes=COLD_FLUSH_BYTES)
     else:
         timer = lib.jit().time_evaluator("conv", dev, number=1, repeat=5, min_repeat_ms=int(min_ms))
     return float(np.median(timer(*args).results)) * 1e3, lowered.schedule
+
+
+def conv_kernel(wl: ConvWorkload, algorithm: str, target, layout_block: int, configs: dict | None = None):
+    """A callable running the conv's kernel once on fixed random inputs: for timing it in blocks interleaved
+    with another engine's (kiln.runtime.timing.interleaved_ms), which a shared machine's drift cannot bias."""
+    lib, args, _ = _built_conv(wl, algorithm, target, layout_block, configs)
+    fn = lib.jit()["conv"]
+    return lambda: fn(*args)
 
 
 def measure_candidates(

@@ -3,15 +3,20 @@ against ONNX
 Runtime running a model of that single Conv (+ bias + Relu, as fused in the network), and the machine's sgemm
 peak (NumPy's BLAS, 2048^3), all measured in one run.
 
-    python bench/conv_layers.py [--model resnet50] [--threads 2] [--only 3x3] [--cold]
+    python bench/conv_layers.py [--model resnet50] [--threads 2] [--only 3x3] [--cold] [--rounds 7]
                                 [--tuning-log FILE ...] [--write docs/conv_layers.md]
 
 With --tuning-log, a "tuned" column times each shape at its log's best config (the record of the same conv
 dims: a conv fused with a residual add shares its shape's config), as `kiln compile --tuning-log` builds it.
 
 GFLOPS count the direct conv's multiply-adds as two flops for every algorithm, so a Winograd kernel can exceed
-the machine's peak. `--cold` flushes the caches before every Kiln call (as a model run sees its weights); ONNX
-Runtime is always timed warm, which favours it.
+the machine's peak. `--cold` flushes the caches before every Kiln call of the per-algorithm columns (as a model
+run sees its weights).
+
+The ratios (best/ORT: the fastest algorithm of the row; tuned/ORT) are not quotients of those columns: Kiln's
+kernel and ONNX Runtime run in alternating blocks of at least 0.25 s, both warm, and each cell is the median of
+the rounds' own ratios with their quartiles. On a shared VM single timings taken seconds apart drifted by 30-60%
+(a tuned config read 1.64x ONNX Runtime that way on 2026-12-02), which the per-round ratio cancels.
 """
 
 from __future__ import annotations
@@ -58,7 +63,8 @@ def model_convs(name: str = "resnet50"):
     return seen
 
 
-def ort_conv_ms(wl, threads: int, repeat: int = 30) -> float:
+def ort_conv_run(wl, threads: int):
+    """A callable running ONNX Runtime on a model of the conv (+ bias + Relu) alone, warmed up."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
@@ -96,12 +102,7 @@ def ort_conv_ms(wl, threads: int, repeat: int = 30) -> float:
     x = rng.standard_normal((wl.n, wl.c, wl.h, wl.w)).astype(np.float32)
     for _ in range(5):
         sess.run(None, {"x": x})
-    ts = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        sess.run(None, {"x": x})
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts)) * 1e3
+    return lambda: sess.run(None, {"x": x})
 
 
 def _tuned_by_dims(logs, target) -> dict:
@@ -120,6 +121,11 @@ def _tuned_config(wl, tuned: dict, target, lanes: int):
     _, workload = task_of(conv_group(conv_module(wl, choose(wl, lanes).algorithm, lanes)).op, target)
     found = tuned.get(workload.dims)
     return workload.key, (found[1] if found else None)
+
+
+def _ratio_cell(r) -> str:
+    """A per-round median ratio with its quartiles."""
+    return f"{r[0]:.2f} ({r[1]:.2f}–{r[2]:.2f})"
 
 
 def sgemm_peak(n: int = 2048) -> float:
@@ -142,13 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=None, help="only kernels of this size, e.g. 3x3")
     ap.add_argument("--cold", action="store_true", help="flush caches before every Kiln call")
     ap.add_argument("--write", type=Path, default=None, help="also write the table as Markdown here")
+    ap.add_argument("--rounds", type=int, default=7, help="alternating rounds behind each ratio")
     ap.add_argument("--tuning-log", nargs="*", type=Path, default=[], help="records: add a tuned column")
     args = ap.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before TVM's pool starts
     os.environ["OPENBLAS_NUM_THREADS"] = str(args.threads)
 
-    from kiln.autotune.measure import time_conv
+    from kiln.autotune.measure import conv_kernel, time_conv
     from kiln.codegen.target import resolve_target
+    from kiln.runtime.timing import interleaved_ms, ratios_by_round, runs_per_block
     from kiln.schedules.choose import candidates, choose
     from kiln.schedules.target_info import vector_lanes
 
@@ -174,19 +182,26 @@ def main(argv: list[str] | None = None) -> int:
         kiln_ms = {
             a: time_conv(wl, a, target, lanes, cold=args.cold)[0] for a in candidates(wl) if a in algos
         }
-        time.sleep(0.5)  # let TVM's spinning workers go idle before ONNX Runtime's pool starts
-        ort_ms = ort_conv_ms(wl, args.threads)
-        time.sleep(0.5)
-        best = min(kiln_ms.values())
-        extra = []
+        best_algo = min(kiln_ms, key=kiln_ms.get)
+        runs = {"ort": ort_conv_run(wl, args.threads), "best": conv_kernel(wl, best_algo, target, lanes)}
+        cfg = None
         if tuned is not None:
             key, cfg = _tuned_config(wl, tuned, target, lanes)
+            if cfg is not None:
+                runs["tuned"] = conv_kernel(wl, cfg.get("algorithm", choose(wl, lanes).algorithm), target, lanes,
+                                            configs={key: cfg})
+        # the ratios: Kiln's blocks alternating with ONNX Runtime's (warm, both), each round's own ratio
+        per_block = runs_per_block(runs["ort"], 5)
+        ms = interleaved_ms(runs, per_block, args.rounds)
+        ratio = {name: (np.median(r), *np.percentile(r, [25, 75]))
+                 for name, r in ratios_by_round(ms, args.rounds, "ort").items()}
+        ort_ms = float(np.median(ms["ort"]))
+        extra = []
+        if tuned is not None:
             if cfg is None:
                 extra = ["", "", "no record"]
             else:
-                ms = time_conv(wl, cfg.get("algorithm", choose(wl, lanes).algorithm), target, lanes,
-                               cold=args.cold, configs={key: cfg})[0]
-                extra = [f"{gflop / (ms / 1e3):.0f}", f"{ms / ort_ms:.2f}",
+                extra = [f"{gflop / (np.median(ms['tuned']) / 1e3):.0f}", _ratio_cell(ratio["tuned"]),
                          ", ".join(f"{k}={v}" for k, v in cfg.items())]
         row = [
             f"{wl.c}x{wl.h}x{wl.w} → {wl.oc}, {wl.kh}x{wl.kw}/{wl.strides[0]}",
@@ -194,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{gflop:.3f}",
             *[f"{gflop / (kiln_ms[a] / 1e3):.0f}" if a in kiln_ms else "" for a in algos],
             f"{gflop / (ort_ms / 1e3):.0f}",
-            f"{best / ort_ms:.2f}",
+            _ratio_cell(ratio["best"]),
             choose(wl, lanes).algorithm,
             *extra,
         ]
@@ -206,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             f"sgemm peak {peak:.0f} GFLOPS "
             f"(NumPy BLAS, 2048³). GFLOPS of each Kiln algorithm"
             f"{' (caches flushed before each call)' if args.cold else ''}, of ONNX Runtime on a single "
-            "Conv+Relu model of the same shape; best/ORT is time (lower is better).",
+            "Conv+Relu model of the same shape; best/ORT and tuned/ORT are time ratios (lower is better), "
+            f"medians of {args.rounds} alternating rounds' own ratios (quartiles in parentheses).",
             "",
             "| " + " | ".join(header) + " |",
             "|" + "---|" * len(header),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.runtime.timing import interleaved_ms, runs_per_block, time_ms
+from kiln.runtime.timing import interleaved_ms, ratios_by_round, runs_per_block, time_ms
 
 PAUSE_S = 0.5
 ROUNDS = 5
@@ -148,9 +148,7 @@ def compare_tuned(model: str, target: str = "native", repeat: int = 20, threads:
         per_block = runs_per_block(runs["onnxruntime"], max(3, -(-repeat // TUNED_ROUNDS)))
         ms = interleaved_ms(runs, per_block, TUNED_ROUNDS, pause_s=PAUSE_S)
     med = {name: float(np.median(v)) for name, v in ms.items()}
-    # each round's ratio to ONNX Runtime's block beside it: what the machine did in that stretch cancels
-    rounds = {name: np.median(v.reshape(TUNED_ROUNDS, -1), axis=1) for name, v in ms.items()}
-    ratios = {name: rounds[name] / rounds["onnxruntime"] for name in ("default", "tuned")}
+    ratios = ratios_by_round(ms, TUNED_ROUNDS, "onnxruntime")
     match = all(np.allclose(g, w, rtol=1e-3, atol=1e-4) for name in got for g, w in zip(got[name], want))
     return {"model": model, "threads": threads, "match": match, "median_ms": med,
             "tuned_kernels": sum(1 for s in tuned.steps if s.get("config_source") == "given"),

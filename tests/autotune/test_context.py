@@ -166,6 +166,20 @@ def test_ab_blocks_last_long_enough_to_outlast_a_noisy_moment():
     assert runs_per_block(lambda: None, 2, block_s=0.25, most=50) == 50
 
 
+def test_ratios_by_round_cancel_a_drift_that_hits_both_engines():
+    """The machine slows 3x in round 2 for both engines: each round's own ratio stays 0.8, where the ratio of
+    the pooled medians would follow whichever engine's samples the slow round dominates."""
+    from kiln.runtime.timing import ratios_by_round
+
+    rounds, per = 3, 4
+    scale = np.repeat([1.0, 3.0, 1.0], per)
+    ms = {"ort": 10.0 * scale, "kiln": 8.0 * scale, "slow": np.repeat([12.0, 36.0, 20.0], per)}
+    r = ratios_by_round(ms, rounds, "ort")
+    assert set(r) == {"kiln", "slow"}
+    np.testing.assert_allclose(r["kiln"], [0.8, 0.8, 0.8])
+    np.testing.assert_allclose(r["slow"], [1.2, 1.2, 2.0])
+
+
 def test_tune_model_only_searches_the_named_tasks_and_keeps_the_others_from_the_log(tmp_path):
     """`kiln tune --task KEY`: a template whose space grew is re-searched for its tasks alone; the rest of the
     model keeps what the log says (here: nothing, so its defaults), and only the named tasks get decisions."""

@@ -1,6 +1,6 @@
 """Local measurement of conv algorithms: each candidate builds through the model's own path and times > 0."""
 
-from kiln.autotune.measure import conv_module, measure_candidates, time_conv
+from kiln.autotune.measure import conv_kernel, conv_module, measure_candidates, time_conv
 from kiln.codegen.target import resolve_target
 from kiln.ir import Call, Function
 from kiln.ir.visitor import post_order
@@ -28,3 +28,22 @@ def test_conv_module_holds_one_conv_group_between_layout_transforms():
     mod = conv_module(wl, "direct", 8)
     groups = [e for e in post_order(mod.main.body) if isinstance(e, Call) and isinstance(e.op, Function)]
     assert len(groups) == 3
+
+
+def test_conv_kernel_is_a_callable_that_runs_the_tuned_config():
+    """bench/conv_layers.py interleaves this callable with ONNX Runtime; a config it is given must be the one
+    built (a wrong key would silently time the default)."""
+    from kiln.autotune.measure import conv_group
+    from kiln.codegen.lower import lower_group
+    from kiln.schedules.dispatch import task_of
+
+    wl = ConvWorkload(1, 16, 10, 10, 32, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1))
+    target = resolve_target("x86-avx2")
+    _, workload = task_of(conv_group(conv_module(wl, "direct", 8)).op, target)
+    cfg = {"algorithm": "direct", "tile_ow": 5, "tile_oc": 1, "unroll_kw": False, "rows_outer": True,
+           "k_chunk": 0}
+    run = conv_kernel(wl, "direct", target, 8, configs={workload.key: cfg})
+    run()
+    run()
+    lowered = lower_group(conv_group(conv_module(wl, "direct", 8)).op, "conv", target, {workload.key: cfg})
+    assert lowered.config_source == "given" and lowered.config["tile_ow"] == 5
