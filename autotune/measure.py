@@ -81,11 +81,12 @@ def time_conv(
 
 
 def conv_kernel(wl: ConvWorkload, algorithm: str, target, layout_block: int, configs: dict | None = None):
-    """A callable running the conv's kernel once on fixed random inputs: for timing it in blocks interleaved
-    with another engine's (kiln.runtime.timing.interleaved_ms), which a shared machine's drift cannot bias."""
-    lib, args, _ = _built_conv(wl, algorithm, target, layout_block, configs)
+    """(a callable running the conv's kernel once on fixed random inputs, the lowered group it runs): for timing
+    it in blocks interleaved with another engine's (kiln.runtime.timing.interleaved_ms), which a shared
+    machine's drift cannot bias."""
+    lib, args, lowered = _built_conv(wl, algorithm, target, layout_block, configs)
     fn = lib.jit()["conv"]
-    return lambda: fn(*args)
+    return (lambda: fn(*args)), lowered
 
 
 def measure_candidates(

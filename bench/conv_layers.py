@@ -183,13 +183,13 @@ def main(argv: list[str] | None = None) -> int:
             a: time_conv(wl, a, target, lanes, cold=args.cold)[0] for a in candidates(wl) if a in algos
         }
         best_algo = min(kiln_ms, key=kiln_ms.get)
-        runs = {"ort": ort_conv_run(wl, args.threads), "best": conv_kernel(wl, best_algo, target, lanes)}
+        runs = {"ort": ort_conv_run(wl, args.threads), "best": conv_kernel(wl, best_algo, target, lanes)[0]}
         cfg = None
         if tuned is not None:
             key, cfg = _tuned_config(wl, tuned, target, lanes)
             if cfg is not None:
                 runs["tuned"] = conv_kernel(wl, cfg.get("algorithm", choose(wl, lanes).algorithm), target, lanes,
-                                            configs={key: cfg})
+                                            configs={key: cfg})[0]
         # the ratios: Kiln's blocks alternating with ONNX Runtime's (warm, both), each round's own ratio
         per_block = runs_per_block(runs["ort"], 5)
         ms = interleaved_ms(runs, per_block, args.rounds)
