@@ -454,18 +454,37 @@ class Model:
         meets cold weights and inputs left in the other core's cache; empty for artifacts without stamps."""
         if self._entry is None:
             return []
+        try:
+            rows = self._stamped(ctx, repeat + 3)
+        except Exception:  # noqa: BLE001  (an artifact built before the entry took stamps)
+            return []
+        return [float(v) for v in np.median(rows[3:], axis=0)]
+
+    def stamped_runs(self, runs: int, feeds: Sequence[np.ndarray] | None = None) -> np.ndarray:
+        """Milliseconds of every kernel (columns, in `meta["steps"]` order) in each of `runs` whole runs (rows),
+        stamped by the entry between kernels: the samples behind `profile`'s in-sequence column, for setting a
+        model's kernels beside another engine's per-node profile taken in the same stretch of time
+        (bench/nodes.py)."""
+        if self._cuda is not None or self._entry is None:
+            raise ArtifactError("stamped runs need a CPU artifact with the native entry function; rebuild it")
+        checked = self._check(tuple(feeds or [np.zeros(t.shape, t.dtype) for t in self.inputs]), {})
+        ctx = self._acquire()
+        try:
+            self._execute(ctx, checked, None)
+            return self._stamped(ctx, runs)
+        finally:
+            self._release(ctx)
+
+    def _stamped(self, ctx: _Context, runs: int) -> np.ndarray:
         import tvm_ffi
 
         stamps = np.zeros(len(self._kernels) + 1, np.int64)
         handle = tvm_ffi.from_dlpack(stamps)
-        rows = []
-        try:
-            for _ in range(repeat + 3):
-                self._entry(ctx.table_tensor, handle)
-                rows.append(np.diff(stamps) / 1e6)
-        except Exception:  # noqa: BLE001  (an artifact built before the entry took stamps)
-            return []
-        return [float(v) for v in np.median(np.array(rows[3:]), axis=0)]
+        rows = np.empty((runs, len(self._kernels)))
+        for i in range(runs):
+            self._entry(ctx.table_tensor, handle)
+            rows[i] = np.diff(stamps) / 1e6
+        return rows
 
     def __repr__(self) -> str:
         return f"Model({self.path.name}: {self.inputs} -> {self.outputs}, {len(self._kernels)} kernels)"

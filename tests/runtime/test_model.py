@@ -428,3 +428,18 @@ def test_empty_inputs_are_aligned_and_read_in_place(tmp_path):
         assert x.ctypes.data in ctx.bound  # the kernels read the caller's array: no staging copy
     finally:
         m._release(ctx)
+
+
+def test_stamped_runs_time_each_kernel_in_whole_runs(artifacts):
+    """`stamped_runs` gives one row per run and one column per kernel, read off the entry's clock stamps: every
+    kernel took time, and no run's kernels sum to more than the wall time of all the runs together."""
+    import time
+
+    m = kiln.load(artifacts[0])
+    t0 = time.perf_counter()
+    rows = m.stamped_runs(5, inputs(1))
+    wall_ms = (time.perf_counter() - t0) * 1e3
+    assert rows.shape == (5, len(m.meta["steps"]))
+    assert (rows > 0).all() and rows.sum() <= wall_ms
+    with pytest.raises(InputError):
+        m.stamped_runs(1, [np.zeros((1, 3, 8, 8), np.float32)])  # checked like a run's inputs
