@@ -206,13 +206,16 @@ def read_records(paths: str | os.PathLike | Iterable[str | os.PathLike], target=
 def best_records(records: Iterable[Record], decisions: bool = True) -> dict[str, Record]:
     """The lowest-cost record per workload key; failed records never win, ties keep the first. Where a key has
     verified records (the tuner's final A/B of its best against the default, timed interleaved in one
-    process), only those count: a search's single lucky measurement must not outrank them. Above both, the
+    process), only those of its last A/B count: a search's single lucky measurement must not outrank them. Above both, the
     last end-to-end decision for a key (`kiln tune` timing the whole model tuned against default, and keeping
     the default when the tuned one was not reliably faster) stands: kernels that each won alone can lose
     together, and a log applied later must not bring back the model its own A/B refused. `decisions=False`
     gives the search's bests regardless (what the next A/B compares)."""
     records = list(records)
     verified = {r.key for r in records if r.extra.get("verified")}
+    # only a key's last A/B counts: an earlier one's costs were timed on another day's machine (a winner
+    # verified at 0.076 ms on a quiet VM would outrank the 0.096 ms winner of a later A/B that timed it at 0.147)
+    last_ab = {r.key: r.extra.get("verify") for r in records if r.extra.get("verified")}
     best: dict[str, Record] = {}
     decided: dict[str, Record] = {}
     for r in records:
@@ -220,7 +223,7 @@ def best_records(records: Iterable[Record], decisions: bool = True) -> dict[str,
             if r.error is None:
                 decided[r.key] = r  # the last decision stands
             continue
-        if r.key in verified and not r.extra.get("verified"):
+        if r.key in verified and (not r.extra.get("verified") or r.extra.get("verify") != last_ab[r.key]):
             continue
         if r.error is None and r.costs_s and (r.key not in best or r.cost_s < best[r.key].cost_s):
             best[r.key] = r

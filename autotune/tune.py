@@ -64,6 +64,7 @@ class TaskState:
     failed: set[str] = field(default_factory=set)  # config ids that failed it
     done: bool = False
     verified: str | None = None  # config id of the best as last verified against the default
+    fresh: int = 0  # trials measured in this run (not replayed from the log)
 
     @property
     def weight_s(self) -> float:
@@ -234,6 +235,7 @@ def _round(s: TaskState, configs: list[Config], builder, runner: Runner, writer:
            options: TuneOptions, check_all: bool = False) -> None:
     inputs = [MeasureInput(s.task, c, check=check_all) for c in configs]
     results = runner.run(inputs, builder.build(inputs))
+    s.fresh += len(configs)
     for cfg, res in zip(configs, results):
         s.trials += 1
         _write(writer, s, cfg, res, options, check="passed" if check_all and res.error is None else None)
@@ -274,9 +276,14 @@ def _verify(s: TaskState, builder, runner: Runner, writer: RecordWriter, options
     bests of 0.42 ms verified at 0.77 ms): the best config found is not always the fastest of the close ones,
     and a slow stretch of the machine during the default's turn would make any config look better than it."""
     default = s.task.default()
-    if s.best_config is None or s.verified == config_id(s.best_config):
+    if s.best_config is None or (s.verified == config_id(s.best_config) and not s.fresh):
         return False
-    contenders = [default, *_contenders(s, options.verify_top)]
+    # A winner verified in an earlier run keeps the cost it had then: a resumed search (kiln tune --task on a
+    # shipped log, the VM under other load) measures against today's machine, so none of its configs could
+    # beat that cost, and SqueezeNet's 13x13 3x3 convs kept a Winograd F(4x4) verified at 0.076 ms on 12-01
+    # that timed 0.147 ms the next day beside an F(2x2) at 0.096 ms. The old winner meets the new bests here
+    # instead, all timed in the same batch.
+    contenders = [default, *_contenders(s, options.verify_top, s.best_config)]
     if len(contenders) < 2:
         return False
     first = [MeasureInput(s.task, c, check=config_id(c) not in s.checked) for c in contenders]
@@ -311,10 +318,15 @@ def _verify(s: TaskState, builder, runner: Runner, writer: RecordWriter, options
     return True
 
 
-def _contenders(s: TaskState, k: int) -> list[Config]:
-    """The search's k best distinct configs other than the default, never one that failed its check."""
+def _contenders(s: TaskState, k: int, best: Config | None = None) -> list[Config]:
+    """The search's k best distinct configs other than the default, never one that failed its check; `best`
+    (the task's current best, which a replayed log may have set without the search measuring it) first."""
     default_id = config_id(s.task.default())
     out, seen = [], {default_id}
+    if best is not None and config_id(best) not in seen | s.failed:
+        out.append(dict(best))
+        seen.add(config_id(best))
+        k += 1
     space = s.task.space()
     for i, cost in sorted(s.tuner.measured, key=lambda ic: ic[1]):
         if not math.isfinite(cost) or len(out) >= k:

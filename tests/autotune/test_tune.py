@@ -186,6 +186,48 @@ def test_the_final_ab_times_the_searchs_close_bests_and_keeps_the_fastest(tasks,
     assert len({r.extra["verify"] for r in verified}) == 1 and len(verified) > 2
 
 
+class MachineRunner(ScriptedRunner):
+    """The default costs `default_s`; configs in `costs` their own; any other `other_s`. `first_s`, if set, is
+    the cost of the first config other than the default that it times (whichever the tuner picks)."""
+
+    def __init__(self, default_id, default_s, other_s, costs=None, first_s=None):
+        super().__init__()
+        self.default_id, self.default_s, self.other_s = default_id, default_s, other_s
+        self.costs, self.first_s, self.first = dict(costs or {}), first_s, None
+
+    def cost(self, cid, again):
+        if cid == self.default_id:
+            return self.default_s
+        if self.first_s is not None and self.first is None:
+            self.first = cid
+        return self.first_s if cid == self.first else self.costs.get(cid, self.other_s)
+
+
+def test_a_resumed_search_meets_the_logs_winner_on_todays_machine(tasks, tmp_path):
+    """A winner verified in an earlier run at 0.3 ms, when the machine was quiet, times 0.6 ms today, when a
+    config the new run finds times 0.45 ms: the final A/B times both again side by side and keeps the new one.
+    Before, the new run compared its measurements with the 0.3 ms from the log, and kept the old winner."""
+    from kiln.autotune.records import best_configs
+
+    conv = next(t for t in tasks if len(t.space()) > 50)
+    log = tmp_path / "log.jsonl"
+    default_id = config_id(conv.default())
+    quiet = MachineRunner(default_id, 1e-3, 8e-4, first_s=3e-4)
+    first = tune([conv], log, TuneOptions(trials=10, tuner="grid", batch=4), builder=FakeBuilder(), runner=quiet)
+    old = first.states[0].best_config
+    assert config_id(old) == quiet.first and first.states[0].verified == quiet.first
+    measured = {config_id(r.config) for r in read_records([log], conv.target)}
+    new = next(c for c in conv.space() if config_id(c) not in measured)
+    busy = MachineRunner(default_id, 2e-3, 1.6e-3, {quiet.first: 6e-4, config_id(new): 4.5e-4})
+    again = tune([conv], log, TuneOptions(trials=len(conv.space()), tuner="grid", batch=8, verify_top=3),
+                 builder=FakeBuilder(), runner=busy)
+    state = again.states[0]
+    assert state.best_config == new and state.best_cost_s == 4.5e-4
+    assert best_configs(read_records([log], conv.target)) == {conv.key: new}
+    timed = [c for _, c, _ in busy.calls]
+    assert timed.count(quiet.first) >= 3  # the old winner was timed again, in each round of the A/B
+
+
 KILLED_RUN = textwrap.dedent("""
     import sys
     from kiln.autotune.tune import TuneOptions, tune
