@@ -64,7 +64,12 @@ class TaskState:
     failed: set[str] = field(default_factory=set)  # config ids that failed it
     done: bool = False
     verified: str | None = None  # config id of the best as last verified against the default
-    fresh: int = 0  # trials measured in this run (not replayed from the log)
+    first_fresh: int = 0  # where this run's measurements start in `tuner.measured` (those before: the log's)
+
+    @property
+    def fresh(self) -> int:
+        """Configs measured in this run, not replayed from the log."""
+        return len(self.tuner.measured) - self.first_fresh
 
     @property
     def weight_s(self) -> float:
@@ -121,6 +126,8 @@ def tune(tasks: Sequence[Task], log_path: str | Path, options: TuneOptions | Non
     learned = read_records(options.transfer, tasks[0].target) if options.transfer and tasks else []
     states = [_state(t, options, i, learned) for i, t in enumerate(tasks)]
     replayed = _resume(states, log_path)
+    for s in states:
+        s.first_fresh = len(s.tuner.measured)
     budget = options.trials  # in all: the trials a resumed log already holds count
     done = replayed
     history: list[tuple[int, float]] = []
@@ -235,7 +242,6 @@ def _round(s: TaskState, configs: list[Config], builder, runner: Runner, writer:
            options: TuneOptions, check_all: bool = False) -> None:
     inputs = [MeasureInput(s.task, c, check=check_all) for c in configs]
     results = runner.run(inputs, builder.build(inputs))
-    s.fresh += len(configs)
     for cfg, res in zip(configs, results):
         s.trials += 1
         _write(writer, s, cfg, res, options, check="passed" if check_all and res.error is None else None)
@@ -319,23 +325,25 @@ def _verify(s: TaskState, builder, runner: Runner, writer: RecordWriter, options
 
 
 def _contenders(s: TaskState, k: int, best: Config | None = None) -> list[Config]:
-    """The search's k best distinct configs other than the default, never one that failed its check; `best`
-    (the task's current best, which a replayed log may have set without the search measuring it) first."""
-    default_id = config_id(s.task.default())
-    out, seen = [], {default_id}
-    if best is not None and config_id(best) not in seen | s.failed:
+    """Up to k of this run's best distinct configs and k of the log's, other than the default and never one
+    that failed its check, after `best` (the task's current best, which a replayed log may have set without
+    this run measuring it). Costs from the log were timed on another day's machine: ranked together with
+    today's, a quiet day's configs would crowd out every config found today."""
+    out, seen = [], {config_id(s.task.default())} | s.failed
+    space = s.task.space()
+    if best is not None and config_id(best) not in seen:
         out.append(dict(best))
         seen.add(config_id(best))
-        k += 1
-    space = s.task.space()
-    for i, cost in sorted(s.tuner.measured, key=lambda ic: ic[1]):
-        if not math.isfinite(cost) or len(out) >= k:
-            break
-        cfg = space.at(i)
-        cid = config_id(cfg)
-        if cid not in seen and cid not in s.failed:
-            seen.add(cid)
-            out.append(cfg)
+    for group in (s.tuner.measured[s.first_fresh:], s.tuner.measured[:s.first_fresh]):
+        taken = int(best is not None and any(space.at(i) == best for i, _ in group))  # best counts in its group
+        for i, cost in sorted(group, key=lambda ic: ic[1]):
+            if not math.isfinite(cost) or taken >= k:
+                break
+            cfg = space.at(i)
+            if config_id(cfg) not in seen:
+                seen.add(config_id(cfg))
+                out.append(cfg)
+                taken += 1
     return out
 
 

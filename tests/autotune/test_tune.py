@@ -228,6 +228,30 @@ def test_a_resumed_search_meets_the_logs_winner_on_todays_machine(tasks, tmp_pat
     assert timed.count(quiet.first) >= 3  # the old winner was timed again, in each round of the A/B
 
 
+def test_configs_found_today_meet_a_quiet_days_configs_in_the_ab(tasks, tmp_path):
+    """A run stopped before its A/B left configs timed at 0.30-0.35 ms on a quiet day; today every one of them
+    takes 0.7 ms and today's best takes 0.45 ms. Ranked together by cost, the quiet day's configs would fill
+    the A/B and today's best would never be timed against them: it must be, and it wins."""
+    from kiln.autotune.records import best_configs
+
+    conv = next(t for t in tasks if len(t.space()) > 50)
+    log = tmp_path / "log.jsonl"
+    default_id = config_id(conv.default())
+    ids = [config_id(c) for c in conv.space() if c != conv.default()]
+    quiet = MachineRunner(default_id, 1e-3, 3.5e-4)
+    tune([conv], log, TuneOptions(trials=12, tuner="grid", batch=4, verify_rounds=0), builder=FakeBuilder(),
+         runner=quiet)
+    measured = {config_id(r.config) for r in read_records([log], conv.target)}
+    assert not any(r.extra.get("verified") for r in read_records([log], conv.target))
+    today = next(c for c in conv.space() if config_id(c) not in measured)
+    busy = MachineRunner(default_id, 2e-3, 1.6e-3, {**{i: 7e-4 for i in ids if i in measured},
+                                                    config_id(today): 4.5e-4})
+    again = tune([conv], log, TuneOptions(trials=40, tuner="grid", batch=8, verify_top=3, early_stop=10**6),
+                 builder=FakeBuilder(), runner=busy)
+    assert again.states[0].best_config == today
+    assert best_configs(read_records([log], conv.target)) == {conv.key: today}
+
+
 KILLED_RUN = textwrap.dedent("""
     import sys
     from kiln.autotune.tune import TuneOptions, tune
