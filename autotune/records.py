@@ -302,9 +302,11 @@ def _upgrade(template: Template, r: Record, target, digest: str) -> Record | Non
         return None
     t = target if target is not None else _tvm_target(r.target)
     space = template.space(r.workload, target_info(t))
-    if space.without(template.added_knobs).digest() != r.space_hash:
+    added = list(template.added_knobs)  # in the order the template gained them: a record predates a suffix
+    since = next((added[i:] for i in range(len(added)) if space.without(added[i:]).digest() == r.space_hash), None)
+    if since is None:
         return None
-    config = space.upgrade(r.config, template.added_knobs)
+    config = space.upgrade(r.config, {n: template.added_knobs[n] for n in since})
     if config is None:
         return None
     return dataclasses.replace(r, config=config, space_hash=digest)

@@ -281,7 +281,8 @@ def _conv_space(wl: Workload, info) -> Space:
         else:
             m = 2 if algo == choose.WINOGRAD2 else 4
             knobs = winograd.space(_winograd_tiles(wl, m), ocb)
-            branches.append(Space.of(algorithm=algo, tile_p=knobs["tile_p"], tile_k=knobs["tile_k"]))
+            branches.append(Space.of(algorithm=algo, tile_p=knobs["tile_p"], tile_k=knobs["tile_k"],
+                                     fused=knobs["fused"]))
     return Space.union(*branches)
 
 
@@ -295,8 +296,9 @@ def _conv_default(wl: Workload, info, fixed: dict | None = None) -> dict:
     if algo in (choose.WINOGRAD2, choose.WINOGRAD4):
         m = 2 if algo == choose.WINOGRAD2 else 4
         ocb = wl["oc"] // wl["out_block"]
-        cfg = winograd.default(_winograd_tiles(wl, m), lanes, m, ocb)
-        return {ALGORITHM: algo, "tile_p": cfg.tile_p, "tile_k": cfg.tile_k}
+        transformed = (m + 2) ** 2 * _weight_bytes(wl) // 9
+        cfg = winograd.default(_winograd_tiles(wl, m), lanes, m, ocb, weight_bytes=transformed)
+        return {ALGORITHM: algo, "tile_p": cfg.tile_p, "tile_k": cfg.tile_k, "fused": cfg.fused}
     ocb = wl["oc"] // wl["out_block"]
     cfg = default(wl["out_w"], ocb, lanes, False, block=wl["out_block"], pointwise=(wl["kh"], wl["kw"]) == (1, 1))
     if algo == choose.IM2COL:  # the conv reads the gathered columns, not the input: split by channel
@@ -316,7 +318,7 @@ def _conv_schedule(sch, wl: Workload, cfg: dict) -> list[str]:
         raise InvalidConfig(f"config for {algo}, but the group was laid out for {actual}")
     if actual == "winograd":
         return winograd.schedule(sch, winograd.Config(tile_p=cfg["tile_p"], m=int(algo[-1]),
-                                                     tile_k=cfg.get("tile_k", 1)))
+                                                     tile_k=cfg.get("tile_k", 1), fused=cfg.get("fused", False)))
     conv, out = prepare(sch, "conv2d_nchwc", pad_names=("im2col",) if actual == "im2col" else ("pad",))
     steps = schedule(sch, conv, out, Config(tile_ow=cfg["tile_ow"], tile_oc=cfg["tile_oc"],
                                             unroll_kw=cfg["unroll_kw"], rows_outer=cfg["rows_outer"],
@@ -391,7 +393,7 @@ TEMPLATE = Template(
     "x86.conv2d_nchwc", VERSION, "llvm",
     applies=_conv_applies, workload=_conv_workload, space=_conv_space, default=_conv_default,
     schedule=_conv_schedule, graph_knobs=_graph_algorithm, regroup=_conv_regroup, valid_inputs=_conv_valid_inputs,
-    priority=10, added_knobs={"tile_k": 1},
+    priority=10, added_knobs={"tile_k": 1, "fused": False},  # in the order they were added
     doc="conv2d on NCHW[b]c: direct register tiles, im2col, or Winograd F(2x2)/F(4x4, 3x3)",
 )
 

@@ -64,11 +64,15 @@ def run_winograd(x, w, pad, m, ib, ob, cfg, epilogue=True):
     pad=st.sampled_from([(1, 1, 1, 1), (0, 0, 0, 0), (2, 1, 0, 2)]),
     seed=st.integers(0, 10**6),
     epilogue=st.booleans(),
+    fused=st.booleans(),
 )
-@example(m=4, cb=2, ocb=2, b=16, h=14, w=14, pad=(1, 1, 1, 1), seed=0, epilogue=True)
-@example(m=2, cb=1, ocb=1, b=8, h=7, w=7, pad=(1, 1, 1, 1), seed=1, epilogue=False)  # partial last tiles
-@example(m=2, cb=1, ocb=4, b=4, h=7, w=7, pad=(1, 1, 1, 1), seed=5, epilogue=True)  # 4 vectors, partial tiles
-def test_winograd_template_matches_reference(m, cb, ocb, b, h, w, pad, seed, epilogue):
+@example(m=4, cb=2, ocb=2, b=16, h=14, w=14, pad=(1, 1, 1, 1), seed=0, epilogue=True, fused=False)
+@example(m=2, cb=1, ocb=1, b=8, h=7, w=7, pad=(1, 1, 1, 1), seed=1, epilogue=False, fused=False)  # partial tiles
+@example(m=2, cb=1, ocb=4, b=4, h=7, w=7, pad=(1, 1, 1, 1), seed=5, epilogue=True, fused=False)  # 4 vectors
+@example(m=4, cb=2, ocb=2, b=16, h=13, w=11, pad=(1, 1, 1, 1), seed=2, epilogue=True, fused=True)  # rows of 3 tiles
+@example(m=4, cb=1, ocb=1, b=8, h=3, w=3, pad=(0, 0, 0, 0), seed=3, epilogue=False, fused=True)  # one tile, unit loops
+@example(m=2, cb=2, ocb=3, b=4, h=9, w=12, pad=(2, 1, 0, 2), seed=4, epilogue=True, fused=True)
+def test_winograd_template_matches_reference(m, cb, ocb, b, h, w, pad, seed, epilogue, fused):
     if h + pad[0] + pad[2] < 3 or w + pad[1] + pad[3] < 3:
         return
     rng = np.random.default_rng(seed)
@@ -77,7 +81,8 @@ def test_winograd_template_matches_reference(m, cb, ocb, b, h, w, pad, seed, epi
     oh, ow = h + pad[0] + pad[2] - 2, w + pad[1] + pad[3] - 2
     tiles = -(-oh // m) * -(-ow // m)
     knobs, pick = winograd.space(tiles, ocb), random.Random(seed)
-    cfg = winograd.Config(tile_p=pick.choice(knobs["tile_p"]), m=m, tile_k=pick.choice(knobs["tile_k"]))
+    cfg = winograd.Config(tile_p=pick.choice(knobs["tile_p"]), m=m, tile_k=pick.choice(knobs["tile_k"]),
+                          fused=fused)
     got, want = run_winograd(x, wt, pad, m, b, b, cfg, epilogue)
     tol = 1e-4 if m == 2 else 5e-4  # F(4x4) loses about a decimal digit
     assert_close(got, want.astype(np.float32), rtol=tol, atol=tol)
@@ -99,7 +104,10 @@ def test_default_register_tile_holds_several_output_vectors():
     assert winograd.default(49, 8, 2, oc_blocks=8) == winograd.Config(tile_p=6, m=2, tile_k=2)
     assert winograd.default(16, 16, 2, oc_blocks=6) == winograd.Config(tile_p=6, m=2, tile_k=2)
     assert winograd.default(49, 16, 4, oc_blocks=1) == winograd.Config(tile_p=7, m=4, tile_k=1)
+    assert not winograd.default(49, 16, 4, oc_blocks=8).fused  # no weight size given: unfused, as before
+    assert winograd.default(196, 16, 4, oc_blocks=4, weight_bytes=36 * 64 * 64 * 4).fused  # 590 KB: per row
+    assert not winograd.default(16, 16, 4, oc_blocks=16, weight_bytes=36 * 256 * 256 * 4).fused  # 9.4 MB
     for tiles, ocb in ((49, 8), (16, 6), (4, 4), (196, 3)):
         cfg = winograd.default(tiles, 16, 4, ocb)
         knobs = winograd.space(tiles, ocb)
-        assert cfg.tile_p in knobs["tile_p"] and cfg.tile_k in knobs["tile_k"]
+        assert cfg.tile_p in knobs["tile_p"] and cfg.tile_k in knobs["tile_k"] and cfg.fused in knobs["fused"]
