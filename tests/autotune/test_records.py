@@ -202,6 +202,28 @@ def test_a_record_made_before_a_knob_was_added_applies_with_the_knobs_old_value(
     assert read_records(path, AVX512, templates={"x86.test_tile": other}) == []
 
 
+def test_records_made_between_two_added_knobs_apply_too(tmp_path, caplog):
+    """A template that gained `vectors` and later `unroll` reads records of all three ages: those made before
+    either get both old values, those made between get only `unroll`'s (the Winograd branch's `tile_k`, then
+    `fused`: the Zen 5 logs of 2026-12-01 have the first and not the second)."""
+    def template(**knobs):
+        return dataclasses.replace(tile_template(), space=lambda wl, info: Space.union(
+            Space.of(tile=[1, 2, 4], **knobs), Space.of(tile=[8])), added_knobs={"vectors": 1, "unroll": False})
+
+    oldest, middle = template(), template(vectors=[1, 2])
+    grown = template(vectors=[1, 2], unroll=[False, True])
+    wl = Workload.of(oldest.key, Group(add_group()), lanes=16)
+    path = tmp_path / "model.jsonl"
+    write(path, [Record.measured(oldest, wl, AVX512, {"tile": 2}, (1e-3,), cpu=CPU),
+                 Record.measured(middle, wl, AVX512, {"tile": 4, "vectors": 2}, (1e-3,), cpu=CPU),
+                 Record.measured(grown, wl, AVX512, {"tile": 1, "vectors": 2, "unroll": True}, (1e-3,), cpu=CPU)])
+    got = read_records(path, AVX512, templates={"x86.test_tile": grown})
+    assert [r.config for r in got] == [{"tile": 2, "vectors": 1, "unroll": False},
+                                       {"tile": 4, "vectors": 2, "unroll": False},
+                                       {"tile": 1, "vectors": 2, "unroll": True}]
+    assert warnings_of(caplog) == []
+
+
 def test_winograd_records_from_before_tile_k_apply_as_tile_k_1(tmp_path):
     """The conv template's Winograd branch gained `tile_k`; a log written before (the ResNet-50 run of
     2026-11-30 kept in docs/, and any user's) reads back as the kernels it timed, not skipped as made over
