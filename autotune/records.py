@@ -206,8 +206,8 @@ def read_records(paths: str | os.PathLike | Iterable[str | os.PathLike], target=
 def best_records(records: Iterable[Record], decisions: bool = True) -> dict[str, Record]:
     """The lowest-cost record per workload key; failed records never win, ties keep the first. Where a key has
     verified records (the tuner's final A/B of its best against the default, timed interleaved in one
-    process), only those of its last A/B count: a search's single lucky measurement must not outrank them. Above both, the
-    last end-to-end decision for a key (`kiln tune` timing the whole model tuned against default, and keeping
+    process), only those of its last A/B count: a search's single lucky measurement must not outrank them.
+    Above both, the last end-to-end decision for a key (`kiln tune` timing the whole model tuned against default, and keeping
     the default when the tuned one was not reliably faster) stands: kernels that each won alone can lose
     together, and a log applied later must not bring back the model its own A/B refused. `decisions=False`
     gives the search's bests regardless (what the next A/B compares)."""

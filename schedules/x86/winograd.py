@@ -84,36 +84,13 @@ def schedule(sch, cfg: Config) -> list[str]:
     sch.reorder(p, c, e1, e2, r2, ci)
     pc = sch.fuse(p, c)
     sch.parallel(pc)
-    rows = sch.get_sblock("wino_in_rows")
-    sch.compute_at(rows, pc)
-    for loop in (e1, e2, r2):
-        sch.unroll(loop)
-    sch.vectorize(ci)
-    re1, ra2, rci, rr1 = sch.get_loops(rows)[1:]
-    sch.reorder(re1, ra2, rr1, rci)
-    for loop in (re1, ra2, rr1):
-        sch.unroll(loop)
-    sch.vectorize(rci)
-    for b, red in ((v, r2), (rows, rr1)):
-        init = sch.decompose_reduction(b, red)
-        sch.vectorize(sch.get_loops(init)[-1])
+    _input_transform(sch, v, pc, e1, e2, r2, ci)
 
     # batched GEMM: M[e1, e2, p, k, ko] over (rco, rci)
     mm = sch.get_sblock("wino_M")
     copy = sch.cache_write(mm, 0, "global")
     sch.set_scope(mm, 0, "local")
-    e1, e2, p, k, ko, rco, rci = sch.get_loops(mm)
-    po, pi = sch.split(p, factors=[None, cfg.tile_p])
-    kt, kk = sch.split(k, factors=[None, cfg.tile_k])
-    sch.reorder(e1, e2, kt, po, rco, rci, pi, kk, ko)
-    sch.parallel(sch.fuse(e1, e2, kt))
-    sch.unroll(pi)
-    sch.unroll(kk)
-    sch.vectorize(ko)
-    sch.reverse_compute_at(copy, po)
-    init = sch.decompose_reduction(mm, rco)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.vectorize(sch.get_loops(copy)[-1])
+    _gemm(sch, mm, copy, dict(zip(GEMM_LOOPS, sch.get_loops(mm))), cfg.tile_p, cfg.tile_k, parallel=True)
 
     # output transform, per output tile, fused with the epilogue
     n, k, y, x, ko = sch.get_loops(out)[:5]
@@ -129,8 +106,8 @@ def schedule(sch, cfg: Config) -> list[str]:
 
 
 def _describe(cfg: Config) -> str:
-    knobs = f"m={cfg.m},p={cfg.tile_p}" + (f",k={cfg.tile_k}" if cfg.tile_k > 1 else "") + (",rows" if cfg.fused else "")
-    return f"winograd({knobs})"
+    k = f",k={cfg.tile_k}" if cfg.tile_k > 1 else ""
+    return f"winograd(m={cfg.m},p={cfg.tile_p}{k}{',rows' if cfg.fused else ''})"
 
 
 def _present(sch, block, names_extents, skip: int = 0) -> dict:
@@ -140,6 +117,48 @@ def _present(sch, block, names_extents, skip: int = 0) -> dict:
     named = [n for n, e in names_extents if e > 1]
     assert len(loops) == len(named), (named, len(loops))
     return dict(zip(named, loops))
+
+
+GEMM_LOOPS = ("e1", "e2", "p", "k", "ko", "rco", "rci")
+
+
+def _gemm(sch, mm, copy, lp: dict, tile_p: int, tile_k: int, parallel: bool) -> None:
+    """`tile_p` tiles x `tile_k` vectors of the GEMM's output in registers (`mm`, local) over its reduction,
+    written out by `copy` per register block. `lp`: its loops by GEMM_LOOPS name, a loop of extent 1 that
+    compute_at left out absent; `parallel` runs (e1, e2, channel tile) in parallel."""
+    po, pi = sch.split(lp["p"], factors=[None, tile_p]) if "p" in lp else (None, None)
+    kt, kk = sch.split(lp["k"], factors=[None, tile_k]) if "k" in lp else (None, None)
+    red = [lp[r] for r in ("rco", "rci") if r in lp]
+    order = (lp.get("e1"), lp.get("e2"), kt, po, *red, pi, kk, lp["ko"])
+    sch.reorder(*[loop for loop in order if loop is not None])
+    if parallel:
+        sch.parallel(sch.fuse(lp["e1"], lp["e2"], kt))
+    for loop in (pi, kk):
+        if loop is not None:
+            sch.unroll(loop)
+    sch.vectorize(lp["ko"])
+    sch.reverse_compute_at(copy, po if po is not None else kt if kt is not None else lp["e2"])
+    init = sch.decompose_reduction(mm, red[0])
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(copy)[-1])
+
+
+def _input_transform(sch, v, anchor, e1, e2, r2, ci) -> None:
+    """V's loops (already ordered ..., e1, e2, r2, ci) unrolled and vectorized; its rows stage computed at
+    `anchor`, one (tile, channel block) at a time, the same way."""
+    rows = sch.get_sblock("wino_in_rows")
+    sch.compute_at(rows, anchor)
+    for loop in (e1, e2, r2):
+        sch.unroll(loop)
+    sch.vectorize(ci)
+    re1, ra2, rci, rr1 = sch.get_loops(rows)[-4:]
+    sch.reorder(re1, ra2, rr1, rci)
+    for loop in (re1, ra2, rr1):
+        sch.unroll(loop)
+    sch.vectorize(rci)
+    for b, red in ((v, r2), (rows, rr1)):
+        init = sch.decompose_reduction(b, red)
+        sch.vectorize(sch.get_loops(init)[-1])
 
 
 def _output_transform(sch, out, xo) -> None:
@@ -176,21 +195,8 @@ def _schedule_fused(sch, out, cfg: Config) -> list[str]:
     sch.compute_at(mm, row)
     copy = sch.cache_write(mm, 0, "global")
     sch.set_scope(mm, 0, "local")
-    lp = _present(sch, mm, [("e1", alpha), ("e2", alpha), ("p", nw), ("k", kb), ("ko", ob), ("rco", cb),
-                            ("rci", ib)], skip=1)
-    tile_p, tile_k = min(cfg.tile_p, nw), cfg.tile_k
-    po, pi = sch.split(lp["p"], factors=[None, tile_p]) if "p" in lp else (None, None)
-    kt, kk = sch.split(lp["k"], factors=[None, tile_k]) if "k" in lp else (None, None)
-    red = [lp[r] for r in ("rco", "rci") if r in lp]
-    sch.reorder(*[l for l in (lp.get("e1"), lp.get("e2"), kt, po, *red, pi, kk, lp["ko"]) if l is not None])
-    for loop in (pi, kk):
-        if loop is not None:
-            sch.unroll(loop)
-    sch.vectorize(lp["ko"])
-    sch.reverse_compute_at(copy, po if po is not None else kt if kt is not None else lp["e2"])
-    init = sch.decompose_reduction(mm, red[0])
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.vectorize(sch.get_loops(copy)[-1])
+    lp = _present(sch, mm, zip(GEMM_LOOPS, (alpha, alpha, nw, kb, ob, cb, ib)), skip=1)
+    _gemm(sch, mm, copy, lp, min(cfg.tile_p, nw), cfg.tile_k, parallel=False)
 
     # the row's input transform: V[e1, e2, p in the row, c, ci], its rows stage per (tile, channel block)
     v = sch.get_sblock("wino_V")
@@ -198,17 +204,5 @@ def _schedule_fused(sch, out, cfg: Config) -> list[str]:
     lv = _present(sch, v, [("e1", alpha), ("e2", alpha), ("p", nw), ("c", cb), ("ci", ib), ("r2", alpha)], skip=1)
     outer = [lv[n] for n in ("p", "c") if n in lv]
     sch.reorder(*outer, lv["e1"], lv["e2"], lv["r2"], lv["ci"])
-    rows = sch.get_sblock("wino_in_rows")
-    sch.compute_at(rows, outer[-1] if outer else row)
-    for loop in (lv["e1"], lv["e2"], lv["r2"]):
-        sch.unroll(loop)
-    sch.vectorize(lv["ci"])
-    re1, ra2, rci, rr1 = sch.get_loops(rows)[-4:]
-    sch.reorder(re1, ra2, rr1, rci)
-    for loop in (re1, ra2, rr1):
-        sch.unroll(loop)
-    sch.vectorize(rci)
-    for b, r in ((v, lv["r2"]), (rows, rr1)):
-        init = sch.decompose_reduction(b, r)
-        sch.vectorize(sch.get_loops(init)[-1])
+    _input_transform(sch, v, outer[-1] if outer else row, lv["e1"], lv["e2"], lv["r2"], lv["ci"])
     return [_describe(cfg)]

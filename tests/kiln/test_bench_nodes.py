@@ -29,7 +29,8 @@ VALUES = [
     {"kind": "block", "shape": [1, 1, 4, 4, 16]},
 ]
 STEPS = [
-    {"kernel": "k0", "ops": ["nn.conv2d_nchwc", "add", "nn.relu"], "args": [0, 1, 2], "config": {"algorithm": "direct"}},
+    {"kernel": "k0", "ops": ["nn.conv2d_nchwc", "add", "nn.relu"], "args": [0, 1, 2],
+     "config": {"algorithm": "direct"}},
     {"kernel": "k1", "ops": ["nn.conv2d_winograd_nchwc"], "args": [2, 3, 4], "config": {"algorithm": "winograd4"}},
     {"kernel": "k2", "ops": ["nn.pool2d_nchwc"], "args": [4, 5]},
 ]
