@@ -18,6 +18,8 @@ from kiln.schedules.workload import Group, Workload
 
 from kiln.errors import InvalidConfig
 
+from .pool_nchwc import UNROLL_MAX_WINDOW
+
 VERSION = 1
 NAME = "x86.pool_nchw"
 MAX_TILE = 16
@@ -72,8 +74,9 @@ def schedule(sch, wl: Workload, cfg: Config) -> list[str]:
     window, row = loops[-2:], loops[2:-2]  # below the parallel loop and the tile loop; no row when tile_ow is 1
     if row:
         sch.reorder(*window, *row)
-    for loop in window:
-        sch.unroll(loop)
+    if wl["window"] <= UNROLL_MAX_WINDOW:  # ONNX's 60x80 dilated max pool unrolled: LLVM ran for over 5 minutes
+        for loop in window:
+            sch.unroll(loop)
     spread = sch.vectorize if cfg["vector"] and tile > 1 else sch.unroll
     for loop in row:
         spread(loop)  # before the init is split off: TVM vectorizes a reduction only with its init

@@ -84,3 +84,17 @@ def test_float16_batches_at_every_config():
         for cfg in template.space(wl, target_info(target)):
             g = lower(fn, target, {wl.key: cfg})
             assert_close(run_lowered(g, target, [x]), want, rtol=1e-3, atol=1e-3, what=f"{op.name} {cfg}")
+
+
+def test_a_large_window_is_not_unrolled():
+    """ONNX's test_MaxPool2d_stride_padding_dilation pools 60x80 windows: unrolled, its 4,800 window steps kept
+    LLVM busy for over 5 minutes (the slow model sweep hung on it). Past UNROLL_MAX_WINDOW the window loops stay
+    loops; a small window is still unrolled."""
+    target = resolve_target(AVX2)
+    big = PoolAttrs((12, 16), (4, 4), (2, 4, 2, 4), (2, 2))
+    x = np.random.default_rng(0).standard_normal((1, 1, 60, 80)).astype(np.float32)
+    g = lower(pool_group(MAX_POOL, x.shape, big), target)
+    assert g.template == pool_nchw.TEMPLATE.key and "T.unroll" not in g.prim_func.script()
+    assert_close(run_lowered(g, target, [x]), MAX_POOL.evaluate([x], big), rtol=0, atol=0, what="12x16 window")
+    small = lower(pool_group(MAX_POOL, x.shape, PoolAttrs((3, 3), (2, 2), (1,) * 4, (1, 1))), target)
+    assert "T.unroll" in small.prim_func.script()
