@@ -441,11 +441,17 @@ class Model:
         kernels before and after it: the autotuner's in-model timing (autotune/context.py)."""
         if self._cuda is not None:
             raise ArtifactError("kernel_sequence times kernels on the CPU; CUDA artifacts run as one launch sequence")
+        with self._after_one_run(feeds) as ctx:
+            yield [(fn, fargs, step) for (fn, fargs), step in zip(ctx.steps, self.meta["steps"])]
+
+    @contextlib.contextmanager
+    def _after_one_run(self, feeds: Sequence[np.ndarray] | None):
+        """An execution context held for the block, after one real run on `feeds` (zeros by default)."""
         checked = self._check(tuple(feeds or [np.zeros(t.shape, t.dtype) for t in self.inputs]), {})
         ctx = self._acquire()
         try:
             self._execute(ctx, checked, None)
-            yield [(fn, fargs, step) for (fn, fargs), step in zip(ctx.steps, self.meta["steps"])]
+            yield ctx
         finally:
             self._release(ctx)
 
@@ -467,13 +473,8 @@ class Model:
         (bench/nodes.py)."""
         if self._cuda is not None or self._entry is None:
             raise ArtifactError("stamped runs need a CPU artifact with the native entry function; rebuild it")
-        checked = self._check(tuple(feeds or [np.zeros(t.shape, t.dtype) for t in self.inputs]), {})
-        ctx = self._acquire()
-        try:
-            self._execute(ctx, checked, None)
+        with self._after_one_run(feeds) as ctx:
             return self._stamped(ctx, runs)
-        finally:
-            self._release(ctx)
 
     def _stamped(self, ctx: _Context, runs: int) -> np.ndarray:
         import tvm_ffi
