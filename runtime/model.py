@@ -104,6 +104,9 @@ class _Context:
         self._kernels, self._step_args = model._kernels, [step["args"] for step in meta["steps"]]
         self.staging_at = [a.ctypes.data for a in self.inputs]
         self.bound = list(self.staging_at)  # where the table points each input now
+        # the caller's array each input was last read in place from, with its strides, or None: passing the same
+        # array again skips reading its address (see Model._bind_inputs); held, so its memory cannot move
+        self.held: list = [None] * len(self.inputs)
         self.out_at = [a.ctypes.data for a in self.outputs]
         self.out_bound = list(self.out_at)  # and each output
 
@@ -183,6 +186,7 @@ class Model:
         self._kernels = [self._function(step["kernel"], "kernel") for step in meta["steps"]]
         self._input_values = {v["index"]: i for i, v in enumerate(meta["values"]) if v["kind"] == "input"}
         self._output_values = {v["index"]: i for i, v in enumerate(meta["values"]) if v["kind"] == "output"}
+        self._small_outputs = all(t.nbytes < ZERO_COPY_MIN_BYTES for t in self.outputs)
         self.device = "cuda" if meta.get("target", {}).get("kind") == "cuda" else "cpu"
         self._parallel: OwnPool | None = None
         thread_pool = thread_pool or os.environ.get("KILN_THREAD_POOL", "kiln")
@@ -304,6 +308,13 @@ class Model:
         # context afterwards was a second pass over it (a 1x1 conv + ReLU with 8 MB out: 2.7 -> 2.0 ms a run,
         # with 21 MB out: 4.9 -> 2.8 ms; interleaved, one process)
         checked = self._check(args, named)
+        if self._small_outputs:  # the common case: the outputs are copied out of the context
+            ctx = self._acquire()
+            try:
+                run_kernels(lambda: self._execute(ctx, checked, None), self.num_threads, self._parallel)
+                return [o.copy() for o in ctx.outputs]
+            finally:
+                self._release(ctx)
         fresh = [aligned_empty(t.shape, t.np_dtype) if t.nbytes >= ZERO_COPY_MIN_BYTES
                  else np.empty(t.shape, t.np_dtype) for t in self.outputs]
         return self._run_into(fresh, checked)
@@ -368,22 +379,40 @@ class Model:
             for fn, fargs in ctx.steps:
                 fn(*fargs)
             return
-        table = ctx.table["data"]
-        for k, (staging, v) in enumerate(zip(ctx.inputs, checked)):
-            at = _in_place(v, self.inputs[k].nbytes) or ctx.staging_at[k]
-            if at != ctx.bound[k]:
-                table[self._input_values[k]] = ctx.bound[k] = at
-            if at == ctx.staging_at[k]:
-                np.copyto(staging, v)  # an unaligned array never reaches a vectorized kernel
-        for k in range(len(ctx.outputs)):
-            at = ctx.out_at[k]
-            if outs is not None:
+        self._bind_inputs(ctx, checked)
+        if outs is not None:
+            table = ctx.table["data"]
+            for k in range(len(ctx.outputs)):
+                at = ctx.out_at[k]
                 mine = _in_place(outs[k], self.outputs[k].nbytes)
                 if mine is not None and not any(np.may_share_memory(outs[k], v) for v in checked):
                     at = mine  # the kernels write the caller's buffer (never one an input lies in)
-            if at != ctx.out_bound[k]:
+                if at != ctx.out_bound[k]:
+                    table[self._output_values[k]] = ctx.out_bound[k] = at
+        elif ctx.out_bound != ctx.out_at:  # a run_into before pointed them at the caller's buffers
+            table = ctx.table["data"]
+            for k, at in enumerate(ctx.out_at):
                 table[self._output_values[k]] = ctx.out_bound[k] = at
         self._entry(ctx.table_tensor)  # every kernel, in native code
+
+    def _bind_inputs(self, ctx: _Context, checked: list[np.ndarray]) -> None:
+        """Point the table at each input where it lies (64 KB or more, aligned, contiguous) or copy it into the
+        context's staging buffer. The array read in place last run, passed again, is left as bound: reading an
+        array's address (`.ctypes` or `__array_interface__`) costs 30-45 µs right after a run has pushed NumPy out
+        of the caches, 2% of a ShuffleNet run. The context holds that array, so NumPy refuses to resize it (its
+        address cannot change); its strides are compared because they can still be set in place."""
+        for k, v in enumerate(checked):
+            held = ctx.held[k]
+            if held is not None and v is held[0] and v.strides == held[1]:
+                continue
+            at = _in_place(v, self.inputs[k].nbytes) or ctx.staging_at[k]
+            if at != ctx.bound[k]:
+                ctx.table["data"][self._input_values[k]] = ctx.bound[k] = at
+            if at == ctx.staging_at[k]:
+                np.copyto(ctx.inputs[k], v)  # an unaligned array never reaches a vectorized kernel
+                ctx.held[k] = None
+            else:
+                ctx.held[k] = (v, v.strides)
 
     def profile(self, repeat: int = 20) -> dict:
         """Per-kernel median times (each kernel called `repeat` times on the current buffers), the whole run's
@@ -492,10 +521,11 @@ class Model:
 
 
 def _in_place(a: np.ndarray, nbytes: int) -> int | None:
-    """The address of `a` if kernels may use it where it is: large enough to be worth it, contiguous, aligned."""
+    """The address of `a` if kernels may use it where it is: large enough to be worth it, contiguous, aligned.
+    (`__array_interface__` rather than `.ctypes`: 31 against 44 µs with the caches cold after a run.)"""
     if nbytes < ZERO_COPY_MIN_BYTES or not a.flags.c_contiguous:
         return None
-    ptr = a.ctypes.data
+    ptr = a.__array_interface__["data"][0]
     return ptr if ptr % ALIGN == 0 else None
 
 
@@ -515,9 +545,24 @@ def check_outputs(outputs: list[TensorInfo], given: Sequence[np.ndarray]) -> lis
 
 def check_inputs(inputs: list[TensorInfo], args: tuple, named: dict) -> list[np.ndarray]:
     """The inputs in the model's order, each checked against its name, dtype and shape."""
-    if not named and len(args) == len(inputs) and all(
-            type(v) is np.ndarray and v.dtype == t.np_dtype and v.shape == t.shape for v, t in zip(args, inputs)):
-        return list(args)  # the hot loop's case: positional arrays that match
+    # the hot loop's cases first, positional or named arrays that match, in plain loops: this runs right after the
+    # previous run's kernels have pushed the interpreter out of the caches, where every extra call costs µs
+    if not named:
+        if len(args) == len(inputs):
+            for v, t in zip(args, inputs):
+                if type(v) is not np.ndarray or v.dtype != t.np_dtype or v.shape != t.shape:
+                    break
+            else:
+                return list(args)
+    elif not args and len(named) == len(inputs):
+        out = []
+        for t in inputs:
+            v = named.get(t.name)
+            if type(v) is not np.ndarray or v.dtype != t.np_dtype or v.shape != t.shape:
+                break
+            out.append(v)
+        else:
+            return out
     names = [t.name for t in inputs]
     if len(args) > len(names):
         raise InputError(f"model takes {len(names)} inputs {names}, got {len(args)} positional")

@@ -19,14 +19,13 @@ flight still runs on its caller alone.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import importlib.util
 import logging
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TypeVar
 
@@ -129,25 +128,31 @@ def _size_pool(concurrent: bool, requested: int | None) -> None:
         _config_pool(full)
 
 
-@contextlib.contextmanager
-def _in_flight() -> Iterator[bool]:
-    """Counts this run as in flight while the block runs; yields whether another run already was."""
+def _enter() -> bool:
+    """Counts a run as in flight; returns whether another already was. Two plain calls rather than a context
+    manager: this runs before every model run, right after the previous run's kernels have pushed the interpreter
+    out of the caches, where a generator-based `with` cost about 12 µs (ShuffleNet, Zen 5)."""
     global _running
     with _LOCK:
         concurrent = _running > 0
         _running += 1
-    try:
-        yield concurrent
-    finally:
-        with _LOCK:
-            _running -= 1
+    return concurrent
+
+
+def _leave() -> None:
+    global _running
+    with _LOCK:
+        _running -= 1
 
 
 def _sized(fn: Callable[[], T], requested: int | None) -> T:
-    with _in_flight() as concurrent:
+    concurrent = _enter()
+    try:
         if concurrent or requested is not None or getattr(_THREAD, "size", None) is not None:
             _size_pool(concurrent, requested)
         return fn()
+    finally:
+        _leave()
 
 
 class _Lanes:
@@ -196,9 +201,12 @@ class OwnPool:
 
 
 def _run_pooled(fn: Callable[[], T], pool: OwnPool) -> T:
-    with _in_flight() as concurrent:
+    concurrent = _enter()
+    try:
         pool.cap(1 if concurrent else getattr(_THREAD, "full", 0))  # set_num_threads caps this thread's runs
         return fn()
+    finally:
+        _leave()
 
 
 def run_kernels(fn: Callable[[], T], requested: int | None = None, pool: OwnPool | None = None) -> T:

@@ -324,6 +324,35 @@ def test_inputs_are_rebound_between_zero_copy_and_staging(tmp_path):
         np.testing.assert_array_equal(m.run(buf)[0], want[k % 4], err_msg=f"run {k}")
 
 
+def test_an_array_passed_again_is_read_as_it_is_now(tmp_path):
+    """The array read in place last run is not looked at again when passed again (its address is kept): each run
+    must still read what it holds now, and one whose strides were set in place (deprecated, still possible)
+    must be staged, not read as the contiguous array it was."""
+    import warnings
+
+    from kiln.runtime.model import aligned_empty
+
+    g = GraphBuilder("big_input", 0)
+    y = g.op("Relu", [g.op("Conv", ["data", g.weight((4, 3, 3, 3), 27, "conv.w")], kernel_shape=[3, 3])])
+    model = g.model([helper.make_tensor_value_info("data", TensorProto.FLOAT, [1, 3, 96, 96])],
+                    [(g.op("GlobalAveragePool", [y]), TensorProto.FLOAT, [1, 4, 1, 1])])
+    m = kiln.load(kiln.compile(model, tmp_path / "big.so").path)
+    rng = np.random.default_rng(5)
+    xs = [rng.standard_normal((1, 3, 96, 96)).astype(np.float32) for _ in range(3)]
+    want = [m.run(x.copy())[0] for x in xs]
+    raw = aligned_empty((2 * 3 * 96 * 96,), "float32")
+    x = np.ndarray((1, 3, 96, 96), np.float32, buffer=raw)
+    for k in range(3):
+        x[...] = xs[k]
+        np.testing.assert_array_equal(m.run(x)[0], want[k], err_msg=f"run {k}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        x.strides = (8 * 3 * 96 * 96, 8 * 96 * 96, 8 * 96, 8)  # every other float of the same buffer
+    assert not x.flags.c_contiguous
+    x[...] = xs[1]
+    np.testing.assert_array_equal(m.run(x)[0], want[1])
+
+
 def test_run_into_writes_the_callers_buffers(artifacts, tmp_path):
     """The hot-loop call: outputs land in buffers the caller owns, small (copied) and large (written in place
     by the kernels), and a plain run afterwards still returns fresh arrays."""
