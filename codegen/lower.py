@@ -156,14 +156,19 @@ def lower_group(fn: Function, symbol: str, target, configs: Mapping[str, dict] |
 
     from kiln.schedules.dispatch import schedule_group
 
+    from kiln.ir.ops.conv import padded_plane
+
     ops = group_ops(fn)
     try:
         widen = WIDENED_ON_CPU & _dtypes(fn) if target.kind.name == "llvm" else frozenset()
-        with float_math.lowering_for(target.kind.name):
-            placeholders, out = to_te(fn, widen)
-        prim = te.create_prim_func([*placeholders, out]).with_attr("global_symbol", symbol)
-        prim = _inline_widening(prim) if widen else prim
-        s = schedule_group(prim, fn, target, configs)
+
+        def build(plane: int = 0):
+            with float_math.lowering_for(target.kind.name), padded_plane(plane):
+                placeholders, out = to_te(fn, widen)
+            prim = te.create_prim_func([*placeholders, out]).with_attr("global_symbol", symbol)
+            return _inline_widening(prim) if widen else prim
+
+        s = schedule_group(build(), fn, target, configs, rebuild=build)
     except CodegenError:
         raise
     except Exception as err:  # TVM raises its own error types; name the group for the user

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from kiln.ir import Function
 
-from kiln.errors import InvalidConfig, TemplateFallbackWarning
+from kiln.errors import InvalidConfig, ScheduleError, TemplateFallbackWarning
 
 from .space import Config
 from .target_info import target_info
@@ -45,9 +45,11 @@ def task_of(fn: Function, target) -> tuple[Template, Workload]:
     return template, template.workload(group, info)
 
 
-def schedule_group(prim, fn: Function, target, configs: Mapping[str, Config] | None = None) -> Scheduled:
+def schedule_group(prim, fn: Function, target, configs: Mapping[str, Config] | None = None,
+                   rebuild: Callable[[int], Any] | None = None) -> Scheduled:
     """Schedule `prim` (the group's TE compute as a PrimFunc) with the config filed under its workload key in
-    `configs`, or the template's default."""
+    `configs`, or the template's default. A config whose template computes a pointwise conv over a padded plane
+    (`Template.padded_plane`) schedules `rebuild(plane)`, the group's compute built that way, instead."""
     from tvm import s_tir
 
     info = target_info(target)
@@ -67,15 +69,24 @@ def schedule_group(prim, fn: Function, target, configs: Mapping[str, Config] | N
             source = "default (given config not in the space)"
     if cfg is None:
         cfg = template.default_config(wl, info, fixed)
-    sch = s_tir.Schedule(prim)
+
+    def compute_for(cfg: Config):
+        plane = template.padded_plane(wl, cfg)
+        if not plane:
+            return prim
+        if rebuild is None:
+            raise ScheduleError(f"{wl.key}: config {cfg} computes the conv over a padded plane; no rebuild given")
+        return rebuild(plane)
+
     try:
+        sch = s_tir.Schedule(compute_for(cfg))
         steps = template.schedule(sch, wl, cfg)
     except InvalidConfig as err:
         if source != "given":
             raise  # the default config must build: a template bug
         log.warning("%s: config %s does not build (%s); default used", wl.key, cfg, err)
         cfg, source = template.default_config(wl, info, fixed), "default (given config invalid)"
-        sch = s_tir.Schedule(prim)
+        sch = s_tir.Schedule(compute_for(cfg))
         steps = template.schedule(sch, wl, cfg)
     except Exception as err:  # noqa: BLE001  (a template bug: logged and warned, never silent)
         why = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"

@@ -54,6 +54,9 @@ class Template:
     # records timed (Winograd's tile_k: 1): a record made over the space without them still applies, completed
     # with these values, instead of being skipped as made over another space (autotune/records.py)
     added_knobs: Mapping[str, Any] = field(default_factory=dict)
+    # (wl, config) -> the plane a pointwise conv's compute is built over for that config (ir/ops/conv.py,
+    # `padded_plane`), or 0 for the compute as the op defines it
+    padded_plane: Callable[[Workload, Config], int] = field(default=lambda wl, cfg: 0)
     doc: str = ""
 
     @property

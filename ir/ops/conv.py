@@ -6,6 +6,8 @@ im2col + matmul (NumPy's BLAS), fast enough to interpret VGG-19 in a test.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
 
 import numpy as np
@@ -172,12 +174,51 @@ CONV1D_TRANSPOSE, CONV2D_TRANSPOSE, CONV3D_TRANSPOSE = (register_op(OpDef(
 CONV_TRANSPOSE_BY_RANK = {1: CONV1D_TRANSPOSE, 2: CONV2D_TRANSPOSE, 3: CONV3D_TRANSPOSE}
 
 
+# The plane a pointwise conv is computed over, when a CPU template asked for it padded (schedules/x86/
+# conv2d_direct.py: a plane of whole vectors); 0: as the op says.
+_PADDED_PLANE: contextvars.ContextVar[int] = contextvars.ContextVar("padded_plane", default=0)
+
+
+@contextlib.contextmanager
+def padded_plane(plane: int):
+    """Within the block, nn.conv2d builds a pointwise conv over its output plane padded to `plane` elements: its
+    input copied into a padded plane (`pad_temp`, the tail zeros), the conv over the padded plane, and
+    `plane_trim` taking the H x W outputs back out. The padded outputs are computed and never read."""
+    token = _PADDED_PLANE.set(plane)
+    try:
+        yield
+    finally:
+        _PADDED_PLANE.reset(token)
+
+
+def _pointwise_padded(x, w, a: ConvAttrs, acc: str, plane: int):
+    from tvm import te, tirx
+
+    n, c, h, wd = (int(d) for d in x.shape)
+    oc, k = int(w.shape[0]), int(w.shape[1])
+    if (int(w.shape[2]), int(w.shape[3])) != (1, 1) or tuple(a.strides) != (1, 1) or any(a.padding) or plane < h * wd:
+        raise TypeCheckError(f"nn.conv2d: a padded plane of {plane} needs a pointwise conv of a smaller plane; "
+                             f"got {x.shape} * {w.shape}, {a}")
+    opg = oc // a.groups
+    zero = tirx.const(0, x.dtype)
+    xp = te.compute((n, c, plane), lambda b, ci, p: tirx.if_then_else(p < h * wd, x[b, ci, p // wd, p % wd], zero),
+                    name="pad_temp")
+    rc = te.reduce_axis((0, k), name="rc")
+    name = "conv2d_nchw" if a.groups == 1 else "group_conv2d_nchw"  # topi's names, which the templates expect
+    conv = te.compute((n, oc, plane), lambda b, o, p: te.sum(
+        xp[b, o // opg * k + rc, p].astype(acc) * w[o, rc, 0, 0].astype(acc), axis=rc), name=name)
+    return te.compute((n, oc, h, wd), lambda b, o, y, xx: conv[b, o, y * wd + xx], name="plane_trim")
+
+
 @define_compute(CONV2D)
 def conv2d_compute(x, w, a: ConvAttrs):
     from tvm import topi
 
     pad = (a.padding[0], a.padding[1], a.padding[2], a.padding[3])
     acc = a.out_dtype or accumulator(x.dtype)
+    plane = _PADDED_PLANE.get()
+    if plane:
+        return cast_stage(_pointwise_padded(x, w, a, acc, plane), a.out_dtype or str(x.dtype), "conv2d_round")
     if a.groups == 1:
         out = topi.nn.conv2d_nchw(x, w, a.strides, pad, a.dilation, out_dtype=acc)
     else:

@@ -12,6 +12,15 @@ vectorize 14 of 16 lanes, which LLVM loads in three pieces (8 + 4 + 2) and reass
 The flat tile is `tile_oc` channels of one group (they share each input vector) × `tile_v` vectors. A plane
 that is not whole vectors (14×14, 7×7) keeps the width tiles: a tail under a predicate is scalarized.
 
+A pointwise conv whose plane is not whole vectors (ShuffleNet's 14×14 and 7×7: 196 and 49 of 16 lanes) has the
+flat tile too, over its plane padded to whole tiles (`plane_tail` in the workload, and `padded_plane`): the op's
+compute is then built over the padded plane (ir/ops/conv.py), its input copied into it first, and the epilogue
+writes the valid prefix of each plane, its last partial vector in a loop of its own. The width tiles' 14 or 7
+lanes are split by LLVM into 8 + 4 + 2 or 4 + 2 + 1 on every accumulator; padded, the 272-channel 14×14 conv
+ran at 0.80-0.89x and the 544-channel 7×7 one at 0.42-0.52x their width-tile time (Zen 5, the kernel alone,
+per-round ratios), though padding adds 14% and 31% to their work. A predicated last vector instead (TVM's
+buffer-level predication) masked the accumulators too and ran 1.4-6x slower than the width tiles.
+
 A grouped conv's tiles can run channel tiles innermost (`oc_inner`): the next tile of the same group reads the
 input slab the last one left in L1, where tiles in channel order walk the whole plane first and read the group's
 input from L2 once per channel tile, which is what bounds a conv that sums only 34 or 68 inputs. A group's
@@ -46,10 +55,13 @@ def workload(group: Group, info) -> Workload:
     _, oc, oh, ow = (int(d) for d in conv.type.shape)
     a = conv.attrs
     pointwise = (int(w.shape[2]), int(w.shape[3])) == (1, 1) and tuple(a.strides) == (1, 1) and not any(a.padding)
-    return Workload.of(f"{NAME}@{VERSION}", group, lanes=info.lanes(32), registers=info.vector_registers,
+    reduction = int(w.shape[1]) * int(w.shape[2]) * int(w.shape[3])
+    lanes = info.lanes(32)
+    # only where it holds, so every other task keeps its key (and its records)
+    tail = {"plane_tail": True} if pointwise and reduction > 1 and (oh * ow) % lanes else {}
+    return Workload.of(f"{NAME}@{VERSION}", group, lanes=lanes, registers=info.vector_registers,
                        out_channels=oc, out_w=ow, groups=a.groups, padded=any(a.padding),
-                       reduction=int(w.shape[1]) * int(w.shape[2]) * int(w.shape[3]), pointwise=pointwise,
-                       plane=oh * ow, group_channels=oc // a.groups)
+                       reduction=reduction, pointwise=pointwise, plane=oh * ow, group_channels=oc // a.groups, **tail)
 
 
 def _tiles(n: int, upto: int) -> list[int]:
@@ -90,6 +102,35 @@ def _flat_space(wl: Workload) -> list[Space]:
     return branches
 
 
+MAX_PLANE_PADDING = 1 / 3  # at most this much work added by padding the plane to whole tiles
+
+
+def padded_plane(wl: Workload, cfg: Config) -> int:
+    """The plane the conv is computed over for `cfg`: whole tiles of tile_v vectors for a flat tile of a plane
+    with a tail; 0 (as the op says) otherwise."""
+    if not wl.get("plane_tail") or not cfg.get("flat"):
+        return 0
+    tile = cfg["tile_v"] * wl["lanes"]
+    return -(-wl["plane"] // tile) * tile
+
+
+def _padded_space(wl: Workload) -> list[Space]:
+    """The flat tiles of a plane with a tail, over the plane padded to whole tiles (at most MAX_PLANE_PADDING
+    more work); one branch per channel tile, as `_flat_space`."""
+    if not wl.get("plane_tail"):
+        return []
+    budget = wl["registers"] - 4
+    orders = {"oc_inner": [False, True]} if _grouped(wl) else {}
+    most = wl["plane"] * (1 + MAX_PLANE_PADDING)
+    branches = []
+    for oc in divisors(wl["group_channels"], 8):
+        tile_v = [v for v in range(1, 9) if 1 < oc * v <= budget
+                  and padded_plane(wl, {"flat": True, "tile_v": v}) <= most]
+        if tile_v:
+            branches.append(Space.of(direct=True, flat=True, tile_oc=[oc], tile_v=tile_v, **orders))
+    return branches
+
+
 def _width_space(wl: Workload) -> list[Space]:
     """Channel tiles × width tiles; a grouped conv's channel tiles innermost only with tiles of its group."""
     tile_ow = _width_tiles(wl["out_w"], wl["lanes"])
@@ -108,7 +149,7 @@ def _width_space(wl: Workload) -> list[Space]:
 def space(wl: Workload, info=None) -> Space:
     """The direct tiles, the flat tiles of a pointwise conv, and the generic schedule (the only choice when no
     tile fits, or nothing is summed)."""
-    return Space.union(*_width_space(wl), *_flat_space(wl), Space.of(direct=False))
+    return Space.union(*_width_space(wl), *_flat_space(wl), *_padded_space(wl), Space.of(direct=False))
 
 
 def _flat_default(wl: Workload) -> Config | None:
@@ -124,10 +165,25 @@ def _flat_default(wl: Workload) -> Config | None:
     return max((cfg for branch in _flat_space(wl) for cfg in branch), key=rank, default=None)
 
 
+def _padded_default(wl: Workload) -> Config | None:
+    """As `_flat_default`, after the least padding: at most 15% more work if any tile allows it, then the
+    most accumulators up to half the registers, then the squarest tile (4 × 4 vectors over 8 × 2)."""
+    half = wl["registers"] // 2
+
+    def rank(cfg: Config) -> tuple:
+        n = cfg["tile_oc"] * cfg["tile_v"]
+        light = padded_plane(wl, cfg) <= wl["plane"] * 1.15
+        return (n <= half, light, n if n <= half else -n, min(cfg["tile_oc"], cfg["tile_v"]),
+                cfg.get("oc_inner", False))
+
+    return max((cfg for branch in _padded_space(wl) for cfg in branch), key=rank, default=None)
+
+
 def default(wl: Workload, info=None) -> Config:
-    """The flat tile where there is one; else the widest tiles, in channel order (on the width tiles neither
-    order won on ShuffleNet's 14×14 convs: 45 against 46 µs at their best tiles)."""
-    flat = _flat_default(wl)
+    """The flat tile where there is one (over a padded plane where the plane has a tail); else the widest
+    tiles, in channel order (on the width tiles neither order won on ShuffleNet's 14×14 convs: 45 against 46 µs
+    at their best tiles)."""
+    flat = _flat_default(wl) or _padded_default(wl)
     if flat is not None:
         return flat
     tile_oc = max(_tiles(wl["out_channels"], MAX_ACCUMULATORS), default=1)
@@ -174,7 +230,7 @@ def schedule(sch, wl: Workload, cfg: Config) -> list[str]:
     if not cfg["direct"]:
         return generic.schedule(sch, wl, {})
     if cfg.get("flat"):
-        return _schedule_flat(sch, wl, cfg)
+        return _schedule_flat_padded(sch, wl, cfg) if wl.get("plane_tail") else _schedule_flat(sch, wl, cfg)
     conv_block, out_block = _prepare_local(sch, wl)
     steps = []
     n, oc, oh, ow = sch.get_loops(out_block)[:4]
@@ -225,8 +281,53 @@ def _schedule_flat(sch, wl: Workload, cfg: Config) -> list[str]:
     return [f"direct_flat(oc={cfg['tile_oc']},v={cfg['tile_v']}x{wl['lanes']}{_order_tag(cfg)})"]
 
 
+def _schedule_flat_padded(sch, wl: Workload, cfg: Config) -> list[str]:
+    """The conv built over a padded plane (`padded_plane`): the input copied into it, then the flat tiles over
+    the whole padded plane (no tail), then the epilogue over the valid prefix of each plane, its whole vectors
+    apart from its last, partial one."""
+    conv_name = "conv2d_nchw" if wl["groups"] == 1 else "group_conv2d_nchw"
+    root = sch.get_sblock("root")
+    for b in sch.get_child_blocks(root)[:-1]:
+        if sch.get(b).name_hint not in ("pad_temp", conv_name):
+            sch.compute_inline(b)  # plane_trim and the epilogue, into the output block
+    pad, conv = sch.get_sblock("pad_temp"), sch.get_sblock(conv_name)
+    out = sch.get_child_blocks(root)[-1]
+    lanes, plane = wl["lanes"], wl["plane"]
+    whole = plane // lanes * lanes
+
+    def per_plane(block) -> None:
+        """(n, c) in parallel; the plane's whole vectors vectorized, its tail a loop of its own."""
+        n, c, p = sch.get_loops(block)
+        sch.parallel(sch.fuse(n, c))
+        if whole:
+            head, _ = sch.loop_partition(p, [whole, None])
+            sch.vectorize(sch.split(head, factors=[None, lanes])[1])
+
+    per_plane(pad)
+    local = sch.cache_write(conv, 0, "local")
+    n, oc, p, red = sch.get_loops(conv)
+    oco, ocg, oci = _channel_tiles(sch, oc, wl, cfg)
+    po, pi, pv = sch.split(p, factors=[None, cfg["tile_v"], lanes])
+    outer = [n, oco, po] if ocg is None else [n, oco, po, ocg]
+    sch.reorder(*outer, red, oci, pi, pv)
+    tile = sch.fuse(*outer)
+    sch.parallel(tile)
+    sch.unroll(oci)
+    sch.unroll(pi)
+    sch.vectorize(pv)
+    sch.reverse_compute_at(local, tile)
+    init = sch.decompose_reduction(conv, red)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(local)[-1])
+    ow = wl["out_w"]
+    sch.transform_block_layout(out, lambda n, c, h, w: (n, c, h * ow + w))
+    per_plane(out)
+    padded = padded_plane(wl, cfg)
+    return [f"direct_flat(plane={plane}->{padded},oc={cfg['tile_oc']},v={cfg['tile_v']}x{lanes}{_order_tag(cfg)})"]
+
+
 TEMPLATE = Template(
     NAME, VERSION, "llvm",
-    applies=applies, workload=workload, space=space, default=default, schedule=schedule,
+    applies=applies, workload=workload, space=space, default=default, schedule=schedule, padded_plane=padded_plane,
     doc="direct NCHW conv2d: a tile_oc x tile_ow accumulator tile, padding materialized once",
 )
