@@ -154,9 +154,8 @@ def lower_group(fn: Function, symbol: str, target, configs: Mapping[str, dict] |
     """The group as one scheduled PrimFunc named `symbol`; `configs` maps workload keys to tuned configs."""
     from tvm import te
 
-    from kiln.schedules.dispatch import schedule_group
-
     from kiln.ir.ops.conv import padded_plane
+    from kiln.schedules.dispatch import schedule_group
 
     ops = group_ops(fn)
     try:

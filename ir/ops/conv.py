@@ -196,7 +196,8 @@ def _pointwise_padded(x, w, a: ConvAttrs, acc: str, plane: int):
 
     n, c, h, wd = (int(d) for d in x.shape)
     oc, k = int(w.shape[0]), int(w.shape[1])
-    if (int(w.shape[2]), int(w.shape[3])) != (1, 1) or tuple(a.strides) != (1, 1) or any(a.padding) or plane < h * wd:
+    pointwise = (int(w.shape[2]), int(w.shape[3])) == (1, 1) and tuple(a.strides) == (1, 1) and not any(a.padding)
+    if not pointwise or plane < h * wd:
         raise TypeCheckError(f"nn.conv2d: a padded plane of {plane} needs a pointwise conv of a smaller plane; "
                              f"got {x.shape} * {w.shape}, {a}")
     opg = oc // a.groups

@@ -9,15 +9,14 @@ channel count) or nothing is summed (a 1x1 conv of one channel per group).
 A pointwise conv (1x1, stride 1, unpadded) reads its input plane as one contiguous row, so `flat=True` tiles
 the flattened plane in whole vectors instead of the width: ShuffleNet's grouped 1x1 convs at 28×28 otherwise
 vectorize 14 of 16 lanes, which LLVM loads in three pieces (8 + 4 + 2) and reassembles, for every accumulator.
-The flat tile is `tile_oc` channels of one group (they share each input vector) × `tile_v` vectors. A plane
-that is not whole vectors (14×14, 7×7) keeps the width tiles: a tail under a predicate is scalarized.
+The flat tile is `tile_oc` channels of one group (they share each input vector) × `tile_v` vectors.
 
 A pointwise conv whose plane is not whole vectors (ShuffleNet's 14×14 and 7×7: 196 and 49 of 16 lanes) has the
 flat tile too, over its plane padded to whole tiles (`plane_tail` in the workload, and `padded_plane`): the op's
 compute is then built over the padded plane (ir/ops/conv.py), its input copied into it first, and the epilogue
 writes the valid prefix of each plane, its last partial vector in a loop of its own. The width tiles' 14 or 7
 lanes are split by LLVM into 8 + 4 + 2 or 4 + 2 + 1 on every accumulator; padded, the 272-channel 14×14 conv
-ran at 0.80-0.89x and the 544-channel 7×7 one at 0.42-0.52x their width-tile time (Zen 5, the kernel alone,
+ran at 0.76-0.89x and the 544-channel 7×7 one at 0.38-0.52x their width-tile time (Zen 5, the kernel alone,
 per-round ratios), though padding adds 14% and 31% to their work. A predicated last vector instead (TVM's
 buffer-level predication) masked the accumulators too and ran 1.4-6x slower than the width tiles.
 
@@ -61,7 +60,8 @@ def workload(group: Group, info) -> Workload:
     tail = {"plane_tail": True} if pointwise and reduction > 1 and (oh * ow) % lanes else {}
     return Workload.of(f"{NAME}@{VERSION}", group, lanes=lanes, registers=info.vector_registers,
                        out_channels=oc, out_w=ow, groups=a.groups, padded=any(a.padding),
-                       reduction=reduction, pointwise=pointwise, plane=oh * ow, group_channels=oc // a.groups, **tail)
+                       reduction=reduction, pointwise=pointwise, plane=oh * ow, group_channels=oc // a.groups,
+                       **tail)
 
 
 def _tiles(n: int, upto: int) -> list[int]:

@@ -288,4 +288,5 @@ def test_a_padded_plane_reads_nothing_past_the_input():
     root = Path(__file__).resolve().parents[2]
     done = subprocess.run([sys.executable, "-c", GUARDED_RUN], capture_output=True, text=True, cwd=root,
                           timeout=300)
-    assert done.returncode == 0 and "ok direct_flat(plane=15->16" in done.stdout, (done.returncode, done.stderr[-2000:])
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert "ok direct_flat(plane=15->16" in done.stdout, done.stdout
