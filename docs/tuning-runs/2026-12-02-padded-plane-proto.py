@@ -1,15 +1,15 @@
-"""Prototype, not kept: ShuffleNet's grouped 1x1 convs at 14x14 and 7x7 with the plane padded to whole vectors.
+"""The measurement behind conv2d_direct's padded planes: ShuffleNet's grouped 1x1 convs at 14x14 and 7x7, and
+the same convs on a plane of whole vectors (the op itself padded: 14x16, 8x8).
 
-At 14x14 and 7x7 the plane (196, 49) is not a multiple of AVX-512's 16 lanes, so conv2d_direct (NCHW) falls back
-to width tiles of 14 or 7 lanes, which LLVM splits into 8 + 4 + 2 or 4 + 2 + 1 pieces on every accumulator. The
-same conv on a plane padded to whole vectors (14x16 = 224, 8x8 = 64) takes the flat tile. This times both, the
-kernel alone (warm, TVM's pool, 2 threads), in interleaved rounds:
+At 14x14 and 7x7 the plane (196, 49) is not a multiple of AVX-512's 16 lanes, so conv2d_direct (NCHW) used
+width tiles of 14 or 7 lanes, which LLVM splits into 8 + 4 + 2 or 4 + 2 + 1 pieces on every accumulator. This
+times both, the kernel alone (warm, TVM's pool, 2 threads), in interleaved rounds:
 
     python docs/tuning-runs/2026-12-02-padded-plane-proto.py
 
-What a change would need (docs/tuning.md, 2026-12-02 evening): the padding inside the conv's own compute (TVM's
-`pad_einsum` refuses the grouped conv's compound channel index, and a predicated tail — buffer-level predication
-— masks the accumulators too and ran 1.4-6x slower), or a layout whose planes are padded between kernels.
+Since it was written the template builds such convs over a padded plane itself (schedules/x86/conv2d_direct.py,
+`padded_plane`), so "default" below is that now; the width tiles are asked for by config in docs/tuning.md's
+A/Bs.
 """
 import os
 
@@ -43,9 +43,10 @@ def kernel(c, groups, h, w, cfg=None):
 
 
 cases = {
-    "272ch 14x14 (default: width tiles)": kernel(272, 4, 14, 14),
+    "272ch 14x14 (width tiles)": kernel(272, 4, 14, 14, {"direct": True, "tile_oc": 4, "tile_ow": 14,
+                                                                "oc_inner": True}),
     "272ch 14x16 (padded: flat tile)": kernel(272, 4, 14, 16),
-    "544ch 7x7 (default: width tiles)": kernel(544, 4, 7, 7),
+    "544ch 7x7 (width tiles)": kernel(544, 4, 7, 7, {"direct": True, "tile_oc": 8, "tile_ow": 7, "oc_inner": True}),
     "544ch 8x8 (padded: flat tile)": kernel(544, 4, 8, 8),
     "544ch 8x8 (padded: flat oc=2 v=4)": kernel(544, 4, 8, 8, {"direct": True, "flat": True, "tile_oc": 2,
                                                                  "tile_v": 4, "oc_inner": True}),
