@@ -207,10 +207,13 @@ def _order_tag(cfg: Config) -> str:
     return ",oc_inner" if cfg.get("oc_inner") else ""
 
 
+def _conv_name(wl: Workload) -> str:
+    return "conv2d_nchw" if wl["groups"] == 1 else "group_conv2d_nchw"  # topi's block names (and ir/ops/conv.py's)
+
+
 def _prepare(sch, wl: Workload):
     """Every block but the conv inlined; NCHW padding (4-D: n and c run in parallel) materialized once."""
-    conv_name = "conv2d_nchw" if wl["groups"] == 1 else "group_conv2d_nchw"  # topi's block names
-    return prepare(sch, conv_name, pad_names=("pad_temp",) if wl["padded"] else (), parallel_loops=2)
+    return prepare(sch, _conv_name(wl), pad_names=("pad_temp",) if wl["padded"] else (), parallel_loops=2)
 
 
 def _prepare_local(sch, wl: Workload):
@@ -285,12 +288,11 @@ def _schedule_flat_padded(sch, wl: Workload, cfg: Config) -> list[str]:
     """The conv built over a padded plane (`padded_plane`): the input copied into it, then the flat tiles over
     the whole padded plane (no tail), then the epilogue over the valid prefix of each plane, its whole vectors
     apart from its last, partial one."""
-    conv_name = "conv2d_nchw" if wl["groups"] == 1 else "group_conv2d_nchw"
     root = sch.get_sblock("root")
     for b in sch.get_child_blocks(root)[:-1]:
-        if sch.get(b).name_hint not in ("pad_temp", conv_name):
+        if sch.get(b).name_hint not in ("pad_temp", _conv_name(wl)):
             sch.compute_inline(b)  # plane_trim and the epilogue, into the output block
-    pad, conv = sch.get_sblock("pad_temp"), sch.get_sblock(conv_name)
+    pad, conv = sch.get_sblock("pad_temp"), sch.get_sblock(_conv_name(wl))
     out = sch.get_child_blocks(root)[-1]
     lanes, plane = wl["lanes"], wl["plane"]
     whole = plane // lanes * lanes
