@@ -311,7 +311,7 @@ class Model:
         if self._small_outputs:  # the common case: the outputs are copied out of the context
             ctx = self._acquire()
             try:
-                run_kernels(lambda: self._execute(ctx, checked, None), self.num_threads, self._parallel)
+                self._launch(ctx, checked, None)
                 return [o.copy() for o in ctx.outputs]
             finally:
                 self._release(ctx)
@@ -350,7 +350,7 @@ class Model:
     def _run_into(self, outs: list[np.ndarray], checked: list[np.ndarray]) -> list[np.ndarray]:
         ctx = self._acquire()
         try:
-            run_kernels(lambda: self._execute(ctx, checked, outs), self.num_threads, self._parallel)
+            self._launch(ctx, checked, outs)
             for k, (o, mine) in enumerate(zip(outs, ctx.outputs)):
                 if ctx.out_bound[k] == ctx.out_at[k]:
                     np.copyto(o, mine)
@@ -371,6 +371,10 @@ class Model:
             return fn(ctx, device_inputs(self.inputs, args, named, ctx.stream, check_inputs))
         finally:
             self._release(ctx)
+
+    def _launch(self, ctx: _Context, checked: list[np.ndarray], outs: list[np.ndarray] | None) -> None:
+        """`_execute` on the thread and pool the model's runs use (runtime/threads.py)."""
+        run_kernels(lambda: self._execute(ctx, checked, outs), self.num_threads, self._parallel)
 
     def _execute(self, ctx: _Context, checked: list[np.ndarray], outs: list[np.ndarray] | None) -> None:
         if self._entry is None:

@@ -88,18 +88,24 @@ def _grouped(wl: Workload) -> bool:
     return wl["groups"] > 1
 
 
-def _flat_space(wl: Workload) -> list[Space]:
-    """One branch per channel tile (a group's channels, which share each input vector), with the vector counts
-    whose accumulators fit beside the input vectors and the broadcast weight; a grouped conv's either order."""
-    vectors = _flat_vectors(wl)
+def _flat_branches(wl: Workload, vectors: list[int], orders: dict) -> list[Space]:
+    """One branch per channel tile (a group's channels, which share each input vector), with those of `vectors`
+    whose accumulators fit beside the input vectors and the broadcast weight; `orders` the channel-tile orders."""
     budget = wl["registers"] - 4
-    orders = [False, True] if _grouped(wl) else [False]
     branches = []
-    for oc in divisors(wl["group_channels"], 8) if vectors else []:
-        tile_v = [v for v in divisors(vectors, 8) if 1 < oc * v <= budget]
+    for oc in divisors(wl["group_channels"], 8):
+        tile_v = [v for v in vectors if 1 < oc * v <= budget]
         if tile_v:
-            branches.append(Space.of(direct=True, flat=True, tile_oc=[oc], tile_v=tile_v, oc_inner=orders))
+            branches.append(Space.of(direct=True, flat=True, tile_oc=[oc], tile_v=tile_v, **orders))
     return branches
+
+
+def _flat_space(wl: Workload) -> list[Space]:
+    """The flat tiles of a plane of whole vectors; a grouped conv's channel tiles in either order."""
+    vectors = _flat_vectors(wl)
+    if not vectors:
+        return []
+    return _flat_branches(wl, divisors(vectors, 8), {"oc_inner": [False, True] if _grouped(wl) else [False]})
 
 
 MAX_PLANE_PADDING = 1 / 3  # at most this much work added by padding the plane to whole tiles
@@ -116,19 +122,12 @@ def padded_plane(wl: Workload, cfg: Config) -> int:
 
 def _padded_space(wl: Workload) -> list[Space]:
     """The flat tiles of a plane with a tail, over the plane padded to whole tiles (at most MAX_PLANE_PADDING
-    more work); one branch per channel tile, as `_flat_space`."""
+    more work)."""
     if not wl.get("plane_tail"):
         return []
-    budget = wl["registers"] - 4
-    orders = {"oc_inner": [False, True]} if _grouped(wl) else {}
     most = wl["plane"] * (1 + MAX_PLANE_PADDING)
-    branches = []
-    for oc in divisors(wl["group_channels"], 8):
-        tile_v = [v for v in range(1, 9) if 1 < oc * v <= budget
-                  and padded_plane(wl, {"flat": True, "tile_v": v}) <= most]
-        if tile_v:
-            branches.append(Space.of(direct=True, flat=True, tile_oc=[oc], tile_v=tile_v, **orders))
-    return branches
+    vectors = [v for v in range(1, 9) if padded_plane(wl, {"flat": True, "tile_v": v}) <= most]
+    return _flat_branches(wl, vectors, {"oc_inner": [False, True]} if _grouped(wl) else {})
 
 
 def _width_space(wl: Workload) -> list[Space]:
