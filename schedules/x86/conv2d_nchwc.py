@@ -74,13 +74,16 @@ def default(
     budget = regs if block is not None and block < lanes else min(regs, 21)
     # a prime width (SqueezeNet's 13): a guarded partial tile of a 1x1 conv beats 13 columns × 1 block (its
     # 1000-class 512→1008 conv 1.35 → 0.81 ms, the model 4.84 → 4.47 ms); under a kh × kw window the guard costs
-    # more than it saves (an AlexNet 13-wide conv 2.1 → 3.7 ms); 7 × 1 was not measured
-    partial = pointwise and out_w >= 11 and not [d for d in divisors(out_w) if 4 <= d < out_w]
+    # more than it saves (an AlexNet 13-wide conv 2.1 → 3.7 ms); 7 × 1 was not measured. Four columns × as many
+    # blocks as fit: 8 × 2 (tails of 5 of 8 columns) ran 1.3-1.6× slower than 4 × 4 on its 13×13 convs (Zen 5,
+    # 2026-12-03: 64→256 24.2 → 15.3 µs, 512→64 39.2 → 28.5, 384→64 33.5 → 24.8; ORT 22.2, 36.9, 36.2)
+    if pointwise and out_w >= 11 and not [d for d in divisors(out_w) if 4 <= d < out_w]:
+        tile_oc = max(d for d in divisors(oc_blocks, 4) if 4 * d <= budget or d == 1)
+        if tile_oc > 1:  # one block: the wide partial tile below
+            return Config(tile_ow=4, tile_oc=tile_oc)
     for toc in (3, 2):
         if oc_blocks % toc == 0:
             fits = [d for d in divisors(out_w, budget // toc) if d >= 4]
-            if not fits and partial and out_w > budget // toc:
-                fits = [t for t in (4, 8, 12, 16) if t <= budget // toc]
             if fits:
                 return Config(tile_ow=max(fits), tile_oc=toc)
     tile_ow = max(divisors(out_w, regs))
