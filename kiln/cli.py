@@ -572,9 +572,10 @@ def tune(
                             on_round=lambda e: live.update(_tune_table(e)), timing=timing, only=tuple(task or ()))
     out.print(_tune_summary(result))
     if result.kept:
-        out.print(f"whole model: default {result.default_ms:.3f} ms, tuned {result.tuned_ms:.3f} ms "
+        before = "default" if result.baseline == "default" else "before (the log's configs)"
+        out.print(f"whole model: {before} {result.default_ms:.3f} ms, tuned {result.tuned_ms:.3f} ms "
                   f"({result.default_ms / result.tuned_ms:.2f}x, faster in {result.rounds_won[0]} of "
-                  f"{result.rounds_won[1]} rounds); kept {result.kept}"
+                  f"{result.rounds_won[1]} rounds); kept {'tuned' if result.kept == 'tuned' else before}"
                   + (f" → {output}" if output else ""), soft_wrap=True)
     for p in result.curves:
         out.print(f"curve: {p}", soft_wrap=True)

@@ -41,6 +41,7 @@ class ModelTuneResult:
     default_ms: float = math.nan  # whole model, default configs
     tuned_ms: float = math.nan  # whole model, the log's best configs
     kept: str = ""  # "tuned" or "default": what was written to `output`
+    baseline: str = "default"  # what "default" was: the template defaults, or (a --task run) "the log before"
     rounds_won: tuple[int, int] = (0, 0)  # interleaved rounds in which the tuned model was faster, of all
     curves: list[Path] = field(default_factory=list)
 
@@ -66,6 +67,11 @@ def tune_model(model, log_path: str | Path, tune_options: TuneOptions | None = N
         if not tasks:
             raise KilnError(f"no task's workload key contains any of {list(only)}")
     local = runner is None or isinstance(runner, LocalRunner)  # a remote device's model is not timed here
+    # a --task run asks whether its tasks' new configs beat what the log gave them, with the rest of the model
+    # as the log has it: against the template defaults everywhere, ShuffleNet's other tuned tasks (1.17x) would
+    # carry any config of the searched one through the end-to-end A/B
+    prior = (best_configs(read_records([log_path], resolve_target(options.target)))
+             if only and Path(log_path).exists() else None)
     with tempfile.TemporaryDirectory(prefix="kiln-tune-") as tmp:
         plain = None
         if local:
@@ -76,7 +82,7 @@ def tune_model(model, log_path: str | Path, tune_options: TuneOptions | None = N
         if plot_dir is not None:
             result.curves = plot_curves(result.tune, Path(plot_dir), Path(log_path).name.removesuffix(".jsonl"))
         if plain is not None:
-            _end_to_end(proto, plain, log_path, options, result, output, repeat, Path(tmp))
+            _end_to_end(proto, plain, log_path, options, result, output, repeat, Path(tmp), prior)
     return result
 
 
@@ -85,12 +91,19 @@ def _untuned(options: Options) -> Options:
 
 
 def _end_to_end(proto, plain: Path, log_path, options: Options, result: ModelTuneResult, output, repeat: int,
-                tmp: Path) -> None:
-    """Compile with the log's best configs, time it and the default interleaved, keep the faster."""
+                tmp: Path, prior: dict | None = None) -> None:
+    """Compile with the log's best configs, time it and the default interleaved, keep the faster. With `prior`
+    (a --task run on a log: the configs the log applied before it), the default is the model built with those,
+    and the tuned one differs from it only in the searched tasks."""
     from kiln.zoo import feeds as random_feeds
 
     target = resolve_target(options.target)
     tuned_configs = best_configs(read_records([log_path], target), decisions=False)
+    if prior is not None:
+        searched = {s.task.key for s in result.tune.states}
+        tuned_configs = {**prior, **{k: c for k, c in tuned_configs.items() if k in searched}}
+        plain = kiln.compile(proto, tmp / "before.so", Options(**{**vars(_untuned(options)), "configs": prior})).path
+        result.baseline = "the log before this run"
     tuned = kiln.compile(proto, tmp / "tuned.so", Options(**{**vars(options), "configs": tuned_configs})).path
     models = {"default": kiln.load(plain), "tuned": kiln.load(tuned)}
     # the shapes the artifact was built for: a symbolic dim bound by --input-shape is not in the proto
@@ -110,22 +123,26 @@ def _end_to_end(proto, plain: Path, log_path, options: Options, result: ModelTun
         log.warning("the tuned model (%.3f ms, faster in %d of %d rounds) is not reliably faster than the default "
                     "(%.3f ms) end to end: the default is kept", result.tuned_ms, wins, END_TO_END_ROUNDS,
                     result.default_ms)
-    _record_decision(log_path, result, tuned_configs)
+    _record_decision(log_path, result, tuned_configs, prior or {})
     if output is not None:
         src = tuned if result.kept == "tuned" else plain
         Path(output).write_bytes(Path(src).read_bytes())
 
 
-def _record_decision(log_path, result: ModelTuneResult, tuned_configs: dict) -> None:
-    """One record per task of the config the end-to-end A/B kept (the default's when it kept the default), so
-    that `kiln compile --tuning-log` (and a shipped log) applies what the A/B chose, not each kernel's lone
-    best. Marked `replay: skip`: a resumed search does not count it as a trial."""
+def _record_decision(log_path, result: ModelTuneResult, tuned_configs: dict, prior: dict) -> None:
+    """One record per task of the config the end-to-end A/B kept (the default's when it kept the default; in a
+    --task run, what the log gave the task before), so that `kiln compile --tuning-log` (and a shipped log)
+    applies what the A/B chose, not each kernel's lone best. Marked `replay: skip`: a resumed search does not
+    count it as a trial."""
     writer = RecordWriter(log_path)
     try:
         for s in result.tune.states:
             default = s.task.default()
-            config = tuned_configs.get(s.task.key, default) if result.kept == "tuned" else default
-            cost = s.best_cost_s if config_id(config) != config_id(default) else s.default_cost_s
+            before = prior.get(s.task.key, default)
+            config = tuned_configs.get(s.task.key, default) if result.kept == "tuned" else before
+            cost = (s.default_cost_s if config_id(config) == config_id(default) else
+                    s.best_cost_s if s.best_config is not None and config_id(config) == config_id(s.best_config)
+                    else math.nan)  # the log's earlier config, not timed in this run's A/B
             writer.write(Record.measured(s.task.template, s.task.workload, s.task.target, config,
                                          [cost] if math.isfinite(cost) else [], None,
                                          end_to_end=result.kept, replay="skip", default_ms=round(result.default_ms, 4),

@@ -4,6 +4,8 @@ position of its task, on the model's buffers where it shares their shapes, with 
 from __future__ import annotations
 
 import math
+import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -110,12 +112,14 @@ def test_a_candidate_in_the_model_costs_what_its_kernel_costs_not_a_pool_handove
         assert ctx.model._parallel is None  # the model's kernels on TVM's pool, as the candidate's are
         model_args = ctx.steps[ctx.positions[task.key][0]][1]
         # the handover added ~1 ms to every timing; another process spinning its pool on the same 2 cores (a
-        # second pytest worker) can add that to one attempt, never to all of them
+        # second pytest worker's tuning A/B, seconds long: 4 ms timings in all of 5 attempts back to back) can
+        # slow a stretch of attempts, never all of them spread over several seconds
         medians = []
-        for _ in range(5):
+        for _ in range(10):
             medians.append(float(np.median(ctx.time(task.key, lib[ENTRY], list(model_args), repeat=7))))
             if medians[-1] < 0.6e-3:
                 break
+            time.sleep(0.5)
     assert min(medians) < 0.6e-3, medians
 
 
@@ -192,3 +196,41 @@ def test_tune_model_only_searches_the_named_tasks_and_keeps_the_others_from_the_
     assert {r.key for r in read_records([log], conv3.target)} == {conv3.key}
     with pytest.raises(kiln.errors.KilnError, match="no task's workload key"):
         tune_model(three_convs(), log, TuneOptions(trials=1), Options(target=TARGET), only=("nothing-like-it",))
+
+
+def test_a_task_run_is_judged_against_the_log_it_resumed(tmp_path, monkeypatch):
+    """`kiln tune --task KEY` on a log that already applies tuned configs: the end-to-end A/B builds the model as
+    the log has it (its other tasks included) against the same with the searched task's new best, and keeping
+    the "default" keeps what the log gave that task, not the template's default. Against the template defaults
+    everywhere, the log's other tuned tasks would carry any config of the searched one."""
+    import kiln.tuning
+    from kiln.autotune.records import Record, RecordWriter
+
+    tasks = model_tasks(three_convs(), Options(target=TARGET))
+    conv3 = next(t for t in tasks if t.count == 2)
+    other = next(t for t in tasks if t.key != conv3.key and len(t.space()) > 1)
+    pick = {t.key: next(c for c in t.space() if c != t.default()) for t in (conv3, other)}
+    log = tmp_path / "log.jsonl"
+    writer = RecordWriter(log)
+    for t in (conv3, other):
+        writer.write(Record.measured(t.template, t.workload, t.target, pick[t.key], [1e-3], None,
+                                     end_to_end="tuned", replay="skip"))
+    writer.close()
+    built: dict[str, dict] = {}
+    real = kiln.compile
+
+    def spy(proto, out, options=None, *args, **kw):
+        built[Path(out).name] = dict(options.configs) if options is not None else {}
+        return real(proto, out, options, *args, **kw)
+
+    monkeypatch.setattr(kiln, "compile", spy)
+    monkeypatch.setattr(kiln.tuning, "keep_tuned", lambda default, tuned, rounds: ("default", 0))
+    result = tune_model(three_convs(), log, TuneOptions(trials=3, tuner="random", batch=1, verify_rounds=0),
+                        Options(target=TARGET), repeat=3, only=(conv3.key.split(":")[1],))
+    assert result.baseline != "default"
+    assert built["before.so"] == pick
+    assert built["tuned.so"][other.key] == pick[other.key]  # the task not searched, as the log has it
+    records = read_records([log], conv3.target)
+    decided = [r for r in records if r.extra.get("end_to_end") and r.key == conv3.key]
+    assert decided[-1].config == pick[conv3.key]  # kept: what the log gave it, not the template default
+    assert best_configs(records) == pick
