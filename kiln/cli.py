@@ -533,6 +533,8 @@ def tune(
                                   "of that build are tuned"),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="--precision int8: a table or sample "
                                                "inputs (see kiln compile)"),
+    ab_rounds: int = typer.Option(7, "--ab-rounds", help="alternating rounds of the end-to-end A/B; the tuned "
+                                  "model must win 5 in 7 of them (more rounds tell a smaller gain from noise)"),
 ) -> None:
     """Autotune a model's kernels: search each task's knob space, measure here or on a device over TVM RPC, log
     every measurement; `kiln compile --tuning-log` applies the log."""
@@ -569,7 +571,8 @@ def tune(
     err.print(f"tuning {model} for {options.target} on {cpu_name()}; log {log_path}", soft_wrap=True)
     with Live(Table(), console=err, refresh_per_second=2, transient=False) as live:
         result = tune_model(z.resolve(model), log_path, opts, options, runner=runner, output=output, plot_dir=plot,
-                            on_round=lambda e: live.update(_tune_table(e)), timing=timing, only=tuple(task or ()))
+                            on_round=lambda e: live.update(_tune_table(e)), timing=timing, only=tuple(task or ()),
+                            ab_rounds=ab_rounds)
     out.print(_tune_summary(result))
     if result.kept:
         before = "default" if result.baseline == "default" else "before (the log's configs)"

@@ -49,15 +49,18 @@ class ModelTuneResult:
 def tune_model(model, log_path: str | Path, tune_options: TuneOptions | None = None, options: Options | None = None,
                *, runner=None, output: str | Path | None = None, plot_dir: str | Path | None = None,
                on_round: Callable[[TuneEvent], None] | None = None, repeat: int = 20,
-               timing: str = "model", only: Sequence[str] = ()) -> ModelTuneResult:
+               timing: str = "model", only: Sequence[str] = (), ab_rounds: int = END_TO_END_ROUNDS) -> ModelTuneResult:
     """`timing="model"` (local runs): candidates are timed inside the model compiled with the default configs
     (autotune/context.py); `"alone"`: each kernel alone, caches flushed. A given `runner` is used as it is.
     `only`: tune just the tasks whose workload key contains one of these strings (a template whose space grew
-    re-searched without re-searching the rest); the others keep what the log says, in the end-to-end A/B too."""
+    re-searched without re-searching the rest); the others keep what the log says, in the end-to-end A/B too.
+    `ab_rounds`: rounds of that A/B (the tuned model must win ROUNDS_TO_KEEP in END_TO_END_ROUNDS of them)."""
     import onnx
 
     if timing not in ("model", "alone"):
         raise KilnError(f"timing {timing!r}: expected 'model' or 'alone'")
+    if ab_rounds < 3:
+        raise KilnError(f"ab_rounds {ab_rounds}: the end-to-end A/B needs at least 3 rounds")
     options = options or Options()
     tune_options = tune_options or TuneOptions()
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load(model)
@@ -82,7 +85,7 @@ def tune_model(model, log_path: str | Path, tune_options: TuneOptions | None = N
         if plot_dir is not None:
             result.curves = plot_curves(result.tune, Path(plot_dir), Path(log_path).name.removesuffix(".jsonl"))
         if plain is not None:
-            _end_to_end(proto, plain, log_path, options, result, output, repeat, Path(tmp), prior)
+            _end_to_end(proto, plain, log_path, options, result, output, repeat, Path(tmp), prior, ab_rounds)
     return result
 
 
@@ -91,7 +94,7 @@ def _untuned(options: Options) -> Options:
 
 
 def _end_to_end(proto, plain: Path, log_path, options: Options, result: ModelTuneResult, output, repeat: int,
-                tmp: Path, prior: dict | None = None) -> None:
+                tmp: Path, prior: dict | None = None, rounds: int = END_TO_END_ROUNDS) -> None:
     """Compile with the log's best configs, time it and the default interleaved, keep the faster. With `prior`
     (a --task run on a log: the configs the log applied before it), the default is the model built with those,
     and the tuned one differs from it only in the searched tasks."""
@@ -114,14 +117,14 @@ def _end_to_end(proto, plain: Path, log_path, options: Options, result: ModelTun
         np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-3, err_msg="the tuned model's outputs differ")
     per_block = runs_per_block(lambda: models["default"].run(**feeds), repeat // END_TO_END_ROUNDS, BLOCK_S)
     times = interleaved_ms({name: (lambda m=m: m.run(**feeds)) for name, m in models.items()},
-                           per_block, rounds=END_TO_END_ROUNDS, warmup=1, pause_s=PAUSE_S)
+                           per_block, rounds=rounds, warmup=1, pause_s=PAUSE_S)
     result.default_ms = float(np.median(times["default"]))
     result.tuned_ms = float(np.median(times["tuned"]))
-    result.kept, wins = keep_tuned(times["default"], times["tuned"], END_TO_END_ROUNDS)
-    result.rounds_won = (wins, END_TO_END_ROUNDS)
+    result.kept, wins = keep_tuned(times["default"], times["tuned"], rounds)
+    result.rounds_won = (wins, rounds)
     if result.kept == "default":
         log.warning("the tuned model (%.3f ms, faster in %d of %d rounds) is not reliably faster than the default "
-                    "(%.3f ms) end to end: the default is kept", result.tuned_ms, wins, END_TO_END_ROUNDS,
+                    "(%.3f ms) end to end: the default is kept", result.tuned_ms, wins, rounds,
                     result.default_ms)
     _record_decision(log_path, result, tuned_configs, prior or {})
     if output is not None:

@@ -155,6 +155,10 @@ def test_the_tuned_model_is_kept_only_when_it_wins_most_paired_rounds():
     assert keep_tuned(default, steady, 7) == ("tuned", 6)
     slower = np.repeat([10.5] * 7, 3)
     assert keep_tuned(default, slower, 7) == ("default", 0)
+    # `kiln tune --ab-rounds 21`: the same share of rounds, 15 of 21 (a sign test's p = 0.04 by chance)
+    base = np.repeat([10.0] * 21, 2)
+    assert keep_tuned(base, np.repeat([9.5] * 15 + [10.5] * 6, 2), 21) == ("tuned", 15)
+    assert keep_tuned(base, np.repeat([9.5] * 14 + [10.5] * 7, 2), 21) == ("default", 14)
 
 
 def test_ab_blocks_last_long_enough_to_outlast_a_noisy_moment():
