@@ -9,7 +9,6 @@ window, so there its NaNs must be a subset of Kiln's.
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
@@ -21,8 +20,8 @@ from onnx import TensorProto, helper
 
 import kiln
 from kiln.config import Options
+from tests.bench_scripts import load_bench
 
-ROOT = Path(__file__).resolve().parents[1]
 ort = pytest.importorskip("onnxruntime")
 
 IMAGE = (1, 16, 6, 6)
@@ -246,10 +245,7 @@ def test_small_cnn_with_a_poisoned_input_gives_nan_where_onnxruntime_does(poison
 
 
 def _sweep_module():
-    spec = importlib.util.spec_from_file_location("nan_propagation", ROOT / "bench" / "nan_propagation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("nan_propagation")
 
 
 @pytest.mark.slow

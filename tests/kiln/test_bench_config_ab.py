@@ -4,9 +4,7 @@ model must be refused by name."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import onnx
 import pytest
@@ -18,16 +16,12 @@ from kiln.config import Options
 from kiln.driver import model_tasks
 from kiln.errors import KilnError
 from tests.autotune.test_context import three_convs
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench_scripts import load_bench
 
 
 @pytest.fixture(scope="module")
 def config_ab():
-    spec = importlib.util.spec_from_file_location("bench_config_ab", ROOT / "bench" / "config_ab.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("config_ab")
 
 
 def test_a_win_is_recorded_as_a_decision_that_compile_applies(config_ab, tmp_path, monkeypatch):

@@ -3,21 +3,14 @@ arithmetic on a made-up profile, where the right answer is known."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench_scripts import load_bench
 
 
 @pytest.fixture(scope="module")
 def nodes():
-    spec = importlib.util.spec_from_file_location("bench_nodes", ROOT / "bench" / "nodes.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("nodes")
 
 
 VALUES = [

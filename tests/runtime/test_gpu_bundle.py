@@ -4,7 +4,6 @@ load for want of a driver (not for any other reason), and weights rebuilt withou
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -14,16 +13,14 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from tests.bench_scripts import load_bench
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="CUDA artifacts need nvcc to build")
 
 
 def _bench(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench(name)
 
 
 def _build(out: Path, models: list[str], budget: int, wheel_dir: Path, tune: tuple[str, ...] = (),

@@ -313,12 +313,9 @@ def test_dense_tiled_space_is_unchanged_for_float16_it_still_takes():
 def test_gpu_gemm_bench_builds_a_bundle_the_gpu_side_can_read(tmp_path):
     """bench/gpu_gemm.py --build: a library and PTX per point and a manifest; the GPU side's compile callback
     answers the library's CUDA source with that PTX (no compiler there)."""
-    import importlib.util
-    from pathlib import Path
+    from tests.bench_scripts import load_bench
 
-    spec = importlib.util.spec_from_file_location("gpu_gemm", Path(__file__).parents[2] / "bench" / "gpu_gemm.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("gpu_gemm")
     manifest = bench.build(tmp_path, SM90, bench.POINTS[:1])
     (point,) = manifest["points"]
     assert point["config"] == dense_tensorcore.default(task_of(_dense(4096, 4096, 4096, "float16", False),
