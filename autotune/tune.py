@@ -298,7 +298,8 @@ def _verify(s: TaskState, builder, runner: Runner, writer: RecordWriter, options
     # that timed 0.147 ms the next day beside an F(2x2) at 0.096 ms. The old winner meets the new bests here
     # instead, all timed in the same batch.
     contenders = [default, *_contenders(s, options.verify_top, s.best_config)]
-    fresh = {config_id(c) for c, _ in _fresh_by_cost(s)} - {config_id(default)}
+    ranked = _fresh_by_cost(s)  # the A/Bs time again, they do not add to the search's measurements
+    fresh = {config_id(c) for c, _ in ranked} - {config_id(default)}
     put: set[str] = set()
     verified = False
     for _ in range(max(1, options.verify_batches)):
@@ -308,7 +309,7 @@ def _verify(s: TaskState, builder, runner: Runner, writer: RecordWriter, options
         put |= {config_id(c) for c in contenders}
         if s.verified in fresh:  # a config this run found won
             break
-        more = [c for c, cost in _fresh_by_cost(s)
+        more = [c for c, cost in ranked
                 if config_id(c) not in put and config_id(c) not in s.failed and cost < s.best_cost_s]
         if not more:
             break

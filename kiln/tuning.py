@@ -38,7 +38,7 @@ BLOCK_S = 0.25  # each A/B block at least this long: ShuffleNet's tuned build lo
 @dataclass
 class ModelTuneResult:
     tune: TuneResult
-    default_ms: float = math.nan  # whole model, default configs
+    default_ms: float = math.nan  # whole model, default configs (a --task run: the log's configs before it)
     tuned_ms: float = math.nan  # whole model, the log's best configs
     kept: str = ""  # "tuned" or "default": what was written to `output`
     baseline: str = "default"  # what "default" was: the template defaults, or (a --task run) "the log before"
