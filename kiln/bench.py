@@ -125,7 +125,7 @@ def cpu_name() -> str:
 
 
 def compare_tuned(model: str, target: str = "native", repeat: int = 20, threads: int = 2,
-                  tuning_logs: tuple = ()) -> dict:
+                  tuning_logs: tuple = (), rounds: int = TUNED_ROUNDS) -> dict:
     """Kiln with default configs, Kiln tuned (the shipped logs for the target's CPU and `tuning_logs`) and ONNX
     Runtime on one model, timed in alternating blocks in one process."""
     import os
@@ -145,10 +145,10 @@ def compare_tuned(model: str, target: str = "native", repeat: int = 20, threads:
         runs = {name: (lambda m=m: m.run(**feeds)) for name, m in engines.items()}
         runs["onnxruntime"] = lambda: sess.run(None, feeds)
         got = {name: engines[name].run(**feeds) for name in engines}
-        per_block = runs_per_block(runs["onnxruntime"], max(3, -(-repeat // TUNED_ROUNDS)))
-        ms = interleaved_ms(runs, per_block, TUNED_ROUNDS, pause_s=PAUSE_S)
+        per_block = runs_per_block(runs["onnxruntime"], max(3, -(-repeat // rounds)))
+        ms = interleaved_ms(runs, per_block, rounds, pause_s=PAUSE_S)
     med = {name: float(np.median(v)) for name, v in ms.items()}
-    ratios = ratios_by_round(ms, TUNED_ROUNDS, "onnxruntime")
+    ratios = ratios_by_round(ms, rounds, "onnxruntime")
     match = all(np.allclose(g, w, rtol=1e-3, atol=1e-4) for name in got for g, w in zip(got[name], want))
     return {"model": model, "threads": threads, "match": match, "median_ms": med,
             "tuned_kernels": sum(1 for s in tuned.steps if s.get("config_source") == "given"),
@@ -156,4 +156,4 @@ def compare_tuned(model: str, target: str = "native", repeat: int = 20, threads:
             "tuned_ratio": float(np.median(ratios["tuned"])), "speedup": med["default"] / med["tuned"],
             "ratio_quartiles": {name: [float(np.percentile(r, 25)), float(np.percentile(r, 75))]
                                 for name, r in ratios.items()},
-            "runs_per_block": per_block, "rounds": TUNED_ROUNDS}
+            "runs_per_block": per_block, "rounds": rounds}
