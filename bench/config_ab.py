@@ -42,7 +42,6 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
 
     import kiln
-    from kiln import zoo
     from kiln.autotune.records import Record, RecordWriter, best_configs, read_records
     from kiln.bench import _reference, cpu_name
     from kiln.codegen.target import resolve_target
