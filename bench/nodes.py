@@ -14,6 +14,10 @@ drifts by 30-60% within minutes on a shared VM, which the per-round ratio cancel
 slows it (ResNet-50 on 2 cores: nodes summing to 26.1 ms in runs that take 22.8 ms unprofiled), so each
 round's node times are scaled by that round's unprofiled run over the profiled nodes' sum, which assumes the
 profiler's cost is proportional to a node's time; the totals line prints both.
+
+The totals line's per-round ratio is not the whole-model benchmark: on the Zen 5 VM of 2026-12-03 it read
+0.72-0.85 where `bench/tuned.py`, timing `run` against a single ONNX Runtime session, read 0.81-0.94 in the
+same hour (docs/tuning.md). Quote bench/tuned.py for whole-model ratios; this script is for the columns.
 """
 
 from __future__ import annotations
