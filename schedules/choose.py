@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .x86 import conv2d_nchwc
+from .x86 import conv2d_nchwc, winograd
 
 DIRECT, IM2COL, WINOGRAD2, WINOGRAD4, NCHW = "direct", "im2col", "winograd2", "winograd4", "nchw"
 ALGORITHMS = (DIRECT, IM2COL, WINOGRAD2, WINOGRAD4)
@@ -111,12 +111,16 @@ def estimate_ms(wl: ConvWorkload, algo: str, lanes: int = 16, cores: int = 2) ->
         v, mm = 4 * alpha * alpha * tiles * wl.c, 4 * alpha * alpha * tiles * wl.oc
         u = weights * alpha * alpha / 9  # the transformed weights: 1.8x (m=2) or 4x (m=4) the direct ones
         # the batched GEMM reduces over the input channels only: with few (SqueezeNet's 16) each register tile
-        # does a short reduction between its loads and stores (measured: 16 channels at 55x55 F(4x4) 0.277 ms
-        # against direct 0.179; 32 channels at 27x27 0.161 against 0.171)
+        # does a short reduction between its loads and stores (measured unfused: 16 channels at 55x55 F(4x4)
+        # 0.277 ms against direct 0.179; 32 channels at 27x27 0.161 against 0.171). The template's default runs
+        # the stages per row of tiles when U is small (winograd.default), and then V and M stay in L2 and never
+        # spill: counting their spills there had kept VGG-19's 64-channel 224x224 conv and DenseNet-121's six
+        # 128→32 convs at 56x56 on the direct conv, measured cold alone at 8.9 against 5.5 ms and 0.74 against
+        # 0.55 ms (Zen 5, 2 cores, 2026-12-03; over 51 3x3 shapes of nine models the choices cost 10.0 ms more
+        # than the fastest, 78 ms in all, and 5.5 ms after this)
+        spills = 0.0 if u <= winograd.FUSE_MAX_WEIGHT_BYTES else _spill(v) + _spill(mm)
         efficiency = 0.8 * wl.c / (wl.c + 24)
-        return _ms(gemm, efficiency, u + _spill(v) + _spill(mm), lanes, cores) + _ms(
-            transforms, 0.3, 0, lanes, cores
-        )
+        return _ms(gemm, efficiency, u + spills, lanes, cores) + _ms(transforms, 0.3, 0, lanes, cores)
     if algo == NCHW:
         return _ms(wl.flops, 0.3, weights, lanes, cores)
     raise ValueError(f"unknown conv algorithm {algo!r}")

@@ -46,3 +46,25 @@ def test_winograd_loses_with_few_input_channels():
     F(4x4) against 0.179 ms direct, while the 32-channel one still gained (0.161 against 0.171)."""
     assert choose(wl(16, 55, 64)).algorithm == "direct"
     assert choose(wl(32, 27, 128)).algorithm == "winograd4"
+
+
+def test_small_weights_run_fused_and_spill_nothing():
+    """Small transformed weights (≤ 1 MB) run the stages per row of tiles, so V and M never leave L2: VGG-19's
+    64-channel 224x224 conv and DenseNet-121's 128→32 convs at 56x56 gain (cold alone on Zen 5, 2026-12-03:
+    F(4x4) 5.5 against 8.9 ms direct, 0.55 against 0.74)."""
+    assert choose(wl(64, 224, 64)).algorithm == "winograd4"
+    assert choose(wl(128, 56, 32)).algorithm == "winograd4"
+
+
+def test_only_unfused_winograd_pays_for_spilled_intermediates(monkeypatch):
+    """Unfused (the default when U is over 1 MB), V and M make a round trip through memory once they outgrow
+    L2; run per row of tiles (U small), they stay in L2 and cost nothing beyond the arithmetic."""
+    from kiln.schedules.choose import BANDWIDTH_GBS
+    from kiln.schedules.x86 import winograd
+
+    small = wl(64, 112, 64)  # U of F(4x4) 590 KB: fused; V and M 7.2 MB each
+    tiles = (112 // 4) ** 2
+    spill_ms = 1e3 * 2 * 4 * 36 * tiles * (64 + 64) / (BANDWIDTH_GBS * 1e9)
+    fused = estimate_ms(small, "winograd4")
+    monkeypatch.setattr(winograd, "FUSE_MAX_WEIGHT_BYTES", 0)
+    assert estimate_ms(small, "winograd4") - fused == pytest.approx(spill_ms)
