@@ -119,7 +119,13 @@ def estimate_ms(wl: ConvWorkload, algo: str, lanes: int = 16, cores: int = 2) ->
         # 0.55 ms (Zen 5, 2 cores, 2026-12-03; over 51 3x3 shapes of nine models the choices cost 10.0 ms more
         # than the fastest, 78 ms in all, and 5.5 ms after this)
         spills = 0.0 if u <= winograd.FUSE_MAX_WEIGHT_BYTES else _spill(v) + _spill(mm)
-        efficiency = 0.8 * wl.c / (wl.c + 24)
+        # F(2x2)'s GEMM runs closer to the peak than F(4x4)'s at the same channels (VGG-19's 64→128 and 128→128
+        # convs at 112x112: F(2x2) fused 2.8 and 5.4 ms alone, F(4x4), its U over 1 MB so unfused, 4.8 and 7.8);
+        # output channels too few for the register tile's widest block (DenseNet's 32) reuse each broadcast
+        # input fewer times (its 128→32 convs at 14x14: direct 56 µs alone, F(2x2) 69)
+        cfg = winograd.default(tiles, lanes, m, max(1, wl.oc // lanes), weight_bytes=int(u))
+        widest = winograd.default(tiles, lanes, m, 4 * 3, weight_bytes=int(u)).tile_k
+        efficiency = (0.9 if m == 2 else 0.8) * wl.c / (wl.c + 24) * (1.0 if cfg.tile_k >= widest else 0.9)
         return _ms(gemm, efficiency, u + spills, lanes, cores) + _ms(transforms, 0.3, 0, lanes, cores)
     if algo == NCHW:
         return _ms(wl.flops, 0.3, weights, lanes, cores)

@@ -56,6 +56,14 @@ def test_small_weights_run_fused_and_spill_nothing():
     assert choose(wl(128, 56, 32)).algorithm == "winograd4"
 
 
+def test_f2x2_runs_nearer_the_peak_but_few_output_channels_reuse_less():
+    """VGG-19's 112x112 convs: F(2x2) fused 2.8 and 5.4 ms alone against F(4x4) unfused 4.8 and 7.8; DenseNet's
+    128→32 at 14x14 (two output blocks, a narrower register tile): direct 56 µs, F(2x2) 69 (Zen 5, 2026-12-03)."""
+    assert choose(wl(64, 112, 128)).algorithm == "winograd2"
+    assert choose(wl(128, 112, 128)).algorithm == "winograd2"
+    assert choose(wl(128, 14, 32)).algorithm == "direct"
+
+
 def test_only_unfused_winograd_pays_for_spilled_intermediates(monkeypatch):
     """Unfused (the default when U is over 1 MB), V and M make a round trip through memory once they outgrow
     L2; run per row of tiles (U small), they stay in L2 and cost nothing beyond the arithmetic."""
