@@ -124,7 +124,7 @@ def estimate_ms(wl: ConvWorkload, algo: str, lanes: int = 16, cores: int = 2) ->
         # output channels too few for the register tile's widest block (DenseNet's 32) reuse each broadcast
         # input fewer times (its 128→32 convs at 14x14: direct 56 µs alone, F(2x2) 69)
         cfg = winograd.default(tiles, lanes, m, max(1, wl.oc // lanes), weight_bytes=int(u))
-        widest = winograd.default(tiles, lanes, m, 4 * 3, weight_bytes=int(u)).tile_k
+        widest = winograd.default(tiles, lanes, m, 4, weight_bytes=int(u)).tile_k  # 4 blocks: any tile_k fits
         efficiency = (0.9 if m == 2 else 0.8) * wl.c / (wl.c + 24) * (1.0 if cfg.tile_k >= widest else 0.9)
         return _ms(gemm, efficiency, u + spills, lanes, cores) + _ms(transforms, 0.3, 0, lanes, cores)
     if algo == NCHW:

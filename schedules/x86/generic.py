@@ -85,13 +85,13 @@ def _transposed_axis(sch, block, lanes: int) -> int | None:
         region = read.region
         if len(region) < 2 or not all(_is_one(r.extent) for r in region):
             continue
-        if any(v.same_as(inner) for v in undefined_vars(region[-1].min)):
+        last = undefined_vars(region[-1].min)
+        if any(v.same_as(inner) for v in last):
             continue
-        strided = any(v.same_as(inner) for r in region[:-1] for v in undefined_vars(r.min))
-        if not strided:
+        if not any(v.same_as(inner) for r in region[:-1] for v in undefined_vars(r.min)):
             continue
         contiguous = [i for i, v in enumerate(ivs[:-1]) if extents[i] % lanes == 0
-                      and any(u.same_as(v) for u in undefined_vars(region[-1].min))]
+                      and any(u.same_as(v) for u in last)]
         if contiguous:
             return contiguous[-1]
     return None
