@@ -45,7 +45,7 @@ def schedule(sch, dw_block, row_block, conv_block, out_block, cfg: Config) -> li
     pw = cfg.pointwise
     if sch.get(out_block).same_as(sch.get(conv_block)):
         out_block = sch.cache_write(conv_block, 0, "global")
-    sch.set_scope(conv_block, 0, "local")
+    sch.set_scope(conv_block, 0, "global")  # on the stack when under 1 KB: see conv2d_nchwc.schedule
     n, oc, oh, ow, ob, *reduce = sch.get_loops(conv_block)
     oco, oci = sch.split(oc, factors=[None, pw.tile_oc])
     owo, owi = sch.split(ow, factors=[None, pw.tile_ow])
