@@ -6,21 +6,19 @@ host, and the outputs are checked against NumPy."""
 import numpy as np
 import pytest
 from kiln.autotune import measure
+from kiln.codegen.lower import lower_group
 from kiln.codegen.target import resolve_target
 from kiln.schedules.choose import ConvWorkload
 
 WORKSPACE_CALL = "load ptr, ptr @__TVMBackendAllocWorkspace"
 
 
-def _built(c, h, oc, preset, block):
-    import tvm
-
+def _lowered(c, h, oc, preset, block):
+    """(the fused 1x1 conv + bias + relu group, its lowered kernel, the target)."""
     wl = ConvWorkload(1, c, h, h, oc, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1))
     target = resolve_target(preset)
     group = measure.conv_group(measure.conv_module(wl, "direct", block))
-    lowered = measure.lower_group(group.op, "conv", target, None)
-    mod = tvm.IRModule({"conv": lowered.prim_func})
-    return group, lowered, target, tvm.tirx.build(mod, target=target).inspect_source("ll")
+    return group, lower_group(group.op, "conv", target, None), target
 
 
 @pytest.mark.parametrize("preset, block, tile_bytes", [
@@ -28,7 +26,10 @@ def _built(c, h, oc, preset, block):
     ("x86-avx2", 8, 7 * 1 * 32),
 ])
 def test_a_small_tile_has_no_workspace_call(preset, block, tile_bytes):
-    _, lowered, _, ll = _built(512, 7, 2048, preset, block)
+    import tvm
+
+    _, lowered, target = _lowered(512, 7, 2048, preset, block)
+    ll = tvm.tirx.build(tvm.IRModule({"conv": lowered.prim_func}), target=target).inspect_source("ll")
     cfg = lowered.config
     assert cfg["tile_ow"] * cfg["tile_oc"] * block * 4 == tile_bytes < 1024
     assert WORKSPACE_CALL not in ll
@@ -37,7 +38,7 @@ def test_a_small_tile_has_no_workspace_call(preset, block, tile_bytes):
 def test_the_stack_tile_computes_the_conv():
     import tvm
 
-    group, lowered, target, _ = _built(64, 7, 128, "x86-avx2", 8)
+    group, lowered, target = _lowered(64, 7, 128, "x86-avx2", 8)
     lib = tvm.compile(tvm.IRModule({"conv": lowered.prim_func}), target=target)
     rng = np.random.default_rng(0)
     args = [rng.standard_normal(a.ttype.shape).astype(np.float32) for a in group.args]
