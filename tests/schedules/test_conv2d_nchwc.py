@@ -191,10 +191,35 @@ def test_a_prime_width_takes_a_partial_tile_only_in_a_pointwise_conv(lanes):
         assert cfg.tile_ow in conv2d_nchwc.space(13, ocb)["tile_ow"]
         windowed = conv2d_nchwc.default(13, ocb, lanes)
         assert windowed.tile_ow * windowed.tile_oc <= conv2d_nchwc.registers(lanes)
-        assert windowed.tile_ow % 13 == 0 or windowed.tile_ow == 13 or windowed.tile_oc == 1, windowed
+        if lanes == 16:
+            assert windowed.tile_ow % 13 == 0 or windowed.tile_ow == 13 or windowed.tile_oc == 1, windowed
     assert conv2d_nchwc.default(13, 16, 16, pointwise=True) == conv2d_nchwc.Config(tile_ow=4, tile_oc=4)
     assert conv2d_nchwc.default(13, 16, 8, pointwise=True) == conv2d_nchwc.Config(tile_ow=4, tile_oc=2)
     one = conv2d_nchwc.default(13, 1, lanes, pointwise=True)  # one block: the whole row, or as much as fits
     assert one.tile_oc == 1 and one.tile_ow == min(13, conv2d_nchwc.registers(lanes)), one
     for ow in (14, 28, 56, 7):  # a width with a divisor of 4 or more (or one that fits whole) keeps its rule
         assert conv2d_nchwc.default(ow, 16, lanes, pointwise=True) == conv2d_nchwc.default(ow, 16, lanes), ow
+
+
+@pytest.mark.parametrize("ow, ocb, want", [
+    (14, 32, (2, 4)),  # ResNet-50's stage 3: was 7 x 1
+    (7, 64, (4, 2)),  # stage 4, a guarded partial row: was 7 x 1
+    (27, 4, (3, 4)),  # SqueezeNet's 27-wide fire modules: was 9 x 1
+    (111, 8, (3, 4)),  # SqueezeNet's first conv: was 12 x 1
+    (13, 24, (4, 2)),  # a 13-wide 3x3: was 12 x 1
+    (56, 8, (4, 2)),  # a width with a divisor of 4-6 keeps the general rule
+    (7, 1, (7, 1)),  # one block: the whole row
+])
+def test_avx2_tiles_keep_several_channel_blocks(ow, ocb, want):
+    """With AVX2's 16 registers a width without a divisor of 4-6 took a whole row of one channel block, one
+    broadcast load per FMA; Zen 3's searches (2026-12-03) chose 2-4 columns x 2-4 blocks, 1.1-2.2x faster."""
+    cfg = conv2d_nchwc.default(ow, ocb, 8, block=8)
+    assert (cfg.tile_ow, cfg.tile_oc) == want
+    space = conv2d_nchwc.space(ow, ocb)
+    assert cfg.tile_ow in space["tile_ow"] and cfg.tile_oc in space["tile_oc"]
+    assert cfg.tile_ow * cfg.tile_oc <= conv2d_nchwc.registers(8)
+
+
+def test_avx512_tiles_are_unchanged_by_the_avx2_rule():
+    assert conv2d_nchwc.default(14, 32, 16, block=16) == conv2d_nchwc.Config(tile_ow=7, tile_oc=2)
+    assert conv2d_nchwc.default(7, 64, 16, block=16) == conv2d_nchwc.Config(tile_ow=7, tile_oc=2)
