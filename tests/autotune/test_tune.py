@@ -25,6 +25,8 @@ from kiln.config import Options
 from kiln.driver import model_tasks
 from kiln.model_builders import GraphBuilder
 
+from tests.host import runs
+
 TARGET = "x86-avx512"
 
 
@@ -336,6 +338,7 @@ def test_a_run_killed_with_sigkill_resumes(tasks, tmp_path):
     assert len(after) == len(before) + 20
 
 
+@runs(TARGET)
 def test_tuning_real_kernels_logs_costs_that_compile(tasks, tmp_path):
     """Real builds and an isolated runner: a few trials on the two convs; the log's best configs compile into a
     model that matches the default one."""

@@ -269,8 +269,10 @@ def test_grouped_conv_compiles_blocked_and_matches(tmp_path):
                     [(y, onnx.TensorProto.FLOAT, [1, 64, 13, 13])])
     feeds = model_builders.random_feeds(model, seed=4)
     m = kiln.load(kiln.compile(model, tmp_path / "g.so").path)  # groups of 32-48 channels: whole blocks of 8 or 16
-    convs = [s["schedule"] for s in m.meta["steps"] if s["ops"][0] == "nn.conv2d_nchwc"]
-    assert len(convs) == 3 and all(s.startswith("nchwc(") for s in convs), convs
+    convs = [s["schedule"] for s in m.meta["steps"] if s["ops"][0].startswith("nn.conv2d")]
+    # the ungrouped 3x3 may take Winograd (it does on AVX2's tiles); the grouped two must be blocked, not NCHW
+    assert len(convs) == 3 and all(s.startswith(("nchwc(", "winograd(")) for s in convs), convs
+    assert sum(s.startswith("nchwc(") for s in convs) >= 2, convs
     assert_close(m.run(**feeds)[0], ort_run(model, feeds)[0], rtol=1e-3, atol=1e-4)
 
 

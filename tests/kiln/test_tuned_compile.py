@@ -20,6 +20,8 @@ from kiln import driver
 from kiln.config import Options
 from kiln.model_builders import GraphBuilder
 
+from tests.host import runs
+
 TARGET = "x86-avx512"
 
 
@@ -48,6 +50,7 @@ def _compile(path, out, **kw):
     return report, kiln.load(report.path).run(x)[0]
 
 
+@runs(TARGET)
 def test_a_record_moves_a_conv_to_another_algorithm(two_convs, tmp_path):
     conv3 = next(t for t in _conv_tasks(two_convs) if t.workload["kh"] == 3)
     default = conv3.default()["algorithm"]
@@ -71,6 +74,7 @@ def test_a_record_moves_a_conv_to_another_algorithm(two_convs, tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+@runs(TARGET)
 def test_a_config_mapping_sets_knobs_and_a_config_outside_the_space_is_refused(two_convs, tmp_path, caplog):
     conv1 = next(t for t in _conv_tasks(two_convs) if t.workload["kh"] == 1)
     space = conv1.space()
@@ -129,3 +133,22 @@ def test_kiln_tasks_lists_what_compile_builds(two_convs, tmp_path):
             s["config"] for s in report.steps if s["workload"] == row["key"])
     conv = next(row for row in rows if row["template"].startswith("x86.conv2d_nchwc"))
     assert conv["flops"] > 0 and conv["weight_bytes"] > 0 and "algorithm" in conv["knobs"]
+
+
+@pytest.mark.parametrize("folder", sorted(p.name for p in driver.SHIPPED_LOGS.iterdir() if p.is_dir()
+                                          and not p.name.startswith("_")))
+def test_every_shipped_record_still_applies_on_its_cpu(folder):
+    """A template whose version or knob space changes makes its shipped records stale, and `kiln compile`
+    would then skip them with a warning and build the defaults: each shipped log must read whole on the
+    target it was measured for, with every model's end-to-end decision in it."""
+    skipped = []
+    files = sorted((driver.SHIPPED_LOGS / folder).glob("*.jsonl"))
+    assert files
+    for path in files:
+        first = json.loads(path.read_text().splitlines()[0])
+        assert first["target"]["mcpu"] == folder
+        kept = read_records(path, first["target"], on_skip=lambda p, line, why: skipped.append((p.name, line, why)))
+        lines = [t for t in path.read_text().splitlines() if t.strip()]
+        assert len(kept) == len(lines), (path.name, skipped[:3])
+        assert any(json.loads(t).get("end_to_end") for t in lines), path.name
+    assert not skipped

@@ -23,6 +23,8 @@ from kiln.errors import KilnError
 
 from .graphs import resnet_basic_block
 
+from tests.host import runs
+
 HALF = ["float16", "bfloat16"]
 PRECISION_OF = {"float16": "fp16", "bfloat16": "bf16"}
 PRESET = "x86-avx512"
@@ -160,6 +162,7 @@ def test_squeezenet_half_builds_agree_with_fp32(tmp_path):
     _check_against_fp32("squeezenet", PRESET, tmp_path)
 
 
+@runs(PRESET)
 def test_cli_compile_precision_fp16_runs_on_float32_inputs(tmp_path):
     import subprocess
     import sys

@@ -20,6 +20,8 @@ from kiln.schedules.x86 import conv2d_direct
 from ..groups import group, lower, op_group, params, run_lowered
 from ..tolerances import assert_close
 
+from tests.host import runs
+
 AVX2 = "x86-avx2"
 
 
@@ -140,7 +142,7 @@ def _pointwise(c, o, hw, groups, epilogue):
 
 
 @pytest.mark.parametrize("epilogue", [True, False])
-@pytest.mark.parametrize("target_name", ["x86-avx512", AVX2])
+@pytest.mark.parametrize("target_name", [pytest.param("x86-avx512", marks=runs("x86-avx512")), AVX2])
 def test_flat_pointwise_tiles_match_reference(target_name, epilogue):
     """Every flat tile of a grouped pointwise conv whose plane is whole vectors (6 channels a group, a tile of
     2 or 3 of them: the tile never leaves its group), with and without an epilogue."""
