@@ -18,9 +18,8 @@ from kiln.schedules.workload import Group
 from kiln.schedules.x86 import conv2d_direct
 
 from ..groups import group, lower, op_group, params, run_lowered
+from ..host import runs
 from ..tolerances import assert_close
-
-from tests.host import runs
 
 AVX2 = "x86-avx2"
 
