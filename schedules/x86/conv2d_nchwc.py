@@ -81,11 +81,9 @@ def default(
         tile_oc = max(d for d in divisors(oc_blocks, 4) if 4 * d <= budget or d == 1)
         if tile_oc > 1:  # one block: the wide partial tile below
             return Config(tile_ow=4, tile_oc=tile_oc)
-    for toc in (3, 2):
-        if oc_blocks % toc == 0:
-            fits = [d for d in divisors(out_w, budget // toc) if d >= 4]
-            if fits:
-                return Config(tile_ow=max(fits), tile_oc=toc)
+    tile = _blocks_by_columns(out_w, oc_blocks, budget, (3, 2), least_columns=4)
+    if tile:
+        return tile
     if budget <= 12 and not grouped:
         # AVX2's 16 registers: a width with no divisor of 4-6 (ResNet-50's 14 and 7, SqueezeNet's 27 and 111)
         # fell to a whole-row tile of one channel block (7 × 1, 9 × 1, 12 × 1), which loads one broadcast per
@@ -93,11 +91,9 @@ def default(
         # ResNet-50's 14×14 and 7×7 1x1 convs 1.1-2.2× faster in the model, SqueezeNet's first conv 2.2× (the
         # models 0.93× and 0.97×, MobileNetV2 0.89×). ShuffleNet's grouped 7×7 1x1 convs ran 15-20% slower at
         # 4 × 2 in the same search, so a grouped conv keeps the row
-        for toc in (4, 3, 2):
-            if oc_blocks % toc == 0:
-                fits = [d for d in divisors(out_w, budget // toc) if d >= 2]
-                if fits:
-                    return Config(tile_ow=max(fits), tile_oc=toc)
+        tile = _blocks_by_columns(out_w, oc_blocks, budget, (4, 3, 2), least_columns=2)
+        if tile:
+            return tile
         if out_w > 4 and oc_blocks % 2 == 0:
             return Config(tile_ow=4, tile_oc=2)
     tile_ow = max(divisors(out_w, regs))
@@ -105,6 +101,18 @@ def default(
         tile_ow = max(t for t in (4, 8, 12, 16) if t <= regs and t < out_w)
     tile_oc = max(d for d in divisors(oc_blocks, 4) if d * tile_ow <= regs or d == 1)
     return Config(tile_ow=tile_ow, tile_oc=tile_oc)
+
+
+def _blocks_by_columns(out_w: int, oc_blocks: int, budget: int, blocks: tuple[int, ...],
+                       least_columns: int) -> Config | None:
+    """The first of `blocks` channel blocks that divides the channels, × the widest divisor of the row that
+    keeps the tile within `budget` accumulators and has at least `least_columns` columns."""
+    for toc in blocks:
+        if oc_blocks % toc == 0:
+            fits = [d for d in divisors(out_w, budget // toc) if d >= least_columns]
+            if fits:
+                return Config(tile_ow=max(fits), tile_oc=toc)
+    return None
 
 
 def rows_outer(weight_bytes: int, input_bytes: int) -> bool:
