@@ -235,7 +235,7 @@ void* __TVMBackendParallelLaunch = (void*)1;  /* "TVM's pool": replaced by kiln_
 static int fail_task, slow_task;
 static atomic_int failed;
 static int lambda(int task, KilnParallelEnv* env, void* cdata) {
-  if (task == slow_task) {  /* holds the caller (up to 5 s) until the failing task ran, so a worker runs it */
+  if (task == slow_task) {  /* holds its thread (up to 5 s) until the failing task ran, so the other thread runs it */
     for (int i = 0; i < 5000 && !atomic_load(&failed); i++) usleep(1000);
   }
   if (task == fail_task) {
@@ -279,7 +279,7 @@ def test_an_error_raised_in_a_worker_reaches_the_caller(tmp_path):
     with pytest.raises(RuntimeError, match="task 1 failed on a worker"):
         run(1, 0)  # the caller sleeps in task 0; the worker runs task 1 and fails
     with pytest.raises(RuntimeError, match="task 0 failed on the caller"):
-        run(0, -1)
+        run(0, 1)  # the worker waits in task 1, so it cannot take task 0 from the caller's block
     for _ in range(20):
         run(-1, -1)  # no error left behind: later launches succeed
     with pytest.raises(RuntimeError, match="task 1 failed on a worker"):
