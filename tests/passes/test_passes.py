@@ -195,6 +195,21 @@ def test_pack_dense_weights_keeps_the_answer():
     assert_close(outputs(after)[0], outputs(mod)[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout_block,units,block", [(8, 48, 8), (8, 20, 4), (16, 40, 8), (4, 48, 16), (0, 48, 16)])
+def test_dense_weights_pack_in_blocks_of_one_vector_register(layout_block, units, block):
+    """AVX2 (8 lanes) packs 8 units a block so its register tile can take 3 vector columns; AVX-512 16; NEON and
+    CUDA (4, 0) keep 16. A unit count the block does not divide takes a half or a quarter block."""
+    from kiln.ir.ops.dense import DENSE
+    from kiln.passes import pack_dense_weights
+
+    x = var("x", "f32[3, 20]")
+    w = const(np.random.default_rng(0).standard_normal((units, 20)).astype(np.float32))
+    mod = IRModule({"main": Function((x,), call(DENSE, x, w))}).with_attrs(layout_block=layout_block)
+    after = pack_dense_weights(mod)
+    assert after.main.body.attrs.block == block and after.main.body.args[1].type.shape == (units // block, 20, block)
+    assert_close(outputs(after)[0], outputs(mod)[0], rtol=1e-5, atol=1e-5)
+
+
 def test_dead_code_elimination_drops_literal_tuple_items_and_uncalled_functions():
     from kiln.ir import Tuple, TupleGetItem
     from kiln.passes import eliminate_dead_code
