@@ -121,6 +121,34 @@ def test_dense_packed_at_random_configs(x_shape, units, block, epilogue, seed):
     assert_close(run_lowered(g, RUN, arrays), want, rtol=1e-4, atol=1e-4, what=f"seed {seed}, {cfg}")
 
 
+@pytest.mark.parametrize("x_shape,units,epilogue", [((1, 16, 2048), 48, "gelu"), ((2, 16, 3072), 24, "residual")])
+def test_a_long_reduction_on_avx2_runs_in_chunks_at_every_chunk(x_shape, units, epilogue):
+    """k ≥ 2048 on AVX2: the chunked branch of the space (the default takes 256) matches the reference at every
+    chunk and row tile, batches included (a column tile spans all of one batch's rows)."""
+    fn = dense_group(x_shape, units, 8, epilogue)
+    template, wl = task_of(fn, AVX2)
+    info = target_info(AVX2)
+    space = template.space(wl, info)
+    assert template.default(wl, info)["k_chunk"] == 256 and template.default(wl, info) in space
+    chunked = [c for c in space if c.get("k_chunk")]
+    assert {c["k_chunk"] for c in chunked} == set(dense_packed.k_chunks(wl)) and "n_outer" not in chunked[0]
+    arrays, want = dense_inputs(x_shape, units, 8, epilogue, seed=3)
+    for cfg in random.Random(0).sample(chunked, 4) + [template.default(wl, info)]:
+        g = lower(fn, AVX2, {wl.key: cfg})
+        assert g.config == cfg and "k_chunk=" in g.schedule, g.schedule
+        assert_close(run_lowered(g, RUN, arrays), want, rtol=1e-4, atol=1e-4, what=str(cfg))
+
+
+@pytest.mark.parametrize("target,rows,k,chunks", [(AVX2, 128, 3072, [256, 384, 512, 768]), (AVX2, 128, 768, []),
+                                                  (AVX2, 1, 2048, []), (AVX512, 128, 3072, [])],
+                         ids=["avx2-ffn2", "avx2-short-k", "avx2-one-row", "avx512"])
+def test_only_long_reductions_on_avx2_get_a_chunk_knob(target, rows, k, chunks):
+    """Elsewhere the space is as before, so the records shipped for it still apply."""
+    template, wl = task_of(dense_group((1, rows, k), 768, dense_block(target_info(target).lanes(32))), target)
+    assert dense_packed.k_chunks(wl) == chunks
+    assert ("k_chunk" in template.space(wl, target_info(target)).knobs) == bool(chunks)
+
+
 @settings(max_examples=12, deadline=None)
 @given(batch=st.sampled_from([(), (1,), (3,), (2, 3)]), m=st.integers(1, 29), n=st.integers(1, 70),
        k=st.integers(1, 40), epilogue=st.booleans(), seed=st.integers(0, 10**6))
@@ -171,6 +199,8 @@ def test_bert_shapes_get_the_wide_tiles(target, steps):
     ffn = lower(dense_group((1, 128, 768), 3072, block, "gelu"), target)
     scores = lower(matmul_group((1, 12, 128, 64), (1, 12, 64, 128), True), target)
     assert [ffn.schedule, scores.schedule] == steps
+    down = lower(dense_group((1, 128, 3072), 768, block, "residual"), target)  # the FFN's 3072 → 768
+    assert down.schedule == steps[0].replace(",n_outer", ",k_chunk=256" if block == 8 else ",n_outer")
 
 
 def test_dense_gelu_epilogue_is_vectorized():
