@@ -296,12 +296,19 @@ def _why_skip(text: str, wanted, target, cpu, lookup, digests) -> Record | str:
 
 
 def _upgrade(template: Template, r: Record, target, digest: str) -> Record | None:
-    """A record made before the template gained knobs (`Template.added_knobs`), as a record of today's space:
-    its config completed with the added knobs' old values, which build the very kernel it timed."""
-    if not template.added_knobs:
+    """A record made before the template gained knobs (`Template.added_knobs`) or knob values
+    (`Template.added_values`), as a record of today's space: its config completed with the added knobs' old
+    values, which build the very kernel it timed."""
+    if not template.added_knobs and not template.added_values:
         return None
     t = target if target is not None else _tvm_target(r.target)
     space = template.space(r.workload, target_info(t))
+    if template.added_values and space.without_values(template.added_values).digest() == r.space_hash:
+        if r.config in space:  # made before the values: its config is still a point, the very kernel it timed
+            return dataclasses.replace(r, space_hash=digest)
+        return None
+    if not template.added_knobs:
+        return None
     added = list(template.added_knobs)  # in the order the template gained them: a record predates a suffix
     since = next((added[i:] for i in range(len(added)) if space.without(added[i:]).digest() == r.space_hash), None)
     if since is None:

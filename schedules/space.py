@@ -124,6 +124,12 @@ class Space:
         names = set(names)
         return Space(tuple(tuple((n, v) for n, v in b if n not in names) for b in self.branches))
 
+    def without_values(self, values: Mapping[str, Iterable]) -> Space:
+        """The space as it was before `values` were added to their knobs (a knob keeps at least its others)."""
+        drop = {n: set(v) for n, v in values.items()}
+        return Space(tuple(tuple((n, tuple(x for x in v if x not in drop.get(n, ())) or v) for n, v in b)
+                           for b in self.branches))
+
     def upgrade(self, cfg: Mapping, added: Mapping[str, Any]) -> Config | None:
         """A config of `self.without(added)` as a config of this space: each added knob that its branch now
         holds set to the value in `added` (the one that builds the kernel the old config built); None if

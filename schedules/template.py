@@ -54,6 +54,9 @@ class Template:
     # records timed (Winograd's tile_k: 1): a record made over the space without them still applies, completed
     # with these values, instead of being skipped as made over another space (autotune/records.py)
     added_knobs: Mapping[str, Any] = field(default_factory=dict)
+    # values added to knobs since records were written (AVX2's guarded 3-column conv tile): a record made over
+    # the space without them names a kernel today's space still holds, so it applies as it is
+    added_values: Mapping[str, tuple] = field(default_factory=dict)
     # (wl, config) -> the plane a pointwise conv's compute is built over for that config (ir/ops/conv.py,
     # `padded_plane`), or 0 for the compute as the op defines it
     padded_plane: Callable[[Workload, Config], int] = field(default=lambda wl, cfg: 0)

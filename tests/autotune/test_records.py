@@ -202,6 +202,23 @@ def test_a_record_made_before_a_knob_was_added_applies_with_the_knobs_old_value(
     assert read_records(path, AVX512, templates={"x86.test_tile": other}) == []
 
 
+def test_a_record_made_before_a_knob_gained_values_applies_as_it_is(tmp_path, caplog):
+    """A template whose knob gained values (`added_values`: AVX2's guarded 3-column conv tile) reads records
+    made over the space without them: their configs are points of today's space, the very kernels they timed."""
+    grown = dataclasses.replace(tile_template(), space=lambda wl, info: Space.of(tile=[1, 2, 3, 4]),
+                                added_values={"tile": (3,)})
+    old = dataclasses.replace(tile_template(), space=lambda wl, info: Space.of(tile=[1, 2, 4]))
+    wl = Workload.of(old.key, Group(add_group()), lanes=16)
+    path = tmp_path / "model.jsonl"
+    write(path, [Record.measured(old, wl, AVX512, {"tile": t}, (1e-3,), cpu=CPU) for t in (2, 4)])
+    got = read_records(path, AVX512, templates={"x86.test_tile": grown})
+    assert [r.config for r in got] == [{"tile": 2}, {"tile": 4}]
+    assert all(r.space_hash == grown.space(wl, None).digest() for r in got) and warnings_of(caplog) == []
+    assert read_records(path, AVX512, templates={"x86.test_tile": dataclasses.replace(grown, added_values={})}) == []
+    other = dataclasses.replace(grown, space=lambda wl, info: Space.of(tile=[2, 3, 4]))  # 1 went too
+    assert read_records(path, AVX512, templates={"x86.test_tile": other}) == []
+
+
 def test_records_made_between_two_added_knobs_apply_too(tmp_path, caplog):
     """A template that gained `vectors` and later `unroll` reads records of all three ages: those made before
     either get both old values, those made between get only `unroll`'s (the Winograd branch's `tile_k`, then

@@ -198,7 +198,43 @@ def test_a_prime_width_takes_a_partial_tile_only_in_a_pointwise_conv(lanes):
     one = conv2d_nchwc.default(13, 1, lanes, pointwise=True)  # one block: the whole row, or as much as fits
     assert one.tile_oc == 1 and one.tile_ow == min(13, conv2d_nchwc.registers(lanes)), one
     for ow in (14, 28, 56, 7):  # a width with a divisor of 4 or more (or one that fits whole) keeps its rule
+        if lanes == 8 and ow >= 14:
+            continue  # AVX2's guarded 3 x 4 (below)
         assert conv2d_nchwc.default(ow, 16, lanes, pointwise=True) == conv2d_nchwc.default(ow, 16, lanes), ow
+
+
+@pytest.mark.parametrize("ow, ocb, pointwise, want", [
+    (14, 128, True, (3, 4)),  # ResNet-50's 14x14 1x1s: were 2 x 4
+    (28, 64, True, (3, 4)),  # its 28x28 1x1s: were 4 x 2
+    (56, 8, True, (3, 4)),  # 56x56: were 4 x 2
+    (14, 128, False, (2, 4)),  # under a 3x3 window the guard costs more: unchanged
+    (13, 8, True, (4, 2)),  # 13 wide would waste 2 columns in 15: the prime-width rule
+    (14, 6, True, (2, 3)),  # channel blocks 4 does not divide
+    (12, 16, True, (6, 2)),  # a width with a 12-accumulator divisor tile keeps it
+    (7, 64, True, (4, 2)),
+])
+def test_avx2_pointwise_convs_take_12_accumulators_in_a_guarded_3_column_tile(ow, ocb, pointwise, want):
+    """Power-of-two channels and planes of 7 · 2^k leave no 12-accumulator tile that divides both on AVX2, and 8
+    leave 4 of its 16 registers idle: a 1x1 conv at least 14 wide takes 3 columns (the last tile guarded) × 4
+    blocks, in the space only where it is this rule's (AVX2, pointwise, ungrouped), so other records stand."""
+    cfg = conv2d_nchwc.default(ow, ocb, 8, block=8, pointwise=pointwise)
+    assert (cfg.tile_ow, cfg.tile_oc) == want
+    assert (3 in conv2d_nchwc.space(ow, ocb, three=True)["tile_ow"]) and (
+        ow % 3 == 0 or 3 not in conv2d_nchwc.space(ow, ocb)["tile_ow"])
+    assert conv2d_nchwc.default(ow, ocb // 2 or 1, 16, block=16, pointwise=pointwise).tile_ow != 3 or ow % 3 == 0
+
+
+@pytest.mark.parametrize("w", [14, 16, 28])
+def test_the_guarded_3_column_tile_matches_reference(w):
+    """The last tile of a row holds 2, 1 or 1 real columns of 3: its guard must keep it inside the row."""
+    rng = np.random.default_rng(w)
+    x = rng.standard_normal((1, 16, 3, w)).astype(np.float32)
+    wt = rng.standard_normal((32, 16, 1, 1)).astype(np.float32)
+    attrs = ConvAttrs(strides=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1), groups=1)
+    cfg = conv2d_nchwc.default(w, 4, 8, block=8, pointwise=True)
+    assert (cfg.tile_ow, cfg.tile_oc) == (3, 4)
+    got, want = run_template(x, wt, attrs, 8, 8, cfg, epilogue=True)
+    assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("ow, ocb, want", [
