@@ -152,42 +152,30 @@ def tile_registers(sch, block, out_block, width: int, cfg: Config) -> None:
     no, nt, nb = sch.split(n, factors=[None, tile_n, width])
     chunk = cfg.get("k_chunk", 0)
     if chunk:
-        _tile_k_chunked(sch, block, out_block, batch, mo, mi, no, nt, nb, k, chunk, unroll_k)
-        return
-    ko, ki = sch.split(k, factors=[None, unroll_k])
-    tiles = (no, mo) if cfg["n_outer"] else (mo, no)
-    sch.reorder(*batch, *tiles, ko, ki, mi, nt, nb)
-    tile = sch.fuse(*batch, *tiles)
+        # each parallel step is one column tile over all the rows; the reduction runs in chunks, each over
+        # every row tile before the next, so a chunk of weights (chunk × tile_n vectors) feeds all the row
+        # tiles from L1. The rows' partial sums wait in the buffer between chunks (a row tile's accumulators
+        # are loaded into registers before its chunk and stored after); the epilogue runs after the last chunk
+        if k_extent % chunk or chunk % unroll_k:
+            raise InvalidConfig(f"a k chunk of {chunk} does not split k={k_extent} in steps of {unroll_k}")
+        kb, ko, ki = sch.split(k, factors=[None, chunk // unroll_k, unroll_k])
+        outer, reduce_from = (*batch, no), kb
+        sch.reorder(*outer, kb, mo, ko, ki, mi, nt, nb)
+    else:
+        ko, ki = sch.split(k, factors=[None, unroll_k])
+        outer, reduce_from = (*batch, *((no, mo) if cfg["n_outer"] else (mo, no))), ko
+        sch.reorder(*outer, ko, ki, mi, nt, nb)
+    tile = sch.fuse(*outer)
     sch.parallel(tile)
     for loop in (ki, mi, nt):
         sch.unroll(loop)
     sch.vectorize(nb)
     sch.reverse_compute_at(out_block, tile)
-    init = sch.decompose_reduction(block, ko)
+    init = sch.decompose_reduction(block, reduce_from)
     for b in (init, out_block):
         last = sch.get_loops(b)[-1]
         if not sch.get(last).same_as(sch.get(tile)):  # compute_at leaves out unit loops
             sch.vectorize(last)
-
-
-def _tile_k_chunked(sch, block, out_block, batch, mo, mi, no, nt, nb, k, chunk: int, unroll_k: int) -> None:
-    """Each parallel step is one column tile over all the rows; the reduction runs in chunks of `chunk`, each
-    over every row tile before the next, so the chunk of weights (chunk × tile_n vectors) is read from L1 by
-    all the row tiles. The rows' partial sums live in a buffer between chunks (a row tile's accumulators are
-    loaded into registers before its chunk and stored after); the epilogue runs once, after the last chunk."""
-    if int(sch.get(k).extent) % chunk or chunk % unroll_k:
-        raise InvalidConfig(f"a k chunk of {chunk} does not split k={int(sch.get(k).extent)} in steps of {unroll_k}")
-    kb, ko, ki = sch.split(k, factors=[None, chunk // unroll_k, unroll_k])
-    sch.reorder(*batch, no, kb, mo, ko, ki, mi, nt, nb)
-    tile = sch.fuse(*batch, no)
-    sch.parallel(tile)
-    for loop in (ki, mi, nt):
-        sch.unroll(loop)
-    sch.vectorize(nb)
-    sch.reverse_compute_at(out_block, tile)
-    init = sch.decompose_reduction(block, kb)
-    for b in (init, out_block):
-        sch.vectorize(sch.get_loops(b)[-1])
 
 
 TEMPLATE = Template(
