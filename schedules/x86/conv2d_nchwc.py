@@ -65,8 +65,8 @@ def default(
 ) -> Config:
     """A register tile for the shape: measured rules, not a search (the tuner searches `space`)."""
     tile = _default_tile(out_w, oc_blocks, lanes, depthwise, block, pointwise, grouped)
-    if (registers(lanes) == 12 and not (depthwise or grouped) and _three_columns(out_w, oc_blocks, pointwise)
-            and tile.tile_ow * tile.tile_oc < 12):
+    if _three_columns(out_w, oc_blocks, lanes, pointwise and not (depthwise or grouped)) and \
+            tile.tile_ow * tile.tile_oc < 12:
         # AVX2: channel counts are powers of two and planes multiples of 7 (ResNet-50's 14, 28, 56), so no tile
         # of 12 accumulators divides both, and 8 (2 × 4, 4 × 2) leave 4 of the 16 registers idle. A guarded
         # 3 × 4 wastes 1 column in 15 at 14 wide, 2 in 30 at 28. Zen 3, 2026-12-03: ResNet-50 whole, 21
@@ -119,10 +119,10 @@ def _default_tile(out_w: int, oc_blocks: int, lanes: int, depthwise: bool, block
     return Config(tile_ow=tile_ow, tile_oc=tile_oc)
 
 
-def _three_columns(out_w: int, oc_blocks: int, pointwise: bool) -> bool:
-    """AVX2's guarded 3 columns × 4 channel blocks (12 accumulators) for a pointwise conv at least 14 wide;
-    under a kh × kw window the guard costs more than it saves (see the prime-width rule)."""
-    return pointwise and out_w >= 14 and oc_blocks % 4 == 0
+def _three_columns(out_w: int, oc_blocks: int, lanes: int, pointwise: bool) -> bool:
+    """AVX2's guarded 3 columns × 4 channel blocks (12 accumulators), for an ungrouped pointwise conv at least
+    14 wide; under a kh × kw window the guard costs more than it saves (see the prime-width rule)."""
+    return registers(lanes) == 12 and pointwise and out_w >= 14 and oc_blocks % 4 == 0
 
 
 def _blocks_by_columns(out_w: int, oc_blocks: int, budget: int, blocks: tuple[int, ...],
@@ -317,9 +317,8 @@ def _conv_space(wl: Workload, info) -> Space:
     from kiln.schedules import choose
 
     out_w, ocb = wl["out_w"], wl["oc"] // wl["out_block"]
-    three = registers(wl["lanes"]) == 12 and wl["groups"] == 1 and _three_columns(
-        out_w, ocb, (wl["kh"], wl["kw"]) == (1, 1))
-    tiles = space(out_w, ocb, three=three)
+    pointwise = (wl["kh"], wl["kw"]) == (1, 1) and wl["groups"] == 1
+    tiles = space(out_w, ocb, three=_three_columns(out_w, ocb, wl["lanes"], pointwise))
     unroll = [False, True] if wl["kw"] > 1 else [False]
     branches = []
     for algo in _algorithms(wl):

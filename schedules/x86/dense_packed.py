@@ -29,9 +29,9 @@ def accumulators(lanes: int) -> int:
 
 def register_tile(rows: int, n_blocks: int, k: int, lanes: int, block: int, min_tiles: int) -> Config:
     """The largest tile that fits the accumulator registers, shaped near 8 rows × 3 vectors (measured best on
-    AVX-512: 3 weight vectors stream from L2 per k step, 8 broadcasts come from L1; on AVX2, 4 × 3 ymm of 8-unit
-    blocks at 128 rows, 125-130 GFLOPS on 2 Zen 3 cores against 109-114 for 4 × 1 blocks of 16 = 8 ymm), with at least `min_tiles` tiles to share between cores when
-    the output has that many. A block of `block` units takes block / lanes vector registers (at least one).
+    AVX-512: 3 weight vectors stream from L2 per k step, 8 broadcasts come from L1; on AVX2, 4 × 3 ymm of
+    8-unit blocks at 128 rows, 125-130 GFLOPS on 2 Zen 3 cores against 109-114 for 4 × 1 blocks of 16 = 8
+    ymm), with at least `min_tiles` tiles to share between cores when the output has that many. A block of `block` units takes block / lanes vector registers (at least one).
     Shared with batch_matmul; n_outer is the caller's."""
     enough = min(min_tiles, rows * n_blocks)
     per_block = max(1, block // lanes)
