@@ -303,20 +303,19 @@ def _upgrade(template: Template, r: Record, target, digest: str) -> Record | Non
         return None
     t = target if target is not None else _tvm_target(r.target)
     space = template.space(r.workload, target_info(t))
-    if template.added_values and space.without_values(template.added_values).digest() == r.space_hash:
-        if r.config in space:  # made before the values: its config is still a point, the very kernel it timed
-            return dataclasses.replace(r, space_hash=digest)
-        return None
-    if not template.added_knobs:
-        return None
     added = list(template.added_knobs)  # in the order the template gained them: a record predates a suffix
-    since = next((added[i:] for i in range(len(added)) if space.without(added[i:]).digest() == r.space_hash), None)
-    if since is None:
-        return None
-    config = space.upgrade(r.config, {n: template.added_knobs[n] for n in since})
-    if config is None:
-        return None
-    return dataclasses.replace(r, config=config, space_hash=digest)
+    # the space as the record saw it: a suffix of the added knobs taken away, with or without the added values
+    # (a record may predate both)
+    for since in [added[i:] for i in range(len(added) + 1)]:
+        for values in ({}, template.added_values) if template.added_values else ({},):
+            old = space.without(since)
+            if (old.without_values(values) if values else old).digest() != r.space_hash or not (since or values):
+                continue
+            if not since:  # made before the values: its config is still a point, the very kernel it timed
+                return dataclasses.replace(r, space_hash=digest) if r.config in space else None
+            config = space.upgrade(r.config, {n: template.added_knobs[n] for n in since})
+            return None if config is None else dataclasses.replace(r, config=config, space_hash=digest)
+    return None
 
 
 def _space_digest(template: Template, r: Record, target, digests: dict) -> str:

@@ -38,6 +38,7 @@ class Config:
     unroll_kw: bool = False  # unroll the kernel-column loop too
     rows_outer: bool = False  # parallel axis: (row, channel block) instead of (channel block, row)
     k_chunk: int = 0  # input-channel blocks per pass over all the rows (0: the whole reduction per tile)
+    flat: bool = False  # a pointwise conv's plane as one row (h * W + w): column tiles run on across rows
 
 
 def registers(lanes: int) -> int:
@@ -168,6 +169,8 @@ def schedule(sch, conv_block, out_block, cfg: Config) -> list[str]:
     # no pointer to reason about (whole models, same configs, outputs bit-identical, Zen 5 2026-12-03: SqueezeNet
     # 0.905x, ResNet-50 0.970x, MobileNetV2 0.980x the time); a larger tile is on the heap either way
     sch.set_scope(conv_block, 0, "global")
+    if cfg.flat:
+        return _schedule_flat(sch, conv_block, out_block, cfg)
     n_red = n_reduction_axes(sch, conv_block)
     n, oc, oh, ow, ob, *reduce = sch.get_loops(conv_block)
     assert len(reduce) == n_red
@@ -211,6 +214,53 @@ def _schedule_k_chunked(sch, conv_block, out_block, cfg: Config, n, oco, oci, oh
     sch.vectorize(sch.get_loops(out_block)[-1])
     flags = (",kw" if cfg.unroll_kw else "") + f",k={cfg.k_chunk}"
     return [f"nchwc(ow={cfg.tile_ow},oc={cfg.tile_oc}{flags})"]
+
+
+def _schedule_flat(sch, conv_block, out_block, cfg: Config) -> list[str]:
+    """A 1x1 stride-1 unpadded conv reads and writes its plane as one row: output (h, w) is input (h, w), and
+    both are contiguous in h * W + w. So the conv, its output buffer and the epilogue are re-indexed over that
+    row and the column tiles run across row ends: one guarded tail per plane instead of one per row. AVX2's
+    3-column tile wastes 2 columns in 9 of a 7-wide row, and 1 in 51 of its 49-long plane.
+
+    Channel tiles run in parallel, each over the whole plane (`rows_outer` is not a choice here): split by
+    stretches of the plane, a second guard (the stretch's end) kept LLVM from unswitching the tile's guard out
+    of the reduction, and one tile per parallel step streamed the weights from L2 for each tile (ResNet-50's
+    56×56 1x1 convs 1.1-1.5× slower either way)."""
+    from tvm.tirx import IndexMap
+
+    if cfg.rows_outer:
+        raise InvalidConfig("a flat conv runs its channel tiles in parallel: rows_outer must be False")
+    loops = sch.get_loops(conv_block)
+    width = int(sch.get(loops[3]).extent)
+    n_iters = len(sch.get(conv_block).iter_vars)
+
+    def flatten(*v):
+        return (v[0], v[1], v[2] * width + v[3], *v[4:])
+
+    sch.transform_layout(conv_block, ("write", 0), lambda n, c, h, w, b: (n, c, h * width + w, b))
+    sch.transform_block_layout(conv_block, IndexMap.from_func(flatten, ndim=n_iters, index_dtype="int32"))
+    sch.transform_block_layout(out_block, IndexMap.from_func(flatten, ndim=5, index_dtype="int32"))
+    n, oc, p, ob, *reduce = sch.get_loops(conv_block)
+    oco, oci = sch.split(oc, factors=[None, cfg.tile_oc])
+    owo, owi = sch.split(p, factors=[None, cfg.tile_ow])
+    if cfg.k_chunk and len(reduce) == 4:  # as `_schedule_k_chunked`, the plane's tiles inside each chunk
+        rco, ry, rx, rci = reduce
+        rco_o, rco_i = sch.split(rco, factors=[None, cfg.k_chunk])
+        sch.reorder(n, oco, rco_o, owo, rco_i, ry, rx, rci, oci, owi, ob)
+        sch.parallel(sch.fuse(n, oco))
+        at, first = sch.get_loops(conv_block)[0], rco_o
+    else:
+        sch.reorder(n, oco, owo, *reduce, oci, owi, ob)
+        sch.parallel(sch.fuse(n, oco))
+        at, first = owo, reduce[0]
+    sch.unroll(oci)
+    sch.unroll(owi)
+    sch.vectorize(ob)
+    sch.reverse_compute_at(out_block, at)
+    init = sch.decompose_reduction(conv_block, first)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(out_block)[-1])
+    return [f"nchwc(flat,ow={cfg.tile_ow},oc={cfg.tile_oc}{f',k={cfg.k_chunk}' if cfg.k_chunk else ''})"]
 
 
 # --- the conv task: direct, im2col and Winograd are values of one knob --------------------------------------
@@ -318,15 +368,18 @@ def _conv_space(wl: Workload, info) -> Space:
 
     out_w, ocb = wl["out_w"], wl["oc"] // wl["out_block"]
     pointwise = (wl["kh"], wl["kw"]) == (1, 1) and wl["groups"] == 1
-    tiles = space(out_w, ocb, three=_three_columns(out_w, ocb, wl["lanes"], pointwise))
+    three = _three_columns(out_w, ocb, wl["lanes"], pointwise) or _flat_three(wl)
+    tiles = space(out_w, ocb, three=three)
     unroll = [False, True] if wl["kw"] > 1 else [False]
+    # the knob only where the plane can be one row, and only with channel tiles in parallel (`_schedule_flat`)
+    flat = {"flat": [False, True]} if _flat_applies(wl) else {}
     branches = []
     for algo in _algorithms(wl):
         if algo == choose.DIRECT:
             chunks = [k for k in (2, 4, 8) if k < _in_blocks(wl) and _in_blocks(wl) % k == 0]
             common = dict(algorithm=algo, tile_ow=tiles["tile_ow"], tile_oc=tiles["tile_oc"], unroll_kw=unroll)
             branches.append(Space.of(**common, rows_outer=[True], k_chunk=[0]))
-            branches.append(Space.of(**common, rows_outer=[False], k_chunk=[0, *chunks]))
+            branches.append(Space.of(**common, rows_outer=[False], k_chunk=[0, *chunks], **flat))
         elif algo == choose.IM2COL:
             branches.append(Space.of(algorithm=algo, tile_ow=tiles["tile_ow"], tile_oc=tiles["tile_oc"],
                                      unroll_kw=unroll, rows_outer=[False, True]))
@@ -358,10 +411,33 @@ def _conv_default(wl: Workload, info, fixed: dict | None = None) -> dict:
         return {ALGORITHM: algo, "tile_ow": cfg.tile_ow, "tile_oc": cfg.tile_oc, "unroll_kw": cfg.unroll_kw,
                 "rows_outer": False}
     cfg = replace(cfg, rows_outer=rows_outer(_weight_bytes(wl), _input_bytes(wl)))
+    if _flat_three(wl, info.cores) and not cfg.rows_outer:
+        cfg = Config(tile_ow=3, tile_oc=4, flat=True)
     # a guarded tile's chunked loops ran 2.1× slower (3 × 4 at 14 wide, Zen 3): chunks only for whole tiles
-    chunk = 0 if wl["out_w"] % cfg.tile_ow else k_chunk(cfg, _weight_bytes(wl), ocb, _in_blocks(wl))
+    whole = (wl["out_h"] * wl["out_w"] if cfg.flat else wl["out_w"]) % cfg.tile_ow == 0
+    chunk = k_chunk(cfg, _weight_bytes(wl), ocb, _in_blocks(wl)) if whole else 0
+    flat = {"flat": cfg.flat} if _flat_applies(wl) and not cfg.rows_outer else {}
     return {ALGORITHM: algo, "tile_ow": cfg.tile_ow, "tile_oc": cfg.tile_oc, "unroll_kw": cfg.unroll_kw,
-            "rows_outer": cfg.rows_outer, "k_chunk": chunk}
+            "rows_outer": cfg.rows_outer, "k_chunk": chunk, **flat}
+
+
+def _flat_applies(wl: Workload) -> bool:
+    """Whether the direct conv can run its plane as one row (`_schedule_flat`): a 1x1 window at stride 1
+    with no padding, so that output (h, w) reads input (h, w) alone."""
+    return ((wl["kh"], wl["kw"]) == (1, 1) and tuple(wl["strides"]) == (1, 1) and not any(wl["padding"])
+            and wl["groups"] == 1)
+
+
+def _flat_three(wl: Workload, cores: int = 1) -> bool:
+    """AVX2's default for a conv that can run flat: 3 columns × 4 channel blocks (12 of the 16 registers) over
+    the plane, whatever its width, where its channel tiles (the parallel steps) share out evenly over the cores.
+    Zen 3, 2026-12-03, each kernel alone against the 3 × 4 or 4 × 2 tiles it had per row: 7×7 512→2048 0.856×,
+    2048→512 0.861× (faster in 18 and 19 of 21 rounds)."""
+    ocb = wl["oc"] // wl["out_block"]
+    if not (_flat_applies(wl) and registers(wl["lanes"]) == 12 and ocb % 4 == 0 and wl["out_w"] > 3):
+        return False  # (a row of 3 or fewer columns: 3 is no partial tile in the space, and the plane is tiny)
+    steps = wl["n"] * ocb // 4
+    return steps % cores == 0 or steps >= 4 * cores
 
 
 def _conv_schedule(sch, wl: Workload, cfg: dict) -> list[str]:
@@ -376,7 +452,7 @@ def _conv_schedule(sch, wl: Workload, cfg: dict) -> list[str]:
     conv, out = prepare(sch, "conv2d_nchwc", pad_names=("im2col",) if actual == "im2col" else ("pad",))
     steps = schedule(sch, conv, out, Config(tile_ow=cfg["tile_ow"], tile_oc=cfg["tile_oc"],
                                             unroll_kw=cfg["unroll_kw"], rows_outer=cfg["rows_outer"],
-                                            k_chunk=cfg.get("k_chunk", 0)))
+                                            k_chunk=cfg.get("k_chunk", 0), flat=cfg.get("flat", False)))
     return ["im2col+" + steps[0]] if actual == "im2col" else steps
 
 
@@ -447,7 +523,7 @@ TEMPLATE = Template(
     "x86.conv2d_nchwc", VERSION, "llvm",
     applies=_conv_applies, workload=_conv_workload, space=_conv_space, default=_conv_default,
     schedule=_conv_schedule, graph_knobs=_graph_algorithm, regroup=_conv_regroup, valid_inputs=_conv_valid_inputs,
-    priority=10, added_knobs={"tile_k": 1, "fused": False},  # in the order they were added
+    priority=10, added_knobs={"tile_k": 1, "fused": False, "flat": False},  # in the order they were added
     added_values={"tile_ow": (3,)},  # AVX2's guarded 3 columns (a divisor of the width was always there)
     doc="conv2d on NCHW[b]c: direct register tiles, im2col, or Winograd F(2x2)/F(4x4, 3x3)",
 )

@@ -219,6 +219,28 @@ def test_a_record_made_before_a_knob_gained_values_applies_as_it_is(tmp_path, ca
     assert read_records(path, AVX512, templates={"x86.test_tile": other}) == []
 
 
+def test_a_record_made_before_both_a_knob_and_a_value_applies(tmp_path, caplog):
+    """AVX2's 7-wide 1x1 convs gained the 3-column tile and the `flat` knob at once (2026-12-03): a record made
+    before both is a point of today's space once the knob's old value completes it."""
+    grown = dataclasses.replace(tile_template(), added_knobs={"flat": False}, added_values={"tile": (3,)},
+                                space=lambda wl, info: Space.of(tile=[1, 2, 3, 4], flat=[False, True]))
+    old = dataclasses.replace(tile_template(), space=lambda wl, info: Space.of(tile=[1, 2, 4]))
+    wl = Workload.of(old.key, Group(add_group()), lanes=16)
+    path = tmp_path / "model.jsonl"
+    write(path, [Record.measured(old, wl, AVX512, {"tile": t}, (1e-3,), cpu=CPU) for t in (2, 4)])
+    got = read_records(path, AVX512, templates={"x86.test_tile": grown})
+    assert [r.config for r in got] == [{"tile": 2, "flat": False}, {"tile": 4, "flat": False}]
+    assert all(r.space_hash == grown.space(wl, None).digest() for r in got) and warnings_of(caplog) == []
+    # a record made after the value, before the knob, applies too; one over another space does not
+    between = dataclasses.replace(tile_template(), space=lambda wl, info: Space.of(tile=[1, 2, 3, 4]))
+    write(tmp_path / "between.jsonl", [Record.measured(between, wl, AVX512, {"tile": 3}, (1e-3,), cpu=CPU)])
+    assert [r.config for r in read_records(tmp_path / "between.jsonl", AVX512,
+                                           templates={"x86.test_tile": grown})] == [{"tile": 3, "flat": False}]
+    other = dataclasses.replace(tile_template(), space=lambda wl, info: Space.of(tile=[1, 2]))
+    write(tmp_path / "other.jsonl", [Record.measured(other, wl, AVX512, {"tile": 2}, (1e-3,), cpu=CPU)])
+    assert read_records(tmp_path / "other.jsonl", AVX512, templates={"x86.test_tile": grown}) == []
+
+
 def test_records_made_between_two_added_knobs_apply_too(tmp_path, caplog):
     """A template that gained `vectors` and later `unroll` reads records of all three ages: those made before
     either get both old values, those made between get only `unroll`'s (the Winograd branch's `tile_k`, then

@@ -259,3 +259,61 @@ def test_avx2_tiles_keep_several_channel_blocks(ow, ocb, want):
 def test_avx512_tiles_are_unchanged_by_the_avx2_rule():
     assert conv2d_nchwc.default(14, 32, 16, block=16) == conv2d_nchwc.Config(tile_ow=7, tile_oc=2)
     assert conv2d_nchwc.default(7, 64, 16, block=16) == conv2d_nchwc.Config(tile_ow=7, tile_oc=2)
+
+
+@pytest.mark.parametrize("n, h, w, tile_ow, chunk, epilogue", [
+    (1, 7, 7, 3, 0, True),  # ResNet-50's stage 4: 49 = 16 tiles and a 1-column tail
+    (1, 14, 14, 3, 0, False),  # no epilogue: the copy out is re-indexed too
+    (2, 7, 7, 3, 2, True),  # a batch, and the reduction in chunks over the whole plane
+    (1, 5, 9, 4, 0, True),  # a tail that is not one column
+    (1, 1, 6, 3, 0, True),  # whole tiles, no guard
+])
+def test_the_flat_plane_matches_reference(n, h, w, tile_ow, chunk, epilogue):
+    """A 1x1 conv's plane as one row (h * W + w): tiles cross row ends, the one guarded tail is the plane's."""
+    rng = np.random.default_rng(h * w + chunk)
+    x = rng.standard_normal((n, 32, h, w)).astype(np.float32)
+    wt = rng.standard_normal((32, 32, 1, 1)).astype(np.float32)
+    attrs = ConvAttrs(strides=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1), groups=1)
+    cfg = conv2d_nchwc.Config(tile_ow=tile_ow, tile_oc=4, k_chunk=chunk, flat=True)
+    got, want = run_template(x, wt, attrs, 8, 8, cfg, epilogue=epilogue)
+    assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def _conv_task(c, oc, hw, k, stride, target):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from kiln.config import Options
+    from kiln.driver import model_tasks
+
+    w = np.zeros((oc, c, k, k), np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], pads=[k // 2] * 4, strides=[stride] * 2)
+    out = (hw + 2 * (k // 2) - k) // stride + 1
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, hw, hw])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, oc, out, out])],
+                          [numpy_helper.from_array(w, "w")])
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    return next(t for t in model_tasks(proto, Options(target=target, shipped_logs=False))
+                if t.template.name == "x86.conv2d_nchwc")
+
+
+@pytest.mark.parametrize("c, oc, hw, k, stride, flat", [
+    (512, 2048, 7, 1, 1, True),  # ResNet-50's stage 4: was 4 x 2 per 7-wide row
+    (256, 1024, 14, 1, 1, True),
+    (64, 256, 56, 1, 1, None),  # weights smaller than the input: rows in parallel, so not flat (no knob value)
+    (1024, 2048, 14, 1, 2, None),  # stride 2: output (h, w) does not read input (h, w)
+    (256, 256, 14, 3, 1, None),  # a 3x3 window
+])
+def test_avx2_1x1_convs_run_their_plane_flat(c, oc, hw, k, stride, flat):
+    from kiln.schedules.target_info import target_info
+
+    task = _conv_task(c, oc, hw, k, stride, "x86-avx2")
+    cfg = task.template.default_config(task.workload, target_info(task.target))
+    assert cfg.get("flat") == flat or (flat is None and not cfg.get("flat")), cfg
+    if flat:
+        assert (cfg["tile_ow"], cfg["tile_oc"], cfg["rows_outer"]) == (3, 4, False)
+        assert task.lower(cfg).schedule.startswith("nchwc(flat,")
+    space = task.template.space(task.workload, target_info(task.target))
+    assert cfg in space
+    assert any(c.get("flat") for c in space) == (k == 1 and stride == 1)  # the knob where the plane can be a row
+    avx512 = _conv_task(c, oc, hw, k, stride, "x86-avx512")
+    assert not avx512.template.default_config(avx512.workload, target_info(avx512.target)).get("flat")
