@@ -222,14 +222,14 @@ def _schedule_flat(sch, conv_block, out_block, cfg: Config) -> list[str]:
     row and the column tiles run across row ends: one guarded tail per plane instead of one per row. AVX2's
     3-column tile wastes 2 columns in 9 of a 7-wide row, and 1 in 51 of its 49-long plane.
 
-    Channel tiles run in parallel, each over the whole plane (`rows_outer` is not a choice here): split by
-    stretches of the plane, a second guard (the stretch's end) kept LLVM from unswitching the tile's guard out
-    of the reduction, and one tile per parallel step streamed the weights from L2 for each tile (ResNet-50's
-    56×56 1x1 convs 1.1-1.5× slower either way)."""
+    Channel tiles run in parallel, each over the whole plane; or, with `rows_outer`, tiles of the plane, each
+    through every channel tile. The latter reads all the weights once per tile, which pays only where they stay
+    in L1 (MobileNetV2's 16→96 and 32→192 convs, 0.82-0.93×); ResNet-50's 56×56 and 28×28 1x1 convs, with
+    16-256 KB of weights, ran 1.1-1.5× slower that way. Stretches of a row's length per parallel step would
+    keep a channel tile's weights across the stretch, but the stretch's end is a second guard, and with it
+    LLVM no longer unswitched the tail's guard out of the reduction (12 FMAs in the kernel, 3× slower)."""
     from tvm.tirx import IndexMap
 
-    if cfg.rows_outer:
-        raise InvalidConfig("a flat conv runs its channel tiles in parallel: rows_outer must be False")
     loops = sch.get_loops(conv_block)
     width = int(sch.get(loops[3]).extent)
     n_iters = len(sch.get(conv_block).iter_vars)
@@ -249,6 +249,10 @@ def _schedule_flat(sch, conv_block, out_block, cfg: Config) -> list[str]:
         sch.reorder(n, oco, rco_o, owo, rco_i, ry, rx, rci, oci, owi, ob)
         sch.parallel(sch.fuse(n, oco))
         at, first = sch.get_loops(conv_block)[0], rco_o
+    elif cfg.rows_outer:
+        sch.reorder(n, owo, oco, *reduce, oci, owi, ob)
+        at, first = sch.fuse(n, owo, oco), reduce[0]
+        sch.parallel(at)
     else:
         sch.reorder(n, oco, owo, *reduce, oci, owi, ob)
         sch.parallel(sch.fuse(n, oco))
@@ -260,7 +264,8 @@ def _schedule_flat(sch, conv_block, out_block, cfg: Config) -> list[str]:
     init = sch.decompose_reduction(conv_block, first)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.vectorize(sch.get_loops(out_block)[-1])
-    return [f"nchwc(flat,ow={cfg.tile_ow},oc={cfg.tile_oc}{f',k={cfg.k_chunk}' if cfg.k_chunk else ''})"]
+    flags = (",rows" if cfg.rows_outer else "") + (f",k={cfg.k_chunk}" if cfg.k_chunk else "")
+    return [f"nchwc(flat,ow={cfg.tile_ow},oc={cfg.tile_oc}{flags})"]
 
 
 # --- the conv task: direct, im2col and Winograd are values of one knob --------------------------------------
@@ -378,7 +383,7 @@ def _conv_space(wl: Workload, info) -> Space:
         if algo == choose.DIRECT:
             chunks = [k for k in (2, 4, 8) if k < _in_blocks(wl) and _in_blocks(wl) % k == 0]
             common = dict(algorithm=algo, tile_ow=tiles["tile_ow"], tile_oc=tiles["tile_oc"], unroll_kw=unroll)
-            branches.append(Space.of(**common, rows_outer=[True], k_chunk=[0]))
+            branches.append(Space.of(**common, rows_outer=[True], k_chunk=[0], **flat))
             branches.append(Space.of(**common, rows_outer=[False], k_chunk=[0, *chunks], **flat))
         elif algo == choose.IM2COL:
             branches.append(Space.of(algorithm=algo, tile_ow=tiles["tile_ow"], tile_oc=tiles["tile_oc"],
@@ -411,12 +416,12 @@ def _conv_default(wl: Workload, info, fixed: dict | None = None) -> dict:
         return {ALGORITHM: algo, "tile_ow": cfg.tile_ow, "tile_oc": cfg.tile_oc, "unroll_kw": cfg.unroll_kw,
                 "rows_outer": False}
     cfg = replace(cfg, rows_outer=rows_outer(_weight_bytes(wl), _input_bytes(wl)))
-    if _flat_three(wl, info.cores) and not cfg.rows_outer:
-        cfg = Config(tile_ow=3, tile_oc=4, flat=True)
+    if _flat_three(wl, info.cores, cfg.rows_outer):
+        cfg = Config(tile_ow=3, tile_oc=4, rows_outer=cfg.rows_outer, flat=True)
     # a guarded tile's chunked loops ran 2.1× slower (3 × 4 at 14 wide, Zen 3): chunks only for whole tiles
     whole = (wl["out_h"] * wl["out_w"] if cfg.flat else wl["out_w"]) % cfg.tile_ow == 0
     chunk = k_chunk(cfg, _weight_bytes(wl), ocb, _in_blocks(wl)) if whole else 0
-    flat = {"flat": cfg.flat} if _flat_applies(wl) and not cfg.rows_outer else {}
+    flat = {"flat": cfg.flat} if _flat_applies(wl) else {}
     return {ALGORITHM: algo, "tile_ow": cfg.tile_ow, "tile_oc": cfg.tile_oc, "unroll_kw": cfg.unroll_kw,
             "rows_outer": cfg.rows_outer, "k_chunk": chunk, **flat}
 
@@ -428,14 +433,19 @@ def _flat_applies(wl: Workload) -> bool:
             and wl["groups"] == 1)
 
 
-def _flat_three(wl: Workload, cores: int = 1) -> bool:
+def _flat_three(wl: Workload, cores: int = 1, rows: bool = False) -> bool:
     """AVX2's default for a conv that can run flat: 3 columns × 4 channel blocks (12 of the 16 registers) over
-    the plane, whatever its width, where its channel tiles (the parallel steps) share out evenly over the cores.
-    Zen 3, 2026-12-03, each kernel alone against the 3 × 4 or 4 × 2 tiles it had per row: 7×7 512→2048 0.856×,
-    2048→512 0.861× (faster in 18 and 19 of 21 rounds)."""
+    the plane, whatever its width. With channel tiles in parallel, where they share out evenly over the cores;
+    with tiles of the plane in parallel (`rows`, weights smaller than the input), where each tile's pass over
+    every channel tile keeps the weights in L1 (at most 4 input blocks and 32 KB; see `_schedule_flat`).
+    Zen 3, 2026-12-03, each kernel in its model against the 3 × 4 or 4 × 2 tiles it had per row, both load
+    orders: ResNet-50's 7×7 1x1 convs 0.84-0.91×, its 14×14 and 28×28 ones 0.91-1.0×; MobileNetV2's 7×7
+    ones 0.87-0.90×, its 16→96 at 112×112 0.86-0.89×, 32→192 at 28×28 0.82-0.93×."""
     ocb = wl["oc"] // wl["out_block"]
     if not (_flat_applies(wl) and registers(wl["lanes"]) == 12 and ocb % 4 == 0 and wl["out_w"] > 3):
         return False  # (a row of 3 or fewer columns: 3 is no partial tile in the space, and the plane is tiny)
+    if rows:
+        return _in_blocks(wl) <= 4 and _weight_bytes(wl) <= 32 << 10
     steps = wl["n"] * ocb // 4
     return steps % cores == 0 or steps >= 4 * cores
 

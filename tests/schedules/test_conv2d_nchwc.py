@@ -261,20 +261,22 @@ def test_avx512_tiles_are_unchanged_by_the_avx2_rule():
     assert conv2d_nchwc.default(7, 64, 16, block=16) == conv2d_nchwc.Config(tile_ow=7, tile_oc=2)
 
 
-@pytest.mark.parametrize("n, h, w, tile_ow, chunk, epilogue", [
-    (1, 7, 7, 3, 0, True),  # ResNet-50's stage 4: 49 = 16 tiles and a 1-column tail
-    (1, 14, 14, 3, 0, False),  # no epilogue: the copy out is re-indexed too
-    (2, 7, 7, 3, 2, True),  # a batch, and the reduction in chunks over the whole plane
-    (1, 5, 9, 4, 0, True),  # a tail that is not one column
-    (1, 1, 6, 3, 0, True),  # whole tiles, no guard
+@pytest.mark.parametrize("n, h, w, tile_ow, chunk, rows, epilogue", [
+    (1, 7, 7, 3, 0, False, True),  # ResNet-50's stage 4: 49 = 16 tiles and a 1-column tail
+    (1, 14, 14, 3, 0, False, False),  # no epilogue: the copy out is re-indexed too
+    (2, 7, 7, 3, 2, False, True),  # a batch, and the reduction in chunks over the whole plane
+    (1, 5, 9, 4, 0, False, True),  # a tail that is not one column
+    (1, 1, 6, 3, 0, False, True),  # whole tiles, no guard
+    (2, 7, 9, 3, 0, True, True),  # tiles of the plane in parallel (a batch: the tiles of both images)
+    (1, 4, 4, 3, 0, True, False),
 ])
-def test_the_flat_plane_matches_reference(n, h, w, tile_ow, chunk, epilogue):
+def test_the_flat_plane_matches_reference(n, h, w, tile_ow, chunk, rows, epilogue):
     """A 1x1 conv's plane as one row (h * W + w): tiles cross row ends, the one guarded tail is the plane's."""
     rng = np.random.default_rng(h * w + chunk)
     x = rng.standard_normal((n, 32, h, w)).astype(np.float32)
     wt = rng.standard_normal((32, 32, 1, 1)).astype(np.float32)
     attrs = ConvAttrs(strides=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1), groups=1)
-    cfg = conv2d_nchwc.Config(tile_ow=tile_ow, tile_oc=4, k_chunk=chunk, flat=True)
+    cfg = conv2d_nchwc.Config(tile_ow=tile_ow, tile_oc=4, k_chunk=chunk, rows_outer=rows, flat=True)
     got, want = run_template(x, wt, attrs, 8, 8, cfg, epilogue=epilogue)
     assert_close(got, want, rtol=1e-4, atol=1e-4)
 
@@ -296,21 +298,23 @@ def _conv_task(c, oc, hw, k, stride, target):
                 if t.template.name == "x86.conv2d_nchwc")
 
 
-@pytest.mark.parametrize("c, oc, hw, k, stride, flat", [
-    (512, 2048, 7, 1, 1, True),  # ResNet-50's stage 4: was 4 x 2 per 7-wide row
-    (256, 1024, 14, 1, 1, True),
-    (64, 256, 56, 1, 1, None),  # weights smaller than the input: rows in parallel, so not flat (no knob value)
-    (1024, 2048, 14, 1, 2, None),  # stride 2: output (h, w) does not read input (h, w)
-    (256, 256, 14, 3, 1, None),  # a 3x3 window
+@pytest.mark.parametrize("c, oc, hw, k, stride, flat, rows", [
+    (512, 2048, 7, 1, 1, True, False),  # ResNet-50's stage 4: was 4 x 2 per 7-wide row
+    (256, 1024, 14, 1, 1, True, False),
+    (16, 96, 112, 1, 1, True, True),  # MobileNetV2's first expansion: tiles in parallel, its 6 KB of weights in L1
+    (32, 192, 28, 1, 1, True, True),
+    (64, 256, 56, 1, 1, False, True),  # rows in parallel, 64 KB of weights: per row, not flat
+    (1024, 2048, 14, 1, 2, None, False),  # stride 2: output (h, w) does not read input (h, w), no knob
+    (256, 256, 14, 3, 1, None, False),  # a 3x3 window
 ])
-def test_avx2_1x1_convs_run_their_plane_flat(c, oc, hw, k, stride, flat):
+def test_avx2_1x1_convs_run_their_plane_flat(c, oc, hw, k, stride, flat, rows):
     from kiln.schedules.target_info import target_info
 
     task = _conv_task(c, oc, hw, k, stride, "x86-avx2")
     cfg = task.template.default_config(task.workload, target_info(task.target))
-    assert cfg.get("flat") == flat or (flat is None and not cfg.get("flat")), cfg
+    assert cfg.get("flat") == flat and cfg.get("rows_outer", False) == rows, cfg
     if flat:
-        assert (cfg["tile_ow"], cfg["tile_oc"], cfg["rows_outer"]) == (3, 4, False)
+        assert (cfg["tile_ow"], cfg["tile_oc"]) == (3, 4)
         assert task.lower(cfg).schedule.startswith("nchwc(flat,")
     space = task.template.space(task.workload, target_info(task.target))
     assert cfg in space
