@@ -61,6 +61,10 @@ def schedule_group(prim, fn: Function, target, configs: Mapping[str, Config] | N
     cfg: Config | None = None
     if given is not None:
         space = template.space(wl, info)
+        if given not in space and template.added_knobs:
+            # a config written before the template gained knobs (as a record would be read): those knobs at
+            # the values that build the kernel it named
+            given = space.upgrade(given, {k: v for k, v in template.added_knobs.items() if k not in given}) or given
         if given in space and all(given.get(k) == v for k, v in fixed.items()):
             cfg, source = dict(given), "given"
         else:
