@@ -35,7 +35,7 @@ from kiln.schedules.space import Config, Space
 from kiln.schedules.template import Template
 from kiln.schedules.workload import Group, Workload
 from kiln.schedules.x86 import generic
-from kiln.schedules.x86.conv2d_nchwc import prepare
+from kiln.schedules.x86.conv2d_nchwc import finish_tile, prepare
 
 VERSION = 3  # 2: the flat pointwise branch (workload gains pointwise, plane, group_channels); 3: oc_inner
 NAME = "x86.conv2d_direct"
@@ -313,13 +313,7 @@ def _schedule_flat_padded(sch, wl: Workload, cfg: Config) -> list[str]:
     sch.reorder(*outer, red, oci, pi, pv)
     tile = sch.fuse(*outer)
     sch.parallel(tile)
-    sch.unroll(oci)
-    sch.unroll(pi)
-    sch.vectorize(pv)
-    sch.reverse_compute_at(local, tile)
-    init = sch.decompose_reduction(conv, red)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.vectorize(sch.get_loops(local)[-1])
+    finish_tile(sch, conv, local, [oci, pi], pv, at=tile, first=red)
     ow = wl["out_w"]
     sch.transform_block_layout(out, lambda n, c, h, w: (n, c, h * ow + w))
     per_plane(out)

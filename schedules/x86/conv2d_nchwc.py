@@ -181,17 +181,23 @@ def schedule(sch, conv_block, out_block, cfg: Config) -> list[str]:
     outer = (n, oh, oco) if cfg.rows_outer else (n, oco, oh)
     sch.reorder(*outer, owo, *reduce, oci, owi, ob)
     sch.parallel(sch.fuse(*outer))
-    sch.unroll(oci)
-    sch.unroll(owi)
-    sch.vectorize(ob)
-    if cfg.unroll_kw:
-        sch.unroll(reduce[-2] if len(reduce) == 4 else reduce[-1])  # rx: (rco, ry, rx, rci) or (ry, rx)
-    sch.reverse_compute_at(out_block, owo)
-    init = sch.decompose_reduction(conv_block, reduce[0])
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.vectorize(sch.get_loops(out_block)[-1])
+    rx = [reduce[-2] if len(reduce) == 4 else reduce[-1]] if cfg.unroll_kw else []  # (rco, ry, rx, rci) or (ry, rx)
+    finish_tile(sch, conv_block, out_block, [oci, owi, *rx], ob, at=owo, first=reduce[0])
     flags = (",kw" if cfg.unroll_kw else "") + (",rows" if cfg.rows_outer else "")
     return [f"nchwc(ow={cfg.tile_ow},oc={cfg.tile_oc}{flags})"]
+
+
+def finish_tile(sch, conv_block, out_block, unrolled, vector, at, first) -> None:
+    """A register tile's last steps, once its loops are in order: its inner loops unrolled and its vector loop
+    vectorized, the epilogue computed under loop `at`, and the accumulators zeroed ahead of `first` (the
+    outermost reduction loop inside the tile), the zeroing and the epilogue vectorized too."""
+    for loop in unrolled:
+        sch.unroll(loop)
+    sch.vectorize(vector)
+    sch.reverse_compute_at(out_block, at)
+    init = sch.decompose_reduction(conv_block, first)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(out_block)[-1])
 
 
 def _schedule_k_chunked(sch, conv_block, out_block, cfg: Config, n, oco, oci, oh, owo, owi, ob, reduce):
@@ -203,15 +209,8 @@ def _schedule_k_chunked(sch, conv_block, out_block, cfg: Config, n, oco, oci, oh
     rco_o, rco_i = sch.split(rco, factors=[None, cfg.k_chunk])
     sch.reorder(n, oco, rco_o, oh, owo, rco_i, ry, rx, rci, oci, owi, ob)
     sch.parallel(sch.fuse(n, oco))
-    sch.unroll(oci)
-    sch.unroll(owi)
-    sch.vectorize(ob)
-    if cfg.unroll_kw:
-        sch.unroll(rx)
-    sch.reverse_compute_at(out_block, sch.get_loops(conv_block)[0])
-    init = sch.decompose_reduction(conv_block, rco_o)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.vectorize(sch.get_loops(out_block)[-1])
+    finish_tile(sch, conv_block, out_block, [oci, owi, *([rx] if cfg.unroll_kw else [])], ob,
+                at=sch.get_loops(conv_block)[0], first=rco_o)
     flags = (",kw" if cfg.unroll_kw else "") + f",k={cfg.k_chunk}"
     return [f"nchwc(ow={cfg.tile_ow},oc={cfg.tile_oc}{flags})"]
 
@@ -257,13 +256,7 @@ def _schedule_flat(sch, conv_block, out_block, cfg: Config) -> list[str]:
         sch.reorder(n, oco, owo, *reduce, oci, owi, ob)
         sch.parallel(sch.fuse(n, oco))
         at, first = owo, reduce[0]
-    sch.unroll(oci)
-    sch.unroll(owi)
-    sch.vectorize(ob)
-    sch.reverse_compute_at(out_block, at)
-    init = sch.decompose_reduction(conv_block, first)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.vectorize(sch.get_loops(out_block)[-1])
+    finish_tile(sch, conv_block, out_block, [oci, owi], ob, at=at, first=first)
     flags = (",rows" if cfg.rows_outer else "") + (f",k={cfg.k_chunk}" if cfg.k_chunk else "")
     return [f"nchwc(flat,ow={cfg.tile_ow},oc={cfg.tile_oc}{flags})"]
 
