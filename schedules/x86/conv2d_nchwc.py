@@ -369,7 +369,7 @@ def _conv_space(wl: Workload, info) -> Space:
     three = _three_columns(out_w, ocb, wl["lanes"], pointwise) or _flat_three(wl)
     tiles = space(out_w, ocb, three=three)
     unroll = [False, True] if wl["kw"] > 1 else [False]
-    # the knob only where the plane can be one row, and only with channel tiles in parallel (`_schedule_flat`)
+    # the knob only where the plane can be one row (`_schedule_flat`)
     flat = {"flat": [False, True]} if _flat_applies(wl) else {}
     branches = []
     for algo in _algorithms(wl):
