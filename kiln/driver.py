@@ -101,6 +101,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto | IRModule, output: str |
 def prepare(mod: IRModule, target, options: Options) -> IRModule:
     """Target facts the passes need travel as module attrs, so passes stay functions of the IR alone."""
     cpu = target.kind.name == "llvm"
+    from kiln.schedules.x86.conv2d_nchwc import channel_tile
     from kiln.schedules.x86.qconv2d_nchwc import dot_kind
 
     int8_dot = dot_kind(target_info(target)) if cpu else None
@@ -108,7 +109,8 @@ def prepare(mod: IRModule, target, options: Options) -> IRModule:
         log.warning("precision int8: the target has no int8 kernels (x86 with AVX2 or AVX-512 VNNI), so the "
                     "quantized convs and matmuls compute in float32 on dequantized values: int8's rounding "
                     "without its speed")
-    return mod.with_attrs(layout_block=vector_lanes(target, 32) if cpu else 0,
+    lanes = vector_lanes(target, 32) if cpu else 0
+    return mod.with_attrs(layout_block=lanes, conv_channel_tile=channel_tile(lanes) if cpu else 1,
                           fuse_depthwise=cpu and options.fuse_depthwise, precision=options.precision,
                           int8_dot=int8_dot,
                           calibration=dict(options.calibration) if options.precision == "int8" else None)

@@ -47,6 +47,12 @@ def registers(lanes: int) -> int:
     return 24 if lanes >= 16 else 12 if lanes == 8 else 24
 
 
+def channel_tile(lanes: int) -> int:
+    """Output-channel blocks a pointwise conv's default register tile spans (AVX2's 3 columns × 4 blocks,
+    `_flat_three`): the layout pass pads a 1x1 conv's channels to whole tiles where that costs little."""
+    return 4 if registers(lanes) == 12 else 1
+
+
 def space(out_w: int, oc_blocks: int, depthwise: bool = False, three: bool = False) -> dict[str, list]:
     """The knob space the tuner searches; the default lies in it. `three`: a guarded 3-column tile too (AVX2's
     pointwise convs, see `default`)."""

@@ -145,6 +145,37 @@ def test_channels_pad_to_a_whole_block_and_are_cropped_on_the_way_out():
     same_results(mod, after)
 
 
+@pytest.mark.parametrize("k,oc,tile,lanes,blocks", [
+    (1, 1000, 4, 8, 128),  # AVX2: 125 blocks admit no 4-block tile; 24 zero channels (2.4%) make 128
+    (1, 1000, 1, 8, 125),  # a target whose tile is one block keeps 125
+    (1, 1000, 1, 16, 63),  # AVX-512: 1000 → 1008, a whole block, as before
+    (3, 1000, 4, 8, 125),  # a 3x3 window: not the flat pointwise tile's conv
+    (1, 120, 4, 8, 15),  # 15 → 16 blocks would add 6.7%
+])
+def test_pointwise_channels_pad_to_whole_register_tiles(k, oc, tile, lanes, blocks):
+    """SqueezeNet's 512→1000 1x1 conv: padded to whole 4-block tiles on AVX2 where that adds at most 1/32
+    more work; the pooled output is cropped back to the real channels."""
+    x = var("x", "f32[1, 16, 5, 5]")
+    y = call(GLOBAL_AVG_POOL, call(RELU, bias(conv(x, 16, oc, k=k, seed=1), oc, seed=2)))
+    mod = IRModule({"main": Function((x,), y)})
+    after = alter_layout(mod.with_attrs(layout_block=lanes, conv_channel_tile=tile))
+    convs = [e for e in post_order(after.main.body) if isinstance(e, Call) and e.op is CONV2D_NCHWC]
+    assert convs[0].ttype.shape[1] == blocks and after.main.body.ttype.shape == (1, oc, 1, 1)
+    same_results(mod, after)
+
+
+def test_the_driver_gives_the_pass_the_targets_channel_tile():
+    from kiln.codegen.target import resolve_target
+    from kiln.config import Options
+    from kiln.driver import prepare
+
+    x = var("x", "f32[1, 16, 5, 5]")
+    mod = IRModule({"main": Function((x,), conv(x, 16, 16))})
+    tiles = {name: prepare(mod, resolve_target(name), Options()).attrs["conv_channel_tile"]
+             for name in ("x86-avx2", "x86-avx512")}
+    assert tiles == {"x86-avx2": 4, "x86-avx512": 1}
+
+
 def test_an_image_input_is_read_as_nchw_by_the_first_conv():
     x = var("x", "f32[1, 3, 9, 9]")
     y = conv(call(RELU, conv(x, 3, 16, seed=1)), 16, 16, seed=2)
