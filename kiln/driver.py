@@ -102,6 +102,7 @@ def prepare(mod: IRModule, target, options: Options) -> IRModule:
     """Target facts the passes need travel as module attrs, so passes stay functions of the IR alone."""
     cpu = target.kind.name == "llvm"
     from kiln.schedules.x86.conv2d_nchwc import channel_tile
+    from kiln.schedules.x86.depthwise_pointwise import min_fused_rows
     from kiln.schedules.x86.qconv2d_nchwc import dot_kind
 
     int8_dot = dot_kind(target_info(target)) if cpu else None
@@ -112,6 +113,7 @@ def prepare(mod: IRModule, target, options: Options) -> IRModule:
     lanes = vector_lanes(target, 32) if cpu else 0
     return mod.with_attrs(layout_block=lanes, conv_channel_tile=channel_tile(lanes) if cpu else 1,
                           fuse_depthwise=cpu and options.fuse_depthwise, precision=options.precision,
+                          fuse_depthwise_min_rows=min_fused_rows(lanes) if cpu else None,
                           int8_dot=int8_dot,
                           calibration=dict(options.calibration) if options.precision == "int8" else None)
 

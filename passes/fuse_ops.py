@@ -212,7 +212,8 @@ def _group_name(exprs: list[Expr]) -> str:
 
 
 # the fused kernel splits output rows across cores, so few rows balance badly; yet on 2 cores fusing MobileNetV2's
-# 7-row stage too measured 2.65-2.73 ms against 2.80-2.84 ms with it unfused (interleaved runs, one process)
+# 7-row stage too measured 2.65-2.73 ms against 2.80-2.84 ms with it unfused (interleaved runs, one process). A
+# target can ask for more rows (`mod.attrs["fuse_depthwise_min_rows"]`, schedules/x86/depthwise_pointwise.py)
 MIN_FUSED_ROWS = 7
 
 
@@ -223,17 +224,18 @@ def _is_depthwise(e: Expr) -> bool:
     return e.attrs.conv.groups == x.shape[1] * (x.shape[4] if x.ndim == 5 else 1) > 1
 
 
-def _is_pointwise(e: Expr) -> bool:
+def _is_pointwise(e: Expr, min_rows: int = MIN_FUSED_ROWS) -> bool:
     """A plain 1x1 conv over NCHW[b]c: each output row needs exactly one input row, so a producer's rows can
     be computed just before they are used, with no halo."""
     if not (isinstance(e, Call) and e.op.name == "nn.conv2d_nchwc" and e.attrs.algorithm == "direct"):
         return False
     c, w = e.attrs.conv, e.args[1].type
     return (c.groups == 1 and tuple(w.shape[2:4]) == (1, 1) and tuple(c.strides) == (1, 1)
-            and not any(c.padding) and e.args[0].type.ndim == 5 and e.type.shape[2] >= MIN_FUSED_ROWS)
+            and not any(c.padding) and e.args[0].type.ndim == 5 and e.type.shape[2] >= min_rows)
 
 
-def _fuse_depthwise_into_pointwise(graph: list[_Node], roots: list[_Group]) -> list[_Group]:
+def _fuse_depthwise_into_pointwise(graph: list[_Node], roots: list[_Group], min_rows: int = MIN_FUSED_ROWS
+                                   ) -> list[_Group]:
     """Merge a depthwise conv's group (the conv, its bias and activation) into the 1x1 conv that alone reads
     it, the inverted-residual pattern of MobileNets: the fused kernel computes the depthwise rows one output
     row at a time into a buffer that stays in L1, so the expanded tensor between the two is never written to
@@ -252,7 +254,7 @@ def _fuse_depthwise_into_pointwise(graph: list[_Node], roots: list[_Group]) -> l
             continue
         consumer = out.outputs[0][0]
         sink = roots[consumer.index].root()
-        if not _is_pointwise(consumer.expr) or consumer.expr.args[0] is not out.expr or id(sink) in merged:
+        if not _is_pointwise(consumer.expr, min_rows) or consumer.expr.args[0] is not out.expr or id(sink) in merged:
             continue
         if any(_is_depthwise(n.expr) for n in members[id(sink)]):
             continue
@@ -268,7 +270,8 @@ def fuse_ops(mod: IRModule) -> IRModule:
         return mod
     roots = _Fuser(graph).run(_post_dominators(graph))
     if mod.attrs.get("fuse_depthwise"):
-        roots = _fuse_depthwise_into_pointwise(graph, roots)
+        roots = _fuse_depthwise_into_pointwise(graph, roots,
+                                               int(mod.attrs.get("fuse_depthwise_min_rows") or MIN_FUSED_ROWS))
     members: dict[int, list[_Node]] = {}
     for node, root in zip(graph, roots):
         members.setdefault(id(root), []).append(node)

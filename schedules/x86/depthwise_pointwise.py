@@ -38,6 +38,17 @@ def default(out_w: int, oc_blocks: int, lanes: int, block: int | None = None) ->
     return Config(pointwise=pw, dw_tile_ow=dw.tile_ow)
 
 
+def min_fused_rows(lanes: int) -> int:
+    """Output rows below which a depthwise conv stays out of the 1x1 conv after it (passes/fuse_ops.py). On AVX2
+    a 7-row stage runs faster unfused: its 7 rows split 4:3 over 2 cores, and the 1x1 conv alone takes the flat
+    3 × 4 tile over its 49-wide plane (`conv2d_nchwc._flat_three`) where the fused kernel keeps 4 × 2 per row.
+    Zen 3, 2026-12-03, MobileNetV2's four 7-row blocks, stamped per kernel, 15 alternated rounds: unfused
+    0.918× the fused kernels' time (faster in 14 of 15), 0.935× with the builds loaded in the other order
+    (10 of 15); its 14-row blocks unfused 1.017× and 0.997× (7 of 15 each): they stay fused. AVX-512 keeps 7
+    (fused measured faster there before the flat tile, which is off by default there)."""
+    return 8 if conv2d_nchwc.registers(lanes) == 12 else 7
+
+
 def schedule(sch, dw_block, row_block, conv_block, out_block, cfg: Config) -> list[str]:
     """`dw_block` is the depthwise reduction (padding read in place), `row_block` the depthwise output after its
     epilogue (what the 1x1 conv reads; it may be `dw_block` itself), `conv_block` the 1x1 reduction and

@@ -63,6 +63,20 @@ def test_depthwise_stays_alone(case):
     assert all(n_convs(g) <= 1 for g in fused_groups(model))
 
 
+@pytest.mark.parametrize("target_name,rows,fused", [
+    ("x86-avx512", 7, True), ("x86-avx2", 7, False), ("x86-avx2", 14, True)])
+def test_the_target_sets_the_fewest_rows_fused(target_name, rows, fused):
+    """AVX2 keeps a 7-row stage unfused (its 1x1 conv then takes the flat 3 × 4 tile); 14 rows and AVX-512 fuse."""
+    from kiln.codegen.target import resolve_target
+    from kiln.config import Options
+    from kiln.driver import prepare
+
+    mod = prepare(from_onnx(block(32, 24, rows, rows)), resolve_target(target_name), Options())
+    assert mod.attrs["fuse_depthwise_min_rows"] == (8 if target_name == "x86-avx2" else 7)
+    groups = group_ops(run(mod, O2))
+    assert max(n_convs(g) for g in groups) == (2 if fused else 1)
+
+
 @settings(max_examples=10, deadline=None)
 @given(
     c=st.sampled_from([8, 16, 24, 48]),
@@ -81,9 +95,13 @@ def test_depthwise_stays_alone(case):
 @example(c=24, co=24, h=14, w=14, k=3, stride=1, act=None, residual=True, expand=False, target="native", seed=1)
 def test_fused_kernel_matches_reference(tmp_path_factory, c, co, h, w, k, stride, act, residual, expand, target,
                                         seed):
+    from kiln.codegen.target import resolve_target
+    from kiln.schedules.target_info import vector_lanes
+    from kiln.schedules.x86.depthwise_pointwise import min_fused_rows
+
     oh = (h + 2 * (k // 2) - k) // stride + 1
-    if oh < 7:
-        return  # not fused (see test_depthwise_stays_alone)
+    if oh < min_fused_rows(vector_lanes(resolve_target(target), 32)):
+        return  # not fused (see test_depthwise_stays_alone and test_the_target_sets_the_fewest_rows_fused)
     model = block(c, co, h, w, k, stride, act, residual=residual and stride == 1 and c == co, expand=expand,
                   seed=seed)
     path = tmp_path_factory.mktemp("dw") / "m.so"
