@@ -561,7 +561,12 @@ def _depthwise_default(wl: Workload, info) -> dict:
     # the depthwise conv reads its input in place (padding bounds-checked), so the input it reads is unpadded
     unpadded = 4 * wl["n"] * wl["c"] * wl["h"] * wl["w"]
     weights = 4 * wl["c"] * wl["kh"] * wl["kw"]
-    return {"tile_ow": cfg.tile_ow, "unroll_kw": unroll, "rows_outer": rows_outer(weights, unpadded)}
+    # rows in parallel only where they share out evenly over the cores, or are many: MobileNetV2's 7-row
+    # depthwise convs (7 rows go 4:3 on 2 cores) split by channel blocks instead took 0.58-0.70× the time in
+    # the model (Zen 3, 2026-12-03, stamped per kernel, faster in 14-15 of 15 rounds)
+    rows = wl["n"] * wl["out_h"]
+    even = rows % info.cores == 0 or rows >= 4 * info.cores
+    return {"tile_ow": cfg.tile_ow, "unroll_kw": unroll, "rows_outer": rows_outer(weights, unpadded) and even}
 
 
 def _depthwise_schedule(sch, wl: Workload, cfg: dict) -> list[str]:
