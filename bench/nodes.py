@@ -75,8 +75,9 @@ def ort_key(op: str, args: dict) -> tuple:
 
 def _same_size(a: int, b: int) -> bool:
     """Equal up to channel padding: Kiln and ONNX Runtime both pad 1000 classes to 1008 in blocked layouts, but
-    not always at the same node."""
-    return a == b or (min(a, b) > 0 and abs(a - b) / max(a, b) < 0.02)
+    not always at the same node, and Kiln pads a 1x1 conv's channels to whole AVX2 tiles (at most 1/32 more:
+    1000 → 1024, passes/alter_layout.py)."""
+    return a == b or (min(a, b) > 0 and abs(a - b) / max(a, b) < 0.035)
 
 
 def match(kiln_keys: list[tuple], ort_nodes: list[tuple[str, tuple]]) -> dict[str, int]:
