@@ -79,3 +79,10 @@ def test_ratios_are_per_round_and_the_profilers_cost_is_scaled_out(nodes):
     assert rows["k0"]["ort_ops"] == "Conv" and t["nodes"] == 5
     assert t["unmatched"] == pytest.approx({"Conv": 0.025 * 1.5, "Concat": 0.01 * 1.5})
     np.testing.assert_allclose(t["ort_total"], [0.11, 0.22])
+
+
+def test_sizes_match_up_to_channel_padding(nodes):
+    """1000 classes stored as 1008 (AVX-512 blocks) or 1024 (whole AVX2 tiles) still meet ORT's node; a
+    genuinely different size does not."""
+    assert nodes._same_size(1000 * 169, 1008 * 169) and nodes._same_size(1000 * 169, 1024 * 169)
+    assert not nodes._same_size(1000, 1100) and not nodes._same_size(0, 0 + 1)
